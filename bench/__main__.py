@@ -1,0 +1,199 @@
+"""Run every benchmark: ``python -m bench`` from the repository root (``--help`` for options).
+
+On a GPU: GELU forward/backward, fused Linear+bias+GELU fwd/bwd/fwd+bwd and the FeedForward
+block, against eager PyTorch, the matmul alone, torch.compile (default and max-autotune) and, for
+tanh, torch._addmm_activation; bf16, fp16, fp32 (IEEE) and tf32. A progress line per case, a
+markdown table at the end, and JSON + markdown + PNG under ``bench/results/``.
+
+Without a GPU: the same command checks every op under the Triton interpreter at small sizes
+against float64 references and says that timings need a GPU; it times nothing and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+# Triton reads TRITON_INTERPRET once, at import: decide before anything imports it.
+GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from triton_gelu._runtime import launches  # noqa: E402
+from triton_gelu.autotune import PRESETS, TOKENS, parse_shape  # noqa: E402
+
+from . import harness, ops_ffn, ops_gelu, ops_linear_gelu  # noqa: E402
+
+OPS = {op.NAME: op for op in (ops_gelu, ops_linear_gelu, ops_ffn)}
+TINY = (37, 45, 51)  # multiples of no block size: every masked edge runs
+GELU_SIZES_MB = (1, 4, 16, 64, 256, 1024)
+QUICK = {"dtypes": "bf16", "preset": "bert-base", "sizes": "1,64,1024"}
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"presets ({TOKENS} tokens, in -> out): "
+               + ", ".join(f"{k} {a}->{b}" for k, (a, b) in PRESETS.items())
+               + f"; tiny {'x'.join(map(str, TINY))} (the CPU check)",
+    )
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated: {', '.join(OPS)}")
+    p.add_argument("--dtypes", help="comma-separated: bf16, fp16, fp32 (IEEE), tf32 "
+                                    "(default: all; --quick: bf16; CPU: bf16, fp16, fp32)")
+    p.add_argument("--approximate", default="none,tanh", help="comma-separated: none, tanh")
+    p.add_argument("--modes", default=",".join(harness.MODES),
+                   help="comma-separated: fwd, bwd, fwd+bwd (GELU has no fwd+bwd)")
+    p.add_argument("--shapes", nargs="+", type=parse_shape, metavar="MxKxN",
+                   help="matmul shapes: tokens x in_features x out_features")
+    p.add_argument("--preset", help="comma-separated presets, or 'all' (default; --quick: "
+                                    "bert-base; CPU: tiny)")
+    p.add_argument("--tokens", type=int, default=TOKENS, help="tokens (M) of the presets")
+    p.add_argument("--sizes", help="GELU input sizes in MB (default: "
+                                   f"{','.join(map(str, GELU_SIZES_MB))}; --quick: 1,64,1024)")
+    p.add_argument("--baselines", default=",".join(harness.BASELINES),
+                   help=f"comma-separated: {', '.join(harness.BASELINES)}")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--quick", action="store_true",
+                   help="bf16, bert-base, three GELU sizes, no max-autotune")
+    p.add_argument("--check", action="store_true",
+                   help="only the correctness check (the default without a GPU)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
+    return p
+
+
+def _choose(what: str, names: list[str], allowed) -> list[str]:
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise SystemExit(f"bench: unknown {what} {', '.join(unknown)}; "
+                         f"choose from {', '.join(allowed)}")
+    return names
+
+
+def _shapes(args, gpu: bool) -> list[tuple[int, int, int]]:
+    if args.shapes:
+        return args.shapes
+    preset = args.preset or (QUICK["preset"] if args.quick else "all")
+    names = _choose("preset", _split(preset), [*PRESETS, "tiny", "all"])
+    names = list(dict.fromkeys(p for n in names for p in (PRESETS if n == "all" else [n])))
+    if not gpu and names != ["tiny"]:
+        if args.preset:
+            print(f"bench: preset {preset!r} is GPU-sized; the interpreter check uses 'tiny'")
+        names = ["tiny"]
+    return [TINY if n == "tiny" else (args.tokens, *PRESETS[n]) for n in names]
+
+
+def selection(args, gpu: bool) -> harness.Selection:
+    default_dtypes = QUICK["dtypes"] if args.quick else ("bf16,fp16,fp32,tf32" if gpu
+                                                         else "bf16,fp16,fp32")
+    baselines = _choose("baseline", _split(args.baselines), harness.BASELINES)
+    if args.no_compile:
+        baselines = [b for b in baselines if not b.startswith("compile")]
+    if args.quick:
+        baselines = [b for b in baselines if b != "compile-max"]
+    sizes = args.sizes or (QUICK["sizes"] if args.quick else ",".join(map(str, GELU_SIZES_MB)))
+    try:
+        sizes_mb = [float(s) for s in _split(sizes)]
+    except ValueError:
+        raise SystemExit(f"bench: --sizes takes MB, like 1,64,1024; got {sizes!r}")
+    return harness.Selection(
+        shapes=_shapes(args, gpu), gelu_sizes_mb=sizes_mb,
+        dtypes=_choose("dtype", _split(args.dtypes or default_dtypes), harness.DTYPES),
+        approximates=_choose("approximate", _split(args.approximate), ("none", "tanh")),
+        modes=_choose("mode", _split(args.modes), harness.MODES),
+        baselines=baselines,
+    )
+
+
+# ---- the correctness check (CPU, or --check) ---------------------------------------------------
+
+
+def run_check(ops: list[str], sel: harness.Selection, device: str) -> int:
+    if device == "cpu":
+        why = "TRITON_INTERPRET is set" if torch.cuda.is_available() else "No GPU"
+        print(f"{why}: checking every op under the Triton interpreter at small sizes against "
+              "float64. Timings need a GPU; nothing is timed here.")
+    else:
+        print(f"Correctness check on {torch.cuda.get_device_name()} at small sizes.")
+    dtypes = list(dict.fromkeys("fp32" if d == "tf32" else d for d in sel.dtypes))
+    failures = total = 0
+    for name in ops:
+        before = sum(launches.values())
+        for shape in sel.shapes:
+            for dtype in dtypes:
+                for approximate in sel.approximates:
+                    with harness.precision("fp32"):  # float32 in IEEE, like the reference
+                        for check in OPS[name].checks(shape, harness.DTYPES[dtype],
+                                                      approximate, device):
+                            results = harness.compare(check)
+                            for line in harness.check_lines(results):
+                                print(line)
+                            total += len(results)
+                            failures += sum(not r["ok"] for r in results)
+        if sum(launches.values()) == before:
+            print(f"FAIL {name}: no Triton kernel ran (a PyTorch fallback answered)")
+            failures += 1
+    print(f"{total - failures}/{total} comparisons no worse than 2x torch's own error + ulps"
+          + (f"; {failures} FAILED" if failures else ""))
+    if device == "cpu":
+        print("Timings need a GPU: run `python -m bench` on a machine with CUDA.")
+    return 1 if failures else 0
+
+
+# ---- the benchmark (GPU) -----------------------------------------------------------------------
+
+
+def run_bench(ops: list[str], sel: harness.Selection, out: Path, stem: str) -> int:
+    clock = harness.GpuClock()
+    meta = harness.environment()
+    print(f"{meta['device']}, driver {meta['driver']}, torch {meta['torch']}, "
+          f"triton {meta['triton']}")
+    meta.update(harness.measure_device(clock))
+    meta.update(argv=sys.argv[1:], selection=vars(sel))
+    print(f"measured: copy bandwidth {meta['copy_gbps']:.0f} GB/s, bf16 matmul peak "
+          f"{meta['matmul_tflops']:.0f} TFLOP/s")
+    cases = [case for name in ops for case in OPS[name].cases(sel)]
+    records = []
+    for i, case in enumerate(cases, 1):
+        if any(b.startswith("compile") for b in sel.baselines):
+            import torch._dynamo as dynamo
+
+            dynamo.reset()  # a fresh compile per case, never the recompile-limit fallback
+        record = harness.run_case(case, meta, clock)
+        records.append(record)
+        print(harness.progress_line(i, len(cases), record), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    print()
+    print(harness.markdown_report(meta, records))
+    for path in harness.write_results(out, stem, meta, records):
+        print(f"wrote {path}")
+    ours_failed = [harness.label(r) for r in records
+                   if "error" in r["providers"].get(harness.OURS, {"error": "not run"})]
+    if ours_failed:  # a baseline failing (torch.compile) is recorded; ours failing is a bug
+        print(f"bench: ours failed in {len(ours_failed)} case(s): {', '.join(ours_failed)}")
+    return 1 if ours_failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    ops = _choose("op", _split(args.ops), OPS)
+    sel = selection(args, GPU and not args.check)
+    if not GPU or args.check:
+        return run_check(ops, sel, "cuda" if GPU else "cpu")
+    stem = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return run_bench(ops, sel, args.out, stem + ("-quick" if args.quick else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Fused Linear + bias + GELU: y = gelu(x @ W^T + b), x (M, K), W (N, K), b (N,).
+
+Providers: ours (and ours with ``recompute=True``), eager ``F.gelu(F.linear(...))``, the matmul
+alone ``x @ W^T`` (the compute floor: what is left if bias and GELU were free), torch.compile
+of eager (default and max-autotune), and for the tanh form the cuBLASLt GELU epilogue
+``torch._addmm_activation(b, x, W^T, use_gelu=True)`` (forward only: it has no backward).
+
+Least traffic, in elements: forward MK + NK + N + MN; backward reads dy, z, x, W and writes dx,
+dW, db: 2MN + 2MK + 2NK + N. Flops: 2MNK per matmul, one forward and two backward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+import triton_gelu
+
+from .harness import (
+    DTYPES, Case, Check, Selection, Subject, add_compile_baselines, shape_text, timed,
+)
+
+NAME = "linear_gelu"
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def traffic(m: int, k: int, n: int, mode: str) -> int:
+    """Least elements a linear(+GELU) layer must move in ``mode``."""
+    fwd = m * k + n * k + n + m * n
+    bwd = 2 * m * n + 2 * m * k + 2 * n * k + n
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def matmul_flops(m: int, k: int, n: int, mode: str) -> int:
+    return 2 * m * n * k * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+
+
+def operands(shape, dtype, device, requires_grad=True):
+    """x ~ N(0, 1), W ~ N(0, 1/K), b ~ N(0, 1): the pre-activation is O(1), where GELU bends."""
+    m, k, n = shape
+    x = torch.randn(m, k, device=device).to(dtype)
+    weight = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype)
+    return [t.requires_grad_(requires_grad) for t in (x, weight, bias)]
+
+
+def _build(shape, dtype: torch.dtype, approximate: str, mode: str, baselines: list[str],
+           device: str) -> dict:
+    x, weight, bias = operands(shape, dtype, device)
+
+    def eager(x, weight, bias):
+        return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+    fns = {
+        "ours": lambda x, w, b: triton_gelu.linear_gelu(x, w, b, approximate),
+        "ours-recompute": lambda x, w, b: triton_gelu.linear_gelu(x, w, b, approximate, True),
+    }
+    if "eager" in baselines:
+        fns["eager"] = eager
+    add_compile_baselines(fns, eager, baselines)
+    if "matmul" in baselines:
+        fns["matmul"] = lambda x, w, b: torch.matmul(x, w.t())
+    if "addmm-act" in baselines and approximate == "tanh" and mode == "fwd":
+        fns["addmm-act"] = lambda x, w, b: torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    return {name: timed(fn, [x, weight, bias], mode) for name, fn in fns.items()}
+
+
+def cases(sel: Selection) -> list[Case]:
+    out = []
+    for shape in sel.shapes:
+        for dtype_name in sel.dtypes:
+            dtype = DTYPES[dtype_name]
+            for approximate in sel.approximates:
+                for mode in (m for m in sel.modes if m in MODES):
+                    out.append(Case(
+                        NAME, mode, shape_text(shape), dtype_name, approximate,
+                        bytes=traffic(*shape, mode) * dtype.itemsize,
+                        flops=matmul_flops(*shape, mode),
+                        build=functools.partial(_build, shape, dtype, approximate, mode,
+                                                sel.baselines, sel.device),
+                    ))
+    return out
+
+
+def checks(shape: tuple[int, int, int], dtype: torch.dtype, approximate: str,
+           device: str) -> list[Check]:
+    x, weight, bias = operands(shape, dtype, device, requires_grad=False)
+
+    def ours(recompute):
+        return Subject(lambda x, w, b: triton_gelu.linear_gelu(x, w, b, approximate, recompute),
+                       [weight, bias])
+
+    def eager(x, w, b):
+        return F.gelu(F.linear(x, w, b), approximate=approximate)
+
+    return [Check(
+        f"{NAME} {str(dtype).removeprefix('torch.')} {approximate} {shape_text(shape)}",
+        x, ["w", "b"], ours={"ours": ours(False), "ours-recompute": ours(True)},
+        torch_same=Subject(eager, [weight, bias]),
+        ref64=Subject(eager, [weight.double(), bias.double()]),
+    )]

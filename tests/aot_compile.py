@@ -1,0 +1,159 @@
+"""Compile every kernel for real GPUs, ahead of time, on a machine without one.
+
+The interpreter runs the kernels' Python, not Triton's compiler: a kernel can pass every
+interpreted test and still fail to compile, or compile to something slow. This script drives
+``triton.compile`` for sm_80 and sm_90 (Triton ships ptxas, so it needs no GPU) over the configs
+the tuner would try for a large FFN problem, and checks what the GPU would get:
+
+- every config that survives pruning compiles and fits the architecture's shared memory;
+- the matmuls use Hopper's wgmma on sm_90 (fp16/bf16/tf32 operands), mma elsewhere;
+- the elementwise kernels load and store 16 bytes per access on aligned contiguous tensors.
+
+Run it without TRITON_INTERPRET (``python tests/aot_compile.py``); tests/test_aot_compile.py does.
+It prints one line per compile and exits non-zero on the first broken promise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("aot_compile.py compiles real kernels: run it without TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from triton_gelu import _autotune  # noqa: E402
+from triton_gelu.gelu import _gelu_bwd_kernel, _gelu_fwd_kernel  # noqa: E402
+from triton_gelu.linear_gelu import (  # noqa: E402
+    _linear_gelu_bwd_dw_kernel, _linear_gelu_bwd_dx_kernel, _linear_gelu_fwd_kernel,
+)
+
+TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
+SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_kernel(kernel, args: dict, target: GPUTarget, config: triton.Config):
+    """``triton.compile`` ``kernel`` as the JIT would specialise a launch with ``args``.
+
+    ``args`` maps each non-meta parameter to a torch dtype (a pointer), None (an absent optional
+    pointer), an int (a size or stride) or a constexpr value. Like the JIT: pointers are 16-byte
+    aligned, ints divisible by 16 are marked so, and ints equal to 1 become constants.
+    """
+    args = {**args, **config.kwargs}
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
+        value = args[param.name]
+        if param.is_constexpr or value is None or value is True or value is False \
+                or isinstance(value, str) or value == 1:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.dtype):
+            signature[param.name] = "*" + SHORT[value]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[param.name] = "i32"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(source, target=target, options=options)
+
+
+def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
+    """(name, kernel, args, key) of the forward, dx and dW kernels on contiguous operands."""
+    precision = "tf32" if dtype == torch.float32 else None
+    fwd = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, preact_ptr=dtype,
+               M=M, N=N, K=K, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ym=N,
+               APPROXIMATE_TANH=tanh, HAS_BIAS=True, WRITE_Y=True, SAVE_PREACT=True,
+               INPUT_PRECISION=precision)
+    dx = dict(dy_ptr=dtype, preact_ptr=dtype, w_ptr=dtype, dx_ptr=dtype, M=M, N=N, K=K,
+              stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1, stride_wn=K, stride_wk=1,
+              stride_dxm=K, APPROXIMATE_TANH=tanh, INPUT_PRECISION=precision)
+    dw = dict(dy_ptr=dtype, preact_ptr=dtype, x_ptr=dtype, dw_ptr=dtype, db_ptr=dtype,
+              M=M, N=N, K=K, stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1,
+              stride_xm=K, stride_xk=1, stride_dwn=K, APPROXIMATE_TANH=tanh,
+              COMPUTE_DW=True, COMPUTE_DB=True, INPUT_PRECISION=precision)
+    key = (_autotune.bucket(M), N, K, dtype, tanh)
+    return [("linear_gelu_fwd", _linear_gelu_fwd_kernel, fwd, key),
+            ("linear_gelu_bwd_dx", _linear_gelu_bwd_dx_kernel, dx, key),
+            ("linear_gelu_bwd_dw", _linear_gelu_bwd_dw_kernel, dw, key)]
+
+
+def _elementwise_cases(dtype: torch.dtype, tanh: bool, n: int):
+    fwd = dict(x_ptr=dtype, y_ptr=dtype, n_elements=n, n_cols=n, stride_x_row=n,
+               APPROXIMATE_TANH=tanh, CONTIGUOUS=True)
+    bwd = dict(dy_ptr=dtype, x_ptr=dtype, dx_ptr=dtype, n_elements=n, n_cols=n,
+               stride_dy_row=n, stride_x_row=n, APPROXIMATE_TANH=tanh, CONTIGUOUS=True)
+    key = (_autotune.bucket(n), dtype, tanh)
+    return [("gelu_fwd", _gelu_fwd_kernel, fwd, key), ("gelu_bwd", _gelu_bwd_kernel, bwd, key)]
+
+
+def _tuner_of(name: str):
+    """The Tuner the package launches ``name`` with, for its config space and pruning."""
+    import importlib
+
+    for module in ("triton_gelu.gelu", "triton_gelu.linear_gelu"):
+        for value in vars(importlib.import_module(module)).values():
+            if isinstance(value, _autotune.Tuner) and value.name == name:
+                return value
+    raise LookupError(name)
+
+
+def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
+    is_matmul = "BLOCK_SIZE_M" in configs[0].kwargs
+    for config in configs:
+        start = time.perf_counter()
+        label = f"{arch} {kernel_name} {key[3] if is_matmul else key[1]} tanh={key[-1]} {config}"
+        try:
+            compiled = compile_kernel(kernel, args, TARGETS[arch], config)
+        except Exception as exc:  # noqa: BLE001 - report every failure, then exit non-zero
+            failures.append(f"{label}: does not compile: {type(exc).__name__}: {exc}"[:400])
+            print("FAIL", failures[-1], flush=True)
+            continue
+        ptx, smem = compiled.asm["ptx"], compiled.metadata.shared
+        problems = []
+        if smem > _autotune.SMEM_BYTES[arch]:
+            problems.append(
+                f"uses {smem} B of shared memory, {arch} has {_autotune.SMEM_BYTES[arch]}"
+            )
+        if is_matmul:
+            want = "wgmma" if arch == "sm90" else "mma.sync"
+            if want not in ptx:
+                problems.append(f"no {want} in the PTX: the matmul is not on the tensor cores")
+        elif "ld.global.v4" not in ptx or "st.global.v4" not in ptx:
+            problems.append("no 16-byte vector loads and stores in the PTX")
+        status = "ok  " if not problems else "FAIL"
+        print(f"{status} {label} smem={smem} {time.perf_counter() - start:.1f}s", flush=True)
+        failures.extend(f"{label}: {p}" for p in problems)
+
+
+def main() -> int:
+    failures: list[str] = []
+    quick = "--quick" in sys.argv
+    for arch in ("sm90", "sm80"):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            every_config = dtype == torch.bfloat16 and not quick
+            for tanh in (False, True):
+                if tanh and dtype != torch.bfloat16:
+                    continue
+                cases = _matmul_cases(dtype, tanh, 8192, 3072, 768) + \
+                    _elementwise_cases(dtype, tanh, 1 << 24)
+                for name, kernel, args, key in cases:
+                    kept = _tuner_of(name).candidates(key, arch)
+                    check(name, kernel, args, key, arch,
+                          kept if every_config and not tanh else kept[:1], failures)
+    if failures:
+        print(f"\n{len(failures)} broken:", *failures, sep="\n")
+        return 1
+    print("\nevery kernel compiled for sm80 and sm90 within shared memory, on the tensor cores")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Test harness: run every Triton kernel natively on a GPU, under the interpreter without one.
+
+TRITON_INTERPRET must be set before triton is first imported, so this happens here, at the top
+of the first module pytest loads, before the tests import triton_gelu.
+"""
+
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 could be set")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_report_header(config):
+    import triton
+
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU, Triton interpreter"
+    return f"triton_gelu tests on {where}; torch {torch.__version__}, triton {triton.__version__}"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A different seed per test, the same in every run (str hash() is salted per process, so
+    # crc32), so a failure reproduces.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE

@@ -1,0 +1,59 @@
+"""Assertions shared by the tests: compare with a float64 reference, never more loosely than the
+error PyTorch itself makes in the same dtype."""
+
+from __future__ import annotations
+
+import torch
+
+# Slack added to the "no worse than torch" bound, per dtype: a few units in the last place of
+# values of order one, scaled by the reference's largest magnitude (when above one), so a
+# kernel that is wrong by more than rounding fails at any scale.
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    """An output buffer full of NaN: any element a kernel fails to write stays NaN."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def assert_nan_where_ref_nan(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    ours_nan, ref_nan = ours.isnan(), ref.isnan()
+    if not torch.equal(ours_nan.cpu(), ref_nan.cpu()):
+        bad = (ours_nan != ref_nan).nonzero()[:5].tolist()
+        raise AssertionError(
+            f"{what}: NaN pattern differs from the reference at {bad} "
+            f"({int(ours_nan.sum())} NaN in ours, {int(ref_nan.sum())} in ref)"
+        )
+
+
+def assert_no_worse_than_torch(
+    ours: torch.Tensor, torch_same: torch.Tensor, ref64: torch.Tensor, what: str,
+    atol: float | None = None, factor: float = 2.0,
+) -> None:
+    """max|ours - ref64| <= factor * max|torch_same - ref64| + atol * max(1, max|ref64|), and
+    NaN exactly where ref64 is NaN."""
+    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    assert ours.dtype == torch_same.dtype, f"{what}: dtype {ours.dtype} != {torch_same.dtype}"
+    atol = ATOL[ours.dtype] if atol is None else atol
+    ours64, torch64, ref64 = ours.double().cpu(), torch_same.double().cpu(), ref64.double().cpu()
+    assert_nan_where_ref_nan(ours64, ref64, what)
+    if ref64.numel() == 0:
+        return
+    finite = ~ref64.isnan()
+    err = (ours64 - ref64).abs().where(finite, 0.0)
+    torch_err = (torch64 - ref64).abs().where(finite, 0.0).nan_to_num(0.0)
+    scale = max(1.0, ref64.abs().where(finite, 0.0).max().item())
+    bound = factor * torch_err.max().item() + atol * scale
+    worst = err.argmax()
+    if not err.max().item() <= bound:
+        raise AssertionError(
+            f"{what}: max error {err.max().item():.3e} at flat index {worst.item()} "
+            f"(ours {ours64.flatten()[worst].item():.6g}, ref {ref64.flatten()[worst].item():.6g})"
+            f" exceeds {factor} x torch's {torch_err.max().item():.3e} + {atol:.0e} x {scale:.3g}"
+        )
+
+
+def assert_all_written(out: torch.Tensor, ref64: torch.Tensor, what: str) -> None:
+    """A poisoned output must hold no NaN except where the reference has one."""
+    assert_nan_where_ref_nan(out.double().cpu(), ref64.double().cpu(), what + " (poisoned output)")

@@ -1,0 +1,241 @@
+"""The benchmark on the CPU: its no-GPU mode end to end, and every piece of the GPU mode that does
+not need a GPU (ratios, floors, error rows, reports, plots) from fake timings."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import harness, ops_ffn, ops_gelu, ops_linear_gelu
+from bench.harness import Case, Check, Selection, Subject
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE_FIGURES = {"copy_gbps": 2000.0, "matmul_tflops": 800.0}
+
+
+# ---- the CPU mode, as CI runs it ---------------------------------------------------------------
+
+
+def test_cpu_mode_checks_every_op_and_times_nothing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # bench sets it
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--preset", "tiny", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Timings need a GPU" in output and "Traceback" not in output, output
+    for op in ("gelu", "linear_gelu", "ffn"):
+        for dtype in ("bfloat16", "float16", "float32"):
+            lines = [line for line in output.splitlines()
+                     if line.startswith(f"ok   {op} {dtype}")]
+            assert lines and all("max error" in line and "torch" in line for line in lines), (
+                f"no error lines for {op} {dtype}:\n{output}")
+    assert "FAIL" not in output
+    assert " ms" not in output and "GB/s" not in output, "CPU mode must not print timings"
+    assert not out.exists(), "CPU mode must not write results"
+
+
+def test_compare_catches_a_wrong_kernel():
+    x = torch.randn(64, dtype=torch.bfloat16)
+    check = Check("scaled gelu", x, [],
+                  ours={"ours": Subject(lambda t: F.gelu(t) * 1.05)},
+                  torch_same=Subject(F.gelu), ref64=Subject(F.gelu))
+    results = harness.compare(check)
+    assert [r["what"] for r in results] == ["scaled gelu ours y", "scaled gelu ours dx"]
+    assert not any(r["ok"] for r in results)
+    assert harness.check_lines(results)[0].startswith("FAIL scaled gelu ours y: max error")
+
+
+# ---- ratios, floors and rows from fake timings ---------------------------------------------------
+
+
+def _case(mode="fwd+bwd", bytes_=4e9, flops=8e12, build=None) -> Case:
+    return Case("linear_gelu", mode, "8192x768x3072", "bf16", "none", bytes_, flops,
+                build or (lambda: {}))
+
+
+def test_summarize_ratios_and_floors():
+    timings = {"ours": 20.0, "ours-recompute": 25.0, "eager": 30.0, "matmul": 16.0}
+    peaks = {"ours": 300 * 2**20, "ours-recompute": 200 * 2**20, "eager": 400 * 2**20}
+    record = harness.summarize(_case(), timings, peaks, {"compile": "BackendCompilerFailed: x"},
+                               DEVICE_FIGURES)
+    # floors: 4e9 B / 2000 GB/s = 2 ms; 8e12 flop / 800 TFLOP/s = 10 ms -> compute-bound, 10 ms
+    assert record["floor_memory_ms"] == pytest.approx(2.0)
+    assert record["floor_compute_ms"] == pytest.approx(10.0)
+    assert record["floor_ms"] == pytest.approx(10.0) and record["bound"] == "compute"
+    ours = record["providers"]["ours"]
+    assert ours["tflops"] == pytest.approx(400.0) and ours["gbps"] == pytest.approx(200.0)
+    assert ours["fraction_of_floor"] == pytest.approx(0.5)
+    assert ours["fraction_of_peak"] == pytest.approx(0.5)
+    assert ours["fraction_of_bandwidth"] == pytest.approx(0.1)
+    assert record["speedup"] == pytest.approx({"eager": 1.5, "matmul": 0.8})
+    assert ours["memory_vs_eager"] == pytest.approx(0.75)
+    assert record["providers"]["ours-recompute"]["memory_vs_eager"] == pytest.approx(0.5)
+    assert record["providers"]["compile"] == {"ms": None, "error": "BackendCompilerFailed: x"}
+
+
+def test_memory_bound_case_reports_fraction_of_bandwidth():
+    record = harness.summarize(_case("fwd", bytes_=2e9, flops=0.0),
+                               {"ours": 1.05, "eager": 1.5}, {}, {}, DEVICE_FIGURES)
+    assert record["bound"] == "memory" and record["floor_ms"] == pytest.approx(1.0)
+    assert record["providers"]["ours"]["fraction_of_floor"] == pytest.approx(1 / 1.05)
+    line = harness.progress_line(3, 12, record)
+    assert line.startswith("[ 3/12] linear_gelu fwd bf16 none 8192x768x3072: ours 1.0500 ms")
+    assert "1905 GB/s" in line and "0.95 of the memory floor" in line and "vs eager 1.43x" in line
+
+
+class FakeClock(harness.GpuClock):
+    """Runs each callable once (so its code is exercised) and reports canned figures."""
+
+    def __init__(self, ms=1.0, peak=1000):
+        self.ms, self.peak, self.timed = ms, peak, 0
+
+    def sync(self):
+        pass
+
+    def time_ms(self, fn):
+        fn()
+        self.timed += 1
+        return self.ms(fn) if callable(self.ms) else self.ms
+
+    def peak_bytes(self, fn):
+        fn()
+        return self.peak
+
+
+def test_a_failing_provider_is_recorded_and_the_run_goes_on():
+    def broken():
+        raise RuntimeError("torch.compile failed\nlong traceback text")
+
+    providers = {"ours": lambda: (lambda: "ours"), "eager": lambda: (lambda: "eager"),
+                 "compile": broken}
+    clock = FakeClock(ms=lambda fn: {"ours": 2.0, "eager": 3.0}[fn()])
+    record = harness.run_case(_case(build=lambda: providers), DEVICE_FIGURES, clock)
+    assert record["providers"]["compile"]["error"] == "RuntimeError: torch.compile failed"
+    assert record["speedup"] == {"eager": 1.5}
+    assert "compile failed" in harness.progress_line(1, 1, record)
+    report = harness.markdown_report({"device": "Fake GPU"}, [record])
+    assert "## Failures" in report and "compile: RuntimeError: torch.compile failed" in report
+
+
+def test_tf32_flag_follows_the_dtype_and_is_restored():
+    seen = {}
+
+    def build(dtype):
+        seen[dtype] = torch.backends.cuda.matmul.allow_tf32
+        return {}
+    before = torch.backends.cuda.matmul.allow_tf32
+    for dtype in ("tf32", "fp32"):
+        case = Case("x", "fwd", "1", dtype, "none", 1.0, 1.0, lambda d=dtype: build(d))
+        harness.run_case(case, DEVICE_FIGURES, FakeClock())
+    assert seen == {"tf32": True, "fp32": False}
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+# ---- the real ops' cases on the CPU (interpreter), with a fake clock -----------------------------
+
+
+def test_every_op_builds_runs_and_reports(tmp_path):
+    sel = Selection(shapes=[(37, 45, 51)], gelu_sizes_mb=[0.01], dtypes=["bf16", "tf32"],
+                    approximates=["tanh"], modes=list(harness.MODES),
+                    baselines=["eager", "matmul", "addmm-act"], device="cpu")
+    cases = [c for op in (ops_gelu, ops_linear_gelu, ops_ffn) for c in op.cases(sel)]
+    # gelu: one dtype (tf32 is fp32 there; fp32 not asked) x fwd, bwd; the others 2 x 3 modes.
+    assert [(c.op, c.mode, c.dtype) for c in cases[:3]] == [
+        ("gelu", "fwd", "bf16"), ("gelu", "bwd", "bf16"), ("gelu", "fwd", "fp32")]
+    assert len(cases) == 4 + 6 + 6
+    clock = FakeClock(ms=2.0, peak=4096)
+    records = [harness.run_case(c, DEVICE_FIGURES, clock) for c in cases]
+    errors = [(harness.label(r), n, e["error"]) for r in records
+              for n, e in r["providers"].items() if "error" in e]
+    assert not errors, errors
+
+    by_label = {harness.label(r): r for r in records}
+    linear = by_label["linear_gelu fwd bf16 tanh 37x45x51"]
+    assert set(linear["providers"]) == {"ours", "ours-recompute", "eager", "matmul", "addmm-act"}
+    m, k, n = 37, 45, 51
+    assert linear["flops"] == 2 * m * n * k
+    assert linear["bytes"] == (m * k + n * k + n + m * n) * 2
+    assert set(by_label["linear_gelu bwd bf16 tanh 37x45x51"]["providers"]) == {
+        "ours", "ours-recompute", "eager", "matmul"}  # _addmm_activation has no backward
+    ffn = by_label["ffn fwd+bwd tf32 tanh 37x45x51"]
+    assert ffn["flops"] == 3 * 2 * (2 * m * k * n)
+    assert ffn["providers"]["ours"]["memory_vs_eager"] == 1.0
+    gelu = by_label["gelu bwd bf16 tanh 0.01 MB"]
+    assert gelu["bytes"] == 3 * (int(0.01 * 2**20) // 2) * 2 and gelu["bound"] == "memory"
+
+    meta = {"device": "Fake GPU", "driver": "0", "torch": torch.__version__, "triton": "x",
+            "date": "2025-01-01T00:00:00+00:00", **DEVICE_FIGURES}
+    paths = harness.write_results(tmp_path, "fake-gpu", meta, records)
+    document = json.loads((tmp_path / "fake-gpu.json").read_text())
+    assert document["meta"]["device"] == "Fake GPU" and len(document["records"]) == len(records)
+    report = (tmp_path / "fake-gpu.md").read_text()
+    for op in ("gelu", "linear_gelu", "ffn"):
+        assert f"## {op}" in report
+    assert "| vs eager | vs matmul | vs addmm-act |" in report
+    assert "copy bandwidth 2000 GB/s, bf16 matmul peak 800 TFLOP/s" in report
+    table_rows = [line for line in report.splitlines() if line.startswith("| fwd |")]
+    assert len(table_rows) == 2 + 2 + 2
+    pytest.importorskip("matplotlib")
+    pngs = [p for p in paths if p.suffix == ".png"]
+    assert sorted(p.name for p in pngs) == ["fake-gpu-ffn.png", "fake-gpu-gelu.png",
+                                            "fake-gpu-linear_gelu.png"]
+    assert all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_markdown_marks_missing_figures():
+    record = harness.summarize(_case(), {"ours": 10.0}, {}, {}, DEVICE_FIGURES)
+    report = harness.markdown_report({}, [record])
+    row = next(line for line in report.splitlines() if line.startswith("| fwd+bwd"))
+    assert "10.0000" in row and not math.isnan(record["providers"]["ours"]["tflops"])
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+def _selection(*argv, gpu=True):
+    from bench import __main__ as cli
+
+    return cli.selection(cli._parser().parse_args(list(argv)), gpu)
+
+
+def test_default_quick_and_cpu_selections():
+    full = _selection()
+    assert full.dtypes == ["bf16", "fp16", "fp32", "tf32"]
+    assert full.shapes == [(8192, 768, 3072), (8192, 1024, 4096), (8192, 1600, 6400),
+                           (8192, 4096, 11008)]
+    assert full.gelu_sizes_mb == [1, 4, 16, 64, 256, 1024]
+    assert full.baselines == list(harness.BASELINES)
+    quick = _selection("--quick")
+    assert (quick.dtypes, quick.shapes) == (["bf16"], [(8192, 768, 3072)])
+    assert "compile-max" not in quick.baselines and "compile" in quick.baselines
+    assert _selection("--no-compile").baselines == ["eager", "matmul", "addmm-act"]
+    cpu = _selection(gpu=False)
+    assert cpu.shapes == [(37, 45, 51)] and cpu.dtypes == ["bf16", "fp16", "fp32"]
+    custom = _selection("--shapes", "4096x512x2048", "--tokens", "7", "--preset", "llama-7b")
+    assert custom.shapes == [(4096, 512, 2048)]
+    assert _selection("--preset", "llama-7b", "--tokens", "1024").shapes == [(1024, 4096, 11008)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "softmax"], "unknown op softmax"),
+    (["--dtypes", "fp8"], "unknown dtype fp8"),
+    (["--preset", "gpt5"], "unknown preset gpt5"),
+    (["--sizes", "big"], "--sizes takes MB"),
+])
+def test_bad_options_exit_with_a_message(argv, message):
+    from bench import __main__ as cli
+
+    with pytest.raises(SystemExit, match=message):
+        cli.main(argv)

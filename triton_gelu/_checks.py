@@ -1,0 +1,88 @@
+"""Argument validation: every bad input is refused here, in Python, before any kernel runs."""
+
+from collections.abc import Sequence
+
+import torch
+
+APPROXIMATE = ("none", "tanh")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_approximate(approximate: object) -> bool:
+    """Validate ``approximate`` and return True for the tanh form."""
+    if not isinstance(approximate, str) or approximate not in APPROXIMATE:
+        raise ValueError(
+            f"approximate must be one of {APPROXIMATE}, got {approximate!r}"
+        )
+    return approximate == "tanh"
+
+
+def check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16, got {t.dtype} "
+            f"(shape {tuple(t.shape)})"
+        )
+    return t
+
+
+def check_same_device(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all tensors must be on the same device"
+            )
+
+
+def check_same_dtype(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}; "
+                "all tensors must have the same dtype"
+            )
+
+
+def check_same_shape(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.shape != first.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but {first_name} has shape "
+                f"{tuple(first.shape)}; they must match"
+            )
+
+
+def check_linear(x: object, weight: object, bias: object | None) -> None:
+    """Validate ``gelu(x @ weight.T + bias)``'s operands: x (..., K), weight (N, K), bias (N,)."""
+    check_tensor("x", x)
+    check_tensor("weight", weight)
+    named = [("x", x), ("weight", weight)]
+    if bias is not None:
+        named.append(("bias", check_tensor("bias", bias)))
+    check_same_device(named)
+    check_same_dtype(named)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features), got shape ()")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
+        )
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"in_features mismatch: x has shape {tuple(x.shape)} (last dim {x.shape[-1]}) but "
+            f"weight has shape {tuple(weight.shape)} (in_features {weight.shape[1]})"
+        )
+    if bias is not None:
+        if bias.dim() != 1:
+            raise ValueError(f"bias must be 1-D (out_features,), got shape {tuple(bias.shape)}")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"bias has shape {tuple(bias.shape)} but weight has shape "
+                f"{tuple(weight.shape)}: bias length must equal out_features {weight.shape[0]}"
+            )

@@ -1,0 +1,144 @@
+"""Standalone GELU: forward y = gelu(x) and backward dx = dy * gelu'(x), one pass each.
+
+Both kernels see their tensors as rows: the last dimension must be unit-stride and the leading
+dimensions must collapse into one row stride (any contiguous tensor, and slices such as
+``x[..., :k]`` or ``x[::2]``). Other layouts (a transposed last dimension) are copied to
+contiguous first. Outputs are always new contiguous tensors in the input's dtype; the math runs
+in float32 (``_math.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._autotune import Tuner, bucket, elementwise_configs, prune_elementwise
+from ._math import cast_to, gelu, gelu_grad
+from ._runtime import device_context, runs_triton
+
+
+@triton.jit
+def _row_offsets(offs, n_cols, stride_row, CONTIGUOUS: tl.constexpr):
+    # Element offsets of flat indices ``offs`` in a (rows, n_cols) view with row stride
+    # ``stride_row``; a contiguous tensor skips the integer division.
+    if CONTIGUOUS:
+        return offs
+    else:
+        row = offs // n_cols
+        return row * stride_row + (offs - row * n_cols)
+
+
+@triton.jit
+def _gelu_fwd_kernel(
+    x_ptr,  # (rows, n_cols), row stride stride_x_row
+    y_ptr,  # (rows * n_cols,) contiguous
+    n_elements,
+    n_cols,
+    stride_x_row,
+    APPROXIMATE_TANH: tl.constexpr,
+    CONTIGUOUS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    x_offs = _row_offsets(offs, n_cols, stride_x_row, CONTIGUOUS)
+    x = tl.load(x_ptr + x_offs, mask=mask).to(tl.float32)
+    y = gelu(x, APPROXIMATE_TANH)
+    tl.store(y_ptr + offs, cast_to(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_bwd_kernel(
+    dy_ptr,  # (rows, n_cols), row stride stride_dy_row
+    x_ptr,  # (rows, n_cols), row stride stride_x_row
+    dx_ptr,  # (rows * n_cols,) contiguous
+    n_elements,
+    n_cols,
+    stride_dy_row,
+    stride_x_row,
+    APPROXIMATE_TANH: tl.constexpr,
+    CONTIGUOUS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    dy = tl.load(dy_ptr + _row_offsets(offs, n_cols, stride_dy_row, CONTIGUOUS), mask=mask)
+    x = tl.load(x_ptr + _row_offsets(offs, n_cols, stride_x_row, CONTIGUOUS), mask=mask)
+    # dx = dy * gelu'(x), in float32
+    dx = dy.to(tl.float32) * gelu_grad(x.to(tl.float32), APPROXIMATE_TANH)
+    tl.store(dx_ptr + offs, cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+
+
+_fwd_tuner = Tuner(_gelu_fwd_kernel, "gelu_fwd", elementwise_configs, prune_elementwise)
+_bwd_tuner = Tuner(_gelu_bwd_kernel, "gelu_bwd", elementwise_configs, prune_elementwise)
+
+
+def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Return (tensor, n_cols, row stride) for a row view of ``t``; copies only when needed."""
+    if t.dim() >= 2 and not t.is_contiguous() and t.stride(-1) == 1:
+        try:
+            rows = t.view(-1, t.shape[-1])
+            return rows, rows.shape[1], rows.stride(0)
+        except RuntimeError:  # leading dimensions do not collapse into one stride
+            pass
+    if t.dim() == 1:  # a strided vector: rows of one element
+        return t, 1, t.stride(0)
+    t = t.contiguous()
+    n_cols = t.shape[-1] if t.dim() else 1
+    return t, n_cols, n_cols
+
+
+def _grid(n_elements: int):
+    return lambda meta: (triton.cdiv(n_elements, meta["BLOCK_SIZE"]),)
+
+
+def gelu_forward(
+    x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = gelu(x) into a new (or the given contiguous) tensor of x's shape and dtype."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    if not runs_triton(x):
+        return out.copy_(reference.gelu_fp32(x, approximate_tanh))
+    rows, n_cols, stride_row = _as_rows(x)
+    n = x.numel()
+    with device_context(x):
+        _fwd_tuner.run(
+            _grid(n), (bucket(n), x.dtype, approximate_tanh),
+            x_ptr=rows, y_ptr=out, n_elements=n, n_cols=n_cols, stride_x_row=stride_row,
+            APPROXIMATE_TANH=approximate_tanh, CONTIGUOUS=stride_row == n_cols,
+        )
+    return out
+
+
+def gelu_backward(
+    dy: torch.Tensor, x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dx = dy * gelu'(x) into a new (or the given contiguous) tensor of x's shape and dtype."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    if not runs_triton(x):
+        return out.copy_(dy.float() * reference.gelu_grad_fp32(x, approximate_tanh))
+    x_rows, n_cols, stride_x = _as_rows(x)
+    dy_rows, dy_cols, stride_dy = _as_rows(dy)
+    if dy_cols != n_cols:  # both views must share the column count; fall back to contiguous
+        x_rows, dy_rows = x.contiguous(), dy.contiguous()
+        n_cols = stride_x = stride_dy = x.shape[-1] if x.dim() else 1
+    n = x.numel()
+    with device_context(x):
+        _bwd_tuner.run(
+            _grid(n), (bucket(n), x.dtype, approximate_tanh),
+            dy_ptr=dy_rows, x_ptr=x_rows, dx_ptr=out, n_elements=n, n_cols=n_cols,
+            stride_dy_row=stride_dy, stride_x_row=stride_x,
+            APPROXIMATE_TANH=approximate_tanh,
+            CONTIGUOUS=stride_x == n_cols and stride_dy == n_cols,
+        )
+    return out

@@ -1,0 +1,101 @@
+"""``nn.Module`` wrappers over the functional API."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._checks import check_approximate
+from .functional import gelu, linear_gelu
+
+
+class GELU(nn.Module):
+    """Drop-in for ``torch.nn.GELU``: same constructor, repr and (empty) state dict."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        check_approximate(approximate)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu(x, approximate=self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+class LinearGELU(nn.Module):
+    """``nn.Linear`` followed by GELU, fused: y = gelu(x @ weight.T + bias).
+
+    Same parameters (names, shapes, initialisation) as ``nn.Linear(in_features, out_features,
+    bias)``, so an ``nn.Linear`` state dict loads into it. ``recompute=True`` trades memory for
+    compute: the backward recomputes the pre-activation instead of saving it.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, approximate: str = "none",
+        recompute: bool = False, device=None, dtype=None,
+    ) -> None:
+        super().__init__()
+        check_approximate(approximate)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.approximate = approximate
+        self.recompute = recompute
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory_kwargs))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory_kwargs))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's own initialisation (same distributions and the same random draws).
+        nn.Linear.reset_parameters(self)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, approximate: str = "none", recompute: bool = False
+    ) -> LinearGELU:
+        """A LinearGELU sharing ``linear``'s Parameter objects (no copy, no new init)."""
+        module = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            approximate=approximate, recompute=recompute, device="meta",
+        )
+        module.weight = linear.weight
+        module.bias = linear.bias
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_gelu(x, self.weight, self.bias, self.approximate, self.recompute)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, approximate={self.approximate!r}, "
+            f"recompute={self.recompute}"
+        )
+
+
+class FeedForward(nn.Module):
+    """Transformer feed-forward block: Linear -> GELU -> Dropout -> Linear, the first two fused.
+
+    Submodules ``linear1`` (LinearGELU), ``dropout`` and ``linear2`` (nn.Linear): the state dict
+    of the PyTorch block ``linear1, dropout, activation=nn.GELU(), linear2`` loads unchanged.
+    """
+
+    def __init__(
+        self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+        approximate: str = "none", bias: bool = True, device=None, dtype=None,
+    ) -> None:
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.linear1 = LinearGELU(
+            d_model, dim_feedforward, bias=bias, approximate=approximate, **factory_kwargs
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(self.linear1(x)))
