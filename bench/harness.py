@@ -18,6 +18,7 @@ dtype, plus a few ulps).
 from __future__ import annotations
 
 import contextlib
+import functools
 import datetime
 import json
 import math
@@ -75,6 +76,31 @@ def shape_text(shape: tuple[int, ...]) -> str:
 
 
 # ---- timing closures shared by the ops -----------------------------------------------------
+
+
+def matmul_cases(name: str, sel: "Selection", build: Callable,
+                 cost: Callable[[tuple, str, Callable], int],
+                 bytes_per: Callable[[int, int, int, str], int],
+                 flops_per: Callable[[int, int, int, str], int]) -> list["Case"]:
+    """One Case per shape x dtype x GELU form x mode of a matmul op (all of MODES).
+
+    ``cost(shape, mode, counter)`` adds up ``counter(m, k, n, mode)`` over the op's matmuls;
+    ``build(shape, dtype, approximate, mode, baselines, device)`` makes the timed callables.
+    """
+    out = []
+    for shape in sel.shapes:
+        for dtype_name in sel.dtypes:
+            dtype = DTYPES[dtype_name]
+            for approximate in sel.approximates:
+                for mode in (m for m in sel.modes if m in MODES):
+                    out.append(Case(
+                        name, mode, shape_text(shape), dtype_name, approximate,
+                        bytes=cost(shape, mode, bytes_per) * dtype.itemsize,
+                        flops=cost(shape, mode, flops_per),
+                        build=functools.partial(build, shape, dtype, approximate, mode,
+                                                sel.baselines, sel.device),
+                    ))
+    return out
 
 
 def timed(fn: Callable, inputs: Sequence[torch.Tensor], mode: str,

@@ -9,20 +9,17 @@ d_ff). Traffic and flops are those of the two linear layers.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 import triton_gelu
 
 from .harness import (
-    DTYPES, Case, Check, Selection, Subject, add_compile_baselines, shape_text, timed,
+    Case, Check, Selection, Subject, add_compile_baselines, matmul_cases, shape_text, timed,
 )
 from .ops_linear_gelu import matmul_flops, traffic
 
 NAME = "ffn"
-MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 class EagerFeedForward(nn.Module):
@@ -72,20 +69,7 @@ def _cost(shape, mode: str, counter) -> int:
 
 
 def cases(sel: Selection) -> list[Case]:
-    out = []
-    for shape in sel.shapes:
-        for dtype_name in sel.dtypes:
-            dtype = DTYPES[dtype_name]
-            for approximate in sel.approximates:
-                for mode in (m for m in sel.modes if m in MODES):
-                    out.append(Case(
-                        NAME, mode, shape_text(shape), dtype_name, approximate,
-                        bytes=_cost(shape, mode, traffic) * dtype.itemsize,
-                        flops=_cost(shape, mode, matmul_flops),
-                        build=functools.partial(_build, shape, dtype, approximate, mode,
-                                                sel.baselines, sel.device),
-                    ))
-    return out
+    return matmul_cases(NAME, sel, _build, _cost, traffic, matmul_flops)
 
 
 def checks(shape: tuple[int, int, int], dtype: torch.dtype, approximate: str,

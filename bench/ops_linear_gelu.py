@@ -11,19 +11,16 @@ dW, db: 2MN + 2MK + 2NK + N. Flops: 2MNK per matmul, one forward and two backwar
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 import triton_gelu
 
 from .harness import (
-    DTYPES, Case, Check, Selection, Subject, add_compile_baselines, shape_text, timed,
+    Case, Check, Selection, Subject, add_compile_baselines, matmul_cases, shape_text, timed,
 )
 
 NAME = "linear_gelu"
-MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 def traffic(m: int, k: int, n: int, mode: str) -> int:
@@ -68,20 +65,8 @@ def _build(shape, dtype: torch.dtype, approximate: str, mode: str, baselines: li
 
 
 def cases(sel: Selection) -> list[Case]:
-    out = []
-    for shape in sel.shapes:
-        for dtype_name in sel.dtypes:
-            dtype = DTYPES[dtype_name]
-            for approximate in sel.approximates:
-                for mode in (m for m in sel.modes if m in MODES):
-                    out.append(Case(
-                        NAME, mode, shape_text(shape), dtype_name, approximate,
-                        bytes=traffic(*shape, mode) * dtype.itemsize,
-                        flops=matmul_flops(*shape, mode),
-                        build=functools.partial(_build, shape, dtype, approximate, mode,
-                                                sel.baselines, sel.device),
-                    ))
-    return out
+    return matmul_cases(NAME, sel, _build, lambda shape, mode, counter: counter(*shape, mode),
+                        traffic, matmul_flops)
 
 
 def checks(shape: tuple[int, int, int], dtype: torch.dtype, approximate: str,

@@ -48,16 +48,6 @@ def check_same_dtype(named: Sequence[tuple[str, torch.Tensor]]) -> None:
             )
 
 
-def check_same_shape(named: Sequence[tuple[str, torch.Tensor]]) -> None:
-    first_name, first = named[0]
-    for name, t in named[1:]:
-        if t.shape != first.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)} but {first_name} has shape "
-                f"{tuple(first.shape)}; they must match"
-            )
-
-
 def check_linear(x: object, weight: object, bias: object | None) -> None:
     """Validate ``gelu(x @ weight.T + bias)``'s operands: x (..., K), weight (N, K), bias (N,)."""
     check_tensor("x", x)
