@@ -18,8 +18,8 @@ dtype, plus a few ulps).
 from __future__ import annotations
 
 import contextlib
-import functools
 import datetime
+import functools
 import json
 import math
 import platform
@@ -75,13 +75,10 @@ def shape_text(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
-# ---- timing closures shared by the ops -----------------------------------------------------
-
-
-def matmul_cases(name: str, sel: "Selection", build: Callable,
+def matmul_cases(name: str, sel: Selection, build: Callable,
                  cost: Callable[[tuple, str, Callable], int],
                  bytes_per: Callable[[int, int, int, str], int],
-                 flops_per: Callable[[int, int, int, str], int]) -> list["Case"]:
+                 flops_per: Callable[[int, int, int, str], int]) -> list[Case]:
     """One Case per shape x dtype x GELU form x mode of a matmul op (all of MODES).
 
     ``cost(shape, mode, counter)`` adds up ``counter(m, k, n, mode)`` over the op's matmuls;
@@ -101,6 +98,9 @@ def matmul_cases(name: str, sel: "Selection", build: Callable,
                                                 sel.baselines, sel.device),
                     ))
     return out
+
+
+# ---- timing closures shared by the ops -----------------------------------------------------
 
 
 def timed(fn: Callable, inputs: Sequence[torch.Tensor], mode: str,
