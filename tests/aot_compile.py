@@ -29,8 +29,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from triton_gelu import _autotune  # noqa: E402
-from triton_gelu.gelu import _gelu_bwd_kernel, _gelu_fwd_kernel  # noqa: E402
-from triton_gelu.linear_gelu import (  # noqa: E402
+from triton_gelu.kernels.gelu import _gelu_bwd_kernel, _gelu_fwd_kernel  # noqa: E402
+from triton_gelu.kernels.linear_gelu import (  # noqa: E402
     _linear_gelu_bwd_dw_kernel, _linear_gelu_bwd_dx_kernel, _linear_gelu_fwd_kernel,
 )
 
@@ -98,7 +98,7 @@ def _tuner_of(name: str):
     """The Tuner the package launches ``name`` with, for its config space and pruning."""
     import importlib
 
-    for module in ("triton_gelu.gelu", "triton_gelu.linear_gelu"):
+    for module in ("triton_gelu.kernels.gelu", "triton_gelu.kernels.linear_gelu"):
         for value in vars(importlib.import_module(module)).values():
             if isinstance(value, _autotune.Tuner) and value.name == name:
                 return value

@@ -258,7 +258,7 @@ def test_changing_the_kernel_or_a_helper_invalidates_the_cache(tmp_path, cache):
 
 
 def test_real_kernels_hash_their_own_source():
-    gelu_module = importlib.import_module("triton_gelu.gelu")  # the package exports gelu()
+    gelu_module = importlib.import_module("triton_gelu.kernels.gelu")
     fwd, bwd = gelu_module._gelu_fwd_kernel, gelu_module._gelu_bwd_kernel
     assert source_hash(fwd) == source_hash(fwd) != source_hash(bwd)
 

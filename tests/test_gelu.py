@@ -10,7 +10,7 @@ from helpers import (
 import triton_gelu
 from triton_gelu import reference
 from triton_gelu._runtime import launches
-from triton_gelu.gelu import gelu_backward, gelu_forward
+from triton_gelu.kernels.gelu import gelu_backward, gelu_forward
 
 FORMS = ["none", "tanh"]
 # Multiples of no block size, ranks 0 to 5.

@@ -15,11 +15,12 @@ from helpers import (
 )
 
 import triton_gelu
-from triton_gelu import functional, reference
+from triton_gelu import kernels, reference
 from triton_gelu._runtime import launches
+from triton_gelu.kernels import _matmul
 
 # The kernels' module; ``triton_gelu.linear_gelu`` itself is the public function.
-lg = importlib.import_module("triton_gelu.linear_gelu")
+lg = importlib.import_module("triton_gelu.kernels.linear_gelu")
 
 FORMS = ["none", "tanh"]
 M, K, N = 37, 45, 51  # multiples of no block size
@@ -117,7 +118,7 @@ def test_input_layouts(layout, dtype, device, monkeypatch):
         seen.append(x2d)
         return lg.linear_gelu_forward(x2d, *args, **kwargs)
 
-    monkeypatch.setattr(functional, "linear_gelu_forward", spy)
+    monkeypatch.setattr(kernels, "linear_gelu_forward", spy)
     with tf32(False):
         y, dx, dw, db = _check(x, weight, bias, "tanh", what=layout)
     assert y.shape == (*x.shape[:-1], N) and dx.shape == x.shape
@@ -143,21 +144,22 @@ def test_tf32_allowed_float32(device):
     # the CPU interpreter tl.dot is exact float32, which passes too.
     x, weight, bias = _operands((M, K), N, torch.float32, device)
     with tf32(True):
-        assert lg._input_precision(torch.float32) == "tf32"
+        assert _matmul.input_precision(torch.float32) == "tf32"
         y = triton_gelu.linear_gelu(x, weight, bias)
     ref = reference.linear_gelu64(x, weight, bias)
     scale = ref.abs().max().item()
     err = (y.double().cpu() - ref.cpu()).abs().max().item()
     assert err <= 1e-3 * scale, f"tf32 forward: max error {err:.3e} > 1e-3 x max|y| {scale:.3g}"
     with tf32(False):
-        assert lg._input_precision(torch.float32) == "ieee"
-    assert lg._input_precision(torch.bfloat16) is None  # the backend's default for 16-bit
+        assert _matmul.input_precision(torch.float32) == "ieee"
+    assert _matmul.input_precision(torch.bfloat16) is None  # the backend's default for 16-bit
 
 
 @pytest.fixture
 def poison_outputs(monkeypatch):
     """Every launcher output starts as NaN, so any element a kernel fails to store shows up."""
-    monkeypatch.setattr(lg, "_empty", lambda shape, like: poisoned(shape, like.dtype, like.device))
+    monkeypatch.setattr(_matmul, "new_output",
+                        lambda shape, like: poisoned(shape, like.dtype, like.device))
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -243,7 +245,7 @@ def test_inference_writes_only_y(device, monkeypatch):
         calls.append(save_preact)
         return lg.linear_gelu_forward(x2d, weight, bias, approximate_tanh, save_preact)
 
-    monkeypatch.setattr(functional, "linear_gelu_forward", spy)
+    monkeypatch.setattr(kernels, "linear_gelu_forward", spy)
     x, weight, bias = _operands((M, K), N, torch.float32, device)
     weight.requires_grad_(True)
     with torch.no_grad():

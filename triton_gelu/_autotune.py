@@ -27,13 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import math
-import os
 import re
-import tempfile
 import types
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cache import cache_dir, clear_cache, read_entries, write_document  # noqa: F401 (re-exported)
 from ._runtime import interpreting, record_launch
 
 Grid = Callable[[dict], tuple]
@@ -209,24 +206,7 @@ def prune_matmul(
     return kept or [min(configs, key=smem)]
 
 
-# ---- where the cache lives and what it is keyed on ----------------------------------------
-
-
-def cache_dir() -> Path:
-    """``$TRITON_GELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/triton_gelu``, else ``~/.cache/...``."""
-    if os.environ.get("TRITON_GELU_CACHE_DIR"):
-        return Path(os.environ["TRITON_GELU_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "triton_gelu"
-
-
-def clear_cache() -> list[Path]:
-    """Delete every tuning file of the cache directory; return the paths deleted."""
-    removed = []
-    for path in sorted(cache_dir().glob("*.json")):
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
+# ---- what the cache is keyed on ------------------------------------------------------------
 
 
 def _python_fn(obj):
@@ -406,30 +386,19 @@ class Tuner:
     def _table(self, device: Device) -> dict[str, dict]:
         table = self._tables.get(device.index)
         if table is None:
-            table = self._tables[device.index] = _read_entries(self.cache_path(device))
+            table = self._tables[device.index] = read_entries(self.cache_path(device))
         return table
 
     def _save(self, device: Device, key_text: str, entry: dict) -> None:
         path = self.cache_path(device)
-        entries = _read_entries(path)  # another process may have added entries meanwhile
+        entries = read_entries(path)  # another process may have added entries meanwhile
         entries[key_text] = entry
         self._table(device)[key_text] = entry
         document = {
             "kernel": self.name, "device": device.name, "arch": device.arch,
             "triton": triton.__version__, "source_hash": self.source_hash, "entries": entries,
         }
-        tmp = None
-        try:  # write a temporary file, then rename: readers never see half a file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(document, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except OSError as e:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            warnings.warn(f"triton_gelu: could not write the autotune cache {path}: {e}",
-                          stacklevel=3)
+        write_document(path, document)
 
     def choose(self, slot: tuple, grid: Grid, kwargs: dict) -> Choice:
         """Config for ``slot`` = (device index, key): memory, then disk, then timing."""
@@ -467,13 +436,3 @@ class Tuner:
             launch = self.best[slot] = (choice.config.kwargs, config_kwargs(choice.config))
         record_launch(self.name)
         self.kernel[grid(launch[0])](**kwargs, **launch[1])
-
-
-def _read_entries(path: Path) -> dict[str, dict]:
-    """The entries of a cache file; {} if it is missing, unreadable or not ours."""
-    try:
-        document = json.loads(path.read_text())
-        entries = document["entries"]
-        return dict(entries) if isinstance(entries, dict) else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}

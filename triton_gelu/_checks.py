@@ -76,3 +76,26 @@ def check_linear(x: object, weight: object, bias: object | None) -> None:
                 f"bias has shape {tuple(bias.shape)} but weight has shape "
                 f"{tuple(weight.shape)}: bias length must equal out_features {weight.shape[0]}"
             )
+
+
+def check_linear_2d(x2d: object, weight: object, bias: object | None) -> None:
+    """``check_linear`` for the launchers, which take x already flattened to (M, K)."""
+    check_linear(x2d, weight, bias)
+    if x2d.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, in_features) here, got shape {tuple(x2d.shape)}")
+
+
+def check_linear_backward(
+    dy2d: object, x2d: torch.Tensor, weight: torch.Tensor, preact: object
+) -> None:
+    """The backward launchers' operands: dy and the saved pre-activation are (M, N)."""
+    check_linear_2d(x2d, weight, None)
+    check_same_device([("x", x2d), ("dy", check_tensor("dy", dy2d)),
+                       ("preact", check_tensor("preact", preact))])
+    expected = (x2d.shape[0], weight.shape[0])
+    for name, t in (("dy", dy2d), ("preact", preact)):
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name} must have shape (M, N) = {expected} for x of shape {tuple(x2d.shape)} "
+                f"and weight of shape {tuple(weight.shape)}, got {tuple(t.shape)}"
+            )

@@ -1,12 +1,22 @@
 """Where kernels run: natively on CUDA, under the Triton interpreter on the CPU, or not at all.
 
+Nothing here imports Triton at import time: ``import triton_gelu`` works on machines without it
+(macOS, Windows, CPU-only containers). The first call that could run a kernel asks whether
+Triton imports; if it does not, every call takes the PyTorch fallback and a warning naming the
+reason is given once.
+
 ``launches`` counts every Triton kernel launch by kernel name, so tests can prove the kernel path
 (not a PyTorch fallback) produced a result.
 """
 
+from __future__ import annotations
+
 import collections
 import contextlib
+import functools
+import importlib
 import os
+import warnings
 
 import torch
 
@@ -18,9 +28,54 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
+def triton_unavailable() -> str | None:
+    """Why the Triton kernels cannot run in this process (None when they can): Triton is not
+    installed, or it fails to import. Asked once; the answer imports Triton if it is there."""
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return f"triton does not import ({type(e).__name__}: {e})"
+    return None
+
+
+class TritonUnavailableWarning(UserWarning):
+    """Given once per process when the Triton kernels cannot run and the fallback is used."""
+
+
+_warned = False
+
+
+def _warn_fallback(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"triton_gelu: the Triton kernels are not available: {reason}. Every triton_gelu "
+            "function runs its PyTorch fallback (same results, no fused kernels).",
+            TritonUnavailableWarning, stacklevel=4,
+        )
+
+
 def runs_triton(t: torch.Tensor) -> bool:
-    """CUDA tensors always run the Triton kernels; CPU tensors only under the interpreter."""
+    """CUDA tensors run the Triton kernels, CPU tensors only under the interpreter; neither does
+    when Triton is unavailable (then a warning says why, once)."""
+    reason = triton_unavailable()
+    if reason is not None:
+        _warn_fallback(reason)
+        return False
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
+
+
+def where_kernels_run() -> str:
+    """``"native"`` (a CUDA GPU), ``"interpreted"`` (TRITON_INTERPRET) or ``"fallback"``, for the
+    environment report."""
+    if triton_unavailable() is not None:
+        return "fallback"
+    if interpreting():
+        return "interpreted"
+    return "native" if torch.cuda.is_available() else "fallback"
 
 
 def record_launch(name: str) -> None:

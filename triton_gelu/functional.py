@@ -7,9 +7,8 @@ import math
 import torch
 
 from . import ops
+from ._backend import launchers
 from ._checks import check_approximate, check_linear, check_tensor
-from .gelu import gelu_backward, gelu_forward
-from .linear_gelu import linear_gelu_backward, linear_gelu_forward, linear_preact
 
 
 class _GELUFunction(torch.autograd.Function):
@@ -17,14 +16,14 @@ class _GELUFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
         ctx.approximate_tanh = approximate_tanh
         ctx.save_for_backward(x)
-        return gelu_forward(x, approximate_tanh)
+        return launchers(x).gelu_forward(x, approximate_tanh)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
         (x,) = ctx.saved_tensors
         # A fresh dx every call: nothing saved is written, so a second backward is unchanged.
-        return gelu_backward(dy, x, ctx.approximate_tanh), None
+        return launchers(x).gelu_backward(dy, x, ctx.approximate_tanh), None
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -64,7 +63,7 @@ class _LinearGELUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, approximate_tanh: bool, recompute: bool) -> torch.Tensor:
         x2d = _rows(x)
-        y, preact = linear_gelu_forward(
+        y, preact = launchers(x2d).linear_gelu_forward(
             x2d, weight, bias, approximate_tanh, save_preact=not recompute
         )
         ctx.approximate_tanh = approximate_tanh
@@ -78,10 +77,10 @@ class _LinearGELUFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x2d, weight, bias, preact = ctx.saved_tensors
         if preact is None:
-            preact = linear_preact(x2d, weight, bias)
+            preact = launchers(x2d).linear_preact(x2d, weight, bias)
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         # Fresh gradients every call: nothing saved is written, so a second backward is unchanged.
-        dx, dw, db = linear_gelu_backward(
+        dx, dw, db = launchers(x2d).linear_gelu_backward(
             _rows(dy), x2d, weight, preact, ctx.approximate_tanh, need_dx, need_dw, need_db
         )
         return None if dx is None else dx.view(ctx.x_shape), dw, db, None, None
@@ -108,6 +107,9 @@ def linear_gelu(
     if not (torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         # Inference: no graph and no saved pre-activation; the kernel writes only y.
-        y, _ = linear_gelu_forward(_rows(x), weight, bias, approximate_tanh, save_preact=False)
+        x2d = _rows(x)
+        y, _ = launchers(x2d).linear_gelu_forward(
+            x2d, weight, bias, approximate_tanh, save_preact=False
+        )
         return y.view(*x.shape[:-1], weight.shape[0])
     return _LinearGELUFunction.apply(x, weight, bias, approximate_tanh, recompute)

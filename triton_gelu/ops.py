@@ -35,8 +35,7 @@ import math
 
 import torch
 
-from .gelu import gelu_backward, gelu_forward
-from .linear_gelu import linear_gelu_backward, linear_gelu_forward, linear_preact
+from ._backend import launchers
 
 Tensor = torch.Tensor
 
@@ -56,7 +55,7 @@ def _absent(t: Tensor) -> Tensor:
 @torch.library.custom_op("triton_gelu::gelu_fwd", mutates_args=())
 def gelu_fwd(x: Tensor, approximate_tanh: bool) -> Tensor:
     """y = gelu(x), a new contiguous tensor of x's shape and dtype."""
-    return gelu_forward(x, approximate_tanh)
+    return launchers(x).gelu_forward(x, approximate_tanh)
 
 
 @gelu_fwd.register_fake
@@ -67,7 +66,7 @@ def _gelu_fwd_fake(x: Tensor, approximate_tanh: bool) -> Tensor:
 @torch.library.custom_op("triton_gelu::gelu_bwd", mutates_args=())
 def gelu_bwd(dy: Tensor, x: Tensor, approximate_tanh: bool) -> Tensor:
     """dx = dy * gelu'(x), a new contiguous tensor of x's shape and dtype."""
-    return gelu_backward(dy, x, approximate_tanh)
+    return launchers(x).gelu_backward(dy, x, approximate_tanh)
 
 
 @gelu_bwd.register_fake
@@ -97,7 +96,7 @@ def linear_gelu_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, approximate_tanh: bool, save_preact: bool
 ) -> tuple[Tensor, Tensor]:
     """(gelu(x @ weight.T + bias), the pre-activation if save_preact else an empty tensor)."""
-    y, preact = linear_gelu_forward(x, weight, bias, approximate_tanh, save_preact)
+    y, preact = launchers(x).linear_gelu_forward(x, weight, bias, approximate_tanh, save_preact)
     return y, (preact if preact is not None else _absent(y))
 
 
@@ -110,7 +109,7 @@ def _linear_gelu_fwd_fake(x, weight, bias, approximate_tanh, save_preact):
 @torch.library.custom_op("triton_gelu::linear_preact", mutates_args=())
 def linear_preact_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """preact = x @ weight.T + bias (the backward recomputes it when it was not saved)."""
-    return linear_preact(x, weight, bias)
+    return launchers(x).linear_preact(x, weight, bias)
 
 
 @linear_preact_op.register_fake
@@ -124,7 +123,7 @@ def linear_gelu_bwd(
     need_dx: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw, db) of y = gelu(x @ weight.T + bias); an empty tensor for each one not needed."""
-    dx, dw, db = linear_gelu_backward(
+    dx, dw, db = launchers(x).linear_gelu_backward(
         dy, x, weight, preact, approximate_tanh, need_dx, need_dw, need_db
     )
     return tuple(g if g is not None else _absent(dy) for g in (dx, dw, db))

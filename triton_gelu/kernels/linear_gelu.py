@@ -39,34 +39,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._autotune import Tuner, bucket, matmul_configs, prune_matmul
-from ._checks import check_linear, check_same_device, check_tensor
-from ._math import _INTERPRETING, cast_to, gelu, gelu_grad
-from ._runtime import device_context, runs_triton
-
-
-@triton.jit
-def _grouped_tile(pid, num_rows, num_cols, GROUP_SIZE: tl.constexpr):
-    # (row, col) tile of program ``pid`` when programs walk GROUP_SIZE rows of tiles column by
-    # column: programs running together share operand tiles, so those stay in L2.
-    num_pid_in_group = GROUP_SIZE * num_cols
-    group_id = pid // num_pid_in_group
-    first_row = group_id * GROUP_SIZE
-    group_rows = tl.minimum(num_rows - first_row, GROUP_SIZE)
-    row = first_row + (pid % num_pid_in_group) % group_rows
-    col = (pid % num_pid_in_group) // group_rows
-    return row, col
-
-
-@triton.jit
-def _dot_operand(tile):
-    # The interpreter's tl.dot mishandles bfloat16 operands; there, and only there, multiply in
-    # float32. Products of fp16/bf16 values are exact in float32, so this is what the GPU computes.
-    if _INTERPRETING:
-        return tile.to(tl.float32)
-    else:
-        return tile
+from .. import reference
+from .._autotune import Tuner, bucket, matmul_configs, prune_matmul
+from .._checks import check_linear_2d, check_linear_backward
+from .._runtime import device_context
+from . import _matmul
+from ._math import cast_to, gelu, gelu_grad
+from ._matmul import dot_operand, grouped_tile, input_precision, tile_grid
 
 
 @triton.jit
@@ -94,7 +73,7 @@ def _linear_gelu_fwd_kernel(
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(
+    pid_m, pid_n = grouped_tile(
         tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M
     )
     offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
@@ -110,7 +89,7 @@ def _linear_gelu_fwd_kernel(
         k_left = K - k * BLOCK_SIZE_K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(_dot_operand(x), _dot_operand(w), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(dot_operand(x), dot_operand(w), acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_SIZE_K * stride_xk
         w_ptrs += BLOCK_SIZE_K * stride_wk
 
@@ -162,7 +141,7 @@ def _linear_gelu_bwd_dx_kernel(
 ):
     # dx[m, k] = sum_n dz[m, n] * W[n, k], dz = dy * gelu'(z): one (BM, BK) tile of dx per
     # program, looping over N.
-    pid_m, pid_k = _grouped_tile(
+    pid_m, pid_k = grouped_tile(
         tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(K, BLOCK_SIZE_K), GROUP_SIZE_M
     )
     offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
@@ -182,7 +161,7 @@ def _linear_gelu_bwd_dx_kernel(
         )
         dz = cast_to(dz, w_ptr.dtype.element_ty)  # the matmul operand, in the input dtype
         w = tl.load(w_ptrs, mask=(offs_n[:, None] < n_left) & mask_k[None, :], other=0.0)
-        acc = tl.dot(_dot_operand(dz), _dot_operand(w), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(dot_operand(dz), dot_operand(w), acc, input_precision=INPUT_PRECISION)
         dy_ptrs += BLOCK_SIZE_N * stride_dyn
         preact_ptrs += BLOCK_SIZE_N * stride_pn
         w_ptrs += BLOCK_SIZE_N * stride_wn
@@ -225,7 +204,7 @@ def _linear_gelu_bwd_dw_kernel(
         num_k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
     else:
         num_k_tiles = 1
-    pid_n, pid_k = _grouped_tile(
+    pid_n, pid_k = grouped_tile(
         tl.program_id(0), tl.cdiv(N, BLOCK_SIZE_N), num_k_tiles, GROUP_SIZE_M
     )
     offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
@@ -250,7 +229,7 @@ def _linear_gelu_bwd_dw_kernel(
             x = tl.load(x_ptrs, mask=(offs_m[:, None] < m_left) & mask_k[None, :], other=0.0)
             dz_t = tl.trans(cast_to(dz, x_ptr.dtype.element_ty))  # (BN, BM), input dtype
             dw_acc = tl.dot(
-                _dot_operand(dz_t), _dot_operand(x), dw_acc, input_precision=INPUT_PRECISION
+                dot_operand(dz_t), dot_operand(x), dw_acc, input_precision=INPUT_PRECISION
             )
             x_ptrs += BLOCK_SIZE_M * stride_xm
         dy_ptrs += BLOCK_SIZE_M * stride_dym
@@ -278,36 +257,6 @@ _dw_tuner = Tuner(_linear_gelu_bwd_dw_kernel, "linear_gelu_bwd_dw", matmul_confi
                   functools.partial(prune_matmul, reduction="M"))
 
 
-def _check_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    check_linear(x2d, weight, bias)
-    if x2d.dim() != 2:
-        raise ValueError(f"x must be 2-D (M, in_features) here, got shape {tuple(x2d.shape)}")
-
-
-def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """Every output is allocated here: tests swap in NaN-filled buffers to catch unwritten tiles."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-
-def _input_precision(dtype: torch.dtype) -> str | None:
-    # float32 operands: TF32 tensor cores only when PyTorch's matmuls may use them too. For
-    # fp16/bf16 operands the setting means nothing: None leaves the backend's default (the
-    # allowed names differ between backends).
-    if dtype != torch.float32:
-        return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _tile_grid(rows: int, cols: int, row_block: str, col_block: str | None = None):
-    """One program per (row_block x col_block) tile; a single column of tiles without col_block."""
-
-    def grid(meta: dict) -> tuple[int]:
-        col_tiles = 1 if col_block is None else triton.cdiv(cols, meta[col_block])
-        return (triton.cdiv(rows, meta[row_block]) * col_tiles,)
-
-    return grid
-
-
 def _launch_forward(
     tuner: Tuner, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     y: torch.Tensor | None, preact: torch.Tensor | None, approximate_tanh: bool,
@@ -316,12 +265,12 @@ def _launch_forward(
     if bias is not None:
         bias = bias.contiguous()  # N elements: cheaper to copy than to pass another stride
     out = y if y is not None else preact
-    precision = _input_precision(x2d.dtype)
+    precision = input_precision(x2d.dtype)
     key = (bucket(M), N, K, x2d.dtype, approximate_tanh, bias is not None,
            y is not None, preact is not None, precision)
     with device_context(x2d):
         tuner.run(
-            _tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
+            tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
             x_ptr=x2d, w_ptr=weight, b_ptr=bias, y_ptr=y, preact_ptr=preact,
             M=M, N=N, K=K,
             stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
@@ -338,17 +287,11 @@ def linear_gelu_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, preact): y = gelu(x2d @ weight.T + bias) and, if ``save_preact``, z = x2d @ weight.T
     + bias, both new contiguous (M, N) tensors in x2d's dtype; preact is None otherwise."""
-    _check_forward(x2d, weight, bias)
+    check_linear_2d(x2d, weight, bias)
     (M, _), N = x2d.shape, weight.shape[0]
-    y = _empty((M, N), x2d)
-    preact = _empty((M, N), x2d) if save_preact else None
+    y = _matmul.new_output((M, N), x2d)
+    preact = _matmul.new_output((M, N), x2d) if save_preact else None
     if M == 0 or N == 0:
-        return y, preact
-    if not runs_triton(x2d):
-        z = reference.linear_preact_fp32(x2d, weight, bias)
-        y.copy_(reference.gelu_fp32(z, approximate_tanh))
-        if preact is not None:
-            preact.copy_(z)
         return y, preact
     _launch_forward(_fwd_tuner, x2d, weight, bias, y, preact, approximate_tanh)
     return y, preact
@@ -359,30 +302,13 @@ def linear_preact(
 ) -> torch.Tensor:
     """z = x2d @ weight.T + bias, a new contiguous (M, N) tensor in x2d's dtype: bitwise what
     ``linear_gelu_forward(..., save_preact=True)`` saves (same kernel, writing only z)."""
-    _check_forward(x2d, weight, bias)
+    check_linear_2d(x2d, weight, bias)
     (M, _), N = x2d.shape, weight.shape[0]
-    preact = _empty((M, N), x2d)
+    preact = _matmul.new_output((M, N), x2d)
     if M == 0 or N == 0:
         return preact
-    if not runs_triton(x2d):
-        return preact.copy_(reference.linear_preact_fp32(x2d, weight, bias))
     _launch_forward(_preact_tuner, x2d, weight, bias, None, preact, approximate_tanh=False)
     return preact
-
-
-def _check_backward(
-    dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor
-) -> None:
-    _check_forward(x2d, weight, None)
-    check_same_device([("x", x2d), ("dy", check_tensor("dy", dy2d)),
-                       ("preact", check_tensor("preact", preact))])
-    expected = (x2d.shape[0], weight.shape[0])
-    for name, t in (("dy", dy2d), ("preact", preact)):
-        if tuple(t.shape) != expected:
-            raise ValueError(
-                f"{name} must have shape (M, N) = {expected} for x of shape {tuple(x2d.shape)} "
-                f"and weight of shape {tuple(weight.shape)}, got {tuple(t.shape)}"
-            )
 
 
 def linear_gelu_backward(
@@ -394,25 +320,24 @@ def linear_gelu_backward(
     Each is a new contiguous tensor ((M, K), (N, K), (N,)) in the input dtype, or None when not
     needed. ``preact`` is z as saved by the forward (or recomputed by ``linear_preact``).
     """
-    _check_backward(dy2d, x2d, weight, preact)
+    check_linear_backward(dy2d, x2d, weight, preact)
     (M, K), N = x2d.shape, weight.shape[0]
-    dx = _empty((M, K), x2d) if need_dx else None
-    dw = _empty((N, K), weight) if need_dw else None
-    db = _empty((N,), weight) if need_db else None
-    if min(M, N, K) == 0 or not runs_triton(x2d):
-        # Also the empty cases: no tiles to launch, and sums over nothing are zeros.
+    dx = _matmul.new_output((M, K), x2d) if need_dx else None
+    dw = _matmul.new_output((N, K), weight) if need_dw else None
+    db = _matmul.new_output((N,), weight) if need_db else None
+    if min(M, N, K) == 0:  # no tiles to launch; sums over nothing are zeros
         grads = reference.linear_gelu_backward_fp32(dy2d, x2d, weight, preact, approximate_tanh)
         for out, grad in zip((dx, dw, db), grads):
             if out is not None:
                 out.copy_(grad)
         return dx, dw, db
 
-    precision = _input_precision(x2d.dtype)
+    precision = input_precision(x2d.dtype)
     key = (bucket(M), N, K, x2d.dtype, approximate_tanh, precision)
     with device_context(x2d):
         if need_dx:
             _dx_tuner.run(
-                _tile_grid(M, K, "BLOCK_SIZE_M", "BLOCK_SIZE_K"), key,
+                tile_grid(M, K, "BLOCK_SIZE_M", "BLOCK_SIZE_K"), key,
                 dy_ptr=dy2d, preact_ptr=preact, w_ptr=weight, dx_ptr=dx,
                 M=M, N=N, K=K,
                 stride_dym=dy2d.stride(0), stride_dyn=dy2d.stride(1),
@@ -423,7 +348,7 @@ def linear_gelu_backward(
             )
         if need_dw or need_db:
             _dw_tuner.run(
-                _tile_grid(N, K, "BLOCK_SIZE_N", "BLOCK_SIZE_K" if need_dw else None),
+                tile_grid(N, K, "BLOCK_SIZE_N", "BLOCK_SIZE_K" if need_dw else None),
                 key + (need_dw, need_db),
                 dy_ptr=dy2d, preact_ptr=preact, x_ptr=x2d, dw_ptr=dw, db_ptr=db,
                 M=M, N=N, K=K,

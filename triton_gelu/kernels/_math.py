@@ -22,7 +22,7 @@ formula does). It also avoids ``tanh``, which moved between Triton releases.
 import triton
 import triton.language as tl
 
-from ._runtime import interpreting
+from .._runtime import interpreting
 
 # Read once, like Triton itself reads TRITON_INTERPRET once at import.
 _INTERPRETING: tl.constexpr = tl.constexpr(interpreting())

@@ -1,0 +1,65 @@
+"""The launchers in PyTorch, for tensors no Triton kernel serves: CPU tensors outside the
+interpreter, and every tensor when Triton is not installed (or does not import).
+
+Same arguments, outputs and validation as ``triton_gelu.kernels``; the math is the kernels'
+(``reference.py``'s float32 formulas, one rounding to the input dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._checks import check_linear_2d, check_linear_backward
+
+__all__ = [
+    "gelu_forward", "gelu_backward",
+    "linear_gelu_forward", "linear_preact", "linear_gelu_backward",
+]
+
+
+def _new(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def gelu_forward(
+    x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    if out is None:
+        out = _new(x.shape, x)
+    return out.copy_(reference.gelu_fp32(x, approximate_tanh))
+
+
+def gelu_backward(
+    dy: torch.Tensor, x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    if out is None:
+        out = _new(x.shape, x)
+    return out.copy_(dy.float() * reference.gelu_grad_fp32(x, approximate_tanh))
+
+
+def linear_gelu_forward(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    approximate_tanh: bool, save_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    check_linear_2d(x2d, weight, bias)
+    preact = reference.linear_preact_fp32(x2d, weight, bias)
+    y = reference.gelu_fp32(preact, approximate_tanh).to(x2d.dtype)
+    return y, (preact.to(x2d.dtype) if save_preact else None)
+
+
+def linear_preact(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    check_linear_2d(x2d, weight, bias)
+    return reference.linear_preact_fp32(x2d, weight, bias).to(x2d.dtype)
+
+
+def linear_gelu_backward(
+    dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
+    approximate_tanh: bool, need_dx: bool, need_dw: bool, need_db: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    check_linear_backward(dy2d, x2d, weight, preact)
+    grads = reference.linear_gelu_backward_fp32(dy2d, x2d, weight, preact, approximate_tanh)
+    return tuple(g.to(x2d.dtype) if need else None
+                 for g, need in zip(grads, (need_dx, need_dw, need_db)))

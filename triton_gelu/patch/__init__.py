@@ -1,0 +1,64 @@
+"""Model patching: swap every Linear followed by GELU that is provably such a pair for the fused
+kernel, in place.
+
+``patch(model)`` looks at every submodule and finds the order in which it applies its children:
+
+- ``nn.Sequential`` (and subclasses that keep its ``forward``): its children, in order;
+- any other module whose ``forward`` is a plain chain ``x = self.a(x); x = self.b(x); ...;
+  return x`` (or the nested ``self.b(self.a(x))``, or a mix): the chain is read off the bytecode of
+  ``forward`` and only accepted when it is nothing else. This covers the common PyTorch
+  FeedForward (``linear1 -> activation -> dropout -> linear2``) and the Hugging Face transformers
+  FFN blocks: ``BertIntermediate`` / ``RobertaIntermediate`` / ``ViTIntermediate`` (``dense ->
+  intermediate_act_fn``), ``ViTMLP`` / ``CLIPMLP``-style (``fc1 -> activation_fn -> fc2``) and
+  ``GPT2MLP`` (``c_fc -> act -> c_proj -> dropout``);
+- ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``: the chain of ``_ff_block``.
+
+Where the chain holds a Linear directly followed by a GELU, and each is used once in it, the
+Linear becomes a ``LinearGELU`` holding the very same parameters (same names in the state dict)
+and the GELU becomes ``nn.Identity()``. GPT-2's ``Conv1D`` (weight stored as (in, out)) becomes a
+``Conv1DGELU`` that keeps that parameter and passes its transposed view to the kernel, which
+takes strides.
+
+The package's rooms: ``chain.py`` reads which children a module applies in which order,
+``match.py`` says what is a Linear and what is a GELU, ``fuse.py`` makes the swap.
+transformers is never imported: its classes are recognised by module path and name.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .._checks import check_approximate
+from .chain import application_chain, call_chain
+from .fuse import Conv1DGELU, fuse_pair
+from .match import gelu_form
+
+__all__ = ["patch", "gelu_form", "call_chain", "Conv1DGELU"]
+
+
+def patch(model: nn.Module, approximate: str | None = None) -> int:
+    """Replace, in place, every Linear followed by GELU in ``model`` that provably is such a pair
+    by the fused ``LinearGELU``; return how many pairs were replaced.
+
+    ``approximate=None`` keeps each block's own GELU form; ``"none"`` or ``"tanh"`` forces one.
+    Parameters are kept (the same ``nn.Parameter`` objects under the same state-dict names), so
+    optimizers, tied weights and ``state_dict`` save/load keep working. Patching twice is a no-op.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if approximate is not None:
+        check_approximate(approximate)
+    count = 0
+    seen: set[int] = set()
+    for module in list(model.modules()):  # a snapshot: the new modules are not visited
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        chain = application_chain(module)
+        if chain is None:
+            continue
+        for linear_name, act_name in zip(chain, chain[1:]):
+            if chain.count(linear_name) != 1 or chain.count(act_name) != 1:
+                continue  # a child used twice: swapping it would change the other use
+            count += fuse_pair(module, linear_name, act_name, approximate)
+    return count

@@ -1,0 +1,63 @@
+"""The swap itself: a Linear (or GPT-2 ``Conv1D``) and the GELU after it become one fused module
+holding the very same parameters, and the GELU becomes ``nn.Identity()``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._checks import check_approximate
+from ..functional import linear_gelu
+from ..modules import LinearGELU
+from .match import gelu_form, linear_kind
+
+
+class Conv1DGELU(nn.Module):
+    """GPT-2's ``Conv1D`` followed by GELU, fused. Keeps ``Conv1D``'s parameters as they are,
+    ``weight`` (in_features, out_features) and ``bias`` (out_features,), so state dicts load."""
+
+    def __init__(self, conv: nn.Module, approximate: str = "none") -> None:
+        super().__init__()
+        check_approximate(approximate)
+        self.nf, self.nx = conv.nf, conv.nx
+        self.weight = conv.weight  # (nx, nf): the transpose of nn.Linear's (out, in)
+        self.bias = conv.bias
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_gelu(x, self.weight.t(), self.bias, approximate=self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}, approximate={self.approximate!r}"
+
+
+def fuse_pair(parent: nn.Module, linear_name: str, act_name: str, approximate: str | None) -> int:
+    linear = child(parent, linear_name)
+    act = child(parent, act_name)
+    kind = linear_kind(linear)
+    form = gelu_form(act)
+    if kind is None or form is None:
+        return 0
+    new_form = form if approximate is None else approximate
+    if kind == "linear":
+        fused = LinearGELU.from_linear(linear, approximate=new_form)
+    else:
+        fused = Conv1DGELU(linear, approximate=new_form)
+    fused.train(linear.training)
+    identity = nn.Identity().train(act.training if isinstance(act, nn.Module) else parent.training)
+    setattr(parent, linear_name, fused)
+    setattr(parent, act_name, identity)
+    if isinstance(parent, nn.TransformerEncoderLayer) and new_form != form and new_form == "tanh":
+        # The eval/no-grad fast path (torch._transformer_encoder_layer_fwd) applies the erf form
+        # from linear1's weights whatever the module; turn it off when the form is forced to tanh.
+        parent.activation_relu_or_gelu = 0
+    return 1
+
+
+def child(parent: nn.Module, name: str) -> object:
+    """The child module or plain attribute (a function activation) ``name``, else None."""
+    if name in parent._modules:
+        return parent._modules[name]
+    if name in vars(parent) and name not in ("forward", "training"):
+        return vars(parent)[name]
+    return None  # a property, a class attribute, a parameter: not something we swap

@@ -1,0 +1,143 @@
+"""What the patcher accepts as a Linear and as a GELU.
+
+What counts as a Linear: ``nn.Linear`` with its own ``forward``, no hooks, no parametrization,
+a float32/float16/bfloat16 weight; transformers' ``Conv1D``. What counts as GELU: ``nn.GELU``,
+``F.gelu`` (also via ``functools.partial`` with ``approximate=``), this package's ``GELU`` /
+``gelu``, and from ``transformers.activations``: ``GELUActivation`` (erf), ``GELUTanh`` /
+``PytorchGELUTanh``, ``NewGELUActivation`` (``gelu_new``), ``AccurateGELUActivation`` and
+``FastGELUActivation`` (``gelu_fast``: sqrt(2/pi) written to 10 digits, the same float32 constant)
+in the tanh form. ``quick_gelu``, clipped GELU (``gelu_10``) and anything else are left alone.
+
+transformers is never imported here: its classes are recognised by module path and name.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import FLOAT_DTYPES
+from ..functional import gelu as _tg_gelu
+from ..modules import GELU
+
+
+# ---- what is a GELU --------------------------------------------------------------------------
+
+
+def gelu_form(act: object) -> str | None:
+    """``"none"`` or ``"tanh"`` when ``act`` provably computes GELU in that form, else None."""
+    if isinstance(act, nn.Module):
+        if has_hooks(act) or "forward" in vars(act) or has_state(act):
+            return None
+        cls = type(act)
+        if isinstance(act, (nn.GELU, GELU)) and cls.forward in (nn.GELU.forward, GELU.forward):
+            return act.approximate if act.approximate in ("none", "tanh") else None
+        if cls.__module__ == "transformers.activations":
+            rule = _HF_GELU_FORMS.get(cls.__name__)
+            return rule(act) if rule is not None else None
+        return None
+    return _functional_gelu_form(act)
+
+
+def _functional_gelu_form(fn: object) -> str | None:
+    if fn is F.gelu or fn is _tg_gelu:
+        return "none"
+    if (
+        isinstance(fn, functools.partial)
+        and (fn.func is F.gelu or fn.func is _tg_gelu)
+        and not fn.args
+        and set(fn.keywords) <= {"approximate"}
+    ):
+        form = fn.keywords.get("approximate", "none")
+        return form if form in ("none", "tanh") else None
+    return None
+
+
+def _bound_to(act: nn.Module, method_name: str) -> bool:
+    """``act.act`` is ``act``'s own (class-defined) method ``method_name``."""
+    fn = getattr(act, "act", None)
+    method = getattr(type(act), method_name, None)
+    return method is not None and getattr(fn, "__func__", None) is method and fn.__self__ is act
+
+
+def _hf_gelu_erf(act: nn.Module) -> str | None:
+    # GELUActivation: self.act is F.gelu, or its own _gelu_python (x * 0.5 * (1 + erf(x/sqrt2)))
+    if _functional_gelu_form(getattr(act, "act", None)) == "none" or _bound_to(act, "_gelu_python"):
+        return "none"
+    return None
+
+
+def _hf_gelu_tanh(act: nn.Module) -> str | None:
+    # GELUTanh / PytorchGELUTanh: self.act is partial(F.gelu, approximate="tanh") or its own
+    # _gelu_tanh_python; older releases call F.gelu(x, approximate="tanh") in forward directly.
+    if not hasattr(act, "act"):
+        return "tanh"
+    if _functional_gelu_form(act.act) == "tanh" or _bound_to(act, "_gelu_tanh_python"):
+        return "tanh"
+    return None
+
+
+def _hf_gelu_accurate(act: nn.Module) -> str | None:
+    constant = getattr(act, "precomputed_constant", None)
+    return "tanh" if constant == math.sqrt(2 / math.pi) else None
+
+
+_HF_GELU_FORMS = {
+    "GELUActivation": _hf_gelu_erf,
+    "GELUTanh": _hf_gelu_tanh,
+    "PytorchGELUTanh": _hf_gelu_tanh,
+    "NewGELUActivation": lambda act: "tanh",
+    "AccurateGELUActivation": _hf_gelu_accurate,
+    # 0.5x(1 + tanh(0.7978845608 x (1 + 0.044715 x^2))): the tanh form with sqrt(2/pi) to 10
+    # digits (relative difference 4e-12, the same constant in float32; the kernels run float32).
+    "FastGELUActivation": lambda act: "tanh",
+}
+
+
+# ---- what is a Linear ------------------------------------------------------------------------
+
+
+def linear_kind(mod: object) -> str | None:
+    """``"linear"`` for a plain ``nn.Linear``, ``"conv1d"`` for transformers' ``Conv1D``."""
+    if not isinstance(mod, nn.Module) or has_hooks(mod) or "forward" in vars(mod):
+        return None
+    if torch.nn.utils.parametrize.is_parametrized(mod) or set(mod._buffers) or mod._modules:
+        return None
+    weight = mod._parameters.get("weight")
+    bias = mod._parameters.get("bias")
+    if (
+        not isinstance(weight, nn.Parameter)
+        or isinstance(weight, nn.parameter.UninitializedParameter)
+        or weight.dim() != 2
+        or weight.dtype not in FLOAT_DTYPES
+        or set(mod._parameters) - {"weight", "bias"}
+    ):
+        return None
+    cls = type(mod)
+    if isinstance(mod, nn.Linear) and cls.forward is nn.Linear.forward:
+        return "linear"
+    if (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers.")
+        and isinstance(bias, nn.Parameter)
+        and weight.shape == (getattr(mod, "nx", None), getattr(mod, "nf", None))
+        and bias.shape == (weight.shape[1],)
+    ):
+        return "conv1d"
+    return None
+
+
+def has_hooks(mod: nn.Module) -> bool:
+    return any(
+        getattr(mod, hooks, None)
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                      "_backward_pre_hooks")
+    )
+
+
+def has_state(mod: nn.Module) -> bool:
+    return bool(mod._parameters) or bool(mod._buffers) or bool(mod._modules)
