@@ -41,6 +41,7 @@ import triton.language as tl
 
 from ._cache import cache_dir, clear_cache, read_entries, write_document  # noqa: F401 (re-exported)
 from ._runtime import interpreting, record_launch
+from ._settings import PATH_ENV, forced_path
 
 Grid = Callable[[dict], tuple]
 Bench = Callable[[Callable[[], None]], float]
@@ -436,3 +437,44 @@ class Tuner:
             launch = self.best[slot] = (choice.config.kwargs, config_kwargs(choice.config))
         record_launch(self.name)
         self.kernel[grid(launch[0])](**kwargs, **launch[1])
+
+
+# ---- paths: one op, several ways to compute it ----------------------------------------------
+
+# Every op with paths by name, for the CLI and the tests.
+path_choosers: dict[str, Paths] = {}
+
+
+class Paths:
+    """The named ways to compute one op, and the choice between them per problem key.
+
+    ``paths`` maps a name to a callable; every callable takes the op's arguments and returns the
+    op's outputs as new tensors (never writing into its inputs), with results within the suite's
+    tolerance rules, so any of them may serve any call. ``default`` names the path taken when
+    nothing else decides. A path forced with ``$TRITON_GELU_PATH`` or
+    ``triton_gelu.autotune.force_path`` (``_settings.py``) always wins.
+    """
+
+    def __init__(self, op: str, paths: dict[str, Callable], default: str) -> None:
+        if default not in paths:
+            raise ValueError(f"default path {default!r} of {op} is not one of {list(paths)}")
+        self.op = op
+        self.paths = paths
+        self.default = default
+        path_choosers[op] = self
+
+    def choose(self, key: tuple, args: tuple, kwargs: dict) -> str:
+        """The path for ``key``: a forced one, else the default."""
+        forced = forced_path(self.op)
+        if forced is not None:
+            if forced not in self.paths:
+                raise ValueError(
+                    f"{PATH_ENV} / force_path asks {self.op} for path {forced!r}; "
+                    f"its paths are {', '.join(self.paths)}"
+                )
+            return forced
+        return self.default
+
+    def run(self, key: tuple, *args, **kwargs):
+        """Compute the op by the path chosen for ``key``."""
+        return self.paths[self.choose(key, args, kwargs)](*args, **kwargs)

@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from ._settings import force_path  # noqa: F401 (public: triton_gelu.autotune.force_path)
+
 TOKENS = 8192
 # (in_features, out_features) of the first FFN layer: K -> N.
 PRESETS = {
