@@ -34,7 +34,8 @@ class LinearGELU(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, approximate: str = "none",
-        recompute: bool = False, device=None, dtype=None,
+        recompute: bool = False, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_approximate(approximate)
@@ -87,7 +88,8 @@ class FeedForward(nn.Module):
 
     def __init__(
         self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-        approximate: str = "none", bias: bool = True, device=None, dtype=None,
+        approximate: str = "none", bias: bool = True, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
