@@ -386,7 +386,7 @@ def run() -> dict:
                               if issubclass(w.category, TritonUnavailableWarning)],
         "import_errors": import_errors,
         "imported": sorted(name for name in sys.modules
-                           if name.partition(".")[0] == "triton" or name.startswith(TRITON_MODULES)),
+                           if _is_triton(name) or name.startswith(TRITON_MODULES)),
         "public_names": public_names(),
     }
 

@@ -31,7 +31,8 @@ def package_field() -> str:
 
 
 def python_field() -> str:
-    return f"{platform.python_version()} ({platform.python_implementation()}, {platform.platform()})"
+    implementation, system = platform.python_implementation(), platform.platform()
+    return f"{platform.python_version()} ({implementation}, {system})"
 
 
 def torch_field() -> str:
