@@ -8,6 +8,7 @@ runs. And the public API is typed, as py.typed promises."""
 from __future__ import annotations
 
 import email.parser
+import importlib.metadata
 import inspect
 import shutil
 import subprocess
@@ -43,11 +44,13 @@ def _clean_checkout(destination: Path) -> Path:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
     """{"src": the clean checkout, "wheel": ..., "sdist": ...}, built once for the module."""
-    import setuptools
-
-    if int(setuptools.__version__.split(".")[0]) < SETUPTOOLS_NEEDED:
+    try:
+        setuptools = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
+        setuptools = "none"
+    if setuptools == "none" or int(setuptools.split(".")[0]) < SETUPTOOLS_NEEDED:
         pytest.skip(f"building needs setuptools>={SETUPTOOLS_NEEDED}, this environment has "
-                    f"{setuptools.__version__} (scripts/test.sh installs it)")
+                    f"{setuptools} (scripts/test.sh installs it)")
     root = tmp_path_factory.mktemp("build")
     src, out = _clean_checkout(root / "src"), root / "dist"
     # The PEP 517 hooks, as build frontends call them (they rewrite sys.argv: read it first).
