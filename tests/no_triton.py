@@ -7,8 +7,9 @@ prints one line, ``NO_TRITON_RESULT {json}``. tests/test_no_triton.py runs it in
 ModuleNotFoundError and ``importlib.util.find_spec("triton")`` is None, as when Triton is not
 installed (torch and transformers ask find_spec; a finder that raised instead would break them).
 
-``CHECKS`` has one check per public name (``public_names()``: the package's ``__all__``, and the
-``__all__`` and own functions and classes of each module in ``PUBLIC_MODULES``). Each runs the name
+``CHECKS`` has one check per public name (``public_names()``: the ``__all__`` of each module in
+``PUBLIC_MODULES`` and the public functions and classes it defines or re-exports from a private
+module, as ``autotune`` does ``force_path``). Each runs the name
 on the CPU, where it takes the PyTorch fallback, and compares its results (forward and gradients)
 with the PyTorch code it replaces, the ground truth being that code in float64, by the suite's
 rule (``helpers.assert_like_torch``). A public name without a check here fails
@@ -102,6 +103,16 @@ TRITON_MODULES = ("triton_gelu.kernels", "triton_gelu._autotune")
 FORMS = ("none", "tanh")
 
 
+def _offered_by(module_name: str, obj: object) -> bool:
+    """``obj`` is defined in the module, or comes from a private one (``triton_gelu._x``) and so
+    is public only through this module."""
+    if not (inspect.isfunction(obj) or inspect.isclass(obj)):
+        return False
+    origin = obj.__module__.split(".")
+    return obj.__module__ == module_name or (
+        origin[0] == "triton_gelu" and any(part.startswith("_") for part in origin[1:]))
+
+
 def public_names() -> list[str]:
     """``gelu`` for ``triton_gelu.gelu``, ``autotune.main`` for ``triton_gelu.autotune.main``..."""
     names = set()
@@ -112,11 +123,8 @@ def public_names() -> list[str]:
             if e.name == module_name:
                 continue
             raise
-        own = {
-            name for name, obj in vars(module).items()
-            if not name.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
-            and obj.__module__ == module_name
-        }
+        own = {name for name, obj in vars(module).items()
+               if not name.startswith("_") and _offered_by(module_name, obj)}
         prefix = module_name.removeprefix("triton_gelu").lstrip(".")
         names |= {f"{prefix}.{name}" if prefix else name
                   for name in own | set(getattr(module, "__all__", ()))}

@@ -21,9 +21,7 @@ import sys
 
 import torch
 
-from ._settings import force_path
-
-__all__ = ["force_path", "main", "parse_shape", "preset_shapes"]
+from ._settings import force_path  # noqa: F401 (public: triton_gelu.autotune.force_path)
 
 TOKENS = 8192
 # (in_features, out_features) of the first FFN layer: K -> N.
