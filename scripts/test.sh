@@ -5,5 +5,10 @@ set -euo pipefail
 TRITON_GELU_MODULES="triton triton numpy numpy pytest pytest xdist pytest-xdist
   transformers transformers matplotlib matplotlib" \
   source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# tests/test_packaging.py builds the wheel offline with this venv's setuptools, which must read
+# pyproject's SPDX license (setuptools >= 77; torch itself requires it, but an older system torch
+# may not have brought it).
+"$PY" -c 'import sys, setuptools; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' \
+  2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check "setuptools>=77"
 # Two workers by default (CI machines have two cores); TRITON_GELU_TEST_WORKERS=0 runs serially.
 exec "$PY" -m pytest -n "${TRITON_GELU_TEST_WORKERS:-2}" "$@"

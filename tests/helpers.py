@@ -3,6 +3,8 @@ error PyTorch itself makes in the same dtype."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 # Slack added to the "no worse than torch" bound, per dtype: a few units in the last place of
@@ -57,3 +59,32 @@ def assert_no_worse_than_torch(
 def assert_all_written(out: torch.Tensor, ref64: torch.Tensor, what: str) -> None:
     """A poisoned output must hold no NaN except where the reference has one."""
     assert_nan_where_ref_nan(out.double().cpu(), ref64.double().cpu(), what + " (poisoned output)")
+
+
+def _forward_backward(fn, inputs, dy, grad: bool):
+    """fn(*inputs) on fresh leaves; with ``grad``, its backward from ``dy`` (made on first use)
+    and the gradients of every input, then of every parameter: [(name, tensor), ...], dy."""
+    leaves = [t.detach().requires_grad_(grad) for t in inputs]
+    out = fn(*leaves)
+    results = [("output", out.detach())]
+    if grad:
+        dy = torch.randn(out.shape) if dy is None else dy
+        out.backward(dy.to(out.device, out.dtype))
+        params = fn.named_parameters() if isinstance(fn, torch.nn.Module) else ()
+        results += [(f"d input {i}", t.grad) for i, t in enumerate(leaves)]
+        results += [(f"d {name}", p.grad) for name, p in params]
+    return results, dy
+
+
+def assert_like_torch(ours, theirs, inputs, what: str, grad: bool = True) -> None:
+    """``ours`` against ``theirs``, the PyTorch code it replaces (functions, or modules with their
+    parameters in the same order), on the same floating-point ``inputs``: the output and, with
+    ``grad``, the gradient of every input and parameter must be no worse than twice PyTorch's own
+    error, the ground truth being ``theirs`` run again in float64 (assert_no_worse_than_torch)."""
+    ref = copy.deepcopy(theirs).double() if isinstance(theirs, torch.nn.Module) else theirs
+    got, dy = _forward_backward(ours, inputs, None, grad)
+    want, _ = _forward_backward(theirs, inputs, dy, grad)
+    truth, _ = _forward_backward(ref, [t.double() for t in inputs], dy, grad)
+    assert len(got) == len(want), f"{what}: {[n for n, _ in got]} vs {[n for n, _ in want]}"
+    for (name, g), (_, w), (_, t) in zip(got, want, truth):
+        assert_no_worse_than_torch(g, w, t, f"{what}: {name}")

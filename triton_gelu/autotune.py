@@ -105,12 +105,12 @@ def _exercise(shape, dtype, approximate: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from . import _autotune
-    from ._runtime import interpreting
+    from ._cache import cache_dir, clear_cache
+    from ._runtime import interpreting, triton_unavailable
 
-    if args.clear:
-        removed = _autotune.clear_cache()
-        print(f"removed {len(removed)} tuning file(s) from {_autotune.cache_dir()}")
+    if args.clear:  # needs no Triton
+        removed = clear_cache()
+        print(f"removed {len(removed)} tuning file(s) from {cache_dir()}")
         return 0
     try:
         shapes = args.shapes or preset_shapes(_split(args.preset))
@@ -121,12 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"triton_gelu.autotune: {e}", file=sys.stderr)
         return 2
 
-    if interpreting() or not torch.cuda.is_available():
-        why = "TRITON_INTERPRET is set" if interpreting() else "no CUDA GPU is visible"
-        print(f"triton_gelu.autotune: {why}; autotuning times kernels on a GPU, so there is "
-              "nothing to tune here.", file=sys.stderr)
+    why = triton_unavailable()
+    if why is None and interpreting():
+        why = "TRITON_INTERPRET is set"
+    if why is None and not torch.cuda.is_available():
+        why = "no CUDA GPU is visible"
+    if why is not None:
+        print(f"triton_gelu.autotune: {why}; autotuning times the Triton kernels on a GPU, so "
+              "there is nothing to tune here.", file=sys.stderr)
         return 2
-    print(f"tuning on {torch.cuda.get_device_name()}; cache: {_autotune.cache_dir()}")
+    from . import _autotune
+
+    print(f"tuning on {torch.cuda.get_device_name()}; cache: {cache_dir()}")
     for shape in shapes:
         for dtype in dtypes:
             for approximate in approximates:

@@ -61,5 +61,6 @@ def linear_gelu_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     check_linear_backward(dy2d, x2d, weight, preact)
     grads = reference.linear_gelu_backward_fp32(dy2d, x2d, weight, preact, approximate_tanh)
-    return tuple(g.to(x2d.dtype) if need else None
-                 for g, need in zip(grads, (need_dx, need_dw, need_db)))
+    dx, dw, db = (g.to(x2d.dtype) if need else None
+                  for g, need in zip(grads, (need_dx, need_dw, need_db)))
+    return dx, dw, db

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -44,9 +45,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def _autocast_linear(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+def _autocast_linear(*tensors: Any) -> tuple[Any, ...]:
     """Cast the operands as ``F.linear`` is cast under autocast: to the autocast dtype of their
-    device (fp16/bf16/fp32 only; float64 is left alone, as autocast does, and then refused)."""
+    device (fp16/bf16/fp32 only; float64 is left alone, as autocast does, and then refused).
+    The first is a checked tensor; the others are checked after the cast (hence ``Any``)."""
     device_type = tensors[0].device.type
     if not (torch.amp.is_autocast_available(device_type)
             and torch.is_autocast_enabled(device_type)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -32,13 +34,17 @@ class LinearGELU(nn.Module):
     compute: the backward recomputes the pre-activation instead of saving it.
     """
 
+    weight: torch.Tensor  # as nn.Linear declares them: from_linear shares a Linear's own
+    bias: torch.Tensor | None
+
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, approximate: str = "none",
-        recompute: bool = False, device=None, dtype=None,
+        recompute: bool = False, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_approximate(approximate)
-        factory_kwargs = {"device": device, "dtype": dtype}
+        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
         self.approximate = approximate
@@ -52,7 +58,7 @@ class LinearGELU(nn.Module):
 
     def reset_parameters(self) -> None:
         # nn.Linear's own initialisation (same distributions and the same random draws).
-        nn.Linear.reset_parameters(self)
+        nn.Linear.reset_parameters(self)  # type: ignore[arg-type]  # it reads only our fields
 
     @classmethod
     def from_linear(
@@ -87,10 +93,11 @@ class FeedForward(nn.Module):
 
     def __init__(
         self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-        approximate: str = "none", bias: bool = True, device=None, dtype=None,
+        approximate: str = "none", bias: bool = True, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        factory_kwargs = {"device": device, "dtype": dtype}
+        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         self.linear1 = LinearGELU(
             d_model, dim_feedforward, bias=bias, approximate=approximate, **factory_kwargs
         )

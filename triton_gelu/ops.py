@@ -126,7 +126,8 @@ def linear_gelu_bwd(
     dx, dw, db = launchers(x).linear_gelu_backward(
         dy, x, weight, preact, approximate_tanh, need_dx, need_dw, need_db
     )
-    return tuple(g if g is not None else _absent(dy) for g in (dx, dw, db))
+    dx, dw, db = (g if g is not None else _absent(dy) for g in (dx, dw, db))
+    return dx, dw, db
 
 
 @linear_gelu_bwd.register_fake

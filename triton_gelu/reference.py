@@ -50,8 +50,8 @@ def gelu64(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 def gelu_grad64(x: torch.Tensor, dy: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """Float64 ground truth of dy * gelu'(x), through torch's own autograd."""
     x64 = x.detach().double().requires_grad_(True)
-    F.gelu(x64, approximate=approximate).backward(dy.double())
-    return x64.grad
+    (dx,) = torch.autograd.grad(F.gelu(x64, approximate=approximate), x64, dy.double())
+    return dx
 
 
 # ---- Linear + bias + GELU -------------------------------------------------------------------
@@ -98,5 +98,6 @@ def linear_gelu_grads64(
     x64 = x.detach().double().requires_grad_(True)
     w64 = weight.detach().double().requires_grad_(True)
     b64 = None if bias is None else bias.detach().double().requires_grad_(True)
-    F.gelu(F.linear(x64, w64, b64), approximate=approximate).backward(dy.double())
-    return x64.grad, w64.grad, None if b64 is None else b64.grad
+    y64 = F.gelu(F.linear(x64, w64, b64), approximate=approximate)
+    grads = torch.autograd.grad(y64, [x64, w64] if b64 is None else [x64, w64, b64], dy.double())
+    return grads[0], grads[1], None if b64 is None else grads[2]

@@ -108,7 +108,8 @@ def call_chain(fn: object) -> list[str] | None:
     if stack:
         return None
     chain: list[str] = []
-    while result.kind == "call":
-        chain.append(result.name)
-        result = result.arg
-    return chain[::-1] if result is _INPUT and chain else None
+    value: _Value | None = result
+    while value is not None and value.kind == "call" and value.name is not None:
+        chain.append(value.name)
+        value = value.arg
+    return chain[::-1] if value is _INPUT and chain else None

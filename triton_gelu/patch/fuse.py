@@ -16,12 +16,15 @@ class Conv1DGELU(nn.Module):
     """GPT-2's ``Conv1D`` followed by GELU, fused. Keeps ``Conv1D``'s parameters as they are,
     ``weight`` (in_features, out_features) and ``bias`` (out_features,), so state dicts load."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, conv: nn.Module, approximate: str = "none") -> None:
         super().__init__()
         check_approximate(approximate)
         self.nf, self.nx = conv.nf, conv.nx
-        self.weight = conv.weight  # (nx, nf): the transpose of nn.Linear's (out, in)
-        self.bias = conv.bias
+        self.weight = conv.get_parameter("weight")  # (nx, nf): nn.Linear's (out, in) transposed
+        self.bias = conv.get_parameter("bias")
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,10 +39,11 @@ def fuse_pair(parent: nn.Module, linear_name: str, act_name: str, approximate: s
     act = child(parent, act_name)
     kind = linear_kind(linear)
     form = gelu_form(act)
-    if kind is None or form is None:
+    if kind is None or form is None or not isinstance(linear, nn.Module):
         return 0
     new_form = form if approximate is None else approximate
-    if kind == "linear":
+    fused: nn.Module
+    if kind == "linear" and isinstance(linear, nn.Linear):
         fused = LinearGELU.from_linear(linear, approximate=new_form)
     else:
         fused = Conv1DGELU(linear, approximate=new_form)

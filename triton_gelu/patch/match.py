@@ -61,7 +61,8 @@ def _bound_to(act: nn.Module, method_name: str) -> bool:
     """``act.act`` is ``act``'s own (class-defined) method ``method_name``."""
     fn = getattr(act, "act", None)
     method = getattr(type(act), method_name, None)
-    return method is not None and getattr(fn, "__func__", None) is method and fn.__self__ is act
+    return (method is not None and getattr(fn, "__func__", None) is method
+            and getattr(fn, "__self__", None) is act)
 
 
 def _hf_gelu_erf(act: nn.Module) -> str | None:
