@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import Any
 
@@ -22,8 +21,12 @@ def _distributed(*tensors: torch.Tensor | None) -> bool:
 
 
 def _parallel():
-    """``triton_gelu.parallel`` (the DTensor sharding rules), imported on the first DTensor."""
-    return importlib.import_module(".parallel", __package__)
+    """``triton_gelu.parallel`` (the DTensor sharding rules), imported on the first DTensor.
+    Looked up in sys.modules first: torch.compile traces that without a graph break."""
+    module = sys.modules.get(__package__ + ".parallel")
+    if module is None:
+        from . import parallel as module
+    return module
 
 
 class _GELUFunction(torch.autograd.Function):
