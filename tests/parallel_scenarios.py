@@ -218,6 +218,23 @@ def tp_sequence_parallel(rank: int, world_size: int) -> None:
     _check(ours_results, *_references(ref, x, dy), chunk=chunk)
 
 
+def tp_megatron_sequence_parallel(rank: int, world_size: int) -> None:
+    """Megatron-style sequence parallelism: x arrives sharded on the sequence dimension, linear1's
+    style all-gathers it (then the column split runs fused), linear2 reduce-scatters back onto
+    the sequence dimension."""
+    ref = TorchFeedForward()
+    ours = triton_gelu.FeedForward(D_MODEL, D_FF, dropout=0.0)
+    ours.load_state_dict(ref.state_dict())
+    parallelize_module(ours, _tp_mesh(world_size), {
+        "linear1": tgp.ColwiseParallel(input_layouts=Shard(1)),
+        "linear2": RowwiseParallel(output_layouts=Shard(1)),
+    })
+    x, dy = _data()
+    rows = slice(rank * SEQ // world_size, (rank + 1) * SEQ // world_size)
+    chunk = lambda t: t[:, rows]  # noqa: E731
+    _check(_run(ours, chunk(x), chunk(dy)), *_references(ref, x, dy), chunk=chunk)
+
+
 def tp_rowwise_linear1_unfused(rank: int, world_size: int) -> None:
     """linear1 row-parallel: z is a partial sum, GELU needs the whole one. Built that way it runs
     unfused with a warning; patch() leaves such a pair unfused with a warning. Both correct."""

@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 _R = Replicate()
-_custom_ops = torch.ops.triton_gelu
+_custom_ops = torch.ops.triton_gelu  # filled by ops.py, imported below
 
 
 # ---- sharding rules of the custom ops ---------------------------------------------------------
@@ -112,43 +112,6 @@ def _if_present(tensor: object, placement: Placement) -> Placement | None:
     return None if tensor is None else placement
 
 
-@register_sharding(_custom_ops.gelu_fwd.default)
-def _gelu_fwd_rule(x, approximate_tanh):
-    return [([p], [p, None]) for p in _elementwise_layouts(x.ndim)]
-
-
-@register_sharding(_custom_ops.gelu_bwd.default)
-def _gelu_bwd_rule(dy, x, approximate_tanh):
-    return [([p], [p, p, None]) for p in _elementwise_layouts(x.ndim)]
-
-
-@register_sharding(_custom_ops.linear_gelu_fwd.default)
-def _linear_gelu_fwd_rule(x, weight, bias, approximate_tanh, save_preact):
-    # outputs (y, z | empty); an output not asked for is an empty tensor, Replicate.
-    return [
-        ([lay.y, lay.y if save_preact else _R],
-         [lay.x, lay.weight, _if_present(bias, lay.bias), None, None])
-        for lay in _linear_layouts(x.ndim)
-    ]
-
-
-@register_sharding(_custom_ops.linear_preact.default)
-def _linear_preact_rule(x, weight, bias):
-    return [
-        ([lay.y], [lay.x, lay.weight, _if_present(bias, lay.bias)])
-        for lay in _linear_layouts(x.ndim)
-    ]
-
-
-@register_sharding(_custom_ops.linear_gelu_bwd.default)
-def _linear_gelu_bwd_rule(dy, x, weight, preact, approximate_tanh, need_dx, need_dw, need_db):
-    return [
-        ([lay.dx if need_dx else _R, lay.dweight if need_dw else _R, lay.dbias if need_db else _R],
-         [lay.y, lay.x, lay.weight, lay.y, None, None, None, None])
-        for lay in _linear_layouts(x.ndim)
-    ]
-
-
 def _key_on_flags(op: torch._ops.OpOverload) -> None:
     """Make DTensor's sharding cache tell apart calls that differ only in a bool flag.
 
@@ -160,20 +123,64 @@ def _key_on_flags(op: torch._ops.OpOverload) -> None:
     own table of these keys (the one ``register_sharding`` writes); tests/test_parallel.py fails
     if a torch release changes it.
     """
-    propagator = DTensor._op_dispatcher.sharding_propagator
     first_flag = next(
-        i for i, arg in enumerate(op._schema.arguments)
-        if not isinstance(arg.type, (torch.TensorType, torch.OptionalType))
+        (i for i, arg in enumerate(op._schema.arguments)
+         if not isinstance(arg.type, (torch.TensorType, torch.OptionalType))),
+        None,
     )
-    info = propagator.op_to_schema_info[op]
-    propagator.op_to_schema_info[op] = dataclasses.replace(
-        info, static_argnum=min(info.static_argnum, first_flag)
+    if first_flag is None:
+        return
+    table = DTensor._op_dispatcher.sharding_propagator.op_to_schema_info
+    table[op] = dataclasses.replace(
+        table[op], static_argnum=min(table[op].static_argnum, first_flag)
     )
 
 
-for _op in (_custom_ops.gelu_fwd, _custom_ops.gelu_bwd, _custom_ops.linear_gelu_fwd,
-            _custom_ops.linear_gelu_bwd):
-    _key_on_flags(_op.default)
+def _sharding_rule(op: torch._ops.OpOverload):
+    """``register_sharding(op)``, with the cache keyed on op's flags too (``_key_on_flags``).
+    Every custom op needs one: DTensor refuses an op it has no rule for."""
+    def register(rule):
+        register_sharding(op)(rule)
+        _key_on_flags(op)
+        return rule
+    return register
+
+
+@_sharding_rule(_custom_ops.gelu_fwd.default)
+def _gelu_fwd_rule(x, approximate_tanh):
+    return [([p], [p, None]) for p in _elementwise_layouts(x.ndim)]
+
+
+@_sharding_rule(_custom_ops.gelu_bwd.default)
+def _gelu_bwd_rule(dy, x, approximate_tanh):
+    return [([p], [p, p, None]) for p in _elementwise_layouts(x.ndim)]
+
+
+@_sharding_rule(_custom_ops.linear_gelu_fwd.default)
+def _linear_gelu_fwd_rule(x, weight, bias, approximate_tanh, save_preact):
+    # outputs (y, z | empty); an output not asked for is an empty tensor, Replicate.
+    return [
+        ([lay.y, lay.y if save_preact else _R],
+         [lay.x, lay.weight, _if_present(bias, lay.bias), None, None])
+        for lay in _linear_layouts(x.ndim)
+    ]
+
+
+@_sharding_rule(_custom_ops.linear_preact.default)
+def _linear_preact_rule(x, weight, bias):
+    return [
+        ([lay.y], [lay.x, lay.weight, _if_present(bias, lay.bias)])
+        for lay in _linear_layouts(x.ndim)
+    ]
+
+
+@_sharding_rule(_custom_ops.linear_gelu_bwd.default)
+def _linear_gelu_bwd_rule(dy, x, weight, preact, approximate_tanh, need_dx, need_dw, need_db):
+    return [
+        ([lay.dx if need_dx else _R, lay.dweight if need_dw else _R, lay.dbias if need_db else _R],
+         [lay.y, lay.x, lay.weight, lay.y, None, None, None, None])
+        for lay in _linear_layouts(x.ndim)
+    ]
 
 
 # ---- the functional entry points for DTensor operands -----------------------------------------
