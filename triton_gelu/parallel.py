@@ -194,9 +194,7 @@ class UnfusedFallbackWarning(UserWarning):
 _warned_layouts: set[str] = set()
 
 
-def fusable_layout(
-    x: DTensor, weight: DTensor, bias: DTensor | None
-) -> bool:
+def fusable_layout(x: DTensor, weight: DTensor, bias: DTensor | None) -> bool:
     """Whether the fused linear ops serve these DTensors as laid out, with no communication."""
     layouts = {(lay.x, lay.weight, lay.bias) for lay in _linear_layouts(x.ndim)}
     bias_placements = bias.placements if bias is not None else (None,) * len(x.placements)
@@ -217,14 +215,14 @@ def _require_dtensors(**named: torch.Tensor | None) -> None:
         )
 
 
-def gelu(x: DTensor, approximate_tanh: bool) -> DTensor:
+def gelu(x: DTensor, approximate_tanh: bool) -> torch.Tensor:
     """``functional.gelu`` of a DTensor: the custom op on the local shard."""
     return ops.gelu_fwd(x, approximate_tanh)
 
 
 def linear_gelu(
     x: DTensor, weight: DTensor, bias: DTensor | None, approximate_tanh: bool, recompute: bool
-) -> DTensor:
+) -> torch.Tensor:
     """``functional.linear_gelu`` of DTensors (already validated and cast for autocast): the custom
     ops on the local shards where their layout allows, else the unfused ops, with a warning."""
     _require_dtensors(x=x, weight=weight, bias=bias)
@@ -250,7 +248,9 @@ def linear_gelu(
 # ---- parallel styles that accept our modules --------------------------------------------------
 
 
-def _distribute(style: _style.ParallelStyle, module: nn.Module, device_mesh) -> nn.Module:
+def _distribute(
+    style: _style.ColwiseParallel | _style.RowwiseParallel, module: nn.Module, device_mesh
+) -> nn.Module:
     """What PyTorch's Colwise/RowwiseParallel do to an nn.Linear (their own partition function and
     hooks, so the result is the same as for an nn.Linear), for a module they refuse."""
     return distribute_module(
@@ -305,7 +305,7 @@ def _hook_style(hook: object) -> str | None:
     it), or distribute_module's wrapper around it (a closure holding that partial)."""
     candidates = [hook]
     if getattr(hook, "__qualname__", "").startswith("distribute_module."):
-        candidates += [cell.cell_contents for cell in hook.__closure__ or ()]
+        candidates += [cell.cell_contents for cell in getattr(hook, "__closure__", None) or ()]
     for fn in candidates:
         if isinstance(fn, functools.partial) and fn.func in _STYLE_FUNCTIONS:
             return _STYLE_FUNCTIONS[fn.func]
@@ -333,4 +333,4 @@ def copy_tp_hooks(source: nn.Module, target: nn.Module) -> None:
         target.register_forward_pre_hook(hook)
     for hook in source._forward_hooks.values():
         target.register_forward_hook(hook)
-    target._distribute_module_applied = True
+    setattr(target, "_distribute_module_applied", True)  # noqa: B010 (as distribute_module marks)
