@@ -91,7 +91,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from helpers import DTYPES, assert_like_torch  # noqa: E402
+from helpers import DTYPES, assert_like_torch, assert_no_worse_than_torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import triton_gelu  # noqa: E402
@@ -259,6 +259,65 @@ def _patch() -> None:
         assert triton_gelu.patch(patched) == 1, patched
         # (Conv1D itself views its input: it must be contiguous.)
         assert_like_torch(patched, mlp, [_x(5, 2, 16).contiguous()], "patched GPT2MLP")
+
+
+def _gathered_run(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Output, x's gradient and every parameter's gradient, DTensors gathered."""
+    x = x.detach().requires_grad_()
+    out = model(x)
+    out.backward(torch.ones_like(out))
+    grads = [p.grad for p in model.parameters()]
+    return [t.full_tensor() if hasattr(t, "full_tensor") else t for t in (out, x.grad, *grads)]
+
+
+@check("parallel.ColwiseParallel", "parallel.RowwiseParallel", "parallel.UnfusedFallbackWarning",
+       "parallel.fusable_layout", "parallel.gelu", "parallel.linear_gelu", "parallel.tp_style",
+       "parallel.copy_tp_hooks")
+def _parallel() -> None:
+    """Tensor parallel on the fallback, on a 1-rank gloo group with an in-process store: linear1
+    column-parallel in both orders (our style on the patched model; PyTorch's style, then patch),
+    and row-parallel (unfused, with its warning); every result like the unpatched model's."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise Skip("this torch has no torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from triton_gelu import parallel
+
+    parallel._warned_layouts.clear()  # this check runs once per name: warn each time
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = TorchFeedForward(12, 16)
+        built = copy.deepcopy(model)
+        assert triton_gelu.patch(built) == 1
+        parallelize_module(built, mesh, {"linear1": parallel.ColwiseParallel(),
+                                         "linear2": RowwiseParallel()})
+        after = copy.deepcopy(model)
+        parallelize_module(after, mesh, {"linear1": ColwiseParallel(),
+                                         "linear2": RowwiseParallel()})
+        assert parallel.tp_style(after.linear1) == "colwise"
+        assert triton_gelu.patch(after) == 1  # carries the hooks (parallel.copy_tp_hooks)
+        row = copy.deepcopy(model)
+        assert triton_gelu.patch(row) == 1
+        parallelize_module(row, mesh, {"linear1": parallel.RowwiseParallel(
+            input_layouts=parallel.Replicate())})
+        x = _x(5, 2, 12)
+        want = _gathered_run(model, x)
+        truth = _gathered_run(copy.deepcopy(model).double(), x.double())
+        for name, ours in (("colwise", built), ("patched after", after), ("rowwise", row)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got = _gathered_run(ours, x)
+            unfused = [w for w in caught if issubclass(w.category, parallel.UnfusedFallbackWarning)]
+            assert bool(unfused) == (name == "rowwise"), (name, caught)
+            for i, (g, w, t) in enumerate(zip(got, want, truth)):
+                assert_no_worse_than_torch(g, w, t, f"{name}: result {i}")
+    finally:
+        dist.destroy_process_group()
 
 
 @check("autotune.main")

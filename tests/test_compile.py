@@ -209,6 +209,8 @@ def test_opcheck(approximate_tanh):
     dy = torch.randn(5, 6, device=DEVICE)
     z = torch.randn(5, 6, device=DEVICE)
     x0, w0 = x.detach(), w.detach()
+    x3 = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)
+    dy3, z3 = torch.randn(2, 3, 6, device=DEVICE), torch.randn(2, 3, 6, device=DEVICE)
     cases = [
         (ops.gelu_fwd, (x, approximate_tanh)),
         (ops.gelu_fwd, (x.detach().t(), approximate_tanh)),  # non-contiguous in, contiguous out
@@ -216,6 +218,11 @@ def test_opcheck(approximate_tanh):
         (ops.linear_gelu_fwd, (x, w, b, approximate_tanh, True)),
         (ops.linear_gelu_fwd, (x, w, None, approximate_tanh, False)),
         (ops.linear_gelu_fwd, (x, w0.t().contiguous().t(), b, approximate_tanh, True)),  # W^T
+        # N-D x: the ops flatten the leading dimensions themselves (DTensor shards them).
+        (ops.linear_gelu_fwd, (x3, w, b, approximate_tanh, True)),
+        (ops.linear_gelu_fwd, (x3.transpose(0, 1), w, b, approximate_tanh, False)),  # a copy
+        (ops.linear_preact_op, (x3.detach(), w0, None)),
+        (ops.linear_gelu_bwd, (dy3, x3.detach(), w0, z3, approximate_tanh, True, True, True)),
         # The backward ops run in the backward only: no autograd of their own.
         (ops.linear_preact_op, (x0, w0, b.detach())),
         (ops.linear_gelu_bwd, (dy, x0, w0, z, approximate_tanh, True, True, True)),

@@ -401,12 +401,14 @@ def test_transformers_activation_forms(act, form):
         torch.testing.assert_close(module(x), F.gelu(x, approximate=form), rtol=1e-7, atol=1e-9)
 
 
-def test_patch_does_not_import_transformers():
+def test_patch_imports_neither_transformers_nor_the_dtensor_rules():
     code = (
         "import sys, torch, triton_gelu\n"
         "m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())\n"
         "assert triton_gelu.patch(m) == 1\n"
         "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
+        "m(torch.randn(2, 4)).sum().backward()\n"
+        "assert 'triton_gelu.parallel' not in sys.modules, 'the DTensor rules were imported'\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

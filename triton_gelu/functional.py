@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import sys
 from typing import Any
 
 import torch
@@ -10,6 +10,23 @@ import torch
 from . import ops
 from ._backend import launchers
 from ._checks import check_approximate, check_linear, check_tensor
+from .ops import rows as _rows
+
+
+def _distributed(*tensors: torch.Tensor | None) -> bool:
+    """Whether any operand is a DTensor (tensor parallel). Costs a dict look-up while
+    torch.distributed.tensor was never imported (no DTensor can exist then), and imports nothing."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in tensors)
+
+
+def _parallel():
+    """``triton_gelu.parallel`` (the DTensor sharding rules), imported on the first DTensor.
+    Looked up in sys.modules first: torch.compile traces that without a graph break."""
+    module = sys.modules.get(__package__ + ".parallel")
+    if module is None:
+        from . import parallel as module
+    return module
 
 
 class _GELUFunction(torch.autograd.Function):
@@ -35,14 +52,11 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """
     approximate_tanh = check_approximate(approximate)
     check_tensor("x", x)
+    if _distributed(x):  # DTensor: the custom op, whose sharding rule runs it on the local shard
+        return _parallel().gelu(x, approximate_tanh)
     if torch.compiler.is_compiling():  # torch.compile traces the custom op (ops.py), not this
         return ops.gelu_fwd(x, approximate_tanh)
     return _GELUFunction.apply(x, approximate_tanh)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., n) -> (rows, n): a view when the leading dimensions collapse, else a copy."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def _autocast_linear(*tensors: Any) -> tuple[Any, ...]:
@@ -104,6 +118,8 @@ def linear_gelu(
     check_tensor("x", x)
     x, weight, bias = _autocast_linear(x, weight, bias)
     check_linear(x, weight, bias)
+    if _distributed(x, weight, bias):  # DTensor: the custom ops, run on the local shards
+        return _parallel().linear_gelu(x, weight, bias, approximate_tanh, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py), not these
         return ops.linear_gelu(x, weight, bias, approximate_tanh, recompute)
     if not (torch.is_grad_enabled()

@@ -25,8 +25,11 @@ Ops (namespace ``triton_gelu``)::
     linear_gelu_bwd(dy, x, weight, preact, approximate_tanh, need_dx, need_dw, need_db)
         -> (dx | empty, dw | empty, db | empty)
 
-The linear ops take 2-D ``x`` (M, K), ``weight`` (N, K) and ``bias`` (N,); ``functional.py``
-flattens leading dimensions and applies autocast before calling them, exactly as on the eager path.
+The linear ops take ``x`` (..., K) with any number of leading dimensions, ``weight`` (N, K) and
+``bias`` (N,), and flatten the leading dimensions themselves, on the tensors they are given: so a
+DTensor sharded on a leading dimension (batch or sequence) reaches them unflattened, and DTensor
+never has to redistribute it to flatten it (``parallel.py`` registers the sharding rules).
+``functional.py`` applies autocast before calling them, exactly as on the eager path.
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ Tensor = torch.Tensor
 
 def _new_like(t: Tensor, shape=None) -> Tensor:
     return torch.empty(t.shape if shape is None else shape, dtype=t.dtype, device=t.device)
+
+
+def rows(t: Tensor) -> Tensor:
+    """(..., n) -> (rows, n): a view when the leading dimensions collapse, else a copy."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _linear_out_shape(x: Tensor, weight: Tensor) -> tuple[int, ...]:
+    return (*x.shape[:-1], weight.shape[0])
 
 
 def _absent(t: Tensor) -> Tensor:
@@ -95,26 +107,29 @@ gelu_fwd.register_autograd(_gelu_fwd_backward, setup_context=_gelu_setup_context
 def linear_gelu_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, approximate_tanh: bool, save_preact: bool
 ) -> tuple[Tensor, Tensor]:
-    """(gelu(x @ weight.T + bias), the pre-activation if save_preact else an empty tensor)."""
-    y, preact = launchers(x).linear_gelu_forward(x, weight, bias, approximate_tanh, save_preact)
-    return y, (preact if preact is not None else _absent(y))
+    """(gelu(x @ weight.T + bias), the pre-activation if save_preact else an empty tensor), both
+    (..., N) for x (..., K)."""
+    x2d, shape = rows(x), _linear_out_shape(x, weight)
+    y, preact = launchers(x2d).linear_gelu_forward(x2d, weight, bias, approximate_tanh, save_preact)
+    return y.view(shape), (preact.view(shape) if preact is not None else _absent(y))
 
 
 @linear_gelu_fwd.register_fake
 def _linear_gelu_fwd_fake(x, weight, bias, approximate_tanh, save_preact):
-    y = _new_like(x, (x.shape[0], weight.shape[0]))
+    y = _new_like(x, _linear_out_shape(x, weight))
     return y, (_new_like(y) if save_preact else _absent(y))
 
 
 @torch.library.custom_op("triton_gelu::linear_preact", mutates_args=())
 def linear_preact_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """preact = x @ weight.T + bias (the backward recomputes it when it was not saved)."""
-    return launchers(x).linear_preact(x, weight, bias)
+    x2d = rows(x)
+    return launchers(x2d).linear_preact(x2d, weight, bias).view(_linear_out_shape(x, weight))
 
 
 @linear_preact_op.register_fake
 def _linear_preact_fake(x, weight, bias):
-    return _new_like(x, (x.shape[0], weight.shape[0]))
+    return _new_like(x, _linear_out_shape(x, weight))
 
 
 @torch.library.custom_op("triton_gelu::linear_gelu_bwd", mutates_args=())
@@ -122,10 +137,13 @@ def linear_gelu_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, preact: Tensor, approximate_tanh: bool,
     need_dx: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dw, db) of y = gelu(x @ weight.T + bias); an empty tensor for each one not needed."""
-    dx, dw, db = launchers(x).linear_gelu_backward(
-        dy, x, weight, preact, approximate_tanh, need_dx, need_dw, need_db
+    """(dx, dw, db) of y = gelu(x @ weight.T + bias); an empty tensor for each one not needed.
+    dy and preact are (..., N) for x (..., K); dx has x's shape."""
+    x2d = rows(x)
+    dx, dw, db = launchers(x2d).linear_gelu_backward(
+        rows(dy), x2d, weight, rows(preact), approximate_tanh, need_dx, need_dw, need_db
     )
+    dx = None if dx is None else dx.view(x.shape)
     dx, dw, db = (g if g is not None else _absent(dy) for g in (dx, dw, db))
     return dx, dw, db
 
@@ -184,6 +202,5 @@ def linear_gelu(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
     )
-    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    y, _ = linear_gelu_fwd(x2d, weight, bias, approximate_tanh, needs_grad and not recompute)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    y, _ = linear_gelu_fwd(x, weight, bias, approximate_tanh, needs_grad and not recompute)
+    return y

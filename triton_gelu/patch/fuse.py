@@ -3,13 +3,16 @@ holding the very same parameters, and the GELU becomes ``nn.Identity()``."""
 
 from __future__ import annotations
 
+import importlib
+import warnings
+
 import torch
 from torch import nn
 
 from .._checks import check_approximate
 from ..functional import linear_gelu
 from ..modules import LinearGELU
-from .match import gelu_form, linear_kind
+from .match import gelu_form, linear_kind, parallel_style
 
 
 class Conv1DGELU(nn.Module):
@@ -41,6 +44,16 @@ def fuse_pair(parent: nn.Module, linear_name: str, act_name: str, approximate: s
     form = gelu_form(act)
     if kind is None or form is None or not isinstance(linear, nn.Module):
         return 0
+    style = parallel_style(linear)
+    if style == "rowwise":
+        parallel = importlib.import_module("triton_gelu.parallel")
+        warnings.warn(
+            f"triton_gelu.patch: {type(parent).__name__}.{linear_name} is row-parallel "
+            "(RowwiseParallel): its output is a partial sum, and GELU needs the whole sum, so it "
+            f"is left unfused with {act_name}. Make it column-parallel to fuse it.",
+            parallel.UnfusedFallbackWarning, stacklevel=3,
+        )
+        return 0
     new_form = form if approximate is None else approximate
     fused: nn.Module
     if kind == "linear" and isinstance(linear, nn.Linear):
@@ -48,6 +61,10 @@ def fuse_pair(parent: nn.Module, linear_name: str, act_name: str, approximate: s
     else:
         fused = Conv1DGELU(linear, approximate=new_form)
     fused.train(linear.training)
+    if style is not None:
+        # A column-parallel (or sequence-parallel) Linear: the fused module takes the style's
+        # input and output hooks; GELU needs none (it commutes with the column split).
+        importlib.import_module("triton_gelu.parallel").copy_tp_hooks(linear, fused)
     identity = nn.Identity().train(act.training if isinstance(act, nn.Module) else parent.training)
     setattr(parent, linear_name, fused)
     setattr(parent, act_name, identity)

@@ -1,7 +1,8 @@
 """What the patcher accepts as a Linear and as a GELU.
 
-What counts as a Linear: ``nn.Linear`` with its own ``forward``, no hooks, no parametrization,
-a float32/float16/bfloat16 weight; transformers' ``Conv1D``. What counts as GELU: ``nn.GELU``,
+What counts as a Linear: ``nn.Linear`` with its own ``forward``, no hooks (but those a PyTorch
+tensor-parallel style installed), no parametrization, a float32/float16/bfloat16 weight;
+transformers' ``Conv1D``. What counts as GELU: ``nn.GELU``,
 ``F.gelu`` (also via ``functools.partial`` with ``approximate=``), this package's ``GELU`` /
 ``gelu``, and from ``transformers.activations``: ``GELUActivation`` (erf), ``GELUTanh`` /
 ``PytorchGELUTanh``, ``NewGELUActivation`` (``gelu_new``), ``AccurateGELUActivation`` and
@@ -14,7 +15,9 @@ transformers is never imported here: its classes are recognised by module path a
 from __future__ import annotations
 
 import functools
+import importlib
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +107,11 @@ _HF_GELU_FORMS = {
 
 def linear_kind(mod: object) -> str | None:
     """``"linear"`` for a plain ``nn.Linear``, ``"conv1d"`` for transformers' ``Conv1D``."""
-    if not isinstance(mod, nn.Module) or has_hooks(mod) or "forward" in vars(mod):
+    if not isinstance(mod, nn.Module) or "forward" in vars(mod):
+        return None
+    if (has_hooks(mod) or has_dtensor_parameters(mod)) and parallel_style(mod) is None:
+        # Hooks we do not know, or DTensor parameters no tensor-parallel style put there (FSDP2's
+        # shards: fully_shard re-points the original module's parameters, not ours).
         return None
     if torch.nn.utils.parametrize.is_parametrized(mod) or set(mod._buffers) or mod._modules:
         return None
@@ -130,6 +137,25 @@ def linear_kind(mod: object) -> str | None:
     ):
         return "conv1d"
     return None
+
+
+def _dtensor_class() -> type | None:
+    """DTensor, if torch.distributed.tensor was imported (else no DTensor can exist)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def has_dtensor_parameters(mod: nn.Module) -> bool:
+    dtensor = _dtensor_class()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in mod._parameters.values())
+
+
+def parallel_style(mod: nn.Module) -> str | None:
+    """``"colwise"``, ``"rowwise"`` or ``"sequence"`` when ``mod``'s hooks are exactly those a
+    PyTorch tensor-parallel style installed (``triton_gelu.parallel.tp_style``), else None."""
+    if _dtensor_class() is None:
+        return None
+    return importlib.import_module("triton_gelu.parallel").tp_style(mod)
 
 
 def has_hooks(mod: nn.Module) -> bool:

@@ -1,0 +1,360 @@
+"""Distributed scenarios that tests/test_parallel.py runs on spawned CPU ranks (tests/spawn_ranks.py).
+
+Each scenario ``name(rank, world_size)`` builds a small model the same way on every rank (the
+seed is reset before each), runs it distributed, and compares its output and every gradient
+(DTensors gathered with ``full_tensor()``) with the single-process unpatched model: no worse
+than that model in the same dtype against a float64 copy (``helpers.assert_no_worse_than_torch``).
+The kernel launches are checked by the test, from each rank's report.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module,
+)
+
+import triton_gelu
+from triton_gelu import parallel as tgp
+from triton_gelu.modules import LinearGELU
+
+from helpers import ATOL, assert_no_worse_than_torch
+
+D_MODEL, D_FF, BATCH, SEQ = 8, 16, 2, 4  # every size a multiple of the 2 or 4 ranks
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+class TorchFeedForward(nn.Module):
+    """The usual PyTorch FFN: linear1 -> GELU -> dropout -> linear2 (patch fuses linear1 + act)."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(D_MODEL, D_FF)
+        self.activation = nn.GELU(approximate)
+        self.dropout = nn.Dropout(0.0)
+        self.linear2 = nn.Linear(D_FF, D_MODEL)
+
+    def forward(self, x):
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer MLP block: x + ffn(norm(x))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D_MODEL)
+        self.ffn = TorchFeedForward()
+
+    def forward(self, x):
+        return x + self.ffn(self.norm(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+# ---- running and comparing -------------------------------------------------------------------
+
+
+def _gathered(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _run(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, loss_scale: float = 1.0,
+         params: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Forward, backward of sum(out * dy) * loss_scale; the output (gathered if a DTensor), x's
+    gradient and every parameter's gradient (gathered), by name."""
+    x = x.detach().requires_grad_()
+    out = model(x)
+    local = out.to_local() if isinstance(out, DTensor) else out
+    ((local * dy).sum() * loss_scale).backward()
+    results = {"out": _gathered(out).detach(), "x.grad": x.grad}
+    for name, p in (params or model).named_parameters():
+        results[name + ".grad"] = None if p.grad is None else _gathered(p.grad)
+    return results
+
+
+def _references(model: nn.Module, x: torch.Tensor, dy: torch.Tensor,
+                dtype: torch.dtype = torch.float32):
+    """The single-process unpatched model in ``dtype`` and in float64, on the whole batch."""
+    same = _run(copy.deepcopy(model).to(dtype), x.to(dtype), dy.to(dtype))
+    ref = _run(copy.deepcopy(model).double(), x.double(), dy.double())
+    return same, ref
+
+
+def _check(ours: dict, same: dict, ref: dict, chunk=lambda t: t, atol: float | None = None,
+           grad_scale: float = 1.0) -> None:
+    """Every result no worse than the unpatched single-process model's (``chunk`` selects this
+    rank's part of the whole-batch output and x gradient)."""
+    assert ours.keys() == same.keys(), f"gradients of {sorted(ours)} != {sorted(same)}"
+    for key in same:
+        o, s, r = ours[key], same[key], ref[key]
+        if s is None:  # a parameter the forward does not use (BERT's word embeddings here)
+            assert o is None, f"{key}: a gradient where the unpatched model has none"
+            continue
+        if key in ("out", "x.grad"):
+            s, r = chunk(s), chunk(r)
+        if key == "x.grad":
+            o = o / grad_scale
+        dtype = torch.promote_types(o.dtype, s.dtype)
+        assert_no_worse_than_torch(o.to(dtype), s.to(dtype), r, key, atol=atol)
+
+
+def _data(batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, SEQ, D_MODEL), torch.randn(batch, SEQ, D_MODEL)
+
+
+def _tp_mesh(world_size: int):
+    return init_device_mesh("cpu", (world_size,))
+
+
+def _tp_plan(colwise=tgp.ColwiseParallel, rowwise=RowwiseParallel) -> dict:
+    return {"linear1": colwise(), "linear2": rowwise()}
+
+
+# ---- tensor parallel (2 ranks) ----------------------------------------------------------------
+
+
+def tp_feedforward_module(rank: int, world_size: int) -> None:
+    """Order 1, built with the fused modules: FeedForward with linear1 (LinearGELU)
+    column-parallel and linear2 row-parallel."""
+    ref = TorchFeedForward("tanh")
+    ours = triton_gelu.FeedForward(D_MODEL, D_FF, dropout=0.0, approximate="tanh")
+    ours.load_state_dict(ref.state_dict())
+    parallelize_module(ours, _tp_mesh(world_size), _tp_plan())
+    assert ours.linear1.weight.placements == (Shard(0),)
+    x, dy = _data()
+    _check(_run(ours, x, dy), *_references(ref, x, dy))
+
+
+def tp_patch_then_parallelize(rank: int, world_size: int) -> None:
+    """Order 1 on a patched model, with recompute (the backward's linear_preact rule)."""
+    ref = TorchFeedForward()
+    ours = copy.deepcopy(ref)
+    assert triton_gelu.patch(ours) == 1
+    ours.linear1.recompute = True
+    parallelize_module(ours, _tp_mesh(world_size), _tp_plan())
+    x, dy = _data()
+    _check(_run(ours, x, dy), *_references(ref, x, dy))
+
+
+def tp_parallelize_then_patch(rank: int, world_size: int) -> None:
+    """Order 2: PyTorch's own plan on the unpatched model, then patch() fuses linear1 + GELU and
+    keeps the DTensor parameters and the plan's hooks."""
+    ref = TorchFeedForward()
+    ours = copy.deepcopy(ref)
+    parallelize_module(ours, _tp_mesh(world_size), _tp_plan(colwise=ColwiseParallel))
+    weight = ours.linear1.weight
+    assert triton_gelu.patch(ours) == 1
+    assert isinstance(ours.linear1, LinearGELU) and ours.linear1.weight is weight
+    assert isinstance(ours.activation, nn.Identity)
+    x, dy = _data()
+    _check(_run(ours, x, dy), *_references(ref, x, dy))
+
+
+def tp_bert_parallelize_then_patch(rank: int, world_size: int) -> None:
+    """Order 2 on a Hugging Face BERT: each layer's intermediate.dense column-parallel and
+    output.dense row-parallel (PyTorch's styles), then patch() fuses every intermediate."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=32, hidden_size=D_MODEL, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=D_FF, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, hidden_act="gelu",
+    )
+    ref = BertModel(config, add_pooling_layer=False).eval()
+    ours = copy.deepcopy(ref)
+    plan = {}
+    for i in range(config.num_hidden_layers):
+        plan[f"encoder.layer.{i}.intermediate.dense"] = ColwiseParallel()
+        plan[f"encoder.layer.{i}.output.dense"] = RowwiseParallel()
+    parallelize_module(ours, _tp_mesh(world_size), plan)
+    assert triton_gelu.patch(ours) == config.num_hidden_layers
+
+    class Embedded(nn.Module):  # the encoder on embeddings, so x has a gradient to compare
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, x):
+            return self.bert(inputs_embeds=x).last_hidden_state
+
+    x, dy = _data()
+    ours_results = _run(Embedded(ours), x, dy)
+    _check(ours_results, *_references(Embedded(ref), x, dy))
+
+
+def tp_sequence_parallel(rank: int, world_size: int) -> None:
+    """SequenceParallel on both Linears: parameters replicated, x sharded on the sequence
+    dimension: the fused kernels run on each rank's rows, no communication in the forward."""
+    ref = TorchFeedForward()
+    ours = triton_gelu.FeedForward(D_MODEL, D_FF, dropout=0.0)
+    ours.load_state_dict(ref.state_dict())
+    # SequenceParallel replicates the parameters of one module (not of its children): one per Linear.
+    parallelize_module(ours, _tp_mesh(world_size),
+                       {"linear1": SequenceParallel(), "linear2": SequenceParallel()})
+    x, dy = _data()
+    rows = slice(rank * SEQ // world_size, (rank + 1) * SEQ // world_size)
+    chunk = lambda t: t[:, rows]  # noqa: E731
+    ours_results = _run(ours, chunk(x), chunk(dy))
+    assert ours_results["out"].shape == x.shape  # gathered from Shard(1)
+    ours_results["out"] = chunk(ours_results["out"])
+    _check(ours_results, *_references(ref, x, dy), chunk=chunk)
+
+
+def tp_megatron_sequence_parallel(rank: int, world_size: int) -> None:
+    """Megatron-style sequence parallelism: x arrives sharded on the sequence dimension, linear1's
+    style all-gathers it (then the column split runs fused), linear2 reduce-scatters back onto
+    the sequence dimension."""
+    ref = TorchFeedForward()
+    ours = triton_gelu.FeedForward(D_MODEL, D_FF, dropout=0.0)
+    ours.load_state_dict(ref.state_dict())
+    parallelize_module(ours, _tp_mesh(world_size), {
+        "linear1": tgp.ColwiseParallel(input_layouts=Shard(1)),
+        "linear2": RowwiseParallel(output_layouts=Shard(1)),
+    })
+    x, dy = _data()
+    rows = slice(rank * SEQ // world_size, (rank + 1) * SEQ // world_size)
+    chunk = lambda t: t[:, rows]  # noqa: E731
+    _check(_run(ours, chunk(x), chunk(dy)), *_references(ref, x, dy), chunk=chunk)
+
+
+def tp_rowwise_linear1_unfused(rank: int, world_size: int) -> None:
+    """linear1 row-parallel: z is a partial sum, GELU needs the whole one. Built that way it runs
+    unfused with a warning; patch() leaves such a pair unfused with a warning. Both correct."""
+    ref = TorchFeedForward()
+    ours = triton_gelu.FeedForward(D_MODEL, D_FF, dropout=0.0)
+    ours.load_state_dict(ref.state_dict())
+    mesh = _tp_mesh(world_size)
+    parallelize_module(ours, mesh, {
+        "linear1": tgp.RowwiseParallel(input_layouts=Replicate()),
+        "linear2": ColwiseParallel(output_layouts=Replicate()),
+    })
+    x, dy = _data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours_results = _run(ours, x, dy)
+    assert any(issubclass(w.category, tgp.UnfusedFallbackWarning) for w in caught), caught
+    _check(ours_results, *_references(ref, x, dy))
+
+    unpatched = copy.deepcopy(ref)
+    parallelize_module(unpatched, mesh, {"linear1": RowwiseParallel()})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert triton_gelu.patch(unpatched) == 0
+    assert any(issubclass(w.category, tgp.UnfusedFallbackWarning) for w in caught), caught
+
+
+def tp_compiled(rank: int, world_size: int) -> None:
+    """torch.compile (aot_eager, fullgraph: no graph break) of the column/row-parallel
+    FeedForward: Dynamo traces the DTensor program and the style hooks, the custom ops' sharding
+    rules place the local kernels."""
+    ref = TorchFeedForward()
+    ours = triton_gelu.FeedForward(D_MODEL, D_FF, dropout=0.0)
+    ours.load_state_dict(ref.state_dict())
+    parallelize_module(ours, _tp_mesh(world_size), _tp_plan())
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    x, dy = _data()
+    _check(_run(compiled, x, dy, params=ours), *_references(ref, x, dy))
+
+
+# ---- data parallel (2 ranks) ------------------------------------------------------------------
+
+
+def _batch_chunk(rank: int, world_size: int):
+    rows = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+    return lambda t: t[rows]
+
+
+def ddp_patched(rank: int, world_size: int) -> None:
+    """DistributedDataParallel around a patched 2-block model: each rank its part of the batch;
+    the averaged gradients equal the whole batch's."""
+    ref = Stack()
+    ours = copy.deepcopy(ref)
+    assert triton_gelu.patch(ours) == 2
+    ddp = nn.parallel.DistributedDataParallel(ours)
+    x, dy = _data()
+    chunk = _batch_chunk(rank, world_size)
+    # DDP averages over ranks: scale each rank's loss so the average is the whole batch's sum.
+    results = _run(ddp, chunk(x), chunk(dy), loss_scale=world_size, params=ours)
+    _check(results, *_references(ref, x, dy), chunk=chunk, grad_scale=world_size)
+
+
+def _fsdp2_bf16(model: nn.Module, mesh) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def fsdp2_bf16_per_block(rank: int, world_size: int) -> None:
+    """FSDP2 fully_shard per block of a patched model with a bf16 MixedPrecisionPolicy: compared
+    with the unpatched model in bf16, against float64."""
+    ref = Stack()
+    ours = copy.deepcopy(ref)
+    assert triton_gelu.patch(ours) == 2
+    _fsdp2_bf16(ours, init_device_mesh("cpu", (world_size,)))
+    x, dy = _data()
+    chunk = _batch_chunk(rank, world_size)
+    results = _run(ours, chunk(x), chunk(dy), loss_scale=world_size)
+    assert results["out"].dtype == torch.bfloat16
+    _check(results, *_references(ref, x, dy, torch.bfloat16), chunk=chunk,
+           atol=ATOL[torch.bfloat16], grad_scale=world_size)
+
+
+def fsdp2_compiled(rank: int, world_size: int) -> None:
+    """torch.compile (aot_eager) of an FSDP2-wrapped patched model (per-block sharding, fp32)."""
+    from torch.distributed.fsdp import fully_shard
+
+    ref = Stack()
+    ours = copy.deepcopy(ref)
+    assert triton_gelu.patch(ours) == 2
+    mesh = init_device_mesh("cpu", (world_size,))
+    for block in ours.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(ours, mesh=mesh)
+    compiled = torch.compile(ours, backend="aot_eager")
+    x, dy = _data()
+    chunk = _batch_chunk(rank, world_size)
+    results = _run(compiled, chunk(x), chunk(dy), loss_scale=world_size, params=ours)
+    _check(results, *_references(ref, x, dy), chunk=chunk, grad_scale=world_size)
+
+
+# ---- tensor parallel + FSDP2 on a 2-D mesh (4 ranks) -----------------------------------------
+
+
+def tp_fsdp2_2d_mesh(rank: int, world_size: int) -> None:
+    """Each block's FFN column/row-parallel on the "tp" mesh dimension, each block and the model
+    fully_shard on "dp" (bf16 parameters): the recipe of the README's "Scaling out"."""
+    ref = Stack()
+    ours = copy.deepcopy(ref)
+    assert triton_gelu.patch(ours) == 2
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "tp"))
+    for block in ours.blocks:
+        parallelize_module(block.ffn, mesh["tp"], _tp_plan())
+    _fsdp2_bf16(ours, mesh["dp"])
+    x, dy = _data()
+    dp_rank, dp_size = mesh.get_local_rank("dp"), mesh.size(0)
+    chunk = _batch_chunk(dp_rank, dp_size)
+    results = _run(ours, chunk(x), chunk(dy), loss_scale=dp_size)
+    _check(results, *_references(ref, x, dy, torch.bfloat16), chunk=chunk,
+           atol=ATOL[torch.bfloat16], grad_scale=dp_size)
+
