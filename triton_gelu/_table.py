@@ -20,6 +20,7 @@ ignored, never trusted.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -48,6 +49,14 @@ def _read(path: str, mtime_ns: int) -> dict:
     except (OSError, ValueError):
         return {}
     return document if isinstance(document, dict) and not schema_problems(document) else {}
+
+
+def read_table(path: Path) -> dict:
+    """A table document read afresh ({} if missing, unreadable or malformed)."""
+    try:
+        return copy.deepcopy(_read(str(path), path.stat().st_mtime_ns))
+    except OSError:
+        return {}
 
 
 def load_table(arch: str | None) -> dict:
