@@ -376,6 +376,22 @@ def key_string(key: tuple) -> str:
     return "|".join(str(k) for k in key)
 
 
+_KEY_WORDS = {"True": True, "False": False, "None": None}
+
+
+def parse_key(text: str) -> tuple:
+    """The key a ``key_string`` text stands for (sizes, torch dtypes, flags, strings)."""
+    def field(part: str):
+        if part.isdigit():
+            return int(part)
+        if part in _KEY_WORDS:
+            return _KEY_WORDS[part]
+        dtype = getattr(torch, part.removeprefix("torch."), None) if part.startswith("torch.") \
+            else None
+        return dtype if isinstance(dtype, torch.dtype) else part
+    return tuple(field(part) for part in text.split("|"))
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "device"
 
@@ -598,17 +614,22 @@ class Tuner(_Chooser):
         return cache_dir() / (f"{self.name}.{_slug(device.name)}.triton-{version}."
                               f"{self.source_hash[:16]}.json")
 
-    def candidates(self, key: tuple, arch: str | None) -> list[triton.Config]:
-        """The pruned config space of ``arch`` for ``key`` (its first config alone when nothing
-        can be timed)."""
+    def pruned_space(self, key: tuple, arch: str | None) -> list[triton.Config]:
+        """The config space of ``arch``, pruned for ``key``."""
         configs = self.configs(arch) if self._configs_take_arch else self.configs()
-        if not self.tunes:
-            return configs[:1]
         if self.prune is not None:
             pruned = (self.prune(configs, key, arch) if self._prune_takes_arch
                       else self.prune(configs, key))
             configs = pruned or configs[:1]
         return configs
+
+    def candidates(self, key: tuple, arch: str | None) -> list[triton.Config]:
+        """The pruned config space of ``arch`` for ``key`` (the space's first config alone when
+        nothing can be timed)."""
+        if not self.tunes:
+            configs = self.configs(arch) if self._configs_take_arch else self.configs()
+            return configs[:1]
+        return self.pruned_space(key, arch)
 
     # ---- tuning ----
 
