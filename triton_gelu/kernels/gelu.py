@@ -6,7 +6,8 @@ dimensions must collapse into one row stride (any contiguous tensor, and slices 
 contiguous first. Outputs are always new contiguous tensors in the input's dtype; the math runs
 in float32 (``_math.py``).
 
-Paths (``_autotune.Paths``), chosen per (bucket(numel), dtype, form, contiguity):
+Paths (``_autotune.Paths``), chosen per (bucket(numel), dtype, form), like the kernels' configs
+(a layout does not retune: a loss's expanded gradient and a contiguous one share the choice):
 
 - ``triton``: the kernels below (the default, and the interpreter's);
 - ``torch``: PyTorch's own ``F.gelu`` / ``aten.gelu_backward`` (the path when nothing may be
@@ -182,8 +183,7 @@ def gelu_forward(
     problem; with ``out`` (contiguous, x's shape and dtype) the Triton kernel writes into it."""
     if out is not None or x.numel() == 0:
         return gelu_forward_triton(x, approximate_tanh, out)
-    key = (bucket(x.numel()), x.dtype, approximate_tanh, x.is_contiguous())
-    return _fwd_paths.run(key, x, approximate_tanh)
+    return _fwd_paths.run((bucket(x.numel()), x.dtype, approximate_tanh), x, approximate_tanh)
 
 
 def gelu_backward(
@@ -193,5 +193,5 @@ def gelu_backward(
     for the problem; with ``out`` the Triton kernel writes into it."""
     if out is not None or x.numel() == 0:
         return gelu_backward_triton(dy, x, approximate_tanh, out)
-    key = (bucket(x.numel()), x.dtype, approximate_tanh, x.is_contiguous() and dy.is_contiguous())
+    key = (bucket(x.numel()), x.dtype, approximate_tanh)
     return _bwd_paths.run(key, dy, x, approximate_tanh)
