@@ -173,16 +173,18 @@ def test_every_op_builds_runs_and_reports(tmp_path, timed_choosers):
     assert set(linear["providers"]) == {"ours", "ours-recompute", "eager", "matmul", "addmm-act"}
     # The path ours took and every candidate's time (the fake timer's 1.0 ms: a tie, so the
     # first registered path), and what its first call cost on the fake clock.
-    assert linear["path"] == "fused" and linear["candidates"] == {"fused": 1.0, "composed": 1.0}
+    assert linear["path"] == "fused"
+    assert linear["candidates"] == {"fused": 1.0, "composed": 1.0, "torch": 1.0}
     assert linear["paths"]["linear_gelu_fwd"]["source"] == "tuned"
     assert linear["first_call_ms"] == 5.0 and linear["tuning_ms"] >= 0.0
     infer = by_label["linear_gelu infer bf16 tanh 1x45x51"]
     assert set(infer["providers"]) == {"ours", "eager", "matmul", "addmm-act"}
     both = by_label["linear_gelu fwd+bwd bf16 tanh 37x45x51"]
     assert both["path"] == "linear_gelu_fwd=fused, linear_gelu_bwd=fused", both["path"]
-    assert set(both["candidates"]) == {"linear_gelu_fwd=fused", "linear_gelu_fwd=composed",
-                                       "linear_gelu_bwd=fused", "linear_gelu_bwd=dz_once",
-                                       "linear_gelu_bwd=mixed"}
+    assert set(both["candidates"]) == {
+        "linear_gelu_fwd=fused", "linear_gelu_fwd=composed", "linear_gelu_fwd=torch",
+        "linear_gelu_bwd=fused", "linear_gelu_bwd=dz_once", "linear_gelu_bwd=mixed",
+        "linear_gelu_bwd=torch"}
     assert by_label["gelu bwd bf16 tanh 0.01 MB"]["path"] == "triton"
     m, k, n = 37, 45, 51
     assert linear["flops"] == 2 * m * n * k
@@ -208,7 +210,8 @@ def test_every_op_builds_runs_and_reports(tmp_path, timed_choosers):
     assert "copy bandwidth 2000 GB/s, bf16 matmul peak 800 TFLOP/s" in report
     table_rows = [line for line in report.splitlines() if line.startswith("| fwd |")]
     assert len(table_rows) == 2 + 2 + 2
-    assert "| fused | fused 1.0000 / composed 1.0000 | 5.0 |" in "\n".join(table_rows)
+    assert "| fused | fused 1.0000 / composed 1.0000 / torch 1.0000 | 5.0 |" in \
+        "\n".join(table_rows)
     assert len([line for line in report.splitlines() if line.startswith("| infer |")]) == 8
     saved = document["records"][0]
     assert {"path", "candidates", "first_call_ms", "tuning_ms"} <= set(saved), set(saved)

@@ -26,7 +26,7 @@ lg = importlib.import_module("triton_gelu.kernels.linear_gelu")
 FORMS = ["none", "tanh"]
 M, K, N = 37, 45, 51  # multiples of no block size
 
-# Every path of every op (_autotune.Paths), in three sets forced together so that the forward
+# Every path of every op (_autotune.Paths), in sets forced together so that the forward
 # and linear_preact compute z the same way (the recomputed z stays bitwise the saved one).
 # addmm_gelu, which applies only where no z is kept, has its own test below.
 PATH_SETS = {
@@ -35,6 +35,8 @@ PATH_SETS = {
                "linear_gelu_bwd": "dz_once"},
     "mixed": {"linear_gelu_fwd": "composed", "linear_preact": "composed",
               "linear_gelu_bwd": "mixed"},
+    "torch": {"linear_gelu_fwd": "torch", "linear_preact": "composed",
+              "linear_gelu_bwd": "torch"},
 }
 
 
@@ -213,6 +215,7 @@ BACKWARD_LAUNCHES = {
     "fused": lambda need: (need[0], any(need[1:]), 0),
     "dz_once": lambda need: (0, 0, 1),
     "mixed": lambda need: (1, 0, 1),
+    "torch": lambda need: (0, 0, 0),
 }
 
 

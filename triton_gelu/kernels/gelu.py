@@ -153,17 +153,18 @@ def gelu_backward_triton(
 # ---- the paths, and the launchers that choose between them -----------------------------------
 
 
-def _form(approximate_tanh: bool) -> str:
+def form(approximate_tanh: bool) -> str:
+    """PyTorch's name of a GELU form."""
     return "tanh" if approximate_tanh else "none"
 
 
 def _gelu_forward_torch(x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
     # PyTorch keeps a dense input's strides; our outputs are contiguous (the custom ops say so).
-    return F.gelu(x, approximate=_form(approximate_tanh)).contiguous()
+    return F.gelu(x, approximate=form(approximate_tanh)).contiguous()
 
 
 def _gelu_backward_torch(dy: torch.Tensor, x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
-    return torch.ops.aten.gelu_backward(dy, x, approximate=_form(approximate_tanh)).contiguous()
+    return torch.ops.aten.gelu_backward(dy, x, approximate=form(approximate_tanh)).contiguous()
 
 
 _fwd_paths = Paths(
