@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="only the correctness check (the default without a GPU)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
+    p.add_argument("--tag", default="", help="appended to the result files' names (a slice of "
+                                              "a run: --tag llama-decode)")
     return p
 
 
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     if not GPU or args.check:
         return run_check(ops, sel, "cuda" if GPU else "cpu")
     stem = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return run_bench(ops, sel, args.out, stem + ("-quick" if args.quick else ""))
+    tag = re.sub(r"[^a-z0-9]+", "-", args.tag.lower()).strip("-")
+    stem += ("-quick" if args.quick else "") + (f"-{tag}" if tag else "")
+    return run_bench(ops, sel, args.out, stem)
 
 
 if __name__ == "__main__":

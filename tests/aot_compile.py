@@ -115,6 +115,8 @@ def _tuner_of(name: str):
 
 
 def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
+    if not configs:
+        return
     is_matmul = "BLOCK_SIZE_K" in configs[0].kwargs
     dtype = next(k for k in key if isinstance(k, torch.dtype))
     for config in configs:
