@@ -825,7 +825,7 @@ class Paths(_Chooser):
         if self._interpreted:
             return -1
         tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        return tensor.device.index if tensor is not None and tensor.is_cuda else -1
+        return -1 if tensor is None else tensor.get_device()  # -1 on the CPU
 
     def _time(self, names: list[str], args: tuple, kwargs: dict) -> dict | None:
         bench = self.bench or _do_bench

@@ -42,8 +42,30 @@ _forced: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("forced
 _policy_block: contextvars.ContextVar[str | None] = contextvars.ContextVar("policy", default=None)
 _policy_process: str | None = None
 
+# Both variables are read on every call, where ``os.environ.get`` (which encodes the key each
+# time) would cost more than the rest of the lookup: read the mapping os.environ keeps in sync
+# (CPython's, on every platform), values still raw; the parsers below are cached on them.
+_ENVIRON = getattr(os.environ, "_data", None)
+_ENCODE_KEY = getattr(os.environ, "encodekey", None)
+_DECODE_VALUE = getattr(os.environ, "decodevalue", str)
+_KEYS = {}
+
+
+def _raw_env(name: str):
+    """The raw value of environment variable ``name`` (None if unset)."""
+    if _ENVIRON is None or _ENCODE_KEY is None:
+        return os.environ.get(name)
+    key = _KEYS.get(name)
+    if key is None:
+        key = _KEYS[name] = _ENCODE_KEY(name)
+    return _ENVIRON.get(key)
+
 
 @functools.lru_cache(maxsize=16)
+def _parse_paths_raw(raw) -> dict[str, str]:
+    return _parse_paths(_DECODE_VALUE(raw))
+
+
 def _parse_paths(text: str) -> dict[str, str]:
     paths = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -62,8 +84,8 @@ def forced_path(op: str) -> str | None:
     forced = _forced.get()
     if op in forced:
         return forced[op]
-    text = os.environ.get(PATH_ENV)
-    return _parse_paths(text).get(op) if text else None
+    raw = _raw_env(PATH_ENV)
+    return _parse_paths_raw(raw).get(op) if raw else None
 
 
 @contextlib.contextmanager
@@ -90,8 +112,8 @@ def check_policy(name: object, where: str = TUNE_ENV) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _env_policy(text: str) -> str:
-    return check_policy(text, f"the environment variable {TUNE_ENV}")
+def _env_policy(raw) -> str:
+    return check_policy(_DECODE_VALUE(raw), f"the environment variable {TUNE_ENV}")
 
 
 def tune_policy() -> str:
@@ -102,8 +124,8 @@ def tune_policy() -> str:
         return name
     if _policy_process is not None:
         return _policy_process
-    text = os.environ.get(TUNE_ENV)
-    return _env_policy(text) if text else DEFAULT_POLICY
+    raw = _raw_env(TUNE_ENV)
+    return _env_policy(raw) if raw else DEFAULT_POLICY
 
 
 def set_policy(name: str | None) -> None:
