@@ -398,8 +398,10 @@ def _slug(text: str) -> str:
 
 # ---- what every chooser shares: memory, disk, table, policy, capture, lock ------------------
 
-# Seconds spent timing candidates in this process (the bench reports it per first call).
+# Seconds spent timing candidates in this process (the bench reports it per first call); a
+# path's timing includes the Tuners tuning inside it, so only the outermost timing counts.
 tuned_seconds = 0.0
+_timing_depth = 0
 
 
 class UntunedWarning(UserWarning):
@@ -491,7 +493,7 @@ class _Chooser:
         which a later uncaptured call may time. ``tune(seed)`` times candidates and returns the
         winning entry (None if none ran); ``untuned()`` is the default entry; ``valid(entry)``
         says whether an entry from disk or the table is usable here."""
-        global tuned_seconds
+        global tuned_seconds, _timing_depth
         key_text = key_string(key)
         policy = tune_policy()
         entry = self._disk(device).get(key_text)
@@ -520,10 +522,13 @@ class _Chooser:
                     near = _table.nearest(table, key_text)
                     seed = near if valid(near) else None
             start = time.perf_counter()
+            _timing_depth += 1
             try:
                 entry = tune(seed)
             finally:
-                tuned_seconds += time.perf_counter() - start
+                _timing_depth -= 1
+                if _timing_depth == 0:
+                    tuned_seconds += time.perf_counter() - start
             if entry is not None:
                 entry = {**entry, "policy": policy}
                 self._save(device, key_text, entry)
@@ -673,7 +678,7 @@ class Tuner(_Chooser):
         entry, source, final = self._decide(
             device, key, tune, lambda: config_entry(candidates[0]), valid)
         if entry is None:  # nothing ran: launch the first config so its error surfaces
-            return Choice(candidates[0], math.inf, "tuned"), False
+            return Choice(candidates[0], math.inf, "tuned"), True
         ms = entry.get("ms")
         return Choice(_entry_config(entry), math.nan if ms is None else float(ms), source), final
 
@@ -860,7 +865,7 @@ class Paths(_Chooser):
             lambda: {"path": self._name(self.untuned, key, names), "ms": None, "candidates": {}},
             valid)
         if entry is None:  # no path ran: take the default, so its error surfaces
-            return PathChoice(self._name(self.default, key, names), math.inf, {}, "tuned"), False
+            return PathChoice(self._name(self.default, key, names), math.inf, {}, "tuned"), True
         ms = entry.get("ms")
         return PathChoice(entry["path"], math.nan if ms is None else float(ms),
                           dict(entry.get("candidates", {})), source), final

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from ._settings import force_path, policy, set_policy, tune_policy  # noqa: F401 (public)
+from . import _settings
+from ._settings import force_path, policy, set_policy  # noqa: F401 (public)
 from ._warmup import warmup  # noqa: F401 (public)
 
 TOKENS = 8192
@@ -133,6 +134,13 @@ def _exercise(shape, dtype, approximate: str) -> None:
         y.backward(torch.randn_like(y))
 
 
+def _token_counts(text: str) -> list[int]:
+    parts = _split(text)
+    if not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"--decode takes token counts, like 1,16,64; got {text!r}")
+    return [int(part) for part in parts]
+
+
 def _label(shape, dtype, approximate: str) -> str:
     return f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} {approximate}"
 
@@ -160,7 +168,7 @@ def _snapshot(_autotune) -> dict:
     return seen
 
 
-def export_table(path: Path, arch: str, device_index: int, done: list[str]) -> dict:
+def _export_table(path: Path, arch: str, device_index: int, done: list[str]) -> dict:
     """Merge the choices this process made on device ``device_index`` into the table at
     ``path`` (creating it), recording the problems in ``done`` as exported."""
     import triton
@@ -197,16 +205,16 @@ def export_table(path: Path, arch: str, device_index: int, done: list[str]) -> d
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from . import _autotune
-    from ._runtime import interpreting
+    from ._cache import cache_dir, clear_cache
+    from ._runtime import interpreting, triton_unavailable
 
-    if args.clear:
-        removed = _autotune.clear_cache()
-        print(f"removed {len(removed)} tuning file(s) from {_autotune.cache_dir()}")
+    if args.clear:  # needs no Triton
+        removed = clear_cache()
+        print(f"removed {len(removed)} tuning file(s) from {cache_dir()}")
         return 0
     try:
-        tune_policy()
-        decode = [int(m) for m in _split(args.decode)]
+        _settings.tune_policy()
+        decode = _token_counts(args.decode)
         shapes = args.shapes or preset_shapes(_split(args.preset)) + decode_shapes(decode)
         dtypes = [_choose("dtype", name, DTYPES) for name in _split(args.dtypes)]
         approximates = [_choose("approximate", a, ("none", "tanh"))
@@ -215,11 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"triton_gelu.autotune: {e}", file=sys.stderr)
         return 2
 
-    if interpreting() or not torch.cuda.is_available():
-        why = "TRITON_INTERPRET is set" if interpreting() else "no CUDA GPU is visible"
-        print(f"triton_gelu.autotune: {why}; autotuning times kernels on a GPU, so there is "
-              "nothing to tune here.", file=sys.stderr)
+    why = triton_unavailable()
+    if why is None and interpreting():
+        why = "TRITON_INTERPRET is set"
+    if why is None and not torch.cuda.is_available():
+        why = "no CUDA GPU is visible"
+    if why is not None:
+        print(f"triton_gelu.autotune: {why}; autotuning times the Triton kernels on a GPU, so "
+              "there is nothing to tune here.", file=sys.stderr)
         return 2
+    from . import _autotune
+
     device = _autotune.device_of(torch.cuda.current_device())
     export = None
     if args.export is not None:
@@ -230,10 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                   "(sm90, sm80, sm86, sm89); nothing to export", file=sys.stderr)
             return 2
         export = Path(args.export) if args.export else _table.table_path(device.arch)
-        done = set(_table.load_table(device.arch).get("exported", [])) \
-            if not args.export else set()
+        done = set(_table.read_table(export).get("exported", []))
     print(f"tuning on {device.name} ({device.arch}) under the "
-          f"{'full' if export else tune_policy()} policy; cache: {_autotune.cache_dir()}"
+          f"{'full' if export else _settings.tune_policy()} policy; cache: {cache_dir()}"
           + (f"; table: {export}" if export else ""))
     for shape in shapes:
         for dtype in dtypes:
@@ -251,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 for line in _new_choices(before, _autotune):
                     print(line)
                 if export is not None:  # after each problem, so a timeout loses only one
-                    export_table(export, device.arch, device.index, [label])
+                    _export_table(export, device.arch, device.index, [label])
     if export is not None:
         print(f"wrote {export}")
     return 0
