@@ -27,7 +27,8 @@ keep=$PWD/.gpu-session
 mkdir -p "$out" "$keep"
 export TRITON_CACHE_DIR="$keep/triton-cache"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-"$PY" -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' \
+"$PY" -c 'import torch, triton
+print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' \
   | tee "$out/versions.txt"
 
 case "$stage" in

@@ -69,7 +69,7 @@ def launch(tuner, n: int = 100) -> torch.Tensor:
     return y
 
 
-# ---- two ways of computing one op, for Paths tests ----------------------------------------------
+# ---- two ways of computing one op, for Paths tests -------------------------------------------
 
 
 def double_by_add(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def double_by_mul(x: torch.Tensor) -> torch.Tensor:
     return x * 2
 
 
-# ---- the many-process test's worker ---------------------------------------------------------------
+# ---- the many-process test's worker ------------------------------------------------------------
 
 
 def tuning_worker(rank: int, kernel_dir: str, barrier, results) -> None:

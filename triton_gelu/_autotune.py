@@ -428,6 +428,10 @@ class _Chooser:
         self._source_hash: str | None = None
         self._disk_entries: dict[int, dict[str, dict]] = {}  # device index -> cache entries
         self._warned: set[str] = set()
+        # (device index, key) -> what to launch: the hot path's one lookup; and every choice
+        # made, with how (the CLI and the bench report them).
+        self.best: dict[tuple, object] = {}
+        self.choices: dict[tuple, NamedTuple] = {}
 
     @property
     def tunes(self) -> bool:
@@ -450,6 +454,8 @@ class _Chooser:
         """Forget what this process chose and read (the files on disk stay)."""
         self._disk_entries.clear()
         self._warned.clear()
+        self.best.clear()
+        self.choices.clear()
 
     def _disk(self, device: Device) -> dict[str, dict]:
         entries = self._disk_entries.get(device.index)
@@ -601,15 +607,8 @@ class Tuner(_Chooser):
         # Older call sites pass configs() and prune(configs, key) without the arch argument.
         self._configs_take_arch = _takes(configs, 1)
         self._prune_takes_arch = _takes(prune, 3)
-        # (device index, key) -> (meta-parameters, launch kwargs): the hot path's one lookup.
-        self.best: dict[tuple, tuple[dict, dict]] = {}
-        self.choices: dict[tuple, Choice] = {}
+        # best: (device index, key) -> (meta-parameters, launch kwargs); choices: -> Choice
         tuners[name] = self
-
-    def forget(self) -> None:
-        super().forget()
-        self.best.clear()
-        self.choices.clear()
 
     def _compute_hash(self) -> str:
         return source_hash(self.kernel)
@@ -791,15 +790,9 @@ class Paths(_Chooser):
         self.untuned = default if untuned is None else untuned
         self.applies = dict(applies or {})
         self.kernels = None if kernels is None else list(kernels)
-        self.best: dict[tuple, str] = {}
-        self.choices: dict[tuple, PathChoice] = {}
-        self._forced_warned: set[tuple] = set()
+        # best: (device index, key) -> path name; choices: -> PathChoice
+        self._forced_warned: set[str] = set()
         path_choosers[op] = self
-
-    def forget(self) -> None:
-        super().forget()
-        self.best.clear()
-        self.choices.clear()
 
     def _compute_hash(self) -> str:
         digest = hashlib.sha256(self.op.encode())

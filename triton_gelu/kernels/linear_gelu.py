@@ -54,8 +54,8 @@ picks is never slower than PyTorch's (up to timing noise and the choice's lookup
 
 Every path rounds the matmul operand dz to the input dtype, and ours sum db from the float32
 dz, so all of them meet the tolerance rule; the composed paths round z to the input dtype
-before GELU, as eager PyTorch does. With the same path for the forward and ``linear_preact``, the recomputed
-z is bitwise the saved one.
+before GELU, as eager PyTorch does. With the same path for the forward and ``linear_preact``,
+the recomputed z is bitwise the saved one.
 """
 
 from __future__ import annotations
