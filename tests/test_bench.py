@@ -150,7 +150,24 @@ def test_tf32_flag_follows_the_dtype_and_is_restored():
 # ---- the real ops' cases on the CPU (interpreter), with a fake clock -----------------------------
 
 
-def test_every_op_builds_runs_and_reports(tmp_path, timed_choosers):
+@pytest.fixture
+def timed_paths(tmp_path, monkeypatch):
+    """Every Paths of the package times (1.0 ms for every candidate, without running it again
+    after its warm-up call), into a temporary cache; the Tuners keep their single interpreter
+    config. What the choosers chose is forgotten before and after."""
+    import triton_gelu.kernels  # noqa: F401 (registers every Paths)
+    from triton_gelu import _autotune
+
+    monkeypatch.setenv("TRITON_GELU_CACHE_DIR", str(tmp_path / "paths-cache"))
+    for paths in _autotune.path_choosers.values():
+        paths.forget()
+        monkeypatch.setattr(paths, "bench", lambda fn: 1.0)
+    yield
+    for paths in _autotune.path_choosers.values():
+        paths.forget()
+
+
+def test_every_op_builds_runs_and_reports(tmp_path, timed_paths):
     sel = Selection(shapes=[(37, 45, 51)], gelu_sizes_mb=[0.01], dtypes=["bf16", "tf32"],
                     approximates=["tanh"], modes=list(harness.MODES),
                     baselines=["eager", "matmul", "addmm-act"], device="cpu",
