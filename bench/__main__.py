@@ -1,9 +1,11 @@
 """Run every benchmark: ``python -m bench`` from the repository root (``--help`` for options).
 
-On a GPU: GELU forward/backward, fused Linear+bias+GELU fwd/bwd/fwd+bwd and the FeedForward
-block, against eager PyTorch, the matmul alone, torch.compile (default and max-autotune) and, for
-tanh, torch._addmm_activation; bf16, fp16, fp32 (IEEE) and tf32. A progress line per case, a
-markdown table at the end, and JSON + markdown + PNG under ``bench/results/``.
+On a GPU: GELU forward/backward, fused Linear+bias+GELU infer/fwd/bwd/fwd+bwd and the
+FeedForward block, at 8192 tokens and at decode sizes (1, 16, 64 tokens, inference only),
+against eager PyTorch, the matmul alone, torch.compile (default and max-autotune) and, for tanh,
+torch._addmm_activation; bf16, fp16, fp32 (IEEE) and tf32. Each case also records the path ours
+took, every candidate path's time and ours' first-call (tuning) time. A progress line per case,
+a markdown table at the end, and JSON + markdown + PNG under ``bench/results/``.
 
 Without a GPU: the same command checks every op under the Triton interpreter at small sizes
 against float64 references and says that timings need a GPU; it times nothing and writes nothing.
@@ -26,14 +28,16 @@ if not GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
 from triton_gelu._runtime import launches  # noqa: E402
-from triton_gelu.autotune import PRESETS, TOKENS, parse_shape  # noqa: E402
+from triton_gelu.autotune import (  # noqa: E402
+    DECODE_PRESETS, DECODE_TOKENS, PRESETS, TOKENS, decode_shapes, parse_shape,
+)
 
 from . import harness, ops_ffn, ops_gelu, ops_linear_gelu  # noqa: E402
 
 OPS = {op.NAME: op for op in (ops_gelu, ops_linear_gelu, ops_ffn)}
 TINY = (37, 45, 51)  # multiples of no block size: every masked edge runs
 GELU_SIZES_MB = (1, 4, 16, 64, 256, 1024)
-QUICK = {"dtypes": "bf16", "preset": "bert-base", "sizes": "1,64,1024"}
+QUICK = {"dtypes": "bf16", "preset": "bert-base", "sizes": "1,64,1024", "decode": "1"}
 
 
 def _split(text: str) -> list[str]:
@@ -53,12 +57,16 @@ def _parser() -> argparse.ArgumentParser:
                                     "(default: all; --quick: bf16; CPU: bf16, fp16, fp32)")
     p.add_argument("--approximate", default="none,tanh", help="comma-separated: none, tanh")
     p.add_argument("--modes", default=",".join(harness.MODES),
-                   help="comma-separated: fwd, bwd, fwd+bwd (GELU has no fwd+bwd)")
+                   help="comma-separated: infer, fwd, bwd, fwd+bwd (GELU has fwd and bwd)")
     p.add_argument("--shapes", nargs="+", type=parse_shape, metavar="MxKxN",
                    help="matmul shapes: tokens x in_features x out_features")
     p.add_argument("--preset", help="comma-separated presets, or 'all' (default; --quick: "
                                     "bert-base; CPU: tiny)")
     p.add_argument("--tokens", type=int, default=TOKENS, help="tokens (M) of the presets")
+    p.add_argument("--decode", help="comma-separated token counts of the decode cases, in "
+                                    f"infer mode at the {' and '.join(DECODE_PRESETS)} widths "
+                                    "when those presets are selected ('' for none; default: "
+                                    f"{','.join(map(str, DECODE_TOKENS))}; --quick: 1)")
     p.add_argument("--sizes", help="GELU input sizes in MB (default: "
                                    f"{','.join(map(str, GELU_SIZES_MB))}; --quick: 1,64,1024)")
     p.add_argument("--baselines", default=",".join(harness.BASELINES),
@@ -69,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="only the correctness check (the default without a GPU)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
+    p.add_argument("--tag", default="", help="appended to the result files' names (a slice of "
+                                              "a run: --tag llama-decode)")
     return p
 
 
@@ -93,6 +103,21 @@ def _shapes(args, gpu: bool) -> list[tuple[int, int, int]]:
     return [TINY if n == "tiny" else (args.tokens, *PRESETS[n]) for n in names]
 
 
+def _decode_shapes(args, shapes: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Decode cases at the selected presets among DECODE_PRESETS (none with --shapes)."""
+    text = args.decode if args.decode is not None else (
+        QUICK["decode"] if args.quick else ",".join(map(str, DECODE_TOKENS)))
+    try:
+        tokens = [int(t) for t in _split(text)]
+    except ValueError:
+        raise SystemExit(f"bench: --decode takes token counts, like 1,16,64; got {text!r}")
+    if args.shapes:
+        return []
+    widths = {(k, n) for _, k, n in shapes}
+    presets = tuple(p for p in DECODE_PRESETS if PRESETS[p] in widths)
+    return decode_shapes(tokens, presets)
+
+
 def selection(args, gpu: bool) -> harness.Selection:
     default_dtypes = QUICK["dtypes"] if args.quick else ("bf16,fp16,fp32,tf32" if gpu
                                                          else "bf16,fp16,fp32")
@@ -106,8 +131,10 @@ def selection(args, gpu: bool) -> harness.Selection:
         sizes_mb = [float(s) for s in _split(sizes)]
     except ValueError:
         raise SystemExit(f"bench: --sizes takes MB, like 1,64,1024; got {sizes!r}")
+    shapes = _shapes(args, gpu)
+    decode = _decode_shapes(args, shapes)  # checked everywhere; decode sizes are GPU-only
     return harness.Selection(
-        shapes=_shapes(args, gpu), gelu_sizes_mb=sizes_mb,
+        shapes=shapes, gelu_sizes_mb=sizes_mb, decode_shapes=decode if gpu else [],
         dtypes=_choose("dtype", _split(args.dtypes or default_dtypes), harness.DTYPES),
         approximates=_choose("approximate", _split(args.approximate), ("none", "tanh")),
         modes=_choose("mode", _split(args.modes), harness.MODES),
@@ -192,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     if not GPU or args.check:
         return run_check(ops, sel, "cuda" if GPU else "cpu")
     stem = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return run_bench(ops, sel, args.out, stem + ("-quick" if args.quick else ""))
+    tag = re.sub(r"[^a-z0-9]+", "-", args.tag.lower()).strip("-")
+    stem += ("-quick" if args.quick else "") + (f"-{tag}" if tag else "")
+    return run_bench(ops, sel, args.out, stem)
 
 
 if __name__ == "__main__":

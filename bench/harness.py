@@ -8,7 +8,10 @@ bandwidth and bf16 matmul peak, so results are reported as ratios:
 - speedup of ours vs each baseline: baseline ms / ours ms (> 1: ours is faster);
 - the two floors of a case: ``bytes / copy bandwidth`` (memory) and ``flops / bf16 matmul
   peak`` (compute); the larger is the floor, and ``floor / ms`` is the fraction achieved;
-- peak memory of a fwd+bwd step, above its inputs, vs eager PyTorch.
+- peak memory of a fwd+bwd step, above its inputs, vs eager PyTorch;
+- which path ours took (``_autotune.Paths``: fused kernel, cuBLAS + our GELU, PyTorch's own op)
+  with every candidate path's time, and what ours' first call cost (``first_call_ms``: building
+  the inputs, compiling and tuning included; ``tuning_ms``: the part spent timing candidates).
 
 Without a GPU nothing is timed: ``check`` compares every op with a float64 reference under the
 Triton interpreter, with the test suite's rule (no worse than twice torch's own error in the same
@@ -24,6 +27,7 @@ import json
 import math
 import platform
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +41,11 @@ OURS = "ours"
 EAGER = "eager"
 # Baselines in report order; "matmul" is the matmul alone (the compute floor of a fused op).
 BASELINES = ("eager", "compile", "compile-max", "matmul", "addmm-act")
-MODES = ("fwd", "bwd", "fwd+bwd")
+# "infer": a forward with nothing requiring grad (serving: no pre-activation kept); the matmul
+# ops' "fwd" is a training forward (inputs require grad).
+MODES = ("infer", "fwd", "bwd", "fwd+bwd")
+# Below this speedup against eager a case misses the "never slower than PyTorch" target.
+TARGET_VS_EAGER = 0.98
 # The tests' slack above twice torch's error (tests/helpers.py).
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -69,6 +77,8 @@ class Selection:
     modes: list[str]
     baselines: list[str]
     device: str = "cuda"
+    # Serving one token at a time (and small batches): benchmarked in "infer" mode only.
+    decode_shapes: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -79,17 +89,20 @@ def matmul_cases(name: str, sel: Selection, build: Callable,
                  cost: Callable[[tuple, str, Callable], int],
                  bytes_per: Callable[[int, int, int, str], int],
                  flops_per: Callable[[int, int, int, str], int]) -> list[Case]:
-    """One Case per shape x dtype x GELU form x mode of a matmul op (all of MODES).
+    """One Case per shape x dtype x GELU form x mode of a matmul op (all of MODES; the decode
+    shapes in "infer" mode only).
 
     ``cost(shape, mode, counter)`` adds up ``counter(m, k, n, mode)`` over the op's matmuls;
     ``build(shape, dtype, approximate, mode, baselines, device)`` makes the timed callables.
     """
     out = []
-    for shape in sel.shapes:
+    shapes = [(shape, sel.modes) for shape in sel.shapes]
+    shapes += [(shape, [m for m in sel.modes if m == "infer"]) for shape in sel.decode_shapes]
+    for shape, modes in shapes:
         for dtype_name in sel.dtypes:
             dtype = DTYPES[dtype_name]
             for approximate in sel.approximates:
-                for mode in (m for m in sel.modes if m in MODES):
+                for mode in (m for m in modes if m in MODES):
                     out.append(Case(
                         name, mode, shape_text(shape), dtype_name, approximate,
                         bytes=cost(shape, mode, bytes_per) * dtype.itemsize,
@@ -107,13 +120,20 @@ def timed(fn: Callable, inputs: Sequence[torch.Tensor], mode: str,
           params: Sequence[torch.Tensor] = ()) -> Factory:
     """The factory of the callable to time for ``fn(*inputs)`` in ``mode``.
 
-    fwd: the forward alone. bwd: the backward alone, through the graph of one forward kept with
-    ``retain_graph``. fwd+bwd: both. Gradients go to every input and param that requires grad,
-    with ``torch.autograd.grad`` (nothing accumulates between repetitions).
+    infer: the forward under ``torch.inference_mode``. fwd: the forward alone. bwd: the backward
+    alone, through the graph of one forward kept with ``retain_graph``. fwd+bwd: both. Gradients
+    go to every input and param that requires grad, with ``torch.autograd.grad`` (nothing
+    accumulates between repetitions).
     """
     leaves = [t for t in (*inputs, *params) if t.requires_grad]
 
+    def infer():
+        with torch.inference_mode():
+            return fn(*inputs)
+
     def factory():
+        if mode == "infer":
+            return infer
         if mode == "fwd":
             return lambda: fn(*inputs)
         y = fn(*inputs)
@@ -163,6 +183,11 @@ class GpuClock:
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def now_ms(self) -> float:
+        """Wall-clock milliseconds, after the GPU's queue drained."""
+        self.sync()
+        return time.perf_counter() * 1e3
 
     def peak_bytes(self, fn: Callable[[], object]) -> int:
         """Peak memory allocated while ``fn`` runs, above what was allocated before."""
@@ -220,9 +245,28 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
+def path_summary(seen: list) -> dict:
+    """What ``_autotune.recording_paths`` saw during ours' first call: per op, the path taken,
+    how it was chosen and every candidate's ms; plus the flat "path" and "candidates" (an op's
+    own names when one op chose, "op=name" when several did)."""
+    ops = {}
+    for op, choice in seen:  # the last call of an op wins
+        ops[op] = {"path": choice.path, "source": choice.source,
+                   "candidates": dict(choice.candidates)}
+    if len(ops) == 1:
+        (only,) = ops.values()
+        return {"path": only["path"], "candidates": only["candidates"], "paths": ops}
+    return {"path": ", ".join(f"{op}={o['path']}" for op, o in ops.items()),
+            "candidates": {f"{op}={name}": ms for op, o in ops.items()
+                           for name, ms in o["candidates"].items()},
+            "paths": ops}
+
+
 def run_case(case: Case, device: dict, clock: GpuClock) -> dict:
     """Time every provider of ``case``; return its record (see ``summarize``)."""
-    timings, peaks, errors = {}, {}, {}
+    from triton_gelu import _autotune
+
+    timings, peaks, errors, first = {}, {}, {}, {}
     with precision(case.dtype):
         try:
             factories = case.build()
@@ -230,8 +274,14 @@ def run_case(case: Case, device: dict, clock: GpuClock) -> dict:
             return summarize(case, {}, {}, {OURS: _error_text(e)}, device)
         for name, factory in factories.items():
             try:
+                start, tuned = clock.now_ms(), _autotune.tuned_seconds
                 fn = factory()
-                fn()  # warm-up: compiles, autotunes
+                with _autotune.recording_paths() as seen:
+                    fn()  # warm-up: compiles, autotunes, chooses paths
+                if name == OURS:
+                    first = {"first_call_ms": clock.now_ms() - start,
+                             "tuning_ms": (_autotune.tuned_seconds - tuned) * 1e3,
+                             **path_summary(seen)}
                 clock.sync()
                 timings[name] = clock.time_ms(fn)
                 if case.mode == "fwd+bwd":
@@ -239,16 +289,18 @@ def run_case(case: Case, device: dict, clock: GpuClock) -> dict:
             except Exception as e:  # e.g. torch.compile failing: record it, keep going
                 errors[name] = _error_text(e)
             fn = None
-    return summarize(case, timings, peaks, errors, device)
+    return summarize(case, timings, peaks, errors, device, first)
 
 
 def summarize(case: Case, timings: dict[str, float], peaks: dict[str, int],
-              errors: dict[str, str], device: dict) -> dict:
+              errors: dict[str, str], device: dict, ours_first_call: dict | None = None) -> dict:
     """A case's record: its figures per provider and every ratio derived from them.
 
     floor_memory_ms = bytes / copy bandwidth; floor_compute_ms = flops / bf16 matmul peak;
     floor_ms is the larger. Per provider: ms, GB/s, TFLOP/s, fraction_of_floor = floor_ms / ms,
     and for ours speedup[baseline] = baseline ms / ours ms; memory_vs_eager = peak / eager peak.
+    ``ours_first_call`` (from ``run_case``) adds "path", "candidates", "paths",
+    "first_call_ms" and "tuning_ms".
     """
     copy_gbps, matmul_tflops = device["copy_gbps"], device["matmul_tflops"]
     floor_memory_ms = case.bytes / copy_gbps / 1e6
@@ -281,6 +333,8 @@ def summarize(case: Case, timings: dict[str, float], peaks: dict[str, int],
         "floor_memory_ms": floor_memory_ms, "floor_compute_ms": floor_compute_ms,
         "floor_ms": floor_ms, "bound": "memory" if floor_memory_ms >= floor_compute_ms
         else "compute", "providers": providers, "speedup": speedup,
+        "path": None, "candidates": {}, "paths": {}, "first_call_ms": None, "tuning_ms": None,
+        **(ours_first_call or {}),
     }
 
 
@@ -299,6 +353,8 @@ def progress_line(index: int, total: int, record: dict) -> str:
                else f"{ours['tflops']:.1f} TFLOP/s")
     parts = [f"{head} ours {ours['ms']:.4f} ms ({figures}, {ours['fraction_of_floor']:.2f} "
              f"of the {record['bound']} floor)"]
+    if record.get("path"):
+        parts.append(f"path {record['path']}")
     for name, entry in record["providers"].items():
         if name == OURS:
             continue
@@ -331,7 +387,10 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
         "bandwidth, flops / bf16 matmul peak) / time. *vs X* = X's time / ours (> 1: ours is "
         "faster); *vs matmul* compares with the matmul alone, the compute floor. *mem* = peak "
         "memory of fwd+bwd / eager's. fwd of the matmul ops is a training forward (inputs "
-        "require grad).",
+        "require grad); infer runs under `torch.inference_mode`. *path* is the way ours "
+        "computed the case (chosen per problem by timing every candidate path: *candidates*, "
+        "ms); *1st call* is ours' first call (inputs, compiling and tuning included) and "
+        "*tuning* the part of it spent timing candidates.",
     ]
     for op in dict.fromkeys(r["op"] for r in records):
         rows = [r for r in records if r["op"] == op]
@@ -342,7 +401,8 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
         header = ["mode", "dtype", "approx", "shape", "ours ms", "GB/s", "TFLOP/s",
                   "floor ms (mem / compute)", "of floor",
                   *(f"vs {b}" for b in baselines), *(f"{v} ms" for v in variants),
-                  *(f"mem {n}" for n in memory)]
+                  *(f"mem {n}" for n in memory), "path", "candidates (ms)", "1st call ms",
+                  "tuning ms"]
         lines += ["", f"## {op}", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
         for r in rows:
@@ -364,13 +424,24 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
             cells += [_fmt(r["providers"].get(v, {}).get("ms"), ".4f") for v in variants]
             cells += [_fmt(r["providers"].get(n, {}).get("memory_vs_eager"), ".2f", "x")
                       for n in memory]
+            cells += [r.get("path") or "-", _candidates_text(r.get("candidates", {})),
+                      _fmt(r.get("first_call_ms"), ".1f"), _fmt(r.get("tuning_ms"), ".1f")]
             lines.append("| " + " | ".join(cells) + " |")
+    slower = [r for r in records
+              if r["speedup"].get(EAGER, TARGET_VS_EAGER) < TARGET_VS_EAGER]
+    lines += ["", f"## Below {TARGET_VS_EAGER}x eager", ""]
+    lines += [f"- {label(r)}: {r['speedup'][EAGER]:.2f}x, path {r.get('path') or '-'}"
+              for r in slower] or ["None: every case with an eager figure is at or above it."]
     failures = [(label(r), n, e["error"]) for r in records for n, e in r["providers"].items()
                 if "error" in e]
     if failures:
         lines += ["", "## Failures", ""]
         lines += [f"- {case}, {name}: {error}" for case, name, error in failures]
     return "\n".join(lines) + "\n"
+
+
+def _candidates_text(candidates: dict) -> str:
+    return " / ".join(f"{name} {_fmt(ms, '.4f')}" for name, ms in candidates.items()) or "-"
 
 
 def write_results(out_dir: Path, stem: str, meta: dict, records: list[dict]) -> list[Path]:

@@ -1,6 +1,7 @@
 """Fused Linear + bias + GELU: y = gelu(x @ W^T + b), x (M, K), W (N, K), b (N,).
 
-Providers: ours (and ours with ``recompute=True``), eager ``F.gelu(F.linear(...))``, the matmul
+Providers: ours (and, when training, ours with ``recompute=True``), eager
+``F.gelu(F.linear(...))``, the matmul
 alone ``x @ W^T`` (the compute floor: what is left if bias and GELU were free), torch.compile
 of eager (default and max-autotune), and for the tanh form the cuBLASLt GELU epilogue
 ``torch._addmm_activation(b, x, W^T, use_gelu=True)`` (forward only: it has no backward).
@@ -27,11 +28,11 @@ def traffic(m: int, k: int, n: int, mode: str) -> int:
     """Least elements a linear(+GELU) layer must move in ``mode``."""
     fwd = m * k + n * k + n + m * n
     bwd = 2 * m * n + 2 * m * k + 2 * n * k + n
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return {"infer": fwd, "fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 def matmul_flops(m: int, k: int, n: int, mode: str) -> int:
-    return 2 * m * n * k * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+    return 2 * m * n * k * {"infer": 1, "fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
 
 
 def operands(shape, dtype, device, requires_grad=True):
@@ -50,16 +51,16 @@ def _build(shape, dtype: torch.dtype, approximate: str, mode: str, baselines: li
     def eager(x, weight, bias):
         return F.gelu(F.linear(x, weight, bias), approximate=approximate)
 
-    fns = {
-        "ours": lambda x, w, b: triton_gelu.linear_gelu(x, w, b, approximate),
-        "ours-recompute": lambda x, w, b: triton_gelu.linear_gelu(x, w, b, approximate, True),
-    }
+    fns = {"ours": lambda x, w, b: triton_gelu.linear_gelu(x, w, b, approximate)}
+    if mode != "infer":  # inference keeps no pre-activation either way
+        fns["ours-recompute"] = lambda x, w, b: triton_gelu.linear_gelu(x, w, b, approximate,
+                                                                        True)
     if "eager" in baselines:
         fns["eager"] = eager
     add_compile_baselines(fns, eager, baselines)
     if "matmul" in baselines:
         fns["matmul"] = lambda x, w, b: torch.matmul(x, w.t())
-    if "addmm-act" in baselines and approximate == "tanh" and mode == "fwd":
+    if "addmm-act" in baselines and approximate == "tanh" and mode in ("infer", "fwd"):
         fns["addmm-act"] = lambda x, w, b: torch._addmm_activation(b, x, w.t(), use_gelu=True)
     return {name: timed(fn, [x, weight, bias], mode) for name, fn in fns.items()}
 

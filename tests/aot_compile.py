@@ -7,10 +7,13 @@ the tuner would try for a large FFN problem, and checks what the GPU would get:
 
 - every config that survives pruning compiles and fits the architecture's shared memory;
 - the matmuls use Hopper's wgmma on sm_90 (fp16/bf16/tf32 operands), mma elsewhere;
-- the elementwise kernels load and store 16 bytes per access on aligned contiguous tensors.
+- the elementwise kernels (the backward's dz kernel included) load and store 16 bytes per
+  access on aligned contiguous tensors.
 
 Run it without TRITON_INTERPRET (``python tests/aot_compile.py``); tests/test_aot_compile.py does.
-It prints one line per compile and exits non-zero on the first broken promise.
+It prints one line per compile and exits non-zero on the first broken promise. ``--quick``
+compiles one config per kernel; ``--only NAME[,NAME]`` only the named tuners' kernels (e.g.
+``--only linear_gelu_bwd_dz``); ``--block-m N`` only configs with BLOCK_SIZE_M == N.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from triton_gelu import _autotune  # noqa: E402
 from triton_gelu.kernels.gelu import _gelu_bwd_kernel, _gelu_fwd_kernel  # noqa: E402
 from triton_gelu.kernels.linear_gelu import (  # noqa: E402
-    _linear_gelu_bwd_dw_kernel, _linear_gelu_bwd_dx_kernel, _linear_gelu_fwd_kernel,
+    _linear_gelu_bwd_dw_kernel, _linear_gelu_bwd_dx_kernel, _linear_gelu_bwd_dz_kernel,
+    _linear_gelu_fwd_kernel,
 )
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
@@ -79,10 +83,15 @@ def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
               M=M, N=N, K=K, stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1,
               stride_xm=K, stride_xk=1, stride_dwn=K, APPROXIMATE_TANH=tanh,
               COMPUTE_DW=True, COMPUTE_DB=True, INPUT_PRECISION=precision)
+    dz = dict(dy_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, db_partial_ptr=torch.float32,
+              M=M, N=N, stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1,
+              APPROXIMATE_TANH=tanh, WRITE_DZ=True, COMPUTE_DB=True, ROWS=_autotune.TILE_ROWS)
     key = (_autotune.bucket(M), N, K, dtype, tanh)
     return [("linear_gelu_fwd", _linear_gelu_fwd_kernel, fwd, key),
             ("linear_gelu_bwd_dx", _linear_gelu_bwd_dx_kernel, dx, key),
-            ("linear_gelu_bwd_dw", _linear_gelu_bwd_dw_kernel, dw, key)]
+            ("linear_gelu_bwd_dw", _linear_gelu_bwd_dw_kernel, dw, key),
+            ("linear_gelu_bwd_dz", _linear_gelu_bwd_dz_kernel, dz,
+             (_autotune.bucket(M), N, dtype, tanh, True, True))]
 
 
 def _elementwise_cases(dtype: torch.dtype, tanh: bool, n: int):
@@ -106,10 +115,13 @@ def _tuner_of(name: str):
 
 
 def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
-    is_matmul = "BLOCK_SIZE_M" in configs[0].kwargs
+    if not configs:
+        return
+    is_matmul = "BLOCK_SIZE_K" in configs[0].kwargs
+    dtype = next(k for k in key if isinstance(k, torch.dtype))
     for config in configs:
         start = time.perf_counter()
-        label = f"{arch} {kernel_name} {key[3] if is_matmul else key[1]} tanh={key[-1]} {config}"
+        label = f"{arch} {kernel_name} {dtype} tanh={args['APPROXIMATE_TANH']} {config}"
         try:
             compiled = compile_kernel(kernel, args, TARGETS[arch], config)
         except Exception as exc:  # noqa: BLE001 - report every failure, then exit non-zero
@@ -133,9 +145,16 @@ def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
         failures.extend(f"{label}: {p}" for p in problems)
 
 
+def _option(name: str) -> str | None:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv[:-1] else None
+
+
 def main() -> int:
     failures: list[str] = []
     quick = "--quick" in sys.argv
+    only = _option("--only")
+    names = set(only.split(",")) if only else None
+    block_m = _option("--block-m")
     for arch in ("sm90", "sm80"):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             every_config = dtype == torch.bfloat16 and not quick
@@ -145,9 +164,14 @@ def main() -> int:
                 cases = _matmul_cases(dtype, tanh, 8192, 3072, 768) + \
                     _elementwise_cases(dtype, tanh, 1 << 24)
                 for name, kernel, args, key in cases:
+                    if names is not None and name not in names:
+                        continue
                     kept = _tuner_of(name).candidates(key, arch)
-                    check(name, kernel, args, key, arch,
-                          kept if every_config and not tanh else kept[:1], failures)
+                    kept = kept if every_config and not tanh else kept[:1]
+                    if block_m is not None:
+                        kept = [c for c in kept
+                                if c.kwargs.get("BLOCK_SIZE_M") == int(block_m)]
+                    check(name, kernel, args, key, arch, kept, failures)
     if failures:
         print(f"\n{len(failures)} broken:", *failures, sep="\n")
         return 1

@@ -36,3 +36,24 @@ def _seed(request):
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def timed_choosers(tmp_path, monkeypatch):
+    """Every Tuner and Paths of the package times with one fake timer (so they tune under the
+    interpreter too), into a temporary cache, with what they chose forgotten before and after.
+    The timer returns 1.0 ms for everything: the first candidate of each wins."""
+    from fakes import FakeTimer
+
+    import triton_gelu.kernels  # noqa: F401 (registers every Tuner and Paths)
+    from triton_gelu import _autotune
+
+    monkeypatch.setenv("TRITON_GELU_CACHE_DIR", str(tmp_path / "timed-cache"))
+    timer = FakeTimer([1.0])
+    choosers = [*_autotune.tuners.values(), *_autotune.path_choosers.values()]
+    for chooser in choosers:
+        chooser.forget()
+        monkeypatch.setattr(chooser, "bench", timer)
+    yield timer
+    for chooser in choosers:
+        chooser.forget()

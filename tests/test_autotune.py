@@ -8,7 +8,6 @@ logic, the choice of the fastest config, and the cache are the same as on a GPU.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+from fakes import FakeTimer
+from fakes import launch as _launch
+from fakes import load_kernel as _load_kernel
+from fakes import three_configs as _three_configs
 
 from triton_gelu import _autotune
 from triton_gelu._autotune import (
@@ -144,58 +147,6 @@ def test_prune_elementwise_by_size_and_vector_width():
 
 # ---- the tuner and its cache ------------------------------------------------------------------
 
-KERNEL_SOURCE = '''
-import triton
-import triton.language as tl
-
-
-@triton.jit
-def _scale(x):
-    return x * {factor}
-
-
-@triton.jit
-def _copy_kernel(x_ptr, y_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offs < n_elements
-    tl.store(y_ptr + offs, _scale(tl.load(x_ptr + offs, mask=mask)), mask=mask)
-'''
-
-
-def _load_kernel(tmp_path: Path, factor: str, module: str):
-    """Import a copy kernel from a real file (its source hash depends on ``factor``)."""
-    path = tmp_path / f"{module}.py"
-    path.write_text(KERNEL_SOURCE.format(factor=factor))
-    spec = importlib.util.spec_from_file_location(module, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod._copy_kernel
-
-
-def _three_configs(arch=None):
-    return [triton.Config({"BLOCK_SIZE": b}, num_warps=4, num_stages=1) for b in (16, 32, 64)]
-
-
-class FakeTimer:
-    """Returns canned times in call order and counts its calls; runs each launch once."""
-
-    def __init__(self, times):
-        self.times, self.calls = list(times), 0
-
-    def __call__(self, fn) -> float:
-        fn()
-        self.calls += 1
-        return self.times[(self.calls - 1) % len(self.times)]
-
-
-def _launch(tuner: Tuner, n: int = 100) -> torch.Tensor:
-    x = torch.arange(n, dtype=torch.float32)
-    y = torch.full_like(x, float("nan"))
-    tuner.run(lambda meta: (triton.cdiv(n, meta["BLOCK_SIZE"]),), (bucket(n), x.dtype),
-              x_ptr=x, y_ptr=y, n_elements=n)
-    return y
-
-
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     directory = tmp_path / "cache"
@@ -221,8 +172,10 @@ def test_tuner_picks_the_fastest_and_writes_the_cache(tmp_path, cache):
     assert path.name.startswith(f"test_copy.interpreter.triton-{triton.__version__}.")
     document = json.loads(path.read_text())
     assert document["source_hash"] == source_hash(kernel)
+    # The default policy is "fast"; with no shipped table to start from it times every config.
     assert document["entries"] == {"128|torch.float32": {
-        "kwargs": {"BLOCK_SIZE": 32}, "num_warps": 4, "num_stages": 1, "ms": 1.0}}
+        "kwargs": {"BLOCK_SIZE": 32}, "num_warps": 4, "num_stages": 1, "ms": 1.0,
+        "policy": "fast"}}
 
 
 def test_a_new_tuner_reloads_the_cache_without_timing(tmp_path, cache):
@@ -295,7 +248,7 @@ def test_configs_that_fail_are_skipped_and_total_failure_is_not_cached(tmp_path,
         raise RuntimeError("nothing compiles")
     other = _load_kernel(tmp_path, "4.0", "kernel_e")
     _launch(Tuner(other, "test_broken", _three_configs, bench=broken))
-    assert not list(cache.glob("test_broken.*")), "a failed tuning must not be cached"
+    assert not list(cache.glob("test_broken.*.json")), "a failed tuning must not be cached"
 
 
 def test_an_unwritable_cache_warns_and_the_launch_still_runs(tmp_path, monkeypatch):

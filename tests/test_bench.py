@@ -99,10 +99,14 @@ class FakeClock(harness.GpuClock):
     """Runs each callable once (so its code is exercised) and reports canned figures."""
 
     def __init__(self, ms=1.0, peak=1000):
-        self.ms, self.peak, self.timed = ms, peak, 0
+        self.ms, self.peak, self.timed, self.clock_ms = ms, peak, 0, 0.0
 
     def sync(self):
         pass
+
+    def now_ms(self):  # every reading 5 ms after the last: a first call takes 5 ms
+        self.clock_ms += 5.0
+        return self.clock_ms
 
     def time_ms(self, fn):
         fn()
@@ -146,15 +150,35 @@ def test_tf32_flag_follows_the_dtype_and_is_restored():
 # ---- the real ops' cases on the CPU (interpreter), with a fake clock -----------------------------
 
 
-def test_every_op_builds_runs_and_reports(tmp_path):
+@pytest.fixture
+def timed_paths(tmp_path, monkeypatch):
+    """Every Paths of the package times (1.0 ms for every candidate, without running it again
+    after its warm-up call), into a temporary cache; the Tuners keep their single interpreter
+    config. What the choosers chose is forgotten before and after."""
+    import triton_gelu.kernels  # noqa: F401 (registers every Paths)
+    from triton_gelu import _autotune
+
+    monkeypatch.setenv("TRITON_GELU_CACHE_DIR", str(tmp_path / "paths-cache"))
+    for paths in _autotune.path_choosers.values():
+        paths.forget()
+        monkeypatch.setattr(paths, "bench", lambda fn: 1.0)
+    yield
+    for paths in _autotune.path_choosers.values():
+        paths.forget()
+
+
+def test_every_op_builds_runs_and_reports(tmp_path, timed_paths):
     sel = Selection(shapes=[(37, 45, 51)], gelu_sizes_mb=[0.01], dtypes=["bf16", "tf32"],
                     approximates=["tanh"], modes=list(harness.MODES),
-                    baselines=["eager", "matmul", "addmm-act"], device="cpu")
+                    baselines=["eager", "matmul", "addmm-act"], device="cpu",
+                    decode_shapes=[(1, 45, 51)])
     cases = [c for op in (ops_gelu, ops_linear_gelu, ops_ffn) for c in op.cases(sel)]
-    # gelu: one dtype (tf32 is fp32 there; fp32 not asked) x fwd, bwd; the others 2 x 3 modes.
+    # gelu: one dtype (tf32 is fp32 there; fp32 not asked) x fwd, bwd; the others 2 x 4 modes
+    # at 37 tokens and 2 x infer at the decode shape.
     assert [(c.op, c.mode, c.dtype) for c in cases[:3]] == [
         ("gelu", "fwd", "bf16"), ("gelu", "bwd", "bf16"), ("gelu", "fwd", "fp32")]
-    assert len(cases) == 4 + 6 + 6
+    assert len(cases) == 4 + 10 + 10
+    assert [c.mode for c in cases if c.shape == "1x45x51"] == ["infer"] * 4
     clock = FakeClock(ms=2.0, peak=4096)
     records = [harness.run_case(c, DEVICE_FIGURES, clock) for c in cases]
     errors = [(harness.label(r), n, e["error"]) for r in records
@@ -164,6 +188,21 @@ def test_every_op_builds_runs_and_reports(tmp_path):
     by_label = {harness.label(r): r for r in records}
     linear = by_label["linear_gelu fwd bf16 tanh 37x45x51"]
     assert set(linear["providers"]) == {"ours", "ours-recompute", "eager", "matmul", "addmm-act"}
+    # The path ours took and every candidate's time (the fake timer's 1.0 ms: a tie, so the
+    # first registered path), and what its first call cost on the fake clock.
+    assert linear["path"] == "fused"
+    assert linear["candidates"] == {"fused": 1.0, "composed": 1.0, "torch": 1.0}
+    assert linear["paths"]["linear_gelu_fwd"]["source"] == "tuned"
+    assert linear["first_call_ms"] == 5.0 and linear["tuning_ms"] >= 0.0
+    infer = by_label["linear_gelu infer bf16 tanh 1x45x51"]
+    assert set(infer["providers"]) == {"ours", "eager", "matmul", "addmm-act"}
+    both = by_label["linear_gelu fwd+bwd bf16 tanh 37x45x51"]
+    assert both["path"] == "linear_gelu_fwd=fused, linear_gelu_bwd=fused", both["path"]
+    assert set(both["candidates"]) == {
+        "linear_gelu_fwd=fused", "linear_gelu_fwd=composed", "linear_gelu_fwd=torch",
+        "linear_gelu_bwd=fused", "linear_gelu_bwd=dz_once", "linear_gelu_bwd=mixed",
+        "linear_gelu_bwd=torch"}
+    assert by_label["gelu bwd bf16 tanh 0.01 MB"]["path"] == "triton"
     m, k, n = 37, 45, 51
     assert linear["flops"] == 2 * m * n * k
     assert linear["bytes"] == (m * k + n * k + n + m * n) * 2
@@ -184,14 +223,32 @@ def test_every_op_builds_runs_and_reports(tmp_path):
     for op in ("gelu", "linear_gelu", "ffn"):
         assert f"## {op}" in report
     assert "| vs eager | vs matmul | vs addmm-act |" in report
+    assert "| path | candidates (ms) | 1st call ms | tuning ms |" in report
     assert "copy bandwidth 2000 GB/s, bf16 matmul peak 800 TFLOP/s" in report
     table_rows = [line for line in report.splitlines() if line.startswith("| fwd |")]
     assert len(table_rows) == 2 + 2 + 2
+    assert "| fused | fused 1.0000 / composed 1.0000 / torch 1.0000 | 5.0 |" in \
+        "\n".join(table_rows)
+    assert len([line for line in report.splitlines() if line.startswith("| infer |")]) == 8
+    saved = document["records"][0]
+    assert {"path", "candidates", "first_call_ms", "tuning_ms"} <= set(saved), set(saved)
     pytest.importorskip("matplotlib")
     pngs = [p for p in paths if p.suffix == ".png"]
     assert sorted(p.name for p in pngs) == ["fake-gpu-ffn.png", "fake-gpu-gelu.png",
                                             "fake-gpu-linear_gelu.png"]
     assert all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_report_lists_the_cases_below_the_eager_target():
+    slow = harness.summarize(_case(), {"ours": 10.0, "eager": 9.0}, {}, {}, DEVICE_FIGURES,
+                             {"path": "composed", "candidates": {"composed": 10.0}})
+    fine = harness.summarize(_case("fwd"), {"ours": 9.9, "eager": 9.8}, {}, {}, DEVICE_FIGURES)
+    report = harness.markdown_report({}, [slow, fine])
+    section = report.split("## Below 0.98x eager")[1]
+    assert "linear_gelu fwd+bwd bf16 none 8192x768x3072: 0.90x, path composed" in section
+    assert "linear_gelu fwd " not in section, "0.99x is within the target"
+    clean = harness.markdown_report({}, [fine])
+    assert "None: every case with an eager figure is at or above it." in clean
 
 
 def test_markdown_marks_missing_figures():
@@ -215,16 +272,24 @@ def test_default_quick_and_cpu_selections():
     assert full.dtypes == ["bf16", "fp16", "fp32", "tf32"]
     assert full.shapes == [(8192, 768, 3072), (8192, 1024, 4096), (8192, 1600, 6400),
                            (8192, 4096, 11008)]
+    assert full.decode_shapes == [(1, 768, 3072), (16, 768, 3072), (64, 768, 3072),
+                                  (1, 4096, 11008), (16, 4096, 11008), (64, 4096, 11008)]
+    assert full.modes == ["infer", "fwd", "bwd", "fwd+bwd"]
+    assert _selection("--preset", "gpt2-xl").decode_shapes == []
+    assert _selection("--preset", "llama-7b", "--decode", "2").decode_shapes == [(2, 4096, 11008)]
+    assert _selection("--decode", "").decode_shapes == []
     assert full.gelu_sizes_mb == [1, 4, 16, 64, 256, 1024]
     assert full.baselines == list(harness.BASELINES)
     quick = _selection("--quick")
     assert (quick.dtypes, quick.shapes) == (["bf16"], [(8192, 768, 3072)])
+    assert quick.decode_shapes == [(1, 768, 3072)]
     assert "compile-max" not in quick.baselines and "compile" in quick.baselines
     assert _selection("--no-compile").baselines == ["eager", "matmul", "addmm-act"]
     cpu = _selection(gpu=False)
     assert cpu.shapes == [(37, 45, 51)] and cpu.dtypes == ["bf16", "fp16", "fp32"]
+    assert cpu.decode_shapes == []
     custom = _selection("--shapes", "4096x512x2048", "--tokens", "7", "--preset", "llama-7b")
-    assert custom.shapes == [(4096, 512, 2048)]
+    assert custom.shapes == [(4096, 512, 2048)] and custom.decode_shapes == []
     assert _selection("--preset", "llama-7b", "--tokens", "1024").shapes == [(1024, 4096, 11008)]
 
 
@@ -233,6 +298,7 @@ def test_default_quick_and_cpu_selections():
     (["--dtypes", "fp8"], "unknown dtype fp8"),
     (["--preset", "gpt5"], "unknown preset gpt5"),
     (["--sizes", "big"], "--sizes takes MB"),
+    (["--decode", "one"], "--decode takes token counts"),
 ])
 def test_bad_options_exit_with_a_message(argv, message):
     from bench import __main__ as cli

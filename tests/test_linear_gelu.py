@@ -16,7 +16,8 @@ from helpers import (
 
 import triton_gelu
 from triton_gelu import kernels, reference
-from triton_gelu._runtime import launches
+from triton_gelu._runtime import launches, path_runs
+from triton_gelu.autotune import force_path
 from triton_gelu.kernels import _matmul
 
 # The kernels' module; ``triton_gelu.linear_gelu`` itself is the public function.
@@ -24,6 +25,32 @@ lg = importlib.import_module("triton_gelu.kernels.linear_gelu")
 
 FORMS = ["none", "tanh"]
 M, K, N = 37, 45, 51  # multiples of no block size
+
+# Every path of every op (_autotune.Paths), in sets forced together so that the forward
+# and linear_preact compute z the same way (the recomputed z stays bitwise the saved one).
+# addmm_gelu, which applies only where no z is kept, has its own test below.
+PATH_SETS = {
+    "fused": {"linear_gelu_fwd": "fused", "linear_preact": "fused", "linear_gelu_bwd": "fused"},
+    "cublas": {"linear_gelu_fwd": "composed", "linear_preact": "composed",
+               "linear_gelu_bwd": "dz_once"},
+    "mixed": {"linear_gelu_fwd": "composed", "linear_preact": "composed",
+              "linear_gelu_bwd": "mixed"},
+    "torch": {"linear_gelu_fwd": "torch", "linear_preact": "composed",
+              "linear_gelu_bwd": "torch"},
+}
+
+
+@pytest.fixture(params=PATH_SETS)
+def paths(request):
+    """Run the test with one set of paths forced; check that only forced paths ran, and that
+    the forward's did (unless nothing ran: empty problems launch nothing)."""
+    forced = PATH_SETS[request.param]
+    before = dict(path_runs)
+    with force_path(**forced):
+        yield request.param
+    ran = {key for key, count in path_runs.items() if count != before.get(key, 0)}
+    assert all(forced.get(op, name) == name for op, name in ran), f"unforced paths ran: {ran}"
+    assert not ran or ("linear_gelu_fwd", forced["linear_gelu_fwd"]) in ran, ran
 
 
 @contextlib.contextmanager
@@ -76,14 +103,14 @@ def _check(x, weight, bias, approximate, recompute=False, what=""):
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
 @pytest.mark.parametrize("approximate", FORMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_float64(dtype, approximate, recompute, bias, device):
+def test_matches_float64(dtype, approximate, recompute, bias, device, paths):
     with tf32(False):  # float32 in IEEE, as torch's reference
         _check(*_operands((M, K), N, dtype, device, bias), approximate, recompute)
 
 
 @pytest.mark.parametrize("approximate", FORMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_recompute_gives_identical_gradients(dtype, approximate, device):
+def test_recompute_gives_identical_gradients(dtype, approximate, device, paths):
     # The recomputed pre-activation is bitwise the saved one (same kernel, same tiles).
     x, weight, bias = _operands((M, K), N, dtype, device)
     torch.manual_seed(0)  # the same dy for both
@@ -109,7 +136,7 @@ X_LAYOUTS = {
 
 @pytest.mark.parametrize("layout", X_LAYOUTS.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_input_layouts(layout, dtype, device, monkeypatch):
+def test_input_layouts(layout, dtype, device, monkeypatch, paths):
     x = X_LAYOUTS[layout](K, device).to(dtype)
     _, weight, bias = _operands((K,), N, dtype, device)
     seen = []
@@ -128,7 +155,7 @@ def test_input_layouts(layout, dtype, device, monkeypatch):
         assert copied == (layout == "3-D permuted"), f"{layout}: copied={copied}"
 
 
-def test_strided_weight_and_bias(device):
+def test_strided_weight_and_bias(device, paths):
     # W as a transposed (K, N) tensor and a strided bias: read through strides, never copied
     # by the caller.
     x, _, _ = _operands((M, K), N, torch.float32, device)
@@ -164,7 +191,7 @@ def poison_outputs(monkeypatch):
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_poisoned_outputs_fully_written(dtype, bias, device, poison_outputs):
+def test_poisoned_outputs_fully_written(dtype, bias, device, poison_outputs, paths):
     x, weight, b = _operands((M, K), N, dtype, device, bias)
     dy = torch.randn(M, N, device=device).to(dtype)
     y, preact = lg.linear_gelu_forward(x, weight, b, False, True)
@@ -183,27 +210,90 @@ def test_poisoned_outputs_fully_written(dtype, bias, device, poison_outputs):
         assert db is None
 
 
+# Kernel launches per backward path: (dx kernel, dW kernel, dz kernel) for needs (dx, dW, db).
+BACKWARD_LAUNCHES = {
+    "fused": lambda need: (need[0], any(need[1:]), 0),
+    "dz_once": lambda need: (0, 0, 1),
+    "mixed": lambda need: (1, 0, 1),
+    "torch": lambda need: (0, 0, 0),
+}
+
+
+@pytest.mark.parametrize("path", BACKWARD_LAUNCHES)
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False),
-                                  (False, False, True), (False, True, True)], ids=str)
-def test_backward_computes_only_what_is_needed(need, device, poison_outputs):
+                                  (False, False, True), (False, True, True),
+                                  (True, True, True)], ids=str)
+def test_backward_computes_only_what_is_needed(path, need, device, poison_outputs):
+    if path == "mixed" and not (need[0] and need[1]):
+        pytest.skip("mixed applies only when both dx and dW are needed")
     x, weight, b = _operands((M, K), N, torch.float32, device)
     dy = torch.randn(M, N, device=device)
     _, preact = lg.linear_gelu_forward(x, weight, b, True, True)
-    before = dict(launches)
-    grads = lg.linear_gelu_backward(dy, x, weight, preact, True, *need)
+    names = ["linear_gelu_bwd_dx", "linear_gelu_bwd_dw", "linear_gelu_bwd_dz"]
+    before = [launches[n] for n in names]
+    with force_path(linear_gelu_bwd=path):
+        grads = lg.linear_gelu_backward(dy, x, weight, preact, True, *need)
     refs = reference.linear_gelu_grads64(x, weight, b, dy, "tanh")
     for name, wanted, grad, ref in zip(("dx", "dw", "db"), need, grads, refs):
         assert (grad is not None) == wanted, f"{name}: returned {grad is not None}, need {wanted}"
         if wanted:
             assert_all_written(grad, ref, name)
             torch.testing.assert_close(grad.double(), ref, rtol=1e-5, atol=1e-5)
-    assert launches["linear_gelu_bwd_dx"] - before.get("linear_gelu_bwd_dx", 0) == need[0]
-    assert launches["linear_gelu_bwd_dw"] - before.get("linear_gelu_bwd_dw", 0) == any(need[1:])
+    launched = tuple(launches[n] - b for n, b in zip(names, before))
+    assert launched == BACKWARD_LAUNCHES[path](need), f"{path}: launches {launched}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_addmm_gelu_path_where_it_applies(dtype, device):
+    """torch._addmm_activation(use_gelu=True) computes the tanh form on CUDA and the exact form
+    on the CPU: its path serves that form, where no z is kept (inference, recompute)."""
+    form = "tanh" if device == "cuda" else "none"
+    other = "none" if form == "tanh" else "tanh"
+    x, weight, bias = _operands((M, K), N, dtype, device)
+    before = path_runs[("linear_gelu_fwd", "addmm_gelu")]
+    with tf32(False), force_path(linear_gelu_fwd="addmm_gelu"):
+        _check(x, weight, bias, form, recompute=True)
+        with torch.no_grad():
+            y = triton_gelu.linear_gelu(x, weight, bias, form)
+        torch.testing.assert_close(y, triton_gelu.linear_gelu(x, weight, bias, form,
+                                                              recompute=True).detach())
+    assert path_runs[("linear_gelu_fwd", "addmm_gelu")] == before + 3
+    applies = lg._fwd_paths.applicable
+    assert "addmm_gelu" in applies((x, weight, bias, form == "tanh", False), {})
+    for args in ((x, weight, bias, form == "tanh", True),  # z kept for the backward
+                 (x, weight, bias, other == "tanh", False),  # the other form
+                 (x, weight, None, form == "tanh", False),  # no bias
+                 (x[:, :0], weight[:, :0], bias, form == "tanh", False)):  # K = 0
+        assert "addmm_gelu" not in applies(args, {})
+
+
+def test_every_path_leaves_its_inputs_alone_and_returns_new_tensors(device):
+    x, weight, bias = _operands((M, K), N, torch.bfloat16, device)
+    dy = torch.randn(M, N, device=device).to(torch.bfloat16)
+    _, preact = lg.linear_gelu_forward(x, weight, bias, False, True)
+    inputs = [x, weight, bias, dy, preact]
+    snapshot = [t.clone() for t in inputs]
+    calls = [(lg._fwd_paths, name, (x, weight, bias, False, save))
+             for name in lg._fwd_paths.paths for save in (False, True)]
+    calls += [(lg._preact_paths, name, (x, weight, bias)) for name in lg._preact_paths.paths]
+    calls += [(lg._bwd_paths, name, (dy, x, weight, preact, False, True, True, True))
+              for name in lg._bwd_paths.paths]
+    for chooser, name, args in calls:
+        if name not in chooser.applicable(args, {}):
+            continue
+        outputs = chooser.paths[name](*args)
+        for out in (outputs if isinstance(outputs, tuple) else (outputs,)):
+            if out is not None:
+                assert out.is_contiguous(), f"{chooser.op} {name}"
+                assert all(out.data_ptr() != t.data_ptr() for t in inputs), f"{chooser.op} {name}"
+        for t, before in zip(inputs, snapshot):
+            torch.testing.assert_close(t, before, rtol=0, atol=0,
+                                       msg=f"{chooser.op} {name} wrote into an input")
 
 
 @pytest.mark.parametrize("approximate", FORMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nan_in_nan_out(dtype, approximate, device):
+def test_nan_in_nan_out(dtype, approximate, device, paths):
     x, weight, bias = _operands((M, K), N, dtype, device)
     x[3, 7] = float("nan")  # row 3 of y and dx, all of dW and db
     x.requires_grad_(True)
@@ -263,7 +353,7 @@ def test_inference_writes_only_y(device, monkeypatch):
     assert lg.linear_gelu_forward(x, weight.detach(), bias, False, False)[1] is None
 
 
-def test_second_backward_is_unchanged(device):
+def test_second_backward_is_unchanged(device, paths):
     x, weight, bias = (t.requires_grad_(True) for t in _operands((M, K), N, torch.float32, device))
     snapshot = [t.detach().clone() for t in (x, weight, bias)]
     for recompute in (False, True):
@@ -281,7 +371,7 @@ def test_second_backward_is_unchanged(device):
 
 
 @pytest.mark.parametrize("approximate", FORMS)
-def test_autocast_bf16(approximate, device):
+def test_autocast_bf16(approximate, device, paths):
     """Under autocast, x, W and b are cast to the autocast dtype as for F.linear; gradients
     come back in the leaves' float32."""
     x, weight, bias = _operands((4, 9, K), N, torch.float32, device)

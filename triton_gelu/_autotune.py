@@ -1,21 +1,38 @@
-"""Autotuning: config spaces per architecture, problem keys, pruning, and a persistent cache.
+"""Autotuning: config spaces per architecture, problem keys, pruning, the choice of a kernel's
+config (``Tuner``) and of an op's path (``Paths``), and where those choices are remembered.
 
-A ``Tuner`` wraps one ``@triton.jit`` kernel. On each launch it looks the problem key up in
-memory (one dict lookup when warm). On a miss it reads the architecture of the current GPU, takes
-that architecture's config space, prunes it for the problem, and asks the on-disk cache; only if
-the cache has no entry does it time every candidate with ``triton.testing.do_bench``, keep the
-fastest, and write it back to the cache.
+A ``Tuner`` wraps one ``@triton.jit`` kernel and picks its launch config per problem key; a
+``Paths`` picks, per problem key, between the named ways of computing one op (the fused Triton
+kernel, cuBLAS plus an elementwise kernel, PyTorch's own op). Both answer a launch with one dict
+lookup when warm. On a miss they decide, in this order:
 
-The cache is one JSON file per (kernel name, device name, Triton version, hash of the kernel's
-source and of every ``@triton.jit`` helper it calls), so editing a kernel or its math retunes and
-nothing else does. It lives in ``$TRITON_GELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/triton_gelu``,
-else ``~/.cache/triton_gelu``; delete the directory (or run ``python -m triton_gelu.autotune
---clear``) to forget every tuning. Files are written atomically; an unreadable file is ignored.
+1. a forced path (``Paths`` only: ``TRITON_GELU_PATH`` / ``force_path``, ``_settings.py``);
+2. the on-disk cache of this device, Triton version and kernel source (JSON in
+   ``_cache.cache_dir()``; under the ``full`` policy only entries that were tuned under ``full``);
+3. no timing while a CUDA stream captures a graph or under the ``off`` policy: the cache entry,
+   else the shipped table's (``_table.py``), else the default (a Tuner: the first config of its
+   pruned space; a Paths: its ``untuned`` path), with one warning per problem under capture;
+4. otherwise timing, holding the cache file's inter-process lock (``_cache.locked``) and
+   re-reading the file first, so that of many processes tuning the same key only the first
+   times it: ``full`` times every config of the pruned space, ``fast`` (the default) the
+   table's config (or, without one, the table's nearest problem's) and its ``NEIGHBOURS``
+   nearest configs, every config where the table has nothing; paths are all timed under both.
+   Each candidate is timed with ``triton.testing.do_bench`` (median), a path after one warm-up
+   call (which also lets the Tuners inside it tune); the fastest is written to the cache with
+   every candidate's time.
+
+The cache is one JSON file per (kernel or op, device name, Triton version, hash of the source of
+the kernel and of every ``@triton.jit`` helper it calls), so editing a kernel or its math retunes
+and nothing else does; a path file also names the torch version (cuBLAS comes with it). It lives
+in ``$TRITON_GELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/triton_gelu``, else
+``~/.cache/triton_gelu``; delete the directory (or run ``python -m triton_gelu.autotune
+--clear``) to forget every tuning. Files are written atomically; an unreadable file, and an entry
+that is no longer in its pruned config space, are ignored.
 
 Under the Triton interpreter nothing is timed (the interpreter cannot benchmark) and nothing is
-read or written: the kernel runs with the single small config of the interpreter's space. A
-timing function can be injected (``Tuner(..., bench=fake)``) so the tuning and caching logic can
-be tested on the CPU.
+read or written: a kernel runs with the single small config of the interpreter's space and an op
+with its ``default`` path. A timing function can be injected (``Tuner(..., bench=fake)``,
+``Paths(..., bench=fake)``) so the whole logic, caching and locking included, runs on the CPU.
 
 Key conventions: elementwise kernels key on ``(bucket(numel), dtype, ...)``, matmul kernels on
 ``(bucket(M), N, K, dtype, ...)``. Config spaces are ``configs(arch)`` and prune functions
@@ -25,12 +42,16 @@ Key conventions: elementwise kernels key on ``(bucket(numel), dtype, ...)``, mat
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import inspect
 import math
 import re
+import time
 import types
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -39,9 +60,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._cache import cache_dir, clear_cache, read_entries, write_document  # noqa: F401 (re-exported)
-from ._runtime import interpreting, record_launch
-from ._settings import PATH_ENV, forced_path
+from . import _table
+from ._cache import cache_dir, clear_cache, locked, read_entries, write_document  # noqa: F401
+from ._runtime import capturing, interpreting, path_runs, record_launch
+from ._settings import PATH_ENV, forced_path, tune_policy
 
 Grid = Callable[[dict], tuple]
 Bench = Callable[[Callable[[], None]], float]
@@ -106,28 +128,38 @@ def prune_elementwise(
 # (BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps, num_stages) per architecture. Each space
 # mixes the big tiles the forward matmul wants with tiles whose fused backward (which stages two
 # (BM, BN) tiles, dy and z, per pipeline stage) still fits; ``prune_matmul`` keeps what fits.
+# Small M (decode, M <= 64) keeps only tiles of at most 64 rows (see ``prune_matmul``): narrow
+# 16- and 32-row tiles where mma.sync allows them (Ampere, Ada), 64 rows on Hopper (wgmma's
+# warpgroup tile; the dW kernel's rows are BLOCK_SIZE_N, so that stays >= 64 there too). Split-K
+# is left out: at M <= 64 the GELU epilogue would need a second pass after the K reduction, which
+# is what the composed path (cuBLAS, then our GELU kernel) already is, and the path choice takes
+# it wherever it is faster.
 _MATMUL_TILES = {
     "sm90": (  # 227 KB; wgmma needs 64-row warpgroups, so no BLOCK_SIZE_M below 64
         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3),
         (64, 256, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 256, 64, 8, 3),
         (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (128, 64, 128, 4, 3),
         (64, 64, 64, 4, 4),
+        # decode (M <= 64): the weight streams through; deeper K tiles keep more bytes in flight
+        (64, 64, 128, 4, 4), (64, 64, 256, 4, 3),
     ),
     "sm80": (  # 163 KB; the Triton matmul tutorial's A100 tiles, backward-sized and small-M ones
         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 32, 4, 4), (128, 128, 32, 4, 4),
         (128, 128, 64, 8, 3), (128, 128, 32, 4, 3), (128, 256, 64, 8, 2), (64, 256, 32, 4, 3),
         (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
         (64, 64, 32, 4, 5), (32, 64, 32, 2, 5), (16, 128, 64, 4, 3),
+        (16, 64, 128, 4, 4), (32, 64, 128, 4, 4),  # decode (M <= 64): narrow rows, deep K
     ),
     "sm86": (  # 99 KB and fewer SMs: smaller tiles, fewer stages
         (128, 256, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
         (128, 128, 32, 8, 2), (128, 128, 64, 8, 2), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
         (64, 64, 64, 4, 3), (64, 64, 32, 4, 4), (32, 64, 32, 2, 5), (16, 64, 64, 4, 3),
+        (16, 64, 128, 4, 3),  # decode (M <= 64)
     ),
     "default": (  # fits 64 KB: safe on any GPU Triton supports
         (128, 128, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3),
         (128, 64, 32, 4, 2), (64, 128, 32, 4, 2), (64, 64, 64, 4, 2), (64, 64, 32, 4, 2),
-        (32, 64, 32, 2, 3),
+        (32, 64, 32, 2, 3), (32, 64, 64, 4, 2),
     ),
 }
 _MATMUL_TILES["sm89"] = _MATMUL_TILES["sm86"]
@@ -147,6 +179,69 @@ def matmul_configs(arch: str | None = None) -> list[triton.Config]:
         )
         for bm, bn, bk, warps, stages in _MATMUL_TILES.get(arch, _MATMUL_TILES["default"])
     ]
+
+
+def tile_configs(arch: str | None = None) -> list[triton.Config]:
+    """(BLOCK_SIZE_M, BLOCK_SIZE_N) tiles for elementwise kernels over an (M, N) matrix whose
+    programs each cover ``TILE_ROWS`` rows (the backward's dz kernel)."""
+    if arch is None:
+        return [triton.Config({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32}, num_warps=4)]
+    tiles = ((16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8), (32, 128, 4), (64, 128, 8),
+             (64, 64, 4), (16, 128, 4))
+    return [triton.Config({"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn}, num_warps=w)
+            for bm, bn, w in tiles]
+
+
+# Rows each program of a ``tile_configs`` kernel covers (a multiple of every BLOCK_SIZE_M): the
+# dz kernel's db partial sums are (cdiv(M, TILE_ROWS), N), whatever tile the tuner picks.
+TILE_ROWS = 64
+
+
+def prune_tiles(
+    configs: list[triton.Config], key: tuple, arch: str | None = None
+) -> list[triton.Config]:
+    """``key`` starts with (bucket(M), N): drop tiles far larger than the matrix, and warps that
+    would not each get a full 16-byte vector per thread."""
+    m_bucket, n, vector = key[0], key[1], 16 // _key_itemsize(key)
+    smallest_m = min(c.kwargs["BLOCK_SIZE_M"] for c in configs)
+    smallest_n = min(c.kwargs["BLOCK_SIZE_N"] for c in configs)
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_SIZE_M"] <= max(m_bucket, smallest_m)
+        and c.kwargs["BLOCK_SIZE_N"] <= max(bucket(n), smallest_n)
+        and c.kwargs["BLOCK_SIZE_M"] * c.kwargs["BLOCK_SIZE_N"] >= c.num_warps * 32 * vector
+    ]
+    return kept or configs[:1]
+
+
+# ---- neighbours: the short list the fast policy times ---------------------------------------
+
+NEIGHBOURS = 4
+
+
+def _config_id(config: triton.Config) -> tuple:
+    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
+
+
+def config_distance(a: triton.Config, b: triton.Config) -> float:
+    """Steps between two configs of one space: the sum of |log2| of the ratio of each
+    power-of-two parameter (block sizes, GROUP_SIZE_M, num_warps) plus the difference in
+    num_stages; infinite between configs with different meta-parameters."""
+    if a.kwargs.keys() != b.kwargs.keys():
+        return math.inf
+    pairs = [(a.kwargs[k], b.kwargs[k]) for k in a.kwargs] + [(a.num_warps, b.num_warps)]
+    return sum(abs(math.log2(x) - math.log2(y)) for x, y in pairs) \
+        + abs(a.num_stages - b.num_stages)
+
+
+def neighbourhood(
+    seed: triton.Config, configs: list[triton.Config], count: int = NEIGHBOURS
+) -> list[triton.Config]:
+    """The fast policy's candidates: ``seed`` and the ``count`` configs of ``configs`` (a pruned
+    space) nearest to it by ``config_distance``, ties in the space's order."""
+    others = [c for c in configs if _config_id(c) != _config_id(seed)]
+    others.sort(key=lambda c: config_distance(seed, c))  # stable: keeps the space's order
+    return [seed, *others[:count]]
 
 
 REDUCTIONS = ("K", "N", "M")
@@ -281,18 +376,195 @@ def key_string(key: tuple) -> str:
     return "|".join(str(k) for k in key)
 
 
+_KEY_WORDS = {"True": True, "False": False, "None": None}
+
+
+def parse_key(text: str) -> tuple:
+    """The key a ``key_string`` text stands for (sizes, torch dtypes, flags, strings)."""
+    def field(part: str):
+        if part.isdigit():
+            return int(part)
+        if part in _KEY_WORDS:
+            return _KEY_WORDS[part]
+        dtype = getattr(torch, part.removeprefix("torch."), None) if part.startswith("torch.") \
+            else None
+        return dtype if isinstance(dtype, torch.dtype) else part
+    return tuple(field(part) for part in text.split("|"))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "device"
+
+
+# ---- what every chooser shares: memory, disk, table, policy, capture, lock ------------------
+
+# Seconds spent timing candidates in this process (the bench reports it per first call); a
+# path's timing includes the Tuners tuning inside it, so only the outermost timing counts.
+tuned_seconds = 0.0
+_timing_depth = 0
+
+
+class UntunedWarning(UserWarning):
+    """A problem met first while a CUDA graph was being captured ran with an untimed choice."""
+
+
+def _valid_ms(ms: float) -> float | None:
+    return None if math.isinf(ms) or math.isnan(ms) else ms
+
+
+class _Chooser:
+    """Where a Tuner's or a Paths' choices are remembered, and when it may time.
+
+    Subclasses give ``section`` (their part of the shipped table), ``_compute_hash`` and
+    ``cache_path``; ``_decide`` runs steps 2-4 of the module docstring for one problem.
+    """
+
+    section = ""
+
+    def __init__(self, name: str, bench: Bench | None) -> None:
+        self.name = name
+        self.bench = bench
+        self._interpreted = interpreting()
+        self._source_hash: str | None = None
+        self._disk_entries: dict[int, dict[str, dict]] = {}  # device index -> cache entries
+        self._warned: set[str] = set()
+        # (device index, key) -> what to launch: the hot path's one lookup; and every choice
+        # made, with how (the CLI and the bench report them).
+        self.best: dict[tuple, object] = {}
+        self.choices: dict[tuple, NamedTuple] = {}
+
+    @property
+    def tunes(self) -> bool:
+        """Whether misses may be timed: on a GPU; under the interpreter only with a bench."""
+        return self.bench is not None or not self._interpreted
+
+    @property
+    def source_hash(self) -> str:
+        if self._source_hash is None:
+            self._source_hash = self._compute_hash()
+        return self._source_hash
+
+    def _compute_hash(self) -> str:
+        raise NotImplementedError
+
+    def cache_path(self, device: Device) -> Path:
+        raise NotImplementedError
+
+    def forget(self) -> None:
+        """Forget what this process chose and read (the files on disk stay)."""
+        self._disk_entries.clear()
+        self._warned.clear()
+        self.best.clear()
+        self.choices.clear()
+
+    def _disk(self, device: Device) -> dict[str, dict]:
+        entries = self._disk_entries.get(device.index)
+        if entries is None:
+            entries = self._disk_entries[device.index] = read_entries(self.cache_path(device))
+        return entries
+
+    def _table(self, device: Device) -> dict[str, dict]:
+        return _table.section_entries(device.arch, self.section, self.name, self.source_hash)
+
+    def _save(self, device: Device, key_text: str, entry: dict) -> None:
+        path = self.cache_path(device)
+        entries = read_entries(path)  # another process may have added entries meanwhile
+        entries[key_text] = entry
+        self._disk_entries[device.index] = entries
+        write_document(path, {
+            "kind": self.section, "name": self.name, "device": device.name, "arch": device.arch,
+            "triton": triton.__version__, "torch": torch.__version__,
+            "source_hash": self.source_hash, "entries": entries,
+        })
+
+    def _warn_untuned(self, key_text: str, source: str) -> None:
+        if key_text in self._warned:
+            return
+        self._warned.add(key_text)
+        what = "the shipped table's choice" if source == "table" else "its default"
+        warnings.warn(
+            f"triton_gelu: {self.name} [{key_text}] was first met during CUDA-graph capture, "
+            f"where nothing may be timed; it runs {what}, untuned. Run one step before "
+            "capturing (or triton_gelu.autotune.warmup(model, inputs)) to tune it.",
+            UntunedWarning, stacklevel=5,
+        )
+
+    def _decide(
+        self, device: Device, key: tuple,
+        tune: Callable[[dict | None], dict | None],
+        untuned: Callable[[], dict],
+        valid: Callable[[object], bool],
+    ) -> tuple[dict | None, str, bool]:
+        """(entry, source, final) for ``key``; ``final`` is False for a choice made under capture,
+        which a later uncaptured call may time. ``tune(seed)`` times candidates and returns the
+        winning entry (None if none ran); ``untuned()`` is the default entry; ``valid(entry)``
+        says whether an entry from disk or the table is usable here."""
+        global tuned_seconds, _timing_depth
+        key_text = key_string(key)
+        policy = tune_policy()
+        entry = self._disk(device).get(key_text)
+        if valid(entry) and (policy != "full" or entry.get("policy", "full") == "full"):
+            return entry, "cache", True
+        under_capture = capturing()
+        if under_capture or policy == "off":
+            if valid(entry):
+                return entry, "cache", True
+            table_entry = self._table(device).get(key_text)
+            entry, source = (table_entry, "table") if valid(table_entry) else (untuned(), "default")
+            if under_capture:
+                self._warn_untuned(key_text, source)
+            return entry, source, not under_capture
+        path = self.cache_path(device)
+        with locked(path):
+            self._disk_entries.pop(device.index, None)  # re-read: another process may have tuned
+            entry = self._disk(device).get(key_text)
+            if valid(entry) and (policy != "full" or entry.get("policy", "full") == "full"):
+                return entry, "cache", True
+            seed = None
+            if policy == "fast":
+                table = self._table(device)
+                seed = table.get(key_text) if valid(table.get(key_text)) else None
+                if seed is None:
+                    near = _table.nearest(table, key_text)
+                    seed = near if valid(near) else None
+            start = time.perf_counter()
+            _timing_depth += 1
+            try:
+                entry = tune(seed)
+            finally:
+                _timing_depth -= 1
+                if _timing_depth == 0:
+                    tuned_seconds += time.perf_counter() - start
+            if entry is not None:
+                entry = {**entry, "policy": policy}
+                self._save(device, key_text, entry)
+        return entry, "tuned", True
+
+
+def _do_bench(fn: Callable[[], None]) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+# ---- config choice --------------------------------------------------------------------------
+
+
 class Choice(NamedTuple):
     config: triton.Config
-    ms: float  # measured when tuned (NaN when nothing was timed)
-    source: str  # "tuned", "cache" or "only" (a single candidate, nothing timed)
+    ms: float  # measured when tuned (NaN when nothing was timed here)
+    source: str  # "tuned", "cache", "table", "default" or "only" (nothing could be timed)
 
 
-def _entry_choice(entry: object) -> Choice | None:
-    """The choice recorded by a cache entry, or None if the entry is missing or malformed."""
+def config_entry(config: triton.Config, ms: float | None = None) -> dict:
+    """A config as a cache or table entry."""
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps,
+            "num_stages": config.num_stages, "ms": ms}
+
+
+def _entry_config(entry: object) -> triton.Config | None:
+    """The config recorded by an entry, or None if the entry is missing or malformed."""
     try:
-        config = triton.Config(dict(entry["kwargs"]), num_warps=int(entry["num_warps"]),
-                               num_stages=int(entry["num_stages"]))
-        return Choice(config, float(entry.get("ms", math.nan)), "cache")
+        return triton.Config(dict(entry["kwargs"]), num_warps=int(entry["num_warps"]),
+                             num_stages=int(entry["num_stages"]))
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
@@ -307,20 +579,18 @@ def _takes(fn: Callable | None, n_args: int) -> bool:
         return False
 
 
-def _do_bench(fn: Callable[[], None]) -> float:
-    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
-
-
 # Every tuner by name, so ``python -m triton_gelu.autotune`` can report what each one chose.
 tuners: dict[str, Tuner] = {}
 
 
-class Tuner:
+class Tuner(_Chooser):
     """Pick, remember and persist the fastest config of ``configs(arch)`` for each problem key.
 
     ``bench`` times a zero-argument callable and returns milliseconds; the default is
     ``triton.testing.do_bench``. Passing one also enables tuning under the interpreter (tests).
     """
+
+    section = "tuners"
 
     def __init__(
         self,
@@ -330,49 +600,40 @@ class Tuner:
         prune: Callable[..., list[triton.Config]] | None = None,
         bench: Bench | None = None,
     ) -> None:
+        super().__init__(name, bench)
         self.kernel = kernel
-        self.name = name
         self.configs = configs
         self.prune = prune
-        self.bench = bench
         # Older call sites pass configs() and prune(configs, key) without the arch argument.
         self._configs_take_arch = _takes(configs, 1)
         self._prune_takes_arch = _takes(prune, 3)
-        self._interpreted = interpreting()
-        # (device index, key) -> (meta-parameters, launch kwargs): the hot path's one lookup.
-        self.best: dict[tuple, tuple[dict, dict]] = {}
-        self.choices: dict[tuple, Choice] = {}
-        self._tables: dict[int, dict[str, dict]] = {}  # device index -> cache entries
-        self._source_hash: str | None = None
+        # best: (device index, key) -> (meta-parameters, launch kwargs); choices: -> Choice
         tuners[name] = self
 
-    # ---- public helpers (also used by the CLI and the tests) ----
-
-    @property
-    def tunes(self) -> bool:
-        """Whether misses are timed: always on a GPU; under the interpreter only with a bench."""
-        return self.bench is not None or not self._interpreted
-
-    @property
-    def source_hash(self) -> str:
-        if self._source_hash is None:
-            self._source_hash = source_hash(self.kernel)
-        return self._source_hash
+    def _compute_hash(self) -> str:
+        return source_hash(self.kernel)
 
     def cache_path(self, device: Device) -> Path:
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", device.name).strip("-") or "device"
-        version = re.sub(r"[^A-Za-z0-9_.-]+", "-", triton.__version__)
-        return cache_dir() / f"{self.name}.{slug}.triton-{version}.{self.source_hash[:16]}.json"
+        version = _slug(triton.__version__)
+        return cache_dir() / (f"{self.name}.{_slug(device.name)}.triton-{version}."
+                              f"{self.source_hash[:16]}.json")
 
-    def candidates(self, key: tuple, arch: str | None) -> list[triton.Config]:
+    def pruned_space(self, key: tuple, arch: str | None) -> list[triton.Config]:
+        """The config space of ``arch``, pruned for ``key``."""
         configs = self.configs(arch) if self._configs_take_arch else self.configs()
-        if not self.tunes:
-            return configs[:1]
         if self.prune is not None:
             pruned = (self.prune(configs, key, arch) if self._prune_takes_arch
                       else self.prune(configs, key))
             configs = pruned or configs[:1]
         return configs
+
+    def candidates(self, key: tuple, arch: str | None) -> list[triton.Config]:
+        """The pruned config space of ``arch`` for ``key`` (the space's first config alone when
+        nothing can be timed)."""
+        if not self.tunes:
+            configs = self.configs(arch) if self._configs_take_arch else self.configs()
+            return configs[:1]
+        return self.pruned_space(key, arch)
 
     # ---- tuning ----
 
@@ -384,97 +645,263 @@ class Tuner:
         except Exception:  # a config that does not compile or fit on this device
             return math.inf
 
-    def _table(self, device: Device) -> dict[str, dict]:
-        table = self._tables.get(device.index)
-        if table is None:
-            table = self._tables[device.index] = read_entries(self.cache_path(device))
-        return table
-
-    def _save(self, device: Device, key_text: str, entry: dict) -> None:
-        path = self.cache_path(device)
-        entries = read_entries(path)  # another process may have added entries meanwhile
-        entries[key_text] = entry
-        self._table(device)[key_text] = entry
-        document = {
-            "kernel": self.name, "device": device.name, "arch": device.arch,
-            "triton": triton.__version__, "source_hash": self.source_hash, "entries": entries,
-        }
-        write_document(path, document)
-
     def choose(self, slot: tuple, grid: Grid, kwargs: dict) -> Choice:
-        """Config for ``slot`` = (device index, key): memory, then disk, then timing."""
+        """Config for ``slot`` = (device index, key), decided now (see the module docstring)."""
+        return self._choose(slot, grid, kwargs)[0]
+
+    def _choose(self, slot: tuple, grid: Grid, kwargs: dict,
+                aliased: tuple[str, ...] = ()) -> tuple[Choice, bool]:
+        """(choice, final): a choice made under CUDA-graph capture is not final."""
         device = device_of(slot[0])
         key = slot[1]
         candidates = self.candidates(key, device.arch)
         if not self.tunes:
-            return Choice(candidates[0], math.nan, "only")
-        key_text = key_string(key)
-        cached = _entry_choice(self._table(device).get(key_text))
-        if cached is not None:
-            return cached
-        times = [self._time(grid, c, kwargs) for c in candidates]
-        best = min(range(len(candidates)), key=times.__getitem__)
-        if math.isinf(times[best]):  # nothing ran: launch the first so its error surfaces
-            return Choice(candidates[0], math.inf, "tuned")
-        config = candidates[best]
-        self._save(device, key_text, {
-            "kwargs": config.kwargs, "num_warps": config.num_warps,
-            "num_stages": config.num_stages, "ms": times[best],
-        })
-        return Choice(config, times[best], "tuned")
+            return Choice(candidates[0], math.nan, "only"), True
+        allowed = {_config_id(c) for c in candidates}
 
-    def run(self, grid: Grid, key: tuple, **kwargs) -> None:
+        def valid(entry: object) -> bool:
+            config = _entry_config(entry)
+            return config is not None and _config_id(config) in allowed
+
+        def tune(seed: dict | None) -> dict | None:
+            configs = candidates if seed is None else neighbourhood(
+                next(c for c in candidates if _config_id(c) == _config_id(_entry_config(seed))),
+                candidates)
+            # An output that is also an input (in place) is timed into a copy: the kernel must
+            # run once, on the real tensors, after the choice.
+            timed_kwargs = {**kwargs, **{name: kwargs[name].clone() for name in aliased}}
+            times = [self._time(grid, c, timed_kwargs) for c in configs]
+            best = min(range(len(configs)), key=times.__getitem__)
+            return None if math.isinf(times[best]) else config_entry(configs[best], times[best])
+
+        entry, source, final = self._decide(
+            device, key, tune, lambda: config_entry(candidates[0]), valid)
+        if entry is None:  # nothing ran: launch the first config so its error surfaces
+            return Choice(candidates[0], math.inf, "tuned"), True
+        ms = entry.get("ms")
+        return Choice(_entry_config(entry), math.nan if ms is None else float(ms), source), final
+
+    def run(self, grid: Grid, key: tuple, *, aliased: tuple[str, ...] = (), **kwargs) -> None:
         """Launch the kernel with the tuned config for ``key``; kwargs are the kernel arguments.
 
         Tuning launches the kernel several times on the real arguments, so kernels must be
-        idempotent (pure stores, no accumulation into their outputs).
+        idempotent (pure stores, no accumulation into their outputs); an output that aliases an
+        input (an in-place launch) is named in ``aliased`` and timed into a copy instead.
         """
         slot = (-1 if self._interpreted else torch.cuda.current_device(), key)
         launch = self.best.get(slot)
         if launch is None:
-            choice = self.choose(slot, grid, kwargs)
+            choice, final = self._choose(slot, grid, kwargs, aliased)
             self.choices[slot] = choice
-            launch = self.best[slot] = (choice.config.kwargs, config_kwargs(choice.config))
+            launch = (choice.config.kwargs, config_kwargs(choice.config))
+            if final:
+                self.best[slot] = launch
         record_launch(self.name)
         self.kernel[grid(launch[0])](**kwargs, **launch[1])
 
 
-# ---- paths: one op, several ways to compute it ----------------------------------------------
+# ---- path choice: one op, several ways to compute it ----------------------------------------
 
-# Every op with paths by name, for the CLI and the tests.
+
+class PathChoice(NamedTuple):
+    path: str
+    ms: float  # the winner's time when timed (NaN when nothing was timed here)
+    candidates: dict[str, float | None]  # every path timed -> ms (None: it failed)
+    source: str  # "tuned", "cache", "table", "default", "only" or "forced"
+
+
+# Every op with paths by name, for the CLI, the exporter and the tests.
 path_choosers: dict[str, Paths] = {}
+_recorders: list[list[tuple[str, PathChoice]]] = []
 
 
-class Paths:
+@contextlib.contextmanager
+def recording_paths() -> Iterator[list[tuple[str, PathChoice]]]:
+    """Collect (op, choice) for every path run inside the block (the bench's "path" column)."""
+    seen: list[tuple[str, PathChoice]] = []
+    _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        _recorders.remove(seen)
+
+
+def _callable_text(fn: Callable) -> str:
+    """The source of a path callable, for the cache key (its qualified name if it has none);
+    never a repr, which could hold a memory address."""
+    fn = inspect.unwrap(fn)
+    if isinstance(fn, functools.partial):
+        return _callable_text(fn.func)
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+PathName = str | Callable[[tuple], str]
+
+
+class Paths(_Chooser):
     """The named ways to compute one op, and the choice between them per problem key.
 
     ``paths`` maps a name to a callable; every callable takes the op's arguments and returns the
     op's outputs as new tensors (never writing into its inputs), with results within the suite's
-    tolerance rules, so any of them may serve any call. ``default`` names the path taken when
-    nothing else decides. A path forced with ``$TRITON_GELU_PATH`` or
-    ``triton_gelu.autotune.force_path`` (``_settings.py``) always wins.
+    tolerance rules, so any of them may serve any call.
+
+    - ``default``: the path where nothing can be timed and nothing is known: under the Triton
+      interpreter (so the test suite runs the kernels) and, unless ``untuned`` says otherwise,
+      on a GPU under the ``off`` policy or CUDA-graph capture;
+    - ``untuned``: the path on a GPU for a problem that may not be timed (policy ``off``,
+      capture) and has no cached or shipped choice; the safe one, e.g. cuBLAS + our GELU;
+    - both may be a name or a function of the key returning one; the arguments below are
+      optional and keyword-only;
+    - ``applies``: {name: predicate(*args, **kwargs)}: a path whose predicate is false is not a
+      candidate for that problem (e.g. cuBLASLt's GELU epilogue only has the tanh form); it is
+      asked on a miss only, so it must depend on nothing but the key and the device;
+    - ``kernels``: the Tuners (or ``@triton.jit`` kernels) the paths launch; the cache and the
+      table are keyed on their source hashes and the paths' own source. Default: every Tuner
+      registered when the op first tunes (safe: any kernel edit retunes the choice);
+    - ``bench``: a timing function (tests), as for ``Tuner``.
+
+    A path forced with ``$TRITON_GELU_PATH`` or ``triton_gelu.autotune.force_path``
+    (``_settings.py``) always wins where it applies (where it does not, a warning says so once
+    and the op chooses as usual).
     """
 
-    def __init__(self, op: str, paths: dict[str, Callable], default: str) -> None:
-        if default not in paths:
-            raise ValueError(f"default path {default!r} of {op} is not one of {list(paths)}")
+    section = "paths"
+
+    def __init__(
+        self, op: str, paths: dict[str, Callable], default: PathName, *,
+        untuned: PathName | None = None,
+        applies: dict[str, Callable[..., bool]] | None = None,
+        kernels: Iterable | None = None,
+        bench: Bench | None = None,
+    ) -> None:
+        super().__init__(op, bench)
+        for what, name in (("default", default), ("untuned", untuned)):
+            if isinstance(name, str) and name not in paths:
+                raise ValueError(f"{what} path {name!r} of {op} is not one of {list(paths)}")
+        unknown = set(applies or ()) - set(paths)
+        if unknown:
+            raise ValueError(f"applies names unknown paths of {op}: {sorted(unknown)}")
         self.op = op
         self.paths = paths
         self.default = default
+        self.untuned = default if untuned is None else untuned
+        self.applies = dict(applies or {})
+        self.kernels = None if kernels is None else list(kernels)
+        # best: (device index, key) -> path name; choices: -> PathChoice
+        self._forced_warned: set[str] = set()
         path_choosers[op] = self
 
+    def _compute_hash(self) -> str:
+        digest = hashlib.sha256(self.op.encode())
+        for name, fn in self.paths.items():
+            digest.update(f"\0{name}\0{_callable_text(fn)}".encode())
+        kernels = self.kernels if self.kernels is not None else list(tuners.values())
+        for kernel in sorted(kernels, key=lambda k: getattr(k, "name", "")):
+            digest.update((kernel.source_hash if isinstance(kernel, Tuner)
+                           else source_hash(kernel)).encode())
+        return digest.hexdigest()
+
+    def cache_path(self, device: Device) -> Path:
+        versions = f"triton-{_slug(triton.__version__)}.torch-{_slug(torch.__version__)}"
+        return cache_dir() / f"paths.{self.op}.{_slug(device.name)}.{versions}." \
+                             f"{self.source_hash[:16]}.json"
+
+    def applicable(self, args: tuple, kwargs: dict) -> list[str]:
+        """The paths that can compute this call, in registration order."""
+        return [name for name in self.paths
+                if name not in self.applies or self.applies[name](*args, **kwargs)]
+
+    @staticmethod
+    def _name(spec: PathName, key: tuple, names: list[str]) -> str:
+        name = spec(key) if callable(spec) else spec
+        return name if name in names else names[0]
+
+    def _device_index(self, args: tuple) -> int:
+        if self._interpreted:
+            return -1
+        tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        return -1 if tensor is None else tensor.get_device()  # -1 on the CPU
+
+    def _time(self, names: list[str], args: tuple, kwargs: dict) -> dict | None:
+        bench = self.bench or _do_bench
+        times = {}
+        for name in names:
+            def call(fn=self.paths[name]):
+                return fn(*args, **kwargs)
+            try:
+                call()  # warm-up: compiles, and lets the Tuners inside the path tune first
+                times[name] = float(bench(call))
+            except Exception:  # a path that cannot run this problem on this device
+                times[name] = math.inf
+        best = min(names, key=times.__getitem__)
+        if math.isinf(times[best]):
+            return None
+        return {"path": best, "ms": times[best],
+                "candidates": {name: _valid_ms(ms) for name, ms in times.items()}}
+
+    def _choose(self, slot: tuple, args: tuple, kwargs: dict) -> tuple[PathChoice, bool]:
+        key = slot[1]
+        names = self.applicable(args, kwargs)
+        if len(names) == 1:
+            return PathChoice(names[0], math.nan, {}, "only"), True
+        if not self.tunes:
+            return PathChoice(self._name(self.default, key, names), math.nan, {}, "default"), True
+
+        def valid(entry: object) -> bool:
+            return isinstance(entry, dict) and entry.get("path") in names
+
+        entry, source, final = self._decide(
+            device_of(slot[0]), key, lambda seed: self._time(names, args, kwargs),
+            lambda: {"path": self._name(self.untuned, key, names), "ms": None, "candidates": {}},
+            valid)
+        if entry is None:  # no path ran: take the default, so its error surfaces
+            return PathChoice(self._name(self.default, key, names), math.inf, {}, "tuned"), True
+        ms = entry.get("ms")
+        return PathChoice(entry["path"], math.nan if ms is None else float(ms),
+                          dict(entry.get("candidates", {})), source), final
+
     def choose(self, key: tuple, args: tuple, kwargs: dict) -> str:
-        """The path for ``key``: a forced one, else the default."""
+        """The path for ``key`` and these arguments: forced, remembered, or decided now."""
+        return self._resolve(key, args, kwargs)[0]
+
+    def _forced(self, forced: str, args: tuple, kwargs: dict) -> str | None:
+        if forced not in self.paths:
+            raise ValueError(
+                f"{PATH_ENV} / force_path asks {self.op} for path {forced!r}; "
+                f"its paths are {', '.join(self.paths)}"
+            )
+        if forced in self.applies and not self.applies[forced](*args, **kwargs):
+            if forced not in self._forced_warned:
+                self._forced_warned.add(forced)
+                warnings.warn(f"triton_gelu: path {forced!r} of {self.op} is forced but does not "
+                              "apply to this problem; choosing as usual", stacklevel=5)
+            return None
+        return forced
+
+    def _resolve(self, key: tuple, args: tuple, kwargs: dict) -> tuple[str, PathChoice | None]:
         forced = forced_path(self.op)
-        if forced is not None:
-            if forced not in self.paths:
-                raise ValueError(
-                    f"{PATH_ENV} / force_path asks {self.op} for path {forced!r}; "
-                    f"its paths are {', '.join(self.paths)}"
-                )
-            return forced
-        return self.default
+        if forced is not None and self._forced(forced, args, kwargs) is not None:
+            return forced, PathChoice(forced, math.nan, {}, "forced")
+        slot = (self._device_index(args), key)
+        name = self.best.get(slot)
+        if name is not None:
+            return name, None
+        choice, final = self._choose(slot, args, kwargs)
+        self.choices[slot] = choice
+        if final:
+            self.best[slot] = choice.path
+        return choice.path, choice
 
     def run(self, key: tuple, *args, **kwargs):
         """Compute the op by the path chosen for ``key``."""
-        return self.paths[self.choose(key, args, kwargs)](*args, **kwargs)
+        name, choice = self._resolve(key, args, kwargs)
+        path_runs[(self.op, name)] += 1
+        if _recorders:
+            if choice is None:
+                choice = self.choices.get((self._device_index(args), key))
+            for seen in _recorders:
+                seen.append((self.op, choice or PathChoice(name, math.nan, {}, "cache")))
+        return self.paths[name](*args, **kwargs)

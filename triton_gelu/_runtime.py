@@ -6,7 +6,8 @@ Triton imports; if it does not, every call takes the PyTorch fallback and a warn
 reason is given once.
 
 ``launches`` counts every Triton kernel launch by kernel name, so tests can prove the kernel path
-(not a PyTorch fallback) produced a result.
+(not a PyTorch fallback) produced a result; ``path_runs`` counts the paths ``_autotune.Paths``
+ran, by (op, path name).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import warnings
 import torch
 
 launches: collections.Counter = collections.Counter()
+path_runs: collections.Counter = collections.Counter()
 
 
 def interpreting() -> bool:
@@ -76,6 +78,15 @@ def where_kernels_run() -> str:
     if interpreting():
         return "interpreted"
     return "native" if torch.cuda.is_available() else "fallback"
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never on a machine without CUDA).
+    Nothing may be timed then: timing synchronizes, which capture forbids."""
+    try:
+        return bool(torch.cuda.is_current_stream_capturing())
+    except (RuntimeError, AssertionError, AttributeError):  # a CPU-only build of torch
+        return False
 
 
 def record_launch(name: str) -> None:

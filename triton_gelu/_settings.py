@@ -5,21 +5,65 @@ plus an elementwise kernel, PyTorch's own op) has named *paths*; ``_autotune.Pat
 per problem. A path can be forced, for tests and for users who want to rule one out:
 
 - ``TRITON_GELU_PATH="linear_gelu_fwd=composed,gelu_fwd=torch"`` in the environment (read at
-  each choice, so a test may set it with ``monkeypatch.setenv``);
+  each call, so a test may set it with ``monkeypatch.setenv``);
 - ``with triton_gelu.autotune.force_path(linear_gelu_fwd="composed"): ...`` in Python, which
   wins over the environment.
+
+Tuning policy, how much a first call may time (``_autotune.py`` applies it):
+
+- ``full``: every config of the pruned space and every path;
+- ``fast`` (the default): the shipped table's config plus its nearest neighbours (every config
+  where the table has nothing to start from), and every path;
+- ``off``: nothing is timed: the cached or shipped choice, else the default config and the
+  op's untuned path.
+
+Set it with ``TRITON_GELU_TUNE`` (read at each call), ``triton_gelu.autotune.set_policy(name)``
+for the process, or ``with triton_gelu.autotune.policy(name):`` for a block; the Python
+settings win over the environment. Any other value is refused with a ``ValueError`` naming
+``TRITON_GELU_TUNE``: by the setters at once, and for the environment at the next call of any
+triton_gelu function (``_backend.launchers`` asks on every call, whether the Triton kernels, the
+interpreter or the PyTorch fallback serve it), so a typo never goes unnoticed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from collections.abc import Iterator
 
 PATH_ENV = "TRITON_GELU_PATH"
+TUNE_ENV = "TRITON_GELU_TUNE"
+POLICIES = ("full", "fast", "off")
+DEFAULT_POLICY = "fast"
 
 _forced: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("forced", default={})
+_policy_block: contextvars.ContextVar[str | None] = contextvars.ContextVar("policy", default=None)
+_policy_process: str | None = None
+
+# Both variables are read on every call, where ``os.environ.get`` (which encodes the key each
+# time) would cost more than the rest of the lookup: read the mapping os.environ keeps in sync
+# (CPython's, on every platform), values still raw; the parsers below are cached on them.
+_ENVIRON = getattr(os.environ, "_data", None)
+_ENCODE_KEY = getattr(os.environ, "encodekey", None)
+_DECODE_VALUE = getattr(os.environ, "decodevalue", str)
+_KEYS = {}
+
+
+def _raw_env(name: str):
+    """The raw value of environment variable ``name`` (None if unset)."""
+    if _ENVIRON is None or _ENCODE_KEY is None:
+        return os.environ.get(name)
+    key = _KEYS.get(name)
+    if key is None:
+        key = _KEYS[name] = _ENCODE_KEY(name)
+    return _ENVIRON.get(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_paths_raw(raw) -> dict[str, str]:
+    return _parse_paths(_DECODE_VALUE(raw))
 
 
 def _parse_paths(text: str) -> dict[str, str]:
@@ -40,7 +84,8 @@ def forced_path(op: str) -> str | None:
     forced = _forced.get()
     if op in forced:
         return forced[op]
-    return _parse_paths(os.environ.get(PATH_ENV, "")).get(op)
+    raw = _raw_env(PATH_ENV)
+    return _parse_paths_raw(raw).get(op) if raw else None
 
 
 @contextlib.contextmanager
@@ -51,3 +96,50 @@ def force_path(**paths: str) -> Iterator[None]:
         yield
     finally:
         _forced.reset(token)
+
+
+# ---- the tuning policy ---------------------------------------------------------------------
+
+
+def check_policy(name: object, where: str = TUNE_ENV) -> str:
+    """``name`` if it is a policy, else a ValueError naming TRITON_GELU_TUNE and the value."""
+    if not isinstance(name, str) or name not in POLICIES:
+        raise ValueError(
+            f"{TUNE_ENV} (the tuning policy) must be one of {', '.join(POLICIES)}; got {name!r}"
+            f" from {where}"
+        )
+    return name
+
+
+@functools.lru_cache(maxsize=16)
+def _env_policy(raw) -> str:
+    return check_policy(_DECODE_VALUE(raw), f"the environment variable {TUNE_ENV}")
+
+
+def tune_policy() -> str:
+    """The policy in force: a ``policy()`` block, else ``set_policy()``, else
+    ``$TRITON_GELU_TUNE`` (unset or empty: "fast"). Raises ValueError for any other value."""
+    name = _policy_block.get()
+    if name is not None:
+        return name
+    if _policy_process is not None:
+        return _policy_process
+    raw = _raw_env(TUNE_ENV)
+    return _env_policy(raw) if raw else DEFAULT_POLICY
+
+
+def set_policy(name: str | None) -> None:
+    """Set the tuning policy for the process ("full", "fast" or "off"); None goes back to
+    ``$TRITON_GELU_TUNE``. Problems already chosen keep their choice."""
+    global _policy_process
+    _policy_process = None if name is None else check_policy(name, "set_policy()")
+
+
+@contextlib.contextmanager
+def policy(name: str) -> Iterator[None]:
+    """Use tuning policy ``name`` ("full", "fast" or "off") inside the ``with`` block."""
+    token = _policy_block.set(check_policy(name, "policy()"))
+    try:
+        yield
+    finally:
+        _policy_block.reset(token)

@@ -1,27 +1,43 @@
-"""``python -m triton_gelu.autotune``: tune every kernel for given shapes, fill the cache.
+"""Tuning, for users: the settings, ``warmup``, and ``python -m triton_gelu.autotune``.
 
-Shapes are ``MxKxN`` (tokens x in_features x out_features), the problem of ``linear_gelu`` on an
-(M, K) input with an (N, K) weight; the standalone GELU kernels are tuned on the (M, N)
-activation. Each kernel is tuned by calling the public functions, forward and backward, on random
-inputs, so exactly the keys a training run will use get tuned. ::
+In Python (importing this module never imports Triton)::
 
-    python -m triton_gelu.autotune                          # the FFN presets, bf16 and fp16
+    triton_gelu.autotune.set_policy("off")            # or TRITON_GELU_TUNE=full|fast|off
+    with triton_gelu.autotune.policy("full"): ...
+    with triton_gelu.autotune.force_path(linear_gelu_fwd="composed"): ...
+    triton_gelu.autotune.warmup(model, (x,))          # tune now, not in the first step
+
+On the command line: tune every kernel and path for given shapes and fill the cache. Shapes are
+``MxKxN`` (tokens x in_features x out_features), the problem of ``linear_gelu`` on an (M, K)
+input with an (N, K) weight; the standalone GELU kernels are tuned on the (M, N) activation.
+Each kernel is tuned by calling the public functions, forward and backward, on random inputs,
+so exactly the keys a training run will use get tuned. ::
+
+    python -m triton_gelu.autotune                          # FFN presets + decode, bf16, fp16
     python -m triton_gelu.autotune --shapes 8192x4096x11008 --dtypes bf16
+    python -m triton_gelu.autotune --export                 # and write the shipped table
     python -m triton_gelu.autotune --clear                  # forget every tuning
 
 The cache lives in ``$TRITON_GELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/triton_gelu``, else
-``~/.cache/triton_gelu`` (see ``_autotune.py``).
+``~/.cache/triton_gelu`` (see ``_autotune.py``). ``--export`` tunes under the ``full`` policy
+and merges every choice into ``triton_gelu/tuned/<arch>.json`` (``_table.py``); a problem the
+table lists as exported is skipped, so an interrupted export resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import math
 import sys
+from pathlib import Path
 
 import torch
 
-from ._settings import force_path  # noqa: F401 (public: triton_gelu.autotune.force_path)
+from . import _settings
+from ._settings import force_path, policy, set_policy  # noqa: F401 (public)
+from ._warmup import warmup  # noqa: F401 (public)
 
 TOKENS = 8192
 # (in_features, out_features) of the first FFN layer: K -> N.
@@ -31,6 +47,9 @@ PRESETS = {
     "gpt2-xl": (1600, 6400),
     "llama-7b": (4096, 11008),
 }
+# Serving one token at a time (and small batches of them): M = 1, 16, 64 at these widths.
+DECODE_TOKENS = (1, 16, 64)
+DECODE_PRESETS = ("bert-base", "llama-7b")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -48,6 +67,12 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def preset_shapes(names: list[str], tokens: int = TOKENS) -> list[tuple[int, int, int]]:
     """(M, K, N) of named FFN presets at ``tokens`` tokens."""
     return [(tokens, *_choose("preset", name, PRESETS)) for name in names]
+
+
+def decode_shapes(tokens: list[int] | tuple[int, ...] = DECODE_TOKENS,
+                  presets: tuple[str, ...] = DECODE_PRESETS) -> list[tuple[int, int, int]]:
+    """(M, K, N) of the decode problems: each token count at each preset's widths."""
+    return [(m, *PRESETS[name]) for name in presets for m in tokens]
 
 
 def _split(text: str) -> list[str]:
@@ -71,9 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=",".join(PRESETS),
                    help=f"comma-separated FFN presets at {TOKENS} tokens (default: all of "
                         f"{', '.join(PRESETS)}); ignored when --shapes is given")
+    p.add_argument("--decode", default=",".join(map(str, DECODE_TOKENS)),
+                   help="comma-separated token counts of the decode shapes, at the widths of "
+                        f"{' and '.join(DECODE_PRESETS)} ('' for none); ignored with --shapes")
     p.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16, fp32")
     p.add_argument("--approximate", default="none,tanh", help="comma-separated: none, tanh")
     p.add_argument("--clear", action="store_true", help="delete the cache and exit")
+    p.add_argument("--export", nargs="?", const="", metavar="PATH",
+                   help="tune under the full policy and merge every choice into the shipped "
+                        "table (default triton_gelu/tuned/<arch>.json, or PATH)")
     return p
 
 
@@ -98,9 +129,78 @@ def _exercise(shape, dtype, approximate: str) -> None:
     x = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
     weight = (torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5).requires_grad_()
     bias = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
-    for recompute in (False, True):
+    for recompute in (False, True):  # the recompute forward is also the inference one
         y = linear_gelu(x, weight, bias, approximate=approximate, recompute=recompute)
         y.backward(torch.randn_like(y))
+
+
+def _token_counts(text: str) -> list[int]:
+    parts = _split(text)
+    if not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"--decode takes token counts, like 1,16,64; got {text!r}")
+    return [int(part) for part in parts]
+
+
+def _label(shape, dtype, approximate: str) -> str:
+    return f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} {approximate}"
+
+
+def _new_choices(before: dict, _autotune) -> list[str]:
+    lines = []
+    for name, tuner in sorted(_autotune.tuners.items()):
+        for slot, choice in tuner.choices.items():
+            if slot not in before.get(name, ()):
+                lines.append(f"  {name:<24} [{_autotune.key_string(slot[1])}]  "
+                             f"{_describe(choice)}")
+    for op, paths in sorted(_autotune.path_choosers.items()):
+        for slot, choice in paths.choices.items():
+            if slot not in before.get("paths." + op, ()):
+                times = ", ".join(f"{n} {'-' if ms is None else f'{ms:.4f}'}"
+                                  for n, ms in choice.candidates.items())
+                lines.append(f"  {op:<24} [{_autotune.key_string(slot[1])}]  path "
+                             f"{choice.path} ({choice.source}{'; ' + times if times else ''})")
+    return lines
+
+
+def _snapshot(_autotune) -> dict:
+    seen = {name: set(t.choices) for name, t in _autotune.tuners.items()}
+    seen.update({"paths." + op: set(p.choices) for op, p in _autotune.path_choosers.items()})
+    return seen
+
+
+def _export_table(path: Path, arch: str, device_index: int, done: list[str]) -> dict:
+    """Merge the choices this process made on device ``device_index`` into the table at
+    ``path`` (creating it), recording the problems in ``done`` as exported."""
+    import triton
+
+    from . import _autotune, _table
+
+    def ms(value: float) -> float | None:
+        return None if math.isnan(value) or math.isinf(value) else value
+
+    document = _table.read_table(path) or _table.empty_table(arch)
+    for name, tuner in _autotune.tuners.items():
+        entries = {_autotune.key_string(slot[1]): _autotune.config_entry(c.config, ms(c.ms))
+                   for slot, c in tuner.choices.items()
+                   if slot[0] == device_index and c.source in ("tuned", "cache")}
+        if entries:
+            _table.merge_section(document, "tuners", name, tuner.source_hash, entries)
+    for op, paths in _autotune.path_choosers.items():
+        entries = {_autotune.key_string(slot[1]): {"path": c.path, "ms": ms(c.ms),
+                                                    "candidates": c.candidates}
+                   for slot, c in paths.choices.items()
+                   if slot[0] == device_index and c.source in ("tuned", "cache")
+                   and c.path in c.candidates}
+        if entries:
+            _table.merge_section(document, "paths", op, paths.source_hash, entries)
+    document["measured_on"] = {
+        "device": _autotune.device_of(device_index).name, "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    document["exported"] = list(dict.fromkeys([*document.get("exported", []), *done]))
+    _table.write_table(path, document)
+    return document
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,11 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"removed {len(removed)} tuning file(s) from {cache_dir()}")
         return 0
     try:
-        shapes = args.shapes or preset_shapes(_split(args.preset))
+        _settings.tune_policy()
+        decode = _token_counts(args.decode)
+        shapes = args.shapes or preset_shapes(_split(args.preset)) + decode_shapes(decode)
         dtypes = [_choose("dtype", name, DTYPES) for name in _split(args.dtypes)]
         approximates = [_choose("approximate", a, ("none", "tanh"))
                         for a in _split(args.approximate)]
-    except argparse.ArgumentTypeError as e:
+    except (argparse.ArgumentTypeError, ValueError) as e:
         print(f"triton_gelu.autotune: {e}", file=sys.stderr)
         return 2
 
@@ -132,20 +234,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from . import _autotune
 
-    print(f"tuning on {torch.cuda.get_device_name()}; cache: {cache_dir()}")
+    device = _autotune.device_of(torch.cuda.current_device())
+    export = None
+    if args.export is not None:
+        from . import _table
+
+        if device.arch is None or device.arch == "default":
+            print(f"triton_gelu.autotune: {device.name} has no architecture table "
+                  "(sm90, sm80, sm86, sm89); nothing to export", file=sys.stderr)
+            return 2
+        export = Path(args.export) if args.export else _table.table_path(device.arch)
+        done = set(_table.read_table(export).get("exported", []))
+    print(f"tuning on {device.name} ({device.arch}) under the "
+          f"{'full' if export else _settings.tune_policy()} policy; cache: {cache_dir()}"
+          + (f"; table: {export}" if export else ""))
     for shape in shapes:
         for dtype in dtypes:
             for approximate in approximates:
-                before = {name: set(t.choices) for name, t in _autotune.tuners.items()}
-                _exercise(shape, dtype, approximate)
+                label = _label(shape, dtype, approximate)
+                if export is not None and label in done:
+                    print(f"{label}: already in the table")
+                    continue
+                before = _snapshot(_autotune)
+                start = _autotune.tuned_seconds
+                with policy("full") if export is not None else contextlib.nullcontext():
+                    _exercise(shape, dtype, approximate)
                 torch.cuda.synchronize()
-                print(f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} "
-                      f"approximate={approximate}")
-                for name, tuner in sorted(_autotune.tuners.items()):
-                    for slot, choice in tuner.choices.items():
-                        if slot not in before.get(name, ()):
-                            key = _autotune.key_string(slot[1])
-                            print(f"  {name:<24} [{key}]  {_describe(choice)}")
+                print(f"{label}: {_autotune.tuned_seconds - start:.1f} s of timing")
+                for line in _new_choices(before, _autotune):
+                    print(line)
+                if export is not None:  # after each problem, so a timeout loses only one
+                    _export_table(export, device.arch, device.index, [label])
+    if export is not None:
+        print(f"wrote {export}")
     return 0
 
 

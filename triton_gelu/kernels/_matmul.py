@@ -1,7 +1,9 @@
 """What every matmul kernel of the package shares: tile order, tensor-core operands, the TF32
-rule, launch grids and output allocation."""
+rule, launch grids and output allocation; and how the paths call cuBLAS."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -59,3 +61,13 @@ def new_output(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """Every matmul launcher allocates its outputs here: tests swap in NaN-filled buffers to
     catch tiles a kernel leaves unwritten."""
     return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def cublas_context(t: torch.Tensor):
+    """Where a path calls a PyTorch matmul: autocast off, since the launchers' operands already
+    are in the dtype to compute in (functional.py casts them as F.linear would), and a backward
+    run inside an autocast block must not recast them."""
+    device_type = t.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -5,15 +5,23 @@ dimensions must collapse into one row stride (any contiguous tensor, and slices 
 ``x[..., :k]`` or ``x[::2]``). Other layouts (a transposed last dimension) are copied to
 contiguous first. Outputs are always new contiguous tensors in the input's dtype; the math runs
 in float32 (``_math.py``).
+
+Paths (``_autotune.Paths``), chosen per (bucket(numel), dtype, form), like the kernels' configs
+(a layout does not retune: a loss's expanded gradient and a contiguous one share the choice):
+
+- ``triton``: the kernels below (the default, and the interpreter's);
+- ``torch``: PyTorch's own ``F.gelu`` / ``aten.gelu_backward`` (the path when nothing may be
+  timed: a few-kilobyte tensor costs less through PyTorch's launch than through Triton's).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._autotune import Tuner, bucket, elementwise_configs, prune_elementwise
+from .._autotune import Paths, Tuner, bucket, elementwise_configs, prune_elementwise
 from .._runtime import device_context
 from ._math import cast_to, gelu, gelu_grad
 
@@ -95,10 +103,11 @@ def _grid(n_elements: int):
     return lambda meta: (triton.cdiv(n_elements, meta["BLOCK_SIZE"]),)
 
 
-def gelu_forward(
+def gelu_forward_triton(
     x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """y = gelu(x) into a new (or the given contiguous) tensor of x's shape and dtype."""
+    """y = gelu(x) by the Triton kernel, into a new (or the given contiguous) tensor of x's
+    shape and dtype; ``out`` may be ``x`` itself (each element is read before it is written)."""
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
@@ -108,16 +117,18 @@ def gelu_forward(
     with device_context(x):
         _fwd_tuner.run(
             _grid(n), (bucket(n), x.dtype, approximate_tanh),
+            aliased=("y_ptr",) if out.data_ptr() == rows.data_ptr() else (),
             x_ptr=rows, y_ptr=out, n_elements=n, n_cols=n_cols, stride_x_row=stride_row,
             APPROXIMATE_TANH=approximate_tanh, CONTIGUOUS=stride_row == n_cols,
         )
     return out
 
 
-def gelu_backward(
+def gelu_backward_triton(
     dy: torch.Tensor, x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """dx = dy * gelu'(x) into a new (or the given contiguous) tensor of x's shape and dtype."""
+    """dx = dy * gelu'(x) by the Triton kernel, into a new (or the given contiguous) tensor of
+    x's shape and dtype."""
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
@@ -137,3 +148,51 @@ def gelu_backward(
             CONTIGUOUS=stride_x == n_cols and stride_dy == n_cols,
         )
     return out
+
+
+# ---- the paths, and the launchers that choose between them -----------------------------------
+
+
+def form(approximate_tanh: bool) -> str:
+    """PyTorch's name of a GELU form."""
+    return "tanh" if approximate_tanh else "none"
+
+
+def _gelu_forward_torch(x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
+    # PyTorch keeps a dense input's strides; our outputs are contiguous (the custom ops say so).
+    return F.gelu(x, approximate=form(approximate_tanh)).contiguous()
+
+
+def _gelu_backward_torch(dy: torch.Tensor, x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(dy, x, approximate=form(approximate_tanh)).contiguous()
+
+
+_fwd_paths = Paths(
+    "gelu_fwd", {"triton": gelu_forward_triton, "torch": _gelu_forward_torch},
+    default="triton", untuned="torch", kernels=[_fwd_tuner],
+)
+_bwd_paths = Paths(
+    "gelu_bwd", {"triton": gelu_backward_triton, "torch": _gelu_backward_torch},
+    default="triton", untuned="torch", kernels=[_bwd_tuner],
+)
+
+
+def gelu_forward(
+    x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = gelu(x), a new contiguous tensor of x's shape and dtype, by the path chosen for the
+    problem; with ``out`` (contiguous, x's shape and dtype) the Triton kernel writes into it."""
+    if out is not None or x.numel() == 0:
+        return gelu_forward_triton(x, approximate_tanh, out)
+    return _fwd_paths.run((bucket(x.numel()), x.dtype, approximate_tanh), x, approximate_tanh)
+
+
+def gelu_backward(
+    dy: torch.Tensor, x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dx = dy * gelu'(x), a new contiguous tensor of x's shape and dtype, by the path chosen
+    for the problem; with ``out`` the Triton kernel writes into it."""
+    if out is not None or x.numel() == 0:
+        return gelu_backward_triton(dy, x, approximate_tanh, out)
+    key = (bucket(x.numel()), x.dtype, approximate_tanh)
+    return _bwd_paths.run(key, dy, x, approximate_tanh)

@@ -29,6 +29,33 @@ Layouts: x, W, dy and z are read through their strides (W as W^T included), so n
 or sliced operand is copied (only a strided bias, N elements, is made contiguous). Outputs are
 new contiguous tensors; kernels only store into them, so the autotuner may re-launch a kernel on
 the same arguments.
+
+Paths (``_autotune.Paths``): each launcher below chooses, per problem key, how to compute::
+
+    linear_gelu_fwd  fused      the forward kernel (default; the interpreter's)
+                     composed   z by cuBLAS (torch.addmm), then our GELU kernel: in place when
+                                nothing keeps z, into a new y when the backward does (untuned)
+                     addmm_gelu torch._addmm_activation(use_gelu=True): cuBLASLt's GELU epilogue,
+                                where it computes the asked form (tanh on CUDA; on the CPU
+                                PyTorch applies its exact GELU after the matmul) and z is not kept
+                     torch      eager PyTorch: torch.addmm, then F.gelu
+    linear_preact    fused      the forward kernel writing z only (default)
+                     composed   torch.addmm, as eager PyTorch (untuned)
+    linear_gelu_bwd  fused      the dx and dW kernels, each rebuilding dz (default)
+                     dz_once    one elementwise kernel writes dz in the input dtype and db's
+                                partial sums; dx = dz @ W and dW = dz^T @ x by cuBLAS (untuned)
+                     mixed      the dx kernel, and dW by cuBLAS from the dz kernel's dz (when
+                                both dx and dW are needed)
+                     torch      eager PyTorch's backward: aten.gelu_backward, two cuBLAS
+                                matmuls and db = dz.sum(0)
+
+With eager PyTorch's own computation among the candidates of every op, the path the timing
+picks is never slower than PyTorch's (up to timing noise and the choice's lookup).
+
+Every path rounds the matmul operand dz to the input dtype, and ours sum db from the float32
+dz, so all of them meet the tolerance rule; the composed paths round z to the input dtype
+before GELU, as eager PyTorch does. With the same path for the forward and ``linear_preact``,
+the recomputed z is bitwise the saved one.
 """
 
 from __future__ import annotations
@@ -36,16 +63,20 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .. import reference
-from .._autotune import Tuner, bucket, matmul_configs, prune_matmul
+from .._autotune import (
+    TILE_ROWS, Paths, Tuner, bucket, matmul_configs, prune_matmul, prune_tiles, tile_configs,
+)
 from .._checks import check_linear_2d, check_linear_backward
 from .._runtime import device_context
 from . import _matmul
+from . import gelu as _gelu
 from ._math import cast_to, gelu, gelu_grad
-from ._matmul import dot_operand, grouped_tile, input_precision, tile_grid
+from ._matmul import cublas_context, dot_operand, grouped_tile, input_precision, tile_grid
 
 
 @triton.jit
@@ -246,6 +277,50 @@ def _linear_gelu_bwd_dw_kernel(
             tl.store(db_ptr + offs_n, cast_to(db_acc, db_ptr.dtype.element_ty), mask=mask_n)
 
 
+@triton.jit
+def _linear_gelu_bwd_dz_kernel(
+    dy_ptr,  # (M, N)
+    preact_ptr,  # (M, N)
+    dz_ptr,  # (M, N) contiguous; None without WRITE_DZ
+    db_partial_ptr,  # (cdiv(M, ROWS), N) float32 contiguous; None without COMPUTE_DB
+    M,
+    N,
+    stride_dym,
+    stride_dyn,
+    stride_pm,
+    stride_pn,
+    APPROXIMATE_TANH: tl.constexpr,
+    WRITE_DZ: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+):
+    # dz = dy * gelu'(z), stored in the input dtype, for ROWS rows x BLOCK_SIZE_N columns per
+    # program in (BLOCK_SIZE_M, BLOCK_SIZE_N) tiles; db_partial[block of ROWS rows, n] = the sum
+    # of the float32 dz over those rows (db sums the unrounded dz, as the fused dW kernel does).
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    mask_n = offs_n < N
+    db_acc = tl.zeros((BLOCK_SIZE_N,), dtype=tl.float32)
+    for row in range(0, ROWS, BLOCK_SIZE_M):
+        offs_m = pid_m * ROWS + row + tl.arange(0, BLOCK_SIZE_M)
+        mask = (offs_m < M)[:, None] & mask_n[None, :]
+        dz = _load_dz(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+            mask, APPROXIMATE_TANH,
+        )
+        if WRITE_DZ:
+            dz_ptrs = dz_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(dz_ptrs, cast_to(dz, dz_ptr.dtype.element_ty), mask=mask)
+        if COMPUTE_DB:
+            db_acc += tl.sum(dz, axis=0)
+    if COMPUTE_DB:
+        tl.store(db_partial_ptr + pid_m * N + offs_n, db_acc, mask=mask_n)
+
+
 # Each kernel holds different tiles in shared memory; the reduction dimension names which.
 _fwd_tuner = Tuner(_linear_gelu_fwd_kernel, "linear_gelu_fwd", matmul_configs,
                    functools.partial(prune_matmul, reduction="K"))
@@ -255,6 +330,14 @@ _dx_tuner = Tuner(_linear_gelu_bwd_dx_kernel, "linear_gelu_bwd_dx", matmul_confi
                   functools.partial(prune_matmul, reduction="N"))
 _dw_tuner = Tuner(_linear_gelu_bwd_dw_kernel, "linear_gelu_bwd_dw", matmul_configs,
                   functools.partial(prune_matmul, reduction="M"))
+_dz_tuner = Tuner(_linear_gelu_bwd_dz_kernel, "linear_gelu_bwd_dz", tile_configs, prune_tiles)
+
+
+def _forward_key(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 approximate_tanh: bool, write_y: bool, save_preact: bool) -> tuple:
+    (M, K), N = x2d.shape, weight.shape[0]
+    return (bucket(M), N, K, x2d.dtype, approximate_tanh, bias is not None, write_y,
+            save_preact, input_precision(x2d.dtype))
 
 
 def _launch_forward(
@@ -262,12 +345,10 @@ def _launch_forward(
     y: torch.Tensor | None, preact: torch.Tensor | None, approximate_tanh: bool,
 ) -> None:
     (M, K), N = x2d.shape, weight.shape[0]
+    key = _forward_key(x2d, weight, bias, approximate_tanh, y is not None, preact is not None)
     if bias is not None:
         bias = bias.contiguous()  # N elements: cheaper to copy than to pass another stride
     out = y if y is not None else preact
-    precision = input_precision(x2d.dtype)
-    key = (bucket(M), N, K, x2d.dtype, approximate_tanh, bias is not None,
-           y is not None, preact is not None, precision)
     with device_context(x2d):
         tuner.run(
             tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
@@ -277,8 +358,216 @@ def _launch_forward(
             stride_wn=weight.stride(0), stride_wk=weight.stride(1),
             stride_ym=out.stride(0),
             APPROXIMATE_TANH=approximate_tanh, HAS_BIAS=bias is not None,
-            WRITE_Y=y is not None, SAVE_PREACT=preact is not None, INPUT_PRECISION=precision,
+            WRITE_Y=y is not None, SAVE_PREACT=preact is not None, INPUT_PRECISION=key[-1],
         )
+
+
+def _launch_dx(dy2d, x2d, weight, preact, approximate_tanh: bool, key: tuple) -> torch.Tensor:
+    """dx = dz @ W by the dx kernel, rebuilding dz from the dy and z tiles it loads."""
+    (M, K), N = x2d.shape, weight.shape[0]
+    dx = _matmul.new_output((M, K), x2d)
+    with device_context(x2d):
+        _dx_tuner.run(
+            tile_grid(M, K, "BLOCK_SIZE_M", "BLOCK_SIZE_K"), key,
+            dy_ptr=dy2d, preact_ptr=preact, w_ptr=weight, dx_ptr=dx,
+            M=M, N=N, K=K,
+            stride_dym=dy2d.stride(0), stride_dyn=dy2d.stride(1),
+            stride_pm=preact.stride(0), stride_pn=preact.stride(1),
+            stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+            stride_dxm=dx.stride(0),
+            APPROXIMATE_TANH=approximate_tanh, INPUT_PRECISION=key[5],
+        )
+    return dx
+
+
+def _launch_dw_db(dy2d, x2d, weight, preact, approximate_tanh: bool, key: tuple,
+                  need_dw: bool, need_db: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dW = dz^T @ x and db = sum_m dz by the dW kernel, rebuilding dz from dy and z."""
+    (M, K), N = x2d.shape, weight.shape[0]
+    dw = _matmul.new_output((N, K), weight) if need_dw else None
+    db = _matmul.new_output((N,), weight) if need_db else None
+    with device_context(x2d):
+        _dw_tuner.run(
+            tile_grid(N, K, "BLOCK_SIZE_N", "BLOCK_SIZE_K" if need_dw else None),
+            key + (need_dw, need_db),
+            dy_ptr=dy2d, preact_ptr=preact, x_ptr=x2d, dw_ptr=dw, db_ptr=db,
+            M=M, N=N, K=K,
+            stride_dym=dy2d.stride(0), stride_dyn=dy2d.stride(1),
+            stride_pm=preact.stride(0), stride_pn=preact.stride(1),
+            stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
+            stride_dwn=dw.stride(0) if dw is not None else 0,
+            APPROXIMATE_TANH=approximate_tanh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+            INPUT_PRECISION=key[5],
+        )
+    return dw, db
+
+
+def _launch_dz(dy2d, x2d, weight, preact, approximate_tanh: bool, write_dz: bool,
+               need_db: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dz, db): dz = dy * gelu'(z) in x's dtype (if ``write_dz``) and db = sum_m dz (if
+    ``need_db``), by the elementwise dz kernel and a sum of its per-64-row partial sums."""
+    M, N = dy2d.shape
+    dz = _matmul.new_output((M, N), x2d) if write_dz else None
+    partial = (torch.empty((triton.cdiv(M, TILE_ROWS), N), dtype=torch.float32,
+                           device=x2d.device) if need_db else None)
+    with device_context(x2d):
+        _dz_tuner.run(
+            lambda meta: (triton.cdiv(M, TILE_ROWS), triton.cdiv(N, meta["BLOCK_SIZE_N"])),
+            (bucket(M), N, x2d.dtype, approximate_tanh, write_dz, need_db),
+            dy_ptr=dy2d, preact_ptr=preact, dz_ptr=dz, db_partial_ptr=partial, M=M, N=N,
+            stride_dym=dy2d.stride(0), stride_dyn=dy2d.stride(1),
+            stride_pm=preact.stride(0), stride_pn=preact.stride(1),
+            APPROXIMATE_TANH=approximate_tanh, WRITE_DZ=write_dz, COMPUTE_DB=need_db,
+            ROWS=TILE_ROWS,
+        )
+    db = None
+    if need_db:
+        db = _matmul.new_output((N,), weight)
+        db.copy_(partial.sum(0))
+    return dz, db
+
+
+def _matmul_bias(x2d: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """z = x2d @ weight.T + bias by cuBLAS: a new contiguous (M, N) tensor in x2d's dtype."""
+    with cublas_context(x2d):
+        if bias is None:
+            return torch.mm(x2d, weight.t())
+        return torch.addmm(bias, x2d, weight.t())
+
+
+# ---- the forward's paths -------------------------------------------------------------------
+
+
+def _forward_fused(x2d, weight, bias, approximate_tanh: bool, save_preact: bool):
+    (M, _), N = x2d.shape, weight.shape[0]
+    y = _matmul.new_output((M, N), x2d)
+    preact = _matmul.new_output((M, N), x2d) if save_preact else None
+    _launch_forward(_fwd_tuner, x2d, weight, bias, y, preact, approximate_tanh)
+    return y, preact
+
+
+def _forward_composed(x2d, weight, bias, approximate_tanh: bool, save_preact: bool):
+    preact = _matmul_bias(x2d, weight, bias)
+    if save_preact:  # the backward keeps z: y is a new tensor
+        return _gelu.gelu_forward_triton(preact, approximate_tanh), preact
+    return _gelu.gelu_forward_triton(preact, approximate_tanh, out=preact), None
+
+
+def _forward_addmm_gelu(x2d, weight, bias, approximate_tanh: bool, save_preact: bool):
+    with cublas_context(x2d):
+        return torch._addmm_activation(bias, x2d, weight.t(), use_gelu=True), None
+
+
+# The GELU form torch._addmm_activation(use_gelu=True) computes, by device: cuBLASLt's epilogue
+# (and PyTorch's own fallback beside it) is the tanh form on CUDA; on the CPU PyTorch applies its
+# default, exact GELU after the matmul.
+_ADDMM_GELU_IS_TANH = {"cuda": True, "cpu": False}
+
+
+def _addmm_gelu_applies(x2d, weight, bias, approximate_tanh: bool, save_preact: bool) -> bool:
+    # No z to keep, a bias (its "self" argument), and K > 0: with K = 0 it returns the bias
+    # without applying the activation.
+    return (not save_preact and bias is not None and x2d.shape[1] > 0
+            and hasattr(torch, "_addmm_activation")
+            and _ADDMM_GELU_IS_TANH.get(x2d.device.type) == approximate_tanh)
+
+
+def _forward_torch(x2d, weight, bias, approximate_tanh: bool, save_preact: bool):
+    preact = _matmul_bias(x2d, weight, bias)  # F.linear's addmm
+    y = F.gelu(preact, approximate=_gelu.form(approximate_tanh))
+    return y, (preact if save_preact else None)
+
+
+_fwd_paths = Paths(
+    "linear_gelu_fwd",
+    {"fused": _forward_fused, "composed": _forward_composed, "addmm_gelu": _forward_addmm_gelu,
+     "torch": _forward_torch},
+    default="fused", untuned="composed", applies={"addmm_gelu": _addmm_gelu_applies},
+    kernels=[_fwd_tuner, _gelu._fwd_tuner],
+)
+
+
+def _preact_fused(x2d, weight, bias):
+    preact = _matmul.new_output((x2d.shape[0], weight.shape[0]), x2d)
+    _launch_forward(_preact_tuner, x2d, weight, bias, None, preact, approximate_tanh=False)
+    return preact
+
+
+_preact_paths = Paths(
+    "linear_preact", {"fused": _preact_fused, "composed": _matmul_bias},
+    default="fused", untuned="composed", kernels=[_preact_tuner],
+)
+
+
+# ---- the backward's paths ------------------------------------------------------------------
+
+
+def _backward_key(x2d: torch.Tensor, weight: torch.Tensor, approximate_tanh: bool) -> tuple:
+    (M, K), N = x2d.shape, weight.shape[0]
+    return (bucket(M), N, K, x2d.dtype, approximate_tanh, input_precision(x2d.dtype))
+
+
+def _backward_fused(dy2d, x2d, weight, preact, approximate_tanh, need_dx, need_dw, need_db):
+    key = _backward_key(x2d, weight, approximate_tanh)
+    dx = _launch_dx(dy2d, x2d, weight, preact, approximate_tanh, key) if need_dx else None
+    dw = db = None
+    if need_dw or need_db:
+        dw, db = _launch_dw_db(dy2d, x2d, weight, preact, approximate_tanh, key, need_dw, need_db)
+    return dx, dw, db
+
+
+def _backward_dz_once(dy2d, x2d, weight, preact, approximate_tanh, need_dx, need_dw, need_db):
+    (M, K), N = x2d.shape, weight.shape[0]
+    dz, db = _launch_dz(dy2d, x2d, weight, preact, approximate_tanh, need_dx or need_dw, need_db)
+    dx = dw = None
+    with cublas_context(x2d):
+        if need_dx:  # dx = dz @ W
+            dx = torch.mm(dz, weight, out=_matmul.new_output((M, K), x2d))
+        if need_dw:  # dW = dz^T @ x
+            dw = torch.mm(dz.t(), x2d, out=_matmul.new_output((N, K), weight))
+    return dx, dw, db
+
+
+def _backward_mixed(dy2d, x2d, weight, preact, approximate_tanh, need_dx, need_dw, need_db):
+    N, K = weight.shape
+    dx = _launch_dx(dy2d, x2d, weight, preact, approximate_tanh,
+                    _backward_key(x2d, weight, approximate_tanh))
+    dz, db = _launch_dz(dy2d, x2d, weight, preact, approximate_tanh, True, need_db)
+    with cublas_context(x2d):  # dW = dz^T @ x
+        dw = torch.mm(dz.t(), x2d, out=_matmul.new_output((N, K), weight))
+    return dx, dw, db
+
+
+def _mixed_applies(dy2d, x2d, weight, preact, approximate_tanh, need_dx, need_dw, need_db):
+    return need_dx and need_dw  # otherwise it is one of the other two
+
+
+def _backward_torch(dy2d, x2d, weight, preact, approximate_tanh, need_dx, need_dw, need_db):
+    (M, K), N = x2d.shape, weight.shape[0]
+    # dz = dy * gelu'(z) in the input dtype, as eager's GELU backward gives it to F.linear's
+    dz = torch.ops.aten.gelu_backward(dy2d, preact, approximate=_gelu.form(approximate_tanh))
+    dx = dw = db = None
+    with cublas_context(x2d):
+        if need_dx:  # dx = dz @ W
+            dx = torch.mm(dz, weight, out=_matmul.new_output((M, K), x2d))
+        if need_dw:  # dW = dz^T @ x
+            dw = torch.mm(dz.t(), x2d, out=_matmul.new_output((N, K), weight))
+        if need_db:  # db = sum_m dz
+            db = torch.sum(dz, 0, out=_matmul.new_output((N,), weight))
+    return dx, dw, db
+
+
+_bwd_paths = Paths(
+    "linear_gelu_bwd",
+    {"fused": _backward_fused, "dz_once": _backward_dz_once, "mixed": _backward_mixed,
+     "torch": _backward_torch},
+    default="fused", untuned="dz_once", applies={"mixed": _mixed_applies},
+    kernels=[_dx_tuner, _dw_tuner, _dz_tuner],
+)
+
+
+# ---- the launchers ---------------------------------------------------------------------------
 
 
 def linear_gelu_forward(
@@ -289,26 +578,25 @@ def linear_gelu_forward(
     + bias, both new contiguous (M, N) tensors in x2d's dtype; preact is None otherwise."""
     check_linear_2d(x2d, weight, bias)
     (M, _), N = x2d.shape, weight.shape[0]
-    y = _matmul.new_output((M, N), x2d)
-    preact = _matmul.new_output((M, N), x2d) if save_preact else None
     if M == 0 or N == 0:
-        return y, preact
-    _launch_forward(_fwd_tuner, x2d, weight, bias, y, preact, approximate_tanh)
-    return y, preact
+        return _matmul.new_output((M, N), x2d), \
+            _matmul.new_output((M, N), x2d) if save_preact else None
+    key = _forward_key(x2d, weight, bias, approximate_tanh, True, save_preact)
+    return _fwd_paths.run(key, x2d, weight, bias, approximate_tanh, save_preact)
 
 
 def linear_preact(
     x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """z = x2d @ weight.T + bias, a new contiguous (M, N) tensor in x2d's dtype: bitwise what
-    ``linear_gelu_forward(..., save_preact=True)`` saves (same kernel, writing only z)."""
+    ``linear_gelu_forward(..., save_preact=True)`` saves when both take the same path (the
+    fused kernel writing only z, or cuBLAS)."""
     check_linear_2d(x2d, weight, bias)
     (M, _), N = x2d.shape, weight.shape[0]
-    preact = _matmul.new_output((M, N), x2d)
     if M == 0 or N == 0:
-        return preact
-    _launch_forward(_preact_tuner, x2d, weight, bias, None, preact, approximate_tanh=False)
-    return preact
+        return _matmul.new_output((M, N), x2d)
+    key = _forward_key(x2d, weight, bias, False, False, True)
+    return _preact_paths.run(key, x2d, weight, bias)
 
 
 def linear_gelu_backward(
@@ -322,41 +610,15 @@ def linear_gelu_backward(
     """
     check_linear_backward(dy2d, x2d, weight, preact)
     (M, K), N = x2d.shape, weight.shape[0]
-    dx = _matmul.new_output((M, K), x2d) if need_dx else None
-    dw = _matmul.new_output((N, K), weight) if need_dw else None
-    db = _matmul.new_output((N,), weight) if need_db else None
+    if not (need_dx or need_dw or need_db):
+        return None, None, None
     if min(M, N, K) == 0:  # no tiles to launch; sums over nothing are zeros
         grads = reference.linear_gelu_backward_fp32(dy2d, x2d, weight, preact, approximate_tanh)
-        for out, grad in zip((dx, dw, db), grads):
-            if out is not None:
-                out.copy_(grad)
-        return dx, dw, db
-
-    precision = input_precision(x2d.dtype)
-    key = (bucket(M), N, K, x2d.dtype, approximate_tanh, precision)
-    with device_context(x2d):
-        if need_dx:
-            _dx_tuner.run(
-                tile_grid(M, K, "BLOCK_SIZE_M", "BLOCK_SIZE_K"), key,
-                dy_ptr=dy2d, preact_ptr=preact, w_ptr=weight, dx_ptr=dx,
-                M=M, N=N, K=K,
-                stride_dym=dy2d.stride(0), stride_dyn=dy2d.stride(1),
-                stride_pm=preact.stride(0), stride_pn=preact.stride(1),
-                stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-                stride_dxm=dx.stride(0),
-                APPROXIMATE_TANH=approximate_tanh, INPUT_PRECISION=precision,
-            )
-        if need_dw or need_db:
-            _dw_tuner.run(
-                tile_grid(N, K, "BLOCK_SIZE_N", "BLOCK_SIZE_K" if need_dw else None),
-                key + (need_dw, need_db),
-                dy_ptr=dy2d, preact_ptr=preact, x_ptr=x2d, dw_ptr=dw, db_ptr=db,
-                M=M, N=N, K=K,
-                stride_dym=dy2d.stride(0), stride_dyn=dy2d.stride(1),
-                stride_pm=preact.stride(0), stride_pn=preact.stride(1),
-                stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
-                stride_dwn=dw.stride(0) if dw is not None else 0,
-                APPROXIMATE_TANH=approximate_tanh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-                INPUT_PRECISION=precision,
-            )
-    return dx, dw, db
+        shapes = ((M, K), (N, K), (N,))
+        likes = (x2d, weight, weight)
+        return tuple(_matmul.new_output(shape, like).copy_(grad) if need else None
+                     for shape, like, grad, need in zip(shapes, likes, grads,
+                                                        (need_dx, need_dw, need_db)))
+    key = _backward_key(x2d, weight, approximate_tanh) + (need_dx, need_dw, need_db)
+    return _bwd_paths.run(key, dy2d, x2d, weight, preact, approximate_tanh,
+                          need_dx, need_dw, need_db)
