@@ -349,12 +349,44 @@ def _autotune_force_path() -> None:
     assert _settings.forced_path("linear_gelu_fwd") is None
 
 
-@check("autotune.parse_shape", "autotune.preset_shapes")
+@check("autotune.parse_shape", "autotune.preset_shapes", "autotune.decode_shapes")
 def _autotune_shapes() -> None:
     from triton_gelu import autotune
 
     assert autotune.parse_shape("8x4x16") == (8, 4, 16)
     assert autotune.preset_shapes(["bert-base"], tokens=64) == [(64, 768, 3072)]
+    assert autotune.decode_shapes([1, 16], ("bert-base",)) == [(1, 768, 3072), (16, 768, 3072)]
+
+
+@check("autotune.set_policy", "autotune.policy")
+def _autotune_policy() -> None:
+    from triton_gelu import _settings, autotune
+
+    # The policy is checked on every call, the fallback included: a bad value is refused.
+    with autotune.policy("off"):
+        assert _settings.tune_policy() == "off"
+        assert_like_torch(lambda x: triton_gelu.gelu(x), F.gelu, [_x(5, 12)], "gelu, policy off")
+    autotune.set_policy("full")
+    try:
+        assert _settings.tune_policy() == "full"
+    finally:
+        autotune.set_policy(None)
+    try:
+        autotune.set_policy("fastest")
+    except ValueError as e:
+        assert "fastest" in str(e), e
+    else:
+        raise AssertionError("set_policy('fastest') was accepted")
+
+
+@check("autotune.warmup")
+def _autotune_warmup() -> None:
+    from triton_gelu import autotune
+
+    model = triton_gelu.FeedForward(12, 20, dropout=0.0)
+    x = _x(5, 12).requires_grad_(True)
+    autotune.warmup(model, (x,))  # runs on the fallback and leaves nothing behind
+    assert x.grad is None and all(p.grad is None for p in model.parameters())
 
 
 # ---- the same run: what is not one public name ------------------------------------------------
