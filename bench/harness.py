@@ -69,6 +69,7 @@ class Selection:
     modes: list[str]
     baselines: list[str]
     device: str = "cuda"
+    geglu_shapes: list[tuple[int, int, int]] = field(default_factory=list)  # gated FFN shapes
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -365,6 +366,8 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
             cells += [_fmt(r["providers"].get(n, {}).get("memory_vs_eager"), ".2f", "x")
                       for n in memory]
             lines.append("| " + " | ".join(cells) + " |")
+    if meta.get("saved_bytes"):
+        lines += ["", "## Saved for the backward", "", *meta["saved_bytes"]]
     failures = [(label(r), n, e["error"]) for r in records for n, e in r["providers"].items()
                 if "error" in e]
     if failures:

@@ -212,7 +212,17 @@ def prune_matmul(
         c for c in configs
         if all(c.kwargs[f"BLOCK_SIZE_{d}"] <= bounds[d] for d in "MNK") and smem(c) <= limit
     ]
-    return kept or [min(configs, key=smem)]
+    if kept:
+        return kept
+    # Nothing fits (float32 in a kernel that stages many tiles, like the gated dx): the smallest
+    # tile with as many pipeline stages as fit, else the smallest tile as it is.
+    smallest = min(configs, key=smem)
+    for stages in range(smallest.num_stages - 1, 0, -1):
+        fewer = triton.Config(dict(smallest.kwargs), num_warps=smallest.num_warps,
+                              num_stages=stages)
+        if smem(fewer) <= limit:
+            return [fewer]
+    return [smallest]
 
 
 # ---- what the cache is keyed on ------------------------------------------------------------
