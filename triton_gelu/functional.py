@@ -119,10 +119,6 @@ def linear_gelu(
 # ---- Gated GELU (GeGLU) and the gated FFN block ---------------------------------------------
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 class _GeGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, w_up, b_gate, b_up, approximate_tanh: bool, recompute: bool):
@@ -177,7 +173,7 @@ def geglu(
         x, w_gate, w_up, b_gate, b_up, approximate)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
         return ops.geglu(x, w_gate, w_up, b_gate, b_up, approximate_tanh, recompute)
-    if not _needs_grad(x, w_gate, w_up, b_gate, b_up):
+    if not ops.needs_grad(x, w_gate, w_up, b_gate, b_up):
         # Inference: no graph, nothing saved; the kernel writes only h.
         x2d = _rows(x)
         h, _, _ = launchers(x2d).geglu_forward(
@@ -243,7 +239,7 @@ def gated_feed_forward(
     if torch.compiler.is_compiling():
         return ops.gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
                                       approximate_tanh, recompute)
-    if not _needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+    if not ops.needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
         x2d = _rows(x)
         y, _, _ = _gated_block.block_forward(
             x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh, False,

@@ -352,16 +352,18 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will ask for a gradient of any of ``tensors`` (else: inference)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def geglu(
     x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
     approximate_tanh: bool, recompute: bool,
 ) -> Tensor:
     """``functional.geglu`` through the custom ops (x (..., K), validated and autocast)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_gate, w_up, b_gate, b_up)
-    )
-    h, _, _ = geglu_fwd(_flat(x), w_gate, w_up, b_gate, b_up, approximate_tanh,
-                        needs_grad and not recompute)
+    save = needs_grad(x, w_gate, w_up, b_gate, b_up) and not recompute
+    h, _, _ = geglu_fwd(_flat(x), w_gate, w_up, b_gate, b_up, approximate_tanh, save)
     return h.view(*x.shape[:-1], w_gate.shape[0])
 
 
@@ -370,10 +372,7 @@ def gated_feed_forward(
     b_up: Tensor | None, b_down: Tensor | None, approximate_tanh: bool, recompute: bool,
 ) -> Tensor:
     """``functional.gated_feed_forward`` (no dropout) through the custom ops."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (x, w_gate, w_up, w_down, b_gate, b_up, b_down)
-    )
+    save = needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down) and not recompute
     y, _, _ = gated_ffn_fwd(_flat(x), w_gate, w_up, w_down, b_gate, b_up, b_down,
-                            approximate_tanh, needs_grad and not recompute)
+                            approximate_tanh, save)
     return y.view(*x.shape[:-1], w_down.shape[0])

@@ -463,7 +463,10 @@ _forward_paths = Paths("geglu_fwd", {"fused": _forward_fused, "composed": _forwa
                        default="fused")
 
 
-def _run_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, write_h, save_gate_up):
+def _run_forward(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+) -> Outputs:
     # One key for the forward and the recompute: the same path, so the same g and u.
     key = _key(x2d, w_gate, approximate_tanh, b_gate is not None, b_up is not None)
     return _forward_paths.run(key, x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, write_h,

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..functional import gated_feed_forward, geglu
-from .match import gelu_form, has_hooks, has_state, linear_kind
+from .match import gelu_form, has_hooks, linear_kind
 
 ROLES = ("gate", "up", "act", "dropout", "down")
 
@@ -171,13 +171,13 @@ def gated_spec(block: nn.Module) -> GatedSpec | None:
     if not all(linear_kind(m) == "linear" for m in (gate, up, down)):
         return None
     if gate.weight.shape != up.weight.shape or gate.weight.dtype != up.weight.dtype or \
-            (gate.bias is None) != (up.bias is None) or down.in_features != gate.out_features:
+            down.in_features != gate.out_features:
         return None
     if not casts and down.weight.dtype != gate.weight.dtype:
         return None  # the block's own code would fail outside autocast; not ours to change
-    act = children["act"]
+    act = children["act"]  # a module without state or hooks (gelu_form checks), never a function
     form = gelu_form(act) if isinstance(act, nn.Module) else None
-    if form is None or (isinstance(act, nn.Module) and has_state(act)):
+    if form is None:
         return None
     if "dropout" in children and not _plain_dropout(children["dropout"]):
         return None
