@@ -99,8 +99,9 @@ def test_transformers_gated_models(name):
         assert "T5DenseGatedActDense" in repr(block)
 
 
-def test_state_dict_round_trip_and_patch_twice():
-    build, inputs, expected, _ = MODELS["gemma"]
+@pytest.mark.parametrize("name", ["gemma", "t5"])
+def test_state_dict_round_trip_and_patch_twice(name):
+    build, inputs, expected, _ = MODELS[name]
     model = build().eval()
     unpatched = copy.deepcopy(model)
     assert triton_gelu.patch(model) == expected

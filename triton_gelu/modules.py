@@ -133,7 +133,8 @@ class GeGLU(nn.Module):
 
     def __init__(
         self, in_features: int, hidden_features: int, bias: bool = False,
-        approximate: str = "tanh", recompute: bool = False, device=None, dtype=None,
+        approximate: str = "tanh", recompute: bool = False,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_approximate(approximate)
@@ -179,7 +180,8 @@ class GatedFeedForward(nn.Module):
 
     def __init__(
         self, d_model: int, d_ff: int, dropout: float = 0.0, approximate: str = "tanh",
-        bias: bool = False, recompute: bool = False, device=None, dtype=None,
+        bias: bool = False, recompute: bool = False, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_approximate(approximate)

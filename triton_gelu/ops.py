@@ -245,10 +245,10 @@ def geglu_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_gate, dw_up, db_gate, db_up, h): each gradient empty unless its flag in ``needs``
     is set; h = gelu(g) * u with write_h, else empty."""
-    outputs = launchers(x).geglu_backward(
+    dx, dwg, dwu, dbg, dbu, h = (_or_absent(t, dh) for t in launchers(x).geglu_backward(
         dh, x, w_gate, w_up, gate, up, approximate_tanh, needs, write_h
-    )
-    return tuple(_or_absent(t, dh) for t in outputs)
+    ))
+    return dx, dwg, dwu, dbg, dbu, h
 
 
 @geglu_bwd.register_fake

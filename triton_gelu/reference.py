@@ -145,8 +145,10 @@ def geglu64(
     b_up: torch.Tensor | None = None, approximate: str = "tanh",
 ) -> torch.Tensor:
     """Float64 ground truth of gelu(linear(x, w_gate, b_gate)) * linear(x, w_up, b_up)."""
-    x, w_gate, w_up, b_gate, b_up = _float64(x, w_gate, w_up, b_gate, b_up)
-    return F.gelu(F.linear(x, w_gate, b_gate), approximate=approximate) * F.linear(x, w_up, b_up)
+    # Not detached: ``grads64`` differentiates through these references.
+    x, w_gate, w_up = x.double(), w_gate.double(), w_up.double()
+    gate = F.linear(x, w_gate, _double_or_none(b_gate))
+    return F.gelu(gate, approximate=approximate) * F.linear(x, w_up, _double_or_none(b_up))
 
 
 def gated_feed_forward64(
@@ -156,8 +158,7 @@ def gated_feed_forward64(
 ) -> torch.Tensor:
     """Float64 ground truth of linear(geglu(x, ...), w_down, b_down)."""
     h = geglu64(x, w_gate, w_up, b_gate, b_up, approximate)
-    w_down, b_down = _float64(w_down, b_down)
-    return F.linear(h, w_down, b_down)
+    return F.linear(h, w_down.double(), _double_or_none(b_down))
 
 
 def grads64(
@@ -171,6 +172,5 @@ def grads64(
     return [t.grad if t is not None else None for t in leaves]
 
 
-def _float64(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    # Not detached: ``grads64`` differentiates through these references.
-    return [t.double() if t is not None else None for t in tensors]
+def _double_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.double()

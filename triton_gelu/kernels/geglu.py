@@ -476,7 +476,7 @@ def _run_forward(
 def geglu_forward(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, approximate_tanh: bool, save_gate_up: bool,
-) -> Outputs:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(h, g, u): h = gelu(g) * u with g = x2d @ w_gate.T + b_gate and u = x2d @ w_up.T + b_up,
     new contiguous (M, N) tensors in x2d's dtype; g and u are None unless ``save_gate_up``."""
     check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
@@ -592,7 +592,7 @@ def geglu_backward(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
     write_h: bool = False,
-) -> Grads:
+) -> tuple[torch.Tensor | None, ...]:
     """(dx, dW_gate, dW_up, db_gate, db_up, h) of h = gelu(g) * u for the upstream gradient dh2d.
 
     ``needs`` says which of the five gradients to compute (the others are None); each is a new

@@ -33,6 +33,7 @@ import builtins
 import dis
 import types
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,8 +72,11 @@ def _t5_dense_gated_act_dense(self, hidden_states):
     return hidden_states
 
 
-# (template, whether it casts to down's dtype)
-_TEMPLATES = ((_gemma_mlp, False), (_gemma_mlp_returned, False), (_t5_dense_gated_act_dense, True))
+# (template, whether it casts to down's dtype); Any: mypy sees a def as a Callable, not the
+# FunctionType it is.
+_TEMPLATES: tuple[tuple[Any, bool], ...] = (
+    (_gemma_mlp, False), (_gemma_mlp_returned, False), (_t5_dense_gated_act_dense, True),
+)
 
 _SKIP = {"RESUME", "NOP", "CACHE", "EXTENDED_ARG", "NOT_TAKEN"}
 _LOCALS = {"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "STORE_FAST",
@@ -101,10 +105,10 @@ def _global(fn: types.FunctionType, name: str) -> object:
 
 def match_template(fn: object, template: types.FunctionType) -> dict[str, str] | None:
     """Role -> child name when ``fn`` is ``template`` up to local and role names, else None."""
-    code = getattr(fn, "__code__", None)
-    want = template.__code__
-    if not isinstance(fn, types.FunctionType) or code.co_freevars or code.co_cellvars or \
-            fn.__defaults__ or fn.__kwdefaults__:
+    if not isinstance(fn, types.FunctionType):
+        return None
+    code, want = fn.__code__, template.__code__
+    if code.co_freevars or code.co_cellvars or fn.__defaults__ or fn.__kwdefaults__:
         return None
     # The low 16 bits are the code's own flags (varargs, generator...); above them are the
     # ``from __future__`` flags of the module it was written in, which do not change the code.
@@ -125,15 +129,21 @@ def match_template(fn: object, template: types.FunctionType) -> dict[str, str] |
             if not all(_bind(local_names, x, y) for x, y in pairs):
                 return None
         elif a.opname in _ATTRS and a.argval in ROLES:
-            if not _bind(roles, a.argval, b.argval) or (a.arg & 1) != (b.arg & 1):
+            if not _bind(roles, a.argval, b.argval) or _null_bit(a) != _null_bit(b):
                 return None
         elif a.opname == "LOAD_GLOBAL":
-            if a.argval != b.argval or (a.arg & 1) != (b.arg & 1) or \
+            if a.argval != b.argval or _null_bit(a) != _null_bit(b) or \
                     _global(fn, b.argval) is not _global(template, a.argval):
                 return None
-        elif a.argval != b.argval or (a.opname in _ATTRS and (a.arg & 1) != (b.arg & 1)):
+        elif a.argval != b.argval or (a.opname in _ATTRS and _null_bit(a) != _null_bit(b)):
             return None
     return roles
+
+
+def _null_bit(ins: dis.Instruction) -> int:
+    # LOAD_GLOBAL (3.11+) and LOAD_ATTR (3.12+) say in their lowest bit whether they also push
+    # NULL for a call: the same name loaded as a value or as a callee is different code.
+    return (ins.arg or 0) & 1
 
 
 # ---- what a block must hold ---------------------------------------------------------------------
@@ -168,6 +178,9 @@ def gated_spec(block: nn.Module) -> GatedSpec | None:
         return None
     children = {role: block._modules.get(name) for role, name in roles.items()}
     gate, up, down = children["gate"], children["up"], children["down"]
+    if not (isinstance(gate, nn.Linear) and isinstance(up, nn.Linear)
+            and isinstance(down, nn.Linear)):
+        return None
     if not all(linear_kind(m) == "linear" for m in (gate, up, down)):
         return None
     if gate.weight.shape != up.weight.shape or gate.weight.dtype != up.weight.dtype or \
@@ -205,20 +218,23 @@ class GatedGELUBlock(nn.Module):
         self._proven_types = self._child_types()
 
     def _child_types(self) -> tuple[type, ...]:
-        return tuple(type(self._modules[name]) for name in self._spec.roles.values())
+        return tuple(type(self.get_submodule(name)) for name in self._spec.roles.values())
 
     def _still_proven(self) -> bool:
         # A child swapped for another class (a parametrization, a quantised Linear) or given
         # hooks (FSDP, a user's) since the patch: run the block's own code, which calls each.
         return self._child_types() == self._proven_types and not any(
-            has_hooks(self._modules[name]) for name in self._spec.roles.values())
+            has_hooks(self.get_submodule(name)) for name in self._spec.roles.values())
+
+    def _role(self, role: str) -> Any:
+        # nn.Linear / nn.Dropout by the patch's proof and _still_proven
+        return self.get_submodule(self._spec.roles[role])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._still_proven():
             return self.original_class.forward(self, x)
-        roles = self._spec.roles
-        gate, up, down = (self._modules[roles[r]] for r in ("gate", "up", "down"))
-        dropout = self._modules[roles["dropout"]] if "dropout" in roles else None
+        gate, up, down = self._role("gate"), self._role("up"), self._role("down")
+        dropout = self._role("dropout") if "dropout" in self._spec.roles else None
         dropout_active = dropout is not None and dropout.training and dropout.p > 0
         if not dropout_active and not self._needs_cast(x, down):
             return gated_feed_forward(x, gate.weight, up.weight, down.weight, gate.bias,
