@@ -106,7 +106,7 @@ def checks(shape: tuple[int, int, int], dtype: torch.dtype, approximate: str,
 # ---- what the backward keeps -----------------------------------------------------------------
 
 
-def saved_bytes(k: int, n: int, device: str, tokens: int = 8,
+def saved_bytes(k: int, n: int, device: str, tokens: int = 2,
                 dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
     """Bytes per token the backward keeps, for the GeGLU op and the gated block, ours (saved
     and recompute) and eager's; exact (``saved_activation_bytes``), parameters excluded."""
