@@ -1,14 +1,16 @@
 """Run every benchmark: ``python -m bench`` from the repository root (``--help`` for options).
 
-On a GPU: GELU forward/backward, fused Linear+bias+GELU infer/fwd/bwd/fwd+bwd and the
-FeedForward block, at 8192 tokens and at decode sizes (1, 16, 64 tokens, inference only),
-against eager PyTorch, the matmul alone, torch.compile (default and max-autotune) and, for tanh,
-torch._addmm_activation; bf16, fp16, fp32 (IEEE) and tf32. Each case also records the path ours
-took, every candidate path's time and ours' first-call (tuning) time. A progress line per case,
-a markdown table at the end, and JSON + markdown + PNG under ``bench/results/``.
+On a GPU: GELU forward/backward, fused Linear+bias+GELU infer/fwd/bwd/fwd+bwd, the
+FeedForward block and GeGLU (at Gemma-2B and T5-base FFN shapes), at 8192 tokens and at decode
+sizes (1, 16, 64 tokens, inference only), against eager PyTorch, the matmul alone, torch.compile
+(default and max-autotune) and, for tanh, torch._addmm_activation; bf16, fp16, fp32 (IEEE) and
+tf32. Each case also records the path ours took, every candidate path's time and ours' first-call
+(tuning) time. A progress line per case, a markdown table at the end, and JSON + markdown + PNG
+under ``bench/results/``.
 
 Without a GPU: the same command checks every op under the Triton interpreter at small sizes
 against float64 references and says that timings need a GPU; it times nothing and writes nothing.
+Both modes print the bytes GeGLU and the gated block keep for the backward against eager's.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from triton_gelu.autotune import (  # noqa: E402
     DECODE_PRESETS, DECODE_TOKENS, PRESETS, TOKENS, decode_shapes, parse_shape,
 )
 
-from . import harness, ops_ffn, ops_gelu, ops_linear_gelu  # noqa: E402
+from . import harness, ops_ffn, ops_geglu, ops_gelu, ops_linear_gelu  # noqa: E402
 
-OPS = {op.NAME: op for op in (ops_gelu, ops_linear_gelu, ops_ffn)}
+OPS = {op.NAME: op for op in (ops_gelu, ops_linear_gelu, ops_ffn, ops_geglu)}
 TINY = (37, 45, 51)  # multiples of no block size: every masked edge runs
 GELU_SIZES_MB = (1, 4, 16, 64, 256, 1024)
-QUICK = {"dtypes": "bf16", "preset": "bert-base", "sizes": "1,64,1024", "decode": "1"}
+QUICK = {"dtypes": "bf16", "preset": "bert-base", "sizes": "1,64,1024", "decode": "1",
+         "geglu": "gemma-2b"}
+ALL_PRESETS = {**PRESETS, **ops_geglu.PRESETS}  # any op may run at any preset's shape
 
 
 def _split(text: str) -> list[str]:
@@ -50,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"presets ({TOKENS} tokens, in -> out): "
                + ", ".join(f"{k} {a}->{b}" for k, (a, b) in PRESETS.items())
+               + "; GeGLU's (its default): "
+               + ", ".join(f"{k} {a}->{b}" for k, (a, b) in ops_geglu.PRESETS.items())
                + f"; tiny {'x'.join(map(str, TINY))} (the CPU check)",
     )
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated: {', '.join(OPS)}")
@@ -94,13 +100,21 @@ def _shapes(args, gpu: bool) -> list[tuple[int, int, int]]:
     if args.shapes:
         return args.shapes
     preset = args.preset or (QUICK["preset"] if args.quick else "all")
-    names = _choose("preset", _split(preset), [*PRESETS, "tiny", "all"])
+    names = _choose("preset", _split(preset), [*ALL_PRESETS, "tiny", "all"])
     names = list(dict.fromkeys(p for n in names for p in (PRESETS if n == "all" else [n])))
     if not gpu and names != ["tiny"]:
         if args.preset:
             print(f"bench: preset {preset!r} is GPU-sized; the interpreter check uses 'tiny'")
         names = ["tiny"]
-    return [TINY if n == "tiny" else (args.tokens, *PRESETS[n]) for n in names]
+    return [TINY if n == "tiny" else (args.tokens, *ALL_PRESETS[n]) for n in names]
+
+
+def _geglu_shapes(args, gpu: bool, shapes: list[tuple[int, int, int]]):
+    """GeGLU's own presets (Gemma-2B, T5-base) unless shapes or presets were asked for."""
+    if args.shapes or args.preset or not gpu:
+        return shapes
+    names = [QUICK["geglu"]] if args.quick else list(ops_geglu.PRESETS)
+    return [(args.tokens, *ops_geglu.PRESETS[n]) for n in names]
 
 
 def _decode_shapes(args, shapes: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -134,7 +148,8 @@ def selection(args, gpu: bool) -> harness.Selection:
     shapes = _shapes(args, gpu)
     decode = _decode_shapes(args, shapes)  # checked everywhere; decode sizes are GPU-only
     return harness.Selection(
-        shapes=shapes, gelu_sizes_mb=sizes_mb, decode_shapes=decode if gpu else [],
+        shapes=shapes, geglu_shapes=_geglu_shapes(args, gpu, shapes), gelu_sizes_mb=sizes_mb,
+        decode_shapes=decode if gpu else [],
         dtypes=_choose("dtype", _split(args.dtypes or default_dtypes), harness.DTYPES),
         approximates=_choose("approximate", _split(args.approximate), ("none", "tanh")),
         modes=_choose("mode", _split(args.modes), harness.MODES),
@@ -172,6 +187,8 @@ def run_check(ops: list[str], sel: harness.Selection, device: str) -> int:
             failures += 1
     print(f"{total - failures}/{total} comparisons no worse than 2x torch's own error + ulps"
           + (f"; {failures} FAILED" if failures else ""))
+    if ops_geglu.NAME in ops:
+        print("\n".join(ops_geglu.saved_bytes_lines(device)))
     if device == "cpu":
         print("Timings need a GPU: run `python -m bench` on a machine with CUDA.")
     return 1 if failures else 0
@@ -187,6 +204,9 @@ def run_bench(ops: list[str], sel: harness.Selection, out: Path, stem: str) -> i
           f"triton {meta['triton']}")
     meta.update(harness.measure_device(clock))
     meta.update(argv=sys.argv[1:], selection=vars(sel))
+    if ops_geglu.NAME in ops:
+        meta["saved_bytes"] = ops_geglu.saved_bytes_lines("cuda")
+        print("\n".join(meta["saved_bytes"]))
     print(f"measured: copy bandwidth {meta['copy_gbps']:.0f} GB/s, bf16 matmul peak "
           f"{meta['matmul_tflops']:.0f} TFLOP/s")
     cases = [case for name in ops for case in OPS[name].cases(sel)]

@@ -79,6 +79,7 @@ class Selection:
     device: str = "cuda"
     # Serving one token at a time (and small batches): benchmarked in "infer" mode only.
     decode_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+    geglu_shapes: list[tuple[int, int, int]] = field(default_factory=list)  # gated FFN shapes
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -432,6 +433,8 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
     lines += ["", f"## Below {TARGET_VS_EAGER}x eager", ""]
     lines += [f"- {label(r)}: {r['speedup'][EAGER]:.2f}x, path {r.get('path') or '-'}"
               for r in slower] or ["None: every case with an eager figure is at or above it."]
+    if meta.get("saved_bytes"):
+        lines += ["", "## Saved for the backward", "", *meta["saved_bytes"]]
     failures = [(label(r), n, e["error"]) for r in records for n, e in r["providers"].items()
                 if "error" in e]
     if failures:

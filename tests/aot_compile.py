@@ -11,9 +11,10 @@ the tuner would try for a large FFN problem, and checks what the GPU would get:
   access on aligned contiguous tensors.
 
 Run it without TRITON_INTERPRET (``python tests/aot_compile.py``); tests/test_aot_compile.py does.
-It prints one line per compile and exits non-zero on the first broken promise. ``--quick``
-compiles one config per kernel; ``--only NAME[,NAME]`` only the named tuners' kernels (e.g.
-``--only linear_gelu_bwd_dz``); ``--block-m N`` only configs with BLOCK_SIZE_M == N.
+It prints one line per compile and exits non-zero if any promise is broken. ``--quick``
+compiles one config per kernel and dtype; ``--only a,b`` only the kernels whose tuner name
+contains one of the substrings (e.g. ``--only geglu`` or ``--only linear_gelu_bwd_dz``);
+``--block-m N`` only configs with BLOCK_SIZE_M == N.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from triton_gelu import _autotune  # noqa: E402
+from triton_gelu.kernels.geglu import (  # noqa: E402
+    _geglu_act_kernel, _geglu_bwd_act_kernel, _geglu_bwd_dw_kernel, _geglu_bwd_dx_kernel,
+    _geglu_fwd_kernel,
+)
 from triton_gelu.kernels.gelu import _gelu_bwd_kernel, _gelu_fwd_kernel  # noqa: E402
 from triton_gelu.kernels.linear_gelu import (  # noqa: E402
     _linear_gelu_bwd_dw_kernel, _linear_gelu_bwd_dx_kernel, _linear_gelu_bwd_dz_kernel,
@@ -94,6 +99,36 @@ def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
              (_autotune.bucket(M), N, dtype, tanh, True, True))]
 
 
+def _geglu_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
+    """(name, kernel, args, key) of the GeGLU kernels on contiguous operands."""
+    precision = "tf32" if dtype == torch.float32 else None
+    fwd = dict(x_ptr=dtype, wg_ptr=dtype, wu_ptr=dtype, bg_ptr=dtype, bu_ptr=dtype,
+               h_ptr=dtype, g_ptr=dtype, u_ptr=dtype, M=M, N=N, K=K, stride_xm=K,
+               stride_xk=1, stride_wgn=K, stride_wgk=1, stride_wun=K, stride_wuk=1,
+               stride_om=N, APPROXIMATE_TANH=tanh, HAS_GATE_BIAS=True, HAS_UP_BIAS=True,
+               WRITE_H=True, SAVE_GATE_UP=True, INPUT_PRECISION=precision)
+    dx = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, wg_ptr=dtype, wu_ptr=dtype, dx_ptr=dtype,
+              M=M, N=N, K=K, stride_dhm=N, stride_dhn=1, stride_gm=N, stride_wgn=K,
+              stride_wgk=1, stride_wun=K, stride_wuk=1, stride_dxm=K, APPROXIMATE_TANH=tanh,
+              INPUT_PRECISION=precision)
+    dw = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, x_ptr=dtype, dwg_ptr=dtype, dwu_ptr=dtype,
+              dbg_ptr=dtype, dbu_ptr=dtype, M=M, N=N, K=K, stride_dhm=N, stride_dhn=1,
+              stride_gm=N, stride_xm=K, stride_xk=1, stride_dwn=K, APPROXIMATE_TANH=tanh,
+              COMPUTE_DW=True, COMPUTE_DB=True, INPUT_PRECISION=precision)
+    n = M * N
+    act = dict(g_ptr=dtype, u_ptr=dtype, h_ptr=dtype, n_elements=n, APPROXIMATE_TANH=tanh)
+    bwd_act = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, dg_ptr=dtype, du_ptr=dtype,
+                   h_ptr=dtype, n_elements=n, n_cols=N, stride_dh_row=N, APPROXIMATE_TANH=tanh,
+                   WRITE_H=True, CONTIGUOUS=True)
+    key = (_autotune.bucket(M), N, K, dtype, tanh)
+    elementwise_key = (_autotune.bucket(n), dtype, tanh)
+    return [("geglu_fwd", _geglu_fwd_kernel, fwd, key),
+            ("geglu_bwd_dx", _geglu_bwd_dx_kernel, dx, key),
+            ("geglu_bwd_dw", _geglu_bwd_dw_kernel, dw, key),
+            ("geglu_act", _geglu_act_kernel, act, elementwise_key),
+            ("geglu_bwd_act", _geglu_bwd_act_kernel, bwd_act, elementwise_key)]
+
+
 def _elementwise_cases(dtype: torch.dtype, tanh: bool, n: int):
     fwd = dict(x_ptr=dtype, y_ptr=dtype, n_elements=n, n_cols=n, stride_x_row=n,
                APPROXIMATE_TANH=tanh, CONTIGUOUS=True)
@@ -107,7 +142,8 @@ def _tuner_of(name: str):
     """The Tuner the package launches ``name`` with, for its config space and pruning."""
     import importlib
 
-    for module in ("triton_gelu.kernels.gelu", "triton_gelu.kernels.linear_gelu"):
+    for module in ("triton_gelu.kernels.gelu", "triton_gelu.kernels.linear_gelu",
+                   "triton_gelu.kernels.geglu"):
         for value in vars(importlib.import_module(module)).values():
             if isinstance(value, _autotune.Tuner) and value.name == name:
                 return value
@@ -141,7 +177,13 @@ def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
         elif "ld.global.v4" not in ptx or "st.global.v4" not in ptx:
             problems.append("no 16-byte vector loads and stores in the PTX")
         status = "ok  " if not problems else "FAIL"
-        print(f"{status} {label} smem={smem} {time.perf_counter() - start:.1f}s", flush=True)
+        estimate = ""
+        if is_matmul:  # the tuner's estimate beside the real figure, to keep the fit honest
+            roles = getattr(_tuner_of(kernel_name).prune, "keywords", {})
+            itemsize = 2 if key[3] != torch.float32 else 4
+            estimate = f" (estimated {_autotune.matmul_smem_bytes(config, itemsize, arch, **roles)})"
+        print(f"{status} {label} smem={smem}{estimate} {time.perf_counter() - start:.1f}s",
+              flush=True)
         failures.extend(f"{label}: {p}" for p in problems)
 
 
@@ -153,7 +195,7 @@ def main() -> int:
     failures: list[str] = []
     quick = "--quick" in sys.argv
     only = _option("--only")
-    names = set(only.split(",")) if only else None
+    parts = [part for part in only.split(",") if part] if only else None
     block_m = _option("--block-m")
     for arch in ("sm90", "sm80"):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -162,9 +204,10 @@ def main() -> int:
                 if tanh and dtype != torch.bfloat16:
                     continue
                 cases = _matmul_cases(dtype, tanh, 8192, 3072, 768) + \
-                    _elementwise_cases(dtype, tanh, 1 << 24)
+                    _elementwise_cases(dtype, tanh, 1 << 24) + \
+                    _geglu_cases(dtype, tanh, 8192, 16384, 2048)  # Gemma-2B's FFN
                 for name, kernel, args, key in cases:
-                    if names is not None and name not in names:
+                    if parts is not None and not any(part in name for part in parts):
                         continue
                     kept = _tuner_of(name).candidates(key, arch)
                     kept = kept if every_config and not tanh else kept[:1]

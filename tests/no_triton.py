@@ -389,6 +389,84 @@ def _autotune_warmup() -> None:
     assert x.grad is None and all(p.grad is None for p in model.parameters())
 
 
+# ---- gated GELU (GeGLU) ------------------------------------------------------------------------
+
+
+class TorchGatedFeedForward(nn.Module):
+    """Gemma's MLP with nn.GELU: GatedFeedForward's counterpart (same state-dict names)."""
+
+    def __init__(self, d_model: int, d_ff: int, approximate: str = "tanh") -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.act_fn = nn.GELU(approximate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _torch_geglu(approximate: str):
+    return lambda x, wg, wu, bg: F.gelu(F.linear(x, wg, bg), approximate=approximate) * \
+        F.linear(x, wu)
+
+
+@check("geglu")
+def _geglu() -> None:
+    for dtype, approximate, recompute in itertools.product(DTYPES, FORMS, (False, True)):
+        x, wg, wu = _x(5, 2, 12, dtype=dtype), *(torch.randn(7, 12).to(dtype) / 4 for _ in "gu")
+        assert_like_torch(
+            lambda x, wg, wu, bg: triton_gelu.geglu(x, wg, wu, bg, None, approximate, recompute),
+            _torch_geglu(approximate), [x, wg, wu, torch.randn(7).to(dtype)],
+            f"geglu {dtype} {approximate} recompute={recompute}",
+        )
+    x, wg, wu, bg = _x(5, 12), torch.randn(7, 12), torch.randn(7, 12), torch.randn(7)
+    with torch.no_grad():
+        assert_like_torch(lambda *t: triton_gelu.geglu(*t), _torch_geglu("tanh"),
+                          [x, wg, wu, bg], "geglu no_grad", grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_like_torch(lambda *t: triton_gelu.geglu(*t), _torch_geglu("tanh"),
+                          [x, wg, wu, bg], "geglu autocast bf16")
+
+
+@check("gated_feed_forward")
+def _gated_feed_forward() -> None:
+    for dtype, recompute in itertools.product(DTYPES, (False, True)):
+        x = _x(5, 2, 12, dtype=dtype)
+        wg, wu, wd = (torch.randn(*shape).to(dtype) / 4 for shape in ((20, 12), (20, 12), (12, 20)))
+        assert_like_torch(
+            lambda x, wg, wu, wd: triton_gelu.gated_feed_forward(x, wg, wu, wd,
+                                                                 recompute=recompute),
+            lambda x, wg, wu, wd: F.linear(_torch_geglu("tanh")(x, wg, wu, None), wd),
+            [x, wg, wu, wd], f"gated_feed_forward {dtype} recompute={recompute}",
+        )
+
+
+@check("GeGLU")
+def _geglu_module() -> None:
+    gate, up = nn.Linear(12, 20), nn.Linear(12, 20)
+    ours = triton_gelu.GeGLU.from_linears(copy.deepcopy(gate), copy.deepcopy(up), "none")
+
+    class Theirs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj, self.up_proj = gate, up
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.gelu(self.gate_proj(x)) * self.up_proj(x)
+
+    assert_like_torch(ours, Theirs(), [_x(5, 3, 12)], "GeGLU")
+
+
+@check("GatedFeedForward")
+def _gated_feed_forward_module() -> None:
+    for dtype in DTYPES:
+        ours = triton_gelu.GatedFeedForward(12, 20, dtype=dtype)
+        theirs = TorchGatedFeedForward(12, 20).to(dtype)
+        theirs.load_state_dict(ours.state_dict(), strict=False)  # act_fn has no state
+        assert_like_torch(ours, theirs, [_x(5, 2, 12, dtype=dtype)], f"GatedFeedForward {dtype}")
+
+
 # ---- the same run: what is not one public name ------------------------------------------------
 
 

@@ -7,6 +7,7 @@ logic, the choice of the fastest config, and the cache are the same as on a GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -131,6 +132,24 @@ def test_prune_matmul_never_returns_nothing():
     huge = [_tile(256, 256, 128, 5), _tile(128, 256, 128, 4)]
     kept = prune_matmul(huge, (16, 16, 16, torch.float32), "default")
     assert kept == [huge[1]], "the config with the smallest shared memory must remain"
+
+
+def test_gated_smem_estimate_and_fewer_stages_when_nothing_fits():
+    # Figures of real sm90 compiles of the GeGLU kernels (tests/aot_compile.py --only geglu):
+    # the forward stages an x tile and two weight tiles, dx three (BM, BN) tiles and two weights.
+    assert matmul_smem_bytes(_tile(128, 128, 64, 3), 2, "sm90", "K", gated=True) == 147456
+    assert matmul_smem_bytes(_tile(128, 64, 64, 4), 2, "sm90", "N", gated=True) == 212992
+    # dW: never below the compiled 223232 bytes.
+    assert 223232 <= matmul_smem_bytes(_tile(128, 128, 32, 3), 2, "sm90", "M", gated=True) \
+        <= 223232 + 8192
+    gated = functools.partial(prune_matmul, reduction="N", gated=True)
+    key = (8192, 16384, 2048, torch.bfloat16)
+    # 128x128x64 with 4 stages needs 416 KB; with 2, 160 KB: that is what remains.
+    assert [c.num_stages for c in gated([_tile(128, 128, 64, 4)], key, "sm90")] == [2]
+    # In float32 no sm90 tile fits the gated dx; the smallest one runs with fewer stages.
+    kept = gated(matmul_configs("sm90"), key[:3] + (torch.float32,), "sm90")
+    assert len(kept) == 1 and kept[0].num_stages < 4, kept
+    assert matmul_smem_bytes(kept[0], 4, "sm90", "N", gated=True) <= SMEM_BYTES["sm90"]
 
 
 def test_prune_elementwise_by_size_and_vector_width():

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import harness, ops_ffn, ops_gelu, ops_linear_gelu
+from bench import harness, ops_ffn, ops_geglu, ops_gelu, ops_linear_gelu
 from bench.harness import Case, Check, Selection, Subject
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,13 +35,17 @@ def test_cpu_mode_checks_every_op_and_times_nothing(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "Timings need a GPU" in output and "Traceback" not in output, output
-    for op in ("gelu", "linear_gelu", "ffn"):
+    for op in ("gelu", "linear_gelu", "ffn", "geglu"):
         for dtype in ("bfloat16", "float16", "float32"):
             lines = [line for line in output.splitlines()
                      if line.startswith(f"ok   {op} {dtype}")]
             assert lines and all("max error" in line and "torch" in line for line in lines), (
                 f"no error lines for {op} {dtype}:\n{output}")
     assert "FAIL" not in output
+    # GeGLU's saved bytes at the real FFN widths (exact: see tests/test_geglu.py for the formula)
+    assert "gemma-2b 2048->16384 GeGLU op: ours 69632 B (0.680x eager's 102400 B)" in output
+    assert "gemma-2b 2048->16384 gated block (GeGLU -> down): ours 69632 B (0.515x" in output
+    assert "t5-base 768->2048 GeGLU op: ours 9728 B (0.704x" in output, output
     assert " ms" not in output and "GB/s" not in output, "CPU mode must not print timings"
     assert not out.exists(), "CPU mode must not write results"
 
@@ -249,6 +253,36 @@ def test_report_lists_the_cases_below_the_eager_target():
     assert "linear_gelu fwd " not in section, "0.99x is within the target"
     clean = harness.markdown_report({}, [fine])
     assert "None: every case with an eager figure is at or above it." in clean
+
+
+def test_geglu_builds_runs_and_reports(tmp_path):
+    sel = Selection(shapes=[(37, 45, 51)], gelu_sizes_mb=[], dtypes=["bf16"],
+                    approximates=["tanh"], modes=list(harness.MODES),
+                    baselines=["eager", "matmul"], device="cpu")
+    cases = ops_geglu.cases(sel)
+    assert [c.mode for c in cases] == list(harness.MODES)
+    records = [harness.run_case(c, DEVICE_FIGURES, FakeClock(ms=2.0, peak=4096)) for c in cases]
+    errors = [(harness.label(r), n, e["error"]) for r in records
+              for n, e in r["providers"].items() if "error" in e]
+    assert not errors, errors
+    m, k, n = 37, 45, 51
+    fwd, bwd, both = records
+    assert set(fwd["providers"]) == {"ours", "ours-recompute", "eager", "matmul"}
+    assert fwd["flops"] == 2 * (2 * m * n * k) and bwd["flops"] == 4 * (2 * m * n * k)
+    assert fwd["bytes"] == (m * k + 2 * n * k + 3 * m * n) * 2
+    assert bwd["bytes"] == (3 * m * n + 2 * m * k + 4 * n * k) * 2
+    assert both["providers"]["ours"]["memory_vs_eager"] == 1.0  # the fake clock's peak
+    meta = {"device": "Fake GPU", **DEVICE_FIGURES,
+            "saved_bytes": ops_geglu.saved_bytes_lines("cpu")}
+    report = harness.markdown_report(meta, records)
+    assert "## geglu" in report and "## Saved for the backward" in report
+    assert "0.515x eager's 135168 B" in report  # Gemma-2B's gated block
+    # GeGLU runs at its own presets unless shapes or presets are asked for.
+    assert _selection().geglu_shapes == [(8192, 2048, 16384), (8192, 768, 2048)]
+    assert _selection("--quick").geglu_shapes == [(8192, 2048, 16384)]
+    assert _selection("--preset", "t5-base").shapes == [(8192, 768, 2048)]
+    assert _selection("--preset", "bert-base").geglu_shapes == [(8192, 768, 3072)]
+    assert _selection(gpu=False).geglu_shapes == [(37, 45, 51)]
 
 
 def test_markdown_marks_missing_figures():

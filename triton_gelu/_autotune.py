@@ -248,7 +248,8 @@ REDUCTIONS = ("K", "N", "M")
 
 
 def matmul_smem_bytes(
-    config: triton.Config, itemsize: int, arch: str | None = None, reduction: str = "K"
+    config: triton.Config, itemsize: int, arch: str | None = None, reduction: str = "K",
+    gated: bool = False,
 ) -> int:
     """Shared memory Triton allocates for a matmul config, estimated per pipeline stage.
 
@@ -259,23 +260,29 @@ def matmul_smem_bytes(
     - "M", dW = dz^T @ x: the dy and z (BM, BN) tiles, an x (BM, BK) tile, and db's partial
       sums (up to 32 bytes per column).
 
+    ``gated`` is the GeGLU kernels' version of each role (``kernels/geglu.py``): two weights,
+    W_gate and W_up, so two W tiles where there was one ("K", "N"); the gradient tiles are built
+    from three (BM, BN) tiles, dh, g and u, instead of two ("N", "M"); and "M" sums two biases.
+
     Triton keeps num_stages - 1 buffers of each tile, and on sm90 (and, to be safe, on unknown
     GPUs) num_stages buffers of the tiles fed straight to the tensor cores. Fitted on sm80 and
     sm90 compiles of the package's kernels with Triton 3.6 and 3.9 (tests/aot_compile.py):
     never below the real figure near the limits, and within a few KB above it.
     """
     bm, bn, bk = (config.kwargs[f"BLOCK_SIZE_{d}"] for d in "MNK")
-    staged, direct = {"K": (0, bm * bk + bk * bn), "N": (2 * bm * bn, bn * bk),
-                      "M": (2 * bm * bn, bm * bk)}[reduction]
+    weights, grad_inputs = (2, 3) if gated else (1, 2)
+    staged, direct = {"K": (0, bm * bk + weights * bk * bn),
+                      "N": (grad_inputs * bm * bn, weights * bn * bk),
+                      "M": (grad_inputs * bm * bn, bm * bk)}[reduction]
     stages = config.num_stages
     direct_buffers = stages - 1 if arch in ("sm80", "sm86", "sm89") else stages
-    extra = 32 * bn if reduction == "M" else 0
+    extra = 32 * bn * weights if reduction == "M" else 0
     return ((stages - 1) * staged + direct_buffers * direct) * itemsize + extra
 
 
 def prune_matmul(
     configs: list[triton.Config], key: tuple, arch: str | None = None,
-    reduction: str | None = None,
+    reduction: str | None = None, gated: bool = False,
 ) -> list[triton.Config]:
     """Drop tiles that cannot fit in shared memory, and tiles far larger than the problem.
 
@@ -285,21 +292,32 @@ def prune_matmul(
 
     ``reduction`` ("K", "N" or "M", see ``matmul_smem_bytes``) says which kernel the configs are
     for; without it a tile must fit as any of the three, which is safe but keeps the forward
-    from its biggest tiles. Pass it per tuner: ``functools.partial(prune_matmul, reduction="N")``.
+    from its biggest tiles. Pass it per tuner: ``functools.partial(prune_matmul, reduction="N")``
+    (and ``gated=True`` for the GeGLU kernels).
     """
     itemsize = _key_itemsize(key)
     limit = SMEM_BYTES.get(arch or "default", SMEM_BYTES["default"])
     roles = REDUCTIONS if reduction is None else (reduction,)
 
     def smem(c: triton.Config) -> int:
-        return max(matmul_smem_bytes(c, itemsize, arch, r) for r in roles)
+        return max(matmul_smem_bytes(c, itemsize, arch, r, gated) for r in roles)
 
     bounds = {dim: max(bucket(size), 64) for dim, size in zip("MNK", key[:3])}
     kept = [
         c for c in configs
         if all(c.kwargs[f"BLOCK_SIZE_{d}"] <= bounds[d] for d in "MNK") and smem(c) <= limit
     ]
-    return kept or [min(configs, key=smem)]
+    if kept:
+        return kept
+    # Nothing fits (float32 in a kernel that stages many tiles, like the gated dx): the smallest
+    # tile with as many pipeline stages as fit, else the smallest tile as it is.
+    smallest = min(configs, key=smem)
+    for stages in range(smallest.num_stages - 1, 0, -1):
+        fewer = triton.Config(dict(smallest.kwargs), num_warps=smallest.num_warps,
+                              num_stages=stages)
+        if smem(fewer) <= limit:
+            return [fewer]
+    return [smallest]
 
 
 # ---- what the cache is keyed on ------------------------------------------------------------

@@ -48,33 +48,42 @@ def check_same_dtype(named: Sequence[tuple[str, torch.Tensor]]) -> None:
             )
 
 
-def check_linear(x: object, weight: object, bias: object | None) -> None:
-    """Validate ``gelu(x @ weight.T + bias)``'s operands: x (..., K), weight (N, K), bias (N,)."""
+def check_linear(
+    x: object, weight: object, bias: object | None, weight_name: str = "weight",
+    bias_name: str = "bias",
+) -> None:
+    """Validate ``gelu(x @ weight.T + bias)``'s operands: x (..., K), weight (N, K), bias (N,).
+
+    ``weight_name`` / ``bias_name`` are the argument names the messages use (``w_gate``...)."""
     check_tensor("x", x)
-    check_tensor("weight", weight)
-    named = [("x", x), ("weight", weight)]
+    check_tensor(weight_name, weight)
+    named = [("x", x), (weight_name, weight)]
     if bias is not None:
-        named.append(("bias", check_tensor("bias", bias)))
+        named.append((bias_name, check_tensor(bias_name, bias)))
     check_same_device(named)
     check_same_dtype(named)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features), got shape ()")
     if weight.dim() != 2:
         raise ValueError(
-            f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
+            f"{weight_name} must be 2-D (out_features, in_features), got shape "
+            f"{tuple(weight.shape)}"
         )
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"in_features mismatch: x has shape {tuple(x.shape)} (last dim {x.shape[-1]}) but "
-            f"weight has shape {tuple(weight.shape)} (in_features {weight.shape[1]})"
+            f"{weight_name} has shape {tuple(weight.shape)} (in_features {weight.shape[1]})"
         )
     if bias is not None:
         if bias.dim() != 1:
-            raise ValueError(f"bias must be 1-D (out_features,), got shape {tuple(bias.shape)}")
+            raise ValueError(
+                f"{bias_name} must be 1-D (out_features,), got shape {tuple(bias.shape)}"
+            )
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(
-                f"bias has shape {tuple(bias.shape)} but weight has shape "
-                f"{tuple(weight.shape)}: bias length must equal out_features {weight.shape[0]}"
+                f"{bias_name} has shape {tuple(bias.shape)} but {weight_name} has shape "
+                f"{tuple(weight.shape)}: {bias_name} length must equal out_features "
+                f"{weight.shape[0]}"
             )
 
 
@@ -99,3 +108,72 @@ def check_linear_backward(
                 f"{name} must have shape (M, N) = {expected} for x of shape {tuple(x2d.shape)} "
                 f"and weight of shape {tuple(weight.shape)}, got {tuple(t.shape)}"
             )
+
+
+def check_geglu(
+    x: object, w_gate: object, w_up: object, b_gate: object | None, b_up: object | None
+) -> None:
+    """Validate ``gelu(x @ w_gate.T + b_gate) * (x @ w_up.T + b_up)``'s operands: each
+    projection as a Linear, and the two of the same shape, dtype and device."""
+    check_linear(x, w_gate, b_gate, "w_gate", "b_gate")
+    check_linear(x, w_up, b_up, "w_up", "b_up")
+    check_same_device([("w_gate", w_gate), ("w_up", w_up)])
+    check_same_dtype([("w_gate", w_gate), ("w_up", w_up)])
+    if w_up.shape != w_gate.shape:
+        raise ValueError(
+            f"w_up has shape {tuple(w_up.shape)} but w_gate has shape {tuple(w_gate.shape)}: "
+            "the gate and up projections must have the same (hidden_features, in_features)"
+        )
+
+
+def check_geglu_2d(
+    x2d: object, w_gate: object, w_up: object, b_gate: object | None, b_up: object | None
+) -> None:
+    """``check_geglu`` for the launchers, which take x already flattened to (M, K)."""
+    check_geglu(x2d, w_gate, w_up, b_gate, b_up)
+    if x2d.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, in_features) here, got shape {tuple(x2d.shape)}")
+
+
+def check_geglu_backward(
+    dh2d: object, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, gate: object,
+    up: object, needs: Sequence[bool],
+) -> tuple[bool, ...]:
+    """The backward launchers' operands: dh and the saved gate and up are (M, N); ``needs``
+    holds five flags (dx, dw_gate, dw_up, db_gate, db_up), returned as a tuple of bools."""
+    check_geglu_2d(x2d, w_gate, w_up, None, None)
+    named = [("dh", dh2d), ("gate", gate), ("up", up)]
+    check_same_device([("x", x2d)] + [(name, check_tensor(name, t)) for name, t in named])
+    expected = (x2d.shape[0], w_gate.shape[0])
+    for name, t in named:
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name} must have shape (M, N) = {expected} for x of shape {tuple(x2d.shape)} "
+                f"and w_gate of shape {tuple(w_gate.shape)}, got {tuple(t.shape)}"
+            )
+    if len(needs) != 5:
+        raise ValueError(
+            f"needs must hold 5 flags (dx, dw_gate, dw_up, db_gate, db_up), got {list(needs)}"
+        )
+    return tuple(bool(n) for n in needs)
+
+
+def check_down(w_gate: torch.Tensor, w_down: object, b_down: object | None) -> None:
+    """The down projection of a gated block: w_down (out_features, hidden_features) reads the
+    gated hidden of width w_gate.shape[0]; b_down (out_features,)."""
+    check_tensor("w_down", w_down)
+    named = [("w_gate", w_gate), ("w_down", w_down)]
+    if b_down is not None:
+        named.append(("b_down", check_tensor("b_down", b_down)))
+    check_same_device(named)
+    check_same_dtype(named)
+    if w_down.dim() != 2 or w_down.shape[1] != w_gate.shape[0]:
+        raise ValueError(
+            f"w_down must be 2-D (out_features, hidden_features = {w_gate.shape[0]}) to read "
+            f"the gated hidden of w_gate {tuple(w_gate.shape)}, got shape {tuple(w_down.shape)}"
+        )
+    if b_down is not None and tuple(b_down.shape) != (w_down.shape[0],):
+        raise ValueError(
+            f"b_down has shape {tuple(b_down.shape)} but w_down has shape "
+            f"{tuple(w_down.shape)}: b_down must be ({w_down.shape[0]},)"
+        )

@@ -9,7 +9,8 @@ In Python (importing this module never imports Triton)::
 
 On the command line: tune every kernel and path for given shapes and fill the cache. Shapes are
 ``MxKxN`` (tokens x in_features x out_features), the problem of ``linear_gelu`` on an (M, K)
-input with an (N, K) weight; the standalone GELU kernels are tuned on the (M, N) activation.
+input with an (N, K) weight (and of ``geglu`` with two such weights); the standalone GELU
+kernels are tuned on the (M, N) activation.
 Each kernel is tuned by calling the public functions, forward and backward, on random inputs,
 so exactly the keys a training run will use get tuned. ::
 
@@ -132,6 +133,15 @@ def _exercise(shape, dtype, approximate: str) -> None:
     for recompute in (False, True):  # the recompute forward is also the inference one
         y = linear_gelu(x, weight, bias, approximate=approximate, recompute=recompute)
         y.backward(torch.randn_like(y))
+    geglu = getattr(triton_gelu, "geglu", None)
+    if geglu is None:
+        return
+    w_up = (torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5).requires_grad_()
+    # Every path of the gated GELU, so whichever the path choice takes is tuned.
+    for fwd, bwd in (("fused", "once"), ("composed", "fused")):
+        with force_path(geglu_fwd=fwd, geglu_bwd=bwd):
+            h = geglu(x, weight, w_up, approximate=approximate)
+            h.backward(torch.randn_like(h))
 
 
 def _token_counts(text: str) -> list[int]:

@@ -7,14 +7,19 @@ Same arguments, outputs and validation as ``triton_gelu.kernels``; the math is t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from . import reference
-from ._checks import check_linear_2d, check_linear_backward
+from ._checks import (
+    check_geglu_2d, check_geglu_backward, check_linear_2d, check_linear_backward,
+)
 
 __all__ = [
     "gelu_forward", "gelu_backward",
     "linear_gelu_forward", "linear_preact", "linear_gelu_backward",
+    "geglu_forward", "geglu_gate_up", "geglu_backward",
 ]
 
 
@@ -64,3 +69,32 @@ def linear_gelu_backward(
     dx, dw, db = (g.to(x2d.dtype) if need else None
                   for g, need in zip(grads, (need_dx, need_dw, need_db)))
     return dx, dw, db
+
+
+def geglu_forward(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, approximate_tanh: bool, save_gate_up: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
+    h, gate, up = reference.geglu_forward_fp32(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh)
+    return (h.to(x2d.dtype), *((gate, up) if save_gate_up else (None, None)))
+
+
+def geglu_gate_up(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, approximate_tanh: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
+    _, gate, up = reference.geglu_forward_fp32(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh)
+    return gate, up
+
+
+def geglu_backward(
+    dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
+    write_h: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    needs = check_geglu_backward(dh2d, x2d, w_gate, w_up, gate, up, needs)
+    grads = reference.geglu_backward_fp32(dh2d, x2d, w_gate, w_up, gate, up, approximate_tanh)
+    h = reference.geglu_fp32(gate, up, approximate_tanh).to(x2d.dtype) if write_h else None
+    return (*(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs)), h)

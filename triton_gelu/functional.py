@@ -6,10 +6,11 @@ import sys
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from . import ops
+from . import _gated_block, ops
 from ._backend import launchers
-from ._checks import check_approximate, check_linear, check_tensor
+from ._checks import check_approximate, check_down, check_geglu, check_linear, check_tensor
 from .ops import rows as _rows
 
 
@@ -131,3 +132,137 @@ def linear_gelu(
         )
         return y.view(*x.shape[:-1], weight.shape[0])
     return _LinearGELUFunction.apply(x, weight, bias, approximate_tanh, recompute)
+
+
+# ---- Gated GELU (GeGLU) and the gated FFN block ---------------------------------------------
+
+
+class _GeGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, b_gate, b_up, approximate_tanh: bool, recompute: bool):
+        x2d = _rows(x)
+        h, gate, up = launchers(x2d).geglu_forward(
+            x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up=not recompute
+        )
+        ctx.approximate_tanh, ctx.recompute, ctx.x_shape = approximate_tanh, recompute, x.shape
+        # recompute: keep what rebuilds g and u (x, the weights, the biases) instead of them.
+        ctx.save_for_backward(x2d, w_gate, w_up, *((b_gate, b_up) if recompute else (gate, up)))
+        return h.view(*x.shape[:-1], w_gate.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh: torch.Tensor):
+        x2d, w_gate, w_up, *kept = ctx.saved_tensors
+        backend = launchers(x2d)
+        gate, up = (backend.geglu_gate_up(x2d, w_gate, w_up, *kept, ctx.approximate_tanh)
+                    if ctx.recompute else kept)
+        # Fresh gradients every call: nothing saved is written, so a second backward is unchanged.
+        dx, dwg, dwu, dbg, dbu, _ = backend.geglu_backward(
+            _rows(dh), x2d, w_gate, w_up, gate, up, ctx.approximate_tanh,
+            ctx.needs_input_grad[:5],
+        )
+        return None if dx is None else dx.view(ctx.x_shape), dwg, dwu, dbg, dbu, None, None
+
+
+def _prepare_geglu(x, w_gate, w_up, b_gate, b_up, approximate):
+    """Validate and autocast GeGLU's operands (as F.linear's); return them and the tanh flag."""
+    approximate_tanh = check_approximate(approximate)
+    check_tensor("x", x)
+    x, w_gate, w_up, b_gate, b_up = _autocast_linear(x, w_gate, w_up, b_gate, b_up)
+    check_geglu(x, w_gate, w_up, b_gate, b_up)
+    return x, w_gate, w_up, b_gate, b_up, approximate_tanh
+
+
+def geglu(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+    b_gate: torch.Tensor | None = None, b_up: torch.Tensor | None = None,
+    approximate: str = "tanh", recompute: bool = False,
+) -> torch.Tensor:
+    """``F.gelu(F.linear(x, w_gate, b_gate), approximate) * F.linear(x, w_up, b_up)``: both
+    projections and the gate in one Triton kernel.
+
+    x (..., in_features); w_gate and w_up (hidden_features, in_features) of the same shape;
+    b_gate and b_up (hidden_features,) or None; float32, float16 or bfloat16, all of one dtype
+    (under autocast they are cast first, as for ``F.linear``). Returns (..., hidden_features).
+    Differentiable in x, both weights and both biases. The backward keeps x, g and u (eager
+    PyTorch also keeps gelu(g)); ``recompute=True`` keeps x only and recomputes g and u.
+    """
+    x, w_gate, w_up, b_gate, b_up, approximate_tanh = _prepare_geglu(
+        x, w_gate, w_up, b_gate, b_up, approximate)
+    if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
+        return ops.geglu(x, w_gate, w_up, b_gate, b_up, approximate_tanh, recompute)
+    if not ops.needs_grad(x, w_gate, w_up, b_gate, b_up):
+        # Inference: no graph, nothing saved; the kernel writes only h.
+        x2d = _rows(x)
+        h, _, _ = launchers(x2d).geglu_forward(
+            x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up=False
+        )
+        return h.view(*x.shape[:-1], w_gate.shape[0])
+    return _GeGLUFunction.apply(x, w_gate, w_up, b_gate, b_up, approximate_tanh, recompute)
+
+
+class _GatedFeedForwardFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh: bool,
+                recompute: bool):
+        x2d = _rows(x)
+        y, gate, up = _gated_block.block_forward(
+            x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh, not recompute,
+            launchers(x2d).geglu_forward,
+        )
+        ctx.approximate_tanh, ctx.recompute, ctx.x_shape = approximate_tanh, recompute, x.shape
+        # Not h: the backward regenerates it from g and u (or from x, with recompute).
+        ctx.save_for_backward(x2d, w_gate, w_up, w_down,
+                              *((b_gate, b_up) if recompute else (gate, up)))
+        return y.view(*x.shape[:-1], w_down.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x2d, w_gate, w_up, w_down, *kept = ctx.saved_tensors
+        backend = launchers(x2d)
+        gate, up = (backend.geglu_gate_up(x2d, w_gate, w_up, *kept, ctx.approximate_tanh)
+                    if ctx.recompute else kept)
+        dx, *grads = _gated_block.block_backward(
+            _rows(dy), x2d, w_gate, w_up, w_down, gate, up, ctx.approximate_tanh,
+            ctx.needs_input_grad[:7], backend.geglu_backward,
+        )
+        return None if dx is None else dx.view(ctx.x_shape), *grads, None, None
+
+
+def gated_feed_forward(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+    b_gate: torch.Tensor | None = None, b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None, approximate: str = "tanh", dropout: float = 0.0,
+    training: bool = False, recompute: bool = False,
+) -> torch.Tensor:
+    """The gated FFN block ``F.linear(F.dropout(geglu(x, ...), dropout, training), w_down,
+    b_down)`` (Gemma's MLP, T5's DenseGatedActDense).
+
+    w_down is (out_features, hidden_features), b_down (out_features,) or None; the rest is as
+    in ``geglu``. Without active dropout the backward keeps x, g and u only and regenerates the
+    down projection's input h = gelu(g) * u from them (``recompute=True``: x only). Dropout in
+    training (``dropout > 0``) is applied unfused between the GeGLU and the down projection,
+    which then keeps its mask and its input as in PyTorch.
+    """
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+    x, w_gate, w_up, b_gate, b_up, approximate_tanh = _prepare_geglu(
+        x, w_gate, w_up, b_gate, b_up, approximate)
+    w_down, b_down = _autocast_linear(x, w_down, b_down)[1:]
+    check_down(w_gate, w_down, b_down)
+    if dropout > 0.0 and training:
+        h = geglu(x, w_gate, w_up, b_gate, b_up, approximate, recompute)
+        return F.linear(F.dropout(h, dropout, training=True), w_down, b_down)
+    if torch.compiler.is_compiling():
+        return ops.gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
+                                      approximate_tanh, recompute)
+    if not ops.needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+        x2d = _rows(x)
+        y, _, _ = _gated_block.block_forward(
+            x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh, False,
+            launchers(x2d).geglu_forward,
+        )
+        return y.view(*x.shape[:-1], w_down.shape[0])
+    return _GatedFeedForwardFunction.apply(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
+                                           approximate_tanh, recompute)

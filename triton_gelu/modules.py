@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._checks import check_approximate
-from .functional import gelu, linear_gelu
+from .functional import gated_feed_forward, geglu, gelu, linear_gelu
 
 
 class GELU(nn.Module):
@@ -106,3 +106,123 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear2(self.dropout(self.linear1(x)))
+
+
+def _projection(in_features: int, out_features: int, bias: bool, factory_kwargs: dict
+                ) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=bias, **factory_kwargs)
+
+
+def _check_pair(gate_proj: nn.Linear, up_proj: nn.Linear) -> None:
+    for name, linear in (("gate_proj", gate_proj), ("up_proj", up_proj)):
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} must be an nn.Linear, got {type(linear).__name__}")
+    if gate_proj.weight.shape != up_proj.weight.shape or \
+            (gate_proj.bias is None) != (up_proj.bias is None):
+        raise ValueError(
+            f"gate_proj {gate_proj} and up_proj {up_proj} must have the same shapes and both "
+            "or neither have a bias"
+        )
+
+
+class GeGLU(nn.Module):
+    """Gated GELU: gelu(gate_proj(x)) * up_proj(x), both projections and the gate in one kernel.
+
+    ``gate_proj`` and ``up_proj`` are ``nn.Linear(in_features, hidden_features, bias)`` (names,
+    shapes and initialisation), named as in Hugging Face Gemma's MLP so its state dict entries
+    load as they are. T5 v1.1 / Flan-T5 name them ``wi_0`` (gate, under the GELU) and ``wi_1``
+    (up): map ``wi_0`` -> ``gate_proj`` and ``wi_1`` -> ``up_proj``, or build from the Linears
+    themselves with ``GeGLU.from_linears(ff.wi_0, ff.wi_1)``, which shares their Parameters.
+
+    ``approximate="tanh"`` is Gemma's ``gelu_pytorch_tanh`` and T5's ``gelu_new``; ``"none"`` the
+    exact erf form. ``recompute=True`` keeps only x for the backward (g and u are recomputed).
+    """
+
+    def __init__(
+        self, in_features: int, hidden_features: int, bias: bool = False,
+        approximate: str = "tanh", recompute: bool = False,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_approximate(approximate)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.gate_proj = _projection(in_features, hidden_features, bias, factory_kwargs)
+        self.up_proj = _projection(in_features, hidden_features, bias, factory_kwargs)
+        self.approximate = approximate
+        self.recompute = recompute
+
+    @classmethod
+    def from_linears(
+        cls, gate_proj: nn.Linear, up_proj: nn.Linear, approximate: str = "tanh",
+        recompute: bool = False,
+    ) -> GeGLU:
+        """A GeGLU holding the given Linears themselves (their Parameters shared, no copy)."""
+        _check_pair(gate_proj, up_proj)
+        module = cls(gate_proj.in_features, gate_proj.out_features,
+                     bias=gate_proj.bias is not None, approximate=approximate,
+                     recompute=recompute, device="meta")
+        module.gate_proj, module.up_proj = gate_proj, up_proj
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return geglu(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias,
+                     self.up_proj.bias, self.approximate, self.recompute)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}, recompute={self.recompute}"
+
+
+class GatedFeedForward(nn.Module):
+    """The gated FFN block of Gemma and T5 v1.1: down_proj(dropout(GeGLU(x))).
+
+    Children ``gate_proj``, ``up_proj`` (as in ``GeGLU``), ``dropout`` and ``down_proj``
+    (``nn.Linear(d_ff, d_model, bias)``): a Gemma MLP's state dict loads as it is; T5's
+    DenseGatedActDense after renaming wi_0 -> gate_proj, wi_1 -> up_proj, wo -> down_proj.
+
+    The backward keeps x, g and u and regenerates the down projection's input h = gelu(g) * u
+    from them instead of saving it: (d_model + 2 d_ff) / (d_model + 4 d_ff) of eager PyTorch's
+    saved bytes, x alone with ``recompute=True``. Dropout with p > 0 in training is applied
+    unfused between the GeGLU and ``down_proj`` (which then also keeps its mask and input).
+    """
+
+    def __init__(
+        self, d_model: int, d_ff: int, dropout: float = 0.0, approximate: str = "tanh",
+        bias: bool = False, recompute: bool = False, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_approximate(approximate)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.gate_proj = _projection(d_model, d_ff, bias, factory_kwargs)
+        self.up_proj = _projection(d_model, d_ff, bias, factory_kwargs)
+        self.dropout = nn.Dropout(dropout)
+        self.down_proj = _projection(d_ff, d_model, bias, factory_kwargs)
+        self.approximate = approximate
+        self.recompute = recompute
+
+    @classmethod
+    def from_linears(
+        cls, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear,
+        dropout: float = 0.0, approximate: str = "tanh", recompute: bool = False,
+    ) -> GatedFeedForward:
+        """A block holding the given Linears themselves (their Parameters shared, no copy)."""
+        _check_pair(gate_proj, up_proj)
+        if not isinstance(down_proj, nn.Linear) or \
+                down_proj.in_features != gate_proj.out_features:
+            raise ValueError(f"down_proj must be an nn.Linear({gate_proj.out_features}, ...), "
+                             f"got {down_proj}")
+        module = cls(gate_proj.in_features, gate_proj.out_features, dropout=dropout,
+                     approximate=approximate, bias=gate_proj.bias is not None,
+                     recompute=recompute, device="meta")
+        module.gate_proj, module.up_proj, module.down_proj = gate_proj, up_proj, down_proj
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gated_feed_forward(
+            x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
+            self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias, self.approximate,
+            self.dropout.p, self.training, self.recompute,
+        )
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}, recompute={self.recompute}"

@@ -24,12 +24,22 @@ Ops (namespace ``triton_gelu``)::
     linear_preact(x, weight, bias?) -> preact
     linear_gelu_bwd(dy, x, weight, preact, approximate_tanh, need_dx, need_dw, need_db)
         -> (dx | empty, dw | empty, db | empty)
+    geglu_fwd(x, w_gate, w_up, b_gate?, b_up?, approximate_tanh, save_gate_up)
+        -> (h, g | empty, u | empty)
+    geglu_gate_up(x, w_gate, w_up, b_gate?, b_up?, approximate_tanh) -> (g, u)
+    geglu_bwd(dh, x, w_gate, w_up, g, u, approximate_tanh, needs[5], write_h)
+        -> (dx, dw_gate, dw_up, db_gate, db_up, h), each empty when not asked for
+    gated_ffn_fwd(x, w_gate, w_up, w_down, b_gate?, b_up?, b_down?, approximate_tanh,
+                  save_gate_up) -> (y, g | empty, u | empty)
 
 The linear ops take ``x`` (..., K) with any number of leading dimensions, ``weight`` (N, K) and
 ``bias`` (N,), and flatten the leading dimensions themselves, on the tensors they are given: so a
 DTensor sharded on a leading dimension (batch or sequence) reaches them unflattened, and DTensor
 never has to redistribute it to flatten it (``parallel.py`` registers the sharding rules).
 ``functional.py`` applies autocast before calling them, exactly as on the eager path.
+``gated_ffn_fwd``'s registered backward calls ``geglu_gate_up`` and ``geglu_bwd`` (and PyTorch
+matmuls for the down projection), so the compiled backward keeps x, g and u, never h. The GeGLU
+ops take 2-D ``x``; their entry points below flatten it.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import math
 
 import torch
 
+from . import _gated_block
 from ._backend import launchers
 
 Tensor = torch.Tensor
@@ -204,3 +215,179 @@ def linear_gelu(
     )
     y, _ = linear_gelu_fwd(x, weight, bias, approximate_tanh, needs_grad and not recompute)
     return y
+
+
+# ---- Gated GELU (GeGLU) -----------------------------------------------------------------------
+
+
+def _or_absent(t: Tensor | None, like: Tensor) -> Tensor:
+    return t if t is not None else _absent(like)
+
+
+@torch.library.custom_op("triton_gelu::geglu_fwd", mutates_args=())
+def geglu_fwd(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
+    approximate_tanh: bool, save_gate_up: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(gelu(g) * u, g if save_gate_up else empty, u likewise), g and u the two projections."""
+    h, gate, up = launchers(x).geglu_forward(
+        x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up
+    )
+    return h, _or_absent(gate, h), _or_absent(up, h)
+
+
+@geglu_fwd.register_fake
+def _geglu_fwd_fake(x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up):
+    h = _new_like(x, (x.shape[0], w_gate.shape[0]))
+    return h, *((_new_like(h), _new_like(h)) if save_gate_up else (_absent(h), _absent(h)))
+
+
+@torch.library.custom_op("triton_gelu::geglu_gate_up", mutates_args=())
+def geglu_gate_up_op(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
+    approximate_tanh: bool,
+) -> tuple[Tensor, Tensor]:
+    """(g, u), bitwise what geglu_fwd saves (the backward recomputes them when not saved)."""
+    return launchers(x).geglu_gate_up(x, w_gate, w_up, b_gate, b_up, approximate_tanh)
+
+
+@geglu_gate_up_op.register_fake
+def _geglu_gate_up_fake(x, w_gate, w_up, b_gate, b_up, approximate_tanh):
+    gate = _new_like(x, (x.shape[0], w_gate.shape[0]))
+    return gate, _new_like(gate)
+
+
+@torch.library.custom_op("triton_gelu::geglu_bwd", mutates_args=())
+def geglu_bwd(
+    dh: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, gate: Tensor, up: Tensor,
+    approximate_tanh: bool, needs: list[bool], write_h: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw_gate, dw_up, db_gate, db_up, h): each gradient empty unless its flag in ``needs``
+    is set; h = gelu(g) * u with write_h, else empty."""
+    dx, dwg, dwu, dbg, dbu, h = (_or_absent(t, dh) for t in launchers(x).geglu_backward(
+        dh, x, w_gate, w_up, gate, up, approximate_tanh, needs, write_h
+    ))
+    return dx, dwg, dwu, dbg, dbu, h
+
+
+@geglu_bwd.register_fake
+def _geglu_bwd_fake(dh, x, w_gate, w_up, gate, up, approximate_tanh, needs, write_h):
+    shapes = (x.shape, w_gate.shape, w_up.shape, w_gate.shape[:1], w_up.shape[:1], gate.shape)
+    return tuple(_new_like(dh, shape) if wanted else _absent(dh)
+                 for shape, wanted in zip(shapes, (*needs, write_h)))
+
+
+def _geglu_backward_through_op(dh, x, w_gate, w_up, gate, up, approximate_tanh, needs,
+                               write_h=False):
+    """``geglu_bwd`` with the launchers' conventions: None for what was not asked for."""
+    outputs = geglu_bwd(dh, x, w_gate, w_up, gate, up, approximate_tanh, list(needs), write_h)
+    return tuple(t if wanted else None for t, wanted in zip(outputs, (*needs, write_h)))
+
+
+def _save_gate_up_or_biases(ctx, tensors, biases, gate, up, save_gate_up) -> None:
+    """Keep g and u for the backward, or (recompute) the biases that rebuild them."""
+    ctx.save_gate_up = save_gate_up
+    ctx.has_bias = tuple(b is not None for b in biases)
+    ctx.save_for_backward(*tensors, *((gate, up) if save_gate_up else biases))
+
+
+def _saved_gate_up(ctx, x, w_gate, w_up, kept) -> tuple[Tensor, Tensor]:
+    if ctx.save_gate_up:
+        return tuple(kept)
+    biases = (b if has else None for b, has in zip(kept, ctx.has_bias))
+    return geglu_gate_up_op(x, w_gate, w_up, *biases, ctx.approximate_tanh)
+
+
+def _geglu_setup_context(ctx, inputs, output) -> None:
+    x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up = inputs
+    _, gate, up = output
+    ctx.mark_non_differentiable(gate, up)
+    ctx.approximate_tanh = approximate_tanh
+    _save_gate_up_or_biases(ctx, (x, w_gate, w_up), (b_gate, b_up), gate, up, save_gate_up)
+
+
+def _geglu_fwd_backward(ctx, dh: Tensor, dgate, dup):
+    x, w_gate, w_up, *kept = ctx.saved_tensors
+    gate, up = _saved_gate_up(ctx, x, w_gate, w_up, kept)
+    needs = [*ctx.needs_input_grad[:3], *(need and has for need, has in
+                                          zip(ctx.needs_input_grad[3:5], ctx.has_bias))]
+    grads = _geglu_backward_through_op(dh, x, w_gate, w_up, gate, up, ctx.approximate_tanh,
+                                       needs)
+    return (*grads[:5], None, None)
+
+
+geglu_fwd.register_autograd(_geglu_fwd_backward, setup_context=_geglu_setup_context)
+
+
+@torch.library.custom_op("triton_gelu::gated_ffn_fwd", mutates_args=())
+def gated_ffn_fwd(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
+    b_up: Tensor | None, b_down: Tensor | None, approximate_tanh: bool, save_gate_up: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(down(gelu(g) * u), g if save_gate_up else empty, u likewise)."""
+    y, gate, up = _gated_block.block_forward(
+        x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh, save_gate_up,
+        launchers(x).geglu_forward,
+    )
+    return y, _or_absent(gate, y), _or_absent(up, y)
+
+
+@gated_ffn_fwd.register_fake
+def _gated_ffn_fwd_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh,
+                        save_gate_up):
+    y = _new_like(x, (x.shape[0], w_down.shape[0]))
+    hidden = (x.shape[0], w_gate.shape[0])
+    return y, *((_new_like(x, hidden), _new_like(x, hidden)) if save_gate_up
+                else (_absent(y), _absent(y)))
+
+
+def _gated_ffn_setup_context(ctx, inputs, output) -> None:
+    x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh, save_gate_up = inputs
+    _, gate, up = output
+    ctx.mark_non_differentiable(gate, up)
+    ctx.approximate_tanh = approximate_tanh
+    ctx.has_down_bias = b_down is not None
+    _save_gate_up_or_biases(ctx, (x, w_gate, w_up, w_down), (b_gate, b_up), gate, up,
+                            save_gate_up)
+
+
+def _gated_ffn_fwd_backward(ctx, dy: Tensor, dgate, dup):
+    x, w_gate, w_up, w_down, *kept = ctx.saved_tensors
+    gate, up = _saved_gate_up(ctx, x, w_gate, w_up, kept)
+    has = (True, True, True, True, *ctx.has_bias, ctx.has_down_bias)
+    needs = [need and present for need, present in zip(ctx.needs_input_grad[:7], has)]
+    grads = _gated_block.block_backward(dy, x, w_gate, w_up, w_down, gate, up,
+                                        ctx.approximate_tanh, needs, _geglu_backward_through_op)
+    return (*grads, None, None)
+
+
+gated_ffn_fwd.register_autograd(_gated_ffn_fwd_backward, setup_context=_gated_ffn_setup_context)
+
+
+# ---- the entry points functional.geglu / gated_feed_forward take under torch.compile -----------
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will ask for a gradient of any of ``tensors`` (else: inference)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def geglu(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
+    approximate_tanh: bool, recompute: bool,
+) -> Tensor:
+    """``functional.geglu`` through the custom ops (x (..., K), validated and autocast)."""
+    save = needs_grad(x, w_gate, w_up, b_gate, b_up) and not recompute
+    h, _, _ = geglu_fwd(rows(x), w_gate, w_up, b_gate, b_up, approximate_tanh, save)
+    return h.view(*x.shape[:-1], w_gate.shape[0])
+
+
+def gated_feed_forward(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
+    b_up: Tensor | None, b_down: Tensor | None, approximate_tanh: bool, recompute: bool,
+) -> Tensor:
+    """``functional.gated_feed_forward`` (no dropout) through the custom ops."""
+    save = needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down) and not recompute
+    y, _, _ = gated_ffn_fwd(rows(x), w_gate, w_up, w_down, b_gate, b_up, b_down,
+                            approximate_tanh, save)
+    return y.view(*x.shape[:-1], w_down.shape[0])

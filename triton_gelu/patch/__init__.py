@@ -19,8 +19,12 @@ and the GELU becomes ``nn.Identity()``. GPT-2's ``Conv1D`` (weight stored as (in
 ``Conv1DGELU`` that keeps that parameter and passes its transposed view to the kernel, which
 takes strides.
 
+Gated GELU blocks (Gemma's MLP, T5's DenseGatedActDense: ``down(gelu(gate(x)) * up(x))``) are
+recognised by ``gated.py`` and swapped whole for a fused block holding the same children.
+
 The package's rooms: ``chain.py`` reads which children a module applies in which order,
-``match.py`` says what is a Linear and what is a GELU, ``fuse.py`` makes the swap.
+``match.py`` says what is a Linear and what is a GELU, ``fuse.py`` makes the swap, ``gated.py``
+the gated blocks.
 transformers is never imported: its classes are recognised by module path and name.
 """
 
@@ -31,14 +35,16 @@ from torch import nn
 from .._checks import check_approximate
 from .chain import application_chain, call_chain
 from .fuse import Conv1DGELU, fuse_pair
+from .gated import GatedGELUBlock, patch_gated
 from .match import gelu_form
 
-__all__ = ["patch", "gelu_form", "call_chain", "Conv1DGELU"]
+__all__ = ["patch", "gelu_form", "call_chain", "Conv1DGELU", "GatedGELUBlock"]
 
 
 def patch(model: nn.Module, approximate: str | None = None) -> int:
     """Replace, in place, every Linear followed by GELU in ``model`` that provably is such a pair
-    by the fused ``LinearGELU``; return how many pairs were replaced.
+    by the fused ``LinearGELU``, and every gated GELU block (Gemma, T5 v1.1) by a fused
+    ``GatedGELUBlock``; return how many pairs and blocks were replaced.
 
     ``approximate=None`` keeps each block's own GELU form; ``"none"`` or ``"tanh"`` forces one.
     Parameters are kept (the same ``nn.Parameter`` objects under the same state-dict names), so
@@ -61,4 +67,4 @@ def patch(model: nn.Module, approximate: str | None = None) -> int:
             if chain.count(linear_name) != 1 or chain.count(act_name) != 1:
                 continue  # a child used twice: swapping it would change the other use
             count += fuse_pair(module, linear_name, act_name, approximate)
-    return count
+    return count + patch_gated(model, approximate)

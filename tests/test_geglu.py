@@ -1,0 +1,728 @@
+"""Gated GELU (GeGLU) and the gated FFN block against float64 PyTorch: values and every gradient
+(x, both weights, both biases, the down projection), every path, layout and dtype, what the
+backward keeps, and bad inputs.
+
+Shapes stay small (M, N, K < 64) so the Triton interpreter runs the file quickly, and are
+multiples of no block size so every masked edge of every kernel is exercised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    DTYPES, assert_all_written, assert_nan_where_ref_nan, assert_no_worse_than_torch, poisoned,
+)
+from torch import nn
+
+import triton_gelu
+from bench.memory import saved_activation_bytes
+from triton_gelu import kernels, reference
+from triton_gelu._runtime import launches
+from triton_gelu.autotune import force_path
+from triton_gelu.kernels import _matmul
+
+# The kernels' module; ``triton_gelu.geglu`` itself is the public function.
+gk = importlib.import_module("triton_gelu.kernels.geglu")
+
+FORMS = ["none", "tanh"]
+M, K, N = 37, 45, 51  # multiples of no block size
+D = 29  # the gated block's output width (down projection)
+NAMES = ("dx", "dw_gate", "dw_up", "db_gate", "db_up")
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32():
+    # PyTorch's float32 matmuls are the baseline: keep both in IEEE float32.
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _operands(x_shape, n, dtype, device, bias=True):
+    """x ~ N(0, 1), W_gate and W_up ~ N(0, 1/K), biases ~ N(0, 1): g and u are O(1)."""
+    k = x_shape[-1]
+    x = torch.randn(x_shape, device=device).to(dtype)
+    w_gate, w_up = ((torch.randn(n, k, device=device) / k**0.5).to(dtype) for _ in "gu")
+    b_gate, b_up = ((torch.randn(n, device=device).to(dtype) for _ in "gu") if bias
+                    else (None, None))
+    return x, w_gate, w_up, b_gate, b_up
+
+
+def eager_geglu(x, w_gate, w_up, b_gate=None, b_up=None, approximate="tanh"):
+    return F.gelu(F.linear(x, w_gate, b_gate), approximate=approximate) * F.linear(x, w_up, b_up)
+
+
+def _leaves(tensors):
+    # Detached, not copied: the kernels see the caller's storage and strides.
+    return [t.detach().requires_grad_(True) if t is not None else None for t in tensors]
+
+
+def _compare_grads(ours, theirs, refs, names, what):
+    for name, a, b, ref in zip(names, ours, theirs, refs):
+        if a is None:
+            continue
+        assert a.grad.shape == a.shape, f"{name} {what}: shape {tuple(a.grad.shape)}"
+        assert_no_worse_than_torch(a.grad, b.grad, ref, f"{name} {what}")
+
+
+def _check(operands, approximate, recompute=False, what=""):
+    """geglu's forward and every gradient against float64, no worse than torch in x's dtype.
+    Returns our (h, dx, dw_gate, dw_up, db_gate, db_up)."""
+    x = operands[0]
+    ours = _leaves(operands)
+    h = triton_gelu.geglu(*ours, approximate=approximate, recompute=recompute)
+    dh = torch.randn_like(h)
+    h.backward(dh)
+    theirs = _leaves(operands)
+    h_torch = eager_geglu(*theirs, approximate=approximate)
+    h_torch.backward(dh)
+
+    what = f"{x.dtype} {approximate} recompute={recompute} x{tuple(x.shape)} {what}"
+    assert h.shape == h_torch.shape and h.dtype == x.dtype, what
+    assert_no_worse_than_torch(h, h_torch, reference.geglu64(*operands, approximate), "h " + what)
+    refs = reference.grads64(
+        lambda *t: reference.geglu64(*t, approximate=approximate), list(operands), dh
+    )
+    _compare_grads(ours, theirs, refs, NAMES, what)
+    return (h, *(t.grad if t is not None else None for t in ours))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+@pytest.mark.parametrize("approximate", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64(dtype, approximate, recompute, bias, device):
+    _check(_operands((M, K), N, dtype, device, bias), approximate, recompute)
+
+
+# Each forward path (fused, composed) and each backward path (once, fused) at least once; the
+# defaults (fused, once) are every case of test_matches_float64.
+PATHS = [("fused", "once"), ("composed", "fused")]
+
+
+@pytest.mark.parametrize("approximate", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_composed_forward_fused_backward_match_float64(dtype, approximate, device):
+    with force_path(geglu_fwd="composed", geglu_bwd="fused"):
+        ran = _launched(lambda: _check(_operands((M, K), N, dtype, device), approximate,
+                                       what="composed/fused"))
+    # cuBLAS g and u, then the elementwise gate; the backward in the dx and dW kernels.
+    assert ran == {"geglu_act": 1, "geglu_bwd_dx": 1, "geglu_bwd_dw": 1}, ran
+
+
+@pytest.mark.parametrize("fwd, bwd", PATHS, ids=[f"{f}-{b}" for f, b in PATHS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_recompute_gives_identical_gradients(dtype, fwd, bwd, device):
+    # The recomputed g and u are bitwise the saved ones (same path, kernel and config).
+    operands = _operands((M, K), N, dtype, device)
+    results = []
+    with force_path(geglu_fwd=fwd, geglu_bwd=bwd):
+        for recompute in (False, True):
+            torch.manual_seed(0)  # the same dh for both
+            results.append(_check(operands, "tanh", recompute))
+    for name, a, b in zip(("h", *NAMES), *results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs with recompute")
+
+
+X_LAYOUTS = {
+    "M=1": lambda k, dev: torch.randn(1, k, device=dev),
+    "1-D": lambda k, dev: torch.randn(k, device=dev),
+    "4-D": lambda k, dev: torch.randn(2, 3, 5, k, device=dev),
+    "column slice": lambda k, dev: torch.randn(33, k + 7, device=dev)[:, 3:3 + k],
+    "row step": lambda k, dev: torch.randn(66, k, device=dev)[::2],
+    "transposed": lambda k, dev: torch.randn(k, 29, device=dev).t(),
+    # Leading dimensions that do not collapse into one stride: copied, dx still in x's shape.
+    "3-D permuted": lambda k, dev: torch.randn(5, 3, k, device=dev).permute(1, 0, 2),
+    "empty batch": lambda k, dev: torch.randn(0, 3, k, device=dev),
+}
+
+
+@pytest.mark.parametrize("layout", X_LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_input_layouts(layout, dtype, device, monkeypatch):
+    x = X_LAYOUTS[layout](K, device).to(dtype)
+    _, *params = _operands((K,), N, dtype, device)
+    seen = []
+
+    def spy(x2d, *args, **kwargs):
+        seen.append(x2d)
+        return gk.geglu_forward(x2d, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "geglu_forward", spy)
+    h, dx, *_ = _check((x, *params), "tanh", what=layout)
+    assert h.shape == (*x.shape[:-1], N) and dx.shape == x.shape
+    # Collapsible leading dimensions reach the kernel as a strided view of x, not a copy.
+    if x.numel():
+        copied = seen[0].data_ptr() != x.data_ptr()
+        assert copied == (layout == "3-D permuted"), f"{layout}: copied={copied}"
+
+
+def test_strided_weights_biases_and_upstream_gradient(device):
+    # Weights as transposed (K, N) tensors, strided biases, an expanded dh (from .sum()): read
+    # through strides (or copied where a kernel needs rows), never wrong.
+    x, _, _, _, _ = _operands((M, K), N, torch.float32, device)
+    w_gate, w_up = ((torch.randn(K, N, device=device) / K**0.5).t() for _ in "gu")
+    b_gate, b_up = (torch.randn(2 * N, device=device)[::2] for _ in "gu")
+    assert not w_gate.is_contiguous() and not b_up.is_contiguous()
+    for fwd, bwd in PATHS:
+        with force_path(geglu_fwd=fwd, geglu_bwd=bwd):
+            _check((x, w_gate, w_up, b_gate, b_up), "none", what=f"{fwd}/{bwd}")
+            leaves = _leaves((x, w_gate, w_up, b_gate, b_up))
+            triton_gelu.geglu(*leaves).sum().backward()  # dh expanded: strides (0, 0)
+            theirs = _leaves((x, w_gate, w_up, b_gate, b_up))
+            eager_geglu(*theirs).sum().backward()
+            refs = reference.grads64(lambda *t: reference.geglu64(*t), [x, w_gate, w_up,
+                                     b_gate, b_up], torch.ones(M, N, device=device))
+            _compare_grads(leaves, theirs, refs, NAMES, f"expanded dh {fwd}/{bwd}")
+
+
+@pytest.mark.parametrize("shape", [(M, 0, N), (M, K, 0)], ids=["K=0", "N=0"])
+def test_empty_projections(shape, device):
+    m, k, n = shape
+    for fwd, bwd in PATHS:
+        with force_path(geglu_fwd=fwd, geglu_bwd=bwd):
+            _check(_operands((m, k), n, torch.float32, device), "tanh", what=f"{shape}")
+
+
+def test_tf32_allowed_float32(device):
+    # With TF32 (10-bit mantissa products) the result is within ~1e-3 relative of float64; on
+    # the CPU interpreter tl.dot is exact float32, which passes too.
+    operands = _operands((M, K), N, torch.float32, device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the autouse fixture restores it
+    h = triton_gelu.geglu(*operands)
+    ref = reference.geglu64(*operands)
+    err = (h.double().cpu() - ref.cpu()).abs().max().item()
+    assert err <= 1e-3 * ref.abs().max().item(), f"tf32 forward: max error {err:.3e}"
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Every launcher output starts as NaN, so any element a kernel fails to store shows up."""
+    monkeypatch.setattr(_matmul, "new_output",
+                        lambda shape, like: poisoned(shape, like.dtype, like.device))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_poisoned_outputs_fully_written(dtype, bias, device, poison_outputs):
+    operands = _operands((M, K), N, dtype, device, bias)
+    x, w_gate, w_up, b_gate, b_up = operands
+    dh = torch.randn(M, N, device=device).to(dtype)
+    h64 = reference.geglu64(*operands)
+    refs = reference.grads64(lambda *t: reference.geglu64(*t), list(operands), dh)
+    for fwd, bwd in PATHS:
+        with force_path(geglu_fwd=fwd, geglu_bwd=bwd):
+            h, gate, up = gk.geglu_forward(*operands, True, True)
+            gate2, up2 = gk.geglu_gate_up(*operands, True)
+            grads = gk.geglu_backward(dh, x, w_gate, w_up, gate, up, True, [True] * 5, True)
+        what = f"{fwd}/{bwd}"
+        assert_all_written(h, h64, f"h {what}")
+        assert not gate.isnan().any() and not up.isnan().any(), what
+        torch.testing.assert_close(gate2, gate, rtol=0, atol=0, msg=f"recomputed g {what}")
+        torch.testing.assert_close(up2, up, rtol=0, atol=0, msg=f"recomputed u {what}")
+        torch.testing.assert_close(grads[5], h, rtol=0, atol=0, msg=f"regenerated h {what}")
+        for name, grad, ref in zip(NAMES, grads, refs):
+            if ref is not None:
+                assert_all_written(grad, ref, f"{name} {what}")
+
+
+NEEDS = [(True, False, False, False, False), (False, True, False, False, False),
+         (False, False, False, True, True), (False, True, True, False, True)]
+
+
+@pytest.mark.parametrize("bwd", ["once", "fused"])
+@pytest.mark.parametrize("needs", NEEDS, ids=str)
+def test_backward_computes_only_what_is_needed(needs, bwd, device, poison_outputs):
+    operands = _operands((M, K), N, torch.float32, device)
+    x, w_gate, w_up, _, _ = operands
+    dh = torch.randn(M, N, device=device)
+    _, gate, up = gk.geglu_forward(*operands, False, True)
+    before = dict(launches)
+    with force_path(geglu_bwd=bwd):
+        grads = gk.geglu_backward(dh, x, w_gate, w_up, gate, up, False, needs)
+    refs = reference.grads64(lambda *t: reference.geglu64(*t, approximate="none"),
+                             list(operands), dh)
+    assert grads[5] is None, "h was not asked for"
+    for name, wanted, grad, ref in zip(NAMES, needs, grads, refs):
+        assert (grad is not None) == wanted, f"{name}: returned {grad is not None}, need {wanted}"
+        if wanted:
+            torch.testing.assert_close(grad.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+    ran = {name: launches[name] - before.get(name, 0) for name in launches}
+    if bwd == "fused":
+        assert ran.get("geglu_bwd_dx", 0) == needs[0]
+        assert ran.get("geglu_bwd_dw", 0) == any(needs[1:])
+
+
+@pytest.mark.parametrize("approximate", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_in_nan_out(dtype, approximate, device):
+    operands = _operands((M, K), N, dtype, device)
+    operands[0][3, 7] = float("nan")  # row 3 of h and dx, all of every weight and bias gradient
+    leaves = _leaves(operands)
+    h = triton_gelu.geglu(*leaves, approximate=approximate)
+    dh = torch.randn_like(h)
+    h.backward(dh)
+    assert_nan_where_ref_nan(h.detach(), reference.geglu64(*operands, approximate), "h")
+    refs = reference.grads64(lambda *t: reference.geglu64(*t, approximate=approximate),
+                             list(operands), dh)
+    for name, leaf, ref in zip(NAMES, leaves, refs):
+        assert_nan_where_ref_nan(leaf.grad, ref, name)
+    assert h[3].isnan().all() and not h[:3].isnan().any()
+
+
+def _launched(fn) -> dict[str, int]:
+    before = dict(launches)
+    fn()
+    return {name: n - before.get(name, 0) for name, n in launches.items()
+            if n > before.get(name, 0)}
+
+
+def test_kernel_path_taken(device):
+    """The default forward is one kernel launch, its backward one elementwise kernel (plus
+    cuBLAS); recompute launches the forward kernel again; frozen weights change nothing here."""
+    x, w_gate, w_up, b_gate, b_up = (t.requires_grad_(True) for t in
+                                     _operands((M, K), N, torch.float32, device))
+
+    def run(**kwargs):
+        return lambda: triton_gelu.geglu(x, w_gate, w_up, b_gate, b_up, **kwargs).sum().backward()
+
+    assert _launched(run()) == {"geglu_fwd": 1, "geglu_bwd_act": 1}
+    assert _launched(run(recompute=True)) == {"geglu_fwd": 2, "geglu_bwd_act": 1}
+    with torch.no_grad():
+        assert _launched(lambda: triton_gelu.geglu(x, w_gate, w_up)) == {"geglu_fwd": 1}
+
+
+def test_inference_writes_only_h(device, monkeypatch):
+    """g and u are neither saved nor written unless a gradient can be asked for."""
+    calls = []
+
+    def spy(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up):
+        calls.append(save_gate_up)
+        return gk.geglu_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up)
+
+    monkeypatch.setattr(kernels, "geglu_forward", spy)
+    x, w_gate, w_up, b_gate, b_up = _operands((M, K), N, torch.float32, device)
+    w_gate.requires_grad_(True)
+    with torch.no_grad():
+        h = triton_gelu.geglu(x, w_gate, w_up, b_gate, b_up)
+    assert h.grad_fn is None and calls == [False]
+    with torch.inference_mode():
+        triton_gelu.geglu(x, w_gate, w_up, b_gate, b_up)
+    triton_gelu.geglu(x, w_gate.detach(), w_up, b_gate, b_up)  # nothing requires grad
+    assert calls == [False, False, False]
+    assert triton_gelu.geglu(x, w_gate, w_up, b_gate, b_up).grad_fn is not None
+    assert triton_gelu.geglu(x, w_gate, w_up, recompute=True).grad_fn is not None
+    assert calls == [False, False, False, True, False]
+    # And the launcher itself writes no g or u when not asked to.
+    assert gk.geglu_forward(x, w_gate.detach(), w_up, b_gate, b_up, False, False)[1:] == \
+        (None, None)
+
+
+def test_second_backward_is_unchanged(device):
+    tensors = [t.requires_grad_(True) for t in _operands((M, K), N, torch.float32, device)]
+    snapshot = [t.detach().clone() for t in tensors]
+    for recompute in (False, True):
+        for t in tensors:
+            t.grad = None
+        h = triton_gelu.geglu(*tensors, recompute=recompute)
+        dh = torch.randn_like(h)
+        h.backward(dh, retain_graph=True)
+        first = [t.grad.clone() for t in tensors]
+        h.backward(dh)
+        for name, t, g in zip(NAMES, tensors, first):
+            torch.testing.assert_close(t.grad, 2 * g, rtol=0, atol=0, msg=f"second {name}")
+    for t, before in zip(tensors, snapshot):
+        torch.testing.assert_close(t.detach(), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("approximate", FORMS)
+def test_autocast_bf16(approximate, device):
+    """Under autocast the operands are cast to the autocast dtype as for F.linear; gradients
+    come back in the leaves' float32."""
+    operands = _operands((4, 9, K), N, torch.float32, device)
+    ours, theirs = _leaves(operands), _leaves(operands)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        h = triton_gelu.geglu(*ours, approximate=approximate)
+        h_torch = eager_geglu(*theirs, approximate=approximate)
+    assert h.dtype == h_torch.dtype == torch.bfloat16
+    dh = torch.randn_like(h)
+    h.backward(dh)
+    h_torch.backward(dh)
+    low = [t.to(torch.bfloat16) for t in operands]  # what autocast multiplies
+    assert_no_worse_than_torch(h, h_torch, reference.geglu64(*low, approximate), "autocast h")
+    refs = reference.grads64(lambda *t: reference.geglu64(*t, approximate=approximate), low, dh)
+    for name, a, b, ref in zip(NAMES, ours, theirs, refs):
+        assert a.grad.dtype == torch.float32
+        # Both gradients went through bf16; compare at bf16's slack.
+        assert_no_worse_than_torch(a.grad, b.grad, ref, f"autocast {name}", atol=1e-2)
+
+
+def test_cpu_fallback_without_interpreter(monkeypatch):
+    """CPU tensors without TRITON_INTERPRET take the PyTorch fallback, same numerics."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    before = sum(launches.values())
+    for dtype in DTYPES:
+        for recompute in (False, True):
+            _check(_operands((M, K), N, dtype, "cpu"), "tanh", recompute)
+        _check_block(_block("cpu", dtype, bias=True), torch.randn(M, K).to(dtype), "cpu")
+    assert sum(launches.values()) == before
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------
+
+
+def _bad_inputs(device):
+    f32 = dict(device=device)
+    x, w, b = torch.randn(4, K, **f32), torch.randn(N, K, **f32), torch.randn(N, **f32)
+    return {
+        "in_features": ((torch.randn(4, K + 1, **f32), w, w, b, b), ValueError,
+                        rf"in_features mismatch: x has shape \(4, {K + 1}\).*w_gate"),
+        "up in_features": ((x, w, torch.randn(N, K + 2, **f32), b, b), ValueError,
+                           rf"in_features mismatch.*w_up has shape \({N}, {K + 2}\)"),
+        "weights disagree": ((x, w, torch.randn(N + 3, K, **f32), b, None), ValueError,
+                             rf"w_up has shape \({N + 3}, {K}\) but w_gate has shape "
+                             rf"\({N}, {K}\)"),
+        "b_gate length": ((x, w, w, torch.randn(N - 1, **f32), b), ValueError,
+                          rf"b_gate has shape \({N - 1},\) but w_gate has shape \({N}, {K}\)"),
+        "b_up length": ((x, w, w, b, torch.randn(N + 1, **f32)), ValueError,
+                        rf"b_up has shape \({N + 1},\) but w_up"),
+        "b_up 2-D": ((x, w, w, None, b[None]), ValueError, "b_up must be 1-D"),
+        "w_gate 1-D": ((x, torch.randn(K, **f32), w, b, b), ValueError,
+                       rf"w_gate must be 2-D .*got shape \({K},\)"),
+        "w_up 3-D": ((x, w, w[None], b, b), ValueError, "w_up must be 2-D"),
+        "x 0-D": ((torch.tensor(1.0, **f32), w, w, b, b), ValueError, "at least 1 dimension"),
+        "w_up dtype": ((x, w, w.half(), b, b), TypeError,
+                       "w_up has dtype torch.float16 but x has dtype torch.float32"),
+        "b_gate dtype": ((x, w, w, b.bfloat16(), b), TypeError, "b_gate has dtype torch.bfloat16"),
+        "devices": ((x, w, w.to("meta"), b, b), ValueError, f"w_up is on meta but x is on {device}"),
+        "int x": ((x.int(), w, w, b, b), TypeError,
+                  "x must be float32, float16 or bfloat16, got torch.int32"),
+        "float64": ((x.double(), w.double(), w.double(), None, None), TypeError,
+                    "got torch.float64"),
+        "w_up list": ((x, w, [[1.0] * K] * N, b, b), TypeError, "w_up must be a torch.Tensor"),
+    }
+
+
+@pytest.mark.parametrize("case", _bad_inputs("cpu").keys())
+def test_rejects_bad_inputs_before_any_launch(case, device):
+    args, error, match = _bad_inputs(device)[case]
+    before = sum(launches.values())
+    with pytest.raises(error, match=match):
+        triton_gelu.geglu(*args)
+    # The block checks the same operands, and the launchers (the custom ops' entry points) too.
+    w_down = torch.randn(D, N, device=device)
+    with pytest.raises(error, match=match):
+        triton_gelu.gated_feed_forward(args[0], args[1], args[2], w_down, *args[3:])
+    with pytest.raises(error, match=match):
+        gk.geglu_forward(*args, False, True)
+    with pytest.raises(error, match=match):
+        gk.geglu_gate_up(*args, False)
+    assert sum(launches.values()) == before
+
+
+def test_rejects_bad_block_and_backward_inputs(device):
+    x, w_gate, w_up, b_gate, b_up = _operands((4, K), N, torch.float32, device)
+    before = sum(launches.values())
+    cases = [
+        (dict(w_down=torch.randn(D, N + 1, device=device)), ValueError,
+         rf"w_down must be 2-D \(out_features, hidden_features = {N}\).*got shape"),
+        (dict(w_down=torch.randn(D, N, device=device).half()), TypeError,
+         "w_down has dtype torch.float16 but w_gate has dtype torch.float32"),
+        (dict(b_down=torch.randn(D + 1, device=device)), ValueError,
+         rf"b_down has shape \({D + 1},\) but w_down has shape \({D}, {N}\)"),
+        (dict(dropout=1.5), ValueError, r"dropout must be a probability in \[0, 1\], got 1.5"),
+        (dict(approximate="erf"), ValueError, "approximate must be one of"),
+    ]
+    for change, error, match in cases:
+        kwargs = dict(w_down=torch.randn(D, N, device=device), b_down=None, dropout=0.0,
+                      approximate="tanh")
+        kwargs.update(change)
+        with pytest.raises(error, match=match):
+            triton_gelu.gated_feed_forward(x, w_gate, w_up, b_gate=b_gate, b_up=b_up, **kwargs)
+    good = torch.randn(4, N, device=device)
+    with pytest.raises(ValueError, match=rf"dh must have shape \(M, N\) = \(4, {N}\)"):
+        gk.geglu_backward(good[:, 1:], x, w_gate, w_up, good, good, False, [True] * 5)
+    with pytest.raises(ValueError, match="up must have shape"):
+        gk.geglu_backward(good, x, w_gate, w_up, good, good[1:], False, [True] * 5)
+    with pytest.raises(ValueError, match="needs must hold 5 flags"):
+        gk.geglu_backward(good, x, w_gate, w_up, good, good, False, [True] * 3)
+    for bad in ("exact", None):
+        with pytest.raises(ValueError, match="approximate must be one of"):
+            triton_gelu.geglu(x, w_gate, w_up, approximate=bad)
+        with pytest.raises(ValueError, match="approximate must be one of"):
+            triton_gelu.GeGLU(K, N, approximate=bad)
+    assert sum(launches.values()) == before
+
+
+# ---- the gated block -------------------------------------------------------------------------
+
+
+class EagerGatedBlock(nn.Module):
+    """The PyTorch block GatedFeedForward replaces, with Gemma's names (and a dropout)."""
+
+    def __init__(self, d_model, d_ff, approximate="tanh", bias=False, dropout=0.0, **factory):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias, **factory)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias, **factory)
+        self.approximate = approximate
+
+    def forward(self, x):
+        gated = F.gelu(self.gate_proj(x), approximate=self.approximate) * self.up_proj(x)
+        return self.down_proj(self.dropout(gated))
+
+
+def _block(device, dtype=torch.float32, approximate="tanh", bias=False, recompute=False,
+           dropout=0.0, d_model=K, d_ff=N):
+    """(ours, eager) with the same parameters."""
+    ours = triton_gelu.GatedFeedForward(d_model, d_ff, dropout=dropout, approximate=approximate,
+                                        bias=bias, recompute=recompute, device=device,
+                                        dtype=dtype)
+    eager = EagerGatedBlock(d_model, d_ff, approximate, bias, dropout, device=device, dtype=dtype)
+    eager.load_state_dict(ours.state_dict())  # strict: the same names and shapes
+    return ours, eager
+
+
+def _run_module(module, x, dy=None):
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    dy = torch.randn_like(y) if dy is None else dy
+    y.backward(dy)
+    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}, dy
+
+
+def _check_block(blocks, x, device):
+    """GatedFeedForward's output, dx and every parameter gradient against float64."""
+    ours, eager = blocks
+    y, dx, grads, dy = _run_module(ours, x)
+    y_t, dx_t, grads_t, _ = _run_module(eager, x, dy)
+    ref = copy.deepcopy(eager).double()
+    y64, dx64, grads64, _ = _run_module(ref, x.double(), dy.double())
+    what = f"block {x.dtype} {ours.approximate}"
+    assert_no_worse_than_torch(y, y_t, y64, f"y {what}")
+    assert_no_worse_than_torch(dx, dx_t, dx64, f"dx {what}")
+    assert grads.keys() == grads_t.keys()
+    for name in grads:
+        assert_no_worse_than_torch(grads[name], grads_t[name], grads64[name], f"d{name} {what}")
+    return y, dx, grads
+
+
+@pytest.mark.parametrize("approximate", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gated_block_matches_float64(dtype, approximate, device):
+    x = torch.randn(3, 13, K, device=device).to(dtype)
+    _check_block(_block(device, dtype, approximate, bias=dtype == torch.float32), x, device)
+
+
+@pytest.mark.parametrize("fwd, bwd", PATHS, ids=[f"{f}-{b}" for f, b in PATHS])
+def test_gated_block_recompute_gives_identical_gradients(fwd, bwd, device):
+    x = torch.randn(M, K, device=device).to(torch.bfloat16)
+    results = []
+    with force_path(geglu_fwd=fwd, geglu_bwd=bwd):
+        for recompute in (False, True):
+            torch.manual_seed(0)  # the same parameters and dy for both
+            results.append(_check_block(_block(device, torch.bfloat16, bias=True,
+                                               recompute=recompute), x, device))
+    (y, dx, grads), (y2, dx2, grads2) = results
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    torch.testing.assert_close(dx2, dx, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+def test_gated_block_launches_and_regenerates_h(device):
+    ours, _ = _block(device)
+    x = torch.randn(M, K, device=device, requires_grad=True)
+    # h is regenerated by the backward's elementwise kernel (write_h), not saved.
+    assert _launched(lambda: ours(x).sum().backward()) == {"geglu_fwd": 1, "geglu_bwd_act": 1}
+    with force_path(geglu_bwd="fused"):
+        assert _launched(lambda: ours(x).sum().backward()) == {
+            "geglu_fwd": 1, "geglu_bwd_dx": 1, "geglu_bwd_dw": 1, "geglu_act": 1}
+
+
+def test_gated_block_dropout_in_training(device):
+    """p > 0 in training: the unfused dropout draws the same mask as PyTorch's from the same
+    seed; eval mode turns it off."""
+    ours, eager = _block(device, dropout=0.4)
+    x = torch.randn(M, K, device=device)
+    torch.manual_seed(7)
+    y, dx, grads, dy = _run_module(ours.train(), x)
+    torch.manual_seed(7)
+    y_t, dx_t, grads_t, _ = _run_module(eager.train(), x, dy)
+    torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_t, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_t[name], rtol=1e-5, atol=1e-4, msg=name)
+    ours.eval()
+    assert torch.equal(ours(x), ours(x))
+
+
+# ---- what the backward keeps ---------------------------------------------------------------------
+
+
+def _saved(fn, params) -> int:
+    return saved_activation_bytes(fn, exclude=params)
+
+
+def test_saved_bytes_of_the_op_and_the_block(device):
+    """Exact byte counts: the GeGLU op keeps x, g and u (eager: x, g, gelu(g), u); the gated
+    block also drops h (eager keeps it for the down projection); recompute keeps x only."""
+    m, k, n = 24, 16, 64  # d_ff = 4 d_model, a typical FFN ratio
+    x = torch.randn(m, k, device=device, requires_grad=True)
+    ours, eager = _block(device, d_model=k, d_ff=n)
+    params = [*ours.parameters(), *eager.parameters()]
+    w = (ours.gate_proj.weight, ours.up_proj.weight)
+    item = x.element_size()
+
+    op_eager = _saved(lambda: eager_geglu(x, *w), params)
+    op_ours = _saved(lambda: triton_gelu.geglu(x, *w), params)
+    op_recompute = _saved(lambda: triton_gelu.geglu(x, *w, recompute=True), params)
+    assert (op_eager, op_ours, op_recompute) == ((m * k + 3 * m * n) * item,
+                                                 (m * k + 2 * m * n) * item, m * k * item)
+    assert op_ours / op_eager <= 0.70, op_ours / op_eager
+
+    block_eager = _saved(lambda: eager.eval()(x), params)  # Gemma's MLP has no dropout
+    block_ours = _saved(lambda: ours(x), params)
+    ours.recompute = True
+    block_recompute = _saved(lambda: ours(x), params)
+    assert (block_eager, block_ours, block_recompute) == (
+        (m * k + 4 * m * n) * item, (m * k + 2 * m * n) * item, m * k * item)
+    assert block_ours / block_eager <= 0.55, block_ours / block_eager
+
+
+# ---- modules -------------------------------------------------------------------------------------
+
+
+def test_geglu_module_names_init_and_from_linears(device):
+    torch.manual_seed(1)
+    ours = triton_gelu.GeGLU(K, N, bias=True, device=device)
+    torch.manual_seed(1)
+    gate, up = nn.Linear(K, N, device=device), nn.Linear(K, N, device=device)
+    assert list(ours.state_dict()) == ["gate_proj.weight", "gate_proj.bias", "up_proj.weight",
+                                       "up_proj.bias"]
+    for name, p in (("gate_proj", gate), ("up_proj", up)):  # nn.Linear's draws, in order
+        torch.testing.assert_close(getattr(ours, name).weight, p.weight, rtol=0, atol=0)
+    assert repr(ours).startswith("GeGLU(\n  approximate='tanh', recompute=False\n  (gate_proj)")
+    assert triton_gelu.GeGLU(K, N).gate_proj.bias is None  # bias=False by default, as Gemma
+
+    rng_before = torch.get_rng_state()
+    shared = triton_gelu.GeGLU.from_linears(gate, up, approximate="none", recompute=True)
+    assert torch.equal(torch.get_rng_state(), rng_before), "from_linears drew random numbers"
+    assert shared.gate_proj.weight is gate.weight and shared.up_proj.bias is up.bias
+    x = torch.randn(2, 5, K, device=device)
+    torch.testing.assert_close(shared(x), eager_geglu(x, gate.weight, up.weight, gate.bias,
+                                                      up.bias, "none"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="same shapes"):
+        triton_gelu.GeGLU.from_linears(gate, nn.Linear(K, N + 1))
+    with pytest.raises(TypeError, match="up_proj must be an nn.Linear"):
+        triton_gelu.GeGLU.from_linears(gate, nn.Identity())
+
+
+def test_gated_feed_forward_module(device):
+    ours, eager = _block(device, bias=True, dropout=0.1)
+    assert list(ours.state_dict()) == list(eager.state_dict())
+    assert ours.dropout.p == 0.1 and ours.approximate == "tanh" and not ours.recompute
+    shared = triton_gelu.GatedFeedForward.from_linears(
+        eager.gate_proj, eager.up_proj, eager.down_proj, approximate="tanh")
+    assert shared.down_proj.weight is eager.down_proj.weight
+    eager.eval()
+    x = torch.randn(2, 5, K, device=device)
+    torch.testing.assert_close(shared(x), eager(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="down_proj must be an nn.Linear"):
+        triton_gelu.GatedFeedForward.from_linears(eager.gate_proj, eager.up_proj,
+                                                  nn.Linear(N + 1, K))
+
+
+# ---- torch.compile -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+
+
+def _gated_model(device):
+    return nn.Sequential(
+        triton_gelu.GeGLU(8, 16, bias=True, recompute=True), nn.Linear(16, 8),
+        triton_gelu.GatedFeedForward(8, 24, approximate="none"),
+    ).to(device)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_forward_and_backward(backend, device):
+    from test_compile import Recorder, _fwd_bwd, _require_backend
+
+    if device == "cuda" and backend == "aot_eager":
+        pytest.skip("the GPU runs Inductor only")
+    _require_backend(backend)
+    model = _gated_model(device)
+    recorder = Recorder(backend)
+    with _fresh_dynamo():
+        compiled = torch.compile(copy.deepcopy(model), backend=recorder, fullgraph=True,
+                                 dynamic=True)
+        for tokens in (5, 11):
+            x = torch.randn(2, tokens, 8, device=device)
+            got, want = _fwd_bwd(compiled, x), _fwd_bwd(model, x)
+            for what, a, b in (("output", got[0], want[0]), ("dx", got[1], want[1]),
+                               *((n, got[2][n], want[2][n]) for n in want[2])):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{what} {tokens}")
+    assert recorder.fw_ops >= {"geglu_fwd", "gated_ffn_fwd"}, recorder.fw_ops
+    if backend == "aot_eager":
+        assert recorder.bw_ops >= {"geglu_bwd", "geglu_gate_up"}, recorder.bw_ops
+
+
+def test_compile_no_grad_and_autocast(device):
+    from test_compile import Recorder
+
+    model = _gated_model(device).eval()
+    with _fresh_dynamo():
+        compiled = torch.compile(model, backend=Recorder("aot_eager"), fullgraph=True)
+        x = torch.randn(2, 5, 8, device=device)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out, want = compiled(x), model(x)
+        assert out.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("approximate_tanh", [False, True])
+def test_opcheck(approximate_tanh, device):
+    """torch.library.opcheck: schema, fakes, autograd registration and AOT dispatch of every
+    GeGLU op against its real implementation."""
+    from triton_gelu import ops
+
+    x = torch.randn(5, 8, device=device, requires_grad=True)
+    wg, wu = (torch.randn(6, 8, device=device, requires_grad=True) for _ in "gu")
+    bg, bu = (torch.randn(6, device=device, requires_grad=True) for _ in "gu")
+    wd = torch.randn(3, 6, device=device, requires_grad=True)
+    bd = torch.randn(3, device=device, requires_grad=True)
+    dh, g, u = (torch.randn(5, 6, device=device) for _ in range(3))
+    x0, wg0, wu0 = x.detach(), wg.detach(), wu.detach()
+    tanh = approximate_tanh
+    cases = [
+        (ops.geglu_fwd, (x, wg, wu, bg, bu, tanh, True)),
+        (ops.geglu_fwd, (x, wg, wu, None, bu, tanh, False)),
+        (ops.geglu_fwd, (x, wg0.t().contiguous().t(), wu, bg, None, tanh, True)),  # W^T
+        (ops.gated_ffn_fwd, (x, wg, wu, wd, bg, bu, bd, tanh, True)),
+        (ops.gated_ffn_fwd, (x, wg, wu, wd, None, None, None, tanh, False)),
+        # The backward ops run in the backward only: no autograd of their own.
+        (ops.geglu_gate_up_op, (x0, wg0, wu0, bg.detach(), None, tanh)),
+        (ops.geglu_bwd, (dh, x0, wg0, wu0, g, u, tanh, [True] * 5, True)),
+        (ops.geglu_bwd, (dh, x0, wg0, wu0, g, u, tanh, [False, True, False, False, True], False)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)

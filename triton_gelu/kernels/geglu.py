@@ -1,0 +1,605 @@
+"""Gated GELU (GeGLU): h = gelu(x @ W_gate^T + b_gate) * (x @ W_up^T + b_up), forward and backward.
+
+Shapes (the launchers take a 2-D x; ``functional.py`` flattens the leading dimensions)::
+
+    x (M, K)    W_gate, W_up (N, K)    b_gate, b_up (N,)
+    g = x @ W_gate^T + b_gate (M, N)    u = x @ W_up^T + b_up (M, N)    h = gelu(g) * u (M, N)
+
+Forward, path "fused" (the default): one tiled kernel loads each x tile once and multiplies it
+with the W_gate and the W_up tile of the same output columns into two float32 accumulators; the
+epilogue adds the biases, rounds g and u to the input dtype, and writes h = gelu(g) * u
+(computed in float32, cast once), plus g and u when the backward keeps them. Path "composed":
+g and u by cuBLAS (``torch.addmm``), then one elementwise kernel writes h.
+
+Why round g and u before the gate: they are the values the backward is given (saved, or
+recomputed bitwise by the same kernel), the values the composed path's cuBLAS matmuls produce,
+and what PyTorch's own GeGLU multiplies. Gating the rounded values makes h the same function of
+(g, u) everywhere, so the gated block's backward (``_gated_block.py``) regenerates bitwise the h
+its forward fed the down projection, and training, inference and recompute agree bit for bit.
+
+Backward, for the upstream gradient dh. With h = gelu(g) * u::
+
+    dh/dg = u * gelu'(g)   =>   dg = dh * u * gelu'(g)       (elementwise, M x N)
+    dh/du = gelu(g)        =>   du = dh * gelu(g)
+    dx = dg @ W_gate + du @ W_up      dW_gate = dg^T @ x      dW_up = du^T @ x
+    db_gate = sum_m dg                db_up = sum_m du
+
+Path "once" (the default): one elementwise kernel reads dh, g and u once and writes dg and du
+in the input dtype; cuBLAS does the four matmuls (dx as ``mm`` then ``addmm_`` into the same
+buffer) and the bias gradients are column sums of the rounded dg and du, as in PyTorch's
+backward. Path "fused": dg and du are never written; a dx kernel and a dW kernel each rebuild
+them from the dh, g and u tiles they load (as ``linear_gelu``'s backward does with dz), and the
+dW kernel also sums both bias gradients in float32. The gated block's backward also asks for h
+(``write_h``): the elementwise kernel writes it alongside dg and du.
+
+Dropout (a later addition, issue 8): ``_gated`` is the one place the forward forms h; a
+DROPOUT constexpr with a seed and the element offsets would mask and scale there, and the
+backward kernels would regenerate the mask from the same offsets where they form dh's product.
+
+Layouts: x, the weights and dh are read through their strides (no copy of a transposed weight
+or a sliced x); g and u are the package's own contiguous outputs. Outputs are new contiguous
+tensors; kernels only store into them, so the autotuner may re-launch a kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .._autotune import (
+    Paths, Tuner, bucket, elementwise_configs, matmul_configs, prune_elementwise, prune_matmul,
+)
+from .._checks import check_geglu_2d, check_geglu_backward
+from .._runtime import device_context
+from . import _matmul
+from ._math import cast_to, gelu, gelu_grad
+from ._matmul import dot_operand, grouped_tile, input_precision, tile_grid
+from .gelu import _as_rows, _grid, _row_offsets
+
+# ---- the math, once -------------------------------------------------------------------------
+
+
+@triton.jit
+def _gated(gate, up, APPROXIMATE_TANH: tl.constexpr):
+    # h = gelu(g) * u, float32 in and out.
+    return gelu(gate, APPROXIMATE_TANH) * up
+
+
+@triton.jit
+def _gated_grads(dh, gate, up, APPROXIMATE_TANH: tl.constexpr):
+    # h = gelu(g) * u:  dg = dh * u * gelu'(g),  du = dh * gelu(g); float32 in and out.
+    return dh * up * gelu_grad(gate, APPROXIMATE_TANH), dh * gelu(gate, APPROXIMATE_TANH)
+
+
+@triton.jit
+def _rounded(acc, dtype: tl.constexpr):
+    # float32 -> dtype -> float32: the value as stored in the input dtype.
+    return cast_to(acc, dtype).to(tl.float32)
+
+
+# ---- forward ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _geglu_fwd_kernel(
+    x_ptr,  # (M, K)
+    wg_ptr,  # (N, K) W_gate, read as W_gate^T (K, N) through its strides
+    wu_ptr,  # (N, K) W_up, likewise
+    bg_ptr,  # (N,) contiguous; None without HAS_GATE_BIAS
+    bu_ptr,  # (N,) contiguous; None without HAS_UP_BIAS
+    h_ptr,  # (M, N) contiguous; None without WRITE_H
+    g_ptr,  # (M, N) contiguous; None without SAVE_GATE_UP
+    u_ptr,  # (M, N) contiguous; None without SAVE_GATE_UP
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wgn,
+    stride_wgk,
+    stride_wun,
+    stride_wuk,
+    stride_om,  # row stride of h, g and u
+    APPROXIMATE_TANH: tl.constexpr,
+    HAS_GATE_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    SAVE_GATE_UP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(
+        tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M
+    )
+    offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
+    wg_ptrs = wg_ptr + offs_k[:, None] * stride_wgk + offs_n[None, :] * stride_wgn  # (BK, BN)
+    wu_ptrs = wu_ptr + offs_k[:, None] * stride_wuk + offs_n[None, :] * stride_wun  # (BK, BN)
+
+    # Both accumulators cover the same output columns, so each x tile is loaded once for two dots.
+    acc_g = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        k_left = K - k * BLOCK_SIZE_K
+        mask_kn = (offs_k[:, None] < k_left) & mask_n[None, :]
+        x = dot_operand(
+            tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        )
+        wg = tl.load(wg_ptrs, mask=mask_kn, other=0.0)
+        acc_g = tl.dot(x, dot_operand(wg), acc_g, input_precision=INPUT_PRECISION)
+        wu = tl.load(wu_ptrs, mask=mask_kn, other=0.0)
+        acc_u = tl.dot(x, dot_operand(wu), acc_u, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_SIZE_K * stride_xk
+        wg_ptrs += BLOCK_SIZE_K * stride_wgk
+        wu_ptrs += BLOCK_SIZE_K * stride_wuk
+
+    # Epilogue in float32: g and u get their biases and are rounded to the input dtype (the
+    # values the backward sees, see the module docstring); h = gelu(g) * u is cast once.
+    if HAS_GATE_BIAS:
+        acc_g += tl.load(bg_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_UP_BIAS:
+        acc_u += tl.load(bu_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    gate = _rounded(acc_g, x_ptr.dtype.element_ty)
+    up = _rounded(acc_u, x_ptr.dtype.element_ty)
+    offs_out = offs_m[:, None] * stride_om + offs_n[None, :]
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if SAVE_GATE_UP:
+        tl.store(g_ptr + offs_out, gate.to(g_ptr.dtype.element_ty), mask=mask_out)
+        tl.store(u_ptr + offs_out, up.to(u_ptr.dtype.element_ty), mask=mask_out)
+    if WRITE_H:
+        h = _gated(gate, up, APPROXIMATE_TANH)
+        tl.store(h_ptr + offs_out, cast_to(h, h_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _geglu_act_kernel(
+    g_ptr,  # (M * N,) contiguous
+    u_ptr,  # (M * N,) contiguous
+    h_ptr,  # (M * N,) contiguous
+    n_elements,
+    APPROXIMATE_TANH: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    # h = gelu(g) * u elementwise: the composed forward, and h regenerated in the backward.
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    gate = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    up = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
+    h = _gated(gate, up, APPROXIMATE_TANH)
+    tl.store(h_ptr + offs, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- backward ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _geglu_bwd_act_kernel(
+    dh_ptr,  # (M, N), row stride stride_dh_row
+    g_ptr,  # (M * N,) contiguous
+    u_ptr,  # (M * N,) contiguous
+    dg_ptr,  # (M * N,) contiguous
+    du_ptr,  # (M * N,) contiguous
+    h_ptr,  # (M * N,) contiguous; None without WRITE_H
+    n_elements,
+    n_cols,
+    stride_dh_row,
+    APPROXIMATE_TANH: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    CONTIGUOUS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    # dg = dh * u * gelu'(g), du = dh * gelu(g) once, in float32, stored in the input dtype.
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    dh = tl.load(dh_ptr + _row_offsets(offs, n_cols, stride_dh_row, CONTIGUOUS), mask=mask)
+    gate = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    up = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
+    dgate, dup = _gated_grads(dh.to(tl.float32), gate, up, APPROXIMATE_TANH)
+    tl.store(dg_ptr + offs, cast_to(dgate, dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + offs, cast_to(dup, du_ptr.dtype.element_ty), mask=mask)
+    if WRITE_H:
+        h = _gated(gate, up, APPROXIMATE_TANH)
+        tl.store(h_ptr + offs, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_dgate_dup(dh_ptrs, g_ptrs, u_ptrs, mask, APPROXIMATE_TANH: tl.constexpr):
+    # (dg, du) in float32 for one (BM, BN) tile; masked-off elements load dh = 0.
+    dh = tl.load(dh_ptrs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return _gated_grads(dh, gate, up, APPROXIMATE_TANH)
+
+
+@triton.jit
+def _geglu_bwd_dx_kernel(
+    dh_ptr,  # (M, N)
+    g_ptr,  # (M, N), row stride stride_gm (u shares its layout)
+    u_ptr,  # (M, N)
+    wg_ptr,  # (N, K)
+    wu_ptr,  # (N, K)
+    dx_ptr,  # (M, K) contiguous
+    M,
+    N,
+    K,
+    stride_dhm,
+    stride_dhn,
+    stride_gm,
+    stride_wgn,
+    stride_wgk,
+    stride_wun,
+    stride_wuk,
+    stride_dxm,
+    APPROXIMATE_TANH: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):
+    # dx[m, k] = sum_n dg[m, n] W_gate[n, k] + du[m, n] W_up[n, k]: one (BM, BK) tile of dx
+    # per program, looping over N, with dg and du rebuilt from each dh, g, u tile.
+    pid_m, pid_k = grouped_tile(
+        tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(K, BLOCK_SIZE_K), GROUP_SIZE_M
+    )
+    offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    offs_k = pid_k.to(tl.int64) * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)
+    offs_n = tl.arange(0, BLOCK_SIZE_N)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    dh_ptrs = dh_ptr + offs_m[:, None] * stride_dhm + offs_n[None, :] * stride_dhn  # (BM, BN)
+    g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
+    u_ptrs = u_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
+    wg_ptrs = wg_ptr + offs_n[:, None] * stride_wgn + offs_k[None, :] * stride_wgk  # (BN, BK)
+    wu_ptrs = wu_ptr + offs_n[:, None] * stride_wun + offs_k[None, :] * stride_wuk
+
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_K), dtype=tl.float32)
+    for n in range(0, tl.cdiv(N, BLOCK_SIZE_N)):
+        n_left = N - n * BLOCK_SIZE_N
+        mask_nk = (offs_n[:, None] < n_left) & mask_k[None, :]
+        dgate, dup = _load_dgate_dup(
+            dh_ptrs, g_ptrs, u_ptrs, mask_m[:, None] & (offs_n[None, :] < n_left),
+            APPROXIMATE_TANH,
+        )
+        # The matmul operands, in the input dtype (what PyTorch's backward feeds its matmuls).
+        dgate = cast_to(dgate, wg_ptr.dtype.element_ty)
+        dup = cast_to(dup, wu_ptr.dtype.element_ty)
+        wg = tl.load(wg_ptrs, mask=mask_nk, other=0.0)
+        acc = tl.dot(dot_operand(dgate), dot_operand(wg), acc, input_precision=INPUT_PRECISION)
+        wu = tl.load(wu_ptrs, mask=mask_nk, other=0.0)
+        acc = tl.dot(dot_operand(dup), dot_operand(wu), acc, input_precision=INPUT_PRECISION)
+        dh_ptrs += BLOCK_SIZE_N * stride_dhn
+        g_ptrs += BLOCK_SIZE_N
+        u_ptrs += BLOCK_SIZE_N
+        wg_ptrs += BLOCK_SIZE_N * stride_wgn
+        wu_ptrs += BLOCK_SIZE_N * stride_wun
+
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
+    tl.store(dx_ptrs, cast_to(acc, dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _geglu_bwd_dw_kernel(
+    dh_ptr,  # (M, N)
+    g_ptr,  # (M, N), row stride stride_gm (u shares its layout)
+    u_ptr,  # (M, N)
+    x_ptr,  # (M, K)
+    dwg_ptr,  # (N, K) contiguous; None without COMPUTE_DW
+    dwu_ptr,  # (N, K) contiguous; None without COMPUTE_DW
+    dbg_ptr,  # (N,) contiguous; None without COMPUTE_DB
+    dbu_ptr,  # (N,) contiguous; None without COMPUTE_DB
+    M,
+    N,
+    K,
+    stride_dhm,
+    stride_dhn,
+    stride_gm,
+    stride_xm,
+    stride_xk,
+    stride_dwn,  # row stride of dW_gate and dW_up
+    APPROXIMATE_TANH: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):
+    # dW_gate[n, k] = sum_m dg[m, n] x[m, k], dW_up[n, k] = sum_m du[m, n] x[m, k] and the bias
+    # gradients (column sums of the float32 dg and du): one (BN, BK) tile of each weight
+    # gradient per program, looping over M; without COMPUTE_DW one program per N-tile, db only.
+    if COMPUTE_DW:
+        num_k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
+    else:
+        num_k_tiles = 1
+    pid_n, pid_k = grouped_tile(
+        tl.program_id(0), tl.cdiv(N, BLOCK_SIZE_N), num_k_tiles, GROUP_SIZE_M
+    )
+    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    offs_k = pid_k.to(tl.int64) * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)
+    offs_m = tl.arange(0, BLOCK_SIZE_M)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    dh_ptrs = dh_ptr + offs_m[:, None] * stride_dhm + offs_n[None, :] * stride_dhn  # (BM, BN)
+    g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
+    u_ptrs = u_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
+
+    dwg_acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_K), dtype=tl.float32)
+    dwu_acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_K), dtype=tl.float32)
+    dbg_acc = tl.zeros((BLOCK_SIZE_N,), dtype=tl.float32)
+    dbu_acc = tl.zeros((BLOCK_SIZE_N,), dtype=tl.float32)
+    for m in range(0, tl.cdiv(M, BLOCK_SIZE_M)):
+        m_left = M - m * BLOCK_SIZE_M
+        dgate, dup = _load_dgate_dup(
+            dh_ptrs, g_ptrs, u_ptrs, (offs_m[:, None] < m_left) & mask_n[None, :],
+            APPROXIMATE_TANH,
+        )
+        if COMPUTE_DB:
+            if pid_k == 0:  # one program per N-tile owns db (uniform branch, no atomics)
+                dbg_acc += tl.sum(dgate, axis=0)
+                dbu_acc += tl.sum(dup, axis=0)
+        if COMPUTE_DW:
+            x = tl.load(x_ptrs, mask=(offs_m[:, None] < m_left) & mask_k[None, :], other=0.0)
+            x = dot_operand(x)
+            dgate_t = tl.trans(cast_to(dgate, x_ptr.dtype.element_ty))  # (BN, BM), input dtype
+            dwg_acc = tl.dot(dot_operand(dgate_t), x, dwg_acc, input_precision=INPUT_PRECISION)
+            dup_t = tl.trans(cast_to(dup, x_ptr.dtype.element_ty))
+            dwu_acc = tl.dot(dot_operand(dup_t), x, dwu_acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_SIZE_M * stride_xm
+        dh_ptrs += BLOCK_SIZE_M * stride_dhm
+        g_ptrs += BLOCK_SIZE_M * stride_gm
+        u_ptrs += BLOCK_SIZE_M * stride_gm
+
+    if COMPUTE_DW:
+        offs_dw = offs_n[:, None] * stride_dwn + offs_k[None, :]
+        mask_dw = mask_n[:, None] & mask_k[None, :]
+        tl.store(dwg_ptr + offs_dw, cast_to(dwg_acc, dwg_ptr.dtype.element_ty), mask=mask_dw)
+        tl.store(dwu_ptr + offs_dw, cast_to(dwu_acc, dwu_ptr.dtype.element_ty), mask=mask_dw)
+    if COMPUTE_DB:
+        if pid_k == 0:
+            tl.store(dbg_ptr + offs_n, cast_to(dbg_acc, dbg_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(dbu_ptr + offs_n, cast_to(dbu_acc, dbu_ptr.dtype.element_ty), mask=mask_n)
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+
+# The forward and the recompute of g and u share one tuner and one key, so they launch the same
+# config: the same tiles in the same order, hence bitwise the same g and u.
+_fwd_tuner = Tuner(_geglu_fwd_kernel, "geglu_fwd", matmul_configs,
+                   functools.partial(prune_matmul, reduction="K", gated=True))
+_act_tuner = Tuner(_geglu_act_kernel, "geglu_act", elementwise_configs, prune_elementwise)
+_bwd_act_tuner = Tuner(_geglu_bwd_act_kernel, "geglu_bwd_act", elementwise_configs,
+                       prune_elementwise)
+_dx_tuner = Tuner(_geglu_bwd_dx_kernel, "geglu_bwd_dx", matmul_configs,
+                  functools.partial(prune_matmul, reduction="N", gated=True))
+_dw_tuner = Tuner(_geglu_bwd_dw_kernel, "geglu_bwd_dw", matmul_configs,
+                  functools.partial(prune_matmul, reduction="M", gated=True))
+
+Outputs = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def _key(x2d: torch.Tensor, w_gate: torch.Tensor, approximate_tanh: bool, *flags) -> tuple:
+    (M, K), N = x2d.shape, w_gate.shape[0]
+    return (bucket(M), N, K, x2d.dtype, approximate_tanh, *flags, input_precision(x2d.dtype))
+
+
+def _forward_fused(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+) -> Outputs:
+    (M, K), N = x2d.shape, w_gate.shape[0]
+    h = _matmul.new_output((M, N), x2d) if write_h else None
+    g, u = (_matmul.new_output((M, N), x2d) for _ in "gu") if save_gate_up else (None, None)
+    if M == 0 or N == 0:
+        return h, g, u
+    b_gate = None if b_gate is None else b_gate.contiguous()  # N elements: cheaper than a stride
+    b_up = None if b_up is None else b_up.contiguous()
+    out = h if h is not None else g
+    with device_context(x2d):
+        _fwd_tuner.run(
+            tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"),
+            _key(x2d, w_gate, approximate_tanh, b_gate is not None, b_up is not None),
+            x_ptr=x2d, wg_ptr=w_gate, wu_ptr=w_up, bg_ptr=b_gate, bu_ptr=b_up,
+            h_ptr=h, g_ptr=g, u_ptr=u, M=M, N=N, K=K,
+            stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
+            stride_wgn=w_gate.stride(0), stride_wgk=w_gate.stride(1),
+            stride_wun=w_up.stride(0), stride_wuk=w_up.stride(1), stride_om=out.stride(0),
+            APPROXIMATE_TANH=approximate_tanh, HAS_GATE_BIAS=b_gate is not None,
+            HAS_UP_BIAS=b_up is not None, WRITE_H=write_h, SAVE_GATE_UP=save_gate_up,
+            INPUT_PRECISION=input_precision(x2d.dtype),
+        )
+    return h, g, u
+
+
+def _gate_into(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+               approximate_tanh: bool) -> torch.Tensor:
+    """h = gelu(gate) * up by the elementwise kernel, into the contiguous ``h``."""
+    gate, up = gate.contiguous(), up.contiguous()  # no-ops: both are our own outputs
+    n = gate.numel()
+    if n:
+        with device_context(gate):
+            _act_tuner.run(_grid(n), (bucket(n), gate.dtype, approximate_tanh),
+                           g_ptr=gate, u_ptr=up, h_ptr=h, n_elements=n,
+                           APPROXIMATE_TANH=approximate_tanh)
+    return h
+
+
+def _linear_into(out: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """out = x2d @ weight^T + bias by cuBLAS (what F.linear runs), into ``out``."""
+    with torch.autocast(x2d.device.type, enabled=False):
+        if bias is None:
+            return torch.mm(x2d, weight.t(), out=out)
+        return torch.addmm(bias, x2d, weight.t(), out=out)
+
+
+def _forward_composed(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+) -> Outputs:
+    (M, _), N = x2d.shape, w_gate.shape[0]
+    g = _linear_into(_matmul.new_output((M, N), x2d), x2d, w_gate, b_gate)
+    u = _linear_into(_matmul.new_output((M, N), x2d), x2d, w_up, b_up)
+    h = _gate_into(_matmul.new_output((M, N), x2d), g, u, approximate_tanh) if write_h else None
+    return (h, g, u) if save_gate_up else (h, None, None)
+
+
+_forward_paths = Paths("geglu_fwd", {"fused": _forward_fused, "composed": _forward_composed},
+                       default="fused")
+
+
+def _run_forward(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+) -> Outputs:
+    # One key for the forward and the recompute: the same path, so the same g and u.
+    key = _key(x2d, w_gate, approximate_tanh, b_gate is not None, b_up is not None)
+    return _forward_paths.run(key, x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, write_h,
+                              save_gate_up)
+
+
+def geglu_forward(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, approximate_tanh: bool, save_gate_up: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(h, g, u): h = gelu(g) * u with g = x2d @ w_gate.T + b_gate and u = x2d @ w_up.T + b_up,
+    new contiguous (M, N) tensors in x2d's dtype; g and u are None unless ``save_gate_up``."""
+    check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
+    return _run_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, True, save_gate_up)
+
+
+def geglu_gate_up(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, approximate_tanh: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, u), bitwise what ``geglu_forward(..., save_gate_up=True)`` saves (the same path and
+    kernel config, writing no h): the backward's recompute."""
+    check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
+    _, g, u = _run_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, False, True)
+    return g, u
+
+
+Grads = tuple[torch.Tensor | None, ...]
+
+
+def _backward_once(
+    dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
+    write_h: bool,
+) -> Grads:
+    need_dx, need_dwg, need_dwu, need_dbg, need_dbu = needs
+    (M, K), N = x2d.shape, w_gate.shape[0]
+    dgate, dup = _matmul.new_output((M, N), x2d), _matmul.new_output((M, N), x2d)
+    h = _matmul.new_output((M, N), x2d) if write_h else None
+    n = M * N
+    if n:
+        dh_rows, n_cols, stride_row = _as_rows(dh2d)
+        gate, up = gate.contiguous(), up.contiguous()
+        with device_context(x2d):
+            _bwd_act_tuner.run(
+                _grid(n), (bucket(n), x2d.dtype, approximate_tanh, write_h),
+                dh_ptr=dh_rows, g_ptr=gate, u_ptr=up, dg_ptr=dgate, du_ptr=dup, h_ptr=h,
+                n_elements=n, n_cols=n_cols, stride_dh_row=stride_row,
+                APPROXIMATE_TANH=approximate_tanh, WRITE_H=write_h,
+                CONTIGUOUS=stride_row == n_cols,
+            )
+    dx = dwg = dwu = dbg = dbu = None
+    with torch.autocast(x2d.device.type, enabled=False):
+        if need_dx:
+            dx = torch.mm(dgate, w_gate, out=_matmul.new_output((M, K), x2d))
+            dx.addmm_(dup, w_up)
+        if need_dwg:
+            dwg = torch.mm(dgate.t(), x2d, out=_matmul.new_output((N, K), w_gate))
+        if need_dwu:
+            dwu = torch.mm(dup.t(), x2d, out=_matmul.new_output((N, K), w_up))
+        # Column sums of the rounded dg and du, as PyTorch's backward sums them.
+        if need_dbg:
+            dbg = torch.sum(dgate, 0, dtype=torch.float32).to(w_gate.dtype)
+        if need_dbu:
+            dbu = torch.sum(dup, 0, dtype=torch.float32).to(w_up.dtype)
+    return dx, dwg, dwu, dbg, dbu, h
+
+
+def _backward_fused(
+    dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
+    write_h: bool,
+) -> Grads:
+    need_dx, need_dwg, need_dwu, need_dbg, need_dbu = needs
+    (M, K), N = x2d.shape, w_gate.shape[0]
+    if min(M, N, K) == 0:  # no tiles to launch: the once path's cuBLAS calls handle it
+        return _backward_once(dh2d, x2d, w_gate, w_up, gate, up, approximate_tanh, needs,
+                              write_h)
+    gate, up = gate.contiguous(), up.contiguous()
+    compute_dw, compute_db = need_dwg or need_dwu, need_dbg or need_dbu
+    dx = _matmul.new_output((M, K), x2d) if need_dx else None
+    dwg, dwu = ((_matmul.new_output((N, K), w_gate), _matmul.new_output((N, K), w_up))
+                if compute_dw else (None, None))
+    dbg, dbu = ((_matmul.new_output((N,), w_gate), _matmul.new_output((N,), w_up))
+                if compute_db else (None, None))
+    precision = input_precision(x2d.dtype)
+    key = _key(x2d, w_gate, approximate_tanh)
+    with device_context(x2d):
+        if need_dx:
+            _dx_tuner.run(
+                tile_grid(M, K, "BLOCK_SIZE_M", "BLOCK_SIZE_K"), key,
+                dh_ptr=dh2d, g_ptr=gate, u_ptr=up, wg_ptr=w_gate, wu_ptr=w_up, dx_ptr=dx,
+                M=M, N=N, K=K, stride_dhm=dh2d.stride(0), stride_dhn=dh2d.stride(1),
+                stride_gm=gate.stride(0),
+                stride_wgn=w_gate.stride(0), stride_wgk=w_gate.stride(1),
+                stride_wun=w_up.stride(0), stride_wuk=w_up.stride(1), stride_dxm=dx.stride(0),
+                APPROXIMATE_TANH=approximate_tanh, INPUT_PRECISION=precision,
+            )
+        if compute_dw or compute_db:
+            _dw_tuner.run(
+                tile_grid(N, K, "BLOCK_SIZE_N", "BLOCK_SIZE_K" if compute_dw else None),
+                key + (compute_dw, compute_db),
+                dh_ptr=dh2d, g_ptr=gate, u_ptr=up, x_ptr=x2d, dwg_ptr=dwg, dwu_ptr=dwu,
+                dbg_ptr=dbg, dbu_ptr=dbu, M=M, N=N, K=K,
+                stride_dhm=dh2d.stride(0), stride_dhn=dh2d.stride(1), stride_gm=gate.stride(0),
+                stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
+                stride_dwn=dwg.stride(0) if compute_dw else 0,
+                APPROXIMATE_TANH=approximate_tanh, COMPUTE_DW=compute_dw,
+                COMPUTE_DB=compute_db, INPUT_PRECISION=precision,
+            )
+    h = _gate_into(_matmul.new_output((M, N), x2d), gate, up, approximate_tanh) \
+        if write_h else None
+    keep = (need_dx, need_dwg, need_dwu, need_dbg, need_dbu)
+    grads = tuple(g if need else None for g, need in zip((dx, dwg, dwu, dbg, dbu), keep))
+    return (*grads, h)
+
+
+_backward_paths = Paths("geglu_bwd", {"once": _backward_once, "fused": _backward_fused},
+                        default="once")
+
+
+def geglu_backward(
+    dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
+    write_h: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dW_gate, dW_up, db_gate, db_up, h) of h = gelu(g) * u for the upstream gradient dh2d.
+
+    ``needs`` says which of the five gradients to compute (the others are None); each is a new
+    contiguous tensor in the input dtype. ``gate`` and ``up`` are g and u as saved by the forward
+    (or recomputed by ``geglu_gate_up``). With ``write_h`` the last output is h = gelu(g) * u,
+    bitwise the forward's (the gated block's down projection needs it), else None.
+    """
+    needs = check_geglu_backward(dh2d, x2d, w_gate, w_up, gate, up, needs)
+    return _backward_paths.run(_key(x2d, w_gate, approximate_tanh), dh2d, x2d, w_gate, w_up,
+                               gate, up, approximate_tanh, needs, write_h)

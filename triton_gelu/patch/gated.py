@@ -1,0 +1,283 @@
+"""Gated GELU FFN blocks: recognised by their code, swapped whole for a fused block that keeps
+their child modules under the same names.
+
+Two shapes of ``forward`` are recognised, whatever the class (Hugging Face's or a copy):
+
+- Gemma 1/2/3's MLP (``GemmaMLP``, ``Gemma2MLP``, ``Gemma3MLP``, and every model that copies it):
+  ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``;
+- T5 v1.1 / Flan-T5's ``T5DenseGatedActDense``: ``wo(dropout(act(wi_0(x)) * wi_1(x)))``, with
+  its cast of the hidden to ``wo``'s dtype when they differ (Flan-T5-XXL keeps ``wo`` in float32).
+
+Proof that a block is one of them: its ``forward`` compiles to the same bytecode as a template
+below (instruction for instruction, up to the names of its locals and of the children the
+template names by role; every other name, constant and global must be the same), the children
+in those roles are plain ``nn.Linear`` (gate and up of one shape and dtype, down reading their
+width), a GELU (``match.gelu_form``: SwiGLU's SiLU and other activations are left alone) and,
+for T5, a plain ``nn.Dropout``; the block has no hooks, no parameters or buffers of its own and
+no ``forward`` of its instance. Anything else is left as it is.
+
+The swap: the block is replaced, in its parent, by a ``GatedGELUBlock`` that registers the very
+same child modules under the very same names (so Parameters, optimizers and state-dict keys are
+untouched, both ways) and carries the block's plain attributes (``config``, sizes). Its forward
+is the fused gated block (``functional.gated_feed_forward``: one kernel for both projections
+and the gate; the backward keeps x, g and u, not h) whenever that computes what the block's own
+code would: dropout inactive (eval mode or p = 0) and, for T5, no cast needed (or autocast on,
+where the cast round-trips). Otherwise it runs the GeGLU kernel, then the block's own dropout,
+cast and down projection. If a child has gained hooks or been replaced by another class since
+the patch, it runs the block's original ``forward`` (its class is kept) on itself, unfused.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dis
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..functional import gated_feed_forward, geglu
+from .match import gelu_form, has_hooks, linear_kind
+
+ROLES = ("gate", "up", "act", "dropout", "down")
+
+
+# ---- the templates: the forwards we recognise, written with role names --------------------------
+
+
+def _gemma_mlp(self, x):
+    down_proj = self.down(self.act(self.gate(x)) * self.up(x))
+    return down_proj
+
+
+def _gemma_mlp_returned(self, x):
+    return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+def _t5_dense_gated_act_dense(self, hidden_states):
+    hidden_gelu = self.act(self.gate(hidden_states))
+    hidden_linear = self.up(hidden_states)
+    hidden_states = hidden_gelu * hidden_linear
+    hidden_states = self.dropout(hidden_states)
+    # The cast T5 makes when wo is kept in another dtype (int8 quantised weights excepted).
+    if (
+        isinstance(self.down.weight, torch.Tensor)
+        and hidden_states.dtype != self.down.weight.dtype
+        and self.down.weight.dtype != torch.int8
+    ):
+        hidden_states = hidden_states.to(self.down.weight.dtype)
+    hidden_states = self.down(hidden_states)
+    return hidden_states
+
+
+# (template, whether it casts to down's dtype); Any: mypy sees a def as a Callable, not the
+# FunctionType it is.
+_TEMPLATES: tuple[tuple[Any, bool], ...] = (
+    (_gemma_mlp, False), (_gemma_mlp_returned, False), (_t5_dense_gated_act_dense, True),
+)
+
+_SKIP = {"RESUME", "NOP", "CACHE", "EXTENDED_ARG", "NOT_TAKEN"}
+_LOCALS = {"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "STORE_FAST",
+           "LOAD_FAST_LOAD_FAST", "LOAD_FAST_BORROW_LOAD_FAST_BORROW", "STORE_FAST_LOAD_FAST",
+           "STORE_FAST_STORE_FAST"}
+_ATTRS = {"LOAD_ATTR", "LOAD_METHOD"}
+
+
+def _instructions(fn: types.FunctionType) -> list[dis.Instruction]:
+    return [ins for ins in dis.get_instructions(fn) if ins.opname not in _SKIP]
+
+
+def _bind(mapping: dict, key: str, value: str) -> bool:
+    """Extend a one-to-one name mapping; False if it would map a name to two, or two to one."""
+    if key in mapping:
+        return mapping[key] == value
+    if value in mapping.values():
+        return False
+    mapping[key] = value
+    return True
+
+
+def _global(fn: types.FunctionType, name: str) -> object:
+    return fn.__globals__.get(name, getattr(builtins, name, None))
+
+
+def match_template(fn: object, template: types.FunctionType) -> dict[str, str] | None:
+    """Role -> child name when ``fn`` is ``template`` up to local and role names, else None."""
+    if not isinstance(fn, types.FunctionType):
+        return None
+    code, want = fn.__code__, template.__code__
+    if code.co_freevars or code.co_cellvars or fn.__defaults__ or fn.__kwdefaults__:
+        return None
+    # The low 16 bits are the code's own flags (varargs, generator...); above them are the
+    # ``from __future__`` flags of the module it was written in, which do not change the code.
+    if (code.co_argcount, code.co_kwonlyargcount, code.co_posonlyargcount,
+            code.co_flags & 0xFFFF) != (want.co_argcount, want.co_kwonlyargcount,
+                                        want.co_posonlyargcount, want.co_flags & 0xFFFF):
+        return None
+    ours, theirs = _instructions(template), _instructions(fn)
+    if len(ours) != len(theirs):
+        return None
+    local_names = dict(zip(want.co_varnames[:want.co_argcount], code.co_varnames))
+    roles: dict[str, str] = {}
+    for a, b in zip(ours, theirs):
+        if a.opname != b.opname:
+            return None
+        if a.opname in _LOCALS:
+            pairs = zip(*(v if isinstance(v, tuple) else (v,) for v in (a.argval, b.argval)))
+            if not all(_bind(local_names, x, y) for x, y in pairs):
+                return None
+        elif a.opname in _ATTRS and a.argval in ROLES:
+            if not _bind(roles, a.argval, b.argval) or _null_bit(a) != _null_bit(b):
+                return None
+        elif a.opname == "LOAD_GLOBAL":
+            if a.argval != b.argval or _null_bit(a) != _null_bit(b) or \
+                    _global(fn, b.argval) is not _global(template, a.argval):
+                return None
+        elif a.argval != b.argval or (a.opname in _ATTRS and _null_bit(a) != _null_bit(b)):
+            return None
+    return roles
+
+
+def _null_bit(ins: dis.Instruction) -> int:
+    # LOAD_GLOBAL (3.11+) and LOAD_ATTR (3.12+) say in their lowest bit whether they also push
+    # NULL for a call: the same name loaded as a value or as a callee is different code.
+    return (ins.arg or 0) & 1
+
+
+# ---- what a block must hold ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatedSpec:
+    """A recognised gated GELU block: its child names by role, GELU form and T5's cast."""
+
+    roles: dict[str, str]
+    form: str
+    casts_to_down_dtype: bool
+
+
+def _plain_dropout(mod: object) -> bool:
+    return isinstance(mod, nn.Dropout) and type(mod).forward is nn.Dropout.forward and \
+        not has_hooks(mod) and "forward" not in vars(mod)
+
+
+def gated_spec(block: nn.Module) -> GatedSpec | None:
+    """How ``block`` is a gated GELU FFN block we can fuse, or None when that is not proven."""
+    if isinstance(block, GatedGELUBlock) or has_hooks(block) or "forward" in vars(block):
+        return None
+    if block._parameters or block._buffers:
+        return None
+    forward = type(block).forward
+    for template, casts in _TEMPLATES:
+        roles = match_template(forward, template)
+        if roles is not None:
+            break
+    else:
+        return None
+    children = {role: block._modules.get(name) for role, name in roles.items()}
+    gate, up, down = children["gate"], children["up"], children["down"]
+    if not (isinstance(gate, nn.Linear) and isinstance(up, nn.Linear)
+            and isinstance(down, nn.Linear)):
+        return None
+    if not all(linear_kind(m) == "linear" for m in (gate, up, down)):
+        return None
+    if gate.weight.shape != up.weight.shape or gate.weight.dtype != up.weight.dtype or \
+            down.in_features != gate.out_features:
+        return None
+    if not casts and down.weight.dtype != gate.weight.dtype:
+        return None  # the block's own code would fail outside autocast; not ours to change
+    act = children["act"]  # a module without state or hooks (gelu_form checks), never a function
+    form = gelu_form(act) if isinstance(act, nn.Module) else None
+    if form is None:
+        return None
+    if "dropout" in children and not _plain_dropout(children["dropout"]):
+        return None
+    return GatedSpec(roles, form, casts)
+
+
+# ---- the fused block ------------------------------------------------------------------------------
+
+
+class GatedGELUBlock(nn.Module):
+    """A gated GELU FFN block of a model, fused: the same children under the same names, and a
+    forward through ``triton_gelu.gated_feed_forward`` (see the module docstring)."""
+
+    def __init__(self, block: nn.Module, spec: GatedSpec, approximate: str) -> None:
+        super().__init__()
+        for name, child in block._modules.items():  # the same order: the same state dict
+            self.add_module(name, child)
+        for name, value in vars(block).items():  # config, hidden_size, ...: plain attributes
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        self.training = block.training  # not .train(): the children keep their own modes
+        self.original_class = type(block)
+        self.approximate = approximate
+        self._spec = spec
+        self._proven_types = self._child_types()
+
+    def _child_types(self) -> tuple[type, ...]:
+        return tuple(type(self.get_submodule(name)) for name in self._spec.roles.values())
+
+    def _still_proven(self) -> bool:
+        # A child swapped for another class (a parametrization, a quantised Linear) or given
+        # hooks (FSDP, a user's) since the patch: run the block's own code, which calls each.
+        return self._child_types() == self._proven_types and not any(
+            has_hooks(self.get_submodule(name)) for name in self._spec.roles.values())
+
+    def _role(self, role: str) -> Any:
+        # nn.Linear / nn.Dropout by the patch's proof and _still_proven
+        return self.get_submodule(self._spec.roles[role])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._still_proven():
+            return self.original_class.forward(self, x)
+        gate, up, down = self._role("gate"), self._role("up"), self._role("down")
+        dropout = self._role("dropout") if "dropout" in self._spec.roles else None
+        dropout_active = dropout is not None and dropout.training and dropout.p > 0
+        if not dropout_active and not self._needs_cast(x, down):
+            return gated_feed_forward(x, gate.weight, up.weight, down.weight, gate.bias,
+                                      up.bias, down.bias, self.approximate)
+        hidden = geglu(x, gate.weight, up.weight, gate.bias, up.bias, self.approximate)
+        if dropout is not None:
+            hidden = dropout(hidden)
+        if self._spec.casts_to_down_dtype and hidden.dtype != down.weight.dtype:
+            hidden = hidden.to(down.weight.dtype)
+        return down(hidden)
+
+    def _needs_cast(self, x: torch.Tensor, down: nn.Linear) -> bool:
+        """Whether T5's cast of the hidden to down's dtype changes what down computes. Under
+        autocast a float32 down weight does not: down's input is cast back to the autocast
+        dtype, and the round trip through float32 is exact."""
+        if not self._spec.casts_to_down_dtype:
+            return False
+        device = x.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            hidden_dtype = torch.get_autocast_dtype(device)
+            return down.weight.dtype not in (hidden_dtype, torch.float32)
+        return x.dtype != down.weight.dtype
+
+    def extra_repr(self) -> str:
+        cls = self.original_class
+        return f"replaces={cls.__module__}.{cls.__qualname__}, approximate={self.approximate!r}"
+
+
+def patch_gated(model: nn.Module, approximate: str | None) -> int:
+    """Swap every provable gated GELU block below ``model`` for a ``GatedGELUBlock``; return
+    how many blocks were swapped (a block shared by several parents is swapped once, and the
+    same replacement put in each). ``model`` itself is not swapped: it has no parent."""
+    swapped: dict[int, GatedGELUBlock] = {}
+    for parent in list(model.modules()):
+        for name, block in list(parent._modules.items()):
+            if block is None:
+                continue
+            fused = swapped.get(id(block))
+            if fused is None:
+                spec = gated_spec(block)
+                if spec is None:
+                    continue
+                form = spec.form if approximate is None else approximate
+                fused = swapped[id(block)] = GatedGELUBlock(block, spec, form)
+            setattr(parent, name, fused)
+    return len(swapped)
