@@ -6,8 +6,8 @@ x @ [W_gate; W_up]^T as one (M, K) x (K, 2N) matmul, the same flops with nothing
 compute floor). No biases, as in Gemma and T5. Shapes: Gemma-2B's FFN (2048 -> 16384) and
 T5-base's (768 -> 2048) at the harness's token count, or ``--shapes`` / ``--preset``.
 
-Least traffic, in elements: the (training) forward reads x, W_gate and W_up and writes h, g
-and u: MK + 2NK + 3MN; the backward reads dh, g, u, x and both weights and writes dx and both
+Least traffic, in elements: the training forward reads x, W_gate and W_up and writes h, g
+and u: MK + 2NK + 3MN (inference writes h only: MK + 2NK + MN); the backward reads dh, g, u, x and both weights and writes dx and both
 weight gradients: 3MN + 2MK + 4NK. Flops: 2MNK per matmul, two forward and four backward.
 
 Saved bytes (``saved_bytes_lines``): what the GeGLU op and the gated block (GeGLU -> down) keep
@@ -37,14 +37,16 @@ PRESETS = {"gemma-2b": (2048, 16384), "t5-base": (768, 2048)}
 
 
 def traffic(m: int, k: int, n: int, mode: str) -> int:
-    """Least elements GeGLU must move in ``mode`` (a training forward writes g and u too)."""
-    fwd = m * k + 2 * n * k + 3 * m * n
+    """Least elements GeGLU must move in ``mode`` (a training forward writes g and u too;
+    inference writes h only)."""
+    infer = m * k + 2 * n * k + m * n
+    fwd = infer + 2 * m * n
     bwd = 3 * m * n + 2 * m * k + 4 * n * k
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return {"infer": infer, "fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 def matmul_flops(m: int, k: int, n: int, mode: str) -> int:
-    return 2 * m * n * k * {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode]
+    return 2 * m * n * k * {"infer": 2, "fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode]
 
 
 def operands(shape, dtype, device, requires_grad=True):

@@ -266,10 +266,12 @@ def test_geglu_builds_runs_and_reports(tmp_path):
               for n, e in r["providers"].items() if "error" in e]
     assert not errors, errors
     m, k, n = 37, 45, 51
-    fwd, bwd, both = records
+    infer, fwd, bwd, both = records
     assert set(fwd["providers"]) == {"ours", "ours-recompute", "eager", "matmul"}
-    assert fwd["flops"] == 2 * (2 * m * n * k) and bwd["flops"] == 4 * (2 * m * n * k)
+    assert fwd["flops"] == infer["flops"] == 2 * (2 * m * n * k)
+    assert bwd["flops"] == 4 * (2 * m * n * k)
     assert fwd["bytes"] == (m * k + 2 * n * k + 3 * m * n) * 2
+    assert infer["bytes"] == (m * k + 2 * n * k + m * n) * 2
     assert bwd["bytes"] == (3 * m * n + 2 * m * k + 4 * n * k) * 2
     assert both["providers"]["ours"]["memory_vs_eager"] == 1.0  # the fake clock's peak
     meta = {"device": "Fake GPU", **DEVICE_FIGURES,
