@@ -423,13 +423,25 @@ class Tuner:
         })
         return Choice(config, times[best], "tuned")
 
-    def run(self, grid: Grid, key: tuple, **kwargs) -> None:
+    def _device_index(self) -> int:
+        return -1 if self._interpreted else torch.cuda.current_device()
+
+    def smallest(self, meta: str) -> int:
+        """The smallest value of meta-parameter ``meta`` in this tuner's config space on the
+        current device: a kernel whose output size depends on its tile (one row of partial sums
+        per tile) gets a buffer sized for any config it may be launched with."""
+        arch = device_of(self._device_index()).arch
+        configs = self.configs(arch) if self._configs_take_arch else self.configs()
+        return min(c.kwargs[meta] for c in configs)
+
+    def run(self, grid: Grid, key: tuple, **kwargs) -> dict:
         """Launch the kernel with the tuned config for ``key``; kwargs are the kernel arguments.
+        Returns the meta-parameters it launched with.
 
         Tuning launches the kernel several times on the real arguments, so kernels must be
         idempotent (pure stores, no accumulation into their outputs).
         """
-        slot = (-1 if self._interpreted else torch.cuda.current_device(), key)
+        slot = (self._device_index(), key)
         launch = self.best.get(slot)
         if launch is None:
             choice = self.choose(slot, grid, kwargs)
@@ -437,6 +449,7 @@ class Tuner:
             launch = self.best[slot] = (choice.config.kwargs, config_kwargs(choice.config))
         record_launch(self.name)
         self.kernel[grid(launch[0])](**kwargs, **launch[1])
+        return launch[0]
 
 
 # ---- paths: one op, several ways to compute it ----------------------------------------------

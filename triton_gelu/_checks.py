@@ -48,33 +48,42 @@ def check_same_dtype(named: Sequence[tuple[str, torch.Tensor]]) -> None:
             )
 
 
-def check_linear(x: object, weight: object, bias: object | None) -> None:
-    """Validate ``gelu(x @ weight.T + bias)``'s operands: x (..., K), weight (N, K), bias (N,)."""
-    check_tensor("x", x)
-    check_tensor("weight", weight)
-    named = [("x", x), ("weight", weight)]
+def check_linear(
+    x: object, weight: object, bias: object | None,
+    names: tuple[str, str, str] = ("x", "weight", "bias"),
+) -> None:
+    """Validate ``gelu(x @ weight.T + bias)``'s operands: x (..., K), weight (N, K), bias (N,).
+    ``names`` are the arguments' names in the messages."""
+    x_name, w_name, b_name = names
+    check_tensor(x_name, x)
+    check_tensor(w_name, weight)
+    named = [(x_name, x), (w_name, weight)]
     if bias is not None:
-        named.append(("bias", check_tensor("bias", bias)))
+        named.append((b_name, check_tensor(b_name, bias)))
     check_same_device(named)
     check_same_dtype(named)
     if x.dim() < 1:
-        raise ValueError("x must have at least 1 dimension (..., in_features), got shape ()")
+        raise ValueError(
+            f"{x_name} must have at least 1 dimension (..., in_features), got shape ()"
+        )
     if weight.dim() != 2:
         raise ValueError(
-            f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
+            f"{w_name} must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
         )
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"in_features mismatch: x has shape {tuple(x.shape)} (last dim {x.shape[-1]}) but "
-            f"weight has shape {tuple(weight.shape)} (in_features {weight.shape[1]})"
+            f"in_features mismatch: {x_name} has shape {tuple(x.shape)} (last dim {x.shape[-1]}) "
+            f"but {w_name} has shape {tuple(weight.shape)} (in_features {weight.shape[1]})"
         )
     if bias is not None:
         if bias.dim() != 1:
-            raise ValueError(f"bias must be 1-D (out_features,), got shape {tuple(bias.shape)}")
+            raise ValueError(
+                f"{b_name} must be 1-D (out_features,), got shape {tuple(bias.shape)}"
+            )
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(
-                f"bias has shape {tuple(bias.shape)} but weight has shape "
-                f"{tuple(weight.shape)}: bias length must equal out_features {weight.shape[0]}"
+                f"{b_name} has shape {tuple(bias.shape)} but {w_name} has shape "
+                f"{tuple(weight.shape)}: {b_name} length must equal out_features {weight.shape[0]}"
             )
 
 
@@ -99,3 +108,100 @@ def check_linear_backward(
                 f"{name} must have shape (M, N) = {expected} for x of shape {tuple(x2d.shape)} "
                 f"and weight of shape {tuple(weight.shape)}, got {tuple(t.shape)}"
             )
+
+
+# ---- the FFN block: y = linear2(dropout(gelu(linear1(x)))) ----------------------------------
+
+
+def check_dropout_p(p: object) -> float:
+    """Validate the dropout probability: a real number in [0, 1) (1 would drop everything and
+    scale by 1 / 0). Returns it as a float."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"dropout probability p must be a float in [0, 1), got {p!r}")
+    if not 0.0 <= p < 1.0:  # NaN fails too
+        raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_ffn(
+    x: object, w1: object, b1: object | None, w2: object, b2: object | None
+) -> None:
+    """The FFN block's operands: x (..., D), w1 (F, D), b1 (F,), w2 (D_out, F), b2 (D_out,),
+    all of one dtype and on one device."""
+    check_linear(x, w1, b1, names=("x", "w1", "b1"))
+    check_tensor("w2", w2)
+    named = [("x", x), ("w2", w2)]
+    if b2 is not None:
+        named.append(("b2", check_tensor("b2", b2)))
+    check_same_device(named)
+    check_same_dtype(named)
+    if w2.dim() != 2:
+        raise ValueError(
+            f"w2 must be 2-D (out_features, hidden_features), got shape {tuple(w2.shape)}"
+        )
+    if w2.shape[1] != w1.shape[0]:
+        raise ValueError(
+            f"linear2 in_features mismatch: w1 has shape {tuple(w1.shape)} (hidden features "
+            f"{w1.shape[0]}) but w2 has shape {tuple(w2.shape)} (in_features {w2.shape[1]})"
+        )
+    if b2 is not None and (b2.dim() != 1 or b2.shape[0] != w2.shape[0]):
+        raise ValueError(
+            f"b2 has shape {tuple(b2.shape)} but w2 has shape {tuple(w2.shape)}: b2 must be "
+            f"1-D of length out_features {w2.shape[0]}"
+        )
+
+
+def check_dropout_seed(seed: object, p: float, x: torch.Tensor) -> None:
+    """With dropout (p > 0) the launchers need the call's seed: a 1-element int64 tensor on
+    x's device."""
+    if p == 0.0:
+        return
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(
+            f"seed must be a 1-element int64 tensor when p > 0 (p = {p}), got "
+            + (f"{seed.dtype} of shape {tuple(seed.shape)}" if isinstance(seed, torch.Tensor)
+               else type(seed).__name__)
+        )
+    check_same_device([("x", x), ("seed", seed)])
+
+
+def check_ffn_2d(
+    x2d: object, w1: object, b1: object | None, w2: object, b2: object | None, seed: object,
+    p: object,
+) -> float:
+    """``check_ffn`` for the launchers, which take x flattened to (M, D), and the dropout
+    arguments; returns p as a float."""
+    check_ffn(x2d, w1, b1, w2, b2)
+    if x2d.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, in_features) here, got shape {tuple(x2d.shape)}")
+    p = check_dropout_p(p)
+    check_dropout_seed(seed, p, x2d)
+    return p
+
+
+def check_ffn_backward(
+    dy2d: object, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, preact: object,
+    seed: object, p: object,
+) -> float:
+    """The backward launchers' operands: dy (M, D_out) and the pre-activation z (M, F)."""
+    p = check_ffn_2d(x2d, w1, None, w2, None, seed, p)
+    check_same_device([("x", x2d), ("dy", check_tensor("dy", dy2d)),
+                       ("preact", check_tensor("preact", preact))])
+    for name, t, expected in (("dy", dy2d, (x2d.shape[0], w2.shape[0])),
+                              ("preact", preact, (x2d.shape[0], w1.shape[0]))):
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name} must have shape {expected} for x of shape {tuple(x2d.shape)}, "
+                f"w1 of shape {tuple(w1.shape)} and w2 of shape {tuple(w2.shape)}, "
+                f"got {tuple(t.shape)}"
+            )
+    return p
+
+
+def check_ffn_needs(needs: object) -> tuple[bool, ...]:
+    """Which of the backward's (dx, dW1, db1, dW2, db2) to compute: five booleans."""
+    needs = tuple(bool(n) for n in needs)
+    if len(needs) != 5:
+        raise ValueError(f"needs must say which of (dx, dW1, db1, dW2, db2) to compute: five "
+                         f"booleans, got {len(needs)}")
+    return needs

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ._checks import check_approximate
-from .functional import gelu, linear_gelu
+from .functional import feed_forward, gelu, linear_gelu
 
 
 class GELU(nn.Module):
@@ -79,23 +79,33 @@ class LinearGELU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Transformer feed-forward block: Linear -> GELU -> Dropout -> Linear, the first two fused.
+    """Transformer feed-forward block: Linear -> GELU -> Dropout -> Linear as one fused op
+    (``functional.feed_forward``): GELU and dropout run in the first matmul's epilogue and the
+    backward keeps only x and the pre-activation (x alone with ``recompute=True``).
 
-    Submodules ``linear1`` (LinearGELU), ``dropout`` and ``linear2`` (nn.Linear): the state dict
-    of the PyTorch block ``linear1, dropout, activation=nn.GELU(), linear2`` loads unchanged.
+    Submodules ``linear1`` (LinearGELU: its ``approximate`` and ``recompute`` are the block's),
+    ``dropout`` (its ``p`` and ``training`` are read at each call) and ``linear2`` (nn.Linear);
+    their parameters are read at each call too. The state dict of the PyTorch block ``linear1,
+    dropout, activation=nn.GELU(), linear2`` loads unchanged.
     """
 
     def __init__(
         self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-        approximate: str = "none", bias: bool = True, device=None, dtype=None,
+        approximate: str = "none", bias: bool = True, recompute: bool = False, device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
         self.linear1 = LinearGELU(
-            d_model, dim_feedforward, bias=bias, approximate=approximate, **factory_kwargs
+            d_model, dim_feedforward, bias=bias, approximate=approximate, recompute=recompute,
+            **factory_kwargs,
         )
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(self.linear1(x)))
+        return feed_forward(
+            x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+            self.dropout.p, self.linear1.approximate, self.dropout.training,
+            self.linear1.recompute,
+        )

@@ -24,9 +24,14 @@ Ops (namespace ``triton_gelu``)::
     linear_preact(x, weight, bias?) -> preact
     linear_gelu_bwd(dy, x, weight, preact, approximate_tanh, need_dx, need_dw, need_db)
         -> (dx | empty, dw | empty, db | empty)
+    ffn_fwd(x, w1, b1?, w2, b2?, seed?, p, approximate_tanh, save_preact) -> (y, preact | empty)
+    ffn_bwd(dy, x, w1, w2, preact, seed?, p, approximate_tanh, needs[5])
+        -> (dx, dw1, db1, dw2, db2), each empty when not needed
 
 The linear ops take 2-D ``x`` (M, K), ``weight`` (N, K) and ``bias`` (N,); ``functional.py``
 flattens leading dimensions and applies autocast before calling them, exactly as on the eager path.
+The FFN ops take the dropout seed as a tensor (``functional.dropout_seed``, drawn in the traced
+graph by ``torch.randint``) and p as a float: the graph carries them to the backward op.
 """
 
 from __future__ import annotations
@@ -172,7 +177,77 @@ linear_gelu_fwd.register_autograd(
 )
 
 
-# ---- the entry point functional.linear_gelu takes under torch.compile -------------------------
+# ---- the FFN block ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("triton_gelu::ffn_fwd", mutates_args=())
+def ffn_fwd(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool,
+) -> tuple[Tensor, Tensor]:
+    """(linear2(dropout(gelu(linear1(x)))), the pre-activation if save_preact else empty)."""
+    y, preact = launchers(x).ffn_forward(x, w1, b1, w2, b2, seed, p, approximate_tanh,
+                                         save_preact)
+    return y, (preact if preact is not None else _absent(y))
+
+
+@ffn_fwd.register_fake
+def _ffn_fwd_fake(x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact):
+    y = _new_like(x, (x.shape[0], w2.shape[0]))
+    return y, (_new_like(x, (x.shape[0], w1.shape[0])) if save_preact else _absent(y))
+
+
+@torch.library.custom_op("triton_gelu::ffn_bwd", mutates_args=())
+def ffn_bwd(
+    dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
+    p: float, approximate_tanh: bool, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw1, db1, dw2, db2) of the FFN block; an empty tensor for each one not needed."""
+    grads = launchers(x).ffn_backward(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs)
+    return tuple(g if g is not None else _absent(dy) for g in grads)
+
+
+@ffn_bwd.register_fake
+def _ffn_bwd_fake(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs):
+    shapes = (x.shape, w1.shape, (w1.shape[0],), w2.shape, (w2.shape[0],))
+    return tuple(_new_like(x, shape) if need else _absent(dy)
+                 for shape, need in zip(shapes, needs))
+
+
+def _ffn_setup_context(ctx, inputs, output) -> None:
+    x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact = inputs
+    _, preact = output
+    ctx.mark_non_differentiable(preact)
+    ctx.p, ctx.approximate_tanh, ctx.save_preact = p, approximate_tanh, save_preact
+    ctx.has_bias = (b1 is not None, b2 is not None)
+    # x and z (or, without a saved z, b1 to rebuild it) and the seed: never h or the mask.
+    ctx.save_for_backward(x, w1, w2, preact if save_preact else b1, seed)
+
+
+def _ffn_fwd_backward(ctx, dy: Tensor, dpreact: Tensor | None):
+    x, w1, w2, saved, seed = ctx.saved_tensors
+    preact = saved if ctx.save_preact else linear_preact_op(x, w1, saved)
+    need_dx, need_dw1, need_db1, need_dw2, need_db2 = ctx.needs_input_grad[:5]
+    needs = [need_dx, need_dw1, need_db1 and ctx.has_bias[0], need_dw2,
+             need_db2 and ctx.has_bias[1]]
+    grads = ffn_bwd(dy, x, w1, w2, preact, seed, ctx.p, ctx.approximate_tanh, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+
+
+ffn_fwd.register_autograd(_ffn_fwd_backward, setup_context=_ffn_setup_context)
+
+
+# ---- the entry points functional.py takes under torch.compile --------------------------------
+
+
+def rows(t: Tensor) -> Tensor:
+    """(..., n) -> (rows, n): a view when the leading dimensions collapse, else a copy."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will record a graph through any of ``tensors``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def linear_gelu(
@@ -180,9 +255,20 @@ def linear_gelu(
 ) -> Tensor:
     """``functional.linear_gelu`` through the custom ops, for x (..., K) already validated and
     cast for autocast (the cast stays outside the ops, as on the eager path)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
-    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    y, _ = linear_gelu_fwd(x2d, weight, bias, approximate_tanh, needs_grad and not recompute)
+    x2d = rows(x)
+    save_preact = needs_grad(x, weight, bias) and not recompute
+    y, _ = linear_gelu_fwd(x2d, weight, bias, approximate_tanh, save_preact)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def feed_forward(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    seed: Tensor | None, p: float, approximate_tanh: bool, recompute: bool,
+) -> Tensor:
+    """``functional.feed_forward`` through the custom ops, for operands already validated and
+    cast for autocast, and the call's dropout seed already drawn (None when p == 0)."""
+    x2d = rows(x)
+    save_preact = needs_grad(x, w1, b1, w2, b2) and not recompute
+    y, _ = ffn_fwd(x2d, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact)
+    return y.view(*x.shape[:-1], w2.shape[0])
+

@@ -5,10 +5,12 @@ launchers here and in ``triton_gelu.fallback`` (PyTorch, no Triton) take the sam
 return the same things, and ``triton_gelu._backend.launchers(tensor)`` picks one of the two.
 """
 
+from .ffn import ffn_backward, ffn_forward
 from .gelu import gelu_backward, gelu_forward
 from .linear_gelu import linear_gelu_backward, linear_gelu_forward, linear_preact
 
 __all__ = [
     "gelu_forward", "gelu_backward",
     "linear_gelu_forward", "linear_preact", "linear_gelu_backward",
+    "ffn_forward", "ffn_backward",
 ]

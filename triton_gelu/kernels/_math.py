@@ -17,6 +17,13 @@ The tanh form is evaluated through sigmoid(2u) built from t = exp(-2|u|), which 
 nothing overflows for any finite x (x^3 is taken in float32, so |x| up to 65504 from fp16 is fine),
 there is no inf/inf, and 1 + tanh(u) loses no digits to cancellation for negative x (torch's
 formula does). It also avoids ``tanh``, which moved between Triton releases.
+
+Dropout (``dropout_keep``): element ``counter`` of a call with seed ``seed`` is kept when the top
+31 of the 32 bits ``tl.randint(seed, counter)`` draws (Philox-4x32, 10 rounds, keyed by the
+64-bit seed, counter = the element's int64 position row * n_cols + col in the (rows, n_cols)
+activation) are at least ``threshold`` = round(p * 2**31): probability 1 - p to within 2**-32,
+the same bits for any tile shape, and the same bits as ``reference.dropout_keep`` (an exact
+PyTorch copy of the generator).
 """
 
 import triton
@@ -103,3 +110,26 @@ def cast_to(y, dtype: tl.constexpr):
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
             y = bits.to(tl.float32, bitcast=True)
     return y.to(dtype)
+
+
+@triton.jit
+def dropout_keep(seed_ptr, counter, threshold):
+    """Boolean keep mask of dropout for int64 element positions ``counter`` (any shape).
+
+    ``seed_ptr`` points to the call's int64 seed; ``threshold`` = round(p * 2**31) as int32.
+    """
+    bits = tl.randint(tl.load(seed_ptr), counter)  # uint32; both 32-bit halves of counter used
+    return (bits >> 1).to(tl.int32) >= threshold
+
+
+@triton.jit
+def dropout_factor(seed_ptr, counter, threshold, scale):
+    # What dropout multiplies each element by: 1 / (1 - p) where kept, else 0 (a product, not
+    # a select, so NaN and inf propagate as through nn.Dropout's input * mask / (1 - p))
+    return tl.where(dropout_keep(seed_ptr, counter, threshold), scale, 0.0)
+
+
+@triton.jit
+def dropout(y, seed_ptr, counter, threshold, scale):
+    # nn.Dropout of float32 y: y * keep / (1 - p), scale = 1 / (1 - p)
+    return y * dropout_factor(seed_ptr, counter, threshold, scale)

@@ -1,5 +1,5 @@
-"""What every matmul kernel of the package shares: tile order, tensor-core operands, the TF32
-rule, launch grids and output allocation."""
+"""What every matmul kernel of the package shares: tile order, the main loop of an output tile,
+tensor-core operands, the TF32 rule, launch grids and output allocation."""
 
 from __future__ import annotations
 
@@ -33,6 +33,40 @@ def dot_operand(tile):
         return tile
 
 
+@triton.jit
+def dot_tile(
+    a_ptr,  # (M, K), read through its strides
+    b_ptr,  # (K, N), read through its strides
+    offs_m,  # (BLOCK_SIZE_M,) int64 rows of A
+    offs_n,  # (BLOCK_SIZE_N,) int64 columns of B
+    mask_m,
+    mask_n,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+):
+    # acc[m, n] = sum_k A[m, k] * B[k, n] for one (BLOCK_SIZE_M, BLOCK_SIZE_N) tile, float32
+    # accumulation, BLOCK_SIZE_K at a time; rows and columns outside the masks read as 0.
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BM, BK)
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BK, BN)
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        k_left = K - k * BLOCK_SIZE_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc = tl.dot(dot_operand(a), dot_operand(b), acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_SIZE_K * stride_ak
+        b_ptrs += BLOCK_SIZE_K * stride_bk
+    return acc
+
+
 def input_precision(dtype: torch.dtype) -> str | None:
     """tl.dot's ``input_precision`` for operands of ``dtype``.
 
@@ -55,7 +89,10 @@ def tile_grid(rows: int, cols: int, row_block: str, col_block: str | None = None
     return grid
 
 
-def new_output(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """Every matmul launcher allocates its outputs here: tests swap in NaN-filled buffers to
-    catch tiles a kernel leaves unwritten."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+def new_output(
+    shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Every matmul launcher allocates what its kernels write here (in ``like``'s dtype unless
+    ``dtype`` is given): tests swap in NaN-filled buffers to catch tiles a kernel leaves
+    unwritten."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)

@@ -8,6 +8,8 @@ Forward: one tiled matmul accumulating in float32; the epilogue adds the bias an
 while the accumulator is still float32, then casts once. When a gradient will be needed the same
 epilogue also stores the pre-activation z (in the input dtype) for the backward; in inference only
 y is written. ``linear_preact`` runs the same kernel writing only z (backward with recompute).
+The FFN block (``ffn.py``) runs it too, with dropout applied to y in the epilogue (HAS_DROPOUT:
+the mask comes from the element's position, see ``_math.dropout_keep``).
 
 Backward, with dz = dy * gelu'(z) (elementwise, M x N; gelu' is in ``_math.py``)::
 
@@ -44,8 +46,8 @@ from .._autotune import Tuner, bucket, matmul_configs, prune_matmul
 from .._checks import check_linear_2d, check_linear_backward
 from .._runtime import device_context
 from . import _matmul
-from ._math import cast_to, gelu, gelu_grad
-from ._matmul import dot_operand, grouped_tile, input_precision, tile_grid
+from ._math import cast_to, dropout, gelu, gelu_grad
+from ._matmul import dot_operand, dot_tile, grouped_tile, input_precision, tile_grid
 
 
 @triton.jit
@@ -55,6 +57,7 @@ def _linear_gelu_fwd_kernel(
     b_ptr,  # (N,) contiguous; None without HAS_BIAS
     y_ptr,  # (M, N) contiguous; None without WRITE_Y
     preact_ptr,  # (M, N) contiguous; None without SAVE_PREACT
+    seed_ptr,  # (1,) int64, the dropout seed; None without HAS_DROPOUT
     M,
     N,
     K,
@@ -63,10 +66,13 @@ def _linear_gelu_fwd_kernel(
     stride_wn,
     stride_wk,
     stride_ym,  # row stride of y and preact
+    dropout_threshold,  # round(p * 2**31): see _math.dropout_keep
+    dropout_scale,  # 1 / (1 - p)
     APPROXIMATE_TANH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_Y: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
@@ -78,22 +84,14 @@ def _linear_gelu_fwd_kernel(
     )
     offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    offs_k = tl.arange(0, BLOCK_SIZE_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # (BK, BN) of W^T
+    acc = dot_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K,
+                   stride_xm, stride_xk, stride_wk, stride_wn,  # W^T: k along W's rows' stride
+                   INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
-        k_left = K - k * BLOCK_SIZE_K
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(dot_operand(x), dot_operand(w), acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_SIZE_K * stride_xk
-        w_ptrs += BLOCK_SIZE_K * stride_wk
-
-    # Epilogue in float32: z = acc + b, y = gelu(z); each output is cast once, on store.
+    # Epilogue in float32: z = acc + b, y = gelu(z) (then dropout); each output is cast once,
+    # on store.
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     offs_out = offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -102,6 +100,9 @@ def _linear_gelu_fwd_kernel(
         tl.store(preact_ptr + offs_out, cast_to(acc, preact_ptr.dtype.element_ty), mask=mask_out)
     if WRITE_Y:
         y = gelu(acc, APPROXIMATE_TANH)
+        if HAS_DROPOUT:  # the element's counter is its position m * N + n in (M, N)
+            counter = offs_m[:, None] * N + offs_n[None, :]
+            y = dropout(y, seed_ptr, counter, dropout_threshold, dropout_scale)
         tl.store(y_ptr + offs_out, cast_to(y, y_ptr.dtype.element_ty), mask=mask_out)
 
 
@@ -257,27 +258,34 @@ _dw_tuner = Tuner(_linear_gelu_bwd_dw_kernel, "linear_gelu_bwd_dw", matmul_confi
                   functools.partial(prune_matmul, reduction="M"))
 
 
-def _launch_forward(
+def launch_forward(
     tuner: Tuner, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     y: torch.Tensor | None, preact: torch.Tensor | None, approximate_tanh: bool,
+    seed: torch.Tensor | None = None, p: float = 0.0,
 ) -> None:
+    """Launch the forward kernel into ``y`` (gelu, then dropout with probability ``p`` and the
+    1-element int64 ``seed`` when p > 0) and/or ``preact``, both (M, N) contiguous."""
     (M, K), N = x2d.shape, weight.shape[0]
     if bias is not None:
         bias = bias.contiguous()  # N elements: cheaper to copy than to pass another stride
     out = y if y is not None else preact
+    has_dropout = p > 0.0
+    threshold, scale = reference.dropout_constants(p)
     precision = input_precision(x2d.dtype)
     key = (bucket(M), N, K, x2d.dtype, approximate_tanh, bias is not None,
-           y is not None, preact is not None, precision)
+           y is not None, preact is not None, precision, has_dropout)
     with device_context(x2d):
         tuner.run(
             tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
             x_ptr=x2d, w_ptr=weight, b_ptr=bias, y_ptr=y, preact_ptr=preact,
+            seed_ptr=seed if has_dropout else None,
             M=M, N=N, K=K,
             stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
             stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-            stride_ym=out.stride(0),
+            stride_ym=out.stride(0), dropout_threshold=threshold, dropout_scale=scale,
             APPROXIMATE_TANH=approximate_tanh, HAS_BIAS=bias is not None,
-            WRITE_Y=y is not None, SAVE_PREACT=preact is not None, INPUT_PRECISION=precision,
+            WRITE_Y=y is not None, SAVE_PREACT=preact is not None, HAS_DROPOUT=has_dropout,
+            INPUT_PRECISION=precision,
         )
 
 
@@ -293,7 +301,7 @@ def linear_gelu_forward(
     preact = _matmul.new_output((M, N), x2d) if save_preact else None
     if M == 0 or N == 0:
         return y, preact
-    _launch_forward(_fwd_tuner, x2d, weight, bias, y, preact, approximate_tanh)
+    launch_forward(_fwd_tuner, x2d, weight, bias, y, preact, approximate_tanh)
     return y, preact
 
 
@@ -307,7 +315,7 @@ def linear_preact(
     preact = _matmul.new_output((M, N), x2d)
     if M == 0 or N == 0:
         return preact
-    _launch_forward(_preact_tuner, x2d, weight, bias, None, preact, approximate_tanh=False)
+    launch_forward(_preact_tuner, x2d, weight, bias, None, preact, approximate_tanh=False)
     return preact
 
 
