@@ -7,6 +7,8 @@ a float32/float16/bfloat16 weight; transformers' ``Conv1D``. What counts as GELU
 ``PytorchGELUTanh``, ``NewGELUActivation`` (``gelu_new``), ``AccurateGELUActivation`` and
 ``FastGELUActivation`` (``gelu_fast``: sqrt(2/pi) written to 10 digits, the same float32 constant)
 in the tanh form. ``quick_gelu``, clipped GELU (``gelu_10``) and anything else are left alone.
+What counts as the dropout between GELU and a second Linear: a plain ``nn.Dropout`` with p < 1
+(``nn.Identity`` counts as p = 0).
 
 transformers is never imported here: its classes are recognised by module path and name.
 """
@@ -96,6 +98,22 @@ _HF_GELU_FORMS = {
     # digits (relative difference 4e-12, the same constant in float32; the kernels run float32).
     "FastGELUActivation": lambda act: "tanh",
 }
+
+
+# ---- what is a Dropout ------------------------------------------------------------------------
+
+
+def dropout_p(mod: object) -> float | None:
+    """``p`` of a plain ``nn.Dropout`` (0.0 for ``nn.Identity``), else None."""
+    if not isinstance(mod, nn.Module) or has_hooks(mod) or "forward" in vars(mod) \
+            or has_state(mod):
+        return None
+    cls = type(mod)
+    if isinstance(mod, nn.Dropout) and cls.forward is nn.Dropout.forward and 0.0 <= mod.p < 1.0:
+        return float(mod.p)
+    if isinstance(mod, nn.Identity) and cls.forward is nn.Identity.forward:
+        return 0.0
+    return None
 
 
 # ---- what is a Linear ------------------------------------------------------------------------
