@@ -7,6 +7,8 @@ markdown table at the end, and JSON + markdown + PNG under ``bench/results/``.
 
 Without a GPU: the same command checks every op under the Triton interpreter at small sizes
 against float64 references and says that timings need a GPU; it times nothing and writes nothing.
+It does report the FFN block's saved-activation bytes against eager PyTorch: bytes are exact on
+any device.
 """
 
 from __future__ import annotations
@@ -140,6 +142,10 @@ def run_check(ops: list[str], sel: harness.Selection, device: str) -> int:
                                 print(line)
                             total += len(results)
                             failures += sum(not r["ok"] for r in results)
+                        saved_line = getattr(OPS[name], "saved_line", None)
+                        # Bytes are exact anywhere: report them (once: the form changes none).
+                        if saved_line is not None and approximate == sel.approximates[0]:
+                            print(saved_line(shape, harness.DTYPES[dtype], approximate, device))
         if sum(launches.values()) == before:
             print(f"FAIL {name}: no Triton kernel ran (a PyTorch fallback answered)")
             failures += 1

@@ -8,7 +8,9 @@ bandwidth and bf16 matmul peak, so results are reported as ratios:
 - speedup of ours vs each baseline: baseline ms / ours ms (> 1: ours is faster);
 - the two floors of a case: ``bytes / copy bandwidth`` (memory) and ``flops / bf16 matmul
   peak`` (compute); the larger is the floor, and ``floor / ms`` is the fraction achieved;
-- peak memory of a fwd+bwd step, above its inputs, vs eager PyTorch.
+- peak memory of a fwd+bwd step, above its inputs, vs eager PyTorch;
+- for ops that give them (the FFN block), the bytes autograd keeps between forward and backward
+  (``memory.saved_activation_bytes``: exact, on any device) vs eager PyTorch.
 
 Without a GPU nothing is timed: ``check`` compares every op with a float64 reference under the
 Triton interpreter, with the test suite's rule (no worse than twice torch's own error in the same
@@ -56,6 +58,8 @@ class Case:
     bytes: float  # the least memory traffic the op needs
     flops: float
     build: Callable[[], dict[str, Factory]]  # provider name -> factory; allocates the inputs
+    # Saved-activation bytes over eager's, per variant ("ours p=0.1", ...), when the op has them.
+    saved: Callable[[], dict[str, float]] | None = None
 
 
 @dataclass
@@ -78,11 +82,14 @@ def shape_text(shape: tuple[int, ...]) -> str:
 def matmul_cases(name: str, sel: Selection, build: Callable,
                  cost: Callable[[tuple, str, Callable], int],
                  bytes_per: Callable[[int, int, int, str], int],
-                 flops_per: Callable[[int, int, int, str], int]) -> list[Case]:
+                 flops_per: Callable[[int, int, int, str], int],
+                 saved: Callable[..., dict[str, float]] | None = None) -> list[Case]:
     """One Case per shape x dtype x GELU form x mode of a matmul op (all of MODES).
 
     ``cost(shape, mode, counter)`` adds up ``counter(m, k, n, mode)`` over the op's matmuls;
-    ``build(shape, dtype, approximate, mode, baselines, device)`` makes the timed callables.
+    ``build(shape, dtype, approximate, mode, baselines, device)`` makes the timed callables;
+    ``saved(shape, dtype, approximate, device)``, if given, the saved-bytes ratios of the
+    fwd+bwd case.
     """
     out = []
     for shape in sel.shapes:
@@ -96,6 +103,8 @@ def matmul_cases(name: str, sel: Selection, build: Callable,
                         flops=cost(shape, mode, flops_per),
                         build=functools.partial(build, shape, dtype, approximate, mode,
                                                 sel.baselines, sel.device),
+                        saved=functools.partial(saved, shape, dtype, approximate, sel.device)
+                        if saved is not None and mode == "fwd+bwd" else None,
                     ))
     return out
 
@@ -239,7 +248,13 @@ def run_case(case: Case, device: dict, clock: GpuClock) -> dict:
             except Exception as e:  # e.g. torch.compile failing: record it, keep going
                 errors[name] = _error_text(e)
             fn = None
-    return summarize(case, timings, peaks, errors, device)
+        record = summarize(case, timings, peaks, errors, device)
+        if case.saved is not None:
+            try:
+                record["saved_vs_eager"] = case.saved()
+            except Exception as e:
+                record["providers"].setdefault(OURS, {})["error"] = _error_text(e)
+    return record
 
 
 def summarize(case: Case, timings: dict[str, float], peaks: dict[str, int],
@@ -330,8 +345,9 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
         "Times are medians of `triton.testing.do_bench`. *of floor* = max(bytes / copy "
         "bandwidth, flops / bf16 matmul peak) / time. *vs X* = X's time / ours (> 1: ours is "
         "faster); *vs matmul* compares with the matmul alone, the compute floor. *mem* = peak "
-        "memory of fwd+bwd / eager's. fwd of the matmul ops is a training forward (inputs "
-        "require grad).",
+        "memory of fwd+bwd / eager's; *saved* = bytes autograd keeps between forward and "
+        "backward (parameters excluded) / eager's. fwd of the matmul ops is a training forward "
+        "(inputs require grad).",
     ]
     for op in dict.fromkeys(r["op"] for r in records):
         rows = [r for r in records if r["op"] == op]
@@ -339,10 +355,11 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
         variants = sorted({n for r in rows for n in r["providers"] if n.startswith(OURS + "-")})
         memory = [n for n in [OURS, *variants]
                   if any("memory_vs_eager" in r["providers"].get(n, {}) for r in rows)]
+        saved = list(dict.fromkeys(k for r in rows for k in r.get("saved_vs_eager", {})))
         header = ["mode", "dtype", "approx", "shape", "ours ms", "GB/s", "TFLOP/s",
                   "floor ms (mem / compute)", "of floor",
                   *(f"vs {b}" for b in baselines), *(f"{v} ms" for v in variants),
-                  *(f"mem {n}" for n in memory)]
+                  *(f"mem {n}" for n in memory), *(f"saved {k}" for k in saved)]
         lines += ["", f"## {op}", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
         for r in rows:
@@ -364,6 +381,7 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
             cells += [_fmt(r["providers"].get(v, {}).get("ms"), ".4f") for v in variants]
             cells += [_fmt(r["providers"].get(n, {}).get("memory_vs_eager"), ".2f", "x")
                       for n in memory]
+            cells += [_fmt(r.get("saved_vs_eager", {}).get(k), ".3f", "x") for k in saved]
             lines.append("| " + " | ".join(cells) + " |")
     failures = [(label(r), n, e["error"]) for r in records for n, e in r["providers"].items()
                 if "error" in e]

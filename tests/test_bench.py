@@ -42,6 +42,10 @@ def test_cpu_mode_checks_every_op_and_times_nothing(tmp_path):
             assert lines and all("max error" in line and "torch" in line for line in lines), (
                 f"no error lines for {op} {dtype}:\n{output}")
     assert "FAIL" not in output
+    for dtype in ("bfloat16", "float16", "float32"):  # saved bytes are exact on any device
+        line = next(line for line in output.splitlines()
+                    if line.startswith(f"saved ffn {dtype} none 37x45x51: "))
+        assert "ours p=0.1" in line and "ours-recompute p=0 " in line, line
     assert " ms" not in output and "GB/s" not in output, "CPU mode must not print timings"
     assert not out.exists(), "CPU mode must not write results"
 
@@ -172,6 +176,17 @@ def test_every_op_builds_runs_and_reports(tmp_path):
     ffn = by_label["ffn fwd+bwd tf32 tanh 37x45x51"]
     assert ffn["flops"] == 3 * 2 * (2 * m * k * n)
     assert ffn["providers"]["ours"]["memory_vs_eager"] == 1.0
+    assert {"ours", "ours-recompute", "eager", "matmul"} == set(ffn["providers"])
+    # Saved activations per token, in float32 elements: eager keeps x, z and GELU's output
+    # (k + 2n); at p = 0.1 x, z, the mask and the dropout output (k + 3n). Ours keeps x and z
+    # (k + n; with recompute k) and the 8-byte seed when p > 0.
+    eager0, eager1 = m * (k + 2 * n) * 4, m * (k + 3 * n) * 4
+    assert ffn["saved_vs_eager"] == pytest.approx({
+        "ours p=0": m * (k + n) * 4 / eager0, "ours-recompute p=0": m * k * 4 / eager0,
+        "ours p=0.1": (m * (k + n) * 4 + 8) / eager1,
+        "ours-recompute p=0.1": (m * k * 4 + 8) / eager1,
+    })
+    assert "saved_vs_eager" not in by_label["ffn fwd tf32 tanh 37x45x51"]  # once per problem
     gelu = by_label["gelu bwd bf16 tanh 0.01 MB"]
     assert gelu["bytes"] == 3 * (int(0.01 * 2**20) // 2) * 2 and gelu["bound"] == "memory"
 
@@ -184,6 +199,7 @@ def test_every_op_builds_runs_and_reports(tmp_path):
     for op in ("gelu", "linear_gelu", "ffn"):
         assert f"## {op}" in report
     assert "| vs eager | vs matmul | vs addmm-act |" in report
+    assert "| saved ours p=0 | saved ours-recompute p=0 | saved ours p=0.1 |" in report
     assert "copy bandwidth 2000 GB/s, bf16 matmul peak 800 TFLOP/s" in report
     table_rows = [line for line in report.splitlines() if line.startswith("| fwd |")]
     assert len(table_rows) == 2 + 2 + 2
