@@ -10,7 +10,9 @@ the tuner would try for a large FFN problem, and checks what the GPU would get:
 - the elementwise kernels load and store 16 bytes per access on aligned contiguous tensors.
 
 Run it without TRITON_INTERPRET (``python tests/aot_compile.py``); tests/test_aot_compile.py does.
-It prints one line per compile and exits non-zero on the first broken promise.
+``--only ffn,gelu_dropout`` compiles only the kernels whose tuner name contains one of the given
+words; ``--quick`` only the first config of each. It prints one line per compile and exits
+non-zero on the first broken promise.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from triton_gelu import _autotune  # noqa: E402
+from triton_gelu.kernels.ffn import _ffn_bwd_dz_kernel  # noqa: E402
 from triton_gelu.kernels.gelu import _gelu_bwd_kernel, _gelu_fwd_kernel  # noqa: E402
 from triton_gelu.kernels.linear_gelu import (  # noqa: E402
     _linear_gelu_bwd_dw_kernel, _linear_gelu_bwd_dx_kernel, _linear_gelu_fwd_kernel,
 )
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
-SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
 
 
 def compile_kernel(kernel, args: dict, target: GPUTarget, config: triton.Config):
@@ -49,7 +52,9 @@ def compile_kernel(kernel, args: dict, target: GPUTarget, config: triton.Config)
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(kernel.params):
         value = args[param.name]
-        if param.is_constexpr or value is None or value is True or value is False \
+        if isinstance(value, float) and not param.is_constexpr:
+            signature[param.name] = "fp32"  # a float argument: never specialised
+        elif param.is_constexpr or value is None or value is True or value is False \
                 or isinstance(value, str) or value == 1:
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
@@ -65,13 +70,27 @@ def compile_kernel(kernel, args: dict, target: GPUTarget, config: triton.Config)
     return triton.compile(source, target=target, options=options)
 
 
+# No dropout, and dropout with p = 0.1 (the threshold and scale the launchers pass).
+NO_DROPOUT = dict(seed_ptr=None, dropout_threshold=0, dropout_scale=1.0, HAS_DROPOUT=False)
+DROPOUT = dict(seed_ptr=torch.int64, dropout_threshold=214748365, dropout_scale=1 / 0.9,
+               HAS_DROPOUT=True)
+
+
 def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
-    """(name, kernel, args, key) of the forward, dx and dW kernels on contiguous operands."""
+    """(name, kernel, args, key) of the forward, dx and dW kernels on contiguous operands, and
+    the FFN block's: the forward with dropout, the backward's dz = dy @ W2 (N = d_ff, reducing
+    over K = d_model)."""
     precision = "tf32" if dtype == torch.float32 else None
     fwd = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, preact_ptr=dtype,
                M=M, N=N, K=K, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ym=N,
                APPROXIMATE_TANH=tanh, HAS_BIAS=True, WRITE_Y=True, SAVE_PREACT=True,
-               INPUT_PRECISION=precision)
+               INPUT_PRECISION=precision, **NO_DROPOUT)
+    ffn_fwd = {**fwd, **DROPOUT}
+    dz = dict(dy_ptr=dtype, w2_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, h_ptr=dtype,
+              db1_part_ptr=torch.float32, M=M, F=N, E=K, db1_part_rows=M // 64,
+              stride_dym=K, stride_dye=1, stride_w2e=N, stride_w2f=1, stride_zm=N,
+              stride_zf=1, APPROXIMATE_TANH=tanh, WRITE_H=True, SUM_DB1=True,
+              INPUT_PRECISION=precision, **DROPOUT)
     dx = dict(dy_ptr=dtype, preact_ptr=dtype, w_ptr=dtype, dx_ptr=dtype, M=M, N=N, K=K,
               stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1, stride_wn=K, stride_wk=1,
               stride_dxm=K, APPROXIMATE_TANH=tanh, INPUT_PRECISION=precision)
@@ -82,23 +101,32 @@ def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
     key = (_autotune.bucket(M), N, K, dtype, tanh)
     return [("linear_gelu_fwd", _linear_gelu_fwd_kernel, fwd, key),
             ("linear_gelu_bwd_dx", _linear_gelu_bwd_dx_kernel, dx, key),
-            ("linear_gelu_bwd_dw", _linear_gelu_bwd_dw_kernel, dw, key)]
+            ("linear_gelu_bwd_dw", _linear_gelu_bwd_dw_kernel, dw, key),
+            ("ffn_fwd_gelu_dropout", _linear_gelu_fwd_kernel, ffn_fwd, key),
+            ("ffn_bwd_dz", _ffn_bwd_dz_kernel, dz, key)]
 
 
 def _elementwise_cases(dtype: torch.dtype, tanh: bool, n: int):
     fwd = dict(x_ptr=dtype, y_ptr=dtype, n_elements=n, n_cols=n, stride_x_row=n,
-               APPROXIMATE_TANH=tanh, CONTIGUOUS=True)
-    bwd = dict(dy_ptr=dtype, x_ptr=dtype, dx_ptr=dtype, n_elements=n, n_cols=n,
-               stride_dy_row=n, stride_x_row=n, APPROXIMATE_TANH=tanh, CONTIGUOUS=True)
+               APPROXIMATE_TANH=tanh, CONTIGUOUS=True, **NO_DROPOUT)
+    bwd = dict(dy_ptr=dtype, x_ptr=dtype, dx_ptr=dtype, h_ptr=None, n_elements=n, n_cols=n,
+               stride_dy_row=n, stride_x_row=n, APPROXIMATE_TANH=tanh, CONTIGUOUS=True,
+               WRITE_H=False, **NO_DROPOUT)
+    # The FFN block's composed path: GELU + dropout, and its backward also writing h.
+    dropout_fwd = {**fwd, **DROPOUT}
+    dropout_bwd = {**bwd, "h_ptr": dtype, "WRITE_H": True, **DROPOUT}
     key = (_autotune.bucket(n), dtype, tanh)
-    return [("gelu_fwd", _gelu_fwd_kernel, fwd, key), ("gelu_bwd", _gelu_bwd_kernel, bwd, key)]
+    return [("gelu_fwd", _gelu_fwd_kernel, fwd, key), ("gelu_bwd", _gelu_bwd_kernel, bwd, key),
+            ("gelu_dropout_fwd", _gelu_fwd_kernel, dropout_fwd, key),
+            ("gelu_dropout_bwd", _gelu_bwd_kernel, dropout_bwd, key)]
 
 
 def _tuner_of(name: str):
     """The Tuner the package launches ``name`` with, for its config space and pruning."""
     import importlib
 
-    for module in ("triton_gelu.kernels.gelu", "triton_gelu.kernels.linear_gelu"):
+    for module in ("triton_gelu.kernels.gelu", "triton_gelu.kernels.linear_gelu",
+                   "triton_gelu.kernels.ffn"):
         for value in vars(importlib.import_module(module)).values():
             if isinstance(value, _autotune.Tuner) and value.name == name:
                 return value
@@ -133,9 +161,26 @@ def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
         failures.extend(f"{label}: {p}" for p in problems)
 
 
+# The FFN block's matmuls loop like the linear forward (every config of which is compiled); their
+# Philox epilogues take several seconds each to compile, so one config (the largest tile) per
+# dtype, and fp16 is left to bf16.
+EPILOGUE_ONLY = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz")
+
+
+def _only() -> list[str] | None:
+    """The words of ``--only a,b`` (or ``--only=a,b``), else None (every kernel)."""
+    for i, arg in enumerate(sys.argv):
+        if arg.startswith("--only="):
+            return arg.split("=", 1)[1].split(",")
+        if arg == "--only" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1].split(",")
+    return None
+
+
 def main() -> int:
     failures: list[str] = []
     quick = "--quick" in sys.argv
+    only = _only()
     for arch in ("sm90", "sm80"):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             every_config = dtype == torch.bfloat16 and not quick
@@ -145,9 +190,13 @@ def main() -> int:
                 cases = _matmul_cases(dtype, tanh, 8192, 3072, 768) + \
                     _elementwise_cases(dtype, tanh, 1 << 24)
                 for name, kernel, args, key in cases:
+                    if only is not None and not any(word in name for word in only):
+                        continue
+                    if name in EPILOGUE_ONLY and dtype == torch.float16:
+                        continue
                     kept = _tuner_of(name).candidates(key, arch)
-                    check(name, kernel, args, key, arch,
-                          kept if every_config and not tanh else kept[:1], failures)
+                    every = every_config and not tanh and name not in EPILOGUE_ONLY
+                    check(name, kernel, args, key, arch, kept if every else kept[:1], failures)
     if failures:
         print(f"\n{len(failures)} broken:", *failures, sep="\n")
         return 1

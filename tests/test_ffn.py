@@ -28,6 +28,7 @@ from torch import nn
 import triton_gelu
 from bench.memory import saved_activation_bytes
 from triton_gelu import fallback, kernels, ops, reference
+from triton_gelu._autotune import Tuner
 from triton_gelu._runtime import launches
 from triton_gelu.autotune import force_path
 from triton_gelu.functional import dropout_seed
@@ -299,9 +300,8 @@ def test_keep_fraction_within_four_sigma(device):
     before = launches["gelu_dropout_fwd"]
     keep = _elementwise_mask(seed, 0.5, rows, cols)
     assert launches["gelu_dropout_fwd"] == before + 1  # the Triton kernel drew it
-    counter = torch.arange(rows * cols, dtype=torch.int64, device=device)
-    top31 = reference.philox_randint(seed, counter) >> 1
-    assert torch.equal(keep.flatten().cpu(), (top31 >= 2**30).cpu())
+    top31 = reference.dropout_words(seed, rows, cols) >> 1
+    assert torch.equal(keep.cpu(), (top31 >= 2**30).cpu())
     for p, kept in ((0.5, keep), (0.1, None), (0.999, None)):
         if kept is None:
             kept = top31 >= reference.dropout_constants(p)[0]
@@ -358,27 +358,36 @@ def test_fused_epilogue_draws_the_same_mask_as_the_elementwise_kernel(device):
             outputs[path_name] = kernels.ffn_forward(x, w1, b1, w2, b2, seed, 0.5, True, True)
     # Same mask, so the same y to rounding (z by our kernel vs cuBLAS).
     torch.testing.assert_close(outputs["fused"][0], outputs["composed"][0], rtol=1e-5, atol=1e-5)
-    h = torch.empty(M, HIDDEN, device=device)
-    ffn.launch_forward(ffn._fwd_tuner, x, w1, b1, h, None, True, seed, 0.5)
-    assert torch.equal((h != 0).cpu(), reference.dropout_keep(seed, M, HIDDEN, 0.5).cpu())
+    # Any tile shape draws the same mask: launch the epilogue with other tiles than the tuner's.
+    want = reference.dropout_keep(seed, M, HIDDEN, 0.5).cpu()
+    for block_m, block_n in ((16, 16), (16, 64), (64, 32)):
+        config = triton.Config({"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": block_n,
+                                "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 2}, num_warps=4)
+        tuner = Tuner(ffn._linear_gelu_fwd_kernel, f"test_tile_{block_m}x{block_n}",
+                      lambda arch=None, config=config: [config])
+        h = torch.empty(M, HIDDEN, device=device)
+        ffn.launch_forward(tuner, x, w1, b1, h, None, True, seed, 0.5)
+        assert torch.equal((h != 0).cpu(), want), f"tile {block_m}x{block_n}"
 
 
 @triton.jit
-def _randint_kernel(seed_ptr, out_ptr, base, BLOCK: tl.constexpr):
+def _randint4x_kernel(seed_ptr, out_ptr, base, BLOCK: tl.constexpr):
     counter = base + tl.arange(0, BLOCK).to(tl.int64)
-    tl.store(out_ptr + tl.arange(0, BLOCK), tl.randint(tl.load(seed_ptr), counter).to(tl.int64))
+    words = tl.randint4x(tl.load(seed_ptr), counter)
+    for i in tl.static_range(4):
+        tl.store(out_ptr + i * BLOCK + tl.arange(0, BLOCK), words[i].to(tl.int64))
 
 
-def test_reference_philox_is_triton_randint_bit_for_bit(device):
-    # Counters past 2**32 (more than 4 G elements in one activation) use the high word; seeds
-    # use all 64 bits.
+def test_reference_philox_is_triton_randint4x_bit_for_bit(device):
+    # Counters past 2**32 (activations of more than 16 G elements) use the high word; seeds use
+    # all 64 bits.
     for seed_value in (0, 12345, 2**62 - 1):
         seed = torch.tensor([seed_value], dtype=torch.int64, device=device)
         for base in (0, 2**32 - 64, 5 * 2**40 + 3):
-            out = torch.empty(128, dtype=torch.int64, device=device)
-            _randint_kernel[(1,)](seed, out, base, BLOCK=128)
+            out = torch.empty(4, 128, dtype=torch.int64, device=device)
+            _randint4x_kernel[(1,)](seed, out, base, BLOCK=128)
             counter = torch.arange(base, base + 128, dtype=torch.int64, device=device)
-            want = reference.philox_randint(seed, counter)
+            want = torch.stack(reference.philox4(seed, counter))
             assert torch.equal(out & 0xFFFFFFFF, want), (seed_value, base)
 
 

@@ -127,9 +127,9 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hh + (lh >> 16) + (hl >> 16) + (mid >> 16), ((mid & 0xFFFF) << 16) | (ll & 0xFFFF)
 
 
-def philox_randint(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """``tl.randint(seed, counter)`` in PyTorch: uint32 words (in int64) for the int64 seed and
-    non-negative int64 counters, equal bit for bit to what the kernels draw."""
+def philox4(seed: torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tl.randint4x(seed, counter)`` in PyTorch: four uint32 words (in int64) for the int64
+    seed and non-negative int64 counters, equal bit for bit to what the kernels draw."""
     c0, c1 = counter & _U32, (counter >> 32) & _U32
     c2 = c3 = torch.zeros_like(counter)
     k0, k1 = seed & _U32, (seed >> 32) & _U32
@@ -138,15 +138,22 @@ def philox_randint(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
         hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
-    return c0
+    return c0, c1, c2, c3
+
+
+def dropout_words(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The (rows, cols) 32-bit words (in int64) the kernels' dropout draws for ``seed`` (a
+    1-element int64 tensor, on the device the words are made on): element (m, n) takes word
+    n % 4 of Philox at counter m * ceil(cols / 4) + n // 4."""
+    groups = -(-cols // 4)
+    counter = torch.arange(rows * groups, dtype=torch.int64, device=seed.device)
+    words = torch.stack(philox4(seed.view(1), counter), dim=-1)  # (rows * groups, 4)
+    return words.view(rows, groups * 4)[:, :cols]
 
 
 def dropout_keep(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
-    """The (rows, cols) boolean keep mask the kernels draw for ``seed`` (a 1-element int64
-    tensor, on the device the mask is made on): element (m, n) has counter m * cols + n."""
-    counter = torch.arange(rows * cols, dtype=torch.int64, device=seed.device).view(rows, cols)
-    threshold, _ = dropout_constants(p)
-    return (philox_randint(seed.view(1, 1), counter) >> 1) >= threshold
+    """The (rows, cols) boolean keep mask the kernels draw for ``seed`` and ``p``."""
+    return (dropout_words(seed, rows, cols) >> 1) >= dropout_constants(p)[0]
 
 
 # ---- the FFN block: linear2(dropout(gelu(linear1(x)))) --------------------------------------

@@ -5,10 +5,10 @@ Shapes (the launchers take a 2-D x; ``functional.py`` flattens the leading dimen
     x (M, D)    W1 (F, D)   b1 (F,)    z = x @ W1^T + b1 (M, F)    h = dropout(gelu(z)) (M, F)
                 W2 (E, F)   b2 (E,)    y = h @ W2^T + b2 (M, E)    (E = D in a transformer)
 
-Dropout keeps element (m, f) when the Philox word drawn for (seed, m * F + f) passes the
-threshold (``_math.dropout_keep``): the mask is a function of the seed and the position alone,
-the same for any tile shape and on both paths below, so the backward regenerates it and the
-forward keeps only the seed (one int64) for it. What else the forward keeps is ``functional.py``'s
+Dropout keeps element (m, f) when its Philox word for the call's seed passes the threshold
+(``_math.py``): the mask is a function of the seed and the position alone, the same for any tile
+shape and on both paths below, so the backward regenerates it and the forward keeps only the
+seed (one int64) for it. What else the forward keeps is ``functional.py``'s
 choice: x and z (the launcher returns z when asked), or x alone with ``recompute``. h lives only
 inside the forward launcher.
 
@@ -53,7 +53,7 @@ from .._autotune import Paths, Tuner, bucket, matmul_configs, prune_matmul
 from .._checks import check_ffn_2d, check_ffn_backward, check_ffn_needs
 from .._runtime import device_context
 from . import _matmul
-from ._math import cast_to, dropout_factor, gelu, gelu_grad
+from ._math import cast_to, dropout_factor_tile, gelu, gelu_grad
 from ._matmul import dot_tile, grouped_tile, input_precision, tile_grid
 from .gelu import gelu_dropout_backward, gelu_dropout_forward
 from .linear_gelu import _linear_gelu_fwd_kernel, launch_forward
@@ -81,7 +81,7 @@ def _ffn_bwd_dz_kernel(
     stride_w2f,
     stride_zm,
     stride_zf,
-    dropout_threshold,  # round(p * 2**31): see _math.dropout_keep
+    dropout_threshold,  # round(p * 2**31): see _math.dropout_factor_tile
     dropout_scale,  # 1 / (1 - p)
     APPROXIMATE_TANH: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -112,9 +112,9 @@ def _ffn_bwd_dz_kernel(
     preact = tl.load(preact_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zf,
                      mask=mask, other=0.0).to(tl.float32)
     dz = dh * gelu_grad(preact, APPROXIMATE_TANH)
-    if HAS_DROPOUT:  # the element's counter is its position m * F + f, as in the forward
-        keep_scale = dropout_factor(seed_ptr, offs_m[:, None] * F + offs_n[None, :],
-                                    dropout_threshold, dropout_scale)
+    if HAS_DROPOUT:  # the forward's mask: a function of the seed and (m, f) (see _math)
+        keep_scale = dropout_factor_tile(seed_ptr, offs_m, pid_n, F, dropout_threshold,
+                                         dropout_scale, BLOCK_SIZE_N)
         dz = dz * keep_scale
     offs_out = offs_m[:, None] * F + offs_n[None, :]
     tl.store(dz_ptr + offs_out, cast_to(dz, dz_ptr.dtype.element_ty), mask=mask)

@@ -7,8 +7,8 @@ contiguous first. Outputs are always new contiguous tensors in the input's dtype
 in float32 (``_math.py``).
 
 The same two kernels serve the FFN block's composed path (``gelu_dropout_forward`` /
-``gelu_dropout_backward``): with HAS_DROPOUT they apply dropout after the GELU, element i of the
-row-major (M, N) tensor drawing counter i = m * N + n, as the fused matmul epilogue does.
+``gelu_dropout_backward``): with HAS_DROPOUT they apply dropout after the GELU, element (m, n) of
+the (M, N) pre-activation drawing the mask the fused matmul epilogue draws (``_math.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import triton.language as tl
 from .. import reference
 from .._autotune import Tuner, bucket, elementwise_configs, prune_elementwise
 from .._runtime import device_context
-from ._math import cast_to, dropout, gelu, gelu_grad
+from ._math import cast_to, dropout_factor, gelu, gelu_grad
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _gelu_fwd_kernel(
     n_elements,
     n_cols,
     stride_x_row,
-    dropout_threshold,  # round(p * 2**31): see _math.dropout_keep
+    dropout_threshold,  # round(p * 2**31): see _math.dropout_factor
     dropout_scale,  # 1 / (1 - p)
     APPROXIMATE_TANH: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
@@ -55,8 +55,10 @@ def _gelu_fwd_kernel(
     x_offs = _row_offsets(offs, n_cols, stride_x_row, CONTIGUOUS)
     x = tl.load(x_ptr + x_offs, mask=mask).to(tl.float32)
     y = gelu(x, APPROXIMATE_TANH)
-    if HAS_DROPOUT:  # the flat index is the element's position row * n_cols + col
-        y = dropout(y, seed_ptr, offs, dropout_threshold, dropout_scale)
+    if HAS_DROPOUT:  # the mask of element (row, col) of the (rows, n_cols) view: see _math
+        row = offs // n_cols
+        y = y * dropout_factor(seed_ptr, row, offs - row * n_cols, n_cols, dropout_threshold,
+                               dropout_scale)
     tl.store(y_ptr + offs, cast_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -89,12 +91,15 @@ def _gelu_bwd_kernel(
     # dx = dy * keep / (1 - p) * gelu'(x)
     dx = dy.to(tl.float32) * gelu_grad(x, APPROXIMATE_TANH)
     if HAS_DROPOUT:
-        dx = dropout(dx, seed_ptr, offs, dropout_threshold, dropout_scale)
+        row = offs // n_cols
+        keep_scale = dropout_factor(seed_ptr, row, offs - row * n_cols, n_cols,
+                                    dropout_threshold, dropout_scale)
+        dx = dx * keep_scale
     tl.store(dx_ptr + offs, cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     if WRITE_H:  # the forward's output, regenerated for a matmul that needs it
         h = gelu(x, APPROXIMATE_TANH)
         if HAS_DROPOUT:
-            h = dropout(h, seed_ptr, offs, dropout_threshold, dropout_scale)
+            h = h * keep_scale
         tl.store(h_ptr + offs, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
 
 

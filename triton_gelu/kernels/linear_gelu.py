@@ -9,7 +9,7 @@ while the accumulator is still float32, then casts once. When a gradient will be
 epilogue also stores the pre-activation z (in the input dtype) for the backward; in inference only
 y is written. ``linear_preact`` runs the same kernel writing only z (backward with recompute).
 The FFN block (``ffn.py``) runs it too, with dropout applied to y in the epilogue (HAS_DROPOUT:
-the mask comes from the element's position, see ``_math.dropout_keep``).
+the mask is a function of the seed and the element's position, see ``_math.py``).
 
 Backward, with dz = dy * gelu'(z) (elementwise, M x N; gelu' is in ``_math.py``)::
 
@@ -46,7 +46,7 @@ from .._autotune import Tuner, bucket, matmul_configs, prune_matmul
 from .._checks import check_linear_2d, check_linear_backward
 from .._runtime import device_context
 from . import _matmul
-from ._math import cast_to, dropout, gelu, gelu_grad
+from ._math import cast_to, dropout_factor_tile, gelu, gelu_grad
 from ._matmul import dot_operand, dot_tile, grouped_tile, input_precision, tile_grid
 
 
@@ -66,7 +66,7 @@ def _linear_gelu_fwd_kernel(
     stride_wn,
     stride_wk,
     stride_ym,  # row stride of y and preact
-    dropout_threshold,  # round(p * 2**31): see _math.dropout_keep
+    dropout_threshold,  # round(p * 2**31): see _math.dropout_factor_tile
     dropout_scale,  # 1 / (1 - p)
     APPROXIMATE_TANH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -100,9 +100,9 @@ def _linear_gelu_fwd_kernel(
         tl.store(preact_ptr + offs_out, cast_to(acc, preact_ptr.dtype.element_ty), mask=mask_out)
     if WRITE_Y:
         y = gelu(acc, APPROXIMATE_TANH)
-        if HAS_DROPOUT:  # the element's counter is its position m * N + n in (M, N)
-            counter = offs_m[:, None] * N + offs_n[None, :]
-            y = dropout(y, seed_ptr, counter, dropout_threshold, dropout_scale)
+        if HAS_DROPOUT:  # y * keep / (1 - p), the mask a function of (m, n): see _math
+            y = y * dropout_factor_tile(seed_ptr, offs_m, pid_n, N, dropout_threshold,
+                                        dropout_scale, BLOCK_SIZE_N)
         tl.store(y_ptr + offs_out, cast_to(y, y_ptr.dtype.element_ty), mask=mask_out)
 
 
