@@ -3,6 +3,8 @@ error PyTorch itself makes in the same dtype."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Slack added to the "no worse than torch" bound, per dtype: a few units in the last place of
@@ -57,3 +59,29 @@ def assert_no_worse_than_torch(
 def assert_all_written(out: torch.Tensor, ref64: torch.Tensor, what: str) -> None:
     """A poisoned output must hold no NaN except where the reference has one."""
     assert_nan_where_ref_nan(out.double().cpu(), ref64.double().cpu(), what + " (poisoned output)")
+
+
+@contextlib.contextmanager
+def tf32(allowed: bool):
+    """float32 matmuls with TF32 allowed or not (IEEE: what the float64 comparisons need)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+# Inputs x (..., k) of the matmul ops in every layout the launchers must take.
+X_LAYOUTS = {
+    "M=1": lambda k, dev: torch.randn(1, k, device=dev),
+    "1-D": lambda k, dev: torch.randn(k, device=dev),
+    "4-D": lambda k, dev: torch.randn(2, 3, 5, k, device=dev),
+    "column slice": lambda k, dev: torch.randn(33, k + 7, device=dev)[:, 3:3 + k],
+    "row step": lambda k, dev: torch.randn(66, k, device=dev)[::2],
+    "transposed": lambda k, dev: torch.randn(k, 29, device=dev).t(),
+    # Leading dimensions that do not collapse into one stride: copied, dx still in x's shape.
+    "3-D permuted": lambda k, dev: torch.randn(5, 3, k, device=dev).permute(1, 0, 2),
+    "empty M": lambda k, dev: torch.randn(0, k, device=dev),
+    "empty 3-D": lambda k, dev: torch.randn(2, 0, k, device=dev),
+}

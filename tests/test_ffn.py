@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from helpers import (
-    DTYPES, assert_all_written, assert_nan_where_ref_nan, assert_no_worse_than_torch, poisoned,
+    DTYPES, X_LAYOUTS, assert_all_written, assert_nan_where_ref_nan, assert_no_worse_than_torch,
+    poisoned, tf32,
 )
 from torch import nn
 
@@ -41,11 +42,8 @@ M, D, HIDDEN = 37, 45, 51  # tokens, d_model, d_ff: multiples of no block size
 
 @pytest.fixture(autouse=True)
 def _ieee_float32():
-    # PyTorch's float32 matmuls are the baseline: keep both in IEEE float32.
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
+    with tf32(False):  # PyTorch's float32 matmuls are the baseline: both in IEEE float32
+        yield
 
 
 @contextlib.contextmanager
@@ -151,19 +149,6 @@ def test_recompute_gives_identical_gradients(dtype, path_name, device):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs with recompute")
         else:  # composed: z by cuBLAS in the forward, by our kernel when recomputed
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
-
-
-X_LAYOUTS = {
-    "M=1": lambda d, dev: torch.randn(1, d, device=dev),
-    "1-D": lambda d, dev: torch.randn(d, device=dev),
-    "4-D": lambda d, dev: torch.randn(2, 3, 5, d, device=dev),
-    "column slice": lambda d, dev: torch.randn(33, d + 7, device=dev)[:, 3:3 + d],
-    "row step": lambda d, dev: torch.randn(66, d, device=dev)[::2],
-    "transposed": lambda d, dev: torch.randn(d, 29, device=dev).t(),
-    "3-D permuted": lambda d, dev: torch.randn(5, 3, d, device=dev).permute(1, 0, 2),
-    "empty M": lambda d, dev: torch.randn(0, d, device=dev),
-    "empty 3-D": lambda d, dev: torch.randn(2, 0, d, device=dev),
-}
 
 
 @pytest.mark.parametrize("layout", X_LAYOUTS.keys())

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_no_worse_than_torch
+from helpers import assert_no_worse_than_torch, tf32
 from torch import nn
 
 import triton_gelu
@@ -17,11 +17,8 @@ FORMS = ["none", "tanh"]
 
 @pytest.fixture(autouse=True)
 def _ieee_float32():
-    # PyTorch's float32 matmuls are the baseline: keep both in IEEE float32.
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
+    with tf32(False):  # PyTorch's float32 matmuls are the baseline: both in IEEE float32
+        yield
 
 
 def _compare_modules(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, what: str) -> None:

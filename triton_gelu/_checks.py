@@ -54,26 +54,35 @@ def check_linear(
 ) -> None:
     """Validate ``gelu(x @ weight.T + bias)``'s operands: x (..., K), weight (N, K), bias (N,).
     ``names`` are the arguments' names in the messages."""
-    x_name, w_name, b_name = names
+    x_name, w_name, _ = names
     check_tensor(x_name, x)
+    _check_weight_and_bias(x, weight, bias, names)
+    if x.dim() < 1:
+        raise ValueError(
+            f"{x_name} must have at least 1 dimension (..., in_features), got shape ()"
+        )
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"in_features mismatch: {x_name} has shape {tuple(x.shape)} (last dim {x.shape[-1]}) "
+            f"but {w_name} has shape {tuple(weight.shape)} (in_features {weight.shape[1]})"
+        )
+
+
+def _check_weight_and_bias(
+    x: torch.Tensor, weight: object, bias: object | None, names: tuple[str, str, str]
+) -> None:
+    """weight (out_features, in_features) and bias (out_features,) or None: float tensors of
+    x's dtype on x's device."""
+    x_name, w_name, b_name = names
     check_tensor(w_name, weight)
     named = [(x_name, x), (w_name, weight)]
     if bias is not None:
         named.append((b_name, check_tensor(b_name, bias)))
     check_same_device(named)
     check_same_dtype(named)
-    if x.dim() < 1:
-        raise ValueError(
-            f"{x_name} must have at least 1 dimension (..., in_features), got shape ()"
-        )
     if weight.dim() != 2:
         raise ValueError(
             f"{w_name} must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
-        )
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"in_features mismatch: {x_name} has shape {tuple(x.shape)} (last dim {x.shape[-1]}) "
-            f"but {w_name} has shape {tuple(weight.shape)} (in_features {weight.shape[1]})"
         )
     if bias is not None:
         if bias.dim() != 1:
@@ -129,25 +138,11 @@ def check_ffn(
     """The FFN block's operands: x (..., D), w1 (F, D), b1 (F,), w2 (D_out, F), b2 (D_out,),
     all of one dtype and on one device."""
     check_linear(x, w1, b1, names=("x", "w1", "b1"))
-    check_tensor("w2", w2)
-    named = [("x", x), ("w2", w2)]
-    if b2 is not None:
-        named.append(("b2", check_tensor("b2", b2)))
-    check_same_device(named)
-    check_same_dtype(named)
-    if w2.dim() != 2:
-        raise ValueError(
-            f"w2 must be 2-D (out_features, hidden_features), got shape {tuple(w2.shape)}"
-        )
+    _check_weight_and_bias(x, w2, b2, names=("x", "w2", "b2"))
     if w2.shape[1] != w1.shape[0]:
         raise ValueError(
             f"linear2 in_features mismatch: w1 has shape {tuple(w1.shape)} (hidden features "
             f"{w1.shape[0]}) but w2 has shape {tuple(w2.shape)} (in_features {w2.shape[1]})"
-        )
-    if b2 is not None and (b2.dim() != 1 or b2.shape[0] != w2.shape[0]):
-        raise ValueError(
-            f"b2 has shape {tuple(b2.shape)} but w2 has shape {tuple(w2.shape)}: b2 must be "
-            f"1-D of length out_features {w2.shape[0]}"
         )
 
 

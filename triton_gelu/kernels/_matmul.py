@@ -24,6 +24,19 @@ def grouped_tile(pid, num_rows, num_cols, GROUP_SIZE: tl.constexpr):
 
 
 @triton.jit
+def output_tile(M, N, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+                GROUP_SIZE_M: tl.constexpr):
+    # The (BLOCK_SIZE_M, BLOCK_SIZE_N) tile of an (M, N) output this program computes, in
+    # grouped order: its tile indices, its int64 row and column offsets and their masks.
+    pid_m, pid_n = grouped_tile(
+        tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M
+    )
+    offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    return pid_m, pid_n, offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
 def dot_operand(tile):
     # The interpreter's tl.dot mishandles bfloat16 operands; there, and only there, multiply in
     # float32. Products of fp16/bf16 values are exact in float32, so this is what the GPU computes.

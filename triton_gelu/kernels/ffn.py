@@ -54,7 +54,7 @@ from .._checks import check_ffn_2d, check_ffn_backward, check_ffn_needs
 from .._runtime import device_context
 from . import _matmul
 from ._math import cast_to, dropout_factor_tile, gelu, gelu_grad
-from ._matmul import dot_tile, grouped_tile, input_precision, tile_grid
+from ._matmul import dot_tile, input_precision, output_tile, tile_grid
 from .gelu import gelu_dropout_backward, gelu_dropout_forward
 from .linear_gelu import _linear_gelu_fwd_kernel, launch_forward
 
@@ -94,13 +94,8 @@ def _ffn_bwd_dz_kernel(
     GROUP_SIZE_M: tl.constexpr,
 ):
     # dh = dy @ W2: one (BM, BN) tile of the (M, F) gradient per program, reducing over E.
-    pid_m, pid_n = grouped_tile(
-        tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(F, BLOCK_SIZE_N), GROUP_SIZE_M
-    )
-    offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < F
+    pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = output_tile(
+        M, F, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
     dh = dot_tile(dy_ptr, w2_ptr, offs_m, offs_n, mask_m, mask_n, E,
                   stride_dym, stride_dye, stride_w2e, stride_w2f,
                   INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)

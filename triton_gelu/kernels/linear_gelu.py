@@ -47,7 +47,9 @@ from .._checks import check_linear_2d, check_linear_backward
 from .._runtime import device_context
 from . import _matmul
 from ._math import cast_to, dropout_factor_tile, gelu, gelu_grad
-from ._matmul import dot_operand, dot_tile, grouped_tile, input_precision, tile_grid
+from ._matmul import (
+    dot_operand, dot_tile, grouped_tile, input_precision, output_tile, tile_grid,
+)
 
 
 @triton.jit
@@ -79,13 +81,8 @@ def _linear_gelu_fwd_kernel(
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(
-        tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M
-    )
-    offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    _, pid_n, offs_m, offs_n, mask_m, mask_n = output_tile(
+        M, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
     acc = dot_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K,
                    stride_xm, stride_xk, stride_wk, stride_wn,  # W^T: k along W's rows' stride
                    INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
