@@ -730,3 +730,34 @@ def test_module_with_dropout_one_refuses_at_call(device):
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
         ff(torch.randn(3, 8, device=device))
     assert sum(launches.values()) == before
+
+
+def test_dtensor_operands_take_ops_dtensor_can_shard(monkeypatch):
+    # Tensor parallel: ffn_fwd / ffn_bwd have no DTensor sharding rule, so DTensor operands take
+    # linear_gelu (whose custom ops have rules where tensor parallel is merged; a PyTorch stand-in
+    # here) and PyTorch's dropout and linear, which DTensor shards itself.
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    from triton_gelu import functional
+
+    def stand_in(x, w, b, approximate, recompute):
+        return F.gelu(F.linear(x, w, b), approximate=approximate)
+
+    monkeypatch.setattr(functional, "linear_gelu", stand_in)
+    operands = _operands((M, D), HIDDEN, torch.float32, "cpu")
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        shared = [distribute_tensor(t, mesh, [Replicate()]) for t in operands]
+        before = sum(launches.values())
+        y = triton_gelu.feed_forward(*shared, p=0.0, approximate="tanh")
+        assert isinstance(y, DTensor) and sum(launches.values()) == before
+        want = _torch_block(*operands, None, 0.0, "tanh")
+        torch.testing.assert_close(y.to_local(), want, rtol=1e-6, atol=1e-6)
+    finally:
+        if started:
+            dist.destroy_process_group()

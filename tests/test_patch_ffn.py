@@ -212,6 +212,16 @@ class _SharedLinear(nn.Module):
         return self.linear2(self.linear2(self.act(self.linear1(x))))
 
 
+class _ShardLike(nn.Parameter):
+    """A Parameter of another tensor type (as DTensor shards from tensor parallel or FSDP2)."""
+
+
+def _sharded_linear2():
+    model = TorchFeedForward()
+    model.linear2.weight = _ShardLike(model.linear2.weight.detach())
+    return model
+
+
 @pytest.mark.parametrize("make, expected", [
     (lambda: _Hooked("linear2"), 1),  # the pair linear1 + GELU still fuses
     (lambda: _Hooked("dropout"), 1),
@@ -221,8 +231,9 @@ class _SharedLinear(nn.Module):
     (lambda: nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(24, 16)), 1),  # shapes
     (lambda: nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16).bfloat16()), 1),
     (lambda: _SharedLinear(), 1),
+    (_sharded_linear2, 1),
 ], ids=["hooked-linear2", "hooked-dropout", "dropout2d", "relu-between", "in-features",
-        "mixed-dtype", "linear2-twice"])
+        "mixed-dtype", "linear2-twice", "sharded-linear2"])
 def test_unprovable_blocks_are_left_to_the_pair_fusion(make, expected):
     model = make()
     assert triton_gelu.patch(model) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -114,6 +115,13 @@ def linear_gelu(
 # ---- the FFN block ---------------------------------------------------------------------------
 
 
+def _distributed(*tensors: torch.Tensor | None) -> bool:
+    """Whether any operand is a DTensor (tensor parallel); imports nothing, and costs a dict
+    look-up while torch.distributed.tensor was never imported (no DTensor can exist then)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in tensors)
+
+
 class _FeedForwardConfig(NamedTuple):
     p: float  # dropout probability; 0: no dropout (eval, or none asked for)
     approximate_tanh: bool
@@ -183,6 +191,11 @@ def feed_forward(
     check_ffn(x, w1, b1, w2, b2)
     if not training:
         p = 0.0
+    if _distributed(x, w1, b1, w2, b2):
+        # Tensor parallel: ffn_fwd / ffn_bwd have no DTensor sharding rule (yet); compose ops
+        # DTensor can shard, linear_gelu's and PyTorch's own (its dropout draws per shard).
+        h = linear_gelu(x, w1, b1, approximate, recompute)
+        return torch.nn.functional.linear(torch.nn.functional.dropout(h, p, training), w2, b2)
     seed = dropout_seed(x.device) if p > 0.0 else None
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
         return ops.feed_forward(x, w1, b1, w2, b2, seed, p, approximate_tanh, recompute)
