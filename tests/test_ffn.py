@@ -761,3 +761,19 @@ def test_dtensor_operands_take_ops_dtensor_can_shard(monkeypatch):
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def test_feed_forward_module_with_hooks_applies_its_submodules(device):
+    # A tensor-parallel plan hooks linear1 and linear2 (and shards their parameters): then the
+    # block applies its submodules so the hooks run (LinearGELU's fusion, dropout, linear2).
+    ff = triton_gelu.FeedForward(D, HIDDEN, dropout=0.0, device=device)
+    seen = []
+    ff.linear2.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+    x = torch.randn(M, D, device=device)
+    names = ["linear_gelu_fwd", "ffn_fwd_gelu_dropout"]
+    assert _launch_deltas(lambda: ff(x), names) == [1, 0] and seen == [(M, HIDDEN)]
+    want = _torch_block(x, ff.linear1.weight, ff.linear1.bias, ff.linear2.weight,
+                        ff.linear2.bias, None, 0.0, "none")
+    torch.testing.assert_close(ff(x), want, rtol=1e-5, atol=1e-5)
+    plain = triton_gelu.FeedForward(D, HIDDEN, dropout=0.0, device=device)
+    assert _launch_deltas(lambda: plain(x), names) == [0, 1]

@@ -85,8 +85,10 @@ class FeedForward(nn.Module):
 
     Submodules ``linear1`` (LinearGELU: its ``approximate`` and ``recompute`` are the block's),
     ``dropout`` (its ``p`` and ``training`` are read at each call) and ``linear2`` (nn.Linear);
-    their parameters are read at each call too. The state dict of the PyTorch block ``linear1,
-    dropout, activation=nn.GELU(), linear2`` loads unchanged.
+    their parameters are read at each call too. When linear1 or linear2 carry hooks or non-plain
+    parameters (a tensor-parallel plan), the submodules are applied instead, LinearGELU's fusion
+    only, so their hooks run. The state dict of the PyTorch block ``linear1, dropout,
+    activation=nn.GELU(), linear2`` loads unchanged.
     """
 
     def __init__(
@@ -104,8 +106,21 @@ class FeedForward(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (is_plain(self.linear1) and is_plain(self.linear2)):
+            # Tensor parallel (its styles hook linear1 and linear2 and shard their parameters)
+            # or user hooks: apply the submodules, so that their hooks run.
+            return self.linear2(self.dropout(self.linear1(x)))
         return feed_forward(
             x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
             self.dropout.p, self.linear1.approximate, self.dropout.training,
             self.linear1.recompute,
         )
+
+
+def is_plain(module: nn.Module) -> bool:
+    """No hooks and only plain ``nn.Parameter``s: nothing (a tensor-parallel style, FSDP2, a
+    user's hook) expects ``module``'s own forward to run or its parameters to be other tensors
+    (DTensor shards), so a fused op may read its parameters instead of calling it."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return not any(getattr(module, name, None) for name in hooks) and all(
+        type(p) is nn.Parameter for p in module.parameters(recurse=False))

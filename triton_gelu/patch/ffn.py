@@ -30,8 +30,9 @@ from torch import nn
 
 from .._checks import check_approximate, check_dropout_p
 from ..functional import feed_forward
+from ..modules import is_plain
 from .fuse import child, keep_encoder_fast_path_exact, replace_with_identity
-from .match import dropout_p, gelu_form, has_hooks, linear_kind
+from .match import dropout_p, gelu_form, linear_kind
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor:
@@ -135,8 +136,8 @@ def _window(parent: nn.Module, chain: list[str], i: int) -> list[str] | None:
     if after is not None and gelu_form(child(parent, after)) is not None:
         return None  # linear2 is the Linear of the next GELU: it fuses with that one
     linear1, linear2 = child(parent, names[0]), child(parent, names[-1])
-    if not (_plain(linear1) and _plain(linear2)):
-        return None
+    if not (is_plain(linear1) and is_plain(linear2)):
+        return None  # tensor parallel or FSDP2 touched it: left to the pair fusion
     kind2 = linear_kind(linear2)
     if kind2 is None or _features(linear2, kind2)[0] != \
             _features(linear1, linear_kind(linear1))[1]:
@@ -145,14 +146,6 @@ def _window(parent: nn.Module, chain: list[str], i: int) -> list[str] | None:
     if len({(w.dtype, w.device) for w in weights}) != 1:
         return None
     return names
-
-
-def _plain(linear: nn.Module) -> bool:
-    """No hooks, and plain ``nn.Parameter``s: a Linear that tensor parallel (styles' hooks,
-    DTensor shards) or FSDP2 (DTensor shards) has touched is left to the pair fusion, which
-    knows the column-parallel layouts; the block's kernels take whole local tensors."""
-    return not has_hooks(linear) and all(
-        type(p) is nn.Parameter for p in linear.parameters(recurse=False))
 
 
 def _fuse(parent: nn.Module, names: list[str], approximate: str | None, recompute: bool) -> None:
