@@ -101,6 +101,16 @@ def _exercise(shape, dtype, approximate: str) -> None:
     for recompute in (False, True):
         y = linear_gelu(x, weight, bias, approximate=approximate, recompute=recompute)
         y.backward(torch.randn_like(y))
+    feed_forward = getattr(triton_gelu, "feed_forward", None)
+    if feed_forward is None:
+        return
+    # The FFN block (d_model K -> d_ff N -> K) in training: its epilogue matmuls with dropout.
+    w2 = (torch.randn(k, n, device="cuda", dtype=dtype) / n**0.5).requires_grad_()
+    b2 = torch.randn(k, device="cuda", dtype=dtype, requires_grad=True)
+    for recompute in (False, True):
+        y = feed_forward(x, weight, bias, w2, b2, p=0.1, approximate=approximate,
+                         recompute=recompute)
+        y.backward(torch.randn_like(y))
 
 
 def main(argv: list[str] | None = None) -> int:

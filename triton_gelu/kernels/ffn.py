@@ -283,9 +283,10 @@ def _path_key(x2d: Tensor, w1: Tensor, w2: Tensor, p: float, approximate_tanh: b
 
 
 def ffn_forward(
-    x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool,
-) -> tuple[Tensor, Tensor | None]:
+    x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+    b2: torch.Tensor | None, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
+    save_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, preact): y = linear2(dropout(gelu(linear1(x2d)))) (M, E) and, if ``save_preact``,
     z = x2d @ w1.T + b1 (M, F), new contiguous tensors in x2d's dtype (preact None otherwise).
 
@@ -298,9 +299,10 @@ def ffn_forward(
 
 
 def ffn_backward(
-    dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
-    p: float, approximate_tanh: bool, needs: Sequence[bool],
-) -> Grads:
+    dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    preact: torch.Tensor, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
     """(dx, dW1, db1, dW2, db2) of the FFN block for the upstream gradient dy2d (M, E), from
     the pre-activation z = ``preact`` (M, F) and the forward's ``seed`` and ``p``.
 
