@@ -72,7 +72,7 @@ def linear_gelu_backward(
 
 def _keep(seed: torch.Tensor | None, p: float, rows: int, cols: int) -> torch.Tensor | None:
     """The kernels' dropout mask, drawn by the PyTorch copy of their generator."""
-    return reference.dropout_keep(seed, rows, cols, p) if p > 0.0 else None
+    return None if p == 0.0 or seed is None else reference.dropout_keep(seed, rows, cols, p)
 
 
 def ffn_forward(

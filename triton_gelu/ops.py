@@ -204,7 +204,8 @@ def ffn_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw1, db1, dw2, db2) of the FFN block; an empty tensor for each one not needed."""
     grads = launchers(x).ffn_backward(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs)
-    return tuple(g if g is not None else _absent(dy) for g in grads)
+    dx, dw1, db1, dw2, db2 = (g if g is not None else _absent(dy) for g in grads)
+    return dx, dw1, db1, dw2, db2
 
 
 @ffn_bwd.register_fake

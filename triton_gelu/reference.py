@@ -204,9 +204,12 @@ def feed_forward64(
     """Float64 ground truth of y = linear2(dropout(gelu(linear1(x)))) with the explicit keep
     mask ``keep`` ((..., d_ff) booleans, None for no dropout), and, given the upstream gradient
     ``dy``, the gradients [dx, dW1, db1, dW2, db2] by torch autograd."""
-    leaves = [None if t is None else t.detach().double().requires_grad_(dy is not None)
-              for t in (x, w1, b1, w2, b2)]
-    x64, w1_64, b1_64, w2_64, b2_64 = leaves
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().double().requires_grad_(dy is not None)
+
+    x64, w1_64, w2_64 = leaf(x), leaf(w1), leaf(w2)
+    b1_64, b2_64 = (None if b is None else leaf(b) for b in (b1, b2))
+    leaves = [x64, w1_64, b1_64, w2_64, b2_64]
     h = F.gelu(F.linear(x64, w1_64, b1_64), approximate=approximate)
     if keep is not None:
         h = h * (keep.to(h.device, torch.float64) / (1.0 - p))

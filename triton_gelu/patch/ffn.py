@@ -25,6 +25,8 @@ gets fused.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -35,29 +37,52 @@ from .fuse import child, keep_encoder_fast_path_exact, replace_with_identity
 from .match import dropout_p, gelu_form, linear_kind
 
 
-def _linear_weight(module: nn.Module) -> torch.Tensor:
+class _Linear(NamedTuple):
+    """A Linear of a block: the module, and whether it stores its weight (in, out) (Conv1D)."""
+
+    module: nn.Module
+    transposed: bool
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.get_parameter("weight")
+
+    @property
+    def features(self) -> tuple[int, int]:
+        """(in_features, out_features)."""
+        rows, cols = self.weight.shape
+        return (rows, cols) if self.transposed else (cols, rows)
+
+
+def _as_linear(obj: object) -> _Linear | None:
+    kind = linear_kind(obj)
+    if kind is None or not isinstance(obj, nn.Module):
+        return None
+    return _Linear(obj, kind == "conv1d")
+
+
+def _linear_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     """The (out, in) weight of a held Linear; transformers' Conv1D stores it (in, out)."""
-    return module.weight.t() if module.transposed else module.weight
-
-
-def _features(linear: nn.Module, kind: str) -> tuple[int, int]:
-    """(in_features, out_features) of an ``nn.Linear`` or a ``Conv1D``."""
-    rows, cols = linear.weight.shape
-    return (rows, cols) if kind == "conv1d" else (cols, rows)
+    return weight.t() if transposed else weight
 
 
 class FeedForwardOutput(nn.Module):
     """linear2 of a fused FFN block, left in its slot: it keeps linear2's Parameters (names,
     objects, layout) and returns its input, which is already the block's output."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear2: nn.Module, block: str) -> None:
         super().__init__()
-        kind = linear_kind(linear2)
-        self.in_features, self.out_features = _features(linear2, kind)
-        self.transposed = kind == "conv1d"
+        held = _as_linear(linear2)
+        if held is None:
+            raise TypeError(f"linear2 must be an nn.Linear or a Conv1D, got {type(linear2)}")
+        self.in_features, self.out_features = held.features
+        self.transposed = held.transposed
         self.block = block  # the slot of the FusedFeedForward that applies these parameters
-        self.weight = linear2.weight
-        self.bias = linear2.bias
+        self.weight = held.weight
+        self.bias = linear2._parameters.get("bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -76,17 +101,23 @@ class FusedFeedForward(nn.Module):
     training mode.
     """
 
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    output: FeedForwardOutput
+
     def __init__(
         self, linear1: nn.Module, output: FeedForwardOutput, p: float = 0.0,
         approximate: str = "none", recompute: bool = False,
     ) -> None:
         super().__init__()
         check_approximate(approximate)
-        kind = linear_kind(linear1)
-        self.in_features, self.hidden_features = _features(linear1, kind)
-        self.transposed = kind == "conv1d"
-        self.weight = linear1.weight
-        self.bias = linear1.bias
+        held = _as_linear(linear1)
+        if held is None:
+            raise TypeError(f"linear1 must be an nn.Linear or a Conv1D, got {type(linear1)}")
+        self.in_features, self.hidden_features = held.features
+        self.transposed = held.transposed
+        self.weight = held.weight
+        self.bias = linear1._parameters.get("bias")
         self.p = check_dropout_p(p)
         self.approximate = approximate
         self.recompute = recompute
@@ -95,8 +126,9 @@ class FusedFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.output
         return feed_forward(
-            x, _linear_weight(self), self.bias, _linear_weight(out), out.bias, self.p,
-            self.approximate, self.training, self.recompute,
+            x, _linear_weight(self.weight, self.transposed), self.bias,
+            _linear_weight(out.weight, out.transposed), out.bias, self.p, self.approximate,
+            self.training, self.recompute,
         )
 
     def extra_repr(self) -> str:
@@ -105,60 +137,69 @@ class FusedFeedForward(nn.Module):
                 f"approximate={self.approximate!r}, recompute={self.recompute}")
 
 
+class _Block(NamedTuple):
+    """A provable FFN window of a chain: its slots' names and what fills them."""
+
+    names: list[str]  # [linear1, act, (dropout,) linear2]
+    linear1: nn.Module
+    linear2: nn.Module
+    form: str  # the GELU's
+    p: float  # the dropout's (0 without one)
+    training: bool  # the dropout's (linear1's without one)
+
+
 def fuse_feed_forwards(
     parent: nn.Module, chain: list[str], approximate: str | None, recompute: bool
 ) -> int:
     """Fuse every provable FFN window of ``parent``'s ``chain``; return how many."""
     count, i = 0, 0
     while i < len(chain):
-        window = _window(parent, chain, i)
-        if window is None:
+        block = _window(parent, chain, i)
+        if block is None:
             i += 1
             continue
-        _fuse(parent, window, approximate, recompute)
+        _fuse(parent, block, approximate, recompute)
         count += 1
-        i += len(window)
+        i += len(block.names)
     return count
 
 
-def _window(parent: nn.Module, chain: list[str], i: int) -> list[str] | None:
-    """The names [linear1, act, (dropout,) linear2] of the FFN block starting at chain[i], if
-    there is a provable one."""
+def _window(parent: nn.Module, chain: list[str], i: int) -> _Block | None:
+    """The FFN block starting at chain[i], if there is a provable one."""
     names = chain[i:i + 4]
-    if len(names) < 3 or linear_kind(child(parent, names[0])) is None \
-            or gelu_form(child(parent, names[1])) is None:
+    if len(names) < 3:
         return None
-    if dropout_p(child(parent, names[2])) is None:
-        names = names[:3]
-    if len(names) < 3 or any(chain.count(name) != 1 for name in names):
+    linear1, form = _as_linear(child(parent, names[0])), gelu_form(child(parent, names[1]))
+    dropout = child(parent, names[2])
+    p = dropout_p(dropout)
+    if p is None:
+        names, p, dropout = names[:3], 0.0, None
+    linear2 = _as_linear(child(parent, names[-1]))
+    if linear1 is None or form is None or linear2 is None:
+        return None
+    if any(chain.count(name) != 1 for name in names):
         return None  # a child used twice: swapping it would change its other use
     after = chain[i + len(names)] if i + len(names) < len(chain) else None
     if after is not None and gelu_form(child(parent, after)) is not None:
         return None  # linear2 is the Linear of the next GELU: it fuses with that one
-    linear1, linear2 = child(parent, names[0]), child(parent, names[-1])
-    if not (is_plain(linear1) and is_plain(linear2)):
+    if not (is_plain(linear1.module) and is_plain(linear2.module)):
         return None  # tensor parallel or FSDP2 touched it: left to the pair fusion
-    kind2 = linear_kind(linear2)
-    if kind2 is None or _features(linear2, kind2)[0] != \
-            _features(linear1, linear_kind(linear1))[1]:
+    if linear2.features[0] != linear1.features[1]:
         return None
-    weights = [linear1.weight, linear2.weight]
-    if len({(w.dtype, w.device) for w in weights}) != 1:
+    if len({(w.dtype, w.device) for w in (linear1.weight, linear2.weight)}) != 1:
         return None
-    return names
+    training = dropout.training if isinstance(dropout, nn.Module) else linear1.module.training
+    return _Block(names, linear1.module, linear2.module, form, p, training)
 
 
-def _fuse(parent: nn.Module, names: list[str], approximate: str | None, recompute: bool) -> None:
-    linear1, act, linear2 = (child(parent, name) for name in (names[0], names[1], names[-1]))
-    form = gelu_form(act)
-    new_form = form if approximate is None else approximate
-    p = dropout_p(child(parent, names[2])) if len(names) == 4 else 0.0
-    output = FeedForwardOutput(linear2, block=names[0]).train(linear2.training)
-    fused = FusedFeedForward(linear1, output, p, new_form, recompute)
-    training = child(parent, names[2]).training if len(names) == 4 else linear1.training
-    fused.train(training)
-    setattr(parent, names[0], fused)
-    for name in names[1:-1]:
+def _fuse(parent: nn.Module, block: _Block, approximate: str | None, recompute: bool) -> None:
+    new_form = block.form if approximate is None else approximate
+    output = FeedForwardOutput(block.linear2, block=block.names[0])
+    output.train(block.linear2.training)
+    fused = FusedFeedForward(block.linear1, output, block.p, new_form, recompute)
+    fused.train(block.training)
+    setattr(parent, block.names[0], fused)
+    for name in block.names[1:-1]:
         replace_with_identity(parent, name)
-    setattr(parent, names[-1], output)
-    keep_encoder_fast_path_exact(parent, form, new_form)
+    setattr(parent, block.names[-1], output)
+    keep_encoder_fast_path_exact(parent, block.form, new_form)
