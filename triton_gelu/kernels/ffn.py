@@ -20,7 +20,9 @@ fused (the default)
     h; y = h @ W2^T + b2; h is freed.
     backward: one Triton matmul dh = dy @ W2 whose epilogue loads the z tile, regenerates the mask
     and writes, once each: dz = dh * keep / (1 - p) * gelu'(z) in the input dtype; h (when dW2 is
-    needed); the tile's column sums of the float32 dz (db1 is their sum over the M-tiles). Then
+    needed); the tile's column sums of the float32 dz (db1 is their sum over the M-tiles: no
+    second pass over dz, for a float32 buffer of ceil(M / BLOCK_SIZE_M) rows, sized for the
+    smallest M-tile of the config space: 1/32 of dz's bf16 bytes on sm90, 1/8 on sm80). Then
     dW2 = dy^T @ h (h freed), dx = dz @ W1, dW1 = dz^T @ x, db2 = sum_m dy.
 composed
     forward: z = x @ W1^T + b1, h by one elementwise Triton kernel (GELU + dropout), y.
