@@ -161,10 +161,10 @@ def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
         failures.extend(f"{label}: {p}" for p in problems)
 
 
-# The FFN block's matmuls loop like the linear forward (every config of which is compiled); their
-# Philox epilogues take several seconds each to compile, so one config (the largest tile) per
-# dtype, and fp16 is left to bf16.
-EPILOGUE_ONLY = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz")
+# The FFN block's kernels are the linear forward's and the GELU kernels' (every config of which
+# is compiled) with a dropout epilogue (Philox: several seconds per matmul compile), so one
+# config (the largest tile) per dtype, fp16 left to bf16: the epilogue is what is new.
+EPILOGUE_ONLY = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz", "gelu_dropout_fwd", "gelu_dropout_bwd")
 
 
 def _only() -> list[str] | None:
