@@ -10,7 +10,9 @@ under ``bench/results/``.
 
 Without a GPU: the same command checks every op under the Triton interpreter at small sizes
 against float64 references and says that timings need a GPU; it times nothing and writes nothing.
-Both modes print the bytes GeGLU and the gated block keep for the backward against eager's.
+Both modes report the bytes the FFN block, GeGLU and the gated block keep for the backward
+against eager PyTorch's (exact on any device): the check per dtype, the benchmark in every
+fwd+bwd case's ``saved`` columns.
 """
 
 from __future__ import annotations
@@ -182,13 +184,18 @@ def run_check(ops: list[str], sel: harness.Selection, device: str) -> int:
                                 print(line)
                             total += len(results)
                             failures += sum(not r["ok"] for r in results)
+                        saved_ratios = getattr(OPS[name], "saved_ratios", None)
+                        # Bytes are exact anywhere: report them (once: the form changes none).
+                        if saved_ratios is not None and approximate == sel.approximates[0]:
+                            ratios = saved_ratios(shape, harness.DTYPES[dtype], approximate,
+                                                  device)
+                            print(harness.saved_line(name, shape, harness.DTYPES[dtype],
+                                                     approximate, ratios))
         if sum(launches.values()) == before:
             print(f"FAIL {name}: no Triton kernel ran (a PyTorch fallback answered)")
             failures += 1
     print(f"{total - failures}/{total} comparisons no worse than 2x torch's own error + ulps"
           + (f"; {failures} FAILED" if failures else ""))
-    if ops_geglu.NAME in ops:
-        print("\n".join(ops_geglu.saved_bytes_lines(device)))
     if device == "cpu":
         print("Timings need a GPU: run `python -m bench` on a machine with CUDA.")
     return 1 if failures else 0
@@ -204,9 +211,6 @@ def run_bench(ops: list[str], sel: harness.Selection, out: Path, stem: str) -> i
           f"triton {meta['triton']}")
     meta.update(harness.measure_device(clock))
     meta.update(argv=sys.argv[1:], selection=vars(sel))
-    if ops_geglu.NAME in ops:
-        meta["saved_bytes"] = ops_geglu.saved_bytes_lines("cuda")
-        print("\n".join(meta["saved_bytes"]))
     print(f"measured: copy bandwidth {meta['copy_gbps']:.0f} GB/s, bf16 matmul peak "
           f"{meta['matmul_tflops']:.0f} TFLOP/s")
     cases = [case for name in ops for case in OPS[name].cases(sel)]

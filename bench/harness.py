@@ -11,7 +11,9 @@ bandwidth and bf16 matmul peak, so results are reported as ratios:
 - peak memory of a fwd+bwd step, above its inputs, vs eager PyTorch;
 - which path ours took (``_autotune.Paths``: fused kernel, cuBLAS + our GELU, PyTorch's own op)
   with every candidate path's time, and what ours' first call cost (``first_call_ms``: building
-  the inputs, compiling and tuning included; ``tuning_ms``: the part spent timing candidates).
+  the inputs, compiling and tuning included; ``tuning_ms``: the part spent timing candidates);
+- for ops that give them (the FFN block, GeGLU), the bytes autograd keeps between forward and
+  backward (``memory.saved_activation_bytes``: exact, on any device) vs eager PyTorch.
 
 Without a GPU nothing is timed: ``check`` compares every op with a float64 reference under the
 Triton interpreter, with the test suite's rule (no worse than twice torch's own error in the same
@@ -64,6 +66,8 @@ class Case:
     bytes: float  # the least memory traffic the op needs
     flops: float
     build: Callable[[], dict[str, Factory]]  # provider name -> factory; allocates the inputs
+    # Saved-activation bytes over eager's, per variant ("ours p=0.1", ...), when the op has them.
+    saved: Callable[[], dict[str, float]] | None = None
 
 
 @dataclass
@@ -89,12 +93,15 @@ def shape_text(shape: tuple[int, ...]) -> str:
 def matmul_cases(name: str, sel: Selection, build: Callable,
                  cost: Callable[[tuple, str, Callable], int],
                  bytes_per: Callable[[int, int, int, str], int],
-                 flops_per: Callable[[int, int, int, str], int]) -> list[Case]:
+                 flops_per: Callable[[int, int, int, str], int],
+                 saved: Callable[..., dict[str, float]] | None = None) -> list[Case]:
     """One Case per shape x dtype x GELU form x mode of a matmul op (all of MODES; the decode
     shapes in "infer" mode only).
 
     ``cost(shape, mode, counter)`` adds up ``counter(m, k, n, mode)`` over the op's matmuls;
-    ``build(shape, dtype, approximate, mode, baselines, device)`` makes the timed callables.
+    ``build(shape, dtype, approximate, mode, baselines, device)`` makes the timed callables;
+    ``saved(shape, dtype, approximate, device)``, if given, the saved-bytes ratios of the
+    fwd+bwd case.
     """
     out = []
     shapes = [(shape, sel.modes) for shape in sel.shapes]
@@ -110,6 +117,8 @@ def matmul_cases(name: str, sel: Selection, build: Callable,
                         flops=cost(shape, mode, flops_per),
                         build=functools.partial(build, shape, dtype, approximate, mode,
                                                 sel.baselines, sel.device),
+                        saved=functools.partial(saved, shape, dtype, approximate, sel.device)
+                        if saved is not None and mode == "fwd+bwd" else None,
                     ))
     return out
 
@@ -290,7 +299,13 @@ def run_case(case: Case, device: dict, clock: GpuClock) -> dict:
             except Exception as e:  # e.g. torch.compile failing: record it, keep going
                 errors[name] = _error_text(e)
             fn = None
-    return summarize(case, timings, peaks, errors, device, first)
+    record = summarize(case, timings, peaks, errors, device, first)
+    if case.saved is not None:
+        try:
+            record["saved_vs_eager"] = case.saved()
+        except Exception as e:
+            record["providers"].setdefault(OURS, {})["error"] = _error_text(e)
+    return record
 
 
 def summarize(case: Case, timings: dict[str, float], peaks: dict[str, int],
@@ -387,8 +402,9 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
         "Times are medians of `triton.testing.do_bench`. *of floor* = max(bytes / copy "
         "bandwidth, flops / bf16 matmul peak) / time. *vs X* = X's time / ours (> 1: ours is "
         "faster); *vs matmul* compares with the matmul alone, the compute floor. *mem* = peak "
-        "memory of fwd+bwd / eager's. fwd of the matmul ops is a training forward (inputs "
-        "require grad); infer runs under `torch.inference_mode`. *path* is the way ours "
+        "memory of fwd+bwd / eager's; *saved* = bytes autograd keeps between forward and "
+        "backward (parameters excluded) / eager's. fwd of the matmul ops is a training forward "
+        "(inputs require grad); infer runs under `torch.inference_mode`. *path* is the way ours "
         "computed the case (chosen per problem by timing every candidate path: *candidates*, "
         "ms); *1st call* is ours' first call (inputs, compiling and tuning included) and "
         "*tuning* the part of it spent timing candidates.",
@@ -399,11 +415,12 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
         variants = sorted({n for r in rows for n in r["providers"] if n.startswith(OURS + "-")})
         memory = [n for n in [OURS, *variants]
                   if any("memory_vs_eager" in r["providers"].get(n, {}) for r in rows)]
+        saved = list(dict.fromkeys(k for r in rows for k in r.get("saved_vs_eager", {})))
         header = ["mode", "dtype", "approx", "shape", "ours ms", "GB/s", "TFLOP/s",
                   "floor ms (mem / compute)", "of floor",
                   *(f"vs {b}" for b in baselines), *(f"{v} ms" for v in variants),
-                  *(f"mem {n}" for n in memory), "path", "candidates (ms)", "1st call ms",
-                  "tuning ms"]
+                  *(f"mem {n}" for n in memory), *(f"saved {k}" for k in saved), "path",
+                  "candidates (ms)", "1st call ms", "tuning ms"]
         lines += ["", f"## {op}", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
         for r in rows:
@@ -425,6 +442,7 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
             cells += [_fmt(r["providers"].get(v, {}).get("ms"), ".4f") for v in variants]
             cells += [_fmt(r["providers"].get(n, {}).get("memory_vs_eager"), ".2f", "x")
                       for n in memory]
+            cells += [_fmt(r.get("saved_vs_eager", {}).get(k), ".3f", "x") for k in saved]
             cells += [r.get("path") or "-", _candidates_text(r.get("candidates", {})),
                       _fmt(r.get("first_call_ms"), ".1f"), _fmt(r.get("tuning_ms"), ".1f")]
             lines.append("| " + " | ".join(cells) + " |")
@@ -433,8 +451,6 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
     lines += ["", f"## Below {TARGET_VS_EAGER}x eager", ""]
     lines += [f"- {label(r)}: {r['speedup'][EAGER]:.2f}x, path {r.get('path') or '-'}"
               for r in slower] or ["None: every case with an eager figure is at or above it."]
-    if meta.get("saved_bytes"):
-        lines += ["", "## Saved for the backward", "", *meta["saved_bytes"]]
     failures = [(label(r), n, e["error"]) for r in records for n, e in r["providers"].items()
                 if "error" in e]
     if failures:
@@ -513,6 +529,14 @@ def compare(check: Check) -> list[dict]:
             results.append({"what": f"{check.what} {variant} {name}", "err": err,
                             "torch_err": torch_err, "ok": err <= bound})
     return results
+
+
+def saved_line(op: str, shape: tuple[int, ...], dtype: torch.dtype, approximate: str,
+               ratios: dict[str, float]) -> str:
+    """The check's report of an op's saved-activation bytes over eager's (``Case.saved``)."""
+    figures = ", ".join(f"{name} {ratio:.3f}x" for name, ratio in ratios.items())
+    return (f"saved {op} {str(dtype).removeprefix('torch.')} {approximate} "
+            f"{shape_text(shape)}: {figures} of eager's saved activation bytes")
 
 
 def check_lines(results: list[dict]) -> list[str]:

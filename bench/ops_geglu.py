@@ -10,10 +10,10 @@ Least traffic, in elements: the training forward reads x, W_gate and W_up and wr
 and u: MK + 2NK + 3MN (inference writes h only: MK + 2NK + MN); the backward reads dh, g, u, x and both weights and writes dx and both
 weight gradients: 3MN + 2MK + 4NK. Flops: 2MNK per matmul, two forward and four backward.
 
-Saved bytes (``saved_bytes_lines``): what the GeGLU op and the gated block (GeGLU -> down) keep
-for the backward against eager PyTorch, counted with ``bench/memory.py`` on any device. The
-ratio does not depend on the token count (every saved tensor is per token), so the CPU mode
-measures it at the real FFN widths with a few tokens.
+Saved bytes (``saved_ratios``, every fwd+bwd case's ``saved`` columns; the CPU check prints them
+too): what the GeGLU op and the gated block (GeGLU -> down) keep for the backward over eager
+PyTorch's, counted with ``bench/memory.py`` on any device. The ratio does not depend on the token
+count (every saved tensor is per token).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 import triton_gelu
-from triton_gelu.autotune import force_path
 
 from .harness import (
     Case, Check, Selection, Subject, add_compile_baselines, matmul_cases, shape_text, timed,
@@ -85,7 +84,7 @@ def _build(shape, dtype: torch.dtype, approximate: str, mode: str, baselines: li
 def cases(sel: Selection) -> list[Case]:
     return matmul_cases(NAME, dataclasses.replace(sel, shapes=sel.geglu_shapes or sel.shapes),
                         _build, lambda shape, mode, counter: counter(*shape, mode), traffic,
-                        matmul_flops)
+                        matmul_flops, saved_ratios)
 
 
 def checks(shape: tuple[int, int, int], dtype: torch.dtype, approximate: str,
@@ -108,43 +107,31 @@ def checks(shape: tuple[int, int, int], dtype: torch.dtype, approximate: str,
 # ---- what the backward keeps -----------------------------------------------------------------
 
 
-def saved_bytes(k: int, n: int, device: str, tokens: int = 2,
-                dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """Bytes per token the backward keeps, for the GeGLU op and the gated block, ours (saved
-    and recompute) and eager's; exact (``saved_activation_bytes``), parameters excluded."""
-    x, w_gate, w_up = operands((tokens, k, n), dtype, device)
-    w_down = (torch.randn(k, n, device=device) / n**0.5).to(dtype).requires_grad_(True)
+def saved_ratios(shape, dtype: torch.dtype, approximate: str, device: str) -> dict[str, float]:
+    """Saved-activation bytes of the GeGLU op and of the gated block (GeGLU -> down), ours (and
+    with recompute) over eager's, in training: ``{"ours": 0.742, ...}``; exact
+    (``saved_activation_bytes``), parameters excluded."""
+    x, w_gate, w_up = operands(shape, dtype, device)
+    w_down = (torch.randn(shape[1], shape[2], device=device) / shape[2]**0.5).to(dtype)
+    w_down.requires_grad_(True)
     params = [w_gate, w_up, w_down]
-    eager = eager_geglu("tanh")
-    fns = {
-        "op eager": lambda: eager(x, w_gate, w_up),
-        "op ours": lambda: triton_gelu.geglu(x, w_gate, w_up),
-        "op recompute": lambda: triton_gelu.geglu(x, w_gate, w_up, recompute=True),
-        "block eager": lambda: F.linear(eager(x, w_gate, w_up), w_down),
-        "block ours": lambda: triton_gelu.gated_feed_forward(x, w_gate, w_up, w_down),
-        "block recompute": lambda: triton_gelu.gated_feed_forward(x, w_gate, w_up, w_down,
-                                                                  recompute=True),
-    }
-    # What is saved does not depend on the path; on the CPU the composed forward (cuBLAS-style
-    # matmuls in PyTorch) keeps the interpreter off GPU-sized matmuls.
-    path = "composed" if device == "cpu" else "fused"
-    with force_path(geglu_fwd=path):
-        return {name: saved_activation_bytes(fn, exclude=params) // tokens
-                for name, fn in fns.items()}
+    eager = eager_geglu(approximate)
 
+    def saved(fn) -> int:
+        return saved_activation_bytes(fn, exclude=params)
 
-def saved_bytes_lines(device: str, dtype: torch.dtype = torch.bfloat16) -> list[str]:
-    """One line per preset and kind: ours vs eager, bytes per token and the ratio."""
-    lines = [f"Saved for the backward, per token, {str(dtype).removeprefix('torch.')} "
-             "(bench/memory.py: saved_activation_bytes; exact on any device):"]
-    for preset, (k, n) in PRESETS.items():
-        figures = saved_bytes(k, n, device, dtype=dtype)
-        for kind in ("op", "block"):
-            eager = figures[f"{kind} eager"]
-            what = "GeGLU op" if kind == "op" else "gated block (GeGLU -> down)"
-            lines.append(
-                f"  {preset} {k}->{n} {what}: ours {figures[f'{kind} ours']} B "
-                f"({figures[f'{kind} ours'] / eager:.3f}x eager's {eager} B), recompute "
-                f"{figures[f'{kind} recompute']} B ({figures[f'{kind} recompute'] / eager:.3f}x)"
-            )
-    return lines
+    def ours(recompute: bool):
+        return lambda: triton_gelu.geglu(x, w_gate, w_up, approximate=approximate,
+                                         recompute=recompute)
+
+    def block(recompute: bool):
+        return lambda: triton_gelu.gated_feed_forward(x, w_gate, w_up, w_down,
+                                                      approximate=approximate,
+                                                      recompute=recompute)
+
+    op_eager = saved(lambda: eager(x, w_gate, w_up))
+    block_eager = saved(lambda: F.linear(eager(x, w_gate, w_up), w_down))
+    return {"ours": saved(ours(False)) / op_eager,
+            "ours-recompute": saved(ours(True)) / op_eager,
+            "block ours": saved(block(False)) / block_eager,
+            "block ours-recompute": saved(block(True)) / block_eager}

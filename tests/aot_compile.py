@@ -13,8 +13,10 @@ the tuner would try for a large FFN problem, and checks what the GPU would get:
 Run it without TRITON_INTERPRET (``python tests/aot_compile.py``); tests/test_aot_compile.py does.
 It prints one line per compile and exits non-zero if any promise is broken. ``--quick``
 compiles one config per kernel and dtype; ``--only a,b`` only the kernels whose tuner name
-contains one of the substrings (e.g. ``--only geglu`` or ``--only linear_gelu_bwd_dz``);
-``--block-m N`` only configs with BLOCK_SIZE_M == N.
+contains one of the substrings (e.g. ``--only geglu``, ``--only ffn,gelu_dropout`` or
+``--only linear_gelu_bwd_dz``); ``--block-m N`` only configs with BLOCK_SIZE_M == N. The FFN
+block's kernels (the linear forward's and the GELU kernels with a dropout epilogue) compile one
+config per dtype (``EPILOGUE_ONLY``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from triton_gelu import _autotune  # noqa: E402
+from triton_gelu.kernels.ffn import _ffn_bwd_dz_kernel  # noqa: E402
 from triton_gelu.kernels.geglu import (  # noqa: E402
     _geglu_act_kernel, _geglu_bwd_act_kernel, _geglu_bwd_dw_kernel, _geglu_bwd_dx_kernel,
     _geglu_fwd_kernel,
@@ -44,7 +47,7 @@ from triton_gelu.kernels.linear_gelu import (  # noqa: E402
 )
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
-SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
 
 
 def compile_kernel(kernel, args: dict, target: GPUTarget, config: triton.Config):
@@ -58,7 +61,9 @@ def compile_kernel(kernel, args: dict, target: GPUTarget, config: triton.Config)
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(kernel.params):
         value = args[param.name]
-        if param.is_constexpr or value is None or value is True or value is False \
+        if isinstance(value, float) and not param.is_constexpr:
+            signature[param.name] = "fp32"  # a float argument: never specialised
+        elif param.is_constexpr or value is None or value is True or value is False \
                 or isinstance(value, str) or value == 1:
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
@@ -74,13 +79,27 @@ def compile_kernel(kernel, args: dict, target: GPUTarget, config: triton.Config)
     return triton.compile(source, target=target, options=options)
 
 
+# No dropout, and dropout with p = 0.1 (the threshold and scale the launchers pass).
+NO_DROPOUT = dict(seed_ptr=None, dropout_threshold=0, dropout_scale=1.0, HAS_DROPOUT=False)
+DROPOUT = dict(seed_ptr=torch.int64, dropout_threshold=214748365, dropout_scale=1 / 0.9,
+               HAS_DROPOUT=True)
+
+
 def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
-    """(name, kernel, args, key) of the forward, dx and dW kernels on contiguous operands."""
+    """(name, kernel, args, key) of the forward, dx and dW kernels on contiguous operands, and
+    the FFN block's: the forward with dropout, the backward's dz = dy @ W2 (N = d_ff, reducing
+    over K = d_model)."""
     precision = "tf32" if dtype == torch.float32 else None
     fwd = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, preact_ptr=dtype,
                M=M, N=N, K=K, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ym=N,
                APPROXIMATE_TANH=tanh, HAS_BIAS=True, WRITE_Y=True, SAVE_PREACT=True,
-               INPUT_PRECISION=precision)
+               INPUT_PRECISION=precision, **NO_DROPOUT)
+    ffn_fwd = {**fwd, **DROPOUT}
+    ffn_dz = dict(dy_ptr=dtype, w2_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, h_ptr=dtype,
+                  db1_part_ptr=torch.float32, M=M, F=N, E=K, db1_part_rows=M // 64,
+                  stride_dym=K, stride_dye=1, stride_w2e=N, stride_w2f=1, stride_zm=N,
+                  stride_zf=1, APPROXIMATE_TANH=tanh, WRITE_H=True, SUM_DB1=True,
+                  INPUT_PRECISION=precision, **DROPOUT)
     dx = dict(dy_ptr=dtype, preact_ptr=dtype, w_ptr=dtype, dx_ptr=dtype, M=M, N=N, K=K,
               stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1, stride_wn=K, stride_wk=1,
               stride_dxm=K, APPROXIMATE_TANH=tanh, INPUT_PRECISION=precision)
@@ -96,7 +115,9 @@ def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
             ("linear_gelu_bwd_dx", _linear_gelu_bwd_dx_kernel, dx, key),
             ("linear_gelu_bwd_dw", _linear_gelu_bwd_dw_kernel, dw, key),
             ("linear_gelu_bwd_dz", _linear_gelu_bwd_dz_kernel, dz,
-             (_autotune.bucket(M), N, dtype, tanh, True, True))]
+             (_autotune.bucket(M), N, dtype, tanh, True, True)),
+            ("ffn_fwd_gelu_dropout", _linear_gelu_fwd_kernel, ffn_fwd, key),
+            ("ffn_bwd_dz", _ffn_bwd_dz_kernel, ffn_dz, key)]
 
 
 def _geglu_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
@@ -131,11 +152,17 @@ def _geglu_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
 
 def _elementwise_cases(dtype: torch.dtype, tanh: bool, n: int):
     fwd = dict(x_ptr=dtype, y_ptr=dtype, n_elements=n, n_cols=n, stride_x_row=n,
-               APPROXIMATE_TANH=tanh, CONTIGUOUS=True)
-    bwd = dict(dy_ptr=dtype, x_ptr=dtype, dx_ptr=dtype, n_elements=n, n_cols=n,
-               stride_dy_row=n, stride_x_row=n, APPROXIMATE_TANH=tanh, CONTIGUOUS=True)
+               APPROXIMATE_TANH=tanh, CONTIGUOUS=True, **NO_DROPOUT)
+    bwd = dict(dy_ptr=dtype, x_ptr=dtype, dx_ptr=dtype, h_ptr=None, n_elements=n, n_cols=n,
+               stride_dy_row=n, stride_x_row=n, APPROXIMATE_TANH=tanh, CONTIGUOUS=True,
+               WRITE_H=False, **NO_DROPOUT)
+    # The FFN block's composed path: GELU + dropout, and its backward also writing h.
+    dropout_fwd = {**fwd, **DROPOUT}
+    dropout_bwd = {**bwd, "h_ptr": dtype, "WRITE_H": True, **DROPOUT}
     key = (_autotune.bucket(n), dtype, tanh)
-    return [("gelu_fwd", _gelu_fwd_kernel, fwd, key), ("gelu_bwd", _gelu_bwd_kernel, bwd, key)]
+    return [("gelu_fwd", _gelu_fwd_kernel, fwd, key), ("gelu_bwd", _gelu_bwd_kernel, bwd, key),
+            ("gelu_dropout_fwd", _gelu_fwd_kernel, dropout_fwd, key),
+            ("gelu_dropout_bwd", _gelu_bwd_kernel, dropout_bwd, key)]
 
 
 def _tuner_of(name: str):
@@ -143,7 +170,7 @@ def _tuner_of(name: str):
     import importlib
 
     for module in ("triton_gelu.kernels.gelu", "triton_gelu.kernels.linear_gelu",
-                   "triton_gelu.kernels.geglu"):
+                   "triton_gelu.kernels.geglu", "triton_gelu.kernels.ffn"):
         for value in vars(importlib.import_module(module)).values():
             if isinstance(value, _autotune.Tuner) and value.name == name:
                 return value
@@ -188,7 +215,19 @@ def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
 
 
 def _option(name: str) -> str | None:
-    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv[:-1] else None
+    """The value of ``--name value`` (or ``--name=value``), else None."""
+    for i, arg in enumerate(sys.argv):
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+        if arg == name and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+    return None
+
+
+# The FFN block's kernels are the linear forward's and the GELU kernels' (every config of which
+# is compiled) with a dropout epilogue (Philox: several seconds per matmul compile), so one
+# config (the largest tile) per dtype, fp16 left to bf16: the epilogue is what is new.
+EPILOGUE_ONLY = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz", "gelu_dropout_fwd", "gelu_dropout_bwd")
 
 
 def main() -> int:
@@ -209,8 +248,11 @@ def main() -> int:
                 for name, kernel, args, key in cases:
                     if parts is not None and not any(part in name for part in parts):
                         continue
+                    if name in EPILOGUE_ONLY and dtype == torch.float16:
+                        continue
                     kept = _tuner_of(name).candidates(key, arch)
-                    kept = kept if every_config and not tanh else kept[:1]
+                    every = every_config and not tanh and name not in EPILOGUE_ONLY
+                    kept = kept if every else kept[:1]
                     if block_m is not None:
                         kept = [c for c in kept
                                 if c.kwargs.get("BLOCK_SIZE_M") == int(block_m)]

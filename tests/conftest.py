@@ -39,6 +39,16 @@ def device() -> str:
 
 
 @pytest.fixture
+def ieee_float32():
+    """PyTorch's float32 matmuls are the baseline: both in IEEE float32 (a test file that
+    compares matmuls with them sets ``pytestmark = pytest.mark.usefixtures("ieee_float32")``)."""
+    from helpers import tf32
+
+    with tf32(False):
+        yield
+
+
+@pytest.fixture
 def timed_choosers(tmp_path, monkeypatch):
     """Every Tuner and Paths of the package times with one fake timer (so they tune under the
     interpreter too), into a temporary cache, with what they chose forgotten before and after.

@@ -3,6 +3,7 @@ error PyTorch itself makes in the same dtype."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -88,3 +89,27 @@ def assert_like_torch(ours, theirs, inputs, what: str, grad: bool = True) -> Non
     assert len(got) == len(want), f"{what}: {[n for n, _ in got]} vs {[n for n, _ in want]}"
     for (name, g), (_, w), (_, t) in zip(got, want, truth):
         assert_no_worse_than_torch(g, w, t, f"{what}: {name}")
+@contextlib.contextmanager
+def tf32(allowed: bool):
+    """float32 matmuls with TF32 allowed or not (IEEE: what the float64 comparisons need)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+# Inputs x (..., k) of the matmul ops in every layout the launchers must take.
+X_LAYOUTS = {
+    "M=1": lambda k, dev: torch.randn(1, k, device=dev),
+    "1-D": lambda k, dev: torch.randn(k, device=dev),
+    "4-D": lambda k, dev: torch.randn(2, 3, 5, k, device=dev),
+    "column slice": lambda k, dev: torch.randn(33, k + 7, device=dev)[:, 3:3 + k],
+    "row step": lambda k, dev: torch.randn(66, k, device=dev)[::2],
+    "transposed": lambda k, dev: torch.randn(k, 29, device=dev).t(),
+    # Leading dimensions that do not collapse into one stride: copied, dx still in x's shape.
+    "3-D permuted": lambda k, dev: torch.randn(5, 3, k, device=dev).permute(1, 0, 2),
+    "empty M": lambda k, dev: torch.randn(0, k, device=dev),
+    "empty 3-D": lambda k, dev: torch.randn(2, 0, k, device=dev),
+}

@@ -207,6 +207,37 @@ def _linear_gelu() -> None:
                           lambda x, w: F.gelu(F.linear(x, w)), [x, w], "autocast bf16")
 
 
+@check("feed_forward")
+def _feed_forward() -> None:
+    for dtype, approximate, recompute in itertools.product(DTYPES, FORMS, (False, True)):
+        x = _x(5, 2, 12, dtype=dtype)
+        w1, w2 = torch.randn(20, 12).to(dtype) / 4, torch.randn(12, 20).to(dtype) / 4
+        assert_like_torch(
+            lambda x, w1, b1, w2, b2: triton_gelu.feed_forward(
+                x, w1, b1, w2, b2, approximate=approximate, recompute=recompute),
+            lambda x, w1, b1, w2, b2: F.linear(
+                F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2),
+            [x, w1, torch.randn(20).to(dtype), w2, torch.randn(12).to(dtype)],
+            f"feed_forward {dtype} {approximate} recompute={recompute}",
+        )
+    # Dropout: the kernels' mask of the call's seed (reference.dropout_keep), scaled by 1 / 0.7.
+    from triton_gelu import functional, reference
+
+    x, w1, w2 = _x(5, 2, 12), torch.randn(20, 12) / 4, torch.randn(12, 20) / 4
+    torch.manual_seed(3)
+    keep = reference.dropout_keep(functional.dropout_seed("cpu"), 10, 20, 0.3).view(5, 2, 20)
+    torch.manual_seed(3)  # the seed feed_forward draws (assert_like_torch runs ours first)
+    assert_like_torch(lambda x, w1, w2: triton_gelu.feed_forward(x, w1, None, w2, None, p=0.3),
+                      lambda x, w1, w2: F.linear(F.gelu(F.linear(x, w1)) * keep / 0.7, w2),
+                      [x, w1, w2], "feed_forward p=0.3")
+    with torch.no_grad():  # inference, and training=False: no dropout
+        assert_like_torch(
+            lambda x, w1, w2: triton_gelu.feed_forward(x, w1, None, w2, None, p=0.3,
+                                                       training=False),
+            lambda x, w1, w2: F.linear(F.gelu(F.linear(x, w1)), w2), [x, w1, w2], "eval",
+            grad=False)
+
+
 @check("GELU")
 def _gelu_module() -> None:
     for dtype, approximate in itertools.product(DTYPES, FORMS):
@@ -275,8 +306,10 @@ def _gathered_run(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
        "parallel.copy_tp_hooks")
 def _parallel() -> None:
     """Tensor parallel on the fallback, on a 1-rank gloo group with an in-process store: linear1
-    column-parallel in both orders (our style on the patched model; PyTorch's style, then patch),
-    and row-parallel (unfused, with its warning); every result like the unpatched model's."""
+    column-parallel in both orders (our style on a FeedForward built with the model's weights;
+    PyTorch's style, then patch), and row-parallel (unfused, with its warning); every result like
+    the unpatched model's. (patch() fuses the whole block into a FusedFeedForward, which the
+    styles do not take: a FeedForward is what is built first, then parallelized.)"""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -292,8 +325,9 @@ def _parallel() -> None:
     try:
         mesh = init_device_mesh("cpu", (1,))
         model = TorchFeedForward(12, 16)
-        built = copy.deepcopy(model)
-        assert triton_gelu.patch(built) == 1
+        built = triton_gelu.FeedForward(12, 16, dropout=0.0)
+        built.load_state_dict(model.state_dict())
+        row = copy.deepcopy(built)
         parallelize_module(built, mesh, {"linear1": parallel.ColwiseParallel(),
                                          "linear2": RowwiseParallel()})
         after = copy.deepcopy(model)
@@ -301,8 +335,6 @@ def _parallel() -> None:
                                          "linear2": RowwiseParallel()})
         assert parallel.tp_style(after.linear1) == "colwise"
         assert triton_gelu.patch(after) == 1  # carries the hooks (parallel.copy_tp_hooks)
-        row = copy.deepcopy(model)
-        assert triton_gelu.patch(row) == 1
         parallelize_module(row, mesh, {"linear1": parallel.RowwiseParallel(
             input_layouts=parallel.Replicate())})
         x = _x(5, 2, 12)

@@ -46,22 +46,39 @@ class TorchFeedForward(nn.Module):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
-class Block(nn.Module):
-    """A pre-norm transformer MLP block: x + ffn(norm(x))."""
+class PairFeedForward(nn.Module):
+    """The same FFN with linear1 -> GELU in a child of its own (``up``, as Hugging Face BERT's
+    Intermediate): patch() fuses only that pair, never the whole block, so the patched model
+    still holds a LinearGELU for a tensor-parallel plan (a FusedFeedForward takes none yet)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.up = nn.Sequential()
+        self.up.add_module("linear1", nn.Linear(D_MODEL, D_FF))
+        self.up.add_module("activation", nn.GELU())
+        self.dropout = nn.Dropout(0.0)
+        self.linear2 = nn.Linear(D_FF, D_MODEL)
+
+    def forward(self, x):
+        return self.linear2(self.dropout(self.up(x)))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer MLP block: x + ffn(norm(x))."""
+
+    def __init__(self, ffn: type[nn.Module] = TorchFeedForward) -> None:
+        super().__init__()
         self.norm = nn.LayerNorm(D_MODEL)
-        self.ffn = TorchFeedForward()
+        self.ffn = ffn()
 
     def forward(self, x):
         return x + self.ffn(self.norm(x))
 
 
 class Stack(nn.Module):
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self, depth: int = 2, ffn: type[nn.Module] = TorchFeedForward) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block() for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(ffn) for _ in range(depth))
 
     def forward(self, x):
         for block in self.blocks:
@@ -124,8 +141,13 @@ def _tp_mesh(world_size: int):
     return init_device_mesh("cpu", (world_size,))
 
 
-def _tp_plan(colwise=tgp.ColwiseParallel, rowwise=RowwiseParallel) -> dict:
-    return {"linear1": colwise(), "linear2": rowwise()}
+def _tp_plan(colwise=tgp.ColwiseParallel, rowwise=RowwiseParallel,
+             linear1: str = "linear1") -> dict:
+    return {linear1: colwise(), "linear2": rowwise()}
+
+
+# The plan of a patched PairFeedForward: its LinearGELU column-parallel, linear2 row-parallel.
+PAIR_PLAN = {"linear1": "up.linear1"}
 
 
 # ---- tensor parallel (2 ranks) ----------------------------------------------------------------
@@ -144,12 +166,13 @@ def tp_feedforward_module(rank: int, world_size: int) -> None:
 
 
 def tp_patch_then_parallelize(rank: int, world_size: int) -> None:
-    """Order 1 on a patched model, with recompute (the backward's linear_preact rule)."""
-    ref = TorchFeedForward()
+    """Order 1 on a patched model (its Linear -> GELU pair fused), with recompute (the
+    backward's linear_preact rule)."""
+    ref = PairFeedForward()
     ours = copy.deepcopy(ref)
-    assert triton_gelu.patch(ours) == 1
-    ours.linear1.recompute = True
-    parallelize_module(ours, _tp_mesh(world_size), _tp_plan())
+    assert triton_gelu.patch(ours, recompute=True) == 1
+    assert isinstance(ours.up.linear1, LinearGELU) and ours.up.linear1.recompute
+    parallelize_module(ours, _tp_mesh(world_size), _tp_plan(**PAIR_PLAN))
     x, dy = _data()
     _check(_run(ours, x, dy), *_references(ref, x, dy))
 
@@ -343,13 +366,14 @@ def fsdp2_compiled(rank: int, world_size: int) -> None:
 
 def tp_fsdp2_2d_mesh(rank: int, world_size: int) -> None:
     """Each block's FFN column/row-parallel on the "tp" mesh dimension, each block and the model
-    fully_shard on "dp" (bf16 parameters): the recipe of the README's "Scaling out"."""
-    ref = Stack()
+    fully_shard on "dp" (bf16 parameters): the recipe of the README's "Scaling out", on blocks
+    whose patch fuses the Linear -> GELU pair (PairFeedForward)."""
+    ref = Stack(ffn=PairFeedForward)
     ours = copy.deepcopy(ref)
     assert triton_gelu.patch(ours) == 2
     mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "tp"))
     for block in ours.blocks:
-        parallelize_module(block.ffn, mesh["tp"], _tp_plan())
+        parallelize_module(block.ffn, mesh["tp"], _tp_plan(**PAIR_PLAN))
     _fsdp2_bf16(ours, mesh["dp"])
     x, dy = _data()
     dp_rank, dp_size = mesh.get_local_rank("dp"), mesh.size(0)

@@ -42,10 +42,17 @@ def test_cpu_mode_checks_every_op_and_times_nothing(tmp_path):
             assert lines and all("max error" in line and "torch" in line for line in lines), (
                 f"no error lines for {op} {dtype}:\n{output}")
     assert "FAIL" not in output
-    # GeGLU's saved bytes at the real FFN widths (exact: see tests/test_geglu.py for the formula)
-    assert "gemma-2b 2048->16384 GeGLU op: ours 69632 B (0.680x eager's 102400 B)" in output
-    assert "gemma-2b 2048->16384 gated block (GeGLU -> down): ours 69632 B (0.515x" in output
-    assert "t5-base 768->2048 GeGLU op: ours 9728 B (0.704x" in output, output
+    for dtype in ("bfloat16", "float16", "float32"):  # saved bytes are exact on any device
+        line = next(line for line in output.splitlines()
+                    if line.startswith(f"saved ffn {dtype} none 37x45x51: "))
+        assert "ours p=0.1" in line and "ours-recompute p=0 " in line, line
+        # GeGLU keeps x, g and u per token (k + 2n) where eager keeps x, g, gelu(g) and u
+        # (k + 3n), and the block's eager also h (k + 4n); recompute keeps x (k): at k = 45,
+        # n = 51 (tests/test_geglu.py asserts the formulas)
+        line = next(line for line in output.splitlines()
+                    if line.startswith(f"saved geglu {dtype} none 37x45x51: "))
+        assert "ours 0.742x, ours-recompute 0.227x, block ours 0.590x, block ours-recompute " \
+               "0.181x" in line, line
     assert " ms" not in output and "GB/s" not in output, "CPU mode must not print timings"
     assert not out.exists(), "CPU mode must not write results"
 
@@ -200,6 +207,8 @@ def test_every_op_builds_runs_and_reports(tmp_path, timed_paths):
     assert linear["first_call_ms"] == 5.0 and linear["tuning_ms"] >= 0.0
     infer = by_label["linear_gelu infer bf16 tanh 1x45x51"]
     assert set(infer["providers"]) == {"ours", "eager", "matmul", "addmm-act"}
+    # The FFN block serves in eval mode: no dropout, no recompute variant.
+    assert set(by_label["ffn infer bf16 tanh 1x45x51"]["providers"]) == {"ours", "eager", "matmul"}
     both = by_label["linear_gelu fwd+bwd bf16 tanh 37x45x51"]
     assert both["path"] == "linear_gelu_fwd=fused, linear_gelu_bwd=fused", both["path"]
     assert set(both["candidates"]) == {
@@ -215,6 +224,17 @@ def test_every_op_builds_runs_and_reports(tmp_path, timed_paths):
     ffn = by_label["ffn fwd+bwd tf32 tanh 37x45x51"]
     assert ffn["flops"] == 3 * 2 * (2 * m * k * n)
     assert ffn["providers"]["ours"]["memory_vs_eager"] == 1.0
+    assert {"ours", "ours-recompute", "eager", "matmul"} == set(ffn["providers"])
+    # Saved activations per token, in float32 elements: eager keeps x, z and GELU's output
+    # (k + 2n); at p = 0.1 x, z, the mask and the dropout output (k + 3n). Ours keeps x and z
+    # (k + n; with recompute k) and the 8-byte seed when p > 0.
+    eager0, eager1 = m * (k + 2 * n) * 4, m * (k + 3 * n) * 4
+    assert ffn["saved_vs_eager"] == pytest.approx({
+        "ours p=0": m * (k + n) * 4 / eager0, "ours-recompute p=0": m * k * 4 / eager0,
+        "ours p=0.1": (m * (k + n) * 4 + 8) / eager1,
+        "ours-recompute p=0.1": (m * k * 4 + 8) / eager1,
+    })
+    assert "saved_vs_eager" not in by_label["ffn fwd tf32 tanh 37x45x51"]  # once per problem
     gelu = by_label["gelu bwd bf16 tanh 0.01 MB"]
     assert gelu["bytes"] == 3 * (int(0.01 * 2**20) // 2) * 2 and gelu["bound"] == "memory"
 
@@ -227,6 +247,7 @@ def test_every_op_builds_runs_and_reports(tmp_path, timed_paths):
     for op in ("gelu", "linear_gelu", "ffn"):
         assert f"## {op}" in report
     assert "| vs eager | vs matmul | vs addmm-act |" in report
+    assert "| saved ours p=0 | saved ours-recompute p=0 | saved ours p=0.1 |" in report
     assert "| path | candidates (ms) | 1st call ms | tuning ms |" in report
     assert "copy bandwidth 2000 GB/s, bf16 matmul peak 800 TFLOP/s" in report
     table_rows = [line for line in report.splitlines() if line.startswith("| fwd |")]
@@ -274,11 +295,16 @@ def test_geglu_builds_runs_and_reports(tmp_path):
     assert infer["bytes"] == (m * k + 2 * n * k + m * n) * 2
     assert bwd["bytes"] == (3 * m * n + 2 * m * k + 4 * n * k) * 2
     assert both["providers"]["ours"]["memory_vs_eager"] == 1.0  # the fake clock's peak
-    meta = {"device": "Fake GPU", **DEVICE_FIGURES,
-            "saved_bytes": ops_geglu.saved_bytes_lines("cpu")}
-    report = harness.markdown_report(meta, records)
-    assert "## geglu" in report and "## Saved for the backward" in report
-    assert "0.515x eager's 135168 B" in report  # Gemma-2B's gated block
+    # Saved per token: ours x, g, u (k + 2n); eager's op x, g, gelu(g), u (k + 3n), its block
+    # also h (k + 4n); recompute x alone.
+    assert both["saved_vs_eager"] == pytest.approx({
+        "ours": (k + 2 * n) / (k + 3 * n), "ours-recompute": k / (k + 3 * n),
+        "block ours": (k + 2 * n) / (k + 4 * n), "block ours-recompute": k / (k + 4 * n)})
+    assert all("saved_vs_eager" not in r for r in (infer, fwd, bwd))
+    report = harness.markdown_report({"device": "Fake GPU", **DEVICE_FIGURES}, records)
+    assert "## geglu" in report
+    assert "| saved ours | saved ours-recompute | saved block ours | saved block ours-recompute |" \
+        in report
     # GeGLU runs at its own presets unless shapes or presets are asked for.
     assert _selection().geglu_shapes == [(8192, 2048, 16384), (8192, 768, 2048)]
     assert _selection("--quick").geglu_shapes == [(8192, 2048, 16384)]

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
-    DTYPES, assert_all_written, assert_nan_where_ref_nan, assert_no_worse_than_torch, poisoned,
+    DTYPES, X_LAYOUTS, assert_all_written, assert_nan_where_ref_nan, assert_no_worse_than_torch,
+    poisoned, tf32,
 )
 from torch import nn
 
@@ -36,13 +37,7 @@ D = 29  # the gated block's output width (down projection)
 NAMES = ("dx", "dw_gate", "dw_up", "db_gate", "db_up")
 
 
-@pytest.fixture(autouse=True)
-def _ieee_float32():
-    # PyTorch's float32 matmuls are the baseline: keep both in IEEE float32.
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
+pytestmark = pytest.mark.usefixtures("ieee_float32")
 
 
 def _operands(x_shape, n, dtype, device, bias=True):
@@ -131,19 +126,6 @@ def test_recompute_gives_identical_gradients(dtype, fwd, bwd, device):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs with recompute")
 
 
-X_LAYOUTS = {
-    "M=1": lambda k, dev: torch.randn(1, k, device=dev),
-    "1-D": lambda k, dev: torch.randn(k, device=dev),
-    "4-D": lambda k, dev: torch.randn(2, 3, 5, k, device=dev),
-    "column slice": lambda k, dev: torch.randn(33, k + 7, device=dev)[:, 3:3 + k],
-    "row step": lambda k, dev: torch.randn(66, k, device=dev)[::2],
-    "transposed": lambda k, dev: torch.randn(k, 29, device=dev).t(),
-    # Leading dimensions that do not collapse into one stride: copied, dx still in x's shape.
-    "3-D permuted": lambda k, dev: torch.randn(5, 3, k, device=dev).permute(1, 0, 2),
-    "empty batch": lambda k, dev: torch.randn(0, 3, k, device=dev),
-}
-
-
 @pytest.mark.parametrize("layout", X_LAYOUTS.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_input_layouts(layout, dtype, device, monkeypatch):
@@ -195,8 +177,8 @@ def test_tf32_allowed_float32(device):
     # With TF32 (10-bit mantissa products) the result is within ~1e-3 relative of float64; on
     # the CPU interpreter tl.dot is exact float32, which passes too.
     operands = _operands((M, K), N, torch.float32, device)
-    torch.backends.cuda.matmul.allow_tf32 = True  # the autouse fixture restores it
-    h = triton_gelu.geglu(*operands)
+    with tf32(True):
+        h = triton_gelu.geglu(*operands)
     ref = reference.geglu64(*operands)
     err = (h.double().cpu() - ref.cpu()).abs().max().item()
     assert err <= 1e-3 * ref.abs().max().item(), f"tf32 forward: max error {err:.3e}"

@@ -4,14 +4,14 @@ Shapes stay small (M, N, K < 64) so the Triton interpreter runs the file quickly
 multiples of no block size so every masked edge of every kernel is exercised.
 """
 
-import contextlib
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
-    DTYPES, assert_all_written, assert_nan_where_ref_nan, assert_no_worse_than_torch, poisoned,
+    DTYPES, X_LAYOUTS, assert_all_written, assert_nan_where_ref_nan, assert_no_worse_than_torch,
+    poisoned, tf32,
 )
 
 import triton_gelu
@@ -51,16 +51,6 @@ def paths(request):
     ran = {key for key, count in path_runs.items() if count != before.get(key, 0)}
     assert all(forced.get(op, name) == name for op, name in ran), f"unforced paths ran: {ran}"
     assert not ran or ("linear_gelu_fwd", forced["linear_gelu_fwd"]) in ran, ran
-
-
-@contextlib.contextmanager
-def tf32(allowed: bool):
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _operands(x_shape, n, dtype, device, bias=True):
@@ -119,19 +109,6 @@ def test_recompute_gives_identical_gradients(dtype, approximate, device, paths):
     recomputed = _check(x, weight, bias, approximate, recompute=True)
     for name, a, b in zip(("y", "dx", "dw", "db"), saved, recomputed):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs with recompute")
-
-
-X_LAYOUTS = {
-    "M=1": lambda k, dev: torch.randn(1, k, device=dev),
-    "1-D": lambda k, dev: torch.randn(k, device=dev),
-    "4-D": lambda k, dev: torch.randn(2, 3, 5, k, device=dev),
-    "column slice": lambda k, dev: torch.randn(33, k + 7, device=dev)[:, 3:3 + k],
-    "row step": lambda k, dev: torch.randn(66, k, device=dev)[::2],
-    "transposed": lambda k, dev: torch.randn(k, 29, device=dev).t(),
-    # Leading dimensions that do not collapse into one stride: copied, dx still in x's shape.
-    "3-D permuted": lambda k, dev: torch.randn(5, 3, k, device=dev).permute(1, 0, 2),
-    "empty M": lambda k, dev: torch.randn(0, k, device=dev),
-}
 
 
 @pytest.mark.parametrize("layout", X_LAYOUTS.keys())

@@ -15,13 +15,7 @@ from triton_gelu import reference
 FORMS = ["none", "tanh"]
 
 
-@pytest.fixture(autouse=True)
-def _ieee_float32():
-    # PyTorch's float32 matmuls are the baseline: keep both in IEEE float32.
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
+pytestmark = pytest.mark.usefixtures("ieee_float32")
 
 
 def _compare_modules(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, what: str) -> None:

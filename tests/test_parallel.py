@@ -40,6 +40,8 @@ from helpers import assert_no_worse_than_torch  # noqa: E402
 from spawn_ranks import once_per_test_run, run_scenarios  # noqa: E402
 
 FUSED = ("linear_gelu_fwd", "linear_gelu_bwd_dx", "linear_gelu_bwd_dw")
+# A patched whole FFN block (FusedFeedForward): the fused forward and the backward's dz matmul.
+FFN_BLOCK = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz")
 
 
 # ---- the sharding rules, in this process on a fake 2-rank group -------------------------------
@@ -127,7 +129,7 @@ def test_row_split_runs_fused_with_no_communication(mesh, dim):
 # GeGLU ops: their rules come with the tensor-parallel cover of GeGLU (not merged yet).
 WITHOUT_SHARDING_RULE: tuple[str, ...] = (
     "triton_gelu::geglu_fwd", "triton_gelu::geglu_gate_up", "triton_gelu::geglu_bwd",
-    "triton_gelu::gated_ffn_fwd",
+    "triton_gelu::gated_ffn_fwd", "triton_gelu::ffn_fwd", "triton_gelu::ffn_bwd",
 )
 
 
@@ -276,9 +278,9 @@ TWO_RANKS = {
     "tp_megatron_sequence_parallel": FUSED,
     "tp_rowwise_linear1_unfused": (),
     "tp_compiled": FUSED,
-    "ddp_patched": FUSED,
-    "fsdp2_bf16_per_block": FUSED,
-    "fsdp2_compiled": FUSED,
+    "ddp_patched": FFN_BLOCK,
+    "fsdp2_bf16_per_block": FFN_BLOCK,
+    "fsdp2_compiled": FFN_BLOCK,
 }
 FOUR_RANKS = {"tp_fsdp2_2d_mesh": FUSED}
 
@@ -316,7 +318,8 @@ def _assert_ran(reports: list[dict], name: str, kernels: tuple[str, ...]) -> Non
         missing = [k for k in kernels if launches.get(k, 0) == 0]
         assert not missing, f"rank {rank}: {missing} did not run (launches {launches})"
         if not kernels:
-            assert not any(k.startswith("linear") for k in launches), f"rank {rank}: {launches}"
+            assert not any(k.startswith(("linear", "ffn")) for k in launches), \
+                f"rank {rank}: {launches}"
 
 
 @pytest.mark.parametrize("name", TWO_RANKS)

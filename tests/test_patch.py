@@ -18,10 +18,15 @@ from torch import nn
 
 import triton_gelu
 from triton_gelu.modules import FeedForward, LinearGELU
-from triton_gelu.patch import Conv1DGELU, call_chain, gelu_form
+from triton_gelu.patch import (
+    Conv1DGELU, FeedForwardOutput, FusedFeedForward, call_chain, gelu_form,
+)
 
 from helpers import assert_no_worse_than_torch
 
+
+# What patch() puts in a Linear's slot: a pair, or a whole FFN block (tests/test_patch_ffn.py).
+FUSED = (LinearGELU, Conv1DGELU, FusedFeedForward)
 
 # Patched vs unpatched float32 where no float64 copy is at hand: a few float32 roundings of
 # values of order one (check_patched does the exact "no worse than PyTorch" comparison).
@@ -119,7 +124,7 @@ def check_patched(model, inputs, expected, output=lambda out: out, approximate=N
 
     count = triton_gelu.patch(model, approximate=approximate)
     assert count == expected, f"patch replaced {count} pairs, expected {expected}:\n{model}"
-    assert sum(isinstance(m, (LinearGELU, Conv1DGELU)) for m in model.modules()) == expected
+    assert sum(isinstance(m, FUSED) for m in model.modules()) == expected
     for name, p in model.named_parameters():
         assert p is params[name], f"parameter {name} is not the original tensor"
     assert list(model.state_dict()) == keys, "state dict keys changed"
@@ -142,10 +147,12 @@ def check_patched(model, inputs, expected, output=lambda out: out, approximate=N
 def test_sequential():
     model = _sequential()
     check_patched(model, {"input": _tokens()}, expected=2)
+    # model[3] is the Linear of the second GELU, so the first block fuses as a pair and
+    # Linear -> GELU -> Linear from model[3] as a whole FFN block.
     assert isinstance(model[0], LinearGELU) and model[0].approximate == "none"
-    assert isinstance(model[3], LinearGELU) and model[3].approximate == "tanh"
+    assert isinstance(model[3], FusedFeedForward) and model[3].approximate == "tanh"
     assert isinstance(model[1], nn.Identity) and isinstance(model[4], nn.Identity)
-    assert isinstance(model[5], nn.Linear)  # a final Linear with no GELU after it stays
+    assert isinstance(model[2], nn.Dropout) and isinstance(model[5], FeedForwardOutput)
 
 
 def test_sequential_nested_and_no_bias():
@@ -164,7 +171,7 @@ def test_torch_feedforward(cls, activation):
     model = cls(activation=activation)
     form = gelu_form(activation)
     check_patched(model, {"x": _tokens()}, expected=1)
-    assert isinstance(model.linear1, LinearGELU) and model.linear1.approximate == form
+    assert isinstance(model.linear1, FusedFeedForward) and model.linear1.approximate == form
     assert isinstance(model.activation, nn.Identity)
 
 
@@ -193,7 +200,7 @@ def test_approximate_override():
     want = copy.deepcopy(model)
     want[1] = nn.GELU("tanh")
     assert triton_gelu.patch(model, approximate="tanh") == 2
-    assert all(m.approximate == "tanh" for m in model.modules() if isinstance(m, LinearGELU))
+    assert all(m.approximate == "tanh" for m in model.modules() if isinstance(m, FUSED))
     model.eval(), want.eval()
     x = _tokens()
     torch.testing.assert_close(model(x), want(x), **CLOSE)
@@ -227,8 +234,8 @@ def test_not_patched(make):
 def test_hooks_and_overrides_not_patched():
     hooked = _sequential()
     hooked[0].register_forward_hook(lambda mod, inp, out: None)
-    assert triton_gelu.patch(hooked) == 1  # only the second pair; the hooked Linear stays
-    assert isinstance(hooked[0], nn.Linear) and isinstance(hooked[3], LinearGELU)
+    assert triton_gelu.patch(hooked) == 1  # only the second block; the hooked Linear stays
+    assert isinstance(hooked[0], nn.Linear) and isinstance(hooked[3], FusedFeedForward)
 
     replaced = TorchFeedForward()
     replaced.forward = lambda x: replaced.linear1(x)
@@ -359,8 +366,11 @@ def test_transformers_model(name):
     build, inputs = _hf_models()[name]
     model = build()
     check_patched(model, inputs, expected=2, output=lambda out: out.last_hidden_state)
-    fused = [m for m in model.modules() if isinstance(m, (LinearGELU, Conv1DGELU))]
-    assert {type(m) for m in fused} == ({Conv1DGELU} if name.startswith("gpt2") else {LinearGELU})
+    fused = [m for m in model.modules() if isinstance(m, FUSED)]
+    # GPT-2's MLP (c_fc -> act -> c_proj) and ViT's (fc1 -> act -> fc2 since transformers 5)
+    # are whole FFN blocks; BERT/RoBERTa split theirs over Intermediate and Output: a pair.
+    whole = name.startswith("gpt2") or any(type(m).__name__ == "ViTMLP" for m in model.modules())
+    assert {type(m) for m in fused} == ({FusedFeedForward} if whole else {LinearGELU})
     assert {m.approximate for m in fused} == ({"none"} if name in ("bert", "roberta", "vit")
                                               else {"tanh"})
 

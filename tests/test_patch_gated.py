@@ -15,6 +15,7 @@ from test_patch import _as64, _run
 from torch import nn
 
 import triton_gelu
+from bench.memory import saved_activation_bytes
 from triton_gelu._runtime import launches
 from triton_gelu.patch import GatedGELUBlock, gated
 
@@ -125,6 +126,25 @@ def test_state_dict_round_trip_and_patch_twice(name):
     before = launches["geglu_fwd"]
     torch.testing.assert_close(_hidden(copied(**inputs)), _hidden(model(**inputs)))
     assert launches["geglu_fwd"] - before == 2 * expected
+
+
+def test_patch_recompute_keeps_x_alone_with_the_same_gradients():
+    from transformers.models.gemma.modeling_gemma import GemmaMLP
+
+    mlp = GemmaMLP(transformers.GemmaConfig(**COMMON))
+    saving, recomputing = nn.Sequential(copy.deepcopy(mlp)), nn.Sequential(copy.deepcopy(mlp))
+    assert triton_gelu.patch(saving) == 1 and triton_gelu.patch(recomputing, recompute=True) == 1
+    assert not saving[0].recompute and recomputing[0].recompute
+    assert "recompute=True" in repr(recomputing[0])
+    x = torch.randn(5, HIDDEN, requires_grad=True)
+    params = [*saving.parameters(), *recomputing.parameters()]
+    kept = [saved_activation_bytes(lambda m=m: m(x), exclude=params)
+            for m in (saving, recomputing)]
+    assert kept == [5 * (HIDDEN + 2 * FFN) * 4, 5 * HIDDEN * 4], kept  # x, g, u / x
+    dy = torch.randn(5, HIDDEN)
+    grads = [torch.autograd.grad(m(x), [x, *m.parameters()], dy) for m in (saving, recomputing)]
+    for a, b in zip(*grads):  # g and u recomputed bitwise: the same gradients
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_t5_training_dropout_matches_with_the_same_seed():

@@ -156,15 +156,21 @@ def test_the_real_ops_register_their_paths():
     assert set(ops["linear_gelu_fwd"].paths) == {"fused", "composed", "addmm_gelu", "torch"}
     assert set(ops["linear_preact"].paths) == {"fused", "composed"}
     assert set(ops["linear_gelu_bwd"].paths) == {"fused", "dz_once", "mixed", "torch"}
+    # The FFN block's: its mask is the kernels' (no PyTorch op draws it), so no "torch" path.
+    assert set(ops["ffn_fwd"].paths) == set(ops["ffn_bwd"].paths) == {"fused", "composed"}
     # Interpreter default: the Triton kernels (the suite tests them); untuned on a GPU: PyTorch
-    # or cuBLAS, never slower than the unfused op.
+    # or cuBLAS (with our elementwise kernel), never slower than the unfused op.
     assert [ops[op].default for op in sorted(ops) if op in _KNOWN] == [
-        "triton", "triton", "fused", "fused", "fused"]
+        "fused", "fused", "triton", "triton", "fused", "fused", "fused"]
     assert [ops[op].untuned for op in sorted(ops) if op in _KNOWN] == [
-        "torch", "torch", "dz_once", "composed", "composed"]
+        "composed", "composed", "torch", "torch", "dz_once", "composed", "composed"]
+    # Their cache keys name the kernels they launch (editing one retunes its op only).
+    for op in _KNOWN:
+        assert ops[op].kernels, f"{op} registers no kernels= for its cache key"
 
 
-_KNOWN = {"gelu_fwd", "gelu_bwd", "linear_gelu_fwd", "linear_preact", "linear_gelu_bwd"}
+_KNOWN = {"gelu_fwd", "gelu_bwd", "linear_gelu_fwd", "linear_preact", "linear_gelu_bwd",
+          "ffn_fwd", "ffn_bwd"}
 
 
 def test_a_paths_cache_is_keyed_on_its_kernels_and_its_paths_source(tmp_path):

@@ -1,12 +1,12 @@
-"""triton_gelu: Triton kernels for GELU, fused Linear + bias + GELU and gated GELU (GeGLU),
-drop-in for PyTorch."""
+"""triton_gelu: Triton kernels for GELU, fused Linear + bias + GELU, the whole FFN block and
+gated GELU (GeGLU), drop-in for PyTorch."""
 
-from .functional import gated_feed_forward, geglu, gelu, linear_gelu
+from .functional import feed_forward, gated_feed_forward, geglu, gelu, linear_gelu
 from .modules import GELU, FeedForward, GatedFeedForward, GeGLU, LinearGELU
 from .patch import patch
 
 __all__ = [
-    "gelu", "linear_gelu", "geglu", "gated_feed_forward",
+    "gelu", "linear_gelu", "feed_forward", "geglu", "gated_feed_forward",
     "GELU", "LinearGELU", "FeedForward", "GeGLU", "GatedFeedForward", "patch",
 ]
 __version__ = "0.1.0"

@@ -699,14 +699,26 @@ class Tuner(_Chooser):
         ms = entry.get("ms")
         return Choice(_entry_config(entry), math.nan if ms is None else float(ms), source), final
 
-    def run(self, grid: Grid, key: tuple, *, aliased: tuple[str, ...] = (), **kwargs) -> None:
+    def _current_device(self) -> int:
+        return -1 if self._interpreted else torch.cuda.current_device()
+
+    def smallest(self, meta: str) -> int:
+        """The smallest value of meta-parameter ``meta`` in this tuner's config space on the
+        current device: a kernel whose output size depends on its tile (one row of partial sums
+        per tile) gets a buffer sized for any config it may be launched with."""
+        arch = device_of(self._current_device()).arch
+        configs = self.configs(arch) if self._configs_take_arch else self.configs()
+        return min(c.kwargs[meta] for c in configs)
+
+    def run(self, grid: Grid, key: tuple, *, aliased: tuple[str, ...] = (), **kwargs) -> dict:
         """Launch the kernel with the tuned config for ``key``; kwargs are the kernel arguments.
+        Returns the meta-parameters it launched with.
 
         Tuning launches the kernel several times on the real arguments, so kernels must be
         idempotent (pure stores, no accumulation into their outputs); an output that aliases an
         input (an in-place launch) is named in ``aliased`` and timed into a copy instead.
         """
-        slot = (-1 if self._interpreted else torch.cuda.current_device(), key)
+        slot = (self._current_device(), key)
         launch = self.best.get(slot)
         if launch is None:
             choice, final = self._choose(slot, grid, kwargs, aliased)
@@ -716,6 +728,7 @@ class Tuner(_Chooser):
                 self.best[slot] = launch
         record_launch(self.name)
         self.kernel[grid(launch[0])](**kwargs, **launch[1])
+        return launch[0]
 
 
 # ---- path choice: one op, several ways to compute it ----------------------------------------

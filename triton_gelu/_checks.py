@@ -56,23 +56,32 @@ def check_linear(
 
     ``weight_name`` / ``bias_name`` are the argument names the messages use (``w_gate``...)."""
     check_tensor("x", x)
-    check_tensor(weight_name, weight)
-    named = [("x", x), (weight_name, weight)]
-    if bias is not None:
-        named.append((bias_name, check_tensor(bias_name, bias)))
-    check_same_device(named)
-    check_same_dtype(named)
+    _check_weight_and_bias(("x", x), weight, bias, weight_name, bias_name)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features), got shape ()")
-    if weight.dim() != 2:
-        raise ValueError(
-            f"{weight_name} must be 2-D (out_features, in_features), got shape "
-            f"{tuple(weight.shape)}"
-        )
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"in_features mismatch: x has shape {tuple(x.shape)} (last dim {x.shape[-1]}) but "
             f"{weight_name} has shape {tuple(weight.shape)} (in_features {weight.shape[1]})"
+        )
+
+
+def _check_weight_and_bias(
+    like: tuple[str, torch.Tensor], weight: object, bias: object | None, weight_name: str,
+    bias_name: str,
+) -> None:
+    """weight (out_features, in_features) and bias (out_features,) or None: float tensors of
+    the dtype and on the device of ``like`` = (its name, the tensor)."""
+    check_tensor(weight_name, weight)
+    named = [like, (weight_name, weight)]
+    if bias is not None:
+        named.append((bias_name, check_tensor(bias_name, bias)))
+    check_same_device(named)
+    check_same_dtype(named)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{weight_name} must be 2-D (out_features, in_features), got shape "
+            f"{tuple(weight.shape)}"
         )
     if bias is not None:
         if bias.dim() != 1:
@@ -161,19 +170,89 @@ def check_geglu_backward(
 def check_down(w_gate: torch.Tensor, w_down: object, b_down: object | None) -> None:
     """The down projection of a gated block: w_down (out_features, hidden_features) reads the
     gated hidden of width w_gate.shape[0]; b_down (out_features,)."""
-    check_tensor("w_down", w_down)
-    named = [("w_gate", w_gate), ("w_down", w_down)]
-    if b_down is not None:
-        named.append(("b_down", check_tensor("b_down", b_down)))
-    check_same_device(named)
-    check_same_dtype(named)
-    if w_down.dim() != 2 or w_down.shape[1] != w_gate.shape[0]:
+    _check_weight_and_bias(("w_gate", w_gate), w_down, b_down, "w_down", "b_down")
+    if w_down.shape[1] != w_gate.shape[0]:
         raise ValueError(
             f"w_down must be 2-D (out_features, hidden_features = {w_gate.shape[0]}) to read "
             f"the gated hidden of w_gate {tuple(w_gate.shape)}, got shape {tuple(w_down.shape)}"
         )
-    if b_down is not None and tuple(b_down.shape) != (w_down.shape[0],):
+
+
+def check_dropout_p(p: object) -> float:
+    """Validate the dropout probability: a real number in [0, 1) (1 would drop everything and
+    scale by 1 / 0). Returns it as a float."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"dropout probability p must be a float in [0, 1), got {p!r}")
+    if not 0.0 <= p < 1.0:  # NaN fails too
+        raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_ffn(
+    x: object, w1: object, b1: object | None, w2: object, b2: object | None
+) -> None:
+    """The FFN block's operands: x (..., D), w1 (F, D), b1 (F,), w2 (D_out, F), b2 (D_out,),
+    all of one dtype and on one device."""
+    check_linear(x, w1, b1, "w1", "b1")
+    _check_weight_and_bias(("x", x), w2, b2, "w2", "b2")
+    if w2.shape[1] != w1.shape[0]:
         raise ValueError(
-            f"b_down has shape {tuple(b_down.shape)} but w_down has shape "
-            f"{tuple(w_down.shape)}: b_down must be ({w_down.shape[0]},)"
+            f"linear2 in_features mismatch: w1 has shape {tuple(w1.shape)} (hidden features "
+            f"{w1.shape[0]}) but w2 has shape {tuple(w2.shape)} (in_features {w2.shape[1]})"
         )
+
+
+def check_dropout_seed(seed: object, p: float, x: torch.Tensor) -> None:
+    """With dropout (p > 0) the launchers need the call's seed: a 1-element int64 tensor on
+    x's device."""
+    if p == 0.0:
+        return
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(
+            f"seed must be a 1-element int64 tensor when p > 0 (p = {p}), got "
+            + (f"{seed.dtype} of shape {tuple(seed.shape)}" if isinstance(seed, torch.Tensor)
+               else type(seed).__name__)
+        )
+    check_same_device([("x", x), ("seed", seed)])
+
+
+def check_ffn_2d(
+    x2d: object, w1: object, b1: object | None, w2: object, b2: object | None, seed: object,
+    p: object,
+) -> float:
+    """``check_ffn`` for the launchers, which take x flattened to (M, D), and the dropout
+    arguments; returns p as a float."""
+    check_ffn(x2d, w1, b1, w2, b2)
+    if x2d.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, in_features) here, got shape {tuple(x2d.shape)}")
+    p = check_dropout_p(p)
+    check_dropout_seed(seed, p, x2d)
+    return p
+
+
+def check_ffn_backward(
+    dy2d: object, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, preact: object,
+    seed: object, p: object,
+) -> float:
+    """The backward launchers' operands: dy (M, D_out) and the pre-activation z (M, F)."""
+    p = check_ffn_2d(x2d, w1, None, w2, None, seed, p)
+    check_same_device([("x", x2d), ("dy", check_tensor("dy", dy2d)),
+                       ("preact", check_tensor("preact", preact))])
+    for name, t, expected in (("dy", dy2d, (x2d.shape[0], w2.shape[0])),
+                              ("preact", preact, (x2d.shape[0], w1.shape[0]))):
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name} must have shape {expected} for x of shape {tuple(x2d.shape)}, "
+                f"w1 of shape {tuple(w1.shape)} and w2 of shape {tuple(w2.shape)}, "
+                f"got {tuple(t.shape)}"
+            )
+    return p
+
+
+def check_ffn_needs(needs: object) -> tuple[bool, ...]:
+    """Which of the backward's (dx, dW1, db1, dW2, db2) to compute: five booleans."""
+    needs = tuple(bool(n) for n in needs)
+    if len(needs) != 5:
+        raise ValueError(f"needs must say which of (dx, dW1, db1, dW2, db2) to compute: five "
+                         f"booleans, got {len(needs)}")
+    return needs

@@ -133,6 +133,18 @@ def _exercise(shape, dtype, approximate: str) -> None:
     for recompute in (False, True):  # the recompute forward is also the inference one
         y = linear_gelu(x, weight, bias, approximate=approximate, recompute=recompute)
         y.backward(torch.randn_like(y))
+    feed_forward = getattr(triton_gelu, "feed_forward", None)
+    if feed_forward is not None:
+        # The FFN block (d_model K -> d_ff N -> K) in training with dropout, by each of its
+        # paths, so whichever the path choice takes is tuned.
+        w2 = (torch.randn(k, n, device="cuda", dtype=dtype) / n**0.5).requires_grad_()
+        b2 = torch.randn(k, device="cuda", dtype=dtype, requires_grad=True)
+        for path in ("fused", "composed"):
+            with force_path(ffn_fwd=path, ffn_bwd=path):
+                for recompute in (False, True):
+                    y = feed_forward(x, weight, bias, w2, b2, p=0.1, approximate=approximate,
+                                     recompute=recompute)
+                    y.backward(torch.randn_like(y))
     geglu = getattr(triton_gelu, "geglu", None)
     if geglu is None:
         return

@@ -13,13 +13,15 @@ import torch
 
 from . import reference
 from ._checks import (
-    check_geglu_2d, check_geglu_backward, check_linear_2d, check_linear_backward,
+    check_ffn_2d, check_ffn_backward, check_ffn_needs, check_geglu_2d, check_geglu_backward,
+    check_linear_2d, check_linear_backward,
 )
 
 __all__ = [
     "gelu_forward", "gelu_backward",
     "linear_gelu_forward", "linear_preact", "linear_gelu_backward",
     "geglu_forward", "geglu_gate_up", "geglu_backward",
+    "ffn_forward", "ffn_backward",
 ]
 
 
@@ -98,3 +100,34 @@ def geglu_backward(
     grads = reference.geglu_backward_fp32(dh2d, x2d, w_gate, w_up, gate, up, approximate_tanh)
     h = reference.geglu_fp32(gate, up, approximate_tanh).to(x2d.dtype) if write_h else None
     return (*(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs)), h)
+
+def _keep(seed: torch.Tensor | None, p: float, rows: int, cols: int) -> torch.Tensor | None:
+    """The kernels' dropout mask, drawn by the PyTorch copy of their generator."""
+    return None if p == 0.0 or seed is None else reference.dropout_keep(seed, rows, cols, p)
+
+
+def ffn_forward(
+    x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+    b2: torch.Tensor | None, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
+    save_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    p = check_ffn_2d(x2d, w1, b1, w2, b2, seed, p)
+    keep = _keep(seed, p, x2d.shape[0], w1.shape[0])
+    y, preact = reference.ffn_forward_fp32(
+        x2d, w1, b1, w2, b2, keep, reference.dropout_constants(p)[1], approximate_tanh
+    )
+    return y.to(x2d.dtype), (preact.to(x2d.dtype) if save_preact else None)
+
+
+def ffn_backward(
+    dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    preact: torch.Tensor, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    p = check_ffn_backward(dy2d, x2d, w1, w2, preact, seed, p)
+    needs = check_ffn_needs(needs)
+    keep = _keep(seed, p, *preact.shape)
+    grads = reference.ffn_backward_fp32(
+        dy2d, x2d, w1, w2, preact, keep, reference.dropout_constants(p)[1], approximate_tanh
+    )
+    return tuple(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs))

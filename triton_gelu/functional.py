@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from . import _gated_block, ops
 from ._backend import launchers
-from ._checks import check_approximate, check_down, check_geglu, check_linear, check_tensor
+from ._checks import (
+    check_approximate, check_down, check_dropout_p, check_ffn, check_geglu, check_linear,
+    check_tensor,
+)
 from .ops import rows as _rows
 
 
@@ -123,8 +126,7 @@ def linear_gelu(
         return _parallel().linear_gelu(x, weight, bias, approximate_tanh, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py), not these
         return ops.linear_gelu(x, weight, bias, approximate_tanh, recompute)
-    if not (torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in (x, weight, bias))):
+    if not ops.needs_grad(x, weight, bias):
         # Inference: no graph and no saved pre-activation; the kernel writes only y.
         x2d = _rows(x)
         y, _ = launchers(x2d).linear_gelu_forward(
@@ -132,6 +134,97 @@ def linear_gelu(
         )
         return y.view(*x.shape[:-1], weight.shape[0])
     return _LinearGELUFunction.apply(x, weight, bias, approximate_tanh, recompute)
+
+
+# ---- the FFN block ---------------------------------------------------------------------------
+
+
+class _FeedForwardConfig(NamedTuple):
+    p: float  # dropout probability; 0: no dropout (eval, or none asked for)
+    approximate_tanh: bool
+    recompute: bool
+
+
+class _FeedForwardFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, seed: torch.Tensor | None,
+                config: _FeedForwardConfig) -> torch.Tensor:
+        x2d = _rows(x)
+        y, preact = launchers(x2d).ffn_forward(
+            x2d, w1, b1, w2, b2, seed, config.p, config.approximate_tanh,
+            save_preact=not config.recompute,
+        )
+        ctx.config = config
+        ctx.x_shape = x.shape
+        # For the backward: x and z, or with recompute x alone (z = x @ W1^T + b1 is rebuilt
+        # from the parameters), and the dropout seed (8 bytes). Never GELU's output, the mask
+        # or the dropout output: the backward regenerates them from z and the seed.
+        ctx.save_for_backward(x2d, w1, b1 if config.recompute else None, w2, preact, seed)
+        return y.view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x2d, w1, b1, w2, preact, seed = ctx.saved_tensors
+        config = ctx.config
+        if preact is None:
+            preact = launchers(x2d).linear_preact(x2d, w1, b1)
+        # Fresh gradients every call: nothing saved is written, so a second backward is unchanged.
+        dx, dw1, db1, dw2, db2 = launchers(x2d).ffn_backward(
+            _rows(dy), x2d, w1, w2, preact, seed, config.p, config.approximate_tanh,
+            ctx.needs_input_grad[:5],
+        )
+        return None if dx is None else dx.view(ctx.x_shape), dw1, db1, dw2, db2, None, None
+
+
+def dropout_seed(device: torch.device | str) -> torch.Tensor:
+    """The seed of one dropout call: a 1-element int64 tensor drawn on ``device`` from PyTorch's
+    default generator there (``torch.manual_seed`` makes it reproducible). Drawn by a device
+    op, so there is no host sync and CUDA-graph capture and torch.compile trace it."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def feed_forward(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+    b2: torch.Tensor | None, p: float = 0.0, approximate: str = "none", training: bool = True,
+    recompute: bool = False,
+) -> torch.Tensor:
+    """``F.linear(F.dropout(F.gelu(F.linear(x, w1, b1), approximate), p, training), w2, b2)``
+    as one fused autograd node.
+
+    x (..., D), w1 (F, D), b1 (F,) or None, w2 (E, F), b2 (E,) or None; float32, float16 or
+    bfloat16, all of one dtype (under autocast they are cast to the autocast dtype first, as for
+    ``F.linear``). Returns (..., E). Differentiable in x and the four parameters.
+
+    Dropout (``training`` and ``p`` > 0; p in [0, 1)) keeps each element of the (tokens, F)
+    activation with probability 1 - p and scales it by 1 / (1 - p), as ``nn.Dropout``; its seed
+    is drawn from PyTorch's generator of x's device. The backward keeps only x and the
+    pre-activation z (``recompute=True``: x only, z is recomputed by one matmul) and the seed.
+    """
+    approximate_tanh = check_approximate(approximate)
+    p = check_dropout_p(p)
+    check_tensor("x", x)
+    x, w1, b1, w2, b2 = _autocast_linear(x, w1, b1, w2, b2)
+    check_ffn(x, w1, b1, w2, b2)
+    if not training:
+        p = 0.0
+    if _distributed(x, w1, b1, w2, b2):
+        # Tensor parallel: ffn_fwd / ffn_bwd have no DTensor sharding rule (yet); compose ops
+        # DTensor can shard, linear_gelu's and PyTorch's own (its dropout draws per shard).
+        h = linear_gelu(x, w1, b1, approximate, recompute)
+        return F.linear(F.dropout(h, p, training), w2, b2)
+    seed = dropout_seed(x.device) if p > 0.0 else None
+    if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
+        return ops.feed_forward(x, w1, b1, w2, b2, seed, p, approximate_tanh, recompute)
+    if not ops.needs_grad(x, w1, b1, w2, b2):
+        # Inference: no graph and no saved pre-activation.
+        x2d = _rows(x)
+        y, _ = launchers(x2d).ffn_forward(x2d, w1, b1, w2, b2, seed, p, approximate_tanh,
+                                          save_preact=False)
+        return y.view(*x.shape[:-1], w2.shape[0])
+    return _FeedForwardFunction.apply(
+        x, w1, b1, w2, b2, seed, _FeedForwardConfig(p, approximate_tanh, recompute)
+    )
 
 
 # ---- Gated GELU (GeGLU) and the gated FFN block ---------------------------------------------

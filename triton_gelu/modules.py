@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._checks import check_approximate
-from .functional import gated_feed_forward, geglu, gelu, linear_gelu
+from .functional import feed_forward, gated_feed_forward, geglu, gelu, linear_gelu
 
 
 class GELU(nn.Module):
@@ -85,27 +85,59 @@ class LinearGELU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Transformer feed-forward block: Linear -> GELU -> Dropout -> Linear, the first two fused.
+    """Transformer feed-forward block: Linear -> GELU -> Dropout -> Linear as one fused op
+    (``functional.feed_forward``): GELU and dropout run in the first matmul's epilogue and the
+    backward keeps only x and the pre-activation (x alone with ``recompute=True``).
 
-    Submodules ``linear1`` (LinearGELU), ``dropout`` and ``linear2`` (nn.Linear): the state dict
-    of the PyTorch block ``linear1, dropout, activation=nn.GELU(), linear2`` loads unchanged.
+    Submodules ``linear1`` (LinearGELU: its ``approximate`` and ``recompute`` are the block's),
+    ``dropout`` (its ``p`` and ``training`` are read at each call) and ``linear2`` (nn.Linear);
+    their parameters are read at each call too. When linear1 or linear2 carry hooks or non-plain
+    parameters (a tensor-parallel plan), the submodules are applied instead, LinearGELU's fusion
+    only, so their hooks run. The state dict of the PyTorch block ``linear1, dropout,
+    activation=nn.GELU(), linear2`` loads unchanged.
     """
 
     def __init__(
         self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-        approximate: str = "none", bias: bool = True, device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        approximate: str = "none", bias: bool = True, recompute: bool = False,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         self.linear1 = LinearGELU(
-            d_model, dim_feedforward, bias=bias, approximate=approximate, **factory_kwargs
+            d_model, dim_feedforward, bias=bias, approximate=approximate, recompute=recompute,
+            **factory_kwargs,
         )
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(self.linear1(x)))
+        if not (is_plain(self.linear1) and is_plain(self.linear2)):
+            # Tensor parallel (its styles hook linear1 and linear2 and shard their parameters)
+            # or user hooks: apply the submodules, so that their hooks run.
+            return self.linear2(self.dropout(self.linear1(x)))
+        return feed_forward(
+            x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+            self.dropout.p, self.linear1.approximate, self.dropout.training,
+            self.linear1.recompute,
+        )
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` carries forward or backward (pre-)hooks."""
+    return any(
+        getattr(module, hooks, None)
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                      "_backward_pre_hooks")
+    )
+
+
+def is_plain(module: nn.Module) -> bool:
+    """No hooks and only plain ``nn.Parameter``s: nothing (a tensor-parallel style, FSDP2, a
+    user's hook) expects ``module``'s own forward to run or its parameters to be other tensors
+    (DTensor shards), so a fused op may read its parameters instead of calling it."""
+    return not has_hooks(module) and all(
+        type(p) is nn.Parameter for p in module.parameters(recurse=False))
 
 
 def _projection(in_features: int, out_features: int, bias: bool, factory_kwargs: dict

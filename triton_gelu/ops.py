@@ -31,6 +31,9 @@ Ops (namespace ``triton_gelu``)::
         -> (dx, dw_gate, dw_up, db_gate, db_up, h), each empty when not asked for
     gated_ffn_fwd(x, w_gate, w_up, w_down, b_gate?, b_up?, b_down?, approximate_tanh,
                   save_gate_up) -> (y, g | empty, u | empty)
+    ffn_fwd(x, w1, b1?, w2, b2?, seed?, p, approximate_tanh, save_preact) -> (y, preact | empty)
+    ffn_bwd(dy, x, w1, w2, preact, seed?, p, approximate_tanh, needs[5])
+        -> (dx, dw1, db1, dw2, db2), each empty when not needed
 
 The linear ops take ``x`` (..., K) with any number of leading dimensions, ``weight`` (N, K) and
 ``bias`` (N,), and flatten the leading dimensions themselves, on the tensors they are given: so a
@@ -39,7 +42,9 @@ never has to redistribute it to flatten it (``parallel.py`` registers the shardi
 ``functional.py`` applies autocast before calling them, exactly as on the eager path.
 ``gated_ffn_fwd``'s registered backward calls ``geglu_gate_up`` and ``geglu_bwd`` (and PyTorch
 matmuls for the down projection), so the compiled backward keeps x, g and u, never h. The GeGLU
-ops take 2-D ``x``; their entry points below flatten it.
+and FFN ops take 2-D ``x``; their entry points below flatten it. The FFN ops take the dropout
+seed as a tensor (``functional.dropout_seed``, drawn in the traced graph by ``torch.randint``)
+and p as a float: the graph carries them to the backward op.
 """
 
 from __future__ import annotations
@@ -70,6 +75,10 @@ def _linear_out_shape(x: Tensor, weight: Tensor) -> tuple[int, ...]:
 def _absent(t: Tensor) -> Tensor:
     """The stand-in for an output that was not asked for (custom ops cannot return None)."""
     return torch.empty((0,), dtype=t.dtype, device=t.device)
+
+
+def _or_absent(t: Tensor | None, like: Tensor) -> Tensor:
+    return t if t is not None else _absent(like)
 
 
 # ---- GELU -----------------------------------------------------------------------------------
@@ -155,7 +164,7 @@ def linear_gelu_bwd(
         rows(dy), x2d, weight, rows(preact), approximate_tanh, need_dx, need_dw, need_db
     )
     dx = None if dx is None else dx.view(x.shape)
-    dx, dw, db = (g if g is not None else _absent(dy) for g in (dx, dw, db))
+    dx, dw, db = (_or_absent(g, dy) for g in (dx, dw, db))
     return dx, dw, db
 
 
@@ -202,26 +211,68 @@ linear_gelu_fwd.register_autograd(
 )
 
 
-# ---- the entry point functional.linear_gelu takes under torch.compile -------------------------
+# ---- the FFN block ---------------------------------------------------------------------------
 
 
-def linear_gelu(
-    x: Tensor, weight: Tensor, bias: Tensor | None, approximate_tanh: bool, recompute: bool
-) -> Tensor:
-    """``functional.linear_gelu`` through the custom ops, for x (..., K) already validated and
-    cast for autocast (the cast stays outside the ops, as on the eager path)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
-    y, _ = linear_gelu_fwd(x, weight, bias, approximate_tanh, needs_grad and not recompute)
-    return y
+@torch.library.custom_op("triton_gelu::ffn_fwd", mutates_args=())
+def ffn_fwd(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool,
+) -> tuple[Tensor, Tensor]:
+    """(linear2(dropout(gelu(linear1(x)))), the pre-activation if save_preact else empty)."""
+    y, preact = launchers(x).ffn_forward(x, w1, b1, w2, b2, seed, p, approximate_tanh,
+                                         save_preact)
+    return y, _or_absent(preact, y)
+
+
+@ffn_fwd.register_fake
+def _ffn_fwd_fake(x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact):
+    y = _new_like(x, (x.shape[0], w2.shape[0]))
+    return y, (_new_like(x, (x.shape[0], w1.shape[0])) if save_preact else _absent(y))
+
+
+@torch.library.custom_op("triton_gelu::ffn_bwd", mutates_args=())
+def ffn_bwd(
+    dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
+    p: float, approximate_tanh: bool, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw1, db1, dw2, db2) of the FFN block; an empty tensor for each one not needed."""
+    grads = launchers(x).ffn_backward(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs)
+    dx, dw1, db1, dw2, db2 = (_or_absent(g, dy) for g in grads)
+    return dx, dw1, db1, dw2, db2
+
+
+@ffn_bwd.register_fake
+def _ffn_bwd_fake(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs):
+    shapes = (x.shape, w1.shape, (w1.shape[0],), w2.shape, (w2.shape[0],))
+    return tuple(_new_like(x, shape) if need else _absent(dy)
+                 for shape, need in zip(shapes, needs))
+
+
+def _ffn_setup_context(ctx, inputs, output) -> None:
+    x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact = inputs
+    _, preact = output
+    ctx.mark_non_differentiable(preact)
+    ctx.p, ctx.approximate_tanh, ctx.save_preact = p, approximate_tanh, save_preact
+    ctx.has_bias = (b1 is not None, b2 is not None)
+    # x and z (or, without a saved z, b1 to rebuild it) and the seed: never h or the mask.
+    ctx.save_for_backward(x, w1, w2, preact if save_preact else b1, seed)
+
+
+def _ffn_fwd_backward(ctx, dy: Tensor, dpreact: Tensor | None):
+    x, w1, w2, saved, seed = ctx.saved_tensors
+    preact = saved if ctx.save_preact else linear_preact_op(x, w1, saved)
+    need_dx, need_dw1, need_db1, need_dw2, need_db2 = ctx.needs_input_grad[:5]
+    needs = [need_dx, need_dw1, need_db1 and ctx.has_bias[0], need_dw2,
+             need_db2 and ctx.has_bias[1]]
+    grads = ffn_bwd(dy, x, w1, w2, preact, seed, ctx.p, ctx.approximate_tanh, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+
+
+ffn_fwd.register_autograd(_ffn_fwd_backward, setup_context=_ffn_setup_context)
 
 
 # ---- Gated GELU (GeGLU) -----------------------------------------------------------------------
-
-
-def _or_absent(t: Tensor | None, like: Tensor) -> Tensor:
-    return t if t is not None else _absent(like)
 
 
 @torch.library.custom_op("triton_gelu::geglu_fwd", mutates_args=())
@@ -364,12 +415,33 @@ def _gated_ffn_fwd_backward(ctx, dy: Tensor, dgate, dup):
 gated_ffn_fwd.register_autograd(_gated_ffn_fwd_backward, setup_context=_gated_ffn_setup_context)
 
 
-# ---- the entry points functional.geglu / gated_feed_forward take under torch.compile -----------
+# ---- the entry points functional.py takes under torch.compile --------------------------------
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:
     """Whether autograd will ask for a gradient of any of ``tensors`` (else: inference)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear_gelu(
+    x: Tensor, weight: Tensor, bias: Tensor | None, approximate_tanh: bool, recompute: bool
+) -> Tensor:
+    """``functional.linear_gelu`` through the custom ops, for x (..., K) already validated and
+    cast for autocast (the cast stays outside the ops, as on the eager path)."""
+    save_preact = needs_grad(x, weight, bias) and not recompute
+    y, _ = linear_gelu_fwd(x, weight, bias, approximate_tanh, save_preact)
+    return y
+
+
+def feed_forward(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    seed: Tensor | None, p: float, approximate_tanh: bool, recompute: bool,
+) -> Tensor:
+    """``functional.feed_forward`` through the custom ops, for operands already validated and
+    cast for autocast, and the call's dropout seed already drawn (None when p == 0)."""
+    save_preact = needs_grad(x, w1, b1, w2, b2) and not recompute
+    y, _ = ffn_fwd(rows(x), w1, b1, w2, b2, seed, p, approximate_tanh, save_preact)
+    return y.view(*x.shape[:-1], w2.shape[0])
 
 
 def geglu(

@@ -103,6 +103,120 @@ def linear_gelu_grads64(
     return grads[0], grads[1], None if b64 is None else grads[2]
 
 
+# ---- dropout: Triton's Philox, bit for bit ----------------------------------------------------
+
+# Philox-4x32-10 as triton.language.random implements it (the same on Triton 3.6 and 3.9).
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def dropout_constants(p: float) -> tuple[int, float]:
+    """(threshold, scale) of dropout with probability ``p`` in [0, 1): an element is kept when
+    the top 31 bits of its random word are >= threshold = round(p * 2**31) (kept with
+    probability 1 - p to within 2**-32), and kept values are multiplied by scale = 1 / (1 - p)."""
+    return min(round(p * 2**31), 2**31 - 1), 1.0 / (1.0 - p)
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of a * b for uint32 values held in int64 (16-bit limbs, so no
+    product overflows int64)."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    ll, lh, hl, hh = a_lo * b_lo, a_lo * b_hi, a_hi * b_lo, a_hi * b_hi
+    mid = (ll >> 16) + (lh & 0xFFFF) + (hl & 0xFFFF)
+    return hh + (lh >> 16) + (hl >> 16) + (mid >> 16), ((mid & 0xFFFF) << 16) | (ll & 0xFFFF)
+
+
+def philox4(seed: torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tl.randint4x(seed, counter)`` in PyTorch: four uint32 words (in int64) for the int64
+    seed and non-negative int64 counters, equal bit for bit to what the kernels draw."""
+    c0, c1 = counter & _U32, (counter >> 32) & _U32
+    c2 = c3 = torch.zeros_like(counter)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    return c0, c1, c2, c3
+
+
+def dropout_words(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The (rows, cols) 32-bit words (in int64) the kernels' dropout draws for ``seed`` (a
+    1-element int64 tensor, on the device the words are made on): element (m, n) takes word
+    n % 4 of Philox at counter m * ceil(cols / 4) + n // 4."""
+    groups = -(-cols // 4)
+    counter = torch.arange(rows * groups, dtype=torch.int64, device=seed.device)
+    words = torch.stack(philox4(seed.view(1), counter), dim=-1)  # (rows * groups, 4)
+    return words.view(rows, groups * 4)[:, :cols]
+
+
+def dropout_keep(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """The (rows, cols) boolean keep mask the kernels draw for ``seed`` and ``p``."""
+    return (dropout_words(seed, rows, cols) >> 1) >= dropout_constants(p)[0]
+
+
+# ---- the FFN block: linear2(dropout(gelu(linear1(x)))) --------------------------------------
+
+
+def _dropout_fp32(y: torch.Tensor, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """y * keep / (1 - p) in float32, as the kernels compute it (a product: NaN propagates)."""
+    if keep is None:
+        return y
+    return y * torch.where(keep, torch.tensor(scale, dtype=torch.float32, device=y.device), 0.0)
+
+
+def ffn_forward_fp32(
+    x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+    b2: torch.Tensor | None, keep: torch.Tensor | None, scale: float, approximate_tanh: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, z) of the FFN block in float32 with the kernels' numerics: h = dropout(gelu(z)) from
+    the float32 z, rounded to the input dtype before the second matmul."""
+    preact = linear_preact_fp32(x2d, w1, b1)
+    h = _dropout_fp32(gelu_fp32(preact, approximate_tanh), keep, scale).to(x2d.dtype)
+    return linear_preact_fp32(h, w2, b2), preact
+
+
+def ffn_backward_fp32(
+    dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    preact: torch.Tensor, keep: torch.Tensor | None, scale: float, approximate_tanh: bool,
+) -> tuple[torch.Tensor, ...]:
+    """(dx, dW1, db1, dW2, db2) of the FFN block in float32 with the kernels' numerics.
+
+    dh = dy @ W2, dz = dh * keep / (1 - p) * gelu'(z), h = dropout(gelu(z)); the matmuls take dz
+    and h rounded to the input dtype, db1 sums the unrounded float32 dz.
+    """
+    with torch.autocast(x2d.device.type, enabled=False):
+        dy = dy2d.float()
+        dz = _dropout_fp32((dy @ w2.float()) * gelu_grad_fp32(preact, approximate_tanh),
+                           keep, scale)
+        dz_operand = dz.to(x2d.dtype).float()
+        h = _dropout_fp32(gelu_fp32(preact, approximate_tanh), keep, scale).to(x2d.dtype)
+        return (dz_operand @ w1.float(), dz_operand.t() @ x2d.float(), dz.sum(0),
+                dy.t() @ h.float(), dy.sum(0))
+
+
+def feed_forward64(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+    b2: torch.Tensor | None, keep: torch.Tensor | None, p: float, approximate: str,
+    dy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Float64 ground truth of y = linear2(dropout(gelu(linear1(x)))) with the explicit keep
+    mask ``keep`` ((..., d_ff) booleans, None for no dropout), and, given the upstream gradient
+    ``dy``, the gradients [dx, dW1, db1, dW2, db2] (``grads64``)."""
+    def block(x, w1, b1, w2, b2):
+        h = F.gelu(F.linear(x, w1, b1), approximate=approximate)
+        if keep is not None:
+            h = h * (keep.to(h.device, torch.float64) / (1.0 - p))
+        return F.linear(h, w2, b2)
+
+    tensors = [x, w1, b1, w2, b2]
+    with torch.no_grad():
+        y = block(*(None if t is None else t.detach().double() for t in tensors))
+    return y, ([] if dy is None else grads64(block, tensors, dy))
+
+
 # ---- Gated GELU (GeGLU) ---------------------------------------------------------------------
 
 

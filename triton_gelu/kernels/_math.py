@@ -17,6 +17,16 @@ The tanh form is evaluated through sigmoid(2u) built from t = exp(-2|u|), which 
 nothing overflows for any finite x (x^3 is taken in float32, so |x| up to 65504 from fp16 is fine),
 there is no inf/inf, and 1 + tanh(u) loses no digits to cancellation for negative x (torch's
 formula does). It also avoids ``tanh``, which moved between Triton releases.
+
+Dropout: element (m, n) of an (M, N) activation draws its 32-bit word from Philox-4x32-10
+(``tl.randint4x``, keyed by the call's 64-bit seed): one call per group of 4 columns of a row,
+counter m * ceil(N / 4) + n // 4 (int64), word n % 4 of the four it returns. It is kept when the
+top 31 bits of its word are at least threshold = round(p * 2**31): probability 1 - p to within
+2**-32. The mask is a function of the seed and the position alone, so any tile shape (tiles
+start at multiples of 4 columns) and the elementwise kernels draw the same one, and
+``reference.dropout_keep`` (an exact PyTorch copy of the generator) too. Four words per Philox
+call: a quarter of the integer work of one call per element, which in a matmul epilogue is the
+difference between hiding under the matmul and doubling a small one's time.
 """
 
 import triton
@@ -103,3 +113,34 @@ def cast_to(y, dtype: tl.constexpr):
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
             y = bits.to(tl.float32, bitcast=True)
     return y.to(dtype)
+
+
+@triton.jit
+def _keep_scale(bits, threshold, scale):
+    # What dropout multiplies an element by: 1 / (1 - p) where kept, else 0 (a product, not a
+    # select, so NaN and inf propagate as through nn.Dropout's input * mask / (1 - p))
+    return tl.where((bits >> 1).to(tl.int32) >= threshold, scale, 0.0)
+
+
+@triton.jit
+def dropout_factor_tile(seed_ptr, offs_m, pid_n, N, threshold, scale,
+                        BLOCK_SIZE_N: tl.constexpr):
+    """Dropout factors (0 or 1 / (1 - p)) of a (BLOCK_SIZE_M, BLOCK_SIZE_N) tile of an (M, N)
+    activation: rows ``offs_m`` (int64), columns pid_n * BLOCK_SIZE_N + arange (BLOCK_SIZE_N a
+    multiple of 4). ``seed_ptr``: the call's int64 seed; ``threshold`` = round(p * 2**31)."""
+    offs_group = pid_n.to(tl.int64) * (BLOCK_SIZE_N // 4) + tl.arange(0, BLOCK_SIZE_N // 4)
+    counter = offs_m[:, None] * tl.cdiv(N, 4) + offs_group[None, :]  # (BM, BN / 4)
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), counter)
+    # (BM, BN): column 4g + i gets word i of group g
+    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    return _keep_scale(bits, threshold, scale)
+
+
+@triton.jit
+def dropout_factor(seed_ptr, row, col, n_cols, threshold, scale):
+    """Dropout factors of elements (row, col) (int64 tensors of any shape) of a (rows, n_cols)
+    activation: the same as ``dropout_factor_tile``, one Philox call per element."""
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), row * tl.cdiv(n_cols, 4) + col // 4)
+    word = col % 4
+    bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    return _keep_scale(bits, threshold, scale)

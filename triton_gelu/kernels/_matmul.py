@@ -1,5 +1,6 @@
-"""What every matmul kernel of the package shares: tile order, tensor-core operands, the TF32
-rule, launch grids and output allocation; and how the paths call cuBLAS."""
+"""What every matmul kernel of the package shares: tile order, the main loop of an output tile,
+tensor-core operands, the TF32 rule, launch grids and output allocation; and how the paths call
+cuBLAS."""
 
 from __future__ import annotations
 
@@ -26,6 +27,19 @@ def grouped_tile(pid, num_rows, num_cols, GROUP_SIZE: tl.constexpr):
 
 
 @triton.jit
+def output_tile(M, N, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+                GROUP_SIZE_M: tl.constexpr):
+    # The (BLOCK_SIZE_M, BLOCK_SIZE_N) tile of an (M, N) output this program computes, in
+    # grouped order: its tile indices, its int64 row and column offsets and their masks.
+    pid_m, pid_n = grouped_tile(
+        tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M
+    )
+    offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    return pid_m, pid_n, offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
 def dot_operand(tile):
     # The interpreter's tl.dot mishandles bfloat16 operands; there, and only there, multiply in
     # float32. Products of fp16/bf16 values are exact in float32, so this is what the GPU computes.
@@ -33,6 +47,40 @@ def dot_operand(tile):
         return tile.to(tl.float32)
     else:
         return tile
+
+
+@triton.jit
+def dot_tile(
+    a_ptr,  # (M, K), read through its strides
+    b_ptr,  # (K, N), read through its strides
+    offs_m,  # (BLOCK_SIZE_M,) int64 rows of A
+    offs_n,  # (BLOCK_SIZE_N,) int64 columns of B
+    mask_m,
+    mask_n,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+):
+    # acc[m, n] = sum_k A[m, k] * B[k, n] for one (BLOCK_SIZE_M, BLOCK_SIZE_N) tile, float32
+    # accumulation, BLOCK_SIZE_K at a time; rows and columns outside the masks read as 0.
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BM, BK)
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BK, BN)
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        k_left = K - k * BLOCK_SIZE_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc = tl.dot(dot_operand(a), dot_operand(b), acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_SIZE_K * stride_ak
+        b_ptrs += BLOCK_SIZE_K * stride_bk
+    return acc
 
 
 def input_precision(dtype: torch.dtype) -> str | None:
@@ -57,10 +105,13 @@ def tile_grid(rows: int, cols: int, row_block: str, col_block: str | None = None
     return grid
 
 
-def new_output(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """Every matmul launcher allocates its outputs here: tests swap in NaN-filled buffers to
-    catch tiles a kernel leaves unwritten."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+def new_output(
+    shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Every matmul launcher allocates what its kernels write here (in ``like``'s dtype unless
+    ``dtype`` is given): tests swap in NaN-filled buffers to catch tiles a kernel leaves
+    unwritten."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 def cublas_context(t: torch.Tensor):

@@ -57,7 +57,7 @@ from .._checks import check_geglu_2d, check_geglu_backward
 from .._runtime import device_context
 from . import _matmul
 from ._math import cast_to, gelu, gelu_grad
-from ._matmul import dot_operand, grouped_tile, input_precision, tile_grid
+from ._matmul import dot_operand, grouped_tile, input_precision, output_tile, tile_grid
 from .gelu import _as_rows, _grid, _row_offsets
 
 # ---- the math, once -------------------------------------------------------------------------
@@ -115,14 +115,9 @@ def _geglu_fwd_kernel(
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(
-        tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M
-    )
-    offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    _, _, offs_m, offs_n, mask_m, mask_n = output_tile(
+        M, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
     offs_k = tl.arange(0, BLOCK_SIZE_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
     wg_ptrs = wg_ptr + offs_k[:, None] * stride_wgk + offs_n[None, :] * stride_wgn  # (BK, BN)
     wu_ptrs = wu_ptr + offs_k[:, None] * stride_wuk + offs_n[None, :] * stride_wun  # (BK, BN)
@@ -252,14 +247,9 @@ def _geglu_bwd_dx_kernel(
 ):
     # dx[m, k] = sum_n dg[m, n] W_gate[n, k] + du[m, n] W_up[n, k]: one (BM, BK) tile of dx
     # per program, looping over N, with dg and du rebuilt from each dh, g, u tile.
-    pid_m, pid_k = grouped_tile(
-        tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(K, BLOCK_SIZE_K), GROUP_SIZE_M
-    )
-    offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    offs_k = pid_k.to(tl.int64) * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)
+    _, _, offs_m, offs_k, mask_m, mask_k = output_tile(
+        M, K, BLOCK_SIZE_M, BLOCK_SIZE_K, GROUP_SIZE_M)
     offs_n = tl.arange(0, BLOCK_SIZE_N)
-    mask_m = offs_m < M
-    mask_k = offs_k < K
     dh_ptrs = dh_ptr + offs_m[:, None] * stride_dhm + offs_n[None, :] * stride_dhn  # (BM, BN)
     g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
     u_ptrs = u_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]

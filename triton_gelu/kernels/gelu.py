@@ -12,6 +12,10 @@ Paths (``_autotune.Paths``), chosen per (bucket(numel), dtype, form), like the k
 - ``triton``: the kernels below (the default, and the interpreter's);
 - ``torch``: PyTorch's own ``F.gelu`` / ``aten.gelu_backward`` (the path when nothing may be
   timed: a few-kilobyte tensor costs less through PyTorch's launch than through Triton's).
+
+The same two kernels serve the FFN block's composed path (``gelu_dropout_forward`` /
+``gelu_dropout_backward``): with HAS_DROPOUT they apply dropout after the GELU, element (m, n) of
+the (M, N) pre-activation drawing the mask the fused matmul epilogue draws (``_math.py``).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .. import reference
 from .._autotune import Paths, Tuner, bucket, elementwise_configs, prune_elementwise
 from .._runtime import device_context
-from ._math import cast_to, gelu, gelu_grad
+from ._math import cast_to, dropout_factor, gelu, gelu_grad
 
 
 @triton.jit
@@ -41,11 +46,15 @@ def _row_offsets(offs, n_cols, stride_row, CONTIGUOUS: tl.constexpr):
 def _gelu_fwd_kernel(
     x_ptr,  # (rows, n_cols), row stride stride_x_row
     y_ptr,  # (rows * n_cols,) contiguous
+    seed_ptr,  # (1,) int64, the dropout seed; None without HAS_DROPOUT
     n_elements,
     n_cols,
     stride_x_row,
+    dropout_threshold,  # round(p * 2**31): see _math.dropout_factor
+    dropout_scale,  # 1 / (1 - p)
     APPROXIMATE_TANH: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -54,6 +63,10 @@ def _gelu_fwd_kernel(
     x_offs = _row_offsets(offs, n_cols, stride_x_row, CONTIGUOUS)
     x = tl.load(x_ptr + x_offs, mask=mask).to(tl.float32)
     y = gelu(x, APPROXIMATE_TANH)
+    if HAS_DROPOUT:  # the mask of element (row, col) of the (rows, n_cols) view: see _math
+        row = offs // n_cols
+        y = y * dropout_factor(seed_ptr, row, offs - row * n_cols, n_cols, dropout_threshold,
+                               dropout_scale)
     tl.store(y_ptr + offs, cast_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -62,12 +75,18 @@ def _gelu_bwd_kernel(
     dy_ptr,  # (rows, n_cols), row stride stride_dy_row
     x_ptr,  # (rows, n_cols), row stride stride_x_row
     dx_ptr,  # (rows * n_cols,) contiguous
+    seed_ptr,  # (1,) int64, the dropout seed; None without HAS_DROPOUT
+    h_ptr,  # (rows * n_cols,) contiguous, dropout(gelu(x)); None without WRITE_H
     n_elements,
     n_cols,
     stride_dy_row,
     stride_x_row,
+    dropout_threshold,
+    dropout_scale,
     APPROXIMATE_TANH: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    WRITE_H: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -75,13 +94,30 @@ def _gelu_bwd_kernel(
     mask = offs < n_elements
     dy = tl.load(dy_ptr + _row_offsets(offs, n_cols, stride_dy_row, CONTIGUOUS), mask=mask)
     x = tl.load(x_ptr + _row_offsets(offs, n_cols, stride_x_row, CONTIGUOUS), mask=mask)
-    # dx = dy * gelu'(x), in float32
-    dx = dy.to(tl.float32) * gelu_grad(x.to(tl.float32), APPROXIMATE_TANH)
+    x = x.to(tl.float32)
+    # dx = dy * gelu'(x), in float32; with dropout after the GELU,
+    # dx = dy * keep / (1 - p) * gelu'(x)
+    dx = dy.to(tl.float32) * gelu_grad(x, APPROXIMATE_TANH)
+    if HAS_DROPOUT:
+        row = offs // n_cols
+        keep_scale = dropout_factor(seed_ptr, row, offs - row * n_cols, n_cols,
+                                    dropout_threshold, dropout_scale)
+        dx = dx * keep_scale
     tl.store(dx_ptr + offs, cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+    if WRITE_H:  # the forward's output, regenerated for a matmul that needs it
+        h = gelu(x, APPROXIMATE_TANH)
+        if HAS_DROPOUT:
+            h = h * keep_scale
+        tl.store(h_ptr + offs, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
 
 
 _fwd_tuner = Tuner(_gelu_fwd_kernel, "gelu_fwd", elementwise_configs, prune_elementwise)
 _bwd_tuner = Tuner(_gelu_bwd_kernel, "gelu_bwd", elementwise_configs, prune_elementwise)
+# The FFN block's composed path: GELU + dropout on the (M, N) pre-activation of a cuBLAS matmul.
+_dropout_fwd_tuner = Tuner(_gelu_fwd_kernel, "gelu_dropout_fwd", elementwise_configs,
+                           prune_elementwise)
+_dropout_bwd_tuner = Tuner(_gelu_bwd_kernel, "gelu_dropout_bwd", elementwise_configs,
+                           prune_elementwise)
 
 
 def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -103,6 +139,57 @@ def _grid(n_elements: int):
     return lambda meta: (triton.cdiv(n_elements, meta["BLOCK_SIZE"]),)
 
 
+def _launch_forward(
+    tuner: Tuner, x: torch.Tensor, out: torch.Tensor, approximate_tanh: bool,
+    seed: torch.Tensor | None = None, p: float = 0.0,
+) -> torch.Tensor:
+    """out = gelu(x), then dropout with probability ``p`` when p > 0; ``out`` may be ``x``
+    itself (each element is read before it is written)."""
+    if x.numel() == 0:
+        return out
+    rows, n_cols, stride_row = _as_rows(x)
+    n = x.numel()
+    threshold, scale = reference.dropout_constants(p)
+    with device_context(x):
+        tuner.run(
+            _grid(n), (bucket(n), x.dtype, approximate_tanh, p > 0.0),
+            aliased=("y_ptr",) if out.data_ptr() == rows.data_ptr() else (),
+            x_ptr=rows, y_ptr=out, seed_ptr=seed if p > 0.0 else None, n_elements=n,
+            n_cols=n_cols, stride_x_row=stride_row, dropout_threshold=threshold,
+            dropout_scale=scale, APPROXIMATE_TANH=approximate_tanh,
+            CONTIGUOUS=stride_row == n_cols, HAS_DROPOUT=p > 0.0,
+        )
+    return out
+
+
+def _launch_backward(
+    tuner: Tuner, dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, approximate_tanh: bool,
+    seed: torch.Tensor | None = None, p: float = 0.0, h: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out = dy * gelu'(x), through dropout with probability ``p`` when p > 0; also
+    h = dropout(gelu(x)) when an ``h`` buffer is given."""
+    if x.numel() == 0:
+        return out
+    x_rows, n_cols, stride_x = _as_rows(x)
+    dy_rows, dy_cols, stride_dy = _as_rows(dy)
+    if dy_cols != n_cols:  # both views must share the column count; fall back to contiguous
+        x_rows, dy_rows = x.contiguous(), dy.contiguous()
+        n_cols = stride_x = stride_dy = x.shape[-1] if x.dim() else 1
+    n = x.numel()
+    threshold, scale = reference.dropout_constants(p)
+    with device_context(x):
+        tuner.run(
+            _grid(n), (bucket(n), x.dtype, approximate_tanh, p > 0.0, h is not None),
+            dy_ptr=dy_rows, x_ptr=x_rows, dx_ptr=out, seed_ptr=seed if p > 0.0 else None,
+            h_ptr=h, n_elements=n, n_cols=n_cols, stride_dy_row=stride_dy,
+            stride_x_row=stride_x, dropout_threshold=threshold, dropout_scale=scale,
+            APPROXIMATE_TANH=approximate_tanh,
+            CONTIGUOUS=stride_x == n_cols and stride_dy == n_cols,
+            HAS_DROPOUT=p > 0.0, WRITE_H=h is not None,
+        )
+    return out
+
+
 def gelu_forward_triton(
     x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -110,18 +197,7 @@ def gelu_forward_triton(
     shape and dtype; ``out`` may be ``x`` itself (each element is read before it is written)."""
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if x.numel() == 0:
-        return out
-    rows, n_cols, stride_row = _as_rows(x)
-    n = x.numel()
-    with device_context(x):
-        _fwd_tuner.run(
-            _grid(n), (bucket(n), x.dtype, approximate_tanh),
-            aliased=("y_ptr",) if out.data_ptr() == rows.data_ptr() else (),
-            x_ptr=rows, y_ptr=out, n_elements=n, n_cols=n_cols, stride_x_row=stride_row,
-            APPROXIMATE_TANH=approximate_tanh, CONTIGUOUS=stride_row == n_cols,
-        )
-    return out
+    return _launch_forward(_fwd_tuner, x, out, approximate_tanh)
 
 
 def gelu_backward_triton(
@@ -131,23 +207,25 @@ def gelu_backward_triton(
     x's shape and dtype."""
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if x.numel() == 0:
-        return out
-    x_rows, n_cols, stride_x = _as_rows(x)
-    dy_rows, dy_cols, stride_dy = _as_rows(dy)
-    if dy_cols != n_cols:  # both views must share the column count; fall back to contiguous
-        x_rows, dy_rows = x.contiguous(), dy.contiguous()
-        n_cols = stride_x = stride_dy = x.shape[-1] if x.dim() else 1
-    n = x.numel()
-    with device_context(x):
-        _bwd_tuner.run(
-            _grid(n), (bucket(n), x.dtype, approximate_tanh),
-            dy_ptr=dy_rows, x_ptr=x_rows, dx_ptr=out, n_elements=n, n_cols=n_cols,
-            stride_dy_row=stride_dy, stride_x_row=stride_x,
-            APPROXIMATE_TANH=approximate_tanh,
-            CONTIGUOUS=stride_x == n_cols and stride_dy == n_cols,
-        )
-    return out
+    return _launch_backward(_bwd_tuner, dy, x, out, approximate_tanh)
+
+
+def gelu_dropout_forward(
+    preact: torch.Tensor, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """out = dropout(gelu(z)) for the (M, N) pre-activation z: the mask of element (m, n) is the
+    one the fused matmul epilogue draws, so both paths of the FFN block drop the same elements."""
+    return _launch_forward(_dropout_fwd_tuner, preact, out, approximate_tanh, seed, p)
+
+
+def gelu_dropout_backward(
+    dh: torch.Tensor, preact: torch.Tensor, seed: torch.Tensor | None, p: float,
+    approximate_tanh: bool, out: torch.Tensor, h: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out = dh * keep / (1 - p) * gelu'(z) for the (M, N) z, and h = dropout(gelu(z)) when an
+    ``h`` buffer is given (dW2 of the FFN block needs it); same mask as the forward."""
+    return _launch_backward(_dropout_bwd_tuner, dh, preact, out, approximate_tanh, seed, p, h)
 
 
 # ---- the paths, and the launchers that choose between them -----------------------------------

@@ -8,6 +8,8 @@ Forward: one tiled matmul accumulating in float32; the epilogue adds the bias an
 while the accumulator is still float32, then casts once. When a gradient will be needed the same
 epilogue also stores the pre-activation z (in the input dtype) for the backward; in inference only
 y is written. ``linear_preact`` runs the same kernel writing only z (backward with recompute).
+The FFN block (``ffn.py``) runs it too, with dropout applied to y in the epilogue (HAS_DROPOUT:
+the mask is a function of the seed and the element's position, see ``_math.py``).
 
 Backward, with dz = dy * gelu'(z) (elementwise, M x N; gelu' is in ``_math.py``)::
 
@@ -75,8 +77,10 @@ from .._checks import check_linear_2d, check_linear_backward
 from .._runtime import device_context
 from . import _matmul
 from . import gelu as _gelu
-from ._math import cast_to, gelu, gelu_grad
-from ._matmul import cublas_context, dot_operand, grouped_tile, input_precision, tile_grid
+from ._math import cast_to, dropout_factor_tile, gelu, gelu_grad
+from ._matmul import (
+    cublas_context, dot_operand, dot_tile, grouped_tile, input_precision, output_tile, tile_grid,
+)
 
 
 @triton.jit
@@ -86,6 +90,7 @@ def _linear_gelu_fwd_kernel(
     b_ptr,  # (N,) contiguous; None without HAS_BIAS
     y_ptr,  # (M, N) contiguous; None without WRITE_Y
     preact_ptr,  # (M, N) contiguous; None without SAVE_PREACT
+    seed_ptr,  # (1,) int64, the dropout seed; None without HAS_DROPOUT
     M,
     N,
     K,
@@ -94,37 +99,27 @@ def _linear_gelu_fwd_kernel(
     stride_wn,
     stride_wk,
     stride_ym,  # row stride of y and preact
+    dropout_threshold,  # round(p * 2**31): see _math.dropout_factor_tile
+    dropout_scale,  # 1 / (1 - p)
     APPROXIMATE_TANH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_Y: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(
-        tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M
-    )
-    offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    offs_k = tl.arange(0, BLOCK_SIZE_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # (BK, BN) of W^T
+    _, pid_n, offs_m, offs_n, mask_m, mask_n = output_tile(
+        M, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
+    acc = dot_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K,
+                   stride_xm, stride_xk, stride_wk, stride_wn,  # W^T: k along W's rows' stride
+                   INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
-        k_left = K - k * BLOCK_SIZE_K
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(dot_operand(x), dot_operand(w), acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_SIZE_K * stride_xk
-        w_ptrs += BLOCK_SIZE_K * stride_wk
-
-    # Epilogue in float32: z = acc + b, y = gelu(z); each output is cast once, on store.
+    # Epilogue in float32: z = acc + b, y = gelu(z) (then dropout); each output is cast once,
+    # on store.
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     offs_out = offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -133,6 +128,9 @@ def _linear_gelu_fwd_kernel(
         tl.store(preact_ptr + offs_out, cast_to(acc, preact_ptr.dtype.element_ty), mask=mask_out)
     if WRITE_Y:
         y = gelu(acc, APPROXIMATE_TANH)
+        if HAS_DROPOUT:  # y * keep / (1 - p), the mask a function of (m, n): see _math
+            y = y * dropout_factor_tile(seed_ptr, offs_m, pid_n, N, dropout_threshold,
+                                        dropout_scale, BLOCK_SIZE_N)
         tl.store(y_ptr + offs_out, cast_to(y, y_ptr.dtype.element_ty), mask=mask_out)
 
 
@@ -172,14 +170,9 @@ def _linear_gelu_bwd_dx_kernel(
 ):
     # dx[m, k] = sum_n dz[m, n] * W[n, k], dz = dy * gelu'(z): one (BM, BK) tile of dx per
     # program, looping over N.
-    pid_m, pid_k = grouped_tile(
-        tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(K, BLOCK_SIZE_K), GROUP_SIZE_M
-    )
-    offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    offs_k = pid_k.to(tl.int64) * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)
+    _, _, offs_m, offs_k, mask_m, mask_k = output_tile(
+        M, K, BLOCK_SIZE_M, BLOCK_SIZE_K, GROUP_SIZE_M)
     offs_n = tl.arange(0, BLOCK_SIZE_N)
-    mask_m = offs_m < M
-    mask_k = offs_k < K
     dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn  # (BM, BN)
     preact_ptrs = preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # (BN, BK)
@@ -340,25 +333,32 @@ def _forward_key(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             save_preact, input_precision(x2d.dtype))
 
 
-def _launch_forward(
+def launch_forward(
     tuner: Tuner, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     y: torch.Tensor | None, preact: torch.Tensor | None, approximate_tanh: bool,
+    seed: torch.Tensor | None = None, p: float = 0.0,
 ) -> None:
+    """Launch the forward kernel into ``y`` (gelu, then dropout with probability ``p`` and the
+    1-element int64 ``seed`` when p > 0) and/or ``preact``, both (M, N) contiguous."""
     (M, K), N = x2d.shape, weight.shape[0]
     key = _forward_key(x2d, weight, bias, approximate_tanh, y is not None, preact is not None)
     if bias is not None:
         bias = bias.contiguous()  # N elements: cheaper to copy than to pass another stride
     out = y if y is not None else preact
+    has_dropout = p > 0.0
+    threshold, scale = reference.dropout_constants(p)
     with device_context(x2d):
         tuner.run(
-            tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
+            tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key + (has_dropout,),
             x_ptr=x2d, w_ptr=weight, b_ptr=bias, y_ptr=y, preact_ptr=preact,
+            seed_ptr=seed if has_dropout else None,
             M=M, N=N, K=K,
             stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
             stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-            stride_ym=out.stride(0),
+            stride_ym=out.stride(0), dropout_threshold=threshold, dropout_scale=scale,
             APPROXIMATE_TANH=approximate_tanh, HAS_BIAS=bias is not None,
-            WRITE_Y=y is not None, SAVE_PREACT=preact is not None, INPUT_PRECISION=key[-1],
+            WRITE_Y=y is not None, SAVE_PREACT=preact is not None, HAS_DROPOUT=has_dropout,
+            INPUT_PRECISION=key[-1],
         )
 
 
@@ -443,7 +443,7 @@ def _forward_fused(x2d, weight, bias, approximate_tanh: bool, save_preact: bool)
     (M, _), N = x2d.shape, weight.shape[0]
     y = _matmul.new_output((M, N), x2d)
     preact = _matmul.new_output((M, N), x2d) if save_preact else None
-    _launch_forward(_fwd_tuner, x2d, weight, bias, y, preact, approximate_tanh)
+    launch_forward(_fwd_tuner, x2d, weight, bias, y, preact, approximate_tanh)
     return y, preact
 
 
@@ -490,7 +490,7 @@ _fwd_paths = Paths(
 
 def _preact_fused(x2d, weight, bias):
     preact = _matmul.new_output((x2d.shape[0], weight.shape[0]), x2d)
-    _launch_forward(_preact_tuner, x2d, weight, bias, None, preact, approximate_tanh=False)
+    launch_forward(_preact_tuner, x2d, weight, bias, None, preact, approximate_tanh=False)
     return preact
 
 

@@ -1,5 +1,5 @@
-"""Model patching: swap every Linear followed by GELU that is provably such a pair for the fused
-kernel, in place.
+"""Model patching: swap every whole FFN block (Linear -> GELU -> [Dropout] -> Linear) and every
+other Linear followed by GELU that is provably such a chain for the fused kernels, in place.
 
 ``patch(model)`` looks at every submodule and finds the order in which it applies its children:
 
@@ -13,7 +13,10 @@ kernel, in place.
   ``GPT2MLP`` (``c_fc -> act -> c_proj -> dropout``);
 - ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``: the chain of ``_ff_block``.
 
-Where the chain holds a Linear directly followed by a GELU, and each is used once in it, the
+Where the chain holds Linear -> GELU -> [Dropout] -> Linear, the whole block becomes one
+``feed_forward`` call (``ffn.py``: ``FusedFeedForward`` in the first Linear's slot,
+``FeedForwardOutput`` keeping the second Linear's parameters in its slot). Elsewhere, where the
+chain holds a Linear directly followed by a GELU, and each is used once in it, the
 Linear becomes a ``LinearGELU`` holding the very same parameters (same names in the state dict)
 and the GELU becomes ``nn.Identity()``. GPT-2's ``Conv1D`` (weight stored as (in, out)) becomes a
 ``Conv1DGELU`` that keeps that parameter and passes its transposed view to the kernel, which
@@ -23,8 +26,8 @@ Gated GELU blocks (Gemma's MLP, T5's DenseGatedActDense: ``down(gelu(gate(x)) * 
 recognised by ``gated.py`` and swapped whole for a fused block holding the same children.
 
 The package's rooms: ``chain.py`` reads which children a module applies in which order,
-``match.py`` says what is a Linear and what is a GELU, ``fuse.py`` makes the swap, ``gated.py``
-the gated blocks.
+``match.py`` says what is a Linear, a GELU and a Dropout, ``fuse.py`` makes the pair swap,
+``ffn.py`` the block swap, ``gated.py`` the gated blocks.
 transformers is never imported: its classes are recognised by module path and name.
 """
 
@@ -34,21 +37,27 @@ from torch import nn
 
 from .._checks import check_approximate
 from .chain import application_chain, call_chain
+from .ffn import FeedForwardOutput, FusedFeedForward, fuse_feed_forwards
 from .fuse import Conv1DGELU, fuse_pair
 from .gated import GatedGELUBlock, patch_gated
 from .match import gelu_form
 
-__all__ = ["patch", "gelu_form", "call_chain", "Conv1DGELU", "GatedGELUBlock"]
+__all__ = ["patch", "gelu_form", "call_chain", "Conv1DGELU", "FusedFeedForward",
+           "FeedForwardOutput", "GatedGELUBlock"]
 
 
-def patch(model: nn.Module, approximate: str | None = None) -> int:
-    """Replace, in place, every Linear followed by GELU in ``model`` that provably is such a pair
-    by the fused ``LinearGELU``, and every gated GELU block (Gemma, T5 v1.1) by a fused
-    ``GatedGELUBlock``; return how many pairs and blocks were replaced.
+def patch(model: nn.Module, approximate: str | None = None, recompute: bool = False) -> int:
+    """Replace, in place, every whole FFN block (Linear -> GELU -> [Dropout] -> Linear) in
+    ``model`` by one fused ``feed_forward`` call, every other Linear followed by GELU by the
+    fused ``LinearGELU``, and every gated GELU block (Gemma, T5 v1.1) by a fused
+    ``GatedGELUBlock``, where each provably is such a chain; return how many blocks and pairs
+    were replaced.
 
     ``approximate=None`` keeps each block's own GELU form; ``"none"`` or ``"tanh"`` forces one.
-    Parameters are kept (the same ``nn.Parameter`` objects under the same state-dict names), so
-    optimizers, tied weights and ``state_dict`` save/load keep working. Patching twice is a no-op.
+    ``recompute=True`` makes every fused block and pair keep less for the backward (x alone:
+    the pre-activation is recomputed). Parameters are kept (the same ``nn.Parameter`` objects
+    under the same state-dict names), so optimizers, tied weights and ``state_dict`` save/load
+    keep working. Patching twice is a no-op.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -63,8 +72,9 @@ def patch(model: nn.Module, approximate: str | None = None) -> int:
         chain = application_chain(module)
         if chain is None:
             continue
+        count += fuse_feed_forwards(module, chain, approximate, recompute)
         for linear_name, act_name in zip(chain, chain[1:]):
             if chain.count(linear_name) != 1 or chain.count(act_name) != 1:
                 continue  # a child used twice: swapping it would change the other use
-            count += fuse_pair(module, linear_name, act_name, approximate)
-    return count + patch_gated(model, approximate)
+            count += fuse_pair(module, linear_name, act_name, approximate, recompute)
+    return count + patch_gated(model, approximate, recompute)

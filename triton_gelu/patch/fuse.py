@@ -22,22 +22,27 @@ class Conv1DGELU(nn.Module):
     weight: torch.Tensor
     bias: torch.Tensor
 
-    def __init__(self, conv: nn.Module, approximate: str = "none") -> None:
+    def __init__(self, conv: nn.Module, approximate: str = "none", recompute: bool = False) -> None:
         super().__init__()
         check_approximate(approximate)
         self.nf, self.nx = conv.nf, conv.nx
         self.weight = conv.get_parameter("weight")  # (nx, nf): nn.Linear's (out, in) transposed
         self.bias = conv.get_parameter("bias")
         self.approximate = approximate
+        self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_gelu(x, self.weight.t(), self.bias, approximate=self.approximate)
+        return linear_gelu(x, self.weight.t(), self.bias, self.approximate, self.recompute)
 
     def extra_repr(self) -> str:
-        return f"nf={self.nf}, nx={self.nx}, approximate={self.approximate!r}"
+        return (f"nf={self.nf}, nx={self.nx}, approximate={self.approximate!r}, "
+                f"recompute={self.recompute}")
 
 
-def fuse_pair(parent: nn.Module, linear_name: str, act_name: str, approximate: str | None) -> int:
+def fuse_pair(
+    parent: nn.Module, linear_name: str, act_name: str, approximate: str | None,
+    recompute: bool = False,
+) -> int:
     linear = child(parent, linear_name)
     act = child(parent, act_name)
     kind = linear_kind(linear)
@@ -57,22 +62,33 @@ def fuse_pair(parent: nn.Module, linear_name: str, act_name: str, approximate: s
     new_form = form if approximate is None else approximate
     fused: nn.Module
     if kind == "linear" and isinstance(linear, nn.Linear):
-        fused = LinearGELU.from_linear(linear, approximate=new_form)
+        fused = LinearGELU.from_linear(linear, approximate=new_form, recompute=recompute)
     else:
-        fused = Conv1DGELU(linear, approximate=new_form)
+        fused = Conv1DGELU(linear, approximate=new_form, recompute=recompute)
     fused.train(linear.training)
     if style is not None:
         # A column-parallel (or sequence-parallel) Linear: the fused module takes the style's
         # input and output hooks; GELU needs none (it commutes with the column split).
         importlib.import_module("triton_gelu.parallel").copy_tp_hooks(linear, fused)
-    identity = nn.Identity().train(act.training if isinstance(act, nn.Module) else parent.training)
     setattr(parent, linear_name, fused)
-    setattr(parent, act_name, identity)
-    if isinstance(parent, nn.TransformerEncoderLayer) and new_form != form and new_form == "tanh":
-        # The eval/no-grad fast path (torch._transformer_encoder_layer_fwd) applies the erf form
-        # from linear1's weights whatever the module; turn it off when the form is forced to tanh.
-        parent.activation_relu_or_gelu = 0
+    replace_with_identity(parent, act_name)
+    keep_encoder_fast_path_exact(parent, form, new_form)
     return 1
+
+
+def replace_with_identity(parent: nn.Module, name: str) -> None:
+    """Put ``nn.Identity()`` in slot ``name`` (a child module or a function attribute)."""
+    old = child(parent, name)
+    training = old.training if isinstance(old, nn.Module) else parent.training
+    setattr(parent, name, nn.Identity().train(training))
+
+
+def keep_encoder_fast_path_exact(parent: nn.Module, form: str, new_form: str) -> None:
+    """The eval/no-grad fast path of ``nn.TransformerEncoderLayer``
+    (torch._transformer_encoder_layer_fwd) applies the erf form from linear1's weights whatever
+    the modules; turn it off when the form is forced to tanh."""
+    if isinstance(parent, nn.TransformerEncoderLayer) and new_form != form and new_form == "tanh":
+        parent.activation_relu_or_gelu = 0
 
 
 def child(parent: nn.Module, name: str) -> object:

@@ -204,7 +204,8 @@ class GatedGELUBlock(nn.Module):
     """A gated GELU FFN block of a model, fused: the same children under the same names, and a
     forward through ``triton_gelu.gated_feed_forward`` (see the module docstring)."""
 
-    def __init__(self, block: nn.Module, spec: GatedSpec, approximate: str) -> None:
+    def __init__(self, block: nn.Module, spec: GatedSpec, approximate: str,
+                 recompute: bool = False) -> None:
         super().__init__()
         for name, child in block._modules.items():  # the same order: the same state dict
             self.add_module(name, child)
@@ -214,6 +215,7 @@ class GatedGELUBlock(nn.Module):
         self.training = block.training  # not .train(): the children keep their own modes
         self.original_class = type(block)
         self.approximate = approximate
+        self.recompute = recompute
         self._spec = spec
         self._proven_types = self._child_types()
 
@@ -238,8 +240,10 @@ class GatedGELUBlock(nn.Module):
         dropout_active = dropout is not None and dropout.training and dropout.p > 0
         if not dropout_active and not self._needs_cast(x, down):
             return gated_feed_forward(x, gate.weight, up.weight, down.weight, gate.bias,
-                                      up.bias, down.bias, self.approximate)
-        hidden = geglu(x, gate.weight, up.weight, gate.bias, up.bias, self.approximate)
+                                      up.bias, down.bias, self.approximate,
+                                      recompute=self.recompute)
+        hidden = geglu(x, gate.weight, up.weight, gate.bias, up.bias, self.approximate,
+                       self.recompute)
         if dropout is not None:
             hidden = dropout(hidden)
         if self._spec.casts_to_down_dtype and hidden.dtype != down.weight.dtype:
@@ -260,13 +264,15 @@ class GatedGELUBlock(nn.Module):
 
     def extra_repr(self) -> str:
         cls = self.original_class
-        return f"replaces={cls.__module__}.{cls.__qualname__}, approximate={self.approximate!r}"
+        return (f"replaces={cls.__module__}.{cls.__qualname__}, approximate={self.approximate!r}, "
+                f"recompute={self.recompute}")
 
 
-def patch_gated(model: nn.Module, approximate: str | None) -> int:
-    """Swap every provable gated GELU block below ``model`` for a ``GatedGELUBlock``; return
-    how many blocks were swapped (a block shared by several parents is swapped once, and the
-    same replacement put in each). ``model`` itself is not swapped: it has no parent."""
+def patch_gated(model: nn.Module, approximate: str | None, recompute: bool = False) -> int:
+    """Swap every provable gated GELU block below ``model`` for a ``GatedGELUBlock`` (keeping
+    x alone for the backward with ``recompute``); return how many blocks were swapped (a block
+    shared by several parents is swapped once, and the same replacement put in each).
+    ``model`` itself is not swapped: it has no parent."""
     swapped: dict[int, GatedGELUBlock] = {}
     for parent in list(model.modules()):
         for name, block in list(parent._modules.items()):
@@ -278,6 +284,6 @@ def patch_gated(model: nn.Module, approximate: str | None) -> int:
                 if spec is None:
                     continue
                 form = spec.form if approximate is None else approximate
-                fused = swapped[id(block)] = GatedGELUBlock(block, spec, form)
+                fused = swapped[id(block)] = GatedGELUBlock(block, spec, form, recompute)
             setattr(parent, name, fused)
     return len(swapped)

@@ -8,6 +8,8 @@ transformers' ``Conv1D``. What counts as GELU: ``nn.GELU``,
 ``PytorchGELUTanh``, ``NewGELUActivation`` (``gelu_new``), ``AccurateGELUActivation`` and
 ``FastGELUActivation`` (``gelu_fast``: sqrt(2/pi) written to 10 digits, the same float32 constant)
 in the tanh form. ``quick_gelu``, clipped GELU (``gelu_10``) and anything else are left alone.
+What counts as the dropout between GELU and a second Linear: a plain ``nn.Dropout`` with p < 1
+(``nn.Identity`` counts as p = 0).
 
 transformers is never imported here: its classes are recognised by module path and name.
 """
@@ -25,7 +27,7 @@ from torch import nn
 
 from .._checks import FLOAT_DTYPES
 from ..functional import gelu as _tg_gelu
-from ..modules import GELU
+from ..modules import GELU, has_hooks
 
 
 # ---- what is a GELU --------------------------------------------------------------------------
@@ -102,6 +104,22 @@ _HF_GELU_FORMS = {
 }
 
 
+# ---- what is a Dropout ------------------------------------------------------------------------
+
+
+def dropout_p(mod: object) -> float | None:
+    """``p`` of a plain ``nn.Dropout`` (0.0 for ``nn.Identity``), else None."""
+    if not isinstance(mod, nn.Module) or has_hooks(mod) or "forward" in vars(mod) \
+            or has_state(mod):
+        return None
+    cls = type(mod)
+    if isinstance(mod, nn.Dropout) and cls.forward is nn.Dropout.forward and 0.0 <= mod.p < 1.0:
+        return float(mod.p)
+    if isinstance(mod, nn.Identity) and cls.forward is nn.Identity.forward:
+        return 0.0
+    return None
+
+
 # ---- what is a Linear ------------------------------------------------------------------------
 
 
@@ -156,14 +174,6 @@ def parallel_style(mod: nn.Module) -> str | None:
     if _dtensor_class() is None:
         return None
     return importlib.import_module("triton_gelu.parallel").tp_style(mod)
-
-
-def has_hooks(mod: nn.Module) -> bool:
-    return any(
-        getattr(mod, hooks, None)
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                      "_backward_pre_hooks")
-    )
 
 
 def has_state(mod: nn.Module) -> bool:

@@ -1,0 +1,324 @@
+"""The transformer FFN block y = linear2(dropout(gelu(linear1(x)))) as one op: forward, backward.
+
+Shapes (the launchers take a 2-D x; ``functional.py`` flattens the leading dimensions)::
+
+    x (M, D)    W1 (F, D)   b1 (F,)    z = x @ W1^T + b1 (M, F)    h = dropout(gelu(z)) (M, F)
+                W2 (E, F)   b2 (E,)    y = h @ W2^T + b2 (M, E)    (E = D in a transformer)
+
+Dropout keeps element (m, f) when its Philox word for the call's seed passes the threshold
+(``_math.py``): the mask is a function of the seed and the position alone, the same for any tile
+shape and on both paths below, so the backward regenerates it and the forward keeps only the
+seed (one int64) for it. What else the forward keeps is ``functional.py``'s
+choice: x and z (the launcher returns z when asked), or x alone with ``recompute``. h lives only
+inside the forward launcher.
+
+Two paths (``_autotune.Paths`` "ffn_fwd" and "ffn_bwd"; the same mask, results within the
+tolerance rule), the plain matmuls by cuBLAS (``torch.mm`` / ``torch.addmm``) on both; where
+nothing may be timed on a GPU, the composed ones (``untuned``):
+
+fused (the default)
+    forward: the linear_gelu forward kernel with dropout in its epilogue writes z (when kept) and
+    h; y = h @ W2^T + b2; h is freed.
+    backward: one Triton matmul dh = dy @ W2 whose epilogue loads the z tile, regenerates the mask
+    and writes, once each: dz = dh * keep / (1 - p) * gelu'(z) in the input dtype; h (when dW2 is
+    needed); the tile's column sums of the float32 dz (db1 is their sum over the M-tiles: no
+    second pass over dz, for a float32 buffer of ceil(M / BLOCK_SIZE_M) rows, sized for the
+    smallest M-tile of the config space: 1/32 of dz's bf16 bytes on sm90, 1/8 on sm80). Then
+    dW2 = dy^T @ h (h freed), dx = dz @ W1, dW1 = dz^T @ x, db2 = sum_m dy.
+composed
+    forward: z = x @ W1^T + b1, h by one elementwise Triton kernel (GELU + dropout), y.
+    backward: dh = dy @ W2, one elementwise Triton kernel writing dz and h, db1 = sum_m dz, and
+    the rest as above.
+
+Why the backward writes h for cuBLAS rather than regenerating it inside a dW2 kernel: dW2 =
+dy^T @ h has (E, F) output tiles reducing over M, so a kernel rebuilding h from z would redo GELU
+and the 10-round Philox of every z tile once per E-tile (E / 128 = 32 times for E = 4096), while
+the dz epilogue has z and the mask in registers already: one more store of M x F elements, and
+the largest matmul of the backward stays with cuBLAS. h is freed as soon as dW2 exists, before
+dx and dW1 are computed.
+
+Numerics: float32 accumulation and epilogue math, one rounding per stored tensor; dz and h enter
+the matmuls rounded to the input dtype (what PyTorch's own backward feeds them); db1 sums the
+unrounded float32 dz on the fused path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .._autotune import Paths, Tuner, bucket, matmul_configs, prune_matmul
+from .._checks import check_ffn_2d, check_ffn_backward, check_ffn_needs
+from .._runtime import device_context
+from . import _matmul
+from . import gelu as _gelu
+from ._math import cast_to, dropout_factor_tile, gelu, gelu_grad
+from ._matmul import cublas_context, dot_tile, input_precision, output_tile, tile_grid
+from .gelu import gelu_dropout_backward, gelu_dropout_forward
+from .linear_gelu import _linear_gelu_fwd_kernel, _matmul_bias, launch_forward
+
+Tensor = torch.Tensor
+Grads = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+
+
+@triton.jit
+def _ffn_bwd_dz_kernel(
+    dy_ptr,  # (M, E)
+    w2_ptr,  # (E, F)
+    preact_ptr,  # (M, F): z
+    seed_ptr,  # (1,) int64, the dropout seed; None without HAS_DROPOUT
+    dz_ptr,  # (M, F) contiguous
+    h_ptr,  # (M, F) contiguous; None without WRITE_H
+    db1_part_ptr,  # (db1_part_rows, F) float32 contiguous; None without SUM_DB1
+    M,
+    F,
+    E,
+    db1_part_rows,
+    stride_dym,
+    stride_dye,
+    stride_w2e,
+    stride_w2f,
+    stride_zm,
+    stride_zf,
+    dropout_threshold,  # round(p * 2**31): see _math.dropout_factor_tile
+    dropout_scale,  # 1 / (1 - p)
+    APPROXIMATE_TANH: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    SUM_DB1: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,  # along F
+    BLOCK_SIZE_K: tl.constexpr,  # along E, the reduction
+    GROUP_SIZE_M: tl.constexpr,
+):
+    # dh = dy @ W2: one (BM, BN) tile of the (M, F) gradient per program, reducing over E.
+    pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = output_tile(
+        M, F, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
+    dh = dot_tile(dy_ptr, w2_ptr, offs_m, offs_n, mask_m, mask_n, E,
+                  stride_dym, stride_dye, stride_w2e, stride_w2f,
+                  INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+
+    # Epilogue in float32, with h = dropout(gelu(z)) = gelu(z) * keep / (1 - p):
+    #   dz = dh * keep / (1 - p) * gelu'(z)
+    # Rows past M have dh = 0 (and z read as 0), so their dz is 0 and the column sums hold.
+    mask = mask_m[:, None] & mask_n[None, :]
+    preact = tl.load(preact_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zf,
+                     mask=mask, other=0.0).to(tl.float32)
+    dz = dh * gelu_grad(preact, APPROXIMATE_TANH)
+    if HAS_DROPOUT:  # the forward's mask: a function of the seed and (m, f) (see _math)
+        keep_scale = dropout_factor_tile(seed_ptr, offs_m, pid_n, F, dropout_threshold,
+                                         dropout_scale, BLOCK_SIZE_N)
+        dz = dz * keep_scale
+    offs_out = offs_m[:, None] * F + offs_n[None, :]
+    tl.store(dz_ptr + offs_out, cast_to(dz, dz_ptr.dtype.element_ty), mask=mask)
+    if WRITE_H:  # linear2's input, regenerated for dW2 = dy^T @ h
+        h = gelu(preact, APPROXIMATE_TANH)
+        if HAS_DROPOUT:
+            h = h * keep_scale
+        tl.store(h_ptr + offs_out, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
+    if SUM_DB1:  # db1 = sum_m dz: this tile's column sums, in row pid_m of the partial sums
+        if pid_m < db1_part_rows:  # always, unless a stale cached tile is smaller than planned
+            tl.store(db1_part_ptr + pid_m.to(tl.int64) * F + offs_n, tl.sum(dz, axis=0),
+                     mask=mask_n)
+
+
+# The same forward kernel as LinearGELU's, under its own name: its keys and launch count are the
+# FFN block's. Both kernels loop over a reduction the way the linear forward does ("K").
+_fwd_tuner = Tuner(_linear_gelu_fwd_kernel, "ffn_fwd_gelu_dropout", matmul_configs,
+                   functools.partial(prune_matmul, reduction="K"))
+_dz_tuner = Tuner(_ffn_bwd_dz_kernel, "ffn_bwd_dz", matmul_configs,
+                  functools.partial(prune_matmul, reduction="K"))
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    with cublas_context(a):
+        return torch.mm(a, b)
+
+
+def _gelu_dropout(preact: Tensor, seed: Tensor | None, p: float, approximate_tanh: bool,
+                  like: Tensor) -> Tensor:
+    """h = dropout(gelu(z)) by the elementwise kernel, into a new (M, F) tensor."""
+    out = _matmul.new_output(tuple(preact.shape), like)
+    return gelu_dropout_forward(preact, seed, p, approximate_tanh, out)
+
+
+# ---- forward ---------------------------------------------------------------------------------
+
+
+def _forward_fused(
+    x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool,
+) -> tuple[Tensor, Tensor | None]:
+    (M, _), hidden = x2d.shape, w1.shape[0]
+    h = _matmul.new_output((M, hidden), x2d)
+    preact = _matmul.new_output((M, hidden), x2d) if save_preact else None
+    if M and hidden:
+        launch_forward(_fwd_tuner, x2d, w1, b1, h, preact, approximate_tanh, seed, p)
+    return _matmul_bias(h, w2, b2), preact
+
+
+def _forward_composed(
+    x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool,
+) -> tuple[Tensor, Tensor | None]:
+    preact = _matmul_bias(x2d, w1, b1)
+    h = _gelu_dropout(preact, seed, p, approximate_tanh, x2d)
+    return _matmul_bias(h, w2, b2), (preact if save_preact else None)
+
+
+# ---- backward --------------------------------------------------------------------------------
+
+
+def _launch_dz(
+    dy2d: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None, p: float,
+    approximate_tanh: bool, dz: Tensor, h: Tensor | None, db1_part: Tensor | None,
+) -> int:
+    """The dz kernel; returns how many rows of ``db1_part`` it wrote (one per M-tile)."""
+    (M, E), hidden = dy2d.shape, preact.shape[1]
+    threshold, scale = reference.dropout_constants(p)
+    precision = input_precision(preact.dtype)
+    key = (bucket(M), hidden, E, preact.dtype, approximate_tanh, p > 0.0, h is not None,
+           db1_part is not None, precision)
+    with device_context(preact):
+        meta = _dz_tuner.run(
+            tile_grid(M, hidden, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
+            dy_ptr=dy2d, w2_ptr=w2, preact_ptr=preact, seed_ptr=seed if p > 0.0 else None,
+            dz_ptr=dz, h_ptr=h, db1_part_ptr=db1_part, M=M, F=hidden, E=E,
+            db1_part_rows=0 if db1_part is None else db1_part.shape[0],
+            stride_dym=dy2d.stride(0), stride_dye=dy2d.stride(1),
+            stride_w2e=w2.stride(0), stride_w2f=w2.stride(1),
+            stride_zm=preact.stride(0), stride_zf=preact.stride(1),
+            dropout_threshold=threshold, dropout_scale=scale,
+            APPROXIMATE_TANH=approximate_tanh, HAS_DROPOUT=p > 0.0, WRITE_H=h is not None,
+            SUM_DB1=db1_part is not None, INPUT_PRECISION=precision,
+        )
+    return triton.cdiv(M, meta["BLOCK_SIZE_M"])
+
+
+def _backward_fused(
+    dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
+    p: float, approximate_tanh: bool, needs: tuple[bool, ...],
+) -> Grads:
+    need_dx, need_dw1, need_db1, need_dw2, _ = needs
+    (M, hidden), dz, h, db1 = preact.shape, None, None, None
+    if need_dx or need_dw1 or need_db1:
+        dz = _matmul.new_output((M, hidden), x2d)
+        h = _matmul.new_output((M, hidden), x2d) if need_dw2 else None
+        db1_part = None
+        if need_db1:  # sized for the smallest M-tile the tuner may pick
+            rows = triton.cdiv(M, _dz_tuner.smallest("BLOCK_SIZE_M"))
+            db1_part = _matmul.new_output((rows, hidden), x2d, torch.float32)
+        rows_written = 0
+        if M and hidden:
+            rows_written = _launch_dz(dy2d, w2, preact, seed, p, approximate_tanh, dz, h,
+                                      db1_part)
+        if need_db1:
+            if rows_written <= db1_part.shape[0]:
+                db1 = db1_part[:rows_written].sum(0).to(x2d.dtype)
+            else:  # a cached tile smaller than today's config space: the kernel kept in bounds
+                db1 = dz.sum(0, dtype=torch.float32).to(x2d.dtype)
+    elif need_dw2:
+        h = _gelu_dropout(preact, seed, p, approximate_tanh, x2d)
+    dw2 = _mm(dy2d.t(), h) if need_dw2 else None
+    del h  # transient: freed before dx and dW1 are computed
+    return _linear1_grads(dy2d, x2d, w1, dz, db1, dw2, needs)
+
+
+def _backward_composed(
+    dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
+    p: float, approximate_tanh: bool, needs: tuple[bool, ...],
+) -> Grads:
+    need_dx, need_dw1, need_db1, need_dw2, _ = needs
+    dz = h = db1 = None
+    if need_dx or need_dw1 or need_db1:
+        dh = _mm(dy2d, w2)
+        dz = _matmul.new_output(tuple(preact.shape), x2d)
+        h = _matmul.new_output(tuple(preact.shape), x2d) if need_dw2 else None
+        gelu_dropout_backward(dh, preact, seed, p, approximate_tanh, dz, h)
+        del dh
+        if need_db1:
+            db1 = dz.sum(0, dtype=torch.float32).to(x2d.dtype)
+    elif need_dw2:
+        h = _gelu_dropout(preact, seed, p, approximate_tanh, x2d)
+    dw2 = _mm(dy2d.t(), h) if need_dw2 else None
+    del h
+    return _linear1_grads(dy2d, x2d, w1, dz, db1, dw2, needs)
+
+
+def _linear1_grads(
+    dy2d: Tensor, x2d: Tensor, w1: Tensor, dz: Tensor | None, db1: Tensor | None,
+    dw2: Tensor | None, needs: tuple[bool, ...],
+) -> Grads:
+    """(dx, dW1, db1, dW2, db2) once dz (and dW2, db1) are known: dx = dz @ W1, dW1 = dz^T @ x,
+    db2 = sum_m dy, each only when needed."""
+    need_dx, need_dw1, _, _, need_db2 = needs
+    dx = _mm(dz, w1) if need_dx else None
+    dw1 = _mm(dz.t(), x2d) if need_dw1 else None
+    db2 = dy2d.sum(0) if need_db2 else None
+    return dx, dw1, db1, dw2, db2
+
+
+# Where nothing may be timed on a GPU (policy "off", CUDA-graph capture) and nothing is known:
+# the composed paths, cuBLAS for every matmul and an elementwise kernel whose first config is
+# fine for any size (the fused kernels' first config is a guess for a matmul).
+_forward_paths = Paths(
+    "ffn_fwd", {"fused": _forward_fused, "composed": _forward_composed},
+    default="fused", untuned="composed", kernels=[_fwd_tuner, _gelu._dropout_fwd_tuner],
+)
+_backward_paths = Paths(
+    "ffn_bwd", {"fused": _backward_fused, "composed": _backward_composed},
+    default="fused", untuned="composed",
+    kernels=[_dz_tuner, _gelu._dropout_fwd_tuner, _gelu._dropout_bwd_tuner],
+)
+
+
+def _path_key(x2d: Tensor, w1: Tensor, w2: Tensor, p: float, approximate_tanh: bool,
+              *flags: bool) -> tuple:
+    """(bucket(M), D, F, E, dtype, GELU form, dropout on, *flags, TF32): what the path choice
+    may depend on (``flags``: which biases and outputs a call has)."""
+    return (bucket(x2d.shape[0]), x2d.shape[1], w1.shape[0], w2.shape[0], x2d.dtype,
+            approximate_tanh, p > 0.0, *flags, input_precision(x2d.dtype))
+
+
+# ---- launchers -------------------------------------------------------------------------------
+
+
+def ffn_forward(
+    x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+    b2: torch.Tensor | None, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
+    save_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, preact): y = linear2(dropout(gelu(linear1(x2d)))) (M, E) and, if ``save_preact``,
+    z = x2d @ w1.T + b1 (M, F), new contiguous tensors in x2d's dtype (preact None otherwise).
+
+    Dropout has probability ``p`` and draws from ``seed`` (a 1-element int64 tensor on x2d's
+    device; ignored, and may be None, when p == 0).
+    """
+    p = check_ffn_2d(x2d, w1, b1, w2, b2, seed, p)
+    key = _path_key(x2d, w1, w2, p, approximate_tanh, b1 is not None, b2 is not None,
+                    save_preact)
+    return _forward_paths.run(key, x2d, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact)
+
+
+def ffn_backward(
+    dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    preact: torch.Tensor, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dW1, db1, dW2, db2) of the FFN block for the upstream gradient dy2d (M, E), from
+    the pre-activation z = ``preact`` (M, F) and the forward's ``seed`` and ``p``.
+
+    ``needs`` says which of the five to compute (the others are None); each is a new contiguous
+    tensor ((M, D), (F, D), (F,), (E, F), (E,)) in the input dtype.
+    """
+    p = check_ffn_backward(dy2d, x2d, w1, w2, preact, seed, p)
+    needs = check_ffn_needs(needs)
+    return _backward_paths.run(_path_key(x2d, w1, w2, p, approximate_tanh, *needs),
+                               dy2d, x2d, w1, w2, preact, seed, p, approximate_tanh, needs)
+
