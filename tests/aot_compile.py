@@ -14,7 +14,9 @@ Run it without TRITON_INTERPRET (``python tests/aot_compile.py``); tests/test_ao
 It prints one line per compile and exits non-zero if any promise is broken. ``--quick``
 compiles one config per kernel and dtype; ``--only a,b`` only the kernels whose tuner name
 contains one of the substrings (e.g. ``--only geglu``, ``--only ffn,gelu_dropout`` or
-``--only linear_gelu_bwd_dz``); ``--block-m N`` only configs with BLOCK_SIZE_M == N. The FFN
+``--only linear_gelu_bwd_dz``); ``--block-m N`` only configs with BLOCK_SIZE_M == N; ``--names a,b`` only the kernels with
+exactly these names; ``--arch sm90`` only one architecture; ``--list`` prints every kernel name
+and exits (tests/test_aot_compile.py splits the work by them, so pytest-xdist spreads it). The FFN
 block's kernels (the linear forward's and the GELU kernels with a dropout epilogue) compile one
 config per dtype (``EPILOGUE_ONLY``).
 """
@@ -230,23 +232,39 @@ def _option(name: str) -> str | None:
 EPILOGUE_ONLY = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz", "gelu_dropout_fwd", "gelu_dropout_bwd")
 
 
+def _cases(dtype: torch.dtype, tanh: bool) -> list:
+    return _matmul_cases(dtype, tanh, 8192, 3072, 768) + \
+        _elementwise_cases(dtype, tanh, 1 << 24) + \
+        _geglu_cases(dtype, tanh, 8192, 16384, 2048)  # Gemma-2B's FFN
+
+
+def kernel_names() -> list[str]:
+    """Every kernel name the check compiles, in order."""
+    return list(dict.fromkeys(name for name, *_ in _cases(torch.bfloat16, False)))
+
+
 def main() -> int:
+    if "--list" in sys.argv:
+        print("\n".join(kernel_names()))
+        return 0
     failures: list[str] = []
     quick = "--quick" in sys.argv
     only = _option("--only")
     parts = [part for part in only.split(",") if part] if only else None
+    names = _option("--names")
+    exact = set(names.split(",")) if names else None
     block_m = _option("--block-m")
-    for arch in ("sm90", "sm80"):
+    arches = [_option("--arch")] if _option("--arch") else ["sm90", "sm80"]
+    for arch in arches:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             every_config = dtype == torch.bfloat16 and not quick
             for tanh in (False, True):
                 if tanh and dtype != torch.bfloat16:
                     continue
-                cases = _matmul_cases(dtype, tanh, 8192, 3072, 768) + \
-                    _elementwise_cases(dtype, tanh, 1 << 24) + \
-                    _geglu_cases(dtype, tanh, 8192, 16384, 2048)  # Gemma-2B's FFN
-                for name, kernel, args, key in cases:
+                for name, kernel, args, key in _cases(dtype, tanh):
                     if parts is not None and not any(part in name for part in parts):
+                        continue
+                    if exact is not None and name not in exact:
                         continue
                     if name in EPILOGUE_ONLY and dtype == torch.float16:
                         continue
@@ -260,7 +278,8 @@ def main() -> int:
     if failures:
         print(f"\n{len(failures)} broken:", *failures, sep="\n")
         return 1
-    print("\nevery kernel compiled for sm80 and sm90 within shared memory, on the tensor cores")
+    print(f"\nevery kernel compiled for {' and '.join(arches)} within shared memory, on the "
+          "tensor cores")
     return 0
 
 
