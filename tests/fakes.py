@@ -40,6 +40,18 @@ def load_kernel(directory: Path, factor: str, module: str):
     return mod._copy_kernel
 
 
+def tile_tuners(kernel, name: str):
+    """(label, Tuner) pairs launching the matmul ``kernel`` with one tile shape each, other
+    than the interpreter's (a dropout epilogue's mask must not depend on the tile)."""
+    from triton_gelu._autotune import Tuner
+
+    for block_m, block_n in ((16, 16), (16, 64), (64, 32)):
+        config = triton.Config({"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": block_n,
+                                "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 2}, num_warps=4)
+        label = f"{block_m}x{block_n}"
+        yield label, Tuner(kernel, f"{name}_{label}", lambda arch=None, config=config: [config])
+
+
 def three_configs(arch=None):
     return [triton.Config({"BLOCK_SIZE": b}, num_warps=4, num_stages=1) for b in (16, 32, 64)]
 

@@ -89,6 +89,54 @@ def assert_like_torch(ours, theirs, inputs, what: str, grad: bool = True) -> Non
     assert len(got) == len(want), f"{what}: {[n for n, _ in got]} vs {[n for n, _ in want]}"
     for (name, g), (_, w), (_, t) in zip(got, want, truth):
         assert_no_worse_than_torch(g, w, t, f"{what}: {name}")
+def assert_finite_differences(loss, operands: list[torch.Tensor], names, samples: int = 4,
+                              eps: float = 1e-2) -> None:
+    """The gradients of the float32 scalar ``loss(*operands)`` match central differences at
+    ``samples`` random elements of each operand (``names``: theirs, for the message). ``loss``
+    must be a deterministic function of its inputs (reset any generator it draws from)."""
+    grads = torch.autograd.grad(loss(*operands), operands)
+    with torch.no_grad():
+        for name, i, grad in zip(names, range(len(operands)), grads):
+            for flat in torch.randperm(operands[i].numel())[:samples].tolist():
+                args = [t.detach().clone() for t in operands]
+                args[i].view(-1)[flat] += eps
+                plus = loss(*args).double()
+                args[i].view(-1)[flat] -= 2 * eps
+                minus = loss(*args).double()
+                numeric = ((plus - minus) / (2 * eps)).item()
+                analytic = grad.view(-1)[flat].item()
+                assert abs(numeric - analytic) <= 2e-3 + 1e-2 * abs(analytic), (
+                    f"{name} element {flat}: finite difference {numeric:.6f}, "
+                    f"gradient {analytic:.6f}")
+    assert all(g.ne(0).any() for g in grads), "a gradient is all zeros: nothing was tested"
+
+
+def launched(fn) -> dict[str, int]:
+    """The Triton kernels ``fn()`` launched, by name, with how many times each."""
+    from triton_gelu._runtime import launches
+
+    before = dict(launches)
+    fn()
+    return {name: n - before.get(name, 0) for name, n in launches.items()
+            if n > before.get(name, 0)}
+
+
+def assert_reproducible_by_seed(fn) -> torch.Tensor:
+    """``fn()`` draws its randomness from PyTorch's generator: after the same
+    ``torch.manual_seed`` it gives the same output bit for bit, after another seed (or once the
+    generator has moved on) another. Returns its output after ``torch.manual_seed(5)``."""
+    torch.manual_seed(5)
+    a = fn()
+    torch.manual_seed(5)
+    b = fn()
+    torch.manual_seed(6)
+    c = fn()
+    d = fn()  # the generator moved on: a new seed
+    torch.testing.assert_close(a, b, rtol=0, atol=0, msg="same seed, different output")
+    assert not torch.equal(a, c) and not torch.equal(c, d), "another seed, the same output"
+    return a
+
+
 @contextlib.contextmanager
 def tf32(allowed: bool):
     """float32 matmuls with TF32 allowed or not (IEEE: what the float64 comparisons need)."""

@@ -20,23 +20,24 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from fakes import tile_tuners
 from helpers import (
-    DTYPES, X_LAYOUTS, assert_all_written, assert_nan_where_ref_nan, assert_no_worse_than_torch,
-    poisoned,
+    DTYPES, X_LAYOUTS, assert_all_written, assert_finite_differences, assert_nan_where_ref_nan,
+    assert_no_worse_than_torch, assert_reproducible_by_seed, launched, poisoned,
 )
 from torch import nn
 
 import triton_gelu
 from bench.memory import saved_activation_bytes
 from triton_gelu import fallback, kernels, ops, reference
-from triton_gelu._autotune import Tuner
 from triton_gelu._runtime import launches
 from triton_gelu.autotune import force_path
 from triton_gelu.functional import dropout_seed
 from triton_gelu.kernels import _matmul, ffn, gelu as gelu_kernels
 
 FORMS = ["none", "tanh"]
-PATHS = ["fused", "composed"]
+PATHS = ["fused", "composed"]  # the paths that draw the dropout mask
+# "torch", eager PyTorch's block, serves p == 0 only: its tests run without dropout.
 M, D, HIDDEN = 37, 45, 51  # tokens, d_model, d_ff: multiples of no block size
 
 
@@ -130,6 +131,30 @@ def test_composed_path_matches_float64(dtype, approximate, device):
                recompute=True, what="composed")
 
 
+@pytest.mark.parametrize("approximate", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_path_matches_float64(dtype, approximate, device):
+    """PyTorch's own block, eager's numerics; no kernel runs but the recompute's z."""
+    with path("torch"):
+        ran = launched(lambda: _check(_operands((M, D), HIDDEN, dtype, device), approximate,
+                                       0.0, what="torch"))
+        assert ran == {}, ran
+        ran = launched(lambda: _check(_operands((M, D), HIDDEN, dtype, device, bias=False),
+                                       approximate, 0.0, recompute=True, what="torch"))
+        assert ran == {"linear_preact": 1}, ran
+
+
+def test_torch_path_does_not_apply_with_dropout(device, monkeypatch):
+    # PyTorch's dropout cannot draw the kernels' mask (which the backward regenerates): forced
+    # at p > 0, the torch path warns and the op chooses as usual (the fused kernels here).
+    for paths in (ffn._forward_paths, ffn._backward_paths):
+        monkeypatch.setattr(paths, "_forced_warned", set())  # each warns once per process
+    operands = _operands((M, D), HIDDEN, torch.float32, device)
+    with path("torch"), pytest.warns(UserWarning, match="does not apply to this problem"):
+        ran = launched(lambda: _check(operands, "tanh", p=0.3, what="forced torch"))
+    assert ran == {"ffn_fwd_gelu_dropout": 1, "ffn_bwd_dz": 1}, ran
+
+
 @pytest.mark.parametrize("path_name", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_recompute_gives_identical_gradients(dtype, path_name, device):
@@ -167,9 +192,9 @@ def test_odd_shapes_and_transposed_weights(device):
         w1_t = w1.t().contiguous().t()
         w2_t = w2.t().contiguous().t()
         assert not w1_t.is_contiguous() or min(w1.shape) == 1
-        for path_name in PATHS:
+        for path_name, p in (("fused", 0.25), ("composed", 0.25), ("torch", 0.0)):
             with path(path_name):
-                _check((x, w1_t, b1, w2_t, b2), "none", p=0.25, what=f"{d}->{hidden}->{e}")
+                _check((x, w1_t, b1, w2_t, b2), "none", p=p, what=f"{d}->{hidden}->{e}")
 
 
 @pytest.fixture
@@ -240,22 +265,7 @@ def test_finite_differences_with_the_seed_reset(path_name, device):
         return (y * dy).sum()
 
     with path(path_name):
-        grads = torch.autograd.grad(loss(*operands), operands)
-        eps = 1e-2
-        with torch.no_grad():
-            for i, (t, grad) in enumerate(zip(operands, grads)):
-                for flat in torch.randperm(t.numel())[:4].tolist():
-                    args = [u.detach().clone() for u in operands]
-                    args[i].view(-1)[flat] += eps
-                    up = loss(*args).double()
-                    args[i].view(-1)[flat] -= 2 * eps
-                    down = loss(*args).double()
-                    numeric = ((up - down) / (2 * eps)).item()
-                    analytic = grad.view(-1)[flat].item()
-                    assert abs(numeric - analytic) <= 2e-3 + 1e-2 * abs(analytic), (
-                        f"operand {i} element {flat}: finite difference {numeric:.6f}, "
-                        f"gradient {analytic:.6f}")
-    assert not all(g.eq(0).all() for g in grads)
+        assert_finite_differences(loss, operands, ("x", "w1", "b1", "w2", "b2"))
 
 
 def _elementwise_mask(seed: torch.Tensor, p: float, rows: int, cols: int) -> torch.Tensor:
@@ -319,15 +329,7 @@ def test_same_seed_same_output_other_seed_other_output(path_name, device):
     module = triton_gelu.FeedForward(D, HIDDEN, dropout=0.3, device=device).train()
     x = torch.randn(M, D, device=device)
     with path(path_name):
-        torch.manual_seed(5)
-        a = module(x)
-        torch.manual_seed(5)
-        b = module(x)
-        torch.manual_seed(6)
-        c = module(x)
-        d = module(x)  # the generator moved on: a new seed
-    torch.testing.assert_close(a, b, rtol=0, atol=0, msg="same seed, different output")
-    assert not torch.equal(a, c) and not torch.equal(c, d)
+        assert_reproducible_by_seed(lambda: module(x))
 
 
 def test_fused_epilogue_draws_the_same_mask_as_the_elementwise_kernel(device):
@@ -342,14 +344,10 @@ def test_fused_epilogue_draws_the_same_mask_as_the_elementwise_kernel(device):
     torch.testing.assert_close(outputs["fused"][0], outputs["composed"][0], rtol=1e-5, atol=1e-5)
     # Any tile shape draws the same mask: launch the epilogue with other tiles than the tuner's.
     want = reference.dropout_keep(seed, M, HIDDEN, 0.5).cpu()
-    for block_m, block_n in ((16, 16), (16, 64), (64, 32)):
-        config = triton.Config({"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": block_n,
-                                "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 2}, num_warps=4)
-        tuner = Tuner(ffn._linear_gelu_fwd_kernel, f"test_tile_{block_m}x{block_n}",
-                      lambda arch=None, config=config: [config])
+    for tile, tuner in tile_tuners(ffn._linear_gelu_fwd_kernel, "test_tile"):
         h = torch.empty(M, HIDDEN, device=device)
         ffn.launch_forward(tuner, x, w1, b1, h, None, True, seed, 0.5)
-        assert torch.equal((h != 0).cpu(), want), f"tile {block_m}x{block_n}"
+        assert torch.equal((h != 0).cpu(), want), f"tile {tile}"
 
 
 @triton.jit
@@ -470,7 +468,7 @@ def test_kernel_paths_taken(device):
         assert _launch_deltas(step(), names) == [0, 0, 0, 1, 1]
 
 
-@pytest.mark.parametrize("path_name", PATHS)
+@pytest.mark.parametrize("path_name", [*PATHS, "torch"])
 @pytest.mark.parametrize("needs", [
     (True, False, False, False, False), (False, True, True, False, False),
     (False, False, False, True, True), (False, False, True, True, False),
@@ -479,11 +477,12 @@ def test_backward_computes_only_what_is_needed(needs, path_name, device, poison_
     x, w1, b1, w2, b2 = _operands((M, D), HIDDEN, torch.float32, device)
     dy = torch.randn(M, D, device=device)
     seed = dropout_seed(device)
+    p = 0.0 if path_name == "torch" else 0.3
     with path(path_name):
-        _, preact = kernels.ffn_forward(x, w1, b1, w2, b2, seed, 0.3, True, True)
-        grads = kernels.ffn_backward(dy, x, w1, w2, preact, seed, 0.3, True, needs)
-    keep = reference.dropout_keep(seed, M, HIDDEN, 0.3)
-    _, refs = reference.feed_forward64(x, w1, b1, w2, b2, keep, 0.3, "tanh", dy)
+        _, preact = kernels.ffn_forward(x, w1, b1, w2, b2, seed, p, True, True)
+        grads = kernels.ffn_backward(dy, x, w1, w2, preact, seed, p, True, needs)
+    keep = reference.dropout_keep(seed, M, HIDDEN, p) if p else None
+    _, refs = reference.feed_forward64(x, w1, b1, w2, b2, keep, p, "tanh", dy)
     for name, wanted, grad, ref in zip(("dx", "dw1", "db1", "dw2", "db2"), needs, grads, refs):
         assert (grad is not None) == wanted, f"{name}: returned {grad is not None}, need {wanted}"
         if wanted:

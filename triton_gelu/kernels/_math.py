@@ -26,12 +26,16 @@ top 31 bits of its word are at least threshold = round(p * 2**31): probability 1
 start at multiples of 4 columns) and the elementwise kernels draw the same one, and
 ``reference.dropout_keep`` (an exact PyTorch copy of the generator) too. Four words per Philox
 call: a quarter of the integer work of one call per element, which in a matmul epilogue is the
-difference between hiding under the matmul and doubling a small one's time.
+difference between hiding under the matmul and doubling a small one's time. The host side of
+dropout is here too: ``dropout_arguments`` (what every launcher passes a dropout epilogue) and
+``without_dropout`` (the ``Paths`` predicate of the paths that cannot draw this mask).
 """
 
+import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from .._runtime import interpreting
 
 # Read once, like Triton itself reads TRITON_INTERPRET once at import.
@@ -137,10 +141,32 @@ def dropout_factor_tile(seed_ptr, offs_m, pid_n, N, threshold, scale,
 
 
 @triton.jit
-def dropout_factor(seed_ptr, row, col, n_cols, threshold, scale):
-    """Dropout factors of elements (row, col) (int64 tensors of any shape) of a (rows, n_cols)
-    activation: the same as ``dropout_factor_tile``, one Philox call per element."""
+def dropout_factor(seed_ptr, offs, n_cols, threshold, scale):
+    """Dropout factors of the elements at flat indices ``offs`` (int64, any shape) of a row-major
+    (rows, n_cols) activation: the same as ``dropout_factor_tile``, one Philox call per element
+    (the elementwise kernels)."""
+    row = offs // n_cols
+    col = offs - row * n_cols
     r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), row * tl.cdiv(n_cols, 4) + col // 4)
     word = col % 4
     bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
     return _keep_scale(bits, threshold, scale)
+
+
+# ---- the host side of dropout --------------------------------------------------------------
+
+
+def dropout_arguments(seed: torch.Tensor | None, p: float) -> dict:
+    """The dropout arguments every kernel with a dropout epilogue takes (``seed_ptr``,
+    ``dropout_threshold``, ``dropout_scale``, ``HAS_DROPOUT``), for probability ``p``: with
+    p == 0 dropout is compiled out and no seed is read."""
+    threshold, scale = reference.dropout_constants(p)
+    return dict(seed_ptr=seed if p > 0.0 else None, dropout_threshold=threshold,
+                dropout_scale=scale, HAS_DROPOUT=p > 0.0)
+
+
+def without_dropout(*args: object, p: float, **kwargs: object) -> bool:
+    """``Paths(applies=...)`` for a path that cannot draw the kernels' dropout mask (PyTorch's
+    own ops draw another): it serves p == 0 only. The ops pass ``p`` by keyword, and their path
+    keys hold p > 0, so the answer depends on the key alone."""
+    return p == 0.0

@@ -12,8 +12,8 @@ seed (one int64) for it. What else the forward keeps is ``functional.py``'s
 choice: x and z (the launcher returns z when asked), or x alone with ``recompute``. h lives only
 inside the forward launcher.
 
-Two paths (``_autotune.Paths`` "ffn_fwd" and "ffn_bwd"; the same mask, results within the
-tolerance rule), the plain matmuls by cuBLAS (``torch.mm`` / ``torch.addmm``) on both; where
+Three paths (``_autotune.Paths`` "ffn_fwd" and "ffn_bwd"; the same mask, results within the
+tolerance rule), the plain matmuls by cuBLAS (``torch.mm`` / ``torch.addmm``) on all; where
 nothing may be timed on a GPU, the composed ones (``untuned``):
 
 fused (the default)
@@ -29,6 +29,11 @@ composed
     forward: z = x @ W1^T + b1, h by one elementwise Triton kernel (GELU + dropout), y.
     backward: dh = dy @ W2, one elementwise Triton kernel writing dz and h, db1 = sum_m dz, and
     the rest as above.
+torch (p == 0 only: eval, or no dropout asked for)
+    eager PyTorch's block: F.linear, F.gelu, F.linear, and its backward (``aten.gelu_backward``,
+    dW2 from gelu(z) rebuilt by F.gelu where eager keeps it). With dropout on it is no candidate
+    (``applies``): PyTorch's dropout draws another mask than ours, which the backward regenerates.
+    It makes "never slower than PyTorch" hold for the block wherever the two compute the same.
 
 Why the backward writes h for cuBLAS rather than regenerating it inside a dW2 kernel: dW2 =
 dy^T @ h has (E, F) output tiles reducing over M, so a kernel rebuilding h from z would redo GELU
@@ -51,15 +56,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from .._autotune import Paths, Tuner, bucket, matmul_configs, prune_matmul
 from .._checks import check_ffn_2d, check_ffn_backward, check_ffn_needs
 from .._runtime import device_context
 from . import _matmul
 from . import gelu as _gelu
-from ._math import cast_to, dropout_factor_tile, gelu, gelu_grad
+from ._math import (
+    cast_to, dropout_arguments, dropout_factor_tile, gelu, gelu_grad, without_dropout,
+)
 from ._matmul import cublas_context, dot_tile, input_precision, output_tile, tile_grid
 from .gelu import gelu_dropout_backward, gelu_dropout_forward
+from .linear_gelu import _forward_torch as _linear_gelu_torch
 from .linear_gelu import _linear_gelu_fwd_kernel, _matmul_bias, launch_forward
 
 Tensor = torch.Tensor
@@ -181,22 +188,21 @@ def _launch_dz(
 ) -> int:
     """The dz kernel; returns how many rows of ``db1_part`` it wrote (one per M-tile)."""
     (M, E), hidden = dy2d.shape, preact.shape[1]
-    threshold, scale = reference.dropout_constants(p)
     precision = input_precision(preact.dtype)
     key = (bucket(M), hidden, E, preact.dtype, approximate_tanh, p > 0.0, h is not None,
            db1_part is not None, precision)
     with device_context(preact):
         meta = _dz_tuner.run(
             tile_grid(M, hidden, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
-            dy_ptr=dy2d, w2_ptr=w2, preact_ptr=preact, seed_ptr=seed if p > 0.0 else None,
-            dz_ptr=dz, h_ptr=h, db1_part_ptr=db1_part, M=M, F=hidden, E=E,
+            dy_ptr=dy2d, w2_ptr=w2, preact_ptr=preact, dz_ptr=dz, h_ptr=h,
+            db1_part_ptr=db1_part, M=M, F=hidden, E=E,
             db1_part_rows=0 if db1_part is None else db1_part.shape[0],
             stride_dym=dy2d.stride(0), stride_dye=dy2d.stride(1),
             stride_w2e=w2.stride(0), stride_w2f=w2.stride(1),
             stride_zm=preact.stride(0), stride_zf=preact.stride(1),
-            dropout_threshold=threshold, dropout_scale=scale,
-            APPROXIMATE_TANH=approximate_tanh, HAS_DROPOUT=p > 0.0, WRITE_H=h is not None,
+            APPROXIMATE_TANH=approximate_tanh, WRITE_H=h is not None,
             SUM_DB1=db1_part is not None, INPUT_PRECISION=precision,
+            **dropout_arguments(seed, p),
         )
     return triton.cdiv(M, meta["BLOCK_SIZE_M"])
 
@@ -264,16 +270,48 @@ def _linear1_grads(
     return dx, dw1, db1, dw2, db2
 
 
+# ---- eager PyTorch (p == 0 only) --------------------------------------------------------------
+
+
+def _forward_torch(
+    x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool,
+) -> tuple[Tensor, Tensor | None]:
+    # F.linear, F.gelu, F.linear, as eager's block computes them (no dropout: see the Paths)
+    h, preact = _linear_gelu_torch(x2d, w1, b1, approximate_tanh, save_preact)
+    return _matmul_bias(h, w2, b2), preact
+
+
+def _backward_torch(
+    dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
+    p: float, approximate_tanh: bool, needs: tuple[bool, ...],
+) -> Grads:
+    # Eager's backward: dh = dy @ W2, dz = aten.gelu_backward(dh, z) in the input dtype,
+    # db1 = sum_m dz, and dW2 = dy^T @ gelu(z) (the GELU output eager keeps, rebuilt here).
+    need_dx, need_dw1, need_db1, need_dw2, _ = needs
+    dz = db1 = dw2 = None
+    with cublas_context(x2d):
+        if need_dx or need_dw1 or need_db1:
+            dz = _gelu.gelu_backward_torch(torch.mm(dy2d, w2), preact, approximate_tanh)
+            db1 = dz.sum(0) if need_db1 else None
+        if need_dw2:
+            dw2 = torch.mm(dy2d.t(), _gelu.gelu_forward_torch(preact, approximate_tanh))
+    return _linear1_grads(dy2d, x2d, w1, dz, db1, dw2, needs)
+
+
 # Where nothing may be timed on a GPU (policy "off", CUDA-graph capture) and nothing is known:
 # the composed paths, cuBLAS for every matmul and an elementwise kernel whose first config is
-# fine for any size (the fused kernels' first config is a guess for a matmul).
+# fine for any size (the fused kernels' first config is a guess for a matmul). "torch" is a
+# candidate at p == 0 only: with dropout on, PyTorch's ops cannot draw the kernels' mask.
 _forward_paths = Paths(
-    "ffn_fwd", {"fused": _forward_fused, "composed": _forward_composed},
-    default="fused", untuned="composed", kernels=[_fwd_tuner, _gelu._dropout_fwd_tuner],
+    "ffn_fwd", {"fused": _forward_fused, "composed": _forward_composed, "torch": _forward_torch},
+    default="fused", untuned="composed", applies={"torch": without_dropout},
+    kernels=[_fwd_tuner, _gelu._dropout_fwd_tuner],
 )
 _backward_paths = Paths(
-    "ffn_bwd", {"fused": _backward_fused, "composed": _backward_composed},
-    default="fused", untuned="composed",
+    "ffn_bwd",
+    {"fused": _backward_fused, "composed": _backward_composed, "torch": _backward_torch},
+    default="fused", untuned="composed", applies={"torch": without_dropout},
     kernels=[_dz_tuner, _gelu._dropout_fwd_tuner, _gelu._dropout_bwd_tuner],
 )
 
@@ -303,7 +341,8 @@ def ffn_forward(
     p = check_ffn_2d(x2d, w1, b1, w2, b2, seed, p)
     key = _path_key(x2d, w1, w2, p, approximate_tanh, b1 is not None, b2 is not None,
                     save_preact)
-    return _forward_paths.run(key, x2d, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact)
+    return _forward_paths.run(key, x2d, w1, b1, w2, b2, seed, p=p,
+                              approximate_tanh=approximate_tanh, save_preact=save_preact)
 
 
 def ffn_backward(
@@ -320,5 +359,6 @@ def ffn_backward(
     p = check_ffn_backward(dy2d, x2d, w1, w2, preact, seed, p)
     needs = check_ffn_needs(needs)
     return _backward_paths.run(_path_key(x2d, w1, w2, p, approximate_tanh, *needs),
-                               dy2d, x2d, w1, w2, preact, seed, p, approximate_tanh, needs)
+                               dy2d, x2d, w1, w2, preact, seed, p=p,
+                               approximate_tanh=approximate_tanh, needs=needs)
 

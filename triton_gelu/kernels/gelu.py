@@ -25,10 +25,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .. import reference
 from .._autotune import Paths, Tuner, bucket, elementwise_configs, prune_elementwise
 from .._runtime import device_context
-from ._math import cast_to, dropout_factor, gelu, gelu_grad
+from ._math import cast_to, dropout_arguments, dropout_factor, gelu, gelu_grad
 
 
 @triton.jit
@@ -64,9 +63,7 @@ def _gelu_fwd_kernel(
     x = tl.load(x_ptr + x_offs, mask=mask).to(tl.float32)
     y = gelu(x, APPROXIMATE_TANH)
     if HAS_DROPOUT:  # the mask of element (row, col) of the (rows, n_cols) view: see _math
-        row = offs // n_cols
-        y = y * dropout_factor(seed_ptr, row, offs - row * n_cols, n_cols, dropout_threshold,
-                               dropout_scale)
+        y = y * dropout_factor(seed_ptr, offs, n_cols, dropout_threshold, dropout_scale)
     tl.store(y_ptr + offs, cast_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -99,9 +96,7 @@ def _gelu_bwd_kernel(
     # dx = dy * keep / (1 - p) * gelu'(x)
     dx = dy.to(tl.float32) * gelu_grad(x, APPROXIMATE_TANH)
     if HAS_DROPOUT:
-        row = offs // n_cols
-        keep_scale = dropout_factor(seed_ptr, row, offs - row * n_cols, n_cols,
-                                    dropout_threshold, dropout_scale)
+        keep_scale = dropout_factor(seed_ptr, offs, n_cols, dropout_threshold, dropout_scale)
         dx = dx * keep_scale
     tl.store(dx_ptr + offs, cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     if WRITE_H:  # the forward's output, regenerated for a matmul that needs it
@@ -149,15 +144,13 @@ def _launch_forward(
         return out
     rows, n_cols, stride_row = _as_rows(x)
     n = x.numel()
-    threshold, scale = reference.dropout_constants(p)
     with device_context(x):
         tuner.run(
             _grid(n), (bucket(n), x.dtype, approximate_tanh, p > 0.0),
             aliased=("y_ptr",) if out.data_ptr() == rows.data_ptr() else (),
-            x_ptr=rows, y_ptr=out, seed_ptr=seed if p > 0.0 else None, n_elements=n,
-            n_cols=n_cols, stride_x_row=stride_row, dropout_threshold=threshold,
-            dropout_scale=scale, APPROXIMATE_TANH=approximate_tanh,
-            CONTIGUOUS=stride_row == n_cols, HAS_DROPOUT=p > 0.0,
+            x_ptr=rows, y_ptr=out, n_elements=n, n_cols=n_cols, stride_x_row=stride_row,
+            APPROXIMATE_TANH=approximate_tanh, CONTIGUOUS=stride_row == n_cols,
+            **dropout_arguments(seed, p),
         )
     return out
 
@@ -176,16 +169,13 @@ def _launch_backward(
         x_rows, dy_rows = x.contiguous(), dy.contiguous()
         n_cols = stride_x = stride_dy = x.shape[-1] if x.dim() else 1
     n = x.numel()
-    threshold, scale = reference.dropout_constants(p)
     with device_context(x):
         tuner.run(
             _grid(n), (bucket(n), x.dtype, approximate_tanh, p > 0.0, h is not None),
-            dy_ptr=dy_rows, x_ptr=x_rows, dx_ptr=out, seed_ptr=seed if p > 0.0 else None,
-            h_ptr=h, n_elements=n, n_cols=n_cols, stride_dy_row=stride_dy,
-            stride_x_row=stride_x, dropout_threshold=threshold, dropout_scale=scale,
-            APPROXIMATE_TANH=approximate_tanh,
-            CONTIGUOUS=stride_x == n_cols and stride_dy == n_cols,
-            HAS_DROPOUT=p > 0.0, WRITE_H=h is not None,
+            dy_ptr=dy_rows, x_ptr=x_rows, dx_ptr=out, h_ptr=h, n_elements=n, n_cols=n_cols,
+            stride_dy_row=stride_dy, stride_x_row=stride_x, APPROXIMATE_TANH=approximate_tanh,
+            CONTIGUOUS=stride_x == n_cols and stride_dy == n_cols, WRITE_H=h is not None,
+            **dropout_arguments(seed, p),
         )
     return out
 
@@ -236,21 +226,21 @@ def form(approximate_tanh: bool) -> str:
     return "tanh" if approximate_tanh else "none"
 
 
-def _gelu_forward_torch(x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
+def gelu_forward_torch(x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
     # PyTorch keeps a dense input's strides; our outputs are contiguous (the custom ops say so).
     return F.gelu(x, approximate=form(approximate_tanh)).contiguous()
 
 
-def _gelu_backward_torch(dy: torch.Tensor, x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
+def gelu_backward_torch(dy: torch.Tensor, x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
     return torch.ops.aten.gelu_backward(dy, x, approximate=form(approximate_tanh)).contiguous()
 
 
 _fwd_paths = Paths(
-    "gelu_fwd", {"triton": gelu_forward_triton, "torch": _gelu_forward_torch},
+    "gelu_fwd", {"triton": gelu_forward_triton, "torch": gelu_forward_torch},
     default="triton", untuned="torch", kernels=[_fwd_tuner],
 )
 _bwd_paths = Paths(
-    "gelu_bwd", {"triton": gelu_backward_triton, "torch": _gelu_backward_torch},
+    "gelu_bwd", {"triton": gelu_backward_triton, "torch": gelu_backward_torch},
     default="triton", untuned="torch", kernels=[_bwd_tuner],
 )
 

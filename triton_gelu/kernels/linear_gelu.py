@@ -77,7 +77,7 @@ from .._checks import check_linear_2d, check_linear_backward
 from .._runtime import device_context
 from . import _matmul
 from . import gelu as _gelu
-from ._math import cast_to, dropout_factor_tile, gelu, gelu_grad
+from ._math import cast_to, dropout_arguments, dropout_factor_tile, gelu, gelu_grad
 from ._matmul import (
     cublas_context, dot_operand, dot_tile, grouped_tile, input_precision, output_tile, tile_grid,
 )
@@ -345,20 +345,15 @@ def launch_forward(
     if bias is not None:
         bias = bias.contiguous()  # N elements: cheaper to copy than to pass another stride
     out = y if y is not None else preact
-    has_dropout = p > 0.0
-    threshold, scale = reference.dropout_constants(p)
     with device_context(x2d):
         tuner.run(
-            tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key + (has_dropout,),
-            x_ptr=x2d, w_ptr=weight, b_ptr=bias, y_ptr=y, preact_ptr=preact,
-            seed_ptr=seed if has_dropout else None,
-            M=M, N=N, K=K,
+            tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key + (p > 0.0,),
+            x_ptr=x2d, w_ptr=weight, b_ptr=bias, y_ptr=y, preact_ptr=preact, M=M, N=N, K=K,
             stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
-            stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-            stride_ym=out.stride(0), dropout_threshold=threshold, dropout_scale=scale,
+            stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_ym=out.stride(0),
             APPROXIMATE_TANH=approximate_tanh, HAS_BIAS=bias is not None,
-            WRITE_Y=y is not None, SAVE_PREACT=preact is not None, HAS_DROPOUT=has_dropout,
-            INPUT_PRECISION=key[-1],
+            WRITE_Y=y is not None, SAVE_PREACT=preact is not None,
+            INPUT_PRECISION=key[-1], **dropout_arguments(seed, p),
         )
 
 
