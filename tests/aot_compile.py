@@ -17,8 +17,10 @@ contains one of the substrings (e.g. ``--only geglu``, ``--only ffn,gelu_dropout
 ``--only linear_gelu_bwd_dz``); ``--block-m N`` only configs with BLOCK_SIZE_M == N; ``--names a,b`` only the kernels with
 exactly these names; ``--arch sm90`` only one architecture; ``--list`` prints every kernel name
 and exits (tests/test_aot_compile.py splits the work by them, so pytest-xdist spreads it). The FFN
-block's kernels (the linear forward's and the GELU kernels with a dropout epilogue) compile one
-config per dtype (``EPILOGUE_ONLY``).
+block's kernels (the linear forward's and the GELU kernels with a dropout epilogue) and the GeGLU
+kernels' dropout variants (the gated block's: ``geglu_fwd+dropout``, ``geglu_act+dropout``,
+``geglu_bwd_act+dropout``, each its Tuner's kernel with HAS_DROPOUT) compile one config per dtype
+(``EPILOGUE_ONLY``).
 """
 
 from __future__ import annotations
@@ -123,13 +125,15 @@ def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
 
 
 def _geglu_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
-    """(name, kernel, args, key) of the GeGLU kernels on contiguous operands."""
+    """(name, kernel, args, key) of the GeGLU kernels on contiguous operands; "+dropout": the
+    gated block's dropout epilogues (the forward's, the composed forward's elementwise kernel,
+    the backward's elementwise kernel)."""
     precision = "tf32" if dtype == torch.float32 else None
     fwd = dict(x_ptr=dtype, wg_ptr=dtype, wu_ptr=dtype, bg_ptr=dtype, bu_ptr=dtype,
                h_ptr=dtype, g_ptr=dtype, u_ptr=dtype, M=M, N=N, K=K, stride_xm=K,
                stride_xk=1, stride_wgn=K, stride_wgk=1, stride_wun=K, stride_wuk=1,
                stride_om=N, APPROXIMATE_TANH=tanh, HAS_GATE_BIAS=True, HAS_UP_BIAS=True,
-               WRITE_H=True, SAVE_GATE_UP=True, INPUT_PRECISION=precision)
+               WRITE_H=True, SAVE_GATE_UP=True, INPUT_PRECISION=precision, **NO_DROPOUT)
     dx = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, wg_ptr=dtype, wu_ptr=dtype, dx_ptr=dtype,
               M=M, N=N, K=K, stride_dhm=N, stride_dhn=1, stride_gm=N, stride_wgn=K,
               stride_wgk=1, stride_wun=K, stride_wuk=1, stride_dxm=K, APPROXIMATE_TANH=tanh,
@@ -139,17 +143,22 @@ def _geglu_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
               stride_gm=N, stride_xm=K, stride_xk=1, stride_dwn=K, APPROXIMATE_TANH=tanh,
               COMPUTE_DW=True, COMPUTE_DB=True, INPUT_PRECISION=precision)
     n = M * N
-    act = dict(g_ptr=dtype, u_ptr=dtype, h_ptr=dtype, n_elements=n, APPROXIMATE_TANH=tanh)
+    act = dict(g_ptr=dtype, u_ptr=dtype, h_ptr=dtype, n_elements=n, n_cols=N,
+               APPROXIMATE_TANH=tanh, **NO_DROPOUT)
     bwd_act = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, dg_ptr=dtype, du_ptr=dtype,
                    h_ptr=dtype, n_elements=n, n_cols=N, stride_dh_row=N, APPROXIMATE_TANH=tanh,
-                   WRITE_H=True, CONTIGUOUS=True)
+                   WRITE_H=True, CONTIGUOUS=True, **NO_DROPOUT)
     key = (_autotune.bucket(M), N, K, dtype, tanh)
     elementwise_key = (_autotune.bucket(n), dtype, tanh)
     return [("geglu_fwd", _geglu_fwd_kernel, fwd, key),
             ("geglu_bwd_dx", _geglu_bwd_dx_kernel, dx, key),
             ("geglu_bwd_dw", _geglu_bwd_dw_kernel, dw, key),
             ("geglu_act", _geglu_act_kernel, act, elementwise_key),
-            ("geglu_bwd_act", _geglu_bwd_act_kernel, bwd_act, elementwise_key)]
+            ("geglu_bwd_act", _geglu_bwd_act_kernel, bwd_act, elementwise_key),
+            ("geglu_fwd+dropout", _geglu_fwd_kernel, {**fwd, **DROPOUT}, key),
+            ("geglu_act+dropout", _geglu_act_kernel, {**act, **DROPOUT}, elementwise_key),
+            ("geglu_bwd_act+dropout", _geglu_bwd_act_kernel, {**bwd_act, **DROPOUT},
+             elementwise_key)]
 
 
 def _elementwise_cases(dtype: torch.dtype, tanh: bool, n: int):
@@ -168,9 +177,11 @@ def _elementwise_cases(dtype: torch.dtype, tanh: bool, n: int):
 
 
 def _tuner_of(name: str):
-    """The Tuner the package launches ``name`` with, for its config space and pruning."""
+    """The Tuner the package launches ``name`` with, for its config space and pruning (a
+    "+dropout" case: the same Tuner's kernel with its dropout epilogue)."""
     import importlib
 
+    name = name.partition("+")[0]
     for module in ("triton_gelu.kernels.gelu", "triton_gelu.kernels.linear_gelu",
                    "triton_gelu.kernels.geglu", "triton_gelu.kernels.ffn"):
         for value in vars(importlib.import_module(module)).values():
@@ -228,8 +239,10 @@ def _option(name: str) -> str | None:
 
 # The FFN block's kernels are the linear forward's and the GELU kernels' (every config of which
 # is compiled) with a dropout epilogue (Philox: several seconds per matmul compile), so one
-# config (the largest tile) per dtype, fp16 left to bf16: the epilogue is what is new.
-EPILOGUE_ONLY = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz", "gelu_dropout_fwd", "gelu_dropout_bwd")
+# config (the largest tile) per dtype, fp16 left to bf16: the epilogue is what is new. The same
+# for the GeGLU kernels' dropout epilogues (the gated block's).
+EPILOGUE_ONLY = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz", "gelu_dropout_fwd", "gelu_dropout_bwd",
+                 "geglu_fwd+dropout", "geglu_act+dropout", "geglu_bwd_act+dropout")
 
 
 def _cases(dtype: torch.dtype, tanh: bool) -> list:

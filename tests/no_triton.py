@@ -472,6 +472,22 @@ def _gated_feed_forward() -> None:
             lambda x, wg, wu, wd: F.linear(_torch_geglu("tanh")(x, wg, wu, None), wd),
             [x, wg, wu, wd], f"gated_feed_forward {dtype} recompute={recompute}",
         )
+    # Dropout in training: the kernels' mask of the call's seed (reference.dropout_keep), as
+    # for feed_forward.
+    from triton_gelu import functional, reference
+
+    x, wg, wu, wd = _x(5, 2, 12), torch.randn(20, 12) / 4, torch.randn(20, 12) / 4, \
+        torch.randn(12, 20) / 4
+    torch.manual_seed(3)
+    keep = reference.dropout_keep(functional.dropout_seed("cpu"), 10, 20, 0.3).view(5, 2, 20)
+    for recompute in (False, True):
+        torch.manual_seed(3)  # the seed gated_feed_forward draws (ours runs first)
+        assert_like_torch(
+            lambda x, wg, wu, wd: triton_gelu.gated_feed_forward(
+                x, wg, wu, wd, dropout=0.3, training=True, recompute=recompute),
+            lambda x, wg, wu, wd: F.linear(_torch_geglu("tanh")(x, wg, wu, None) * keep / 0.7,
+                                           wd),
+            [x, wg, wu, wd], f"gated_feed_forward p=0.3 recompute={recompute}")
 
 
 @check("GeGLU")

@@ -21,9 +21,10 @@ GROUPS = {
     "linear_fwd": ("linear_gelu_fwd",),
     "linear_bwd": ("linear_gelu_bwd_dx", "linear_gelu_bwd_dw"),
     "elementwise": ("linear_gelu_bwd_dz", "gelu_fwd", "gelu_bwd", "gelu_dropout_fwd",
-                    "gelu_dropout_bwd", "geglu_act", "geglu_bwd_act"),
+                    "gelu_dropout_bwd", "geglu_act", "geglu_bwd_act", "geglu_act+dropout",
+                    "geglu_bwd_act+dropout"),
     "ffn": ("ffn_fwd_gelu_dropout", "ffn_bwd_dz"),
-    "geglu_fwd": ("geglu_fwd",),
+    "geglu_fwd": ("geglu_fwd", "geglu_fwd+dropout"),
     "geglu_bwd": ("geglu_bwd_dx", "geglu_bwd_dw"),
 }
 

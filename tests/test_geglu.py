@@ -1,6 +1,7 @@
 """Gated GELU (GeGLU) and the gated FFN block against float64 PyTorch: values and every gradient
-(x, both weights, both biases, the down projection), every path, layout and dtype, what the
-backward keeps, and bad inputs.
+(x, both weights, both biases, the down projection), every path, layout and dtype, the gated
+block's dropout (the kernels' mask, exact; the backward's mask the forward's), what the backward
+keeps, and bad inputs.
 
 Shapes stay small (M, N, K < 64) so the Triton interpreter runs the file quickly, and are
 multiples of no block size so every masked edge of every kernel is exercised.
@@ -11,21 +12,24 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import tile_tuners
 from helpers import (
-    DTYPES, X_LAYOUTS, assert_all_written, assert_nan_where_ref_nan, assert_no_worse_than_torch,
-    poisoned, tf32,
+    DTYPES, X_LAYOUTS, assert_all_written, assert_finite_differences, assert_nan_where_ref_nan,
+    assert_no_worse_than_torch, assert_reproducible_by_seed, launched, poisoned, tf32,
 )
 from torch import nn
 
 import triton_gelu
 from bench.memory import saved_activation_bytes
-from triton_gelu import kernels, reference
+from triton_gelu import fallback, kernels, reference
 from triton_gelu._runtime import launches
 from triton_gelu.autotune import force_path
+from triton_gelu.functional import dropout_seed
 from triton_gelu.kernels import _matmul
 
 # The kernels' module; ``triton_gelu.geglu`` itself is the public function.
@@ -97,19 +101,30 @@ def test_matches_float64(dtype, approximate, recompute, bias, device):
     _check(_operands((M, K), N, dtype, device, bias), approximate, recompute)
 
 
-# Each forward path (fused, composed) and each backward path (once, fused) at least once; the
-# defaults (fused, once) are every case of test_matches_float64.
-PATHS = [("fused", "once"), ("composed", "fused")]
+# Each forward path (fused, composed, torch) and each backward path (once, fused, torch) at
+# least once; the defaults (fused, once) are every case of test_matches_float64.
+PATHS = [("fused", "once"), ("composed", "fused"), ("torch", "torch")]
 
 
 @pytest.mark.parametrize("approximate", FORMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_composed_forward_fused_backward_match_float64(dtype, approximate, device):
     with force_path(geglu_fwd="composed", geglu_bwd="fused"):
-        ran = _launched(lambda: _check(_operands((M, K), N, dtype, device), approximate,
+        ran = launched(lambda: _check(_operands((M, K), N, dtype, device), approximate,
                                        what="composed/fused"))
     # cuBLAS g and u, then the elementwise gate; the backward in the dx and dW kernels.
     assert ran == {"geglu_act": 1, "geglu_bwd_dx": 1, "geglu_bwd_dw": 1}, ran
+
+
+@pytest.mark.parametrize("approximate", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_paths_match_float64_and_launch_no_kernel(dtype, approximate, device):
+    """PyTorch's own computation, forward and backward: eager's numerics, no Triton kernel."""
+    with force_path(geglu_fwd="torch", geglu_bwd="torch"):
+        for recompute in (False, True):
+            ran = launched(lambda: _check(_operands((M, K), N, dtype, device), approximate,
+                                           recompute, what="torch/torch"))
+            assert ran == {}, ran
 
 
 @pytest.mark.parametrize("fwd, bwd", PATHS, ids=[f"{f}-{b}" for f, b in PATHS])
@@ -219,7 +234,7 @@ NEEDS = [(True, False, False, False, False), (False, True, False, False, False),
          (False, False, False, True, True), (False, True, True, False, True)]
 
 
-@pytest.mark.parametrize("bwd", ["once", "fused"])
+@pytest.mark.parametrize("bwd", ["once", "fused", "torch"])
 @pytest.mark.parametrize("needs", NEEDS, ids=str)
 def test_backward_computes_only_what_is_needed(needs, bwd, device, poison_outputs):
     operands = _operands((M, K), N, torch.float32, device)
@@ -259,13 +274,6 @@ def test_nan_in_nan_out(dtype, approximate, device):
     assert h[3].isnan().all() and not h[:3].isnan().any()
 
 
-def _launched(fn) -> dict[str, int]:
-    before = dict(launches)
-    fn()
-    return {name: n - before.get(name, 0) for name, n in launches.items()
-            if n > before.get(name, 0)}
-
-
 def test_kernel_path_taken(device):
     """The default forward is one kernel launch, its backward one elementwise kernel (plus
     cuBLAS); recompute launches the forward kernel again; frozen weights change nothing here."""
@@ -275,10 +283,10 @@ def test_kernel_path_taken(device):
     def run(**kwargs):
         return lambda: triton_gelu.geglu(x, w_gate, w_up, b_gate, b_up, **kwargs).sum().backward()
 
-    assert _launched(run()) == {"geglu_fwd": 1, "geglu_bwd_act": 1}
-    assert _launched(run(recompute=True)) == {"geglu_fwd": 2, "geglu_bwd_act": 1}
+    assert launched(run()) == {"geglu_fwd": 1, "geglu_bwd_act": 1}
+    assert launched(run(recompute=True)) == {"geglu_fwd": 2, "geglu_bwd_act": 1}
     with torch.no_grad():
-        assert _launched(lambda: triton_gelu.geglu(x, w_gate, w_up)) == {"geglu_fwd": 1}
+        assert launched(lambda: triton_gelu.geglu(x, w_gate, w_up)) == {"geglu_fwd": 1}
 
 
 def test_inference_writes_only_h(device, monkeypatch):
@@ -347,14 +355,22 @@ def test_autocast_bf16(approximate, device):
 
 
 def test_cpu_fallback_without_interpreter(monkeypatch):
-    """CPU tensors without TRITON_INTERPRET take the PyTorch fallback, same numerics."""
+    """CPU tensors without TRITON_INTERPRET take the PyTorch fallback, same numerics, and the
+    gated block's dropout draws the kernels' mask there too."""
+    operands = _block_operands((M, K), N, torch.float32, "cpu")
+    torch.manual_seed(3)
+    kernel_out = _check_dropout_block(operands, 0.4)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     before = sum(launches.values())
     for dtype in DTYPES:
         for recompute in (False, True):
             _check(_operands((M, K), N, dtype, "cpu"), "tanh", recompute)
         _check_block(_block("cpu", dtype, bias=True), torch.randn(M, K).to(dtype), "cpu")
+    torch.manual_seed(3)
+    fallback_out = _check_dropout_block(operands, 0.4)
     assert sum(launches.values()) == before
+    for a, b in zip(kernel_out, fallback_out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # ---- bad inputs ---------------------------------------------------------------------------------
@@ -419,7 +435,11 @@ def test_rejects_bad_block_and_backward_inputs(device):
          "w_down has dtype torch.float16 but w_gate has dtype torch.float32"),
         (dict(b_down=torch.randn(D + 1, device=device)), ValueError,
          rf"b_down has shape \({D + 1},\) but w_down has shape \({D}, {N}\)"),
-        (dict(dropout=1.5), ValueError, r"dropout must be a probability in \[0, 1\], got 1.5"),
+        # The dropout probability is checked as the FFN block's p is: in [0, 1).
+        (dict(dropout=1.5), ValueError, r"dropout probability p must be in \[0, 1\), got 1.5"),
+        (dict(dropout=1.0), ValueError, r"dropout probability p must be in \[0, 1\), got 1.0"),
+        (dict(dropout=-0.1), ValueError, r"p must be in \[0, 1\), got -0.1"),
+        (dict(dropout="0.1"), TypeError, r"p must be a float in \[0, 1\)"),
         (dict(approximate="erf"), ValueError, "approximate must be one of"),
     ]
     for change, error, match in cases:
@@ -428,6 +448,10 @@ def test_rejects_bad_block_and_backward_inputs(device):
         kwargs.update(change)
         with pytest.raises(error, match=match):
             triton_gelu.gated_feed_forward(x, w_gate, w_up, b_gate=b_gate, b_up=b_up, **kwargs)
+    block = triton_gelu.GatedFeedForward(K, N, dropout=1.0, device=device)  # nn.Dropout takes 1
+    for mode in (True, False):  # refused at the call, in either mode, as FeedForward does
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
+            block.train(mode)(x)
     good = torch.randn(4, N, device=device)
     with pytest.raises(ValueError, match=rf"dh must have shape \(M, N\) = \(4, {N}\)"):
         gk.geglu_backward(good[:, 1:], x, w_gate, w_up, good, good, False, [True] * 5)
@@ -435,6 +459,21 @@ def test_rejects_bad_block_and_backward_inputs(device):
         gk.geglu_backward(good, x, w_gate, w_up, good, good[1:], False, [True] * 5)
     with pytest.raises(ValueError, match="needs must hold 5 flags"):
         gk.geglu_backward(good, x, w_gate, w_up, good, good, False, [True] * 3)
+    seed = dropout_seed(device)
+    for launcher in (gk, fallback):  # the dropout arguments, as the FFN launchers check them
+        with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor when p > 0"):
+            launcher.geglu_forward(x, w_gate, w_up, b_gate, b_up, False, True, None, 0.2)
+        with pytest.raises(ValueError, match="seed is on meta"):
+            launcher.geglu_forward(x, w_gate, w_up, b_gate, b_up, False, True,
+                                   seed.to("meta"), 0.2)
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
+            launcher.geglu_backward(good, x, w_gate, w_up, good, good, False, [True] * 5,
+                                    False, seed, 1.0)
+        with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor"):
+            launcher.geglu_backward(good, x, w_gate, w_up, good, good, False, [True] * 5,
+                                    False, seed.int(), 0.2)
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got -0.5"):
+            launcher.geglu_gate_up(x, w_gate, w_up, b_gate, b_up, False, -0.5)
     for bad in ("exact", None):
         with pytest.raises(ValueError, match="approximate must be one of"):
             triton_gelu.geglu(x, w_gate, w_up, approximate=bad)
@@ -525,27 +564,169 @@ def test_gated_block_launches_and_regenerates_h(device):
     ours, _ = _block(device)
     x = torch.randn(M, K, device=device, requires_grad=True)
     # h is regenerated by the backward's elementwise kernel (write_h), not saved.
-    assert _launched(lambda: ours(x).sum().backward()) == {"geglu_fwd": 1, "geglu_bwd_act": 1}
+    assert launched(lambda: ours(x).sum().backward()) == {"geglu_fwd": 1, "geglu_bwd_act": 1}
     with force_path(geglu_bwd="fused"):
-        assert _launched(lambda: ours(x).sum().backward()) == {
+        assert launched(lambda: ours(x).sum().backward()) == {
             "geglu_fwd": 1, "geglu_bwd_dx": 1, "geglu_bwd_dw": 1, "geglu_act": 1}
 
 
-def test_gated_block_dropout_in_training(device):
-    """p > 0 in training: the unfused dropout draws the same mask as PyTorch's from the same
-    seed; eval mode turns it off."""
-    ours, eager = _block(device, dropout=0.4)
+# ---- the gated block's dropout ------------------------------------------------------------------
+# The call's mask is reproduced by resetting the generator, drawing the seed again
+# (``functional.dropout_seed``) and running the PyTorch copy of the kernels' Philox
+# (``reference.dropout_keep``): the explicit reference, as for the FFN block.
+
+BLOCK_NAMES = ("dx", "dw_gate", "dw_up", "dw_down", "db_gate", "db_up", "db_down")
+
+
+def _block_operands(x_shape, n, dtype, device, bias=True, d=D):
+    """(x, w_gate, w_up, w_down, b_gate, b_up, b_down): gated_feed_forward's argument order."""
+    x, w_gate, w_up, b_gate, b_up = _operands(x_shape, n, dtype, device, bias)
+    w_down = (torch.randn(d, n, device=device) / n**0.5).to(dtype)
+    b_down = torch.randn(d, device=device).to(dtype) if bias else None
+    return x, w_gate, w_up, w_down, b_gate, b_up, b_down
+
+
+def _call_keep(call_seed: int, x_shape, n: int, p: float, device):
+    """The mask gated_feed_forward draws after ``torch.manual_seed(call_seed)``, (..., n)."""
+    torch.manual_seed(call_seed)
+    rows = math.prod(x_shape[:-1])
+    return reference.dropout_keep(dropout_seed(device), rows, n, p).view(*x_shape[:-1], n)
+
+
+def _explicit_mask_block(x, w_gate, w_up, w_down, b_gate, b_up, b_down, keep, p, approximate):
+    """The gated block by PyTorch in the operands' dtype, dropout with the explicit mask."""
+    h = eager_geglu(x, w_gate, w_up, b_gate, b_up, approximate)
+    return F.linear(h * (keep.to(h.dtype) / (1.0 - p)), w_down, b_down)
+
+
+def _check_dropout_block(operands, p, approximate="tanh", recompute=False, what=""):
+    """gated_feed_forward in training with dropout ``p``: its output and all seven gradients
+    against the block computed with the call's own mask, in float64 (no worse than PyTorch in
+    the operands' dtype). Returns (y, dx, dW_gate, dW_up, dW_down, db_gate, db_up, db_down)."""
+    x, n = operands[0], operands[1].shape[0]
+    leaves = _leaves(operands)
+    call_seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(call_seed)
+    y = triton_gelu.gated_feed_forward(*leaves, approximate=approximate, dropout=p,
+                                       training=True, recompute=recompute)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    keep = _call_keep(call_seed, x.shape, n, p, x.device)
+    theirs = _leaves(operands)
+    y_torch = _explicit_mask_block(*theirs, keep, p, approximate)
+    y_torch.backward(dy)
+
+    def block64(*tensors):
+        return reference.gated_feed_forward64(*tensors, approximate=approximate, keep=keep, p=p)
+
+    with torch.no_grad():
+        y64 = block64(*operands)
+    what = f"{x.dtype} {approximate} p={p} recompute={recompute} {what}"
+    assert_no_worse_than_torch(y.detach(), y_torch.detach(), y64, "y " + what)
+    _compare_grads(leaves, theirs, reference.grads64(block64, list(operands), dy), BLOCK_NAMES,
+                   what)
+    return (y.detach(), *(t.grad if t is not None else None for t in leaves))
+
+
+@pytest.mark.parametrize("fwd", ["fused", "composed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gated_block_dropout_matches_explicit_mask_reference(dtype, fwd, device):
+    # The forward's mask, regenerated from its seed by the PyTorch Philox: output and every
+    # gradient match the block computed with that mask, so the backward used the forward's.
+    with force_path(geglu_fwd=fwd):
+        ran = launched(lambda: _check_dropout_block(
+            _block_operands((3, 13, K), N, dtype, device), 0.1, "none", what=fwd))
+        _check_dropout_block(_block_operands((M, K), N, dtype, device, bias=False), 0.5,
+                             "tanh", recompute=True, what=fwd)
+    # One GeGLU launch each way (its epilogue or elementwise kernel drops), no other dropout.
+    assert ran == ({"geglu_fwd": 1, "geglu_bwd_act": 1} if fwd == "fused" else
+                   {"geglu_act": 1, "geglu_bwd_act": 1}), ran
+
+
+def test_kernel_masks_are_the_reference_mask(device):
+    # The fused epilogue (any tile shape), the composed path's elementwise kernel and the
+    # backward's regenerated mask are the PyTorch copy of the generator, element for element.
+    operands = _operands((M, K), N, torch.float32, device)
+    x, w_gate, w_up, b_gate, b_up = operands
+    seed = dropout_seed(device)
+    ones = torch.ones(M, N, device=device)
+    for p in (0.1, 0.5, 0.999):
+        want = reference.dropout_keep(seed, M, N, p)
+        for fwd in ("fused", "composed"):
+            with force_path(geglu_fwd=fwd):
+                h0 = gk.geglu_forward(*operands, False, False)[0]
+                h, gate, up = gk.geglu_forward(*operands, False, True, seed, p)
+            assert h0.ne(0).all()  # so h's zeros are the dropped elements
+            keep = h != 0
+            assert torch.equal(keep.cpu(), want.cpu()), \
+                f"{fwd} p={p}: {int((keep != want).sum())} elements differ"
+            torch.testing.assert_close(h[keep], h0[keep] / (1.0 - p), rtol=1e-5, atol=0)
+            # The backward regenerates it: the h it writes for the down projection is bitwise
+            # the forward's, and its gradients follow the mask's float32 formulas.
+            dx, _, _, dbg, dbu, h_again = gk.geglu_backward(
+                ones, x, w_gate, w_up, gate, up, False, [True] * 5, True, seed, p)
+            torch.testing.assert_close(h_again, h, rtol=0, atol=0, msg=f"{fwd} p={p}")
+            want_dx, _, _, want_dbg, want_dbu = reference.geglu_backward_fp32(
+                ones, x, w_gate, w_up, gate, up, False, want, 1.0 / (1.0 - p))
+            for name, got, ref in (("dx", dx, want_dx), ("db_gate", dbg, want_dbg),
+                                   ("db_up", dbu, want_dbu)):
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5,
+                                           msg=f"{name} {fwd} p={p}")
+    want = reference.dropout_keep(seed, M, N, 0.5).cpu()
+    for tile, tuner in tile_tuners(gk._geglu_fwd_kernel, "test_geglu_tile"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gk, "_fwd_tuner", tuner)
+            h, _, _ = gk._forward_fused(x, w_gate, w_up, b_gate, b_up, False, True, False,
+                                        seed, 0.5)
+        assert torch.equal((h != 0).cpu(), want), f"tile {tile}"
+
+
+def test_gated_block_finite_differences_with_the_seed_reset(device):
+    # For a fixed seed the block is a deterministic function of its inputs: central differences
+    # of <y, dy>, the generator reset before every forward, match the analytic gradients.
+    operands = [t.requires_grad_(True)
+                for t in _block_operands((5, 7), 9, torch.float32, device, d=6)]
+    dy = torch.randn(5, 6, device=device)
+
+    def loss(*tensors):
+        torch.manual_seed(1234)
+        y = triton_gelu.gated_feed_forward(*tensors, approximate="tanh", dropout=0.5,
+                                           training=True)
+        return (y * dy).sum()
+
+    assert_finite_differences(loss, operands, BLOCK_NAMES, samples=3)
+
+
+def test_gated_block_same_seed_same_output_eval_and_p0_draw_no_seed(device):
+    block = triton_gelu.GatedFeedForward(K, N, dropout=0.3, device=device).train()
     x = torch.randn(M, K, device=device)
-    torch.manual_seed(7)
-    y, dx, grads, dy = _run_module(ours.train(), x)
-    torch.manual_seed(7)
-    y_t, dx_t, grads_t, _ = _run_module(eager.train(), x, dy)
-    torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx, dx_t, rtol=1e-5, atol=1e-5)
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_t[name], rtol=1e-5, atol=1e-4, msg=name)
-    ours.eval()
-    assert torch.equal(ours(x), ours(x))
+    a = assert_reproducible_by_seed(lambda: block(x))
+    # eval() (or p == 0) compiles dropout out: nothing is drawn from the generator.
+    state = torch.get_rng_state()
+    eval_out = block.eval()(x)
+    block.train().dropout.p = 0.0
+    p0_out = block(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(eval_out, p0_out, rtol=0, atol=0)
+    assert not torch.equal(a, eval_out)
+
+
+def test_eager_and_fused_backward_paths_do_not_apply_with_dropout(device, monkeypatch):
+    """PyTorch's ops cannot draw the kernels' mask, and the fused backward kernels would redraw
+    it per tile: at p > 0 a forced torch forward, fused or torch backward warns and the op
+    chooses as usual (fused forward, once backward); at p = 0 the forced paths run."""
+    for paths in (gk._forward_paths, gk._backward_paths):
+        monkeypatch.setattr(paths, "_forced_warned", set())  # each warns once per process
+    operands = _block_operands((M, K), N, torch.float32, device)
+    for bwd in ("fused", "torch"):
+        with force_path(geglu_fwd="torch", geglu_bwd=bwd):
+            with pytest.warns(UserWarning, match="does not apply to this problem"):
+                ran = launched(lambda: _check_dropout_block(operands, 0.4, what=bwd))
+            assert ran == {"geglu_fwd": 1, "geglu_bwd_act": 1}, ran
+            ran = launched(lambda: _check_dropout_block(operands, 0.0, what=bwd))
+            assert ran == ({"geglu_bwd_dx": 1, "geglu_bwd_dw": 1, "geglu_act": 1}
+                           if bwd == "fused" else {}), ran
 
 
 # ---- what the backward keeps ---------------------------------------------------------------------
@@ -579,6 +760,28 @@ def test_saved_bytes_of_the_op_and_the_block(device):
     assert (block_eager, block_ours, block_recompute) == (
         (m * k + 4 * m * n) * item, (m * k + 2 * m * n) * item, m * k * item)
     assert block_ours / block_eager <= 0.55, block_ours / block_eager
+
+
+def test_saved_bytes_of_the_block_with_dropout(device):
+    """Exact byte counts in training at p > 0: ours keeps x, g, u and the 8-byte seed (recompute:
+    x and the seed); eager's block with nn.Dropout keeps x, g, gelu(g), u, the dropout mask (in
+    x's dtype on the CPU, one byte per element on a GPU) and the dropout output (for the down
+    projection; h itself is then not kept)."""
+    m, k, n = 24, 16, 64
+    x = torch.randn(m, k, device=device, requires_grad=True)
+    ours, eager = (block.train() for block in _block(device, d_model=k, d_ff=n, dropout=0.1))
+    params = [*ours.parameters(), *eager.parameters()]
+    item, mask_item = x.element_size(), 1 if x.is_cuda else x.element_size()
+
+    block_eager = _saved(lambda: eager(x), params)
+    block_ours = _saved(lambda: ours(x), params)
+    ours.recompute = True
+    block_recompute = _saved(lambda: ours(x), params)
+    assert (block_eager, block_ours, block_recompute) == (
+        (m * k + 4 * m * n) * item + m * n * mask_item, (m * k + 2 * m * n) * item + 8,
+        m * k * item + 8)
+    # Dropout costs eager a mask and an output, ours 8 bytes: a smaller ratio than at p = 0.
+    assert block_ours / block_eager < (k + 2 * n) / (k + 4 * n), block_ours / block_eager
 
 
 # ---- modules -------------------------------------------------------------------------------------
@@ -666,6 +869,36 @@ def test_compile_fullgraph_forward_and_backward(backend, device):
         assert recorder.bw_ops >= {"geglu_bwd", "geglu_gate_up"}, recorder.bw_ops
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+def test_compile_fullgraph_with_dropout(recompute, device):
+    """torch.compile(fullgraph=True) of GatedFeedForward in training with dropout: the seed is
+    drawn in the graph, forward and backward trace through the custom ops, and both equal eager
+    for the same generator state."""
+    from test_compile import Recorder
+
+    model = triton_gelu.GatedFeedForward(8, 24, dropout=0.3, bias=True, recompute=recompute,
+                                         device=device).train()
+    recorder = Recorder("aot_eager")
+    with _fresh_dynamo():
+        compiled = torch.compile(copy.deepcopy(model), backend=recorder, fullgraph=True)
+        x = torch.randn(2, 7, 8, device=device)
+        results = []
+        for m in (compiled, model):
+            torch.manual_seed(21)
+            dy = torch.linspace(-1, 1, 2 * 7 * 8, device=device).view(2, 7, 8)
+            results.append(_run_module(m, x, dy))
+    assert recorder.frames == 1
+    assert "gated_ffn_fwd" in recorder.fw_ops and "geglu_bwd" in recorder.bw_ops, recorder
+    assert ("geglu_gate_up" in recorder.bw_ops) == recompute
+    (y, dx, grads, _), (y_eager, dx_eager, grads_eager, _) = results
+    torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx, dx_eager, rtol=1e-6, atol=1e-6)
+    grads = {name.removeprefix("_orig_mod."): grad for name, grad in grads.items()}
+    assert grads.keys() == grads_eager.keys()
+    for name, grad in grads_eager.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_compile_no_grad_and_autocast(device):
     from test_compile import Recorder
 
@@ -694,17 +927,22 @@ def test_opcheck(approximate_tanh, device):
     bd = torch.randn(3, device=device, requires_grad=True)
     dh, g, u = (torch.randn(5, 6, device=device) for _ in range(3))
     x0, wg0, wu0 = x.detach(), wg.detach(), wu.detach()
-    tanh = approximate_tanh
+    tanh, seed = approximate_tanh, dropout_seed(device)
     cases = [
         (ops.geglu_fwd, (x, wg, wu, bg, bu, tanh, True)),
         (ops.geglu_fwd, (x, wg, wu, None, bu, tanh, False)),
         (ops.geglu_fwd, (x, wg0.t().contiguous().t(), wu, bg, None, tanh, True)),  # W^T
-        (ops.gated_ffn_fwd, (x, wg, wu, wd, bg, bu, bd, tanh, True)),
-        (ops.gated_ffn_fwd, (x, wg, wu, wd, None, None, None, tanh, False)),
+        (ops.gated_ffn_fwd, (x, wg, wu, wd, bg, bu, bd, None, 0.0, tanh, True)),
+        (ops.gated_ffn_fwd, (x, wg, wu, wd, None, None, None, None, 0.0, tanh, False)),
+        (ops.gated_ffn_fwd, (x, wg, wu, wd, bg, None, bd, seed, 0.3, tanh, True)),  # dropout
+        (ops.gated_ffn_fwd, (x, wg, wu, wd, None, bu, None, seed, 0.3, tanh, False)),
         # The backward ops run in the backward only: no autograd of their own.
-        (ops.geglu_gate_up_op, (x0, wg0, wu0, bg.detach(), None, tanh)),
-        (ops.geglu_bwd, (dh, x0, wg0, wu0, g, u, tanh, [True] * 5, True)),
-        (ops.geglu_bwd, (dh, x0, wg0, wu0, g, u, tanh, [False, True, False, False, True], False)),
+        (ops.geglu_gate_up_op, (x0, wg0, wu0, bg.detach(), None, 0.0, tanh)),
+        (ops.geglu_gate_up_op, (x0, wg0, wu0, None, None, 0.3, tanh)),
+        (ops.geglu_bwd, (dh, x0, wg0, wu0, g, u, None, 0.0, tanh, [True] * 5, True)),
+        (ops.geglu_bwd, (dh, x0, wg0, wu0, g, u, None, 0.0, tanh,
+                         [False, True, False, False, True], False)),
+        (ops.geglu_bwd, (dh, x0, wg0, wu0, g, u, seed, 0.3, tanh, [True] * 5, True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -216,6 +216,14 @@ def check_dropout_seed(seed: object, p: float, x: torch.Tensor) -> None:
     check_same_device([("x", x), ("seed", seed)])
 
 
+def check_dropout(seed: object, p: object, x: torch.Tensor) -> float:
+    """A launcher's dropout arguments: p in [0, 1) and, when p > 0, the call's seed (a 1-element
+    int64 tensor on x's device). Returns p as a float."""
+    p = check_dropout_p(p)
+    check_dropout_seed(seed, p, x)
+    return p
+
+
 def check_ffn_2d(
     x2d: object, w1: object, b1: object | None, w2: object, b2: object | None, seed: object,
     p: object,
@@ -225,9 +233,7 @@ def check_ffn_2d(
     check_ffn(x2d, w1, b1, w2, b2)
     if x2d.dim() != 2:
         raise ValueError(f"x must be 2-D (M, in_features) here, got shape {tuple(x2d.shape)}")
-    p = check_dropout_p(p)
-    check_dropout_seed(seed, p, x2d)
-    return p
+    return check_dropout(seed, p, x2d)
 
 
 def check_ffn_backward(

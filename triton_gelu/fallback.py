@@ -13,8 +13,8 @@ import torch
 
 from . import reference
 from ._checks import (
-    check_ffn_2d, check_ffn_backward, check_ffn_needs, check_geglu_2d, check_geglu_backward,
-    check_linear_2d, check_linear_backward,
+    check_dropout, check_dropout_p, check_ffn_2d, check_ffn_backward, check_ffn_needs,
+    check_geglu_2d, check_geglu_backward, check_linear_2d, check_linear_backward,
 )
 
 __all__ = [
@@ -73,20 +73,31 @@ def linear_gelu_backward(
     return dx, dw, db
 
 
+def _keep(seed: torch.Tensor | None, p: float, rows: int, cols: int) -> torch.Tensor | None:
+    """The kernels' dropout mask, drawn by the PyTorch copy of their generator."""
+    return None if p == 0.0 or seed is None else reference.dropout_keep(seed, rows, cols, p)
+
+
 def geglu_forward(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, approximate_tanh: bool, save_gate_up: bool,
+    seed: torch.Tensor | None = None, p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
-    h, gate, up = reference.geglu_forward_fp32(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh)
+    p = check_dropout(seed, p, x2d)
+    h, gate, up = reference.geglu_forward_fp32(
+        x2d, w_gate, w_up, b_gate, b_up, approximate_tanh,
+        _keep(seed, p, x2d.shape[0], w_gate.shape[0]), reference.dropout_constants(p)[1],
+    )
     return (h.to(x2d.dtype), *((gate, up) if save_gate_up else (None, None)))
 
 
 def geglu_gate_up(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool,
+    b_up: torch.Tensor | None, approximate_tanh: bool, p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
+    check_dropout_p(p)
     _, gate, up = reference.geglu_forward_fp32(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh)
     return gate, up
 
@@ -94,16 +105,18 @@ def geglu_gate_up(
 def geglu_backward(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
-    write_h: bool = False,
+    write_h: bool = False, seed: torch.Tensor | None = None, p: float = 0.0,
 ) -> tuple[torch.Tensor | None, ...]:
     needs = check_geglu_backward(dh2d, x2d, w_gate, w_up, gate, up, needs)
-    grads = reference.geglu_backward_fp32(dh2d, x2d, w_gate, w_up, gate, up, approximate_tanh)
-    h = reference.geglu_fp32(gate, up, approximate_tanh).to(x2d.dtype) if write_h else None
+    p = check_dropout(seed, p, x2d)
+    keep, scale = _keep(seed, p, *gate.shape), reference.dropout_constants(p)[1]
+    grads = reference.geglu_backward_fp32(dh2d, x2d, w_gate, w_up, gate, up, approximate_tanh,
+                                          keep, scale)
+    h = None
+    if write_h:
+        h = reference.dropout_fp32(reference.geglu_fp32(gate, up, approximate_tanh), keep,
+                                    scale).to(x2d.dtype)
     return (*(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs)), h)
-
-def _keep(seed: torch.Tensor | None, p: float, rows: int, cols: int) -> torch.Tensor | None:
-    """The kernels' dropout mask, drawn by the PyTorch copy of their generator."""
-    return None if p == 0.0 or seed is None else reference.dropout_keep(seed, rows, cols, p)
 
 
 def ffn_forward(

@@ -139,7 +139,9 @@ def linear_gelu(
 # ---- the FFN block ---------------------------------------------------------------------------
 
 
-class _FeedForwardConfig(NamedTuple):
+class _BlockConfig(NamedTuple):
+    """What an FFN block's autograd node (plain or gated) carries besides tensors."""
+
     p: float  # dropout probability; 0: no dropout (eval, or none asked for)
     approximate_tanh: bool
     recompute: bool
@@ -148,7 +150,7 @@ class _FeedForwardConfig(NamedTuple):
 class _FeedForwardFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, seed: torch.Tensor | None,
-                config: _FeedForwardConfig) -> torch.Tensor:
+                config: _BlockConfig) -> torch.Tensor:
         x2d = _rows(x)
         y, preact = launchers(x2d).ffn_forward(
             x2d, w1, b1, w2, b2, seed, config.p, config.approximate_tanh,
@@ -223,7 +225,7 @@ def feed_forward(
                                           save_preact=False)
         return y.view(*x.shape[:-1], w2.shape[0])
     return _FeedForwardFunction.apply(
-        x, w1, b1, w2, b2, seed, _FeedForwardConfig(p, approximate_tanh, recompute)
+        x, w1, b1, w2, b2, seed, _BlockConfig(p, approximate_tanh, recompute)
     )
 
 
@@ -296,29 +298,31 @@ def geglu(
 
 class _GatedFeedForwardFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh: bool,
-                recompute: bool):
+    def forward(ctx, x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed: torch.Tensor | None,
+                config: _BlockConfig):
         x2d = _rows(x)
         y, gate, up = _gated_block.block_forward(
-            x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh, not recompute,
-            launchers(x2d).geglu_forward,
+            x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, config.p,
+            config.approximate_tanh, not config.recompute, launchers(x2d).geglu_forward,
         )
-        ctx.approximate_tanh, ctx.recompute, ctx.x_shape = approximate_tanh, recompute, x.shape
-        # Not h: the backward regenerates it from g and u (or from x, with recompute).
-        ctx.save_for_backward(x2d, w_gate, w_up, w_down,
-                              *((b_gate, b_up) if recompute else (gate, up)))
+        ctx.config, ctx.x_shape = config, x.shape
+        # Not h, the dropout mask or dropout(h): the backward regenerates them from g, u and
+        # the seed (8 bytes); with recompute g and u too, from x and the parameters.
+        ctx.save_for_backward(x2d, w_gate, w_up, w_down, seed,
+                              *((b_gate, b_up) if config.recompute else (gate, up)))
         return y.view(*x.shape[:-1], w_down.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
-        x2d, w_gate, w_up, w_down, *kept = ctx.saved_tensors
-        backend = launchers(x2d)
-        gate, up = (backend.geglu_gate_up(x2d, w_gate, w_up, *kept, ctx.approximate_tanh)
-                    if ctx.recompute else kept)
+        x2d, w_gate, w_up, w_down, seed, *kept = ctx.saved_tensors
+        config, backend = ctx.config, launchers(x2d)
+        gate, up = (backend.geglu_gate_up(x2d, w_gate, w_up, *kept, config.approximate_tanh,
+                                          config.p)
+                    if config.recompute else kept)
         dx, *grads = _gated_block.block_backward(
-            _rows(dy), x2d, w_gate, w_up, w_down, gate, up, ctx.approximate_tanh,
-            ctx.needs_input_grad[:7], backend.geglu_backward,
+            _rows(dy), x2d, w_gate, w_up, w_down, gate, up, seed, config.p,
+            config.approximate_tanh, ctx.needs_input_grad[:7], backend.geglu_backward,
         )
         return None if dx is None else dx.view(ctx.x_shape), *grads, None, None
 
@@ -330,32 +334,32 @@ def gated_feed_forward(
     training: bool = False, recompute: bool = False,
 ) -> torch.Tensor:
     """The gated FFN block ``F.linear(F.dropout(geglu(x, ...), dropout, training), w_down,
-    b_down)`` (Gemma's MLP, T5's DenseGatedActDense).
+    b_down)`` (Gemma's MLP, T5's DenseGatedActDense) as one fused autograd node.
 
     w_down is (out_features, hidden_features), b_down (out_features,) or None; the rest is as
-    in ``geglu``. Without active dropout the backward keeps x, g and u only and regenerates the
-    down projection's input h = gelu(g) * u from them (``recompute=True``: x only). Dropout in
-    training (``dropout > 0``) is applied unfused between the GeGLU and the down projection,
-    which then keeps its mask and its input as in PyTorch.
+    in ``geglu``. ``dropout`` is the dropout probability p, in [0, 1): in training with p > 0
+    the GeGLU kernel applies it to h in its epilogue (the FFN block's generator, its seed drawn
+    from PyTorch's generator of x's device) and the backward regenerates the mask. The backward
+    keeps x, g, u and the seed only, and regenerates the down projection's input
+    dropout(gelu(g) * u) from them (``recompute=True``: x and the seed only).
     """
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+    p = check_dropout_p(dropout)
     x, w_gate, w_up, b_gate, b_up, approximate_tanh = _prepare_geglu(
         x, w_gate, w_up, b_gate, b_up, approximate)
     w_down, b_down = _autocast_linear(x, w_down, b_down)[1:]
     check_down(w_gate, w_down, b_down)
-    if dropout > 0.0 and training:
-        h = geglu(x, w_gate, w_up, b_gate, b_up, approximate, recompute)
-        return F.linear(F.dropout(h, dropout, training=True), w_down, b_down)
-    if torch.compiler.is_compiling():
-        return ops.gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
+    if not training:
+        p = 0.0
+    seed = dropout_seed(x.device) if p > 0.0 else None
+    if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
+        return ops.gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
                                       approximate_tanh, recompute)
     if not ops.needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
         x2d = _rows(x)
         y, _, _ = _gated_block.block_forward(
-            x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh, False,
+            x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, approximate_tanh, False,
             launchers(x2d).geglu_forward,
         )
         return y.view(*x.shape[:-1], w_down.shape[0])
-    return _GatedFeedForwardFunction.apply(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
-                                           approximate_tanh, recompute)
+    return _GatedFeedForwardFunction.apply(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed,
+                                           _BlockConfig(p, approximate_tanh, recompute))

@@ -26,10 +26,10 @@ Ops (namespace ``triton_gelu``)::
         -> (dx | empty, dw | empty, db | empty)
     geglu_fwd(x, w_gate, w_up, b_gate?, b_up?, approximate_tanh, save_gate_up)
         -> (h, g | empty, u | empty)
-    geglu_gate_up(x, w_gate, w_up, b_gate?, b_up?, approximate_tanh) -> (g, u)
-    geglu_bwd(dh, x, w_gate, w_up, g, u, approximate_tanh, needs[5], write_h)
+    geglu_gate_up(x, w_gate, w_up, b_gate?, b_up?, p, approximate_tanh) -> (g, u)
+    geglu_bwd(dh, x, w_gate, w_up, g, u, seed?, p, approximate_tanh, needs[5], write_h)
         -> (dx, dw_gate, dw_up, db_gate, db_up, h), each empty when not asked for
-    gated_ffn_fwd(x, w_gate, w_up, w_down, b_gate?, b_up?, b_down?, approximate_tanh,
+    gated_ffn_fwd(x, w_gate, w_up, w_down, b_gate?, b_up?, b_down?, seed?, p, approximate_tanh,
                   save_gate_up) -> (y, g | empty, u | empty)
     ffn_fwd(x, w1, b1?, w2, b2?, seed?, p, approximate_tanh, save_preact) -> (y, preact | empty)
     ffn_bwd(dy, x, w1, w2, preact, seed?, p, approximate_tanh, needs[5])
@@ -41,10 +41,12 @@ DTensor sharded on a leading dimension (batch or sequence) reaches them unflatte
 never has to redistribute it to flatten it (``parallel.py`` registers the sharding rules).
 ``functional.py`` applies autocast before calling them, exactly as on the eager path.
 ``gated_ffn_fwd``'s registered backward calls ``geglu_gate_up`` and ``geglu_bwd`` (and PyTorch
-matmuls for the down projection), so the compiled backward keeps x, g and u, never h. The GeGLU
-and FFN ops take 2-D ``x``; their entry points below flatten it. The FFN ops take the dropout
-seed as a tensor (``functional.dropout_seed``, drawn in the traced graph by ``torch.randint``)
-and p as a float: the graph carries them to the backward op.
+matmuls for the down projection), so the compiled backward keeps x, g, u and the seed, never h
+or the dropout mask. The GeGLU and FFN ops take 2-D ``x``; their entry points below flatten it.
+The FFN ops and the gated block's take the dropout seed as a tensor (``functional.dropout_seed``,
+drawn in the traced graph by ``torch.randint``; None when p == 0) and p as a float: the graph
+carries them to the backward op. ``geglu_gate_up`` takes the forward's p only to choose the
+forward's path (g and u do not depend on it); ``geglu_fwd`` (the GeGLU op alone) has no dropout.
 """
 
 from __future__ import annotations
@@ -296,14 +298,15 @@ def _geglu_fwd_fake(x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_u
 @torch.library.custom_op("triton_gelu::geglu_gate_up", mutates_args=())
 def geglu_gate_up_op(
     x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
-    approximate_tanh: bool,
+    p: float, approximate_tanh: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(g, u), bitwise what geglu_fwd saves (the backward recomputes them when not saved)."""
-    return launchers(x).geglu_gate_up(x, w_gate, w_up, b_gate, b_up, approximate_tanh)
+    """(g, u), bitwise what geglu_fwd / gated_ffn_fwd with dropout probability p saves (the
+    backward recomputes them when not saved)."""
+    return launchers(x).geglu_gate_up(x, w_gate, w_up, b_gate, b_up, approximate_tanh, p)
 
 
 @geglu_gate_up_op.register_fake
-def _geglu_gate_up_fake(x, w_gate, w_up, b_gate, b_up, approximate_tanh):
+def _geglu_gate_up_fake(x, w_gate, w_up, b_gate, b_up, p, approximate_tanh):
     gate = _new_like(x, (x.shape[0], w_gate.shape[0]))
     return gate, _new_like(gate)
 
@@ -311,27 +314,30 @@ def _geglu_gate_up_fake(x, w_gate, w_up, b_gate, b_up, approximate_tanh):
 @torch.library.custom_op("triton_gelu::geglu_bwd", mutates_args=())
 def geglu_bwd(
     dh: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, gate: Tensor, up: Tensor,
-    approximate_tanh: bool, needs: list[bool], write_h: bool,
+    seed: Tensor | None, p: float, approximate_tanh: bool, needs: list[bool], write_h: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_gate, dw_up, db_gate, db_up, h): each gradient empty unless its flag in ``needs``
-    is set; h = gelu(g) * u with write_h, else empty."""
+    is set; h = gelu(g) * u with write_h, else empty. With p > 0, dh is the gradient of
+    dropout(h) (mask from ``seed``) and h is written as dropout(h)."""
     dx, dwg, dwu, dbg, dbu, h = (_or_absent(t, dh) for t in launchers(x).geglu_backward(
-        dh, x, w_gate, w_up, gate, up, approximate_tanh, needs, write_h
+        dh, x, w_gate, w_up, gate, up, approximate_tanh, needs, write_h, seed, p
     ))
     return dx, dwg, dwu, dbg, dbu, h
 
 
 @geglu_bwd.register_fake
-def _geglu_bwd_fake(dh, x, w_gate, w_up, gate, up, approximate_tanh, needs, write_h):
+def _geglu_bwd_fake(dh, x, w_gate, w_up, gate, up, seed, p, approximate_tanh, needs, write_h):
     shapes = (x.shape, w_gate.shape, w_up.shape, w_gate.shape[:1], w_up.shape[:1], gate.shape)
     return tuple(_new_like(dh, shape) if wanted else _absent(dh)
                  for shape, wanted in zip(shapes, (*needs, write_h)))
 
 
 def _geglu_backward_through_op(dh, x, w_gate, w_up, gate, up, approximate_tanh, needs,
-                               write_h=False):
-    """``geglu_bwd`` with the launchers' conventions: None for what was not asked for."""
-    outputs = geglu_bwd(dh, x, w_gate, w_up, gate, up, approximate_tanh, list(needs), write_h)
+                               write_h=False, seed=None, p=0.0):
+    """``geglu_bwd`` with the launchers' conventions (argument order, None for what was not
+    asked for)."""
+    outputs = geglu_bwd(dh, x, w_gate, w_up, gate, up, seed, p, approximate_tanh, list(needs),
+                        write_h)
     return tuple(t if wanted else None for t, wanted in zip(outputs, (*needs, write_h)))
 
 
@@ -342,11 +348,11 @@ def _save_gate_up_or_biases(ctx, tensors, biases, gate, up, save_gate_up) -> Non
     ctx.save_for_backward(*tensors, *((gate, up) if save_gate_up else biases))
 
 
-def _saved_gate_up(ctx, x, w_gate, w_up, kept) -> tuple[Tensor, Tensor]:
+def _saved_gate_up(ctx, x, w_gate, w_up, kept, p: float = 0.0) -> tuple[Tensor, Tensor]:
     if ctx.save_gate_up:
         return tuple(kept)
     biases = (b if has else None for b, has in zip(kept, ctx.has_bias))
-    return geglu_gate_up_op(x, w_gate, w_up, *biases, ctx.approximate_tanh)
+    return geglu_gate_up_op(x, w_gate, w_up, *biases, p, ctx.approximate_tanh)
 
 
 def _geglu_setup_context(ctx, inputs, output) -> None:
@@ -373,19 +379,21 @@ geglu_fwd.register_autograd(_geglu_fwd_backward, setup_context=_geglu_setup_cont
 @torch.library.custom_op("triton_gelu::gated_ffn_fwd", mutates_args=())
 def gated_ffn_fwd(
     x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
-    b_up: Tensor | None, b_down: Tensor | None, approximate_tanh: bool, save_gate_up: bool,
+    b_up: Tensor | None, b_down: Tensor | None, seed: Tensor | None, p: float,
+    approximate_tanh: bool, save_gate_up: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(down(gelu(g) * u), g if save_gate_up else empty, u likewise)."""
+    """(down(dropout(gelu(g) * u)), g if save_gate_up else empty, u likewise); dropout with
+    probability p and the mask of ``seed`` (None when p == 0)."""
     y, gate, up = _gated_block.block_forward(
-        x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh, save_gate_up,
+        x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, approximate_tanh, save_gate_up,
         launchers(x).geglu_forward,
     )
     return y, _or_absent(gate, y), _or_absent(up, y)
 
 
 @gated_ffn_fwd.register_fake
-def _gated_ffn_fwd_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh,
-                        save_gate_up):
+def _gated_ffn_fwd_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
+                        approximate_tanh, save_gate_up):
     y = _new_like(x, (x.shape[0], w_down.shape[0]))
     hidden = (x.shape[0], w_gate.shape[0])
     return y, *((_new_like(x, hidden), _new_like(x, hidden)) if save_gate_up
@@ -393,23 +401,25 @@ def _gated_ffn_fwd_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, approxima
 
 
 def _gated_ffn_setup_context(ctx, inputs, output) -> None:
-    x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate_tanh, save_gate_up = inputs
+    (x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, approximate_tanh,
+     save_gate_up) = inputs
     _, gate, up = output
     ctx.mark_non_differentiable(gate, up)
-    ctx.approximate_tanh = approximate_tanh
+    ctx.p, ctx.approximate_tanh = p, approximate_tanh
     ctx.has_down_bias = b_down is not None
-    _save_gate_up_or_biases(ctx, (x, w_gate, w_up, w_down), (b_gate, b_up), gate, up,
+    # x, g, u (or the biases that rebuild them) and the seed: never h or the dropout mask.
+    _save_gate_up_or_biases(ctx, (x, w_gate, w_up, w_down, seed), (b_gate, b_up), gate, up,
                             save_gate_up)
 
 
 def _gated_ffn_fwd_backward(ctx, dy: Tensor, dgate, dup):
-    x, w_gate, w_up, w_down, *kept = ctx.saved_tensors
-    gate, up = _saved_gate_up(ctx, x, w_gate, w_up, kept)
+    x, w_gate, w_up, w_down, seed, *kept = ctx.saved_tensors
+    gate, up = _saved_gate_up(ctx, x, w_gate, w_up, kept, ctx.p)
     has = (True, True, True, True, *ctx.has_bias, ctx.has_down_bias)
     needs = [need and present for need, present in zip(ctx.needs_input_grad[:7], has)]
-    grads = _gated_block.block_backward(dy, x, w_gate, w_up, w_down, gate, up,
+    grads = _gated_block.block_backward(dy, x, w_gate, w_up, w_down, gate, up, seed, ctx.p,
                                         ctx.approximate_tanh, needs, _geglu_backward_through_op)
-    return (*grads, None, None)
+    return (*grads, None, None, None, None)
 
 
 gated_ffn_fwd.register_autograd(_gated_ffn_fwd_backward, setup_context=_gated_ffn_setup_context)
@@ -456,10 +466,12 @@ def geglu(
 
 def gated_feed_forward(
     x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
-    b_up: Tensor | None, b_down: Tensor | None, approximate_tanh: bool, recompute: bool,
+    b_up: Tensor | None, b_down: Tensor | None, seed: Tensor | None, p: float,
+    approximate_tanh: bool, recompute: bool,
 ) -> Tensor:
-    """``functional.gated_feed_forward`` (no dropout) through the custom ops."""
+    """``functional.gated_feed_forward`` through the custom ops, the call's dropout seed already
+    drawn (None when p == 0)."""
     save = needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down) and not recompute
-    y, _, _ = gated_ffn_fwd(rows(x), w_gate, w_up, w_down, b_gate, b_up, b_down,
+    y, _, _ = gated_ffn_fwd(rows(x), w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
                             approximate_tanh, save)
     return y.view(*x.shape[:-1], w_down.shape[0])

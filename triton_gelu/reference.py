@@ -160,7 +160,14 @@ def dropout_keep(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Te
 # ---- the FFN block: linear2(dropout(gelu(linear1(x)))) --------------------------------------
 
 
-def _dropout_fp32(y: torch.Tensor, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
+def dropout64(h: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """Float64 dropout of ``h`` with the explicit keep mask ``keep`` (None: no dropout)."""
+    if keep is None:
+        return h
+    return h * (keep.to(h.device, torch.float64) / (1.0 - p))
+
+
+def dropout_fp32(y: torch.Tensor, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
     """y * keep / (1 - p) in float32, as the kernels compute it (a product: NaN propagates)."""
     if keep is None:
         return y
@@ -174,7 +181,7 @@ def ffn_forward_fp32(
     """(y, z) of the FFN block in float32 with the kernels' numerics: h = dropout(gelu(z)) from
     the float32 z, rounded to the input dtype before the second matmul."""
     preact = linear_preact_fp32(x2d, w1, b1)
-    h = _dropout_fp32(gelu_fp32(preact, approximate_tanh), keep, scale).to(x2d.dtype)
+    h = dropout_fp32(gelu_fp32(preact, approximate_tanh), keep, scale).to(x2d.dtype)
     return linear_preact_fp32(h, w2, b2), preact
 
 
@@ -189,10 +196,10 @@ def ffn_backward_fp32(
     """
     with torch.autocast(x2d.device.type, enabled=False):
         dy = dy2d.float()
-        dz = _dropout_fp32((dy @ w2.float()) * gelu_grad_fp32(preact, approximate_tanh),
+        dz = dropout_fp32((dy @ w2.float()) * gelu_grad_fp32(preact, approximate_tanh),
                            keep, scale)
         dz_operand = dz.to(x2d.dtype).float()
-        h = _dropout_fp32(gelu_fp32(preact, approximate_tanh), keep, scale).to(x2d.dtype)
+        h = dropout_fp32(gelu_fp32(preact, approximate_tanh), keep, scale).to(x2d.dtype)
         return (dz_operand @ w1.float(), dz_operand.t() @ x2d.float(), dz.sum(0),
                 dy.t() @ h.float(), dy.sum(0))
 
@@ -207,9 +214,7 @@ def feed_forward64(
     ``dy``, the gradients [dx, dW1, db1, dW2, db2] (``grads64``)."""
     def block(x, w1, b1, w2, b2):
         h = F.gelu(F.linear(x, w1, b1), approximate=approximate)
-        if keep is not None:
-            h = h * (keep.to(h.device, torch.float64) / (1.0 - p))
-        return F.linear(h, w2, b2)
+        return F.linear(dropout64(h, keep, p), w2, b2)
 
     tensors = [x, w1, b1, w2, b2]
     with torch.no_grad():
@@ -227,26 +232,30 @@ def geglu_fp32(gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool) -> 
 
 def geglu_forward_fp32(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool,
+    b_up: torch.Tensor | None, approximate_tanh: bool, keep: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h in float32, g, u in x's dtype) with the kernels' numerics: g and u accumulated in
-    float32, rounded to the input dtype, then gated in float32."""
+    float32, rounded to the input dtype, then gated in float32; with the keep mask ``keep``,
+    h is dropout(gelu(g) * u) (kept elements times ``scale`` = 1 / (1 - p))."""
     gate = linear_preact_fp32(x2d, w_gate, b_gate).to(x2d.dtype)
     up = linear_preact_fp32(x2d, w_up, b_up).to(x2d.dtype)
-    return geglu_fp32(gate, up, approximate_tanh), gate, up
+    return dropout_fp32(geglu_fp32(gate, up, approximate_tanh), keep, scale), gate, up
 
 
 def geglu_backward_fp32(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool,
+    keep: torch.Tensor | None = None, scale: float = 1.0,
 ) -> tuple[torch.Tensor, ...]:
     """(dx, dW_gate, dW_up, db_gate, db_up) in float32 with the fused kernels' numerics.
 
-    dg = dh * u * gelu'(g) and du = dh * gelu(g) in float32; the matmuls take them rounded to
-    the input dtype, the bias gradients sum the float32 values.
+    dg = dh * u * gelu'(g) and du = dh * gelu(g) in float32 (with ``keep``, dh is the gradient
+    of dropout(h) and enters as dh * keep * scale); the matmuls take them rounded to the input
+    dtype, the bias gradients sum the float32 values.
     """
     with torch.autocast(x2d.device.type, enabled=False):
-        dh, g, u = dh2d.float(), gate.float(), up.float()
+        dh, g, u = dropout_fp32(dh2d.float(), keep, scale), gate.float(), up.float()
         dgate = dh * u * gelu_grad_fp32(g, approximate_tanh)
         dup = dh * gelu_fp32(g, approximate_tanh)
         dg_op, du_op = dgate.to(x2d.dtype).float(), dup.to(x2d.dtype).float()
@@ -270,9 +279,11 @@ def gated_feed_forward64(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
     b_gate: torch.Tensor | None = None, b_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None, approximate: str = "tanh",
+    keep: torch.Tensor | None = None, p: float = 0.0,
 ) -> torch.Tensor:
-    """Float64 ground truth of linear(geglu(x, ...), w_down, b_down)."""
-    h = geglu64(x, w_gate, w_up, b_gate, b_up, approximate)
+    """Float64 ground truth of linear(dropout(geglu(x, ...)), w_down, b_down), dropout with the
+    explicit keep mask ``keep`` ((..., hidden) booleans, None for none) and probability p."""
+    h = dropout64(geglu64(x, w_gate, w_up, b_gate, b_up, approximate), keep, p)
     return F.linear(h, w_down.double(), _double_or_none(b_down))
 
 

@@ -14,8 +14,10 @@ g and u by cuBLAS (``torch.addmm``), then one elementwise kernel writes h.
 Why round g and u before the gate: they are the values the backward is given (saved, or
 recomputed bitwise by the same kernel), the values the composed path's cuBLAS matmuls produce,
 and what PyTorch's own GeGLU multiplies. Gating the rounded values makes h the same function of
-(g, u) everywhere, so the gated block's backward (``_gated_block.py``) regenerates bitwise the h
-its forward fed the down projection, and training, inference and recompute agree bit for bit.
+(g, u) on all our paths, so the gated block's backward (``_gated_block.py``) regenerates bitwise
+the h its forward fed the down projection, and training, inference and recompute agree bit for
+bit. (The "torch" paths form h as eager PyTorch does, also rounding gelu(g): where the forward
+and the backward choose differently, the regenerated h is within one rounding of the forward's.)
 
 Backward, for the upstream gradient dh. With h = gelu(g) * u::
 
@@ -32,9 +34,23 @@ them from the dh, g and u tiles they load (as ``linear_gelu``'s backward does wi
 dW kernel also sums both bias gradients in float32. The gated block's backward also asks for h
 (``write_h``): the elementwise kernel writes it alongside dg and du.
 
-Dropout (a later addition, issue 8): ``_gated`` is the one place the forward forms h; a
-DROPOUT constexpr with a seed and the element offsets would mask and scale there, and the
-backward kernels would regenerate the mask from the same offsets where they form dh's product.
+Path "torch" (forward and backward): eager PyTorch's own computation, F.linear for g and u,
+then F.gelu(g) * u (gelu(g) rounded to the input dtype before the product, as eager rounds it)
+and its autograd backward: the candidate that keeps the path choice never slower than PyTorch.
+Where nothing may be timed on a GPU the forward takes "composed", the backward "once".
+
+Dropout (the gated block GeGLU -> dropout -> down in training): with ``p`` > 0 the forward
+writes dropout(h) = h * keep / (1 - p), the mask drawn from the call's seed by the FFN block's
+generator (``_math.py``: Philox on element (m, n)'s position, so every tile shape and kernel
+draws the same one): the fused epilogue with ``dropout_factor_tile``, the composed path's
+elementwise kernel with ``dropout_factor``. The backward takes dh for dropout(h) and its "once"
+kernel regenerates the mask from the seed: dh * keep / (1 - p) enters dg and du, and the h it
+writes for the down projection is dropout(h). Only g, u and the seed are kept, never the mask
+or h. "fused" and "torch" serve p == 0 only (``applies``): the fused dx and dW kernels rebuild
+dg and du once per output tile, so with dropout each would redraw the 10-round Philox of every
+element K / BLOCK_SIZE_K times where the once kernel draws it once, and PyTorch's ops cannot
+draw the kernels' mask. The path keys hold p > 0, and ``geglu_gate_up`` (the recompute) takes
+the forward's p so that it keys, and so computes, g and u as the forward did.
 
 Layouts: x, the weights and dh are read through their strides (no copy of a transposed weight
 or a sliced x); g and u are the package's own contiguous outputs. Outputs are new contiguous
@@ -44,7 +60,7 @@ tensors; kernels only store into them, so the autotuner may re-launch a kernel.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -53,11 +69,17 @@ import triton.language as tl
 from .._autotune import (
     Paths, Tuner, bucket, elementwise_configs, matmul_configs, prune_elementwise, prune_matmul,
 )
-from .._checks import check_geglu_2d, check_geglu_backward
+from .._checks import check_dropout, check_dropout_p, check_geglu_2d, check_geglu_backward
 from .._runtime import device_context
 from . import _matmul
-from ._math import cast_to, gelu, gelu_grad
-from ._matmul import dot_operand, grouped_tile, input_precision, output_tile, tile_grid
+from . import gelu as _gelu
+from ._math import (
+    cast_to, dropout_arguments, dropout_factor, dropout_factor_tile, gelu, gelu_grad,
+    without_dropout,
+)
+from ._matmul import (
+    cublas_context, dot_operand, grouped_tile, input_precision, output_tile, tile_grid,
+)
 from .gelu import _as_rows, _grid, _row_offsets
 
 # ---- the math, once -------------------------------------------------------------------------
@@ -94,6 +116,7 @@ def _geglu_fwd_kernel(
     h_ptr,  # (M, N) contiguous; None without WRITE_H
     g_ptr,  # (M, N) contiguous; None without SAVE_GATE_UP
     u_ptr,  # (M, N) contiguous; None without SAVE_GATE_UP
+    seed_ptr,  # (1,) int64, the dropout seed; None without HAS_DROPOUT
     M,
     N,
     K,
@@ -104,18 +127,21 @@ def _geglu_fwd_kernel(
     stride_wun,
     stride_wuk,
     stride_om,  # row stride of h, g and u
+    dropout_threshold,  # round(p * 2**31): see _math.dropout_factor_tile
+    dropout_scale,  # 1 / (1 - p)
     APPROXIMATE_TANH: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
     WRITE_H: tl.constexpr,
     SAVE_GATE_UP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):
-    _, _, offs_m, offs_n, mask_m, mask_n = output_tile(
+    _, pid_n, offs_m, offs_n, mask_m, mask_n = output_tile(
         M, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
@@ -140,7 +166,8 @@ def _geglu_fwd_kernel(
         wu_ptrs += BLOCK_SIZE_K * stride_wuk
 
     # Epilogue in float32: g and u get their biases and are rounded to the input dtype (the
-    # values the backward sees, see the module docstring); h = gelu(g) * u is cast once.
+    # values the backward sees, see the module docstring); h = gelu(g) * u (then dropout) is
+    # cast once.
     if HAS_GATE_BIAS:
         acc_g += tl.load(bg_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_UP_BIAS:
@@ -154,6 +181,9 @@ def _geglu_fwd_kernel(
         tl.store(u_ptr + offs_out, up.to(u_ptr.dtype.element_ty), mask=mask_out)
     if WRITE_H:
         h = _gated(gate, up, APPROXIMATE_TANH)
+        if HAS_DROPOUT:  # h * keep / (1 - p), the mask a function of (m, n): see _math
+            h = h * dropout_factor_tile(seed_ptr, offs_m, pid_n, N, dropout_threshold,
+                                        dropout_scale, BLOCK_SIZE_N)
         tl.store(h_ptr + offs_out, cast_to(h, h_ptr.dtype.element_ty), mask=mask_out)
 
 
@@ -162,17 +192,25 @@ def _geglu_act_kernel(
     g_ptr,  # (M * N,) contiguous
     u_ptr,  # (M * N,) contiguous
     h_ptr,  # (M * N,) contiguous
+    seed_ptr,  # (1,) int64, the dropout seed; None without HAS_DROPOUT
     n_elements,
+    n_cols,  # N: element i is (i // N, i % N) of the (M, N) hidden, for the dropout mask
+    dropout_threshold,
+    dropout_scale,
     APPROXIMATE_TANH: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    # h = gelu(g) * u elementwise: the composed forward, and h regenerated in the backward.
+    # h = gelu(g) * u elementwise (then dropout): the composed forward, and h regenerated in
+    # the fused backward.
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     gate = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     up = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
     h = _gated(gate, up, APPROXIMATE_TANH)
+    if HAS_DROPOUT:  # the fused epilogue's mask: see _math
+        h = h * dropout_factor(seed_ptr, offs, n_cols, dropout_threshold, dropout_scale)
     tl.store(h_ptr + offs, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -187,11 +225,15 @@ def _geglu_bwd_act_kernel(
     dg_ptr,  # (M * N,) contiguous
     du_ptr,  # (M * N,) contiguous
     h_ptr,  # (M * N,) contiguous; None without WRITE_H
+    seed_ptr,  # (1,) int64, the forward's dropout seed; None without HAS_DROPOUT
     n_elements,
     n_cols,
     stride_dh_row,
+    dropout_threshold,
+    dropout_scale,
     APPROXIMATE_TANH: tl.constexpr,
     WRITE_H: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -200,13 +242,21 @@ def _geglu_bwd_act_kernel(
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     dh = tl.load(dh_ptr + _row_offsets(offs, n_cols, stride_dh_row, CONTIGUOUS), mask=mask)
+    dh = dh.to(tl.float32)
     gate = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     up = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
-    dgate, dup = _gated_grads(dh.to(tl.float32), gate, up, APPROXIMATE_TANH)
+    if HAS_DROPOUT:
+        # dh is the gradient of dropout(h) = h * keep / (1 - p): the gradient of h is
+        # dh * keep / (1 - p), the forward's mask regenerated from its seed (see _math)
+        keep_scale = dropout_factor(seed_ptr, offs, n_cols, dropout_threshold, dropout_scale)
+        dh = dh * keep_scale
+    dgate, dup = _gated_grads(dh, gate, up, APPROXIMATE_TANH)
     tl.store(dg_ptr + offs, cast_to(dgate, dg_ptr.dtype.element_ty), mask=mask)
     tl.store(du_ptr + offs, cast_to(dup, du_ptr.dtype.element_ty), mask=mask)
-    if WRITE_H:
+    if WRITE_H:  # the down projection's input, dropout(h), for dW_down
         h = _gated(gate, up, APPROXIMATE_TANH)
+        if HAS_DROPOUT:
+            h = h * keep_scale
         tl.store(h_ptr + offs, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -388,22 +438,30 @@ def _key(x2d: torch.Tensor, w_gate: torch.Tensor, approximate_tanh: bool, *flags
     return (bucket(M), N, K, x2d.dtype, approximate_tanh, *flags, input_precision(x2d.dtype))
 
 
+def _forward_key(x2d: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None,
+                 b_up: torch.Tensor | None, approximate_tanh: bool, p: float) -> tuple:
+    """The forward's path key and its kernel's tuning key, for the forward and the recompute of
+    g and u alike (so both take the same path and config): dropout on, and which biases."""
+    return _key(x2d, w_gate, approximate_tanh, p > 0.0, b_gate is not None, b_up is not None)
+
+
 def _forward_fused(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+    seed: torch.Tensor | None, p: float,
 ) -> Outputs:
     (M, K), N = x2d.shape, w_gate.shape[0]
     h = _matmul.new_output((M, N), x2d) if write_h else None
     g, u = (_matmul.new_output((M, N), x2d) for _ in "gu") if save_gate_up else (None, None)
     if M == 0 or N == 0:
         return h, g, u
+    key = _forward_key(x2d, w_gate, b_gate, b_up, approximate_tanh, p)
     b_gate = None if b_gate is None else b_gate.contiguous()  # N elements: cheaper than a stride
     b_up = None if b_up is None else b_up.contiguous()
     out = h if h is not None else g
     with device_context(x2d):
         _fwd_tuner.run(
-            tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"),
-            _key(x2d, w_gate, approximate_tanh, b_gate is not None, b_up is not None),
+            tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
             x_ptr=x2d, wg_ptr=w_gate, wu_ptr=w_up, bg_ptr=b_gate, bu_ptr=b_up,
             h_ptr=h, g_ptr=g, u_ptr=u, M=M, N=N, K=K,
             stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
@@ -412,20 +470,22 @@ def _forward_fused(
             APPROXIMATE_TANH=approximate_tanh, HAS_GATE_BIAS=b_gate is not None,
             HAS_UP_BIAS=b_up is not None, WRITE_H=write_h, SAVE_GATE_UP=save_gate_up,
             INPUT_PRECISION=input_precision(x2d.dtype),
+            **dropout_arguments(seed, p if write_h else 0.0),  # the mask is h's alone
         )
     return h, g, u
 
 
-def _gate_into(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-               approximate_tanh: bool) -> torch.Tensor:
-    """h = gelu(gate) * up by the elementwise kernel, into the contiguous ``h``."""
+def _gate_into(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool,
+               seed: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
+    """h = gelu(gate) * up (then dropout with probability ``p`` when p > 0) by the elementwise
+    kernel, into the contiguous ``h``; gate and up are (M, N)."""
     gate, up = gate.contiguous(), up.contiguous()  # no-ops: both are our own outputs
     n = gate.numel()
     if n:
         with device_context(gate):
-            _act_tuner.run(_grid(n), (bucket(n), gate.dtype, approximate_tanh),
-                           g_ptr=gate, u_ptr=up, h_ptr=h, n_elements=n,
-                           APPROXIMATE_TANH=approximate_tanh)
+            _act_tuner.run(_grid(n), (bucket(n), gate.dtype, approximate_tanh, p > 0.0),
+                           g_ptr=gate, u_ptr=up, h_ptr=h, n_elements=n, n_cols=gate.shape[1],
+                           APPROXIMATE_TANH=approximate_tanh, **dropout_arguments(seed, p))
     return h
 
 
@@ -438,76 +498,108 @@ def _linear_into(out: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
         return torch.addmm(bias, x2d, weight.t(), out=out)
 
 
-def _forward_composed(
+def _gated_by_cublas(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+    b_up: torch.Tensor | None, write_h: bool, save_gate_up: bool,
+    gate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> Outputs:
+    """g and u by cuBLAS (what F.linear runs), then h = gate(g, u) when ``write_h``."""
     (M, _), N = x2d.shape, w_gate.shape[0]
     g = _linear_into(_matmul.new_output((M, N), x2d), x2d, w_gate, b_gate)
     u = _linear_into(_matmul.new_output((M, N), x2d), x2d, w_up, b_up)
-    h = _gate_into(_matmul.new_output((M, N), x2d), g, u, approximate_tanh) if write_h else None
+    with torch.autocast(x2d.device.type, enabled=False):
+        h = gate(g, u) if write_h else None
     return (h, g, u) if save_gate_up else (h, None, None)
 
 
-_forward_paths = Paths("geglu_fwd", {"fused": _forward_fused, "composed": _forward_composed},
-                       default="fused")
+def _forward_composed(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+    seed: torch.Tensor | None, p: float,
+) -> Outputs:
+    # h by our elementwise kernel (then dropout)
+    return _gated_by_cublas(
+        x2d, w_gate, w_up, b_gate, b_up, write_h, save_gate_up,
+        lambda g, u: _gate_into(_matmul.new_output(tuple(g.shape), x2d), g, u, approximate_tanh,
+                                seed, p))
+
+
+def _forward_torch(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+    seed: torch.Tensor | None, p: float,
+) -> Outputs:
+    # Eager PyTorch (p == 0 only, see the Paths): F.gelu(g) * u, gelu(g) rounded to the input
+    # dtype before the product, as eager rounds it.
+    return _gated_by_cublas(x2d, w_gate, w_up, b_gate, b_up, write_h, save_gate_up,
+                            lambda g, u: _gelu.gelu_forward_torch(g, approximate_tanh) * u)
+
+
+# Where nothing may be timed on a GPU (policy "off", CUDA-graph capture) and nothing is known:
+# composed (cuBLAS for both projections and an elementwise kernel whose first config is fine
+# for any size; the dual matmul's first config is a guess). "torch" is no candidate with
+# dropout on: PyTorch's ops cannot draw the kernels' mask, which the backward regenerates.
+_forward_paths = Paths(
+    "geglu_fwd",
+    {"fused": _forward_fused, "composed": _forward_composed, "torch": _forward_torch},
+    default="fused", untuned="composed", applies={"torch": without_dropout},
+    kernels=[_fwd_tuner, _act_tuner],
+)
 
 
 def _run_forward(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+    seed: torch.Tensor | None, p: float,
 ) -> Outputs:
     # One key for the forward and the recompute: the same path, so the same g and u.
-    key = _key(x2d, w_gate, approximate_tanh, b_gate is not None, b_up is not None)
+    key = _forward_key(x2d, w_gate, b_gate, b_up, approximate_tanh, p)
     return _forward_paths.run(key, x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, write_h,
-                              save_gate_up)
+                              save_gate_up, seed=seed, p=p)
 
 
 def geglu_forward(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, approximate_tanh: bool, save_gate_up: bool,
+    seed: torch.Tensor | None = None, p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(h, g, u): h = gelu(g) * u with g = x2d @ w_gate.T + b_gate and u = x2d @ w_up.T + b_up,
-    new contiguous (M, N) tensors in x2d's dtype; g and u are None unless ``save_gate_up``."""
+    new contiguous (M, N) tensors in x2d's dtype; g and u are None unless ``save_gate_up``.
+
+    With ``p`` > 0, h is dropout(gelu(g) * u) with probability p, its mask drawn from ``seed``
+    (a 1-element int64 tensor on x2d's device), the FFN block's generator (``_math.py``)."""
     check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
-    return _run_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, True, save_gate_up)
+    p = check_dropout(seed, p, x2d)
+    return _run_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, True, save_gate_up,
+                        seed, p)
 
 
 def geglu_gate_up(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool,
+    b_up: torch.Tensor | None, approximate_tanh: bool, p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, u), bitwise what ``geglu_forward(..., save_gate_up=True)`` saves (the same path and
-    kernel config, writing no h): the backward's recompute."""
+    kernel config, writing no h): the backward's recompute. ``p`` is the forward's dropout
+    probability: g and u do not depend on it, but the forward's path choice does."""
     check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
-    _, g, u = _run_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, False, True)
+    p = check_dropout_p(p)
+    _, g, u = _run_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, False, True,
+                           None, p)
     return g, u
 
 
 Grads = tuple[torch.Tensor | None, ...]
 
 
-def _backward_once(
-    dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
-    write_h: bool,
+def _input_and_weight_grads(
+    dgate: torch.Tensor, dup: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor,
+    w_up: torch.Tensor, needs: Sequence[bool],
 ) -> Grads:
+    """(dx, dW_gate, dW_up, db_gate, db_up) from dg and du in the input dtype, by cuBLAS: dx as
+    ``mm`` then ``addmm_`` into one buffer, the bias gradients column sums of the rounded dg
+    and du (as PyTorch's backward sums them)."""
     need_dx, need_dwg, need_dwu, need_dbg, need_dbu = needs
     (M, K), N = x2d.shape, w_gate.shape[0]
-    dgate, dup = _matmul.new_output((M, N), x2d), _matmul.new_output((M, N), x2d)
-    h = _matmul.new_output((M, N), x2d) if write_h else None
-    n = M * N
-    if n:
-        dh_rows, n_cols, stride_row = _as_rows(dh2d)
-        gate, up = gate.contiguous(), up.contiguous()
-        with device_context(x2d):
-            _bwd_act_tuner.run(
-                _grid(n), (bucket(n), x2d.dtype, approximate_tanh, write_h),
-                dh_ptr=dh_rows, g_ptr=gate, u_ptr=up, dg_ptr=dgate, du_ptr=dup, h_ptr=h,
-                n_elements=n, n_cols=n_cols, stride_dh_row=stride_row,
-                APPROXIMATE_TANH=approximate_tanh, WRITE_H=write_h,
-                CONTIGUOUS=stride_row == n_cols,
-            )
     dx = dwg = dwu = dbg = dbu = None
     with torch.autocast(x2d.device.type, enabled=False):
         if need_dx:
@@ -517,24 +609,47 @@ def _backward_once(
             dwg = torch.mm(dgate.t(), x2d, out=_matmul.new_output((N, K), w_gate))
         if need_dwu:
             dwu = torch.mm(dup.t(), x2d, out=_matmul.new_output((N, K), w_up))
-        # Column sums of the rounded dg and du, as PyTorch's backward sums them.
         if need_dbg:
             dbg = torch.sum(dgate, 0, dtype=torch.float32).to(w_gate.dtype)
         if need_dbu:
             dbu = torch.sum(dup, 0, dtype=torch.float32).to(w_up.dtype)
-    return dx, dwg, dwu, dbg, dbu, h
+    return dx, dwg, dwu, dbg, dbu
+
+
+def _backward_once(
+    dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
+    write_h: bool, seed: torch.Tensor | None, p: float,
+) -> Grads:
+    (M, K), N = x2d.shape, w_gate.shape[0]
+    dgate, dup = _matmul.new_output((M, N), x2d), _matmul.new_output((M, N), x2d)
+    h = _matmul.new_output((M, N), x2d) if write_h else None
+    n = M * N
+    if n:
+        dh_rows, n_cols, stride_row = _as_rows(dh2d)
+        gate, up = gate.contiguous(), up.contiguous()
+        with device_context(x2d):
+            _bwd_act_tuner.run(
+                _grid(n), (bucket(n), x2d.dtype, approximate_tanh, write_h, p > 0.0),
+                dh_ptr=dh_rows, g_ptr=gate, u_ptr=up, dg_ptr=dgate, du_ptr=dup, h_ptr=h,
+                n_elements=n, n_cols=n_cols, stride_dh_row=stride_row,
+                APPROXIMATE_TANH=approximate_tanh, WRITE_H=write_h,
+                CONTIGUOUS=stride_row == n_cols, **dropout_arguments(seed, p),
+            )
+    return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
 
 
 def _backward_fused(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
-    write_h: bool,
+    write_h: bool, seed: torch.Tensor | None, p: float,
 ) -> Grads:
+    # p == 0 here (see the Paths): the dx and dW kernels draw no dropout mask.
     need_dx, need_dwg, need_dwu, need_dbg, need_dbu = needs
     (M, K), N = x2d.shape, w_gate.shape[0]
     if min(M, N, K) == 0:  # no tiles to launch: the once path's cuBLAS calls handle it
         return _backward_once(dh2d, x2d, w_gate, w_up, gate, up, approximate_tanh, needs,
-                              write_h)
+                              write_h, seed, p)
     gate, up = gate.contiguous(), up.contiguous()
     compute_dw, compute_db = need_dwg or need_dwu, need_dbg or need_dbu
     dx = _matmul.new_output((M, K), x2d) if need_dx else None
@@ -574,14 +689,38 @@ def _backward_fused(
     return (*grads, h)
 
 
-_backward_paths = Paths("geglu_bwd", {"once": _backward_once, "fused": _backward_fused},
-                        default="once")
+def _backward_torch(
+    dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
+    write_h: bool, seed: torch.Tensor | None, p: float,
+) -> Grads:
+    # Eager PyTorch's backward of F.gelu(g) * u (p == 0 only, see the Paths): du = dh * gelu(g)
+    # and dg = aten.gelu_backward(dh * u, g), each op rounding to the input dtype as eager's
+    # do; then F.linear's backward (the cuBLAS matmuls and column sums of the once path).
+    with cublas_context(x2d):
+        gelu_gate = _gelu.gelu_forward_torch(gate, approximate_tanh)
+        dgate = _gelu.gelu_backward_torch(dh2d * up, gate, approximate_tanh)
+        dup = dh2d * gelu_gate
+        h = gelu_gate * up if write_h else None  # eager's h: what its forward fed down
+    return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
+
+
+# "once" is cuBLAS with one elementwise kernel: safe untuned. "fused" and "torch" serve p == 0
+# only: the fused dx and dW kernels rebuild dg and du once per output tile, so with dropout each
+# would redraw the 10-round Philox of every (m, n) element K / BLOCK_SIZE_K times where the once
+# kernel draws it once; PyTorch's ops cannot draw the kernels' mask at all.
+_backward_paths = Paths(
+    "geglu_bwd", {"once": _backward_once, "fused": _backward_fused, "torch": _backward_torch},
+    default="once", untuned="once",
+    applies={"fused": without_dropout, "torch": without_dropout},
+    kernels=[_bwd_act_tuner, _dx_tuner, _dw_tuner, _act_tuner],
+)
 
 
 def geglu_backward(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
-    write_h: bool = False,
+    write_h: bool = False, seed: torch.Tensor | None = None, p: float = 0.0,
 ) -> tuple[torch.Tensor | None, ...]:
     """(dx, dW_gate, dW_up, db_gate, db_up, h) of h = gelu(g) * u for the upstream gradient dh2d.
 
@@ -589,7 +728,12 @@ def geglu_backward(
     contiguous tensor in the input dtype. ``gate`` and ``up`` are g and u as saved by the forward
     (or recomputed by ``geglu_gate_up``). With ``write_h`` the last output is h = gelu(g) * u,
     bitwise the forward's (the gated block's down projection needs it), else None.
+
+    With ``p`` > 0 the forward applied dropout to h (``geglu_forward``'s ``seed`` and ``p``):
+    dh2d is then the gradient of dropout(h), the mask is regenerated from ``seed``, and the h
+    written is dropout(h), the down projection's input.
     """
     needs = check_geglu_backward(dh2d, x2d, w_gate, w_up, gate, up, needs)
-    return _backward_paths.run(_key(x2d, w_gate, approximate_tanh), dh2d, x2d, w_gate, w_up,
-                               gate, up, approximate_tanh, needs, write_h)
+    p = check_dropout(seed, p, x2d)
+    return _backward_paths.run(_key(x2d, w_gate, approximate_tanh, p > 0.0), dh2d, x2d, w_gate,
+                               w_up, gate, up, approximate_tanh, needs, write_h, seed=seed, p=p)

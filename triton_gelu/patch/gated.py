@@ -13,18 +13,22 @@ below (instruction for instruction, up to the names of its locals and of the chi
 template names by role; every other name, constant and global must be the same), the children
 in those roles are plain ``nn.Linear`` (gate and up of one shape and dtype, down reading their
 width), a GELU (``match.gelu_form``: SwiGLU's SiLU and other activations are left alone) and,
-for T5, a plain ``nn.Dropout``; the block has no hooks, no parameters or buffers of its own and
-no ``forward`` of its instance. Anything else is left as it is.
+for T5, a plain ``nn.Dropout`` with p < 1 (``match.dropout_p``); the block has no hooks, no
+parameters or buffers of its own and no ``forward`` of its instance. Anything else is left as
+it is.
 
 The swap: the block is replaced, in its parent, by a ``GatedGELUBlock`` that registers the very
 same child modules under the very same names (so Parameters, optimizers and state-dict keys are
 untouched, both ways) and carries the block's plain attributes (``config``, sizes). Its forward
-is the fused gated block (``functional.gated_feed_forward``: one kernel for both projections
-and the gate; the backward keeps x, g and u, not h) whenever that computes what the block's own
-code would: dropout inactive (eval mode or p = 0) and, for T5, no cast needed (or autocast on,
-where the cast round-trips). Otherwise it runs the GeGLU kernel, then the block's own dropout,
-cast and down projection. If a child has gained hooks or been replaced by another class since
-the patch, it runs the block's original ``forward`` (its class is kept) on itself, unfused.
+is the fused gated block (``functional.gated_feed_forward``: one kernel for both projections,
+the gate and, in training, T5's dropout, with the dropout module's p and mode read at each call;
+the backward keeps x, g, u and the seed, not h or the mask) whenever that computes what the
+block's own code would: for T5, when no cast is needed (or autocast is on, where the cast
+round-trips). Otherwise it runs the GeGLU kernel, then the block's own dropout, cast and down
+projection. The fused dropout draws the FFN block's mask (Philox on the element's position,
+seeded from PyTorch's generator), not the one ``nn.Dropout`` would have drawn. If a child has
+gained hooks or been replaced by another class since the patch, it runs the block's original
+``forward`` (its class is kept) on itself, unfused.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 from torch import nn
 
 from ..functional import gated_feed_forward, geglu
-from .match import gelu_form, has_hooks, linear_kind
+from .match import dropout_p, gelu_form, has_hooks, linear_kind
 
 ROLES = ("gate", "up", "act", "dropout", "down")
 
@@ -158,11 +162,6 @@ class GatedSpec:
     casts_to_down_dtype: bool
 
 
-def _plain_dropout(mod: object) -> bool:
-    return isinstance(mod, nn.Dropout) and type(mod).forward is nn.Dropout.forward and \
-        not has_hooks(mod) and "forward" not in vars(mod)
-
-
 def gated_spec(block: nn.Module) -> GatedSpec | None:
     """How ``block`` is a gated GELU FFN block we can fuse, or None when that is not proven."""
     if isinstance(block, GatedGELUBlock) or has_hooks(block) or "forward" in vars(block):
@@ -192,7 +191,7 @@ def gated_spec(block: nn.Module) -> GatedSpec | None:
     form = gelu_form(act) if isinstance(act, nn.Module) else None
     if form is None:
         return None
-    if "dropout" in children and not _plain_dropout(children["dropout"]):
+    if "dropout" in children and dropout_p(children["dropout"]) is None:
         return None
     return GatedSpec(roles, form, casts)
 
@@ -237,11 +236,12 @@ class GatedGELUBlock(nn.Module):
             return self.original_class.forward(self, x)
         gate, up, down = self._role("gate"), self._role("up"), self._role("down")
         dropout = self._role("dropout") if "dropout" in self._spec.roles else None
-        dropout_active = dropout is not None and dropout.training and dropout.p > 0
-        if not dropout_active and not self._needs_cast(x, down):
+        if not self._needs_cast(x, down):
+            p, training = ((dropout.p, dropout.training) if isinstance(dropout, nn.Dropout)
+                           else (0.0, False))
             return gated_feed_forward(x, gate.weight, up.weight, down.weight, gate.bias,
-                                      up.bias, down.bias, self.approximate,
-                                      recompute=self.recompute)
+                                      up.bias, down.bias, self.approximate, dropout=p,
+                                      training=training, recompute=self.recompute)
         hidden = geglu(x, gate.weight, up.weight, gate.bias, up.bias, self.approximate,
                        self.recompute)
         if dropout is not None:
