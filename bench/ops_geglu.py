@@ -11,9 +11,10 @@ and u: MK + 2NK + 3MN (inference writes h only: MK + 2NK + MN); the backward rea
 weight gradients: 3MN + 2MK + 4NK. Flops: 2MNK per matmul, two forward and four backward.
 
 Saved bytes (``saved_ratios``, every fwd+bwd case's ``saved`` columns; the CPU check prints them
-too): what the GeGLU op and the gated block (GeGLU -> down) keep for the backward over eager
-PyTorch's, counted with ``bench/memory.py`` on any device. The ratio does not depend on the token
-count (every saved tensor is per token).
+too): what the GeGLU op and the gated block (GeGLU -> down, and GeGLU -> dropout -> down in
+training at p = 0.1, against eager's ``F.dropout``) keep for the backward over eager PyTorch's,
+counted with ``bench/memory.py`` on any device. The ratio does not depend on the token count
+(every saved tensor is per token; the dropout seed's 8 bytes aside).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .harness import (
 from .memory import saved_activation_bytes
 
 NAME = "geglu"
+SAVED_P = 0.1  # the gated block's dropout probability in its saved-bytes figures
 # (in_features, hidden_features) of the gated FFNs the issue names.
 PRESETS = {"gemma-2b": (2048, 16384), "t5-base": (768, 2048)}
 
@@ -108,9 +110,9 @@ def checks(shape: tuple[int, int, int], dtype: torch.dtype, approximate: str,
 
 
 def saved_ratios(shape, dtype: torch.dtype, approximate: str, device: str) -> dict[str, float]:
-    """Saved-activation bytes of the GeGLU op and of the gated block (GeGLU -> down), ours (and
-    with recompute) over eager's, in training: ``{"ours": 0.742, ...}``; exact
-    (``saved_activation_bytes``), parameters excluded."""
+    """Saved-activation bytes of the GeGLU op and of the gated block (GeGLU -> down; and with
+    dropout SAVED_P), ours (and with recompute) over eager's, in training:
+    ``{"ours": 0.742, ...}``; exact (``saved_activation_bytes``), parameters excluded."""
     x, w_gate, w_up = operands(shape, dtype, device)
     w_down = (torch.randn(shape[1], shape[2], device=device) / shape[2]**0.5).to(dtype)
     w_down.requires_grad_(True)
@@ -124,14 +126,22 @@ def saved_ratios(shape, dtype: torch.dtype, approximate: str, device: str) -> di
         return lambda: triton_gelu.geglu(x, w_gate, w_up, approximate=approximate,
                                          recompute=recompute)
 
-    def block(recompute: bool):
+    def block(recompute: bool, p: float = 0.0):
         return lambda: triton_gelu.gated_feed_forward(x, w_gate, w_up, w_down,
-                                                      approximate=approximate,
-                                                      recompute=recompute)
+                                                      approximate=approximate, dropout=p,
+                                                      training=True, recompute=recompute)
+
+    def eager_block(p: float = 0.0):
+        def run():
+            h = eager(x, w_gate, w_up)
+            return F.linear(F.dropout(h, p, training=True) if p else h, w_down)
+        return run
 
     op_eager = saved(lambda: eager(x, w_gate, w_up))
-    block_eager = saved(lambda: F.linear(eager(x, w_gate, w_up), w_down))
+    block_eager, dropout_eager = saved(eager_block()), saved(eager_block(SAVED_P))
     return {"ours": saved(ours(False)) / op_eager,
             "ours-recompute": saved(ours(True)) / op_eager,
             "block ours": saved(block(False)) / block_eager,
-            "block ours-recompute": saved(block(True)) / block_eager}
+            "block ours-recompute": saved(block(True)) / block_eager,
+            f"block ours p={SAVED_P:g}": saved(block(False, SAVED_P)) / dropout_eager,
+            f"block ours-recompute p={SAVED_P:g}": saved(block(True, SAVED_P)) / dropout_eager}

@@ -207,8 +207,17 @@ def test_every_op_builds_runs_and_reports(tmp_path, timed_paths):
     assert linear["first_call_ms"] == 5.0 and linear["tuning_ms"] >= 0.0
     infer = by_label["linear_gelu infer bf16 tanh 1x45x51"]
     assert set(infer["providers"]) == {"ours", "eager", "matmul", "addmm-act"}
-    # The FFN block serves in eval mode: no dropout, no recompute variant.
-    assert set(by_label["ffn infer bf16 tanh 1x45x51"]["providers"]) == {"ours", "eager", "matmul"}
+    # The FFN block serves in eval mode: no dropout, no recompute variant; PyTorch's own block
+    # is then a candidate path. Its timed training cases run dropout 0.1, which only our paths
+    # draw, so there the candidates are ours.
+    ffn_infer = by_label["ffn infer bf16 tanh 1x45x51"]
+    assert set(ffn_infer["providers"]) == {"ours", "eager", "matmul"}
+    assert ffn_infer["path"] == "fused"
+    assert ffn_infer["candidates"] == {"fused": 1.0, "composed": 1.0, "torch": 1.0}
+    ffn_train = by_label["ffn fwd+bwd bf16 tanh 37x45x51"]
+    assert ffn_train["path"] == "ffn_fwd=fused, ffn_bwd=fused", ffn_train["path"]
+    assert set(ffn_train["candidates"]) == {"ffn_fwd=fused", "ffn_fwd=composed",
+                                            "ffn_bwd=fused", "ffn_bwd=composed"}
     both = by_label["linear_gelu fwd+bwd bf16 tanh 37x45x51"]
     assert both["path"] == "linear_gelu_fwd=fused, linear_gelu_bwd=fused", both["path"]
     assert set(both["candidates"]) == {
@@ -276,7 +285,7 @@ def test_report_lists_the_cases_below_the_eager_target():
     assert "None: every case with an eager figure is at or above it." in clean
 
 
-def test_geglu_builds_runs_and_reports(tmp_path):
+def test_geglu_builds_runs_and_reports(tmp_path, timed_paths):
     sel = Selection(shapes=[(37, 45, 51)], gelu_sizes_mb=[], dtypes=["bf16"],
                     approximates=["tanh"], modes=list(harness.MODES),
                     baselines=["eager", "matmul"], device="cpu")
@@ -297,9 +306,19 @@ def test_geglu_builds_runs_and_reports(tmp_path):
     assert both["providers"]["ours"]["memory_vs_eager"] == 1.0  # the fake clock's peak
     # Saved per token: ours x, g, u (k + 2n); eager's op x, g, gelu(g), u (k + 3n), its block
     # also h (k + 4n); recompute x alone.
+    # With dropout (p = 0.1) eager's block keeps the mask (bf16 on the CPU) and the dropout
+    # output instead of h (k + 5n), ours the 8-byte seed besides.
     assert both["saved_vs_eager"] == pytest.approx({
         "ours": (k + 2 * n) / (k + 3 * n), "ours-recompute": k / (k + 3 * n),
-        "block ours": (k + 2 * n) / (k + 4 * n), "block ours-recompute": k / (k + 4 * n)})
+        "block ours": (k + 2 * n) / (k + 4 * n), "block ours-recompute": k / (k + 4 * n),
+        "block ours p=0.1": (m * (k + 2 * n) * 2 + 8) / (m * (k + 5 * n) * 2),
+        "block ours-recompute p=0.1": (m * k * 2 + 8) / (m * (k + 5 * n) * 2)})
+    # The path ours took and every candidate's time (a tie: the first registered path), eager
+    # PyTorch's own computation among them.
+    assert (infer["path"], fwd["path"], bwd["path"]) == ("fused", "fused", "once")
+    assert fwd["candidates"] == {"fused": 1.0, "composed": 1.0, "torch": 1.0}
+    assert bwd["candidates"] == {"once": 1.0, "fused": 1.0, "torch": 1.0}
+    assert both["path"] == "geglu_fwd=fused, geglu_bwd=once", both["path"]
     assert all("saved_vs_eager" not in r for r in (infer, fwd, bwd))
     report = harness.markdown_report({"device": "Fake GPU", **DEVICE_FIGURES}, records)
     assert "## geglu" in report

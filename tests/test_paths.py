@@ -156,21 +156,70 @@ def test_the_real_ops_register_their_paths():
     assert set(ops["linear_gelu_fwd"].paths) == {"fused", "composed", "addmm_gelu", "torch"}
     assert set(ops["linear_preact"].paths) == {"fused", "composed"}
     assert set(ops["linear_gelu_bwd"].paths) == {"fused", "dz_once", "mixed", "torch"}
-    # The FFN block's: its mask is the kernels' (no PyTorch op draws it), so no "torch" path.
-    assert set(ops["ffn_fwd"].paths) == set(ops["ffn_bwd"].paths) == {"fused", "composed"}
+    assert set(ops["ffn_fwd"].paths) == set(ops["ffn_bwd"].paths) == {
+        "fused", "composed", "torch"}
+    assert set(ops["geglu_fwd"].paths) == {"fused", "composed", "torch"}
+    assert set(ops["geglu_bwd"].paths) == {"once", "fused", "torch"}
     # Interpreter default: the Triton kernels (the suite tests them); untuned on a GPU: PyTorch
     # or cuBLAS (with our elementwise kernel), never slower than the unfused op.
     assert [ops[op].default for op in sorted(ops) if op in _KNOWN] == [
-        "fused", "fused", "triton", "triton", "fused", "fused", "fused"]
+        "fused", "fused", "once", "fused", "triton", "triton", "fused", "fused", "fused"]
     assert [ops[op].untuned for op in sorted(ops) if op in _KNOWN] == [
-        "composed", "composed", "torch", "torch", "dz_once", "composed", "composed"]
+        "composed", "composed", "once", "composed", "torch", "torch", "dz_once", "composed",
+        "composed"]
     # Their cache keys name the kernels they launch (editing one retunes its op only).
     for op in _KNOWN:
         assert ops[op].kernels, f"{op} registers no kernels= for its cache key"
+    # Each Tuner of the package is in the kernels= of the ops whose paths launch it.
+    from triton_gelu.kernels import geglu
+
+    assert set(ops["geglu_fwd"].kernels) == {geglu._fwd_tuner, geglu._act_tuner}
+    assert set(ops["geglu_bwd"].kernels) == {geglu._bwd_act_tuner, geglu._dx_tuner,
+                                             geglu._dw_tuner, geglu._act_tuner}
 
 
 _KNOWN = {"gelu_fwd", "gelu_bwd", "linear_gelu_fwd", "linear_preact", "linear_gelu_bwd",
-          "ffn_fwd", "ffn_bwd"}
+          "ffn_fwd", "ffn_bwd", "geglu_fwd", "geglu_bwd"}
+
+
+def _torch_is_fastest(paths: Paths):
+    """A timer under which ``paths``' "torch" path wins (1 ms, every other path 2 ms)."""
+    def bench(call) -> float:
+        call()
+        return 1.0 if call.__defaults__[0] is paths.paths["torch"] else 2.0
+    return bench
+
+
+def test_eager_paths_are_candidates_without_dropout_only(cache, monkeypatch):
+    """The FFN block's and the gated block's ops: where PyTorch is fastest it serves p = 0
+    (eval), and with dropout on it is no candidate (it cannot draw the kernels' mask) for the
+    same shapes: the dropout flag is in the path key, so a choice made at p = 0 never serves
+    p > 0."""
+    names = ("ffn_fwd", "ffn_bwd", "geglu_fwd", "geglu_bwd")
+    choosers = {name: _autotune.path_choosers[name] for name in names}
+    for paths in choosers.values():
+        paths.forget()
+        monkeypatch.setattr(paths, "bench", _torch_is_fastest(paths))
+    try:
+        x = torch.randn(9, 12, requires_grad=True)
+        ffn = triton_gelu.FeedForward(12, 20, dropout=0.2)
+        gated = triton_gelu.GatedFeedForward(12, 20, dropout=0.2)
+        for dropout_on in (False, True):
+            before, known = dict(path_runs), {n: set(c.choices) for n, c in choosers.items()}
+            for block in (ffn, gated):
+                block.train(dropout_on)(x).sum().backward()
+            ran = {key for key in path_runs if path_runs[key] != before.get(key, 0)}
+            for name, paths in choosers.items():
+                (choice,) = [c for slot, c in paths.choices.items() if slot not in known[name]]
+                # geglu_bwd with dropout: "once" alone applies (no timing)
+                only = dropout_on and name == "geglu_bwd"
+                assert choice.source == ("only" if only else "tuned"), (name, choice)
+                assert ("torch" in choice.candidates) == (not dropout_on), (name, choice)
+                assert (choice.path == "torch") == (not dropout_on), (name, choice)
+                assert (name, choice.path) in ran, (name, ran)
+    finally:
+        for paths in choosers.values():
+            paths.forget()
 
 
 def test_a_paths_cache_is_keyed_on_its_kernels_and_its_paths_source(tmp_path):
@@ -402,8 +451,8 @@ def test_capture_takes_the_untuned_path_and_a_forced_one_still_wins(cache, captu
 
 
 def test_the_real_ops_respect_capture(timed_choosers, capturing):
-    """linear_gelu under (faked) capture with timers everywhere: nothing is timed, and the
-    untuned paths run: cuBLAS + our GELU forward, dz once backward."""
+    """linear_gelu and the blocks under (faked) capture with timers everywhere: nothing is
+    timed, and the untuned paths run: cuBLAS + our elementwise kernels."""
     x = torch.randn(9, 12, requires_grad=True)
     weight = torch.randn(10, 12, requires_grad=True)
     before = dict(path_runs)
@@ -412,6 +461,16 @@ def test_the_real_ops_respect_capture(timed_choosers, capturing):
     assert timed_choosers.calls == 0
     ran = {key for key in path_runs if path_runs[key] != before.get(key, 0)}
     assert ran == {("linear_gelu_fwd", "composed"), ("linear_gelu_bwd", "dz_once")}, ran
+    # The blocks: cuBLAS with our elementwise kernels (the FFN block's composed paths, GeGLU's
+    # composed forward and once backward).
+    before = dict(path_runs)
+    with pytest.warns(UntunedWarning):
+        triton_gelu.FeedForward(12, 10, dropout=0.0)(x).sum().backward()
+        triton_gelu.GatedFeedForward(12, 10)(x).sum().backward()
+    assert timed_choosers.calls == 0
+    ran = {key for key in path_runs if path_runs[key] != before.get(key, 0)}
+    assert ran == {("ffn_fwd", "composed"), ("ffn_bwd", "composed"), ("geglu_fwd", "composed"),
+                   ("geglu_bwd", "once")}, ran
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only torch")
