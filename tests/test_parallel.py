@@ -40,8 +40,10 @@ from helpers import assert_no_worse_than_torch  # noqa: E402
 from spawn_ranks import once_per_test_run, run_scenarios  # noqa: E402
 
 FUSED = ("linear_gelu_fwd", "linear_gelu_bwd_dx", "linear_gelu_bwd_dw")
-# A patched whole FFN block (FusedFeedForward): the fused forward and the backward's dz matmul.
+# A whole FFN block (FeedForward, FusedFeedForward): the fused forward and the backward's dz matmul.
 FFN_BLOCK = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz")
+# GeGLU, and the gated block: the dual-matmul forward and the backward's elementwise kernel.
+GEGLU = ("geglu_fwd", "geglu_bwd_act")
 
 
 # ---- the sharding rules, in this process on a fake 2-rank group -------------------------------
@@ -272,7 +274,15 @@ HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 TWO_RANKS = {
     "tp_feedforward_module": FUSED,
     "tp_patch_then_parallelize": (*FUSED, "linear_preact"),
-    "tp_parallelize_then_patch": FUSED,
+    "tp_parallelize_then_patch": FFN_BLOCK,
+    "tp_block_feedforward": (*FFN_BLOCK, "linear_preact"),
+    "tp_block_patch_then_parallelize": FFN_BLOCK,
+    "tp_block_sequence_parallel": FFN_BLOCK,
+    "tp_block_unservable_falls_back": FUSED,
+    "tp_block_compiled": FFN_BLOCK,
+    "tp_geglu_colwise": GEGLU,
+    "tp_gated_block_style": GEGLU,
+    "tp_gemma_parallelize_then_patch": GEGLU,
     "tp_bert_parallelize_then_patch": FUSED,
     "tp_sequence_parallel": FUSED,
     "tp_megatron_sequence_parallel": FUSED,
@@ -282,7 +292,7 @@ TWO_RANKS = {
     "fsdp2_bf16_per_block": FFN_BLOCK,
     "fsdp2_compiled": FFN_BLOCK,
 }
-FOUR_RANKS = {"tp_fsdp2_2d_mesh": FUSED}
+FOUR_RANKS = {"tp_fsdp2_2d_mesh": FUSED, "tp_fsdp2_2d_block": FFN_BLOCK}
 
 
 def _runnable(scenarios: dict) -> list[str]:

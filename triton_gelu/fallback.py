@@ -13,7 +13,7 @@ import torch
 
 from . import reference
 from ._checks import (
-    check_ffn_2d, check_ffn_backward, check_ffn_needs, check_geglu_2d, check_geglu_backward,
+    check_dropout_columns, check_ffn_2d, check_ffn_backward, check_ffn_needs, check_geglu_2d, check_geglu_backward,
     check_linear_2d, check_linear_backward,
 )
 
@@ -101,18 +101,22 @@ def geglu_backward(
     h = reference.geglu_fp32(gate, up, approximate_tanh).to(x2d.dtype) if write_h else None
     return (*(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs)), h)
 
-def _keep(seed: torch.Tensor | None, p: float, rows: int, cols: int) -> torch.Tensor | None:
+def _keep(seed: torch.Tensor | None, p: float, rows: int, cols: int, col_offset: int,
+          n_cols: int) -> torch.Tensor | None:
     """The kernels' dropout mask, drawn by the PyTorch copy of their generator."""
-    return None if p == 0.0 or seed is None else reference.dropout_keep(seed, rows, cols, p)
+    if p == 0.0 or seed is None:
+        return None
+    return reference.dropout_keep(seed, rows, cols, p, col_offset, n_cols)
 
 
 def ffn_forward(
     x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
     b2: torch.Tensor | None, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
-    save_preact: bool,
+    save_preact: bool, col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     p = check_ffn_2d(x2d, w1, b1, w2, b2, seed, p)
-    keep = _keep(seed, p, x2d.shape[0], w1.shape[0])
+    columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
+    keep = _keep(seed, p, x2d.shape[0], w1.shape[0], *columns)
     y, preact = reference.ffn_forward_fp32(
         x2d, w1, b1, w2, b2, keep, reference.dropout_constants(p)[1], approximate_tanh
     )
@@ -122,11 +126,11 @@ def ffn_forward(
 def ffn_backward(
     dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     preact: torch.Tensor, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
-    needs: Sequence[bool],
+    needs: Sequence[bool], col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     p = check_ffn_backward(dy2d, x2d, w1, w2, preact, seed, p)
     needs = check_ffn_needs(needs)
-    keep = _keep(seed, p, *preact.shape)
+    keep = _keep(seed, p, *preact.shape, *check_dropout_columns(col_offset, n_cols, w1.shape[0]))
     grads = reference.ffn_backward_fp32(
         dy2d, x2d, w1, w2, preact, keep, reference.dropout_constants(p)[1], approximate_tanh
     )

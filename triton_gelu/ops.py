@@ -31,9 +31,10 @@ Ops (namespace ``triton_gelu``)::
         -> (dx, dw_gate, dw_up, db_gate, db_up, h), each empty when not asked for
     gated_ffn_fwd(x, w_gate, w_up, w_down, b_gate?, b_up?, b_down?, approximate_tanh,
                   save_gate_up) -> (y, g | empty, u | empty)
-    ffn_fwd(x, w1, b1?, w2, b2?, seed?, p, approximate_tanh, save_preact) -> (y, preact | empty)
-    ffn_bwd(dy, x, w1, w2, preact, seed?, p, approximate_tanh, needs[5])
-        -> (dx, dw1, db1, dw2, db2), each empty when not needed
+    ffn_fwd(x, w1, b1?, w2, b2?, seed?, p, approximate_tanh, save_preact, col_offset=0,
+            n_cols?=None) -> (y, preact | empty)
+    ffn_bwd(dy, x, w1, w2, preact, seed?, p, approximate_tanh, needs[5], col_offset=0,
+            n_cols?=None) -> (dx, dw1, db1, dw2, db2), each empty when not needed
 
 The linear ops take ``x`` (..., K) with any number of leading dimensions, ``weight`` (N, K) and
 ``bias`` (N,), and flatten the leading dimensions themselves, on the tensors they are given: so a
@@ -42,9 +43,13 @@ never has to redistribute it to flatten it (``parallel.py`` registers the shardi
 ``functional.py`` applies autocast before calling them, exactly as on the eager path.
 ``gated_ffn_fwd``'s registered backward calls ``geglu_gate_up`` and ``geglu_bwd`` (and PyTorch
 matmuls for the down projection), so the compiled backward keeps x, g and u, never h. The GeGLU
-and FFN ops take 2-D ``x``; their entry points below flatten it. The FFN ops take the dropout
+ops take ``x`` (..., K) and flatten it themselves, as the linear ops do (g, u, h and dh are
+(..., N)); the FFN and gated block ops take 2-D ``x``, flattened by their entry points below
+(under tensor parallel ``parallel.py`` calls them on each rank's local tensors). The FFN ops take the dropout
 seed as a tensor (``functional.dropout_seed``, drawn in the traced graph by ``torch.randint``)
-and p as a float: the graph carries them to the backward op.
+and p as a float: the graph carries them to the backward op, with the position of the call's
+hidden columns in the whole hidden layer (``col_offset``, ``n_cols``: a tensor-parallel rank's
+shard, so its dropout mask is the single-process one's columns; by default the whole layer).
 """
 
 from __future__ import annotations
@@ -218,15 +223,17 @@ linear_gelu_fwd.register_autograd(
 def ffn_fwd(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
     seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool,
+    col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(linear2(dropout(gelu(linear1(x)))), the pre-activation if save_preact else empty)."""
     y, preact = launchers(x).ffn_forward(x, w1, b1, w2, b2, seed, p, approximate_tanh,
-                                         save_preact)
+                                         save_preact, col_offset, n_cols)
     return y, _or_absent(preact, y)
 
 
 @ffn_fwd.register_fake
-def _ffn_fwd_fake(x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact):
+def _ffn_fwd_fake(x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact, col_offset=0,
+                  n_cols=None):
     y = _new_like(x, (x.shape[0], w2.shape[0]))
     return y, (_new_like(x, (x.shape[0], w1.shape[0])) if save_preact else _absent(y))
 
@@ -234,26 +241,30 @@ def _ffn_fwd_fake(x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact):
 @torch.library.custom_op("triton_gelu::ffn_bwd", mutates_args=())
 def ffn_bwd(
     dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
-    p: float, approximate_tanh: bool, needs: list[bool],
+    p: float, approximate_tanh: bool, needs: list[bool], col_offset: int = 0,
+    n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw1, db1, dw2, db2) of the FFN block; an empty tensor for each one not needed."""
-    grads = launchers(x).ffn_backward(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs)
+    grads = launchers(x).ffn_backward(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs,
+                                      col_offset, n_cols)
     dx, dw1, db1, dw2, db2 = (_or_absent(g, dy) for g in grads)
     return dx, dw1, db1, dw2, db2
 
 
 @ffn_bwd.register_fake
-def _ffn_bwd_fake(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs):
+def _ffn_bwd_fake(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs, col_offset=0,
+                  n_cols=None):
     shapes = (x.shape, w1.shape, (w1.shape[0],), w2.shape, (w2.shape[0],))
     return tuple(_new_like(x, shape) if need else _absent(dy)
                  for shape, need in zip(shapes, needs))
 
 
 def _ffn_setup_context(ctx, inputs, output) -> None:
-    x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact = inputs
+    x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact, *columns = inputs
     _, preact = output
     ctx.mark_non_differentiable(preact)
     ctx.p, ctx.approximate_tanh, ctx.save_preact = p, approximate_tanh, save_preact
+    ctx.columns = columns  # (col_offset, n_cols) where the call passed them
     ctx.has_bias = (b1 is not None, b2 is not None)
     # x and z (or, without a saved z, b1 to rebuild it) and the seed: never h or the mask.
     ctx.save_for_backward(x, w1, w2, preact if save_preact else b1, seed)
@@ -265,8 +276,10 @@ def _ffn_fwd_backward(ctx, dy: Tensor, dpreact: Tensor | None):
     need_dx, need_dw1, need_db1, need_dw2, need_db2 = ctx.needs_input_grad[:5]
     needs = [need_dx, need_dw1, need_db1 and ctx.has_bias[0], need_dw2,
              need_db2 and ctx.has_bias[1]]
-    grads = ffn_bwd(dy, x, w1, w2, preact, seed, ctx.p, ctx.approximate_tanh, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+    grads = ffn_bwd(dy, x, w1, w2, preact, seed, ctx.p, ctx.approximate_tanh, needs,
+                    *ctx.columns)
+    return (*(g if need else None for g, need in zip(grads, needs)),
+            *(None,) * (4 + len(ctx.columns)))
 
 
 ffn_fwd.register_autograd(_ffn_fwd_backward, setup_context=_ffn_setup_context)
@@ -280,16 +293,19 @@ def geglu_fwd(
     x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
     approximate_tanh: bool, save_gate_up: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(gelu(g) * u, g if save_gate_up else empty, u likewise), g and u the two projections."""
-    h, gate, up = launchers(x).geglu_forward(
-        x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up
+    """(gelu(g) * u, g if save_gate_up else empty, u likewise), g and u the two projections,
+    each (..., N) for x (..., K)."""
+    x2d, shape = rows(x), _linear_out_shape(x, w_gate)
+    h, gate, up = launchers(x2d).geglu_forward(
+        x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up
     )
-    return h, _or_absent(gate, h), _or_absent(up, h)
+    return h.view(shape), *(_or_absent(None if t is None else t.view(shape), h)
+                            for t in (gate, up))
 
 
 @geglu_fwd.register_fake
 def _geglu_fwd_fake(x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up):
-    h = _new_like(x, (x.shape[0], w_gate.shape[0]))
+    h = _new_like(x, _linear_out_shape(x, w_gate))
     return h, *((_new_like(h), _new_like(h)) if save_gate_up else (_absent(h), _absent(h)))
 
 
@@ -299,12 +315,14 @@ def geglu_gate_up_op(
     approximate_tanh: bool,
 ) -> tuple[Tensor, Tensor]:
     """(g, u), bitwise what geglu_fwd saves (the backward recomputes them when not saved)."""
-    return launchers(x).geglu_gate_up(x, w_gate, w_up, b_gate, b_up, approximate_tanh)
+    x2d, shape = rows(x), _linear_out_shape(x, w_gate)
+    gate, up = launchers(x2d).geglu_gate_up(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh)
+    return gate.view(shape), up.view(shape)
 
 
 @geglu_gate_up_op.register_fake
 def _geglu_gate_up_fake(x, w_gate, w_up, b_gate, b_up, approximate_tanh):
-    gate = _new_like(x, (x.shape[0], w_gate.shape[0]))
+    gate = _new_like(x, _linear_out_shape(x, w_gate))
     return gate, _new_like(gate)
 
 
@@ -314,10 +332,14 @@ def geglu_bwd(
     approximate_tanh: bool, needs: list[bool], write_h: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_gate, dw_up, db_gate, db_up, h): each gradient empty unless its flag in ``needs``
-    is set; h = gelu(g) * u with write_h, else empty."""
-    dx, dwg, dwu, dbg, dbu, h = (_or_absent(t, dh) for t in launchers(x).geglu_backward(
-        dh, x, w_gate, w_up, gate, up, approximate_tanh, needs, write_h
-    ))
+    is set; h = gelu(g) * u with write_h, else empty. dh, g and u are (..., N) for x (..., K);
+    dx has x's shape, h dh's."""
+    x2d = rows(x)
+    dx, dwg, dwu, dbg, dbu, h = launchers(x2d).geglu_backward(
+        rows(dh), x2d, w_gate, w_up, rows(gate), rows(up), approximate_tanh, needs, write_h
+    )
+    dx, h = (None if t is None else t.view(like.shape) for t, like in ((dx, x), (h, dh)))
+    dx, dwg, dwu, dbg, dbu, h = (_or_absent(t, dh) for t in (dx, dwg, dwu, dbg, dbu, h))
     return dx, dwg, dwu, dbg, dbu, h
 
 
@@ -436,11 +458,13 @@ def linear_gelu(
 def feed_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
     seed: Tensor | None, p: float, approximate_tanh: bool, recompute: bool,
+    col_offset: int = 0, n_cols: int | None = None,
 ) -> Tensor:
     """``functional.feed_forward`` through the custom ops, for operands already validated and
     cast for autocast, and the call's dropout seed already drawn (None when p == 0)."""
     save_preact = needs_grad(x, w1, b1, w2, b2) and not recompute
-    y, _ = ffn_fwd(rows(x), w1, b1, w2, b2, seed, p, approximate_tanh, save_preact)
+    y, _ = ffn_fwd(rows(x), w1, b1, w2, b2, seed, p, approximate_tanh, save_preact,
+                   col_offset, n_cols)
     return y.view(*x.shape[:-1], w2.shape[0])
 
 
@@ -450,8 +474,8 @@ def geglu(
 ) -> Tensor:
     """``functional.geglu`` through the custom ops (x (..., K), validated and autocast)."""
     save = needs_grad(x, w_gate, w_up, b_gate, b_up) and not recompute
-    h, _, _ = geglu_fwd(rows(x), w_gate, w_up, b_gate, b_up, approximate_tanh, save)
-    return h.view(*x.shape[:-1], w_gate.shape[0])
+    h, _, _ = geglu_fwd(x, w_gate, w_up, b_gate, b_up, approximate_tanh, save)
+    return h
 
 
 def gated_feed_forward(

@@ -101,6 +101,8 @@ def _linear_gelu_fwd_kernel(
     stride_ym,  # row stride of y and preact
     dropout_threshold,  # round(p * 2**31): see _math.dropout_factor_tile
     dropout_scale,  # 1 / (1 - p)
+    dropout_col_offset,  # column n is column dropout_col_offset + n of the whole activation,
+    dropout_n_cols,  # which has dropout_n_cols columns (tensor parallel: N is a rank's shard)
     APPROXIMATE_TANH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_Y: tl.constexpr,
@@ -129,8 +131,9 @@ def _linear_gelu_fwd_kernel(
     if WRITE_Y:
         y = gelu(acc, APPROXIMATE_TANH)
         if HAS_DROPOUT:  # y * keep / (1 - p), the mask a function of (m, n): see _math
-            y = y * dropout_factor_tile(seed_ptr, offs_m, pid_n, N, dropout_threshold,
-                                        dropout_scale, BLOCK_SIZE_N)
+            y = y * dropout_factor_tile(seed_ptr, offs_m, pid_n, dropout_n_cols,
+                                        dropout_col_offset, dropout_threshold, dropout_scale,
+                                        BLOCK_SIZE_N)
         tl.store(y_ptr + offs_out, cast_to(y, y_ptr.dtype.element_ty), mask=mask_out)
 
 
@@ -336,10 +339,13 @@ def _forward_key(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def launch_forward(
     tuner: Tuner, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     y: torch.Tensor | None, preact: torch.Tensor | None, approximate_tanh: bool,
-    seed: torch.Tensor | None = None, p: float = 0.0,
+    seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
+    n_cols: int | None = None,
 ) -> None:
     """Launch the forward kernel into ``y`` (gelu, then dropout with probability ``p`` and the
-    1-element int64 ``seed`` when p > 0) and/or ``preact``, both (M, N) contiguous."""
+    1-element int64 ``seed`` when p > 0) and/or ``preact``, both (M, N) contiguous. Dropout
+    draws the mask of columns ``col_offset`` .. ``col_offset + N`` of an (M, ``n_cols``)
+    activation (default: the whole (M, N) one)."""
     (M, K), N = x2d.shape, weight.shape[0]
     key = _forward_key(x2d, weight, bias, approximate_tanh, y is not None, preact is not None)
     if bias is not None:
@@ -356,6 +362,7 @@ def launch_forward(
             stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
             stride_wn=weight.stride(0), stride_wk=weight.stride(1),
             stride_ym=out.stride(0), dropout_threshold=threshold, dropout_scale=scale,
+            dropout_col_offset=col_offset, dropout_n_cols=N if n_cols is None else n_cols,
             APPROXIMATE_TANH=approximate_tanh, HAS_BIAS=bias is not None,
             WRITE_Y=y is not None, SAVE_PREACT=preact is not None, HAS_DROPOUT=has_dropout,
             INPUT_PRECISION=key[-1],
