@@ -505,6 +505,23 @@ def tp_block_compiled(rank: int, world_size: int) -> None:
     _check(_run_seeded(compiled, x, dy, params=ours), *_dropout_references(single, x, dy, p))
 
 
+def tp_gpt2_patch_then_parallelize(rank: int, world_size: int) -> None:
+    """GPT-2's MLP, whose Conv1D PyTorch's styles refuse: patch() fuses it whole (the weights
+    kept (in, out)), then FeedForwardParallel on c_fc's slot splits them on their output and
+    input features (Shard(1) and Shard(0) of the stored layouts)."""
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    ref = GPT2MLP(D_FF, GPT2Config(n_embd=D_MODEL, n_layer=1, n_head=2, resid_pdrop=0.0))
+    ours = copy.deepcopy(ref)
+    assert triton_gelu.patch(ours) == 1
+    parallelize_module(ours, _tp_mesh(world_size), {"c_fc": tgp.FeedForwardParallel()})
+    assert ours.c_fc.weight.placements == (Shard(1),)
+    assert ours.c_proj.weight.placements == (Shard(0),)
+    x, dy = _data()
+    _check(_run(ours, x, dy), *_references(ref, x, dy))
+
+
 # ---- GeGLU and the gated block under tensor parallel (2 ranks) ---------------------------------
 
 

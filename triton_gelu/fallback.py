@@ -130,7 +130,8 @@ def ffn_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     p = check_ffn_backward(dy2d, x2d, w1, w2, preact, seed, p)
     needs = check_ffn_needs(needs)
-    keep = _keep(seed, p, *preact.shape, *check_dropout_columns(col_offset, n_cols, w1.shape[0]))
+    columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
+    keep = _keep(seed, p, preact.shape[0], preact.shape[1], *columns)
     grads = reference.ffn_backward_fp32(
         dy2d, x2d, w1, w2, preact, keep, reference.dropout_constants(p)[1], approximate_tanh
     )

@@ -67,8 +67,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.distributed.tensor.parallel import style as _style
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from . import _dtensor_rules as rules
 from . import ops
-from ._dtensor_rules import BlockLayout, block_layouts, linear_layouts
 from .modules import GeGLU, LinearGELU
 
 __all__ = [
@@ -102,7 +102,7 @@ def _warn_unfused(what: str, layout: str, why: str, fix: str) -> None:
     )
 
 
-def _placements(**named: Tensor | None) -> str:
+def _placements(**named: DTensor | None) -> str:
     return ", ".join(f"{name} {None if t is None else tuple(t.placements)}"
                      for name, t in named.items())
 
@@ -130,7 +130,7 @@ def fusable_layout(x: DTensor, weight: DTensor, bias: DTensor | None,
     for i, px in enumerate(x.placements):
         if not any(px == lay.x and all(
                 w.placements[i] == lay.weight and (b is None or b.placements[i] == lay.bias)
-                for w, b in projections) for lay in linear_layouts(x.ndim)):
+                for w, b in projections) for lay in rules.linear_layouts(x.ndim)):
             return False
     return True
 
@@ -196,7 +196,7 @@ class _ZerosWithBiasGrad(torch.autograd.Function):
 
 
 def _block_layouts(x: DTensor, first: Sequence[Projection], last: Projection,
-                   dropout: bool) -> list[BlockLayout] | None:
+                   dropout: bool) -> list[rules.BlockLayout] | None:
     """The block's layout on each mesh dimension (``_dtensor_rules.BlockLayout``), or None when
     some dimension has none, the operands are on different meshes, or dropout meets a row
     split (its mask would be keyed on each rank's local rows)."""
@@ -205,14 +205,14 @@ def _block_layouts(x: DTensor, first: Sequence[Projection], last: Projection,
         return None
     layouts = []
     for i, px in enumerate(x.placements):
-        def fits(lay: BlockLayout) -> bool:
+        def fits(lay: rules.BlockLayout) -> bool:
             return px == lay.first.x and all(
                 (w.placements[i], None if b is None else b.placements[i]) in
                 ((lay.first.weight, lay.first.bias), (lay.first.weight, None))
                 for w, b in first
             ) and last[0].placements[i] == lay.last.weight and (
                 last[1] is None or last[1].placements[i] == lay.last.bias)
-        layout = next((lay for lay in block_layouts(x.ndim) if fits(lay)), None)
+        layout = next((lay for lay in rules.block_layouts(x.ndim) if fits(lay)), None)
         if layout is None or (dropout and layout.first.x != Replicate()):
             return None
         layouts.append(layout)
@@ -255,7 +255,7 @@ def run_block(
     x_local = x.to_local(grad_placements=[lay.first.dx for lay in layouts])
     dweight, dbias = [lay.first.dweight for lay in layouts], [lay.first.dbias for lay in layouts]
     first_local = [(_local(w, dweight), _local(b, dbias)) for w, b in first]
-    w_last = _local(last[0], [lay.last.dweight for lay in layouts])
+    w_last = last[0].to_local(grad_placements=[lay.last.dweight for lay in layouts])
     b_last = _local(last[1], [lay.last.dbias for lay in layouts])
     mesh = x.device_mesh
     coordinate = mesh.get_coordinate() or ()
@@ -484,8 +484,9 @@ def tp_block_style(first: Sequence[nn.Module], last: nn.Module) -> str | None:
     the same input layouts) and ``last`` row-parallel (input Shard(-1)): between them the hidden
     activation is each rank's columns, which the fused block keeps; ``"sequence"`` when all are
     sequence-parallel on one sequence dimension. All on one mesh; None otherwise."""
-    hooks = [_style_hooks(m) for m in (*first, last)]
-    if any(h is None for h in hooks) or len({_mesh_of(m) for m in (*first, last)}) != 1 \
+    found = [_style_hooks(m) for m in (*first, last)]
+    hooks = [h for h in found if h is not None]
+    if len(hooks) != len(found) or len({_mesh_of(m) for m in (*first, last)}) != 1 \
             or _mesh_of(last) is None:
         return None
     kinds = [_STYLE_FUNCTIONS[h[0].func] for h in hooks]

@@ -25,6 +25,13 @@ code would: dropout inactive (eval mode or p = 0) and, for T5, no cast needed (o
 where the cast round-trips). Otherwise it runs the GeGLU kernel, then the block's own dropout,
 cast and down projection. If a child has gained hooks or been replaced by another class since
 the patch, it runs the block's original ``forward`` (its class is kept) on itself, unfused.
+
+Tensor parallel: a block whose projections PyTorch's styles parallelized the way the fused block
+runs (gate and up ``ColwiseParallel``, down ``RowwiseParallel``, on one mesh; or all three
+``SequenceParallel``) is swapped too, with gate's input hook and down's output hook moved onto
+the fused block (``parallel.move_tp_block_hooks``), which then runs on each rank's shards. A
+block whose projections carry other style hooks is left as it is. Parallelizing after the patch:
+``triton_gelu.parallel.FeedForwardParallel`` on the fused block.
 """
 
 from __future__ import annotations
