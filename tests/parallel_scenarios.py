@@ -634,16 +634,16 @@ def fsdp2_compiled(rank: int, world_size: int) -> None:
 # ---- tensor parallel + FSDP2 on a 2-D mesh (4 ranks) -----------------------------------------
 
 
-def tp_fsdp2_2d_mesh(rank: int, world_size: int) -> None:
-    """Each block's FFN column/row-parallel on the "tp" mesh dimension, each block and the model
-    fully_shard on "dp" (bf16 parameters): the recipe of the README's "Scaling out", on blocks
-    whose patch fuses the Linear -> GELU pair (PairFeedForward)."""
-    ref = Stack(ffn=PairFeedForward)
+def _tp_fsdp2_2d(world_size: int, ffn: Callable[[], nn.Module], plan: Callable[[], dict]) -> None:
+    """Each block's FFN parallelized by ``plan()`` on the "tp" mesh dimension, each block and
+    the model fully_shard on "dp" (bf16 parameters): the recipe of the README's "Scaling out",
+    on blocks patched first."""
+    ref = Stack(ffn=ffn)
     ours = copy.deepcopy(ref)
     assert triton_gelu.patch(ours) == 2
     mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "tp"))
     for block in ours.blocks:
-        parallelize_module(block.ffn, mesh["tp"], _tp_plan(**PAIR_PLAN))
+        parallelize_module(block.ffn, mesh["tp"], plan())
     _fsdp2_bf16(ours, mesh["dp"])
     x, dy = _data()
     dp_rank, dp_size = mesh.get_local_rank("dp"), mesh.size(0)
@@ -652,21 +652,13 @@ def tp_fsdp2_2d_mesh(rank: int, world_size: int) -> None:
     _check(results, *_references(ref, x, dy, torch.bfloat16), chunk=chunk,
            atol=ATOL[torch.bfloat16], grad_scale=dp_size)
 
+
+def tp_fsdp2_2d_mesh(rank: int, world_size: int) -> None:
+    """TP + FSDP2 on blocks whose patch fuses the Linear -> GELU pair (PairFeedForward): its
+    LinearGELU column-parallel, linear2 row-parallel."""
+    _tp_fsdp2_2d(world_size, PairFeedForward, lambda: _tp_plan(**PAIR_PLAN))
 
 
 def tp_fsdp2_2d_block(rank: int, world_size: int) -> None:
-    """The README's TP + FSDP2 recipe on patched whole blocks: each block's FusedFeedForward
-    under FeedForwardParallel on "tp", fully_shard on "dp" with bf16 parameters."""
-    ref = Stack()
-    ours = copy.deepcopy(ref)
-    assert triton_gelu.patch(ours) == 2
-    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "tp"))
-    for block in ours.blocks:
-        parallelize_module(block.ffn, mesh["tp"], {"linear1": tgp.FeedForwardParallel()})
-    _fsdp2_bf16(ours, mesh["dp"])
-    x, dy = _data()
-    dp_rank, dp_size = mesh.get_local_rank("dp"), mesh.size(0)
-    chunk = _batch_chunk(dp_rank, dp_size)
-    results = _run(ours, chunk(x), chunk(dy), loss_scale=dp_size)
-    _check(results, *_references(ref, x, dy, torch.bfloat16), chunk=chunk,
-           atol=ATOL[torch.bfloat16], grad_scale=dp_size)
+    """TP + FSDP2 on blocks patch() fused whole: FeedForwardParallel on each FusedFeedForward."""
+    _tp_fsdp2_2d(world_size, TorchFeedForward, lambda: {"linear1": tgp.FeedForwardParallel()})
