@@ -83,10 +83,13 @@ def compile_kernel(kernel, args: dict, target: GPUTarget, config: triton.Config)
     return triton.compile(source, target=target, options=options)
 
 
-# No dropout, and dropout with p = 0.1 (the threshold and scale the launchers pass).
-NO_DROPOUT = dict(seed_ptr=None, dropout_threshold=0, dropout_scale=1.0, HAS_DROPOUT=False)
+# No dropout, and dropout with p = 0.1 (the threshold and scale the launchers pass) on a
+# tensor-parallel rank's hidden columns 4096 .. of 16384 (the mask's position; both branches of
+# the epilogue's mask, on a group of 4 columns and inside one, are compiled whatever the value).
+NO_DROPOUT = dict(seed_ptr=None, dropout_threshold=0, dropout_scale=1.0, dropout_col_offset=0,
+                  dropout_n_cols=4096, HAS_DROPOUT=False)
 DROPOUT = dict(seed_ptr=torch.int64, dropout_threshold=214748365, dropout_scale=1 / 0.9,
-               HAS_DROPOUT=True)
+               dropout_col_offset=4096, dropout_n_cols=16384, HAS_DROPOUT=True)
 
 
 def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):

@@ -302,14 +302,15 @@ def _gathered_run(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 @check("parallel.ColwiseParallel", "parallel.RowwiseParallel", "parallel.UnfusedFallbackWarning",
-       "parallel.fusable_layout", "parallel.gelu", "parallel.linear_gelu", "parallel.tp_style",
-       "parallel.copy_tp_hooks")
+       "parallel.fusable_layout", "parallel.gelu", "parallel.linear_gelu", "parallel.geglu",
+       "parallel.tp_style", "parallel.copy_tp_hooks", "parallel.FeedForwardParallel",
+       "parallel.run_block", "parallel.tp_block_style", "parallel.move_tp_block_hooks")
 def _parallel() -> None:
     """Tensor parallel on the fallback, on a 1-rank gloo group with an in-process store: linear1
-    column-parallel in both orders (our style on a FeedForward built with the model's weights;
-    PyTorch's style, then patch), and row-parallel (unfused, with its warning); every result like
-    the unpatched model's. (patch() fuses the whole block into a FusedFeedForward, which the
-    styles do not take: a FeedForward is what is built first, then parallelized.)"""
+    column-parallel on a FeedForward (our style: its LinearGELU fused); the whole block under
+    FeedForwardParallel (FeedForward, GatedFeedForward) and after PyTorch's styles then patch
+    (the block fused whole, hooks moved); GeGLU column-parallel; and linear1 row-parallel
+    (unfused, with its warning); every result like the unpatched model's."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -327,20 +328,32 @@ def _parallel() -> None:
         model = TorchFeedForward(12, 16)
         built = triton_gelu.FeedForward(12, 16, dropout=0.0)
         built.load_state_dict(model.state_dict())
-        row = copy.deepcopy(built)
+        row, block = copy.deepcopy(built), copy.deepcopy(built)
         parallelize_module(built, mesh, {"linear1": parallel.ColwiseParallel(),
                                          "linear2": RowwiseParallel()})
+        parallelize_module(block, mesh, parallel.FeedForwardParallel())
         after = copy.deepcopy(model)
         parallelize_module(after, mesh, {"linear1": ColwiseParallel(),
                                          "linear2": RowwiseParallel()})
         assert parallel.tp_style(after.linear1) == "colwise"
-        assert triton_gelu.patch(after) == 1  # carries the hooks (parallel.copy_tp_hooks)
+        assert parallel.tp_block_style([after.linear1], after.linear2) == "tensor"
+        assert triton_gelu.patch(after) == 1  # the whole block (parallel.move_tp_block_hooks)
         parallelize_module(row, mesh, {"linear1": parallel.RowwiseParallel(
             input_layouts=parallel.Replicate())})
+        gated_model = TorchGatedFeedForward(12, 16)
+        gated = triton_gelu.GatedFeedForward(12, 16)
+        gated_model.load_state_dict(gated.state_dict(), strict=False)
+        parallelize_module(gated, mesh, parallel.FeedForwardParallel())
+        geglu = triton_gelu.GeGLU(12, 16, bias=True)
+        geglu_model = TorchGeGLU(*copy.deepcopy(geglu).children(), "tanh")
+        parallelize_module(geglu, mesh, parallel.ColwiseParallel())
         x = _x(5, 2, 12)
-        want = _gathered_run(model, x)
-        truth = _gathered_run(copy.deepcopy(model).double(), x.double())
-        for name, ours in (("colwise", built), ("patched after", after), ("rowwise", row)):
+        cases = [("colwise", built, model), ("block style", block, model),
+                 ("patched after", after, model), ("rowwise", row, model),
+                 ("gated block style", gated, gated_model), ("geglu colwise", geglu, geglu_model)]
+        for name, ours, theirs in cases:
+            want = _gathered_run(theirs, x)
+            truth = _gathered_run(copy.deepcopy(theirs).double(), x.double())
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 got = _gathered_run(ours, x)
@@ -490,20 +503,22 @@ def _gated_feed_forward() -> None:
             [x, wg, wu, wd], f"gated_feed_forward p=0.3 recompute={recompute}")
 
 
+class TorchGeGLU(nn.Module):
+    """gelu(gate_proj(x)) * up_proj(x) by PyTorch: GeGLU's counterpart (same parameter names)."""
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, approximate: str) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.approximate = gate_proj, up_proj, approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.gate_proj(x), approximate=self.approximate) * self.up_proj(x)
+
+
 @check("GeGLU")
 def _geglu_module() -> None:
     gate, up = nn.Linear(12, 20), nn.Linear(12, 20)
     ours = triton_gelu.GeGLU.from_linears(copy.deepcopy(gate), copy.deepcopy(up), "none")
-
-    class Theirs(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gate_proj, self.up_proj = gate, up
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.gelu(self.gate_proj(x)) * self.up_proj(x)
-
-    assert_like_torch(ours, Theirs(), [_x(5, 3, 12)], "GeGLU")
+    assert_like_torch(ours, TorchGeGLU(gate, up, "none"), [_x(5, 3, 12)], "GeGLU")
 
 
 @check("GatedFeedForward")

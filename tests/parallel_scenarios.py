@@ -4,46 +4,124 @@ Each scenario ``name(rank, world_size)`` builds a small model the same way on ev
 seed is reset before each), runs it distributed, and compares its output and every gradient
 (DTensors gathered with ``full_tensor()``) with the single-process unpatched model: no worse
 than that model in the same dtype against a float64 copy (``helpers.assert_no_worse_than_torch``).
+With dropout, the single-process model is ours (no PyTorch model draws our mask) run after the
+same ``torch.manual_seed``, and the float64 copy applies the mask ``reference.dropout_keep``
+draws for that seed: tensor-parallel dropout is the single-process one.
 The kernel launches are checked by the test, from each rank's report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module,
 )
 
 import triton_gelu
+from triton_gelu import _runtime, reference
 from triton_gelu import parallel as tgp
+from triton_gelu.functional import dropout_seed
 from triton_gelu.modules import LinearGELU
+from triton_gelu.patch import FusedFeedForward, GatedGELUBlock
 
 from helpers import ATOL, assert_no_worse_than_torch
 
 D_MODEL, D_FF, BATCH, SEQ = 8, 16, 2, 4  # every size a multiple of the 2 or 4 ranks
+# A hidden width whose 2-rank split starts rank 1 inside a group of 4 columns (column 9): the
+# dropout epilogue's per-element branch; D_FF's splits start on groups (8; 4, 8, 12).
+D_FF_ODD = 18
 
 
 # ---- models ----------------------------------------------------------------------------------
 
 
 class TorchFeedForward(nn.Module):
-    """The usual PyTorch FFN: linear1 -> GELU -> dropout -> linear2 (patch fuses linear1 + act)."""
+    """The usual PyTorch FFN: linear1 -> GELU -> dropout -> linear2 (patch fuses it whole)."""
 
-    def __init__(self, approximate: str = "none") -> None:
+    def __init__(self, approximate: str = "none", p: float = 0.0, d_ff: int = D_FF) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(D_MODEL, D_FF)
+        self.linear1 = nn.Linear(D_MODEL, d_ff)
         self.activation = nn.GELU(approximate)
-        self.dropout = nn.Dropout(0.0)
-        self.linear2 = nn.Linear(D_FF, D_MODEL)
+        self.dropout = nn.Dropout(p)
+        self.linear2 = nn.Linear(d_ff, D_MODEL)
 
     def forward(self, x):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class MaskedFeedForward(TorchFeedForward):
+    """TorchFeedForward with the explicit dropout mask ``keep`` ((..., d_ff) booleans) in place
+    of its random one: the ground truth of our dropout (run in float64)."""
+
+    def __init__(self, state: dict, approximate: str, keep: torch.Tensor, p: float) -> None:
+        super().__init__(approximate, d_ff=keep.shape[-1])
+        self.load_state_dict(state)
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        h = self.activation(self.linear1(x)) * (self.keep.to(x.dtype) / (1 - self.p))
+        return self.linear2(h)
+
+
+class GemmaLikeMLP(nn.Module):
+    """Hugging Face GemmaMLP's code (patch recognises it by its bytecode): a gated GELU block."""
+
+    def __init__(self, bias: bool = False, d_ff: int = D_FF) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(D_MODEL, d_ff, bias=bias)
+        self.up_proj = nn.Linear(D_MODEL, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, D_MODEL, bias=bias)
+        self.act_fn = nn.GELU("tanh")
+
+    def forward(self, x):
+        down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return down_proj
+
+
+class MaskedGatedMLP(GemmaLikeMLP):
+    """The gated block with the explicit dropout mask ``keep`` ((..., d_ff) booleans) on its
+    hidden activation: the ground truth of the gated block's dropout (run in float64)."""
+
+    def __init__(self, state: dict, keep: torch.Tensor, p: float) -> None:
+        super().__init__(bias="down_proj.bias" in state, d_ff=keep.shape[-1])
+        self.load_state_dict(state)
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h * (self.keep.to(x.dtype) / (1 - self.p)))
+
+
+class TorchGeGLU(nn.Module):
+    """gelu(gate_proj(x)) * up_proj(x) in PyTorch, with GeGLU's parameter names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(D_MODEL, D_FF)
+        self.up_proj = nn.Linear(D_MODEL, D_FF)
+
+    def forward(self, x):
+        return F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)
+
+
+class Holder(nn.Module):
+    """A parent for a block patch() swaps whole (a gated block passed as the model is left)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x)
 
 
 class PairFeedForward(nn.Module):
@@ -66,7 +144,7 @@ class PairFeedForward(nn.Module):
 class Block(nn.Module):
     """A pre-norm transformer MLP block: x + ffn(norm(x))."""
 
-    def __init__(self, ffn: type[nn.Module] = TorchFeedForward) -> None:
+    def __init__(self, ffn: Callable[[], nn.Module] = TorchFeedForward) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(D_MODEL)
         self.ffn = ffn()
@@ -76,7 +154,7 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    def __init__(self, depth: int = 2, ffn: type[nn.Module] = TorchFeedForward) -> None:
+    def __init__(self, depth: int = 2, ffn: Callable[[], nn.Module] = TorchFeedForward) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(Block(ffn) for _ in range(depth))
 
@@ -137,6 +215,52 @@ def _data(batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, SEQ, D_MODEL), torch.randn(batch, SEQ, D_MODEL)
 
 
+DROPOUT_SEED = 1234  # torch.manual_seed before each run of a block with dropout
+
+
+@contextlib.contextmanager
+def _not_counted():
+    """Kernel launches inside (a single-process reference that runs our kernels) are not counted:
+    the report's launches are the distributed model's own."""
+    before = _runtime.launches.copy()
+    try:
+        yield
+    finally:
+        _runtime.launches.clear()
+        _runtime.launches.update(before)
+
+
+def _dropout_references(single: nn.Module, x: torch.Tensor, dy: torch.Tensor, p: float,
+                        approximate: str = "none"):
+    """The references of an FFN block (or, with ``gate_proj``, a gated block) with dropout
+    ``p``: ``single`` (ours, on one process) run after torch.manual_seed(DROPOUT_SEED), and in
+    float64 the same block with the mask ``reference.dropout_keep`` draws for the seed that run
+    draws."""
+    torch.manual_seed(DROPOUT_SEED)
+    with _not_counted():
+        same = _run(copy.deepcopy(single), x, dy)
+    torch.manual_seed(DROPOUT_SEED)
+    state = single.state_dict()
+    gated = "gate_proj.weight" in state
+    hidden = state["gate_proj.weight" if gated else "linear1.weight"].shape[0]
+    keep = reference.dropout_keep(dropout_seed("cpu"), BATCH * SEQ, hidden, p)
+    keep = keep.view(BATCH, SEQ, hidden)
+    masked = (MaskedGatedMLP(state, keep, p) if gated
+              else MaskedFeedForward(state, approximate, keep, p))
+    return same, _run(masked.double(), x.double(), dy.double())
+
+
+def _run_seeded(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, **kwargs) -> dict:
+    """``_run`` after torch.manual_seed(DROPOUT_SEED): its dropout draws the references' seed."""
+    torch.manual_seed(DROPOUT_SEED)
+    return _run(model, x, dy, **kwargs)
+
+
+def _sequence_chunk(rank: int, world_size: int):
+    rows = slice(rank * SEQ // world_size, (rank + 1) * SEQ // world_size)
+    return lambda t: t[:, rows]
+
+
 def _tp_mesh(world_size: int):
     return init_device_mesh("cpu", (world_size,))
 
@@ -178,17 +302,24 @@ def tp_patch_then_parallelize(rank: int, world_size: int) -> None:
 
 
 def tp_parallelize_then_patch(rank: int, world_size: int) -> None:
-    """Order 2: PyTorch's own plan on the unpatched model, then patch() fuses linear1 + GELU and
-    keeps the DTensor parameters and the plan's hooks."""
-    ref = TorchFeedForward()
+    """Order 2: PyTorch's own plan on the unpatched model (linear1 column-parallel, linear2
+    row-parallel), then patch() fuses the whole block, dropout included: linear1's input hook and
+    linear2's output hook move onto the FusedFeedForward, which keeps the DTensor parameters.
+    Its dropout is the single-process block's, mask for mask."""
+    p = 0.25
+    ref = TorchFeedForward(p=p)
+    single = copy.deepcopy(ref)
+    assert triton_gelu.patch(single) == 1
     ours = copy.deepcopy(ref)
     parallelize_module(ours, _tp_mesh(world_size), _tp_plan(colwise=ColwiseParallel))
     weight = ours.linear1.weight
     assert triton_gelu.patch(ours) == 1
-    assert isinstance(ours.linear1, LinearGELU) and ours.linear1.weight is weight
+    fused = ours.linear1
+    assert isinstance(fused, FusedFeedForward) and fused.weight is weight
+    assert len(fused._forward_pre_hooks) == len(fused._forward_hooks) == 1
     assert isinstance(ours.activation, nn.Identity)
     x, dy = _data()
-    _check(_run(ours, x, dy), *_references(ref, x, dy))
+    _check(_run_seeded(ours, x, dy), *_dropout_references(single, x, dy, p))
 
 
 def tp_bert_parallelize_then_patch(rank: int, world_size: int) -> None:
@@ -233,8 +364,7 @@ def tp_sequence_parallel(rank: int, world_size: int) -> None:
     parallelize_module(ours, _tp_mesh(world_size),
                        {"linear1": SequenceParallel(), "linear2": SequenceParallel()})
     x, dy = _data()
-    rows = slice(rank * SEQ // world_size, (rank + 1) * SEQ // world_size)
-    chunk = lambda t: t[:, rows]  # noqa: E731
+    chunk = _sequence_chunk(rank, world_size)
     ours_results = _run(ours, chunk(x), chunk(dy))
     assert ours_results["out"].shape == x.shape  # gathered from Shard(1)
     ours_results["out"] = chunk(ours_results["out"])
@@ -253,8 +383,7 @@ def tp_megatron_sequence_parallel(rank: int, world_size: int) -> None:
         "linear2": RowwiseParallel(output_layouts=Shard(1)),
     })
     x, dy = _data()
-    rows = slice(rank * SEQ // world_size, (rank + 1) * SEQ // world_size)
-    chunk = lambda t: t[:, rows]  # noqa: E731
+    chunk = _sequence_chunk(rank, world_size)
     _check(_run(ours, chunk(x), chunk(dy)), *_references(ref, x, dy), chunk=chunk)
 
 
@@ -295,6 +424,179 @@ def tp_compiled(rank: int, world_size: int) -> None:
     compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
     x, dy = _data()
     _check(_run(compiled, x, dy, params=ours), *_references(ref, x, dy))
+
+
+# ---- the whole block under tensor parallel (2 ranks) ------------------------------------------
+
+
+def tp_block_feedforward(rank: int, world_size: int) -> None:
+    """Order 1, built with FeedForward: FeedForwardParallel runs the whole block fused on each
+    rank's shards, dropout and recompute included. d_ff 18: rank 1's columns start at 9, inside
+    a group of 4 (the dropout epilogue's per-element branch), and its dropout is still the
+    single-process one."""
+    p = 0.25
+    single = triton_gelu.FeedForward(D_MODEL, D_FF_ODD, dropout=p, recompute=True)
+    ours = copy.deepcopy(single)
+    parallelize_module(ours, _tp_mesh(world_size), tgp.FeedForwardParallel())
+    assert ours.linear1.weight.placements == (Shard(0),)
+    assert ours.linear2.weight.placements == (Shard(1),)
+    x, dy = _data()
+    _check(_run_seeded(ours, x, dy), *_dropout_references(single, x, dy, p))
+
+
+def tp_block_patch_then_parallelize(rank: int, world_size: int) -> None:
+    """Order 1 on a model patch() fused whole: FeedForwardParallel on linear1's slot (the
+    FusedFeedForward), with Megatron-style sequence parallelism around it (x arrives sharded on
+    the sequence dimension and is all-gathered; the output is reduce-scattered back)."""
+    ref = TorchFeedForward()
+    ours = copy.deepcopy(ref)
+    assert triton_gelu.patch(ours) == 1
+    parallelize_module(ours, _tp_mesh(world_size), {"linear1": tgp.FeedForwardParallel(
+        input_layouts=Shard(1), output_layouts=Shard(1))})
+    assert ours.linear2.weight.placements == (Shard(1),)  # the FeedForwardOutput's
+    x, dy = _data()
+    chunk = _sequence_chunk(rank, world_size)
+    _check(_run(ours, chunk(x), chunk(dy)), *_references(ref, x, dy), chunk=chunk)
+
+
+def tp_block_sequence_parallel(rank: int, world_size: int) -> None:
+    """Order 2 with SequenceParallel on both Linears (parameters replicated, x sharded on the
+    sequence dimension): patch() fuses the whole block, which runs on each rank's rows."""
+    ref = TorchFeedForward()
+    ours = copy.deepcopy(ref)
+    parallelize_module(ours, _tp_mesh(world_size),
+                       {"linear1": SequenceParallel(), "linear2": SequenceParallel()})
+    assert triton_gelu.patch(ours) == 1 and isinstance(ours.linear1, FusedFeedForward)
+    x, dy = _data()
+    chunk = _sequence_chunk(rank, world_size)
+    ours_results = _run(ours, chunk(x), chunk(dy))
+    ours_results["out"] = chunk(ours_results["out"])  # gathered from Shard(1)
+    _check(ours_results, *_references(ref, x, dy), chunk=chunk)
+
+
+class OnMesh(nn.Module):
+    """``block`` with its parameters laid out by hand (no plan): it takes x as a replicated
+    DTensor, and its output is gathered."""
+
+    def __init__(self, block: nn.Module, mesh, placements: dict) -> None:
+        super().__init__()
+        self.block, self.mesh = block, mesh
+        for name, placement in placements.items():
+            owner, _, leaf = name.rpartition(".")
+            param = block.get_parameter(name)
+            block.get_submodule(owner).register_parameter(
+                leaf, nn.Parameter(distribute_tensor(param.detach(), mesh, [placement])))
+
+    def forward(self, x):
+        return self.block(DTensor.from_local(x, self.mesh, [Replicate()])).full_tensor()
+
+
+def tp_block_unservable_falls_back(rank: int, world_size: int) -> None:
+    """A layout the fused block cannot serve (linear1 column-parallel, linear2 replicated): one
+    UnfusedFallbackWarning, and linear_gelu's column split plus PyTorch's linear on the
+    DTensors, whose communication DTensor inserts; the single-process results."""
+    ref = TorchFeedForward()
+    block = triton_gelu.FeedForward(D_MODEL, D_FF, dropout=0.0)
+    block.load_state_dict(ref.state_dict())
+    ours = OnMesh(block, _tp_mesh(world_size), {
+        "linear1.weight": Shard(0), "linear1.bias": Shard(0), "linear2.weight": Replicate(),
+        "linear2.bias": Replicate()})
+    x, dy = _data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = _run(ours, x, dy)
+    fallbacks = [w for w in caught if issubclass(w.category, tgp.UnfusedFallbackWarning)]
+    assert len(fallbacks) == 1 and "FFN block" in str(fallbacks[0].message), caught
+    assert not any(name.startswith("ffn") for name in _runtime.launches), dict(_runtime.launches)
+    results = {key.replace("block.", "", 1): value for key, value in results.items()}
+    _check(results, *_references(ref, x, dy))
+
+
+def tp_block_compiled(rank: int, world_size: int) -> None:
+    """torch.compile (aot_eager, fullgraph) of a FeedForward under FeedForwardParallel with
+    dropout: the seed is drawn in the graph, the local call traced; the single-process dropout."""
+    p = 0.25
+    single = triton_gelu.FeedForward(D_MODEL, D_FF, dropout=p)
+    ours = copy.deepcopy(single)
+    parallelize_module(ours, _tp_mesh(world_size), tgp.FeedForwardParallel())
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    x, dy = _data()
+    _check(_run_seeded(compiled, x, dy, params=ours), *_dropout_references(single, x, dy, p))
+
+
+def tp_gpt2_patch_then_parallelize(rank: int, world_size: int) -> None:
+    """GPT-2's MLP, whose Conv1D PyTorch's styles refuse: patch() fuses it whole (the weights
+    kept (in, out)), then FeedForwardParallel on c_fc's slot splits them on their output and
+    input features (Shard(1) and Shard(0) of the stored layouts)."""
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    ref = GPT2MLP(D_FF, GPT2Config(n_embd=D_MODEL, n_layer=1, n_head=2, resid_pdrop=0.0))
+    ours = copy.deepcopy(ref)
+    assert triton_gelu.patch(ours) == 1
+    parallelize_module(ours, _tp_mesh(world_size), {"c_fc": tgp.FeedForwardParallel()})
+    assert ours.c_fc.weight.placements == (Shard(1),)
+    assert ours.c_proj.weight.placements == (Shard(0),)
+    x, dy = _data()
+    _check(_run(ours, x, dy), *_references(ref, x, dy))
+
+
+# ---- GeGLU and the gated block under tensor parallel (2 ranks) ---------------------------------
+
+
+def tp_geglu_colwise(rank: int, world_size: int) -> None:
+    """GeGLU column-parallel (triton_gelu.parallel.ColwiseParallel: gate_proj and up_proj both
+    Shard(0), so each rank gates its own columns in one kernel), output gathered."""
+    ref = TorchGeGLU()
+    ours = triton_gelu.GeGLU(D_MODEL, D_FF, bias=True)
+    ours.load_state_dict(ref.state_dict())
+    parallelize_module(ours, _tp_mesh(world_size),
+                       tgp.ColwiseParallel(output_layouts=Replicate()))
+    assert ours.up_proj.weight.placements == (Shard(0),)
+    x, dy = _data()
+    dy = torch.randn(BATCH, SEQ, D_FF)
+    _check(_run(ours, x, dy), *_references(ref, x, dy))
+
+
+def tp_gated_block_style(rank: int, world_size: int) -> None:
+    """Order 1, built with GatedFeedForward: FeedForwardParallel (gate_proj and up_proj
+    column-parallel, down_proj row-parallel, its bias added once) runs the fused gated block on
+    each rank's shards."""
+    ref = GemmaLikeMLP(bias=True)
+    ours = triton_gelu.GatedFeedForward(D_MODEL, D_FF, bias=True)
+    ours.load_state_dict(ref.state_dict())
+    parallelize_module(ours, _tp_mesh(world_size), tgp.FeedForwardParallel())
+    assert ours.down_proj.bias.placements == (Replicate(),)
+    x, dy = _data()
+    _check(_run(ours, x, dy), *_references(ref, x, dy))
+
+
+def tp_gated_block_dropout(rank: int, world_size: int) -> None:
+    """The gated block with dropout under FeedForwardParallel: each rank draws the mask of its
+    columns of the whole hidden layer (d_ff 18: rank 1's start inside a group of 4), so the
+    ranks together drop what the single-process block drops, mask for mask; with recompute."""
+    p = 0.3
+    single = triton_gelu.GatedFeedForward(D_MODEL, D_FF_ODD, dropout=p, bias=True,
+                                          recompute=True)
+    ours = copy.deepcopy(single)
+    parallelize_module(ours, _tp_mesh(world_size), tgp.FeedForwardParallel())
+    x, dy = _data()
+    _check(_run_seeded(ours, x, dy), *_dropout_references(single, x, dy, p))
+
+
+def tp_gemma_parallelize_then_patch(rank: int, world_size: int) -> None:
+    """Order 2 on a Gemma MLP: PyTorch's styles on gate_proj, up_proj (column) and down_proj
+    (row), then patch() swaps the block for a GatedGELUBlock, moving gate_proj's input hook and
+    down_proj's output hook onto it."""
+    ref = Holder(GemmaLikeMLP())
+    ours = copy.deepcopy(ref)
+    parallelize_module(ours, _tp_mesh(world_size), {
+        "block.gate_proj": ColwiseParallel(), "block.up_proj": ColwiseParallel(),
+        "block.down_proj": RowwiseParallel()})
+    assert triton_gelu.patch(ours) == 1 and isinstance(ours.block, GatedGELUBlock)
+    assert not ours.block.gate_proj._forward_pre_hooks and ours.block._forward_pre_hooks
+    x, dy = _data()
+    _check(_run(ours, x, dy), *_references(ref, x, dy))
 
 
 # ---- data parallel (2 ranks) ------------------------------------------------------------------
@@ -364,16 +666,16 @@ def fsdp2_compiled(rank: int, world_size: int) -> None:
 # ---- tensor parallel + FSDP2 on a 2-D mesh (4 ranks) -----------------------------------------
 
 
-def tp_fsdp2_2d_mesh(rank: int, world_size: int) -> None:
-    """Each block's FFN column/row-parallel on the "tp" mesh dimension, each block and the model
-    fully_shard on "dp" (bf16 parameters): the recipe of the README's "Scaling out", on blocks
-    whose patch fuses the Linear -> GELU pair (PairFeedForward)."""
-    ref = Stack(ffn=PairFeedForward)
+def _tp_fsdp2_2d(world_size: int, ffn: Callable[[], nn.Module], plan: Callable[[], dict]) -> None:
+    """Each block's FFN parallelized by ``plan()`` on the "tp" mesh dimension, each block and
+    the model fully_shard on "dp" (bf16 parameters): the recipe of the README's "Scaling out",
+    on blocks patched first."""
+    ref = Stack(ffn=ffn)
     ours = copy.deepcopy(ref)
     assert triton_gelu.patch(ours) == 2
     mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "tp"))
     for block in ours.blocks:
-        parallelize_module(block.ffn, mesh["tp"], _tp_plan(**PAIR_PLAN))
+        parallelize_module(block.ffn, mesh["tp"], plan())
     _fsdp2_bf16(ours, mesh["dp"])
     x, dy = _data()
     dp_rank, dp_size = mesh.get_local_rank("dp"), mesh.size(0)
@@ -382,3 +684,13 @@ def tp_fsdp2_2d_mesh(rank: int, world_size: int) -> None:
     _check(results, *_references(ref, x, dy, torch.bfloat16), chunk=chunk,
            atol=ATOL[torch.bfloat16], grad_scale=dp_size)
 
+
+def tp_fsdp2_2d_mesh(rank: int, world_size: int) -> None:
+    """TP + FSDP2 on blocks whose patch fuses the Linear -> GELU pair (PairFeedForward): its
+    LinearGELU column-parallel, linear2 row-parallel."""
+    _tp_fsdp2_2d(world_size, PairFeedForward, lambda: _tp_plan(**PAIR_PLAN))
+
+
+def tp_fsdp2_2d_block(rank: int, world_size: int) -> None:
+    """TP + FSDP2 on blocks patch() fused whole: FeedForwardParallel on each FusedFeedForward."""
+    _tp_fsdp2_2d(world_size, TorchFeedForward, lambda: {"linear1": tgp.FeedForwardParallel()})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import weakref
 
@@ -350,6 +351,73 @@ def test_fused_epilogue_draws_the_same_mask_as_the_elementwise_kernel(device):
         assert torch.equal((h != 0).cpu(), want), f"tile {tile}"
 
 
+# Tensor parallel: a rank's hidden columns start at col_offset of the whole hidden layer; on a
+# group of 4 columns (8), inside one (13: the fused epilogue's per-element branch), or at 0.
+SHARD_OFFSETS = [0, 8, 13]
+
+
+@pytest.mark.parametrize("col_offset", SHARD_OFFSETS)
+def test_a_shard_draws_its_columns_of_the_whole_mask(col_offset, device):
+    # The reference, the elementwise kernel and the fused epilogue (three tile shapes) draw, for
+    # columns col_offset .. of the whole (M, HIDDEN) activation, exactly the whole one's mask.
+    cols, seed = 21, dropout_seed(device)
+    want = reference.dropout_keep(seed, M, HIDDEN, 0.5)[:, col_offset:col_offset + cols].cpu()
+    got = {"reference": reference.dropout_keep(seed, M, cols, 0.5, col_offset, HIDDEN)}
+    ones = torch.ones(M, cols, device=device)
+    got["elementwise kernel"] = gelu_kernels.gelu_dropout_forward(
+        ones, seed, 0.5, False, torch.empty_like(ones), col_offset, HIDDEN) != 0
+    x, w1, b1, _, _ = _operands((M, D), cols, torch.float32, device)
+    for tile, tuner in tile_tuners(ffn._linear_gelu_fwd_kernel, "test_shard_tile"):
+        h = torch.empty(M, cols, device=device)
+        ffn.launch_forward(tuner, x, w1, b1, h, None, True, seed, 0.5, col_offset, HIDDEN)
+        got[f"fused epilogue, tile {tile}"] = h != 0
+    for name, keep in got.items():
+        assert torch.equal(keep.cpu(), want), f"{name}: {int((keep.cpu() != want).sum())} differ"
+
+
+@pytest.mark.parametrize("launchers", ["kernels fused", "kernels composed", "fallback"])
+def test_shards_of_the_hidden_layer_make_the_whole_block(launchers, device):
+    # Split the hidden layer at column 13 as tensor parallel does (linear1's rows, linear2's
+    # columns; b2 added by one shard): the shards' outputs sum to the whole block's, their dW1,
+    # db1, dW2 are the whole one's rows and columns, and their dx sum to the whole dx, dropout
+    # included (each shard draws its columns of the whole mask).
+    x, w1, b1, w2, b2 = _operands((M, D), HIDDEN, torch.float32, device)
+    dy, seed, cut = torch.randn(M, D, device=device), dropout_seed(device), 13
+    backend = fallback if launchers == "fallback" else kernels
+    with path(launchers.split()[-1]) if backend is kernels else contextlib.nullcontext():
+        y, z = backend.ffn_forward(x, w1, b1, w2, b2, seed, 0.5, True, True)
+        grads = backend.ffn_backward(dy, x, w1, w2, z, seed, 0.5, True, [True] * 5)
+        shards = []
+        for cols, bias2 in ((slice(0, cut), b2), (slice(cut, HIDDEN), None)):
+            y_i, z_i = backend.ffn_forward(x, w1[cols], b1[cols], w2[:, cols], bias2, seed, 0.5,
+                                           True, True, cols.start, HIDDEN)
+            g_i = backend.ffn_backward(dy, x, w1[cols], w2[:, cols], z_i, seed, 0.5, True,
+                                       [True] * 5, cols.start, HIDDEN)
+            shards.append((y_i, g_i))
+    (y0, g0), (y1, g1) = shards
+    close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-5)
+    close(y0 + y1, y, msg="y")
+    close(g0[0] + g1[0], grads[0], msg="dx")
+    for i, name, dim in ((1, "dW1", 0), (2, "db1", 0), (3, "dW2", 1)):
+        close(torch.cat([g0[i], g1[i]], dim), grads[i], msg=name)
+    close(g0[4], grads[4], msg="db2")
+
+
+def test_launchers_reject_bad_hidden_columns(device):
+    x, w1, b1, w2, b2 = _operands((4, D), HIDDEN, torch.float32, device)
+    seed, before = dropout_seed(device), sum(launches.values())
+    for launcher in (kernels, fallback):
+        for columns, error, match in (
+                ((-1, None), ValueError, "at col_offset -1 do not fit in .* n_cols 51"),
+                ((1, HIDDEN), ValueError, f"the {HIDDEN} hidden columns at col_offset 1 do not"),
+                ((0, 50), ValueError, "of n_cols 50 columns"),
+                ((0.0, None), TypeError, "col_offset must be an int, got 0.0"),
+                ((0, True), TypeError, "n_cols must be an int, got True")):
+            with pytest.raises(error, match=match):
+                launcher.ffn_forward(x, w1, b1, w2, b2, seed, 0.2, False, True, *columns)
+    assert sum(launches.values()) == before
+
+
 @triton.jit
 def _randint4x_kernel(seed_ptr, out_ptr, base, BLOCK: tl.constexpr):
     counter = base + tl.arange(0, BLOCK).to(tl.int64)
@@ -644,6 +712,10 @@ def test_opcheck(save_preact, device):
         (ops.ffn_fwd, (x, w1, None, w2, None, None, 0.0, False, save_preact)),
         (ops.ffn_bwd, (dy, x.detach(), w1.detach(), w2.detach(), z, seed, 0.3, False,
                        [True, True, save_preact, True, False])),
+        # a tensor-parallel shard: hidden columns 3 .. 9 of 10
+        (ops.ffn_fwd, (x, w1, b1, w2, b2, seed, 0.3, True, save_preact, 3, 10)),
+        (ops.ffn_bwd, (dy, x.detach(), w1.detach(), w2.detach(), z, seed, 0.3, False,
+                       [True] * 5, 3, 10)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -726,37 +798,6 @@ def test_module_with_dropout_one_refuses_at_call(device):
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
         ff(torch.randn(3, 8, device=device))
     assert sum(launches.values()) == before
-
-
-def test_dtensor_operands_take_ops_dtensor_can_shard(monkeypatch):
-    # Tensor parallel: ffn_fwd / ffn_bwd have no DTensor sharding rule, so DTensor operands take
-    # linear_gelu (whose custom ops have rules where tensor parallel is merged; a PyTorch stand-in
-    # here) and PyTorch's dropout and linear, which DTensor shards itself.
-    dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
-
-    from triton_gelu import functional
-
-    def stand_in(x, w, b, approximate, recompute):
-        return F.gelu(F.linear(x, w, b), approximate=approximate)
-
-    monkeypatch.setattr(functional, "linear_gelu", stand_in)
-    operands = _operands((M, D), HIDDEN, torch.float32, "cpu")
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        shared = [distribute_tensor(t, mesh, [Replicate()]) for t in operands]
-        before = sum(launches.values())
-        y = triton_gelu.feed_forward(*shared, p=0.0, approximate="tanh")
-        assert isinstance(y, DTensor) and sum(launches.values()) == before
-        want = _torch_block(*operands, None, 0.0, "tanh")
-        torch.testing.assert_close(y.to_local(), want, rtol=1e-6, atol=1e-6)
-    finally:
-        if started:
-            dist.destroy_process_group()
 
 
 def test_feed_forward_module_with_hooks_applies_its_submodules(device):

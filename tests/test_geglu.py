@@ -678,8 +678,28 @@ def test_kernel_masks_are_the_reference_mask(device):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(gk, "_fwd_tuner", tuner)
             h, _, _ = gk._forward_fused(x, w_gate, w_up, b_gate, b_up, False, True, False,
-                                        seed, 0.5)
+                                        seed, 0.5, 0, N)
         assert torch.equal((h != 0).cpu(), want), f"tile {tile}"
+
+
+@pytest.mark.parametrize("col_offset", [8, 13])
+def test_a_shard_draws_its_columns_of_the_whole_mask(col_offset, device):
+    # Tensor parallel: a rank's 21 hidden columns are columns col_offset .. of the whole (M, N)
+    # layer (13: a shard starting inside a group of 4). Every forward path, and the backward's
+    # regenerated dropout(h), apply exactly the whole layer's mask there.
+    cols, seed = 21, dropout_seed(device)
+    want = reference.dropout_keep(seed, M, N, 0.5)[:, col_offset:col_offset + cols].cpu()
+    operands = _operands((M, K), cols, torch.float32, device)
+    ones = torch.ones(M, cols, device=device)
+    for fwd in ("fused", "composed"):
+        with force_path(geglu_fwd=fwd):
+            h, gate, up = gk.geglu_forward(*operands, False, True, seed, 0.5, col_offset, N)
+        assert torch.equal((h != 0).cpu(), want), f"{fwd}: {int(((h != 0).cpu() != want).sum())}"
+        h_again = gk.geglu_backward(ones, operands[0], *operands[1:3], gate, up, False,
+                                    [True] * 5, True, seed, 0.5, col_offset, N)[-1]
+        torch.testing.assert_close(h_again, h, rtol=0, atol=0, msg=fwd)
+    with pytest.raises(ValueError, match="col_offset"):
+        gk.geglu_forward(*operands, False, False, seed, 0.5, N - cols + 1, N)
 
 
 def test_gated_block_finite_differences_with_the_seed_reset(device):

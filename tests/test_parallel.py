@@ -34,14 +34,18 @@ from torch.distributed.tensor.parallel import (  # noqa: E402
 import triton_gelu  # noqa: E402
 from triton_gelu import _runtime, ops  # noqa: E402
 from triton_gelu import parallel as tgp  # noqa: E402
-from triton_gelu.modules import LinearGELU  # noqa: E402
+from triton_gelu.modules import LinearGELU, has_hooks  # noqa: E402
+from triton_gelu.patch import FusedFeedForward, GatedGELUBlock  # noqa: E402
 
 from helpers import assert_no_worse_than_torch  # noqa: E402
+from parallel_scenarios import GemmaLikeMLP, Holder  # noqa: E402
 from spawn_ranks import once_per_test_run, run_scenarios  # noqa: E402
 
 FUSED = ("linear_gelu_fwd", "linear_gelu_bwd_dx", "linear_gelu_bwd_dw")
-# A patched whole FFN block (FusedFeedForward): the fused forward and the backward's dz matmul.
+# A whole FFN block (FeedForward, FusedFeedForward): the fused forward and the backward's dz matmul.
 FFN_BLOCK = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz")
+# GeGLU, and the gated block: the dual-matmul forward and the backward's elementwise kernel.
+GEGLU = ("geglu_fwd", "geglu_bwd_act")
 
 
 # ---- the sharding rules, in this process on a fake 2-rank group -------------------------------
@@ -124,13 +128,10 @@ def test_row_split_runs_fused_with_no_communication(mesh, dim):
     _check_against_torch(ours, rows, w, b)
 
 
-# Ops that have no sharding rule yet: none. A new custom op (ops.py) needs a rule in parallel.py,
-# else DTensor refuses it under tensor parallel; list it here only until it has one.
-# GeGLU ops: their rules come with the tensor-parallel cover of GeGLU (not merged yet).
-WITHOUT_SHARDING_RULE: tuple[str, ...] = (
-    "triton_gelu::geglu_fwd", "triton_gelu::geglu_gate_up", "triton_gelu::geglu_bwd",
-    "triton_gelu::gated_ffn_fwd", "triton_gelu::ffn_fwd", "triton_gelu::ffn_bwd",
-)
+# Ops that have no sharding rule yet: none. A new custom op (ops.py) needs a rule in
+# _dtensor_rules.py, else DTensor refuses it under tensor parallel; list it here only until it
+# has one.
+WITHOUT_SHARDING_RULE: tuple[str, ...] = ()
 
 
 def test_every_custom_op_has_a_sharding_rule():
@@ -241,7 +242,8 @@ def _parallel_ffn(mesh, plan):
 
 
 def test_patch_fuses_a_column_parallel_pair_and_carries_the_hooks(mesh):
-    model = _parallel_ffn(mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    # linear2 unplanned: no whole block (see test_patch_fuses_a_parallelized_block_whole)
+    model = _parallel_ffn(mesh, {"0": ColwiseParallel()})
     linear = model[0]
     hooks = [*linear._forward_pre_hooks.values(), *linear._forward_hooks.values()]
     assert triton_gelu.patch(model) == 1
@@ -264,6 +266,262 @@ def test_patch_refuses_user_hooks_row_parallel_and_unstyled_dtensors(mesh):
     assert triton_gelu.patch(unstyled) == 0
 
 
+# ---- GeGLU: both projections split alike ------------------------------------------------------
+
+
+def _torch_geglu_local(x, wg, wu, bg, bu, dtype=torch.float32):
+    """gelu(g) * u by PyTorch on rank 0's shards, in ``dtype``, with its gradients for dh = 1."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, wg, wu, bg, bu)]
+    h = F.gelu(F.linear(leaves[0], leaves[1], leaves[3]), approximate="tanh") * \
+        F.linear(leaves[0], leaves[2], leaves[4])
+    h.backward(torch.ones_like(h))
+    return h.detach(), *(t.grad for t in leaves)
+
+
+def test_geglu_column_split_gates_each_ranks_columns(mesh):
+    """gate_proj and up_proj both Shard(0), x Replicate: h Shard(-1) from one kernel on rank 0's
+    columns, no communication; dx Partial, the weights' and biases' gradients Shard(0)."""
+    x, wg, wu, bg, bu = (torch.randn(2, 5, 8), torch.randn(9, 8), torch.randn(9, 8),
+                         torch.randn(9), torch.randn(9))
+    args = [_dtensor(x, mesh, Replicate())] + [
+        _dtensor(t[:5], mesh, Shard(0), shape=tuple(t.shape)) for t in (wg, wu, bg, bu)]
+    _runtime.launches.clear()
+    h = triton_gelu.geglu(*args)
+    assert h.placements == (Shard(2),) and h.shape == (2, 5, 9) and h.to_local().shape[-1] == 5
+    h.backward(torch.ones_like(h))
+    assert [t.grad.placements for t in args] == [(Partial(),)] + [(Shard(0),)] * 4
+    assert _runtime.launches["geglu_fwd"] == 1 and _runtime.launches["geglu_bwd_act"] == 1
+    ours = (h.to_local(), *(t.grad.to_local() for t in args))
+    local = (x, wg[:5], wu[:5], bg[:5], bu[:5])
+    names = ("h", "dx", "dw_gate", "dw_up", "db_gate", "db_up")
+    for what, o, same, ref in zip(names, ours, _torch_geglu_local(*local),
+                                  _torch_geglu_local(*local, dtype=torch.float64)):
+        assert_no_worse_than_torch(o, same, ref, what)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_geglu_row_split_keeps_x_unflattened(mesh, dim):
+    """x Shard on a leading dimension (batch; sequence, which a flattening (B*S, K) view could
+    not keep sharded), the weights Replicate: h split like x; with recompute the backward's
+    geglu_gate_up runs on the shard too (its rule)."""
+    x, wg, wu = torch.randn(4, 6, 8), torch.randn(10, 8), torch.randn(10, 8)
+    rows = x.narrow(dim, 0, x.shape[dim] // 2)
+    args = [_dtensor(rows, mesh, Shard(dim)), _dtensor(wg, mesh, Replicate()),
+            _dtensor(wu, mesh, Replicate())]
+    _runtime.launches.clear()
+    h = triton_gelu.geglu(*args, recompute=True)
+    assert h.placements == (Shard(dim),) and h.shape == (4, 6, 10)
+    h.backward(torch.ones_like(h))
+    assert [t.grad.placements for t in args] == [(Shard(dim),), (Partial(),), (Partial(),)]
+    # the forward, and geglu_gate_up rebuilding g and u (the same kernel)
+    assert _runtime.launches["geglu_fwd"] == 2, dict(_runtime.launches)
+    same = _torch_geglu_local(rows, wg, wu, torch.zeros(10), torch.zeros(10))
+    torch.testing.assert_close(h.to_local(), same[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(args[1].grad.to_local(), same[2], rtol=1e-5, atol=1e-5)
+
+
+def test_geglu_projections_split_differently_fall_back_unfused(mesh):
+    """W_gate split, W_up whole (or a packed gate_up weight chunked after its Shard(0)): no rule
+    pairs a rank's gate columns with other up columns; the unfused ops run, with one warning."""
+    x = _dtensor(torch.randn(3, 8), mesh, Replicate())
+    wg = _dtensor(torch.randn(5, 8), mesh, Shard(0), shape=(10, 8))
+    wu = _dtensor(torch.randn(10, 8), mesh, Replicate())
+    assert not tgp.fusable_layout(x, wg, None, (wu, None))
+    _runtime.launches.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h = triton_gelu.geglu(x, wg, wu)
+    fallbacks = [w for w in caught if issubclass(w.category, tgp.UnfusedFallbackWarning)]
+    assert len(fallbacks) == 1 and "GeGLU" in str(fallbacks[0].message), caught
+    assert h.shape == (3, 10) and not any(k.startswith("geglu") for k in _runtime.launches)
+
+
+# ---- the blocks: whole on the local tensors (run_block), or the blocks' ops' own rules --------
+
+
+def _block_operands(mesh, hidden: int = 12):
+    """An FFN block's operands, linear1 column- and linear2 row-parallel: rank 0's halves."""
+    x, w1, b1 = torch.randn(2, 3, 8), torch.randn(hidden, 8), torch.randn(hidden)
+    w2, b2 = torch.randn(8, hidden), torch.randn(8)
+    half = hidden // 2
+    dts = [_dtensor(x, mesh, Replicate()),
+           _dtensor(w1[:half], mesh, Shard(0), shape=(hidden, 8)),
+           _dtensor(b1[:half], mesh, Shard(0), shape=(hidden,)),
+           _dtensor(w2[:, :half], mesh, Shard(1), shape=(8, hidden)),
+           _dtensor(b2, mesh, Replicate())]
+    return dts, (x, w1[:half], b1[:half], w2[:, :half], b2)
+
+
+def _torch_block_local(x, w1, b1, w2, b2, dtype=torch.float32):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w1, b1, w2, b2)]
+    y = F.linear(F.gelu(F.linear(*leaves[:3])), *leaves[3:])
+    y.backward(torch.ones_like(y))
+    return y.detach(), *(t.grad for t in leaves)
+
+
+def test_block_tensor_parallel_runs_whole_on_the_shards(mesh):
+    """linear1 column-, linear2 row-parallel: the whole block's kernels on rank 0's shards, y a
+    Partial sum (rank 0 adds b2, at coordinate 0), dx Partial; dW1, db1 Shard(0), dW2 Shard(1),
+    db2 Replicate (every rank's is the whole sum of dy)."""
+    dts, local = _block_operands(mesh)
+    _runtime.launches.clear()
+    y = triton_gelu.feed_forward(*dts, p=0.0)
+    assert y.placements == (Partial(),) and y.shape == (2, 3, 8)
+    y.to_local().backward(torch.ones(2, 3, 8))
+    assert [t.grad.placements for t in dts] == [
+        (Partial(),), (Shard(0),), (Shard(0),), (Shard(1),), (Replicate(),)]
+    assert _runtime.launches["ffn_fwd_gelu_dropout"] == 1 and _runtime.launches["ffn_bwd_dz"] == 1
+    ours = (y.to_local(), *(t.grad.to_local() for t in dts))
+    names = ("y", "dx", "dw1", "db1", "dw2", "db2")
+    for what, o, same, ref in zip(names, ours, _torch_block_local(*local),
+                                  _torch_block_local(*local, dtype=torch.float64)):
+        assert_no_worse_than_torch(o, same, ref, what)
+
+
+def test_block_row_split_and_what_falls_back(mesh):
+    """x Shard(1) (sequence), everything else Replicate: the block on rank 0's rows, y and dx
+    Shard(1), the parameters' gradients Partial. With dropout the row split falls back (its
+    mask would be keyed on local rows), and so does a layout no block runs (linear2 whole)."""
+    x, w1, w2 = torch.randn(2, 4, 8), torch.randn(12, 8), torch.randn(8, 12)
+    dts = [_dtensor(x[:, :2], mesh, Shard(1)), _dtensor(w1, mesh, Replicate()), None,
+           _dtensor(w2, mesh, Replicate()), None]
+    _runtime.launches.clear()
+    y = triton_gelu.feed_forward(*dts, p=0.0)
+    assert y.placements == (Shard(1),) and y.shape == (2, 4, 8)
+    y.backward(torch.ones_like(y))
+    assert [dts[i].grad.placements for i in (0, 1, 3)] == [(Shard(1),), (Partial(),),
+                                                           (Partial(),)]
+    assert _runtime.launches["ffn_fwd_gelu_dropout"] == 1
+    torch.testing.assert_close(y.to_local(), F.linear(F.gelu(F.linear(x[:, :2], w1)), w2),
+                               rtol=1e-5, atol=1e-5)
+    column, _ = _block_operands(mesh)
+    column[3] = _dtensor(torch.randn(8, 12), mesh, Replicate())
+    tgp._warned_layouts.clear()
+    for args, p in ((dts, 0.1), (column, 0.0)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _runtime.launches.clear()
+            triton_gelu.feed_forward(*args, p=p)
+        fallbacks = [w for w in caught if issubclass(w.category, tgp.UnfusedFallbackWarning)]
+        assert len(fallbacks) == 1 and "FFN block" in str(fallbacks[0].message), caught
+        assert not any(k.startswith("ffn") for k in _runtime.launches), dict(_runtime.launches)
+
+
+def test_block_refuses_plain_tensors_beside_dtensors(mesh):
+    dts, local = _block_operands(mesh)
+    with pytest.raises(TypeError, match="weight0, bias0, weight1, bias1 are DTensors but x is"):
+        triton_gelu.feed_forward(local[0], *dts[1:])
+
+
+def test_the_blocks_ops_rules_serve_rows_and_replicate(mesh):
+    """Called on DTensors themselves, ffn_fwd / ffn_bwd / gated_ffn_fwd run on rows split on
+    dimension 0 without dropout, else (a tensor-parallel split; dropout) DTensor replicates
+    first: those need the per-rank arguments run_block gives."""
+    x = _dtensor(torch.randn(3, 8), mesh, Shard(0), shape=(6, 8))
+    w1, w2 = _dtensor(torch.randn(12, 8), mesh, Replicate()), \
+        _dtensor(torch.randn(8, 12), mesh, Replicate())
+    seed = _dtensor(torch.tensor([7]), mesh, Replicate(), requires_grad=False)
+    _runtime.launches.clear()
+    y, z = ops.ffn_fwd(x, w1, None, w2, None, None, 0.0, False, True)
+    assert y.placements == z.placements == (Shard(0),) and _runtime.launches["ffn_fwd_gelu_dropout"]
+    grads = ops.ffn_bwd(y, x, w1, w2, z, None, 0.0, False, [True, True, False, True, False])
+    assert [g.placements for g in grads] == [(Shard(0),), (Partial(),), (Replicate(),),
+                                            (Partial(),), (Replicate(),)]
+    y, _ = ops.ffn_fwd(x, w1, None, w2, None, seed, 0.3, False, False)
+    assert y.placements == (Replicate(),)
+    y, g, u = ops.gated_ffn_fwd(x, w1, w1, w2, None, None, None, None, 0.0, True, True)
+    assert y.placements == g.placements == u.placements == (Shard(0),)
+    y, _, _ = ops.gated_ffn_fwd(x, w1, w1, w2, None, None, None, seed, 0.3, True, False)
+    assert y.placements == (Replicate(),)
+
+
+# ---- FeedForwardParallel, and the plans patch() fuses whole -----------------------------------
+
+
+def _placements_of(module: nn.Module) -> dict[str, tuple]:
+    return {name: tuple(p.placements) for name, p in module.named_parameters()}
+
+
+def test_feed_forward_parallel_shards_every_kind_of_block(mesh):
+    col, row, rep = (Shard(0),), (Shard(1),), (Replicate(),)
+    ff = parallelize_module(triton_gelu.FeedForward(8, 12), mesh, tgp.FeedForwardParallel())
+    assert _placements_of(ff) == {"linear1.weight": col, "linear1.bias": col,
+                                  "linear2.weight": row, "linear2.bias": rep}
+    gated = parallelize_module(triton_gelu.GatedFeedForward(8, 12, bias=True), mesh,
+                               tgp.FeedForwardParallel())
+    assert _placements_of(gated) == {
+        "gate_proj.weight": col, "gate_proj.bias": col, "up_proj.weight": col,
+        "up_proj.bias": col, "down_proj.weight": row, "down_proj.bias": rep}
+    # patch's FusedFeedForward, named by linear1's slot; its linear2 stays in its own slot
+    model = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 8))
+    assert triton_gelu.patch(model) == 1
+    parallelize_module(model, mesh, {"0": tgp.FeedForwardParallel()})
+    assert _placements_of(model) == {"0.weight": col, "0.bias": col, "2.weight": row,
+                                     "2.bias": rep}
+    for other in (LinearGELU(8, 12), nn.Linear(8, 12)):
+        with pytest.raises(NotImplementedError, match="parallelizes a whole FFN block"):
+            parallelize_module(other, mesh, tgp.FeedForwardParallel())
+    geglu = parallelize_module(triton_gelu.GeGLU(8, 12), mesh, tgp.ColwiseParallel())
+    assert _placements_of(geglu) == {"gate_proj.weight": col, "up_proj.weight": col}
+
+
+def test_tp_block_style_recognises_plans_the_fused_block_serves(mesh):
+    def planned(plan):
+        return _parallel_ffn(mesh, plan)
+
+    both = planned({"0": ColwiseParallel(), "2": RowwiseParallel()})
+    assert tgp.tp_block_style([both[0]], both[2]) == "tensor"
+    sequence = planned({"0": SequenceParallel(), "2": SequenceParallel()})
+    assert tgp.tp_block_style([sequence[0]], sequence[2]) == "sequence"
+    # the hidden activation all-gathered between them, or the roles swapped: not the block
+    gathered = planned({"0": ColwiseParallel(output_layouts=Replicate()),
+                        "2": RowwiseParallel(input_layouts=Replicate())})
+    swapped = planned({"0": RowwiseParallel(), "2": ColwiseParallel()})
+    half = planned({"0": ColwiseParallel()})
+    for model in (gathered, swapped, half):
+        assert tgp.tp_block_style([model[0]], model[2]) is None
+    both[2].register_forward_hook(lambda *args: None)  # a user's hook besides the style's
+    assert tgp.tp_block_style([both[0]], both[2]) is None
+
+
+def test_patch_fuses_a_parallelized_block_whole(mesh):
+    """Order 2: linear1 ColwiseParallel, linear2 RowwiseParallel (PyTorch's), then patch():
+    one FusedFeedForward with linear1's input hook and linear2's output hook; where the plan
+    all-gathers the hidden activation between them, only the pair fuses."""
+    model = _parallel_ffn(mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    pre = list(model[0]._forward_pre_hooks.values())
+    post = list(model[2]._forward_hooks.values())
+    assert triton_gelu.patch(model) == 1
+    fused = model[0]
+    assert isinstance(fused, FusedFeedForward)
+    assert list(fused._forward_pre_hooks.values()) == pre
+    assert list(fused._forward_hooks.values()) == post
+    assert not has_hooks(model[2]) and isinstance(model[1], nn.Identity)
+    gathered = _parallel_ffn(mesh, {"0": ColwiseParallel(output_layouts=Replicate()),
+                                    "2": RowwiseParallel(input_layouts=Replicate())})
+    assert triton_gelu.patch(gathered) == 1 and isinstance(gathered[0], LinearGELU)
+
+
+def test_patch_swaps_a_parallelized_gated_block_only_for_a_plan_it_serves(mesh):
+    """Order 2 on a Gemma MLP: gate_proj and up_proj column-, down_proj row-parallel: the
+    GatedGELUBlock takes gate_proj's input hook and down_proj's output hook, its children keep
+    none. Column-parallel projections whose down_proj has no plan: the block is left as it is."""
+    plan = {"block.gate_proj": ColwiseParallel(), "block.up_proj": ColwiseParallel(),
+            "block.down_proj": RowwiseParallel()}
+    model = parallelize_module(Holder(GemmaLikeMLP()), mesh, plan)
+    pre = list(model.block.gate_proj._forward_pre_hooks.values())
+    post = list(model.block.down_proj._forward_hooks.values())
+    assert triton_gelu.patch(model) == 1
+    block = model.block
+    assert isinstance(block, GatedGELUBlock)
+    assert list(block._forward_pre_hooks.values()) == pre
+    assert list(block._forward_hooks.values()) == post
+    assert not any(has_hooks(m) for m in block.projections())
+    del plan["block.down_proj"]
+    half = parallelize_module(Holder(GemmaLikeMLP()), mesh, plan)
+    assert triton_gelu.patch(half) == 0 and isinstance(half.block, GemmaLikeMLP)
+
+
 # ---- whole models on spawned ranks ------------------------------------------------------------
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -272,7 +530,17 @@ HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 TWO_RANKS = {
     "tp_feedforward_module": FUSED,
     "tp_patch_then_parallelize": (*FUSED, "linear_preact"),
-    "tp_parallelize_then_patch": FUSED,
+    "tp_parallelize_then_patch": FFN_BLOCK,
+    "tp_block_feedforward": (*FFN_BLOCK, "linear_preact"),
+    "tp_block_patch_then_parallelize": FFN_BLOCK,
+    "tp_block_sequence_parallel": FFN_BLOCK,
+    "tp_block_unservable_falls_back": FUSED,
+    "tp_block_compiled": FFN_BLOCK,
+    "tp_gpt2_patch_then_parallelize": FFN_BLOCK,
+    "tp_geglu_colwise": GEGLU,
+    "tp_gated_block_style": GEGLU,
+    "tp_gated_block_dropout": GEGLU,
+    "tp_gemma_parallelize_then_patch": GEGLU,
     "tp_bert_parallelize_then_patch": FUSED,
     "tp_sequence_parallel": FUSED,
     "tp_megatron_sequence_parallel": FUSED,
@@ -282,11 +550,15 @@ TWO_RANKS = {
     "fsdp2_bf16_per_block": FFN_BLOCK,
     "fsdp2_compiled": FFN_BLOCK,
 }
-FOUR_RANKS = {"tp_fsdp2_2d_mesh": FUSED}
+FOUR_RANKS = {"tp_fsdp2_2d_mesh": FUSED, "tp_fsdp2_2d_block": FFN_BLOCK}
+
+
+def _needs_transformers(scenario: str) -> bool:
+    return "bert" in scenario or "gpt2" in scenario
 
 
 def _runnable(scenarios: dict) -> list[str]:
-    return [name for name in scenarios if HAS_TRANSFORMERS or "bert" not in name]
+    return [name for name in scenarios if HAS_TRANSFORMERS or not _needs_transformers(name)]
 
 
 def _job(tmp_path_factory, scenarios: dict, world_size: int) -> list[dict]:
@@ -309,7 +581,7 @@ def four_ranks(tmp_path_factory):
 
 
 def _assert_ran(reports: list[dict], name: str, kernels: tuple[str, ...]) -> None:
-    if "bert" in name and not HAS_TRANSFORMERS:
+    if _needs_transformers(name) and not HAS_TRANSFORMERS:
         pytest.skip("transformers is not installed")
     for rank, report in enumerate(reports):
         result = report[name]

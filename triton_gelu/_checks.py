@@ -224,6 +224,22 @@ def check_dropout(seed: object, p: object, x: torch.Tensor) -> float:
     return p
 
 
+def check_dropout_columns(col_offset: object, n_cols: object, hidden: int) -> tuple[int, int]:
+    """Where the call's ``hidden`` activation columns sit in the whole activation whose dropout
+    mask is drawn: columns ``col_offset`` .. ``col_offset + hidden`` of ``n_cols`` (tensor
+    parallel: a rank's shard). ``n_cols=None`` is ``hidden``. Returns (col_offset, n_cols)."""
+    n_cols = hidden if n_cols is None else n_cols
+    for name, value in (("col_offset", col_offset), ("n_cols", n_cols)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if col_offset < 0 or col_offset + hidden > n_cols:
+        raise ValueError(
+            f"the {hidden} hidden columns at col_offset {col_offset} do not fit in an activation "
+            f"of n_cols {n_cols} columns"
+        )
+    return col_offset, n_cols
+
+
 def check_ffn_2d(
     x2d: object, w1: object, b1: object | None, w2: object, b2: object | None, seed: object,
     p: object,

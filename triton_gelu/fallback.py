@@ -13,8 +13,9 @@ import torch
 
 from . import reference
 from ._checks import (
-    check_dropout, check_dropout_p, check_ffn_2d, check_ffn_backward, check_ffn_needs,
-    check_geglu_2d, check_geglu_backward, check_linear_2d, check_linear_backward,
+    check_dropout, check_dropout_columns, check_dropout_p, check_ffn_2d, check_ffn_backward,
+    check_ffn_needs, check_geglu_2d, check_geglu_backward, check_linear_2d,
+    check_linear_backward,
 )
 
 __all__ = [
@@ -73,21 +74,28 @@ def linear_gelu_backward(
     return dx, dw, db
 
 
-def _keep(seed: torch.Tensor | None, p: float, rows: int, cols: int) -> torch.Tensor | None:
-    """The kernels' dropout mask, drawn by the PyTorch copy of their generator."""
-    return None if p == 0.0 or seed is None else reference.dropout_keep(seed, rows, cols, p)
+def _keep(seed: torch.Tensor | None, p: float, rows: int, cols: int, col_offset: int,
+          n_cols: int) -> torch.Tensor | None:
+    """The kernels' dropout mask of columns ``col_offset`` .. ``col_offset + cols`` of an
+    activation of ``n_cols``, drawn by the PyTorch copy of their generator."""
+    if p == 0.0 or seed is None:
+        return None
+    return reference.dropout_keep(seed, rows, cols, p, col_offset, n_cols)
 
 
 def geglu_forward(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, approximate_tanh: bool, save_gate_up: bool,
-    seed: torch.Tensor | None = None, p: float = 0.0,
+    seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
+    n_cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
     p = check_dropout(seed, p, x2d)
+    columns = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
     h, gate, up = reference.geglu_forward_fp32(
         x2d, w_gate, w_up, b_gate, b_up, approximate_tanh,
-        _keep(seed, p, x2d.shape[0], w_gate.shape[0]), reference.dropout_constants(p)[1],
+        _keep(seed, p, x2d.shape[0], w_gate.shape[0], *columns),
+        reference.dropout_constants(p)[1],
     )
     return (h.to(x2d.dtype), *((gate, up) if save_gate_up else (None, None)))
 
@@ -106,10 +114,12 @@ def geglu_backward(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
     write_h: bool = False, seed: torch.Tensor | None = None, p: float = 0.0,
+    col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     needs = check_geglu_backward(dh2d, x2d, w_gate, w_up, gate, up, needs)
     p = check_dropout(seed, p, x2d)
-    keep, scale = _keep(seed, p, *gate.shape), reference.dropout_constants(p)[1]
+    columns = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
+    keep, scale = _keep(seed, p, *gate.shape, *columns), reference.dropout_constants(p)[1]
     grads = reference.geglu_backward_fp32(dh2d, x2d, w_gate, w_up, gate, up, approximate_tanh,
                                           keep, scale)
     h = None
@@ -118,14 +128,14 @@ def geglu_backward(
                                     scale).to(x2d.dtype)
     return (*(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs)), h)
 
-
 def ffn_forward(
     x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
     b2: torch.Tensor | None, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
-    save_preact: bool,
+    save_preact: bool, col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     p = check_ffn_2d(x2d, w1, b1, w2, b2, seed, p)
-    keep = _keep(seed, p, x2d.shape[0], w1.shape[0])
+    columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
+    keep = _keep(seed, p, x2d.shape[0], w1.shape[0], *columns)
     y, preact = reference.ffn_forward_fp32(
         x2d, w1, b1, w2, b2, keep, reference.dropout_constants(p)[1], approximate_tanh
     )
@@ -135,11 +145,12 @@ def ffn_forward(
 def ffn_backward(
     dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     preact: torch.Tensor, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
-    needs: Sequence[bool],
+    needs: Sequence[bool], col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     p = check_ffn_backward(dy2d, x2d, w1, w2, preact, seed, p)
     needs = check_ffn_needs(needs)
-    keep = _keep(seed, p, *preact.shape)
+    columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
+    keep = _keep(seed, p, preact.shape[0], preact.shape[1], *columns)
     grads = reference.ffn_backward_fp32(
         dy2d, x2d, w1, w2, preact, keep, reference.dropout_constants(p)[1], approximate_tanh
     )

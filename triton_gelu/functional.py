@@ -145,6 +145,10 @@ class _BlockConfig(NamedTuple):
     p: float  # dropout probability; 0: no dropout (eval, or none asked for)
     approximate_tanh: bool
     recompute: bool
+    # The hidden columns are columns col_offset .. of n_cols (None: all of them); the dropout
+    # mask is drawn for those positions (tensor parallel: a rank's shard of the hidden layer).
+    col_offset: int = 0
+    n_cols: int | None = None
 
 
 class _FeedForwardFunction(torch.autograd.Function):
@@ -154,7 +158,8 @@ class _FeedForwardFunction(torch.autograd.Function):
         x2d = _rows(x)
         y, preact = launchers(x2d).ffn_forward(
             x2d, w1, b1, w2, b2, seed, config.p, config.approximate_tanh,
-            save_preact=not config.recompute,
+            save_preact=not config.recompute, col_offset=config.col_offset,
+            n_cols=config.n_cols,
         )
         ctx.config = config
         ctx.x_shape = x.shape
@@ -174,7 +179,7 @@ class _FeedForwardFunction(torch.autograd.Function):
         # Fresh gradients every call: nothing saved is written, so a second backward is unchanged.
         dx, dw1, db1, dw2, db2 = launchers(x2d).ffn_backward(
             _rows(dy), x2d, w1, w2, preact, seed, config.p, config.approximate_tanh,
-            ctx.needs_input_grad[:5],
+            ctx.needs_input_grad[:5], config.col_offset, config.n_cols,
         )
         return None if dx is None else dx.view(ctx.x_shape), dw1, db1, dw2, db2, None, None
 
@@ -211,22 +216,35 @@ def feed_forward(
     if not training:
         p = 0.0
     if _distributed(x, w1, b1, w2, b2):
-        # Tensor parallel: ffn_fwd / ffn_bwd have no DTensor sharding rule (yet); compose ops
-        # DTensor can shard, linear_gelu's and PyTorch's own (its dropout draws per shard).
-        h = linear_gelu(x, w1, b1, approximate, recompute)
-        return F.linear(F.dropout(h, p, training), w2, b2)
-    seed = dropout_seed(x.device) if p > 0.0 else None
+        # Tensor parallel: the whole block on each rank's shards where the layout allows, else
+        # linear_gelu and PyTorch's dropout and linear on the DTensors (parallel.py).
+        def fused(x, first, w2, b2, col_offset: int, n_cols: int) -> torch.Tensor:
+            ((w1, b1),) = first
+            config = _BlockConfig(p, approximate_tanh, recompute, col_offset, n_cols)
+            return _feed_forward(x, w1, b1, w2, b2, config)
+
+        def unfused() -> torch.Tensor:
+            h = linear_gelu(x, w1, b1, approximate, recompute)
+            return F.linear(F.dropout(h, p, training), w2, b2)
+
+        return _parallel().run_block(x, [(w1, b1)], (w2, b2), p > 0.0, fused, unfused,
+                                     "FFN block")
+    return _feed_forward(x, w1, b1, w2, b2, _BlockConfig(p, approximate_tanh, recompute))
+
+
+def _feed_forward(x, w1, b1, w2, b2, config: _BlockConfig) -> torch.Tensor:
+    """The FFN block on plain tensors, validated and cast for autocast; draws the call's seed."""
+    seed = dropout_seed(x.device) if config.p > 0.0 else None
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
-        return ops.feed_forward(x, w1, b1, w2, b2, seed, p, approximate_tanh, recompute)
+        return ops.feed_forward(x, w1, b1, w2, b2, seed, *config)
     if not ops.needs_grad(x, w1, b1, w2, b2):
         # Inference: no graph and no saved pre-activation.
         x2d = _rows(x)
-        y, _ = launchers(x2d).ffn_forward(x2d, w1, b1, w2, b2, seed, p, approximate_tanh,
-                                          save_preact=False)
+        y, _ = launchers(x2d).ffn_forward(x2d, w1, b1, w2, b2, seed, config.p,
+                                          config.approximate_tanh, save_preact=False,
+                                          col_offset=config.col_offset, n_cols=config.n_cols)
         return y.view(*x.shape[:-1], w2.shape[0])
-    return _FeedForwardFunction.apply(
-        x, w1, b1, w2, b2, seed, _BlockConfig(p, approximate_tanh, recompute)
-    )
+    return _FeedForwardFunction.apply(x, w1, b1, w2, b2, seed, config)
 
 
 # ---- Gated GELU (GeGLU) and the gated FFN block ---------------------------------------------
@@ -284,6 +302,8 @@ def geglu(
     """
     x, w_gate, w_up, b_gate, b_up, approximate_tanh = _prepare_geglu(
         x, w_gate, w_up, b_gate, b_up, approximate)
+    if _distributed(x, w_gate, w_up, b_gate, b_up):  # DTensor: the custom ops on the shards
+        return _parallel().geglu(x, w_gate, w_up, b_gate, b_up, approximate_tanh, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
         return ops.geglu(x, w_gate, w_up, b_gate, b_up, approximate_tanh, recompute)
     if not ops.needs_grad(x, w_gate, w_up, b_gate, b_up):
@@ -304,6 +324,7 @@ class _GatedFeedForwardFunction(torch.autograd.Function):
         y, gate, up = _gated_block.block_forward(
             x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, config.p,
             config.approximate_tanh, not config.recompute, launchers(x2d).geglu_forward,
+            config.col_offset, config.n_cols,
         )
         ctx.config, ctx.x_shape = config, x.shape
         # Not h, the dropout mask or dropout(h): the backward regenerates them from g, u and
@@ -323,6 +344,7 @@ class _GatedFeedForwardFunction(torch.autograd.Function):
         dx, *grads = _gated_block.block_backward(
             _rows(dy), x2d, w_gate, w_up, w_down, gate, up, seed, config.p,
             config.approximate_tanh, ctx.needs_input_grad[:7], backend.geglu_backward,
+            config.col_offset, config.n_cols,
         )
         return None if dx is None else dx.view(ctx.x_shape), *grads, None, None
 
@@ -350,16 +372,38 @@ def gated_feed_forward(
     check_down(w_gate, w_down, b_down)
     if not training:
         p = 0.0
-    seed = dropout_seed(x.device) if p > 0.0 else None
+    if _distributed(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+        # Tensor parallel: the whole block on each rank's shards where the layout allows, else
+        # geglu and PyTorch's dropout and linear on the DTensors (parallel.py).
+        def fused(x, first, w_down, b_down, col_offset: int, n_cols: int) -> torch.Tensor:
+            (w_gate, b_gate), (w_up, b_up) = first
+            config = _BlockConfig(p, approximate_tanh, recompute, col_offset, n_cols)
+            return _gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, config)
+
+        def unfused() -> torch.Tensor:
+            h = geglu(x, w_gate, w_up, b_gate, b_up, approximate, recompute)
+            return F.linear(F.dropout(h, p, training), w_down, b_down)
+
+        return _parallel().run_block(x, [(w_gate, b_gate), (w_up, b_up)], (w_down, b_down),
+                                     p > 0.0, fused, unfused, "gated FFN block")
+    return _gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
+                               _BlockConfig(p, approximate_tanh, recompute))
+
+
+def _gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
+                        config: _BlockConfig) -> torch.Tensor:
+    """The gated block on plain tensors, validated and cast for autocast; draws the seed."""
+    seed = dropout_seed(x.device) if config.p > 0.0 else None
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
-        return ops.gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
-                                      approximate_tanh, recompute)
+        return ops.gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed,
+                                      *config)
     if not ops.needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
         x2d = _rows(x)
         y, _, _ = _gated_block.block_forward(
-            x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, approximate_tanh, False,
-            launchers(x2d).geglu_forward,
+            x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, config.p,
+            config.approximate_tanh, False, launchers(x2d).geglu_forward, config.col_offset,
+            config.n_cols,
         )
         return y.view(*x.shape[:-1], w_down.shape[0])
     return _GatedFeedForwardFunction.apply(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed,
-                                           _BlockConfig(p, approximate_tanh, recompute))
+                                           config)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._checks import check_approximate
-from .functional import feed_forward, gated_feed_forward, geglu, gelu, linear_gelu
+from .functional import _distributed, feed_forward, gated_feed_forward, geglu, gelu, linear_gelu
 
 
 class GELU(nn.Module):
@@ -91,9 +91,11 @@ class FeedForward(nn.Module):
 
     Submodules ``linear1`` (LinearGELU: its ``approximate`` and ``recompute`` are the block's),
     ``dropout`` (its ``p`` and ``training`` are read at each call) and ``linear2`` (nn.Linear);
-    their parameters are read at each call too. When linear1 or linear2 carry hooks or non-plain
-    parameters (a tensor-parallel plan), the submodules are applied instead, LinearGELU's fusion
-    only, so their hooks run. The state dict of the PyTorch block ``linear1, dropout,
+    their parameters are read at each call too. Under tensor parallel
+    (``triton_gelu.parallel.FeedForwardParallel`` on the block: DTensor parameters) the whole
+    block runs fused on each rank's shards. When linear1 or linear2 carry hooks (a plan naming
+    them, a user's) or parameters of another kind, the submodules are applied instead, so their
+    hooks run: LinearGELU's fusion only. The state dict of the PyTorch block ``linear1, dropout,
     activation=nn.GELU(), linear2`` loads unchanged.
     """
 
@@ -112,9 +114,9 @@ class FeedForward(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (is_plain(self.linear1) and is_plain(self.linear2)):
-            # Tensor parallel (its styles hook linear1 and linear2 and shard their parameters)
-            # or user hooks: apply the submodules, so that their hooks run.
+        if not applied_by_parent(self.linear1, self.linear2):
+            # Hooks on linear1 or linear2 (a tensor-parallel plan naming them, a user's): apply
+            # the submodules, so that their hooks run.
             return self.linear2(self.dropout(self.linear1(x)))
         return feed_forward(
             x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
@@ -138,6 +140,15 @@ def is_plain(module: nn.Module) -> bool:
     (DTensor shards), so a fused op may read its parameters instead of calling it."""
     return not has_hooks(module) and all(
         type(p) is nn.Parameter for p in module.parameters(recurse=False))
+
+
+def applied_by_parent(*modules: nn.Module) -> bool:
+    """Whether a block may read these children's parameters into its fused op instead of calling
+    them: no hooks, and each parameter a plain ``nn.Parameter`` or a DTensor (the block is
+    tensor-parallel: the fused op runs on the shards, the block's own hooks lay out x)."""
+    return all(not has_hooks(m) and all(type(p) is nn.Parameter or _distributed(p)
+                                        for p in m.parameters(recurse=False))
+               for m in modules)
 
 
 def _projection(in_features: int, out_features: int, bias: bool, factory_kwargs: dict
@@ -168,6 +179,8 @@ class GeGLU(nn.Module):
 
     ``approximate="tanh"`` is Gemma's ``gelu_pytorch_tanh`` and T5's ``gelu_new``; ``"none"`` the
     exact erf form. ``recompute=True`` keeps only x for the backward (g and u are recomputed).
+    Tensor parallel: ``triton_gelu.parallel.ColwiseParallel`` splits both projections alike
+    (Shard(0)) and the kernel runs on each rank's columns.
     """
 
     def __init__(
@@ -197,6 +210,9 @@ class GeGLU(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not applied_by_parent(self.gate_proj, self.up_proj):
+            # Hooks on a projection (a plan naming it, a user's): apply them, unfused.
+            return gelu(self.gate_proj(x), self.approximate) * self.up_proj(x)
         return geglu(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias,
                      self.up_proj.bias, self.approximate, self.recompute)
 
@@ -217,6 +233,9 @@ class GatedFeedForward(nn.Module):
     at each call) runs in the GeGLU kernel's epilogue in training; the backward regenerates its
     mask from a seed (8 bytes kept) instead of keeping the mask and the dropout output as eager
     does: (d_model + 2 d_ff) / (d_model + 5 d_ff) of eager's saved bytes at p > 0 on the CPU.
+    Tensor parallel: ``triton_gelu.parallel.FeedForwardParallel`` on the block runs it fused on
+    each rank's shards, dropout included; a plan naming the projections runs them unfused, hooks
+    and all.
     """
 
     def __init__(
@@ -252,6 +271,11 @@ class GatedFeedForward(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not applied_by_parent(self.gate_proj, self.up_proj, self.down_proj):
+            # Hooks on a projection (a tensor-parallel plan naming them, a user's): apply the
+            # children, so that their hooks run (unfused).
+            gate = gelu(self.gate_proj(x), self.approximate)
+            return self.down_proj(self.dropout(gate * self.up_proj(x)))
         return gated_feed_forward(
             x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
             self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias, self.approximate,

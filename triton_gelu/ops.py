@@ -27,13 +27,15 @@ Ops (namespace ``triton_gelu``)::
     geglu_fwd(x, w_gate, w_up, b_gate?, b_up?, approximate_tanh, save_gate_up)
         -> (h, g | empty, u | empty)
     geglu_gate_up(x, w_gate, w_up, b_gate?, b_up?, p, approximate_tanh) -> (g, u)
-    geglu_bwd(dh, x, w_gate, w_up, g, u, seed?, p, approximate_tanh, needs[5], write_h)
+    geglu_bwd(dh, x, w_gate, w_up, g, u, seed?, p, approximate_tanh, needs[5], write_h,
+              col_offset=0, n_cols?=None)
         -> (dx, dw_gate, dw_up, db_gate, db_up, h), each empty when not asked for
     gated_ffn_fwd(x, w_gate, w_up, w_down, b_gate?, b_up?, b_down?, seed?, p, approximate_tanh,
-                  save_gate_up) -> (y, g | empty, u | empty)
-    ffn_fwd(x, w1, b1?, w2, b2?, seed?, p, approximate_tanh, save_preact) -> (y, preact | empty)
-    ffn_bwd(dy, x, w1, w2, preact, seed?, p, approximate_tanh, needs[5])
-        -> (dx, dw1, db1, dw2, db2), each empty when not needed
+                  save_gate_up, col_offset=0, n_cols?=None) -> (y, g | empty, u | empty)
+    ffn_fwd(x, w1, b1?, w2, b2?, seed?, p, approximate_tanh, save_preact, col_offset=0,
+            n_cols?=None) -> (y, preact | empty)
+    ffn_bwd(dy, x, w1, w2, preact, seed?, p, approximate_tanh, needs[5], col_offset=0,
+            n_cols?=None) -> (dx, dw1, db1, dw2, db2), each empty when not needed
 
 The linear ops take ``x`` (..., K) with any number of leading dimensions, ``weight`` (N, K) and
 ``bias`` (N,), and flatten the leading dimensions themselves, on the tensors they are given: so a
@@ -42,11 +44,16 @@ never has to redistribute it to flatten it (``parallel.py`` registers the shardi
 ``functional.py`` applies autocast before calling them, exactly as on the eager path.
 ``gated_ffn_fwd``'s registered backward calls ``geglu_gate_up`` and ``geglu_bwd`` (and PyTorch
 matmuls for the down projection), so the compiled backward keeps x, g, u and the seed, never h
-or the dropout mask. The GeGLU and FFN ops take 2-D ``x``; their entry points below flatten it.
-The FFN ops and the gated block's take the dropout seed as a tensor (``functional.dropout_seed``,
-drawn in the traced graph by ``torch.randint``; None when p == 0) and p as a float: the graph
-carries them to the backward op. ``geglu_gate_up`` takes the forward's p only to choose the
-forward's path (g and u do not depend on it); ``geglu_fwd`` (the GeGLU op alone) has no dropout.
+or the dropout mask. The GeGLU ops take ``x`` (..., K) and flatten it themselves, as the linear
+ops do (g, u, h and dh are (..., N)); the FFN and gated block ops take 2-D ``x``, flattened by
+their entry points below (under tensor parallel ``parallel.py`` calls them on each rank's local
+tensors). The blocks' ops take the dropout seed as a tensor (``functional.dropout_seed``, drawn
+in the traced graph by ``torch.randint``; None when p == 0) and p as a float: the graph carries
+them to the backward op, with the position of the call's hidden columns in the whole hidden
+layer (``col_offset``, ``n_cols``: a tensor-parallel rank's shard, so its dropout mask is the
+single-process one's columns; by default the whole layer). ``geglu_gate_up`` takes the forward's
+p only to choose the forward's path (g and u do not depend on it); ``geglu_fwd`` (the GeGLU op
+alone) has no dropout.
 """
 
 from __future__ import annotations
@@ -220,15 +227,17 @@ linear_gelu_fwd.register_autograd(
 def ffn_fwd(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
     seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool,
+    col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(linear2(dropout(gelu(linear1(x)))), the pre-activation if save_preact else empty)."""
     y, preact = launchers(x).ffn_forward(x, w1, b1, w2, b2, seed, p, approximate_tanh,
-                                         save_preact)
+                                         save_preact, col_offset, n_cols)
     return y, _or_absent(preact, y)
 
 
 @ffn_fwd.register_fake
-def _ffn_fwd_fake(x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact):
+def _ffn_fwd_fake(x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact, col_offset=0,
+                  n_cols=None):
     y = _new_like(x, (x.shape[0], w2.shape[0]))
     return y, (_new_like(x, (x.shape[0], w1.shape[0])) if save_preact else _absent(y))
 
@@ -236,26 +245,30 @@ def _ffn_fwd_fake(x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact):
 @torch.library.custom_op("triton_gelu::ffn_bwd", mutates_args=())
 def ffn_bwd(
     dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
-    p: float, approximate_tanh: bool, needs: list[bool],
+    p: float, approximate_tanh: bool, needs: list[bool], col_offset: int = 0,
+    n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw1, db1, dw2, db2) of the FFN block; an empty tensor for each one not needed."""
-    grads = launchers(x).ffn_backward(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs)
+    grads = launchers(x).ffn_backward(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs,
+                                      col_offset, n_cols)
     dx, dw1, db1, dw2, db2 = (_or_absent(g, dy) for g in grads)
     return dx, dw1, db1, dw2, db2
 
 
 @ffn_bwd.register_fake
-def _ffn_bwd_fake(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs):
+def _ffn_bwd_fake(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs, col_offset=0,
+                  n_cols=None):
     shapes = (x.shape, w1.shape, (w1.shape[0],), w2.shape, (w2.shape[0],))
     return tuple(_new_like(x, shape) if need else _absent(dy)
                  for shape, need in zip(shapes, needs))
 
 
 def _ffn_setup_context(ctx, inputs, output) -> None:
-    x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact = inputs
+    x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact, *columns = inputs
     _, preact = output
     ctx.mark_non_differentiable(preact)
     ctx.p, ctx.approximate_tanh, ctx.save_preact = p, approximate_tanh, save_preact
+    ctx.columns = columns  # (col_offset, n_cols) where the call passed them
     ctx.has_bias = (b1 is not None, b2 is not None)
     # x and z (or, without a saved z, b1 to rebuild it) and the seed: never h or the mask.
     ctx.save_for_backward(x, w1, w2, preact if save_preact else b1, seed)
@@ -267,8 +280,10 @@ def _ffn_fwd_backward(ctx, dy: Tensor, dpreact: Tensor | None):
     need_dx, need_dw1, need_db1, need_dw2, need_db2 = ctx.needs_input_grad[:5]
     needs = [need_dx, need_dw1, need_db1 and ctx.has_bias[0], need_dw2,
              need_db2 and ctx.has_bias[1]]
-    grads = ffn_bwd(dy, x, w1, w2, preact, seed, ctx.p, ctx.approximate_tanh, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+    grads = ffn_bwd(dy, x, w1, w2, preact, seed, ctx.p, ctx.approximate_tanh, needs,
+                    *ctx.columns)
+    return (*(g if need else None for g, need in zip(grads, needs)),
+            *(None,) * (4 + len(ctx.columns)))
 
 
 ffn_fwd.register_autograd(_ffn_fwd_backward, setup_context=_ffn_setup_context)
@@ -282,16 +297,19 @@ def geglu_fwd(
     x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
     approximate_tanh: bool, save_gate_up: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(gelu(g) * u, g if save_gate_up else empty, u likewise), g and u the two projections."""
-    h, gate, up = launchers(x).geglu_forward(
-        x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up
+    """(gelu(g) * u, g if save_gate_up else empty, u likewise), g and u the two projections,
+    each (..., N) for x (..., K)."""
+    x2d, shape = rows(x), _linear_out_shape(x, w_gate)
+    h, gate, up = launchers(x2d).geglu_forward(
+        x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up
     )
-    return h, _or_absent(gate, h), _or_absent(up, h)
+    return h.view(shape), *(_or_absent(None if t is None else t.view(shape), h)
+                            for t in (gate, up))
 
 
 @geglu_fwd.register_fake
 def _geglu_fwd_fake(x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up):
-    h = _new_like(x, (x.shape[0], w_gate.shape[0]))
+    h = _new_like(x, _linear_out_shape(x, w_gate))
     return h, *((_new_like(h), _new_like(h)) if save_gate_up else (_absent(h), _absent(h)))
 
 
@@ -302,12 +320,15 @@ def geglu_gate_up_op(
 ) -> tuple[Tensor, Tensor]:
     """(g, u), bitwise what geglu_fwd / gated_ffn_fwd with dropout probability p saves (the
     backward recomputes them when not saved)."""
-    return launchers(x).geglu_gate_up(x, w_gate, w_up, b_gate, b_up, approximate_tanh, p)
+    x2d, shape = rows(x), _linear_out_shape(x, w_gate)
+    gate, up = launchers(x2d).geglu_gate_up(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh,
+                                            p)
+    return gate.view(shape), up.view(shape)
 
 
 @geglu_gate_up_op.register_fake
 def _geglu_gate_up_fake(x, w_gate, w_up, b_gate, b_up, p, approximate_tanh):
-    gate = _new_like(x, (x.shape[0], w_gate.shape[0]))
+    gate = _new_like(x, _linear_out_shape(x, w_gate))
     return gate, _new_like(gate)
 
 
@@ -315,29 +336,36 @@ def _geglu_gate_up_fake(x, w_gate, w_up, b_gate, b_up, p, approximate_tanh):
 def geglu_bwd(
     dh: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, gate: Tensor, up: Tensor,
     seed: Tensor | None, p: float, approximate_tanh: bool, needs: list[bool], write_h: bool,
+    col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_gate, dw_up, db_gate, db_up, h): each gradient empty unless its flag in ``needs``
-    is set; h = gelu(g) * u with write_h, else empty. With p > 0, dh is the gradient of
-    dropout(h) (mask from ``seed``) and h is written as dropout(h)."""
-    dx, dwg, dwu, dbg, dbu, h = (_or_absent(t, dh) for t in launchers(x).geglu_backward(
-        dh, x, w_gate, w_up, gate, up, approximate_tanh, needs, write_h, seed, p
-    ))
+    is set; h = gelu(g) * u with write_h, else empty. dh, g and u are (..., N) for x (..., K);
+    dx has x's shape, h dh's. With p > 0, dh is the gradient of dropout(h) (the mask of
+    ``seed`` at columns ``col_offset`` .. of ``n_cols``) and h is written as dropout(h)."""
+    x2d = rows(x)
+    dx, dwg, dwu, dbg, dbu, h = launchers(x2d).geglu_backward(
+        rows(dh), x2d, w_gate, w_up, rows(gate), rows(up), approximate_tanh, needs, write_h,
+        seed, p, col_offset, n_cols,
+    )
+    dx, h = (None if t is None else t.view(like.shape) for t, like in ((dx, x), (h, dh)))
+    dx, dwg, dwu, dbg, dbu, h = (_or_absent(t, dh) for t in (dx, dwg, dwu, dbg, dbu, h))
     return dx, dwg, dwu, dbg, dbu, h
 
 
 @geglu_bwd.register_fake
-def _geglu_bwd_fake(dh, x, w_gate, w_up, gate, up, seed, p, approximate_tanh, needs, write_h):
+def _geglu_bwd_fake(dh, x, w_gate, w_up, gate, up, seed, p, approximate_tanh, needs, write_h,
+                    col_offset=0, n_cols=None):
     shapes = (x.shape, w_gate.shape, w_up.shape, w_gate.shape[:1], w_up.shape[:1], gate.shape)
     return tuple(_new_like(dh, shape) if wanted else _absent(dh)
                  for shape, wanted in zip(shapes, (*needs, write_h)))
 
 
 def _geglu_backward_through_op(dh, x, w_gate, w_up, gate, up, approximate_tanh, needs,
-                               write_h=False, seed=None, p=0.0):
+                               write_h=False, seed=None, p=0.0, col_offset=0, n_cols=None):
     """``geglu_bwd`` with the launchers' conventions (argument order, None for what was not
     asked for)."""
     outputs = geglu_bwd(dh, x, w_gate, w_up, gate, up, seed, p, approximate_tanh, list(needs),
-                        write_h)
+                        write_h, col_offset, n_cols)
     return tuple(t if wanted else None for t, wanted in zip(outputs, (*needs, write_h)))
 
 
@@ -380,20 +408,21 @@ geglu_fwd.register_autograd(_geglu_fwd_backward, setup_context=_geglu_setup_cont
 def gated_ffn_fwd(
     x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
     b_up: Tensor | None, b_down: Tensor | None, seed: Tensor | None, p: float,
-    approximate_tanh: bool, save_gate_up: bool,
+    approximate_tanh: bool, save_gate_up: bool, col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(down(dropout(gelu(g) * u)), g if save_gate_up else empty, u likewise); dropout with
-    probability p and the mask of ``seed`` (None when p == 0)."""
+    probability p and the mask of ``seed`` (None when p == 0) at hidden columns ``col_offset``
+    .. of ``n_cols``."""
     y, gate, up = _gated_block.block_forward(
         x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, approximate_tanh, save_gate_up,
-        launchers(x).geglu_forward,
+        launchers(x).geglu_forward, col_offset, n_cols,
     )
     return y, _or_absent(gate, y), _or_absent(up, y)
 
 
 @gated_ffn_fwd.register_fake
 def _gated_ffn_fwd_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
-                        approximate_tanh, save_gate_up):
+                        approximate_tanh, save_gate_up, col_offset=0, n_cols=None):
     y = _new_like(x, (x.shape[0], w_down.shape[0]))
     hidden = (x.shape[0], w_gate.shape[0])
     return y, *((_new_like(x, hidden), _new_like(x, hidden)) if save_gate_up
@@ -402,10 +431,10 @@ def _gated_ffn_fwd_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
 
 def _gated_ffn_setup_context(ctx, inputs, output) -> None:
     (x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, approximate_tanh,
-     save_gate_up) = inputs
+     save_gate_up, *columns) = inputs
     _, gate, up = output
     ctx.mark_non_differentiable(gate, up)
-    ctx.p, ctx.approximate_tanh = p, approximate_tanh
+    ctx.p, ctx.approximate_tanh, ctx.columns = p, approximate_tanh, columns
     ctx.has_down_bias = b_down is not None
     # x, g, u (or the biases that rebuild them) and the seed: never h or the dropout mask.
     _save_gate_up_or_biases(ctx, (x, w_gate, w_up, w_down, seed), (b_gate, b_up), gate, up,
@@ -418,8 +447,9 @@ def _gated_ffn_fwd_backward(ctx, dy: Tensor, dgate, dup):
     has = (True, True, True, True, *ctx.has_bias, ctx.has_down_bias)
     needs = [need and present for need, present in zip(ctx.needs_input_grad[:7], has)]
     grads = _gated_block.block_backward(dy, x, w_gate, w_up, w_down, gate, up, seed, ctx.p,
-                                        ctx.approximate_tanh, needs, _geglu_backward_through_op)
-    return (*grads, None, None, None, None)
+                                        ctx.approximate_tanh, needs, _geglu_backward_through_op,
+                                        *ctx.columns)
+    return (*grads, None, None, None, None, *(None,) * len(ctx.columns))
 
 
 gated_ffn_fwd.register_autograd(_gated_ffn_fwd_backward, setup_context=_gated_ffn_setup_context)
@@ -446,11 +476,13 @@ def linear_gelu(
 def feed_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
     seed: Tensor | None, p: float, approximate_tanh: bool, recompute: bool,
+    col_offset: int = 0, n_cols: int | None = None,
 ) -> Tensor:
     """``functional.feed_forward`` through the custom ops, for operands already validated and
     cast for autocast, and the call's dropout seed already drawn (None when p == 0)."""
     save_preact = needs_grad(x, w1, b1, w2, b2) and not recompute
-    y, _ = ffn_fwd(rows(x), w1, b1, w2, b2, seed, p, approximate_tanh, save_preact)
+    y, _ = ffn_fwd(rows(x), w1, b1, w2, b2, seed, p, approximate_tanh, save_preact,
+                   col_offset, n_cols)
     return y.view(*x.shape[:-1], w2.shape[0])
 
 
@@ -460,18 +492,18 @@ def geglu(
 ) -> Tensor:
     """``functional.geglu`` through the custom ops (x (..., K), validated and autocast)."""
     save = needs_grad(x, w_gate, w_up, b_gate, b_up) and not recompute
-    h, _, _ = geglu_fwd(rows(x), w_gate, w_up, b_gate, b_up, approximate_tanh, save)
-    return h.view(*x.shape[:-1], w_gate.shape[0])
+    h, _, _ = geglu_fwd(x, w_gate, w_up, b_gate, b_up, approximate_tanh, save)
+    return h
 
 
 def gated_feed_forward(
     x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
     b_up: Tensor | None, b_down: Tensor | None, seed: Tensor | None, p: float,
-    approximate_tanh: bool, recompute: bool,
+    approximate_tanh: bool, recompute: bool, col_offset: int = 0, n_cols: int | None = None,
 ) -> Tensor:
     """``functional.gated_feed_forward`` through the custom ops, the call's dropout seed already
     drawn (None when p == 0)."""
     save = needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down) and not recompute
     y, _, _ = gated_ffn_fwd(rows(x), w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
-                            approximate_tanh, save)
+                            approximate_tanh, save, col_offset, n_cols)
     return y.view(*x.shape[:-1], w_down.shape[0])

@@ -142,19 +142,28 @@ def philox4(seed: torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, ..
     return c0, c1, c2, c3
 
 
-def dropout_words(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def dropout_words(seed: torch.Tensor, rows: int, cols: int, col_offset: int = 0,
+                  n_cols: int | None = None) -> torch.Tensor:
     """The (rows, cols) 32-bit words (in int64) the kernels' dropout draws for ``seed`` (a
-    1-element int64 tensor, on the device the words are made on): element (m, n) takes word
-    n % 4 of Philox at counter m * ceil(cols / 4) + n // 4."""
-    groups = -(-cols // 4)
-    counter = torch.arange(rows * groups, dtype=torch.int64, device=seed.device)
-    words = torch.stack(philox4(seed.view(1), counter), dim=-1)  # (rows * groups, 4)
-    return words.view(rows, groups * 4)[:, :cols]
+    1-element int64 tensor, on the device the words are made on): element (m, n) of the whole
+    (rows, ``n_cols``) activation (default ``cols``) takes word n % 4 of Philox at counter
+    m * ceil(n_cols / 4) + n // 4; these are its columns ``col_offset`` .. ``col_offset + cols``
+    (a tensor-parallel shard)."""
+    groups = -(-(cols if n_cols is None else n_cols) // 4)
+    first, last = col_offset // 4, -(-(col_offset + cols) // 4)  # the groups the columns touch
+    row_start = torch.arange(rows, dtype=torch.int64, device=seed.device)[:, None] * groups
+    counter = row_start + torch.arange(first, last, dtype=torch.int64, device=seed.device)
+    words = torch.stack(philox4(seed.view(1), counter.reshape(-1)), dim=-1)  # (.., 4)
+    start = col_offset - 4 * first
+    return words.view(rows, (last - first) * 4)[:, start:start + cols]
 
 
-def dropout_keep(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
-    """The (rows, cols) boolean keep mask the kernels draw for ``seed`` and ``p``."""
-    return (dropout_words(seed, rows, cols) >> 1) >= dropout_constants(p)[0]
+def dropout_keep(seed: torch.Tensor, rows: int, cols: int, p: float, col_offset: int = 0,
+                 n_cols: int | None = None) -> torch.Tensor:
+    """The (rows, cols) boolean keep mask the kernels draw for ``seed`` and ``p`` (columns
+    ``col_offset`` .. of an activation of ``n_cols``, as ``dropout_words``)."""
+    words = dropout_words(seed, rows, cols, col_offset, n_cols)
+    return (words >> 1) >= dropout_constants(p)[0]
 
 
 # ---- the FFN block: linear2(dropout(gelu(linear1(x)))) --------------------------------------

@@ -29,6 +29,10 @@ call: a quarter of the integer work of one call per element, which in a matmul e
 difference between hiding under the matmul and doubling a small one's time. The host side of
 dropout is here too: ``dropout_arguments`` (what every launcher passes a dropout epilogue) and
 ``without_dropout`` (the ``Paths`` predicate of the paths that cannot draw this mask).
+
+Under tensor parallel a rank holds columns ``col_offset`` .. ``col_offset + N`` of the whole
+(M, ``n_cols``) activation: the helpers take both and draw each element's word at its position in
+the whole activation, so the ranks together drop exactly what one process would.
 """
 
 import torch
@@ -127,42 +131,62 @@ def _keep_scale(bits, threshold, scale):
 
 
 @triton.jit
-def dropout_factor_tile(seed_ptr, offs_m, pid_n, N, threshold, scale,
+def dropout_factor_tile(seed_ptr, offs_m, pid_n, n_cols, col_offset, threshold, scale,
                         BLOCK_SIZE_N: tl.constexpr):
-    """Dropout factors (0 or 1 / (1 - p)) of a (BLOCK_SIZE_M, BLOCK_SIZE_N) tile of an (M, N)
-    activation: rows ``offs_m`` (int64), columns pid_n * BLOCK_SIZE_N + arange (BLOCK_SIZE_N a
-    multiple of 4). ``seed_ptr``: the call's int64 seed; ``threshold`` = round(p * 2**31)."""
-    offs_group = pid_n.to(tl.int64) * (BLOCK_SIZE_N // 4) + tl.arange(0, BLOCK_SIZE_N // 4)
-    counter = offs_m[:, None] * tl.cdiv(N, 4) + offs_group[None, :]  # (BM, BN / 4)
-    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), counter)
-    # (BM, BN): column 4g + i gets word i of group g
-    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
-    return _keep_scale(bits, threshold, scale)
+    """Dropout factors (0 or 1 / (1 - p)) of a (BLOCK_SIZE_M, BLOCK_SIZE_N) tile: rows ``offs_m``
+    (int64), local columns pid_n * BLOCK_SIZE_N + arange (BLOCK_SIZE_N a multiple of 4), which
+    are columns ``col_offset`` + those of the whole (M, ``n_cols``) activation. ``seed_ptr``: the
+    call's int64 seed; ``threshold`` = round(p * 2**31)."""
+    if col_offset % 4 == 0:  # tiles start on a group of 4 columns: one Philox call per group
+        offs_group = (col_offset // 4 + pid_n.to(tl.int64) * (BLOCK_SIZE_N // 4)
+                      + tl.arange(0, BLOCK_SIZE_N // 4))
+        counter = offs_m[:, None] * tl.cdiv(n_cols, 4) + offs_group[None, :]  # (BM, BN / 4)
+        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), counter)
+        # (BM, BN): column 4g + i gets word i of group g
+        bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+        factor = _keep_scale(bits, threshold, scale)
+    else:  # a shard starting inside a group (an uneven split): one call per element
+        cols = col_offset + pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+        factor = dropout_factor(seed_ptr, offs_m[:, None], cols[None, :], n_cols, threshold,
+                                scale)
+    return factor
 
 
 @triton.jit
-def dropout_factor(seed_ptr, offs, n_cols, threshold, scale):
-    """Dropout factors of the elements at flat indices ``offs`` (int64, any shape) of a row-major
-    (rows, n_cols) activation: the same as ``dropout_factor_tile``, one Philox call per element
-    (the elementwise kernels)."""
-    row = offs // n_cols
-    col = offs - row * n_cols
+def dropout_factor(seed_ptr, row, col, n_cols, threshold, scale):
+    """Dropout factors of elements (row, col) (int64 tensors of any shape, positions in the
+    whole (rows, n_cols) activation): the same as ``dropout_factor_tile``, one Philox call per
+    element."""
     r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), row * tl.cdiv(n_cols, 4) + col // 4)
     word = col % 4
     bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
     return _keep_scale(bits, threshold, scale)
 
 
+@triton.jit
+def dropout_factor_flat(seed_ptr, offs, n_cols, col_offset, whole_cols, threshold, scale):
+    """Dropout factors of the elements at flat indices ``offs`` (int64, any shape) of a row-major
+    (rows, ``n_cols``) activation whose columns are columns ``col_offset`` .. of the whole
+    (rows, ``whole_cols``) one (the elementwise kernels)."""
+    row = offs // n_cols
+    return dropout_factor(seed_ptr, row, col_offset + offs - row * n_cols, whole_cols,
+                          threshold, scale)
+
+
 # ---- the host side of dropout --------------------------------------------------------------
 
 
-def dropout_arguments(seed: torch.Tensor | None, p: float) -> dict:
+def dropout_arguments(seed: torch.Tensor | None, p: float, n_cols: int,
+                      col_offset: int = 0) -> dict:
     """The dropout arguments every kernel with a dropout epilogue takes (``seed_ptr``,
-    ``dropout_threshold``, ``dropout_scale``, ``HAS_DROPOUT``), for probability ``p``: with
-    p == 0 dropout is compiled out and no seed is read."""
+    ``dropout_threshold``, ``dropout_scale``, ``dropout_col_offset``, ``dropout_n_cols``,
+    ``HAS_DROPOUT``), for probability ``p`` and the call's columns being columns ``col_offset``
+    .. of an activation of ``n_cols`` (tensor parallel: a rank's shard; else the call's own
+    columns and 0): with p == 0 dropout is compiled out and no seed is read."""
     threshold, scale = reference.dropout_constants(p)
     return dict(seed_ptr=seed if p > 0.0 else None, dropout_threshold=threshold,
-                dropout_scale=scale, HAS_DROPOUT=p > 0.0)
+                dropout_scale=scale, dropout_col_offset=col_offset, dropout_n_cols=n_cols,
+                HAS_DROPOUT=p > 0.0)
 
 
 def without_dropout(*args: object, p: float, **kwargs: object) -> bool:

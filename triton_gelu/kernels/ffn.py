@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from .._autotune import Paths, Tuner, bucket, matmul_configs, prune_matmul
-from .._checks import check_ffn_2d, check_ffn_backward, check_ffn_needs
+from .._checks import check_dropout_columns, check_ffn_2d, check_ffn_backward, check_ffn_needs
 from .._runtime import device_context
 from . import _matmul
 from . import gelu as _gelu
@@ -94,6 +94,8 @@ def _ffn_bwd_dz_kernel(
     stride_zf,
     dropout_threshold,  # round(p * 2**31): see _math.dropout_factor_tile
     dropout_scale,  # 1 / (1 - p)
+    dropout_col_offset,  # column f is column dropout_col_offset + f of the whole activation,
+    dropout_n_cols,  # which has dropout_n_cols columns (tensor parallel: F is a rank's shard)
     APPROXIMATE_TANH: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     WRITE_H: tl.constexpr,
@@ -119,8 +121,9 @@ def _ffn_bwd_dz_kernel(
                      mask=mask, other=0.0).to(tl.float32)
     dz = dh * gelu_grad(preact, APPROXIMATE_TANH)
     if HAS_DROPOUT:  # the forward's mask: a function of the seed and (m, f) (see _math)
-        keep_scale = dropout_factor_tile(seed_ptr, offs_m, pid_n, F, dropout_threshold,
-                                         dropout_scale, BLOCK_SIZE_N)
+        keep_scale = dropout_factor_tile(seed_ptr, offs_m, pid_n, dropout_n_cols,
+                                         dropout_col_offset, dropout_threshold, dropout_scale,
+                                         BLOCK_SIZE_N)
         dz = dz * keep_scale
     offs_out = offs_m[:, None] * F + offs_n[None, :]
     tl.store(dz_ptr + offs_out, cast_to(dz, dz_ptr.dtype.element_ty), mask=mask)
@@ -149,10 +152,10 @@ def _mm(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _gelu_dropout(preact: Tensor, seed: Tensor | None, p: float, approximate_tanh: bool,
-                  like: Tensor) -> Tensor:
+                  like: Tensor, col_offset: int, n_cols: int) -> Tensor:
     """h = dropout(gelu(z)) by the elementwise kernel, into a new (M, F) tensor."""
     out = _matmul.new_output(tuple(preact.shape), like)
-    return gelu_dropout_forward(preact, seed, p, approximate_tanh, out)
+    return gelu_dropout_forward(preact, seed, p, approximate_tanh, out, col_offset, n_cols)
 
 
 # ---- forward ---------------------------------------------------------------------------------
@@ -160,22 +163,25 @@ def _gelu_dropout(preact: Tensor, seed: Tensor | None, p: float, approximate_tan
 
 def _forward_fused(
     x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool,
+    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
+    n_cols: int,
 ) -> tuple[Tensor, Tensor | None]:
     (M, _), hidden = x2d.shape, w1.shape[0]
     h = _matmul.new_output((M, hidden), x2d)
     preact = _matmul.new_output((M, hidden), x2d) if save_preact else None
     if M and hidden:
-        launch_forward(_fwd_tuner, x2d, w1, b1, h, preact, approximate_tanh, seed, p)
+        launch_forward(_fwd_tuner, x2d, w1, b1, h, preact, approximate_tanh, seed, p,
+                       col_offset, n_cols)
     return _matmul_bias(h, w2, b2), preact
 
 
 def _forward_composed(
     x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool,
+    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
+    n_cols: int,
 ) -> tuple[Tensor, Tensor | None]:
     preact = _matmul_bias(x2d, w1, b1)
-    h = _gelu_dropout(preact, seed, p, approximate_tanh, x2d)
+    h = _gelu_dropout(preact, seed, p, approximate_tanh, x2d, col_offset, n_cols)
     return _matmul_bias(h, w2, b2), (preact if save_preact else None)
 
 
@@ -185,6 +191,7 @@ def _forward_composed(
 def _launch_dz(
     dy2d: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None, p: float,
     approximate_tanh: bool, dz: Tensor, h: Tensor | None, db1_part: Tensor | None,
+    col_offset: int, n_cols: int,
 ) -> int:
     """The dz kernel; returns how many rows of ``db1_part`` it wrote (one per M-tile)."""
     (M, E), hidden = dy2d.shape, preact.shape[1]
@@ -202,14 +209,14 @@ def _launch_dz(
             stride_zm=preact.stride(0), stride_zf=preact.stride(1),
             APPROXIMATE_TANH=approximate_tanh, WRITE_H=h is not None,
             SUM_DB1=db1_part is not None, INPUT_PRECISION=precision,
-            **dropout_arguments(seed, p),
+            **dropout_arguments(seed, p, n_cols, col_offset),
         )
     return triton.cdiv(M, meta["BLOCK_SIZE_M"])
 
 
 def _backward_fused(
     dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
-    p: float, approximate_tanh: bool, needs: tuple[bool, ...],
+    p: float, approximate_tanh: bool, needs: tuple[bool, ...], col_offset: int, n_cols: int,
 ) -> Grads:
     need_dx, need_dw1, need_db1, need_dw2, _ = needs
     (M, hidden), dz, h, db1 = preact.shape, None, None, None
@@ -223,14 +230,14 @@ def _backward_fused(
         rows_written = 0
         if M and hidden:
             rows_written = _launch_dz(dy2d, w2, preact, seed, p, approximate_tanh, dz, h,
-                                      db1_part)
+                                      db1_part, col_offset, n_cols)
         if need_db1:
             if rows_written <= db1_part.shape[0]:
                 db1 = db1_part[:rows_written].sum(0).to(x2d.dtype)
             else:  # a cached tile smaller than today's config space: the kernel kept in bounds
                 db1 = dz.sum(0, dtype=torch.float32).to(x2d.dtype)
     elif need_dw2:
-        h = _gelu_dropout(preact, seed, p, approximate_tanh, x2d)
+        h = _gelu_dropout(preact, seed, p, approximate_tanh, x2d, col_offset, n_cols)
     dw2 = _mm(dy2d.t(), h) if need_dw2 else None
     del h  # transient: freed before dx and dW1 are computed
     return _linear1_grads(dy2d, x2d, w1, dz, db1, dw2, needs)
@@ -238,7 +245,7 @@ def _backward_fused(
 
 def _backward_composed(
     dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
-    p: float, approximate_tanh: bool, needs: tuple[bool, ...],
+    p: float, approximate_tanh: bool, needs: tuple[bool, ...], col_offset: int, n_cols: int,
 ) -> Grads:
     need_dx, need_dw1, need_db1, need_dw2, _ = needs
     dz = h = db1 = None
@@ -246,12 +253,12 @@ def _backward_composed(
         dh = _mm(dy2d, w2)
         dz = _matmul.new_output(tuple(preact.shape), x2d)
         h = _matmul.new_output(tuple(preact.shape), x2d) if need_dw2 else None
-        gelu_dropout_backward(dh, preact, seed, p, approximate_tanh, dz, h)
+        gelu_dropout_backward(dh, preact, seed, p, approximate_tanh, dz, h, col_offset, n_cols)
         del dh
         if need_db1:
             db1 = dz.sum(0, dtype=torch.float32).to(x2d.dtype)
     elif need_dw2:
-        h = _gelu_dropout(preact, seed, p, approximate_tanh, x2d)
+        h = _gelu_dropout(preact, seed, p, approximate_tanh, x2d, col_offset, n_cols)
     dw2 = _mm(dy2d.t(), h) if need_dw2 else None
     del h
     return _linear1_grads(dy2d, x2d, w1, dz, db1, dw2, needs)
@@ -275,16 +282,18 @@ def _linear1_grads(
 
 def _forward_torch(
     x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool,
+    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
+    n_cols: int,
 ) -> tuple[Tensor, Tensor | None]:
-    # F.linear, F.gelu, F.linear, as eager's block computes them (no dropout: see the Paths)
+    # F.linear, F.gelu, F.linear, as eager's block computes them (no dropout: see the Paths, so
+    # where the columns sit does not matter)
     h, preact = _linear_gelu_torch(x2d, w1, b1, approximate_tanh, save_preact)
     return _matmul_bias(h, w2, b2), preact
 
 
 def _backward_torch(
     dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
-    p: float, approximate_tanh: bool, needs: tuple[bool, ...],
+    p: float, approximate_tanh: bool, needs: tuple[bool, ...], col_offset: int, n_cols: int,
 ) -> Grads:
     # Eager's backward: dh = dy @ W2, dz = aten.gelu_backward(dh, z) in the input dtype,
     # db1 = sum_m dz, and dW2 = dy^T @ gelu(z) (the GELU output eager keeps, rebuilt here).
@@ -330,35 +339,42 @@ def _path_key(x2d: Tensor, w1: Tensor, w2: Tensor, p: float, approximate_tanh: b
 def ffn_forward(
     x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
     b2: torch.Tensor | None, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
-    save_preact: bool,
+    save_preact: bool, col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, preact): y = linear2(dropout(gelu(linear1(x2d)))) (M, E) and, if ``save_preact``,
     z = x2d @ w1.T + b1 (M, F), new contiguous tensors in x2d's dtype (preact None otherwise).
 
     Dropout has probability ``p`` and draws from ``seed`` (a 1-element int64 tensor on x2d's
-    device; ignored, and may be None, when p == 0).
+    device; ignored, and may be None, when p == 0) the mask of columns ``col_offset`` ..
+    ``col_offset + F`` of an (M, ``n_cols``) activation: by default the whole (M, F) one; under
+    tensor parallel, the rank's columns of the whole hidden layer.
     """
     p = check_ffn_2d(x2d, w1, b1, w2, b2, seed, p)
+    columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
     key = _path_key(x2d, w1, w2, p, approximate_tanh, b1 is not None, b2 is not None,
                     save_preact)
     return _forward_paths.run(key, x2d, w1, b1, w2, b2, seed, p=p,
-                              approximate_tanh=approximate_tanh, save_preact=save_preact)
+                              approximate_tanh=approximate_tanh, save_preact=save_preact,
+                              col_offset=columns[0], n_cols=columns[1])
 
 
 def ffn_backward(
     dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     preact: torch.Tensor, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
-    needs: Sequence[bool],
+    needs: Sequence[bool], col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """(dx, dW1, db1, dW2, db2) of the FFN block for the upstream gradient dy2d (M, E), from
-    the pre-activation z = ``preact`` (M, F) and the forward's ``seed`` and ``p``.
+    the pre-activation z = ``preact`` (M, F) and the forward's ``seed``, ``p``, ``col_offset``
+    and ``n_cols``.
 
     ``needs`` says which of the five to compute (the others are None); each is a new contiguous
     tensor ((M, D), (F, D), (F,), (E, F), (E,)) in the input dtype.
     """
     p = check_ffn_backward(dy2d, x2d, w1, w2, preact, seed, p)
     needs = check_ffn_needs(needs)
+    columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
     return _backward_paths.run(_path_key(x2d, w1, w2, p, approximate_tanh, *needs),
                                dy2d, x2d, w1, w2, preact, seed, p=p,
-                               approximate_tanh=approximate_tanh, needs=needs)
+                               approximate_tanh=approximate_tanh, needs=needs,
+                               col_offset=columns[0], n_cols=columns[1])
 

@@ -69,16 +69,18 @@ import triton.language as tl
 from .._autotune import (
     Paths, Tuner, bucket, elementwise_configs, matmul_configs, prune_elementwise, prune_matmul,
 )
-from .._checks import check_dropout, check_dropout_p, check_geglu_2d, check_geglu_backward
+from .._checks import (
+    check_dropout, check_dropout_columns, check_dropout_p, check_geglu_2d, check_geglu_backward,
+)
 from .._runtime import device_context
 from . import _matmul
 from . import gelu as _gelu
 from ._math import (
-    cast_to, dropout_arguments, dropout_factor, dropout_factor_tile, gelu, gelu_grad,
+    cast_to, dropout_arguments, dropout_factor_flat, dropout_factor_tile, gelu, gelu_grad,
     without_dropout,
 )
 from ._matmul import (
-    cublas_context, dot_operand, grouped_tile, input_precision, output_tile, tile_grid,
+    cublas_context, dot_operand, input_precision, output_tile, tile_grid, weight_grad_tile,
 )
 from .gelu import _as_rows, _grid, _row_offsets
 
@@ -129,6 +131,8 @@ def _geglu_fwd_kernel(
     stride_om,  # row stride of h, g and u
     dropout_threshold,  # round(p * 2**31): see _math.dropout_factor_tile
     dropout_scale,  # 1 / (1 - p)
+    dropout_col_offset,  # column n is column dropout_col_offset + n of the whole hidden layer,
+    dropout_n_cols,  # which has dropout_n_cols columns (tensor parallel: a rank's shard)
     APPROXIMATE_TANH: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
@@ -182,8 +186,9 @@ def _geglu_fwd_kernel(
     if WRITE_H:
         h = _gated(gate, up, APPROXIMATE_TANH)
         if HAS_DROPOUT:  # h * keep / (1 - p), the mask a function of (m, n): see _math
-            h = h * dropout_factor_tile(seed_ptr, offs_m, pid_n, N, dropout_threshold,
-                                        dropout_scale, BLOCK_SIZE_N)
+            h = h * dropout_factor_tile(seed_ptr, offs_m, pid_n, dropout_n_cols,
+                                        dropout_col_offset, dropout_threshold, dropout_scale,
+                                        BLOCK_SIZE_N)
         tl.store(h_ptr + offs_out, cast_to(h, h_ptr.dtype.element_ty), mask=mask_out)
 
 
@@ -197,6 +202,8 @@ def _geglu_act_kernel(
     n_cols,  # N: element i is (i // N, i % N) of the (M, N) hidden, for the dropout mask
     dropout_threshold,
     dropout_scale,
+    dropout_col_offset,  # as in _geglu_fwd_kernel
+    dropout_n_cols,
     APPROXIMATE_TANH: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -210,7 +217,8 @@ def _geglu_act_kernel(
     up = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
     h = _gated(gate, up, APPROXIMATE_TANH)
     if HAS_DROPOUT:  # the fused epilogue's mask: see _math
-        h = h * dropout_factor(seed_ptr, offs, n_cols, dropout_threshold, dropout_scale)
+        h = h * dropout_factor_flat(seed_ptr, offs, n_cols, dropout_col_offset, dropout_n_cols,
+                                    dropout_threshold, dropout_scale)
     tl.store(h_ptr + offs, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -231,6 +239,8 @@ def _geglu_bwd_act_kernel(
     stride_dh_row,
     dropout_threshold,
     dropout_scale,
+    dropout_col_offset,  # as in _geglu_fwd_kernel
+    dropout_n_cols,
     APPROXIMATE_TANH: tl.constexpr,
     WRITE_H: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -248,7 +258,8 @@ def _geglu_bwd_act_kernel(
     if HAS_DROPOUT:
         # dh is the gradient of dropout(h) = h * keep / (1 - p): the gradient of h is
         # dh * keep / (1 - p), the forward's mask regenerated from its seed (see _math)
-        keep_scale = dropout_factor(seed_ptr, offs, n_cols, dropout_threshold, dropout_scale)
+        keep_scale = dropout_factor_flat(seed_ptr, offs, n_cols, dropout_col_offset,
+                                         dropout_n_cols, dropout_threshold, dropout_scale)
         dh = dh * keep_scale
     dgate, dup = _gated_grads(dh, gate, up, APPROXIMATE_TANH)
     tl.store(dg_ptr + offs, cast_to(dgate, dg_ptr.dtype.element_ty), mask=mask)
@@ -362,18 +373,9 @@ def _geglu_bwd_dw_kernel(
     # dW_gate[n, k] = sum_m dg[m, n] x[m, k], dW_up[n, k] = sum_m du[m, n] x[m, k] and the bias
     # gradients (column sums of the float32 dg and du): one (BN, BK) tile of each weight
     # gradient per program, looping over M; without COMPUTE_DW one program per N-tile, db only.
-    if COMPUTE_DW:
-        num_k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
-    else:
-        num_k_tiles = 1
-    pid_n, pid_k = grouped_tile(
-        tl.program_id(0), tl.cdiv(N, BLOCK_SIZE_N), num_k_tiles, GROUP_SIZE_M
-    )
-    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    offs_k = pid_k.to(tl.int64) * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)
+    pid_k, offs_n, offs_k, mask_n, mask_k = weight_grad_tile(
+        N, K, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, COMPUTE_DW)
     offs_m = tl.arange(0, BLOCK_SIZE_M)
-    mask_n = offs_n < N
-    mask_k = offs_k < K
     dh_ptrs = dh_ptr + offs_m[:, None] * stride_dhm + offs_n[None, :] * stride_dhn  # (BM, BN)
     g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
     u_ptrs = u_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
@@ -448,7 +450,7 @@ def _forward_key(x2d: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor |
 def _forward_fused(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
-    seed: torch.Tensor | None, p: float,
+    seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Outputs:
     (M, K), N = x2d.shape, w_gate.shape[0]
     h = _matmul.new_output((M, N), x2d) if write_h else None
@@ -470,22 +472,26 @@ def _forward_fused(
             APPROXIMATE_TANH=approximate_tanh, HAS_GATE_BIAS=b_gate is not None,
             HAS_UP_BIAS=b_up is not None, WRITE_H=write_h, SAVE_GATE_UP=save_gate_up,
             INPUT_PRECISION=input_precision(x2d.dtype),
-            **dropout_arguments(seed, p if write_h else 0.0),  # the mask is h's alone
+            # the mask is h's alone
+            **dropout_arguments(seed, p if write_h else 0.0, n_cols, col_offset),
         )
     return h, g, u
 
 
 def _gate_into(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool,
-               seed: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
-    """h = gelu(gate) * up (then dropout with probability ``p`` when p > 0) by the elementwise
-    kernel, into the contiguous ``h``; gate and up are (M, N)."""
+               seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
+               n_cols: int | None = None) -> torch.Tensor:
+    """h = gelu(gate) * up (then dropout with probability ``p`` when p > 0, the mask of columns
+    ``col_offset`` .. of ``n_cols``, by default gate's own) by the elementwise kernel, into the
+    contiguous ``h``; gate and up are (M, N)."""
     gate, up = gate.contiguous(), up.contiguous()  # no-ops: both are our own outputs
     n = gate.numel()
     if n:
         with device_context(gate):
             _act_tuner.run(_grid(n), (bucket(n), gate.dtype, approximate_tanh, p > 0.0),
                            g_ptr=gate, u_ptr=up, h_ptr=h, n_elements=n, n_cols=gate.shape[1],
-                           APPROXIMATE_TANH=approximate_tanh, **dropout_arguments(seed, p))
+                           APPROXIMATE_TANH=approximate_tanh,
+                           **dropout_arguments(seed, p, n_cols or gate.shape[1], col_offset))
     return h
 
 
@@ -515,22 +521,22 @@ def _gated_by_cublas(
 def _forward_composed(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
-    seed: torch.Tensor | None, p: float,
+    seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Outputs:
     # h by our elementwise kernel (then dropout)
     return _gated_by_cublas(
         x2d, w_gate, w_up, b_gate, b_up, write_h, save_gate_up,
         lambda g, u: _gate_into(_matmul.new_output(tuple(g.shape), x2d), g, u, approximate_tanh,
-                                seed, p))
+                                seed, p, col_offset, n_cols))
 
 
 def _forward_torch(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
-    seed: torch.Tensor | None, p: float,
+    seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Outputs:
-    # Eager PyTorch (p == 0 only, see the Paths): F.gelu(g) * u, gelu(g) rounded to the input
-    # dtype before the product, as eager rounds it.
+    # Eager PyTorch (p == 0 only, see the Paths, so the columns' position does not matter):
+    # F.gelu(g) * u, gelu(g) rounded to the input dtype before the product, as eager rounds it.
     return _gated_by_cublas(x2d, w_gate, w_up, b_gate, b_up, write_h, save_gate_up,
                             lambda g, u: _gelu.gelu_forward_torch(g, approximate_tanh) * u)
 
@@ -550,28 +556,33 @@ _forward_paths = Paths(
 def _run_forward(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
-    seed: torch.Tensor | None, p: float,
+    seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Outputs:
     # One key for the forward and the recompute: the same path, so the same g and u.
     key = _forward_key(x2d, w_gate, b_gate, b_up, approximate_tanh, p)
     return _forward_paths.run(key, x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, write_h,
-                              save_gate_up, seed=seed, p=p)
+                              save_gate_up, seed=seed, p=p, col_offset=col_offset,
+                              n_cols=n_cols)
 
 
 def geglu_forward(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, approximate_tanh: bool, save_gate_up: bool,
-    seed: torch.Tensor | None = None, p: float = 0.0,
+    seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
+    n_cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(h, g, u): h = gelu(g) * u with g = x2d @ w_gate.T + b_gate and u = x2d @ w_up.T + b_up,
     new contiguous (M, N) tensors in x2d's dtype; g and u are None unless ``save_gate_up``.
 
     With ``p`` > 0, h is dropout(gelu(g) * u) with probability p, its mask drawn from ``seed``
-    (a 1-element int64 tensor on x2d's device), the FFN block's generator (``_math.py``)."""
+    (a 1-element int64 tensor on x2d's device), the FFN block's generator (``_math.py``), for
+    columns ``col_offset`` .. ``col_offset + N`` of an (M, ``n_cols``) hidden layer: by default
+    the whole (M, N) one; under tensor parallel, the rank's columns of the whole layer."""
     check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
     p = check_dropout(seed, p, x2d)
+    columns = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
     return _run_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, True, save_gate_up,
-                        seed, p)
+                        seed, p, *columns)
 
 
 def geglu_gate_up(
@@ -584,7 +595,7 @@ def geglu_gate_up(
     check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
     p = check_dropout_p(p)
     _, g, u = _run_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, False, True,
-                           None, p)
+                           None, p, 0, w_gate.shape[0])
     return g, u
 
 
@@ -619,22 +630,22 @@ def _input_and_weight_grads(
 def _backward_once(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
-    write_h: bool, seed: torch.Tensor | None, p: float,
+    write_h: bool, seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Grads:
-    (M, K), N = x2d.shape, w_gate.shape[0]
+    M, N = x2d.shape[0], w_gate.shape[0]
     dgate, dup = _matmul.new_output((M, N), x2d), _matmul.new_output((M, N), x2d)
     h = _matmul.new_output((M, N), x2d) if write_h else None
     n = M * N
     if n:
-        dh_rows, n_cols, stride_row = _as_rows(dh2d)
+        dh_rows, row_len, stride_row = _as_rows(dh2d)
         gate, up = gate.contiguous(), up.contiguous()
         with device_context(x2d):
             _bwd_act_tuner.run(
                 _grid(n), (bucket(n), x2d.dtype, approximate_tanh, write_h, p > 0.0),
                 dh_ptr=dh_rows, g_ptr=gate, u_ptr=up, dg_ptr=dgate, du_ptr=dup, h_ptr=h,
-                n_elements=n, n_cols=n_cols, stride_dh_row=stride_row,
+                n_elements=n, n_cols=row_len, stride_dh_row=stride_row,
                 APPROXIMATE_TANH=approximate_tanh, WRITE_H=write_h,
-                CONTIGUOUS=stride_row == n_cols, **dropout_arguments(seed, p),
+                CONTIGUOUS=stride_row == row_len, **dropout_arguments(seed, p, n_cols, col_offset),
             )
     return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
 
@@ -642,14 +653,14 @@ def _backward_once(
 def _backward_fused(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
-    write_h: bool, seed: torch.Tensor | None, p: float,
+    write_h: bool, seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Grads:
     # p == 0 here (see the Paths): the dx and dW kernels draw no dropout mask.
     need_dx, need_dwg, need_dwu, need_dbg, need_dbu = needs
     (M, K), N = x2d.shape, w_gate.shape[0]
     if min(M, N, K) == 0:  # no tiles to launch: the once path's cuBLAS calls handle it
         return _backward_once(dh2d, x2d, w_gate, w_up, gate, up, approximate_tanh, needs,
-                              write_h, seed, p)
+                              write_h, seed, p, col_offset, n_cols)
     gate, up = gate.contiguous(), up.contiguous()
     compute_dw, compute_db = need_dwg or need_dwu, need_dbg or need_dbu
     dx = _matmul.new_output((M, K), x2d) if need_dx else None
@@ -692,9 +703,10 @@ def _backward_fused(
 def _backward_torch(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
-    write_h: bool, seed: torch.Tensor | None, p: float,
+    write_h: bool, seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Grads:
-    # Eager PyTorch's backward of F.gelu(g) * u (p == 0 only, see the Paths): du = dh * gelu(g)
+    # Eager PyTorch's backward of F.gelu(g) * u (p == 0 only, see the Paths; so the columns'
+    # position does not matter): du = dh * gelu(g)
     # and dg = aten.gelu_backward(dh * u, g), each op rounding to the input dtype as eager's
     # do; then F.linear's backward (the cuBLAS matmuls and column sums of the once path).
     with cublas_context(x2d):
@@ -721,6 +733,7 @@ def geglu_backward(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
     write_h: bool = False, seed: torch.Tensor | None = None, p: float = 0.0,
+    col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """(dx, dW_gate, dW_up, db_gate, db_up, h) of h = gelu(g) * u for the upstream gradient dh2d.
 
@@ -731,9 +744,12 @@ def geglu_backward(
 
     With ``p`` > 0 the forward applied dropout to h (``geglu_forward``'s ``seed`` and ``p``):
     dh2d is then the gradient of dropout(h), the mask is regenerated from ``seed``, and the h
-    written is dropout(h), the down projection's input.
+    written is dropout(h), the down projection's input (``col_offset`` and ``n_cols`` as the
+    forward's).
     """
     needs = check_geglu_backward(dh2d, x2d, w_gate, w_up, gate, up, needs)
     p = check_dropout(seed, p, x2d)
+    col_offset, n_cols = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
     return _backward_paths.run(_key(x2d, w_gate, approximate_tanh, p > 0.0), dh2d, x2d, w_gate,
-                               w_up, gate, up, approximate_tanh, needs, write_h, seed=seed, p=p)
+                               w_up, gate, up, approximate_tanh, needs, write_h, seed=seed, p=p,
+                               col_offset=col_offset, n_cols=n_cols)

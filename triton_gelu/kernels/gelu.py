@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .._autotune import Paths, Tuner, bucket, elementwise_configs, prune_elementwise
 from .._runtime import device_context
-from ._math import cast_to, dropout_arguments, dropout_factor, gelu, gelu_grad
+from ._math import cast_to, dropout_arguments, dropout_factor_flat, gelu, gelu_grad
 
 
 @triton.jit
@@ -51,6 +51,8 @@ def _gelu_fwd_kernel(
     stride_x_row,
     dropout_threshold,  # round(p * 2**31): see _math.dropout_factor
     dropout_scale,  # 1 / (1 - p)
+    dropout_col_offset,  # column c is column dropout_col_offset + c of the whole activation,
+    dropout_n_cols,  # which has dropout_n_cols columns (tensor parallel: a rank's shard)
     APPROXIMATE_TANH: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -63,7 +65,8 @@ def _gelu_fwd_kernel(
     x = tl.load(x_ptr + x_offs, mask=mask).to(tl.float32)
     y = gelu(x, APPROXIMATE_TANH)
     if HAS_DROPOUT:  # the mask of element (row, col) of the (rows, n_cols) view: see _math
-        y = y * dropout_factor(seed_ptr, offs, n_cols, dropout_threshold, dropout_scale)
+        y = y * dropout_factor_flat(seed_ptr, offs, n_cols, dropout_col_offset, dropout_n_cols,
+                                    dropout_threshold, dropout_scale)
     tl.store(y_ptr + offs, cast_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -80,6 +83,8 @@ def _gelu_bwd_kernel(
     stride_x_row,
     dropout_threshold,
     dropout_scale,
+    dropout_col_offset,
+    dropout_n_cols,
     APPROXIMATE_TANH: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -96,7 +101,8 @@ def _gelu_bwd_kernel(
     # dx = dy * keep / (1 - p) * gelu'(x)
     dx = dy.to(tl.float32) * gelu_grad(x, APPROXIMATE_TANH)
     if HAS_DROPOUT:
-        keep_scale = dropout_factor(seed_ptr, offs, n_cols, dropout_threshold, dropout_scale)
+        keep_scale = dropout_factor_flat(seed_ptr, offs, n_cols, dropout_col_offset,
+                                         dropout_n_cols, dropout_threshold, dropout_scale)
         dx = dx * keep_scale
     tl.store(dx_ptr + offs, cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     if WRITE_H:  # the forward's output, regenerated for a matmul that needs it
@@ -136,10 +142,12 @@ def _grid(n_elements: int):
 
 def _launch_forward(
     tuner: Tuner, x: torch.Tensor, out: torch.Tensor, approximate_tanh: bool,
-    seed: torch.Tensor | None = None, p: float = 0.0,
+    seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
+    whole_cols: int | None = None,
 ) -> torch.Tensor:
-    """out = gelu(x), then dropout with probability ``p`` when p > 0; ``out`` may be ``x``
-    itself (each element is read before it is written)."""
+    """out = gelu(x), then dropout with probability ``p`` when p > 0 (x's columns being columns
+    ``col_offset`` .. of an activation of ``whole_cols``, by default x's own); ``out`` may be
+    ``x`` itself (each element is read before it is written)."""
     if x.numel() == 0:
         return out
     rows, n_cols, stride_row = _as_rows(x)
@@ -150,7 +158,7 @@ def _launch_forward(
             aliased=("y_ptr",) if out.data_ptr() == rows.data_ptr() else (),
             x_ptr=rows, y_ptr=out, n_elements=n, n_cols=n_cols, stride_x_row=stride_row,
             APPROXIMATE_TANH=approximate_tanh, CONTIGUOUS=stride_row == n_cols,
-            **dropout_arguments(seed, p),
+            **dropout_arguments(seed, p, whole_cols or n_cols, col_offset),
         )
     return out
 
@@ -158,9 +166,10 @@ def _launch_forward(
 def _launch_backward(
     tuner: Tuner, dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, approximate_tanh: bool,
     seed: torch.Tensor | None = None, p: float = 0.0, h: torch.Tensor | None = None,
+    col_offset: int = 0, whole_cols: int | None = None,
 ) -> torch.Tensor:
-    """out = dy * gelu'(x), through dropout with probability ``p`` when p > 0; also
-    h = dropout(gelu(x)) when an ``h`` buffer is given."""
+    """out = dy * gelu'(x), through dropout with probability ``p`` when p > 0 (the mask as in
+    ``_launch_forward``); also h = dropout(gelu(x)) when an ``h`` buffer is given."""
     if x.numel() == 0:
         return out
     x_rows, n_cols, stride_x = _as_rows(x)
@@ -175,7 +184,7 @@ def _launch_backward(
             dy_ptr=dy_rows, x_ptr=x_rows, dx_ptr=out, h_ptr=h, n_elements=n, n_cols=n_cols,
             stride_dy_row=stride_dy, stride_x_row=stride_x, APPROXIMATE_TANH=approximate_tanh,
             CONTIGUOUS=stride_x == n_cols and stride_dy == n_cols, WRITE_H=h is not None,
-            **dropout_arguments(seed, p),
+            **dropout_arguments(seed, p, whole_cols or n_cols, col_offset),
         )
     return out
 
@@ -202,20 +211,24 @@ def gelu_backward_triton(
 
 def gelu_dropout_forward(
     preact: torch.Tensor, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
-    out: torch.Tensor,
+    out: torch.Tensor, col_offset: int = 0, n_cols: int | None = None,
 ) -> torch.Tensor:
     """out = dropout(gelu(z)) for the (M, N) pre-activation z: the mask of element (m, n) is the
-    one the fused matmul epilogue draws, so both paths of the FFN block drop the same elements."""
-    return _launch_forward(_dropout_fwd_tuner, preact, out, approximate_tanh, seed, p)
+    one the fused matmul epilogue draws (columns ``col_offset`` + n of an (M, ``n_cols``)
+    activation), so both paths of the FFN block drop the same elements."""
+    return _launch_forward(_dropout_fwd_tuner, preact, out, approximate_tanh, seed, p,
+                           col_offset, n_cols)
 
 
 def gelu_dropout_backward(
     dh: torch.Tensor, preact: torch.Tensor, seed: torch.Tensor | None, p: float,
     approximate_tanh: bool, out: torch.Tensor, h: torch.Tensor | None = None,
+    col_offset: int = 0, n_cols: int | None = None,
 ) -> torch.Tensor:
     """out = dh * keep / (1 - p) * gelu'(z) for the (M, N) z, and h = dropout(gelu(z)) when an
     ``h`` buffer is given (dW2 of the FFN block needs it); same mask as the forward."""
-    return _launch_backward(_dropout_bwd_tuner, dh, preact, out, approximate_tanh, seed, p, h)
+    return _launch_backward(_dropout_bwd_tuner, dh, preact, out, approximate_tanh, seed, p, h,
+                            col_offset, n_cols)
 
 
 # ---- the paths, and the launchers that choose between them -----------------------------------

@@ -79,7 +79,8 @@ from . import _matmul
 from . import gelu as _gelu
 from ._math import cast_to, dropout_arguments, dropout_factor_tile, gelu, gelu_grad
 from ._matmul import (
-    cublas_context, dot_operand, dot_tile, grouped_tile, input_precision, output_tile, tile_grid,
+    cublas_context, dot_operand, dot_tile, input_precision, output_tile, tile_grid,
+    weight_grad_tile,
 )
 
 
@@ -101,6 +102,8 @@ def _linear_gelu_fwd_kernel(
     stride_ym,  # row stride of y and preact
     dropout_threshold,  # round(p * 2**31): see _math.dropout_factor_tile
     dropout_scale,  # 1 / (1 - p)
+    dropout_col_offset,  # column n is column dropout_col_offset + n of the whole activation,
+    dropout_n_cols,  # which has dropout_n_cols columns (tensor parallel: N is a rank's shard)
     APPROXIMATE_TANH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_Y: tl.constexpr,
@@ -129,8 +132,9 @@ def _linear_gelu_fwd_kernel(
     if WRITE_Y:
         y = gelu(acc, APPROXIMATE_TANH)
         if HAS_DROPOUT:  # y * keep / (1 - p), the mask a function of (m, n): see _math
-            y = y * dropout_factor_tile(seed_ptr, offs_m, pid_n, N, dropout_threshold,
-                                        dropout_scale, BLOCK_SIZE_N)
+            y = y * dropout_factor_tile(seed_ptr, offs_m, pid_n, dropout_n_cols,
+                                        dropout_col_offset, dropout_threshold, dropout_scale,
+                                        BLOCK_SIZE_N)
         tl.store(y_ptr + offs_out, cast_to(y, y_ptr.dtype.element_ty), mask=mask_out)
 
 
@@ -224,18 +228,9 @@ def _linear_gelu_bwd_dw_kernel(
     # one (BN, BK) tile of dW per program, looping over M. The tiles are grouped along N
     # (GROUP_SIZE_M N-tiles at a time). Without COMPUTE_DW there is one program per N-tile,
     # computing db only.
-    if COMPUTE_DW:
-        num_k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
-    else:
-        num_k_tiles = 1
-    pid_n, pid_k = grouped_tile(
-        tl.program_id(0), tl.cdiv(N, BLOCK_SIZE_N), num_k_tiles, GROUP_SIZE_M
-    )
-    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    offs_k = pid_k.to(tl.int64) * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)
+    pid_k, offs_n, offs_k, mask_n, mask_k = weight_grad_tile(
+        N, K, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, COMPUTE_DW)
     offs_m = tl.arange(0, BLOCK_SIZE_M)
-    mask_n = offs_n < N
-    mask_k = offs_k < K
     dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn  # (BM, BN)
     preact_ptrs = preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
@@ -336,10 +331,13 @@ def _forward_key(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def launch_forward(
     tuner: Tuner, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     y: torch.Tensor | None, preact: torch.Tensor | None, approximate_tanh: bool,
-    seed: torch.Tensor | None = None, p: float = 0.0,
+    seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
+    n_cols: int | None = None,
 ) -> None:
     """Launch the forward kernel into ``y`` (gelu, then dropout with probability ``p`` and the
-    1-element int64 ``seed`` when p > 0) and/or ``preact``, both (M, N) contiguous."""
+    1-element int64 ``seed`` when p > 0) and/or ``preact``, both (M, N) contiguous. Dropout
+    draws the mask of columns ``col_offset`` .. ``col_offset + N`` of an (M, ``n_cols``)
+    activation (default: the whole (M, N) one)."""
     (M, K), N = x2d.shape, weight.shape[0]
     key = _forward_key(x2d, weight, bias, approximate_tanh, y is not None, preact is not None)
     if bias is not None:
@@ -353,7 +351,8 @@ def launch_forward(
             stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_ym=out.stride(0),
             APPROXIMATE_TANH=approximate_tanh, HAS_BIAS=bias is not None,
             WRITE_Y=y is not None, SAVE_PREACT=preact is not None,
-            INPUT_PRECISION=key[-1], **dropout_arguments(seed, p),
+            INPUT_PRECISION=key[-1],
+            **dropout_arguments(seed, p, N if n_cols is None else n_cols, col_offset),
         )
 
 

@@ -25,6 +25,11 @@ takes strides.
 Gated GELU blocks (Gemma's MLP, T5's DenseGatedActDense: ``down(gelu(gate(x)) * up(x))``) are
 recognised by ``gated.py`` and swapped whole for a fused block holding the same children.
 
+A model already tensor-parallelized with PyTorch's styles: a column-parallel Linear -> GELU pair
+is fused with the Linear's hooks carried over, and a whole block whose Linears are column- then
+row-parallel (or all sequence-parallel) is fused with its first input and last output hooks
+moved onto the fused block (``triton_gelu.parallel``).
+
 The package's rooms: ``chain.py`` reads which children a module applies in which order,
 ``match.py`` says what is a Linear, a GELU and a Dropout, ``fuse.py`` makes the pair swap,
 ``ffn.py`` the block swap, ``gated.py`` the gated blocks.

@@ -9,22 +9,30 @@ dropout, linear2`` (or three, without the dropout) become:
 - linear2's slot: a ``FeedForwardOutput`` that registers linear2's very Parameters under the same
   names and passes its input through (the block's output already arrives there).
 
-So the state dict, optimizers holding the Parameters, ``model.to()`` and tensor-parallel plans
-that name ``linear2`` keep working, both ways, and what ran before or after the block (GPT-2's
-dropout after ``c_proj``, ``dropout2`` of ``nn.TransformerEncoderLayer``) is untouched.
+So the state dict, optimizers holding the Parameters and ``model.to()`` keep working, both ways,
+and what ran before or after the block (GPT-2's dropout after ``c_proj``, ``dropout2`` of
+``nn.TransformerEncoderLayer``) is untouched. Tensor-parallel plans naming the two slots do not
+apply after the patch (the styles refuse a ``FusedFeedForward`` and a ``FeedForwardOutput``: an
+error, never a wrong result): parallelize a fused block with
+``triton_gelu.parallel.FeedForwardParallel`` on linear1's slot, or parallelize first (below).
 
 A window is fused only when it is provably that block: both Linears plain (``match.linear_kind``:
 ``nn.Linear`` or transformers' ``Conv1D``), the activation a GELU (``match.gelu_form``), the
 dropout a plain ``nn.Dropout`` with p < 1 (``match.dropout_p``), each child used once in the chain,
 linear2's in_features equal to linear1's out_features, all weights of one dtype and device, and
-neither Linear touched by tensor parallel or FSDP2 (hooks, DTensor parameters). A
-window whose linear2 is directly followed by another GELU is left alone: that Linear fuses with
-its own GELU instead (pair or block), so every GELU of ``Linear, GELU, Linear, GELU, Linear``
-gets fused.
+neither Linear touched by FSDP2 or hooked, but in one case of tensor parallel: a block PyTorch's
+styles parallelized the way the fused block runs (linear1 ``ColwiseParallel`` and linear2
+``RowwiseParallel`` on one mesh, or both ``SequenceParallel``: ``match.parallel_block_style``) is
+fused, with linear1's input hook and linear2's output hook moved onto the ``FusedFeedForward``,
+which then runs on each rank's shards (``parallel.run_block``). Other tensor-parallel Linears are
+left to the pair fusion. A window whose linear2 is directly followed by another GELU is left
+alone: that Linear fuses with its own GELU instead (pair or block), so every GELU of
+``Linear, GELU, Linear, GELU, Linear`` gets fused.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import NamedTuple
 
 import torch
@@ -34,7 +42,7 @@ from .._checks import check_approximate, check_dropout_p
 from ..functional import feed_forward
 from ..modules import is_plain
 from .fuse import child, keep_encoder_fast_path_exact, replace_with_identity
-from .match import dropout_p, gelu_form, linear_kind
+from .match import dropout_p, gelu_form, linear_kind, parallel_block_style
 
 
 class _Linear(NamedTuple):
@@ -146,6 +154,7 @@ class _Block(NamedTuple):
     form: str  # the GELU's
     p: float  # the dropout's (0 without one)
     training: bool  # the dropout's (linear1's without one)
+    parallel: bool  # linear1 and linear2 carry a tensor-parallel plan's hooks (parallel_block_style)
 
 
 def fuse_feed_forwards(
@@ -182,14 +191,15 @@ def _window(parent: nn.Module, chain: list[str], i: int) -> _Block | None:
     after = chain[i + len(names)] if i + len(names) < len(chain) else None
     if after is not None and gelu_form(child(parent, after)) is not None:
         return None  # linear2 is the Linear of the next GELU: it fuses with that one
-    if not (is_plain(linear1.module) and is_plain(linear2.module)):
-        return None  # tensor parallel or FSDP2 touched it: left to the pair fusion
+    parallel = not (is_plain(linear1.module) and is_plain(linear2.module))
+    if parallel and parallel_block_style([linear1.module], linear2.module) is None:
+        return None  # FSDP2, hooks, or a plan the block does not serve: left to the pair fusion
     if linear2.features[0] != linear1.features[1]:
         return None
     if len({(w.dtype, w.device) for w in (linear1.weight, linear2.weight)}) != 1:
         return None
     training = dropout.training if isinstance(dropout, nn.Module) else linear1.module.training
-    return _Block(names, linear1.module, linear2.module, form, p, training)
+    return _Block(names, linear1.module, linear2.module, form, p, training, parallel)
 
 
 def _fuse(parent: nn.Module, block: _Block, approximate: str | None, recompute: bool) -> None:
@@ -198,6 +208,9 @@ def _fuse(parent: nn.Module, block: _Block, approximate: str | None, recompute: 
     output.train(block.linear2.training)
     fused = FusedFeedForward(block.linear1, output, block.p, new_form, recompute)
     fused.train(block.training)
+    if block.parallel:
+        importlib.import_module("triton_gelu.parallel").move_tp_block_hooks(
+            [block.linear1], block.linear2, fused)
     setattr(parent, block.names[0], fused)
     for name in block.names[1:-1]:
         replace_with_identity(parent, name)

@@ -29,12 +29,20 @@ projection. The fused dropout draws the FFN block's mask (Philox on the element'
 seeded from PyTorch's generator), not the one ``nn.Dropout`` would have drawn. If a child has
 gained hooks or been replaced by another class since the patch, it runs the block's original
 ``forward`` (its class is kept) on itself, unfused.
+
+Tensor parallel: a block whose projections PyTorch's styles parallelized the way the fused block
+runs (gate and up ``ColwiseParallel``, down ``RowwiseParallel``, on one mesh; or all three
+``SequenceParallel``) is swapped too, with gate's input hook and down's output hook moved onto
+the fused block (``parallel.move_tp_block_hooks``), which then runs on each rank's shards. A
+block whose projections carry other style hooks is left as it is. Parallelizing after the patch:
+``triton_gelu.parallel.FeedForwardParallel`` on the fused block.
 """
 
 from __future__ import annotations
 
 import builtins
 import dis
+import importlib
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +51,7 @@ import torch
 from torch import nn
 
 from ..functional import gated_feed_forward, geglu
-from .match import dropout_p, gelu_form, has_hooks, linear_kind
+from .match import dropout_p, gelu_form, has_hooks, linear_kind, parallel_block_style
 
 ROLES = ("gate", "up", "act", "dropout", "down")
 
@@ -231,6 +239,10 @@ class GatedGELUBlock(nn.Module):
         # nn.Linear / nn.Dropout by the patch's proof and _still_proven
         return self.get_submodule(self._spec.roles[role])
 
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """The (gate, up, down) projections, whatever the block names them."""
+        return self._role("gate"), self._role("up"), self._role("down")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._still_proven():
             return self.original_class.forward(self, x)
@@ -284,6 +296,24 @@ def patch_gated(model: nn.Module, approximate: str | None, recompute: bool = Fal
                 if spec is None:
                     continue
                 form = spec.form if approximate is None else approximate
-                fused = swapped[id(block)] = GatedGELUBlock(block, spec, form, recompute)
+                fused = _swap(block, spec, form, recompute)
+                if fused is None:
+                    continue
+                swapped[id(block)] = fused
             setattr(parent, name, fused)
     return len(swapped)
+
+
+def _swap(block: nn.Module, spec: GatedSpec, form: str, recompute: bool) -> GatedGELUBlock | None:
+    """The fused block for ``block``; when its projections carry the hooks of PyTorch's
+    tensor-parallel styles (the only hooks ``gated_spec`` lets through), only if they make a
+    plan the fused block serves (``parallel.tp_block_style``), whose input and output hooks then
+    move onto the fused block. None: left as it is."""
+    fused = GatedGELUBlock(block, spec, form, recompute)
+    gate, up, down = fused.projections()
+    if not any(has_hooks(m) for m in (gate, up, down)):
+        return fused
+    if parallel_block_style([gate, up], down) is None:
+        return None
+    importlib.import_module("triton_gelu.parallel").move_tp_block_hooks([gate, up], down, fused)
+    return fused

@@ -176,5 +176,14 @@ def parallel_style(mod: nn.Module) -> str | None:
     return importlib.import_module("triton_gelu.parallel").tp_style(mod)
 
 
+def parallel_block_style(first: list[nn.Module], last: nn.Module) -> str | None:
+    """``"tensor"`` or ``"sequence"`` when PyTorch's tensor-parallel styles on a block's Linears
+    (``first`` projections, then ``last``) make a plan the fused block serves
+    (``triton_gelu.parallel.tp_block_style``), else None."""
+    if _dtensor_class() is None:
+        return None
+    return importlib.import_module("triton_gelu.parallel").tp_block_style(first, last)
+
+
 def has_state(mod: nn.Module) -> bool:
     return bool(mod._parameters) or bool(mod._buffers) or bool(mod._modules)
