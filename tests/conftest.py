@@ -49,6 +49,19 @@ def ieee_float32():
 
 
 @pytest.fixture
+def poison_outputs(monkeypatch):
+    """Every buffer the matmul launchers allocate starts as NaN, so an element a kernel does not
+    store shows up in the outputs (and in the transient buffers they are computed from)."""
+    from helpers import poisoned
+
+    from triton_gelu.kernels import _matmul
+
+    monkeypatch.setattr(
+        _matmul, "new_output",
+        lambda shape, like, dtype=None: poisoned(shape, dtype or like.dtype, like.device))
+
+
+@pytest.fixture
 def timed_choosers(tmp_path, monkeypatch):
     """Every Tuner and Paths of the package times with one fake timer (so they tune under the
     interpreter too), into a temporary cache, with what they chose forgotten before and after.

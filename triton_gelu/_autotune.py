@@ -54,7 +54,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -449,7 +449,7 @@ class _Chooser:
         # (device index, key) -> what to launch: the hot path's one lookup; and every choice
         # made, with how (the CLI and the bench report them).
         self.best: dict[tuple, object] = {}
-        self.choices: dict[tuple, NamedTuple] = {}
+        self.choices: dict[tuple, Any] = {}  # -> Choice (Tuner) or PathChoice (Paths)
 
     @property
     def tunes(self) -> bool:

@@ -32,7 +32,7 @@ from pathlib import Path
 try:
     import fcntl
 except ImportError:  # Windows: no inter-process lock, see the module docstring
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 LOCK_TIMEOUT_S = 900.0
 _POLL_S = 0.02

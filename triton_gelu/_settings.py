@@ -48,7 +48,7 @@ _policy_process: str | None = None
 _ENVIRON = getattr(os.environ, "_data", None)
 _ENCODE_KEY = getattr(os.environ, "encodekey", None)
 _DECODE_VALUE = getattr(os.environ, "decodevalue", str)
-_KEYS = {}
+_KEYS: dict[str, object] = {}
 
 
 def _raw_env(name: str):

@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"triton_gelu.autotune: {device.name} has no architecture table "
                   "(sm90, sm80, sm86, sm89); nothing to export", file=sys.stderr)
             return 2
-        export = Path(args.export) if args.export else _table.table_path(device.arch)
+        arch: str = device.arch
+        export = Path(args.export) if args.export else _table.table_path(arch)
         done = set(_table.read_table(export).get("exported", []))
     print(f"tuning on {device.name} ({device.arch}) under the "
           f"{'full' if export else _settings.tune_policy()} policy; cache: {cache_dir()}"
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 for line in _new_choices(before, _autotune):
                     print(line)
                 if export is not None:  # after each problem, so a timeout loses only one
-                    _export_table(export, device.arch, device.index, [label])
+                    _export_table(export, arch, device.index, [label])
     if export is not None:
         print(f"wrote {export}")
     return 0

@@ -119,7 +119,8 @@ def geglu_backward(
     needs = check_geglu_backward(dh2d, x2d, w_gate, w_up, gate, up, needs)
     p = check_dropout(seed, p, x2d)
     columns = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
-    keep, scale = _keep(seed, p, *gate.shape, *columns), reference.dropout_constants(p)[1]
+    (rows, cols), scale = gate.shape, reference.dropout_constants(p)[1]
+    keep = _keep(seed, p, rows, cols, *columns)
     grads = reference.geglu_backward_fp32(dh2d, x2d, w_gate, w_up, gate, up, approximate_tanh,
                                           keep, scale)
     h = None
