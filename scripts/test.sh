@@ -11,4 +11,7 @@ TRITON_GELU_MODULES="triton triton numpy numpy pytest pytest xdist pytest-xdist
 "$PY" -c 'import sys, setuptools; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' \
   2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check "setuptools>=77"
 # Two workers by default (CI machines have two cores); TRITON_GELU_TEST_WORKERS=0 runs serially.
-exec "$PY" -m pytest -n "${TRITON_GELU_TEST_WORKERS:-2}" "$@"
+# worksteal: an idle worker takes half of a busy one's queue. The default (load) hands each
+# worker its first tests in one batch, so the AOT compile tests (minutes each, collected first)
+# would all queue on one worker while the other finishes early.
+exec "$PY" -m pytest -n "${TRITON_GELU_TEST_WORKERS:-2}" --dist worksteal "$@"
