@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 
 import torch
 
@@ -161,3 +162,14 @@ X_LAYOUTS = {
     "empty M": lambda k, dev: torch.randn(0, k, device=dev),
     "empty 3-D": lambda k, dev: torch.randn(2, 0, k, device=dev),
 }
+
+
+def load_random_state(patched: torch.nn.Module, unpatched: torch.nn.Module) -> None:
+    """New random values for every entry of ``unpatched``'s state dict, loaded into both models:
+    into ``patched`` through ``torch.save`` / ``torch.load``, as a checkpoint reaches it."""
+    new_state = {k: torch.randn_like(v) for k, v in unpatched.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(new_state, buf)
+    buf.seek(0)
+    patched.load_state_dict(torch.load(buf))
+    unpatched.load_state_dict(new_state)

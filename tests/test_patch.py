@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import io
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from triton_gelu.patch import (
     Conv1DGELU, FeedForwardOutput, FusedFeedForward, call_chain, gelu_form,
 )
 
-from helpers import assert_no_worse_than_torch
+from helpers import assert_no_worse_than_torch, load_random_state
 
 
 # What patch() puts in a Linear's slot: a pair, or a whole FFN block (tests/test_patch_ffn.py).
@@ -256,12 +255,7 @@ def test_state_dict_round_trip():
     unpatched = copy.deepcopy(model)
     triton_gelu.patch(model)
     # Load new values into both: the patched model computes with the loaded values.
-    new_state = {k: torch.randn_like(v) for k, v in unpatched.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save(new_state, buf)
-    buf.seek(0)
-    model.load_state_dict(torch.load(buf))
-    unpatched.load_state_dict(new_state)
+    load_random_state(model, unpatched)
     model.eval(), unpatched.eval()
     x = _tokens()
     torch.testing.assert_close(model(x), unpatched(x), **CLOSE)

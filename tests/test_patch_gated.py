@@ -5,12 +5,11 @@ gradients and state dicts; SwiGLU and anything not proven is left alone."""
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_no_worse_than_torch
+from helpers import assert_no_worse_than_torch, load_random_state
 from test_patch import _as64, _run
 from torch import nn
 
@@ -109,12 +108,7 @@ def test_state_dict_round_trip_and_patch_twice(name):
     assert triton_gelu.patch(model) == expected
     assert triton_gelu.patch(model) == 0, "patching twice must be a no-op"
     # New values into both (through torch.save): the patched model computes with them.
-    new_state = {k: torch.randn_like(v) for k, v in unpatched.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save(new_state, buf)
-    buf.seek(0)
-    model.load_state_dict(torch.load(buf))
-    unpatched.load_state_dict(new_state)
+    load_random_state(model, unpatched)
     want, ref = _hidden(unpatched(**inputs)), _hidden(copy.deepcopy(unpatched).double()(**inputs))
     assert_no_worse_than_torch(_hidden(model(**inputs)), want, ref, "loaded state dict")
     # And back: the patched model's state dict loads (strict) into an unpatched one.
