@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -87,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
     p.add_argument("--tag", default="", help="appended to the result files' names (a slice of "
                                               "a run: --tag llama-decode)")
+    p.add_argument("--budget-s", type=float, default=math.inf,
+                   help="start no case after this many seconds; the cases already in "
+                        "<out>/<stem>.jsonl are skipped, so the same command continues")
     return p
 
 
@@ -204,7 +209,9 @@ def run_check(ops: list[str], sel: harness.Selection, device: str) -> int:
 # ---- the benchmark (GPU) -----------------------------------------------------------------------
 
 
-def run_bench(ops: list[str], sel: harness.Selection, out: Path, stem: str) -> int:
+def run_bench(ops: list[str], sel: harness.Selection, out: Path, stem: str,
+              budget_s: float = math.inf) -> int:
+    deadline = time.monotonic() + budget_s
     clock = harness.GpuClock()
     meta = harness.environment()
     print(f"{meta['device']}, driver {meta['driver']}, torch {meta['torch']}, "
@@ -214,18 +221,32 @@ def run_bench(ops: list[str], sel: harness.Selection, out: Path, stem: str) -> i
     print(f"measured: copy bandwidth {meta['copy_gbps']:.0f} GB/s, bf16 matmul peak "
           f"{meta['matmul_tflops']:.0f} TFLOP/s")
     cases = [case for name in ops for case in OPS[name].cases(sel)]
-    records = []
+    # One JSON line per finished case, flushed: a run cut short keeps them, and the same
+    # command skips them.
+    lines = out / f"{stem}.jsonl"
+    records = harness.read_lines(lines)
+    done = {harness.label(r) for r in records}
+    remaining = []
     for i, case in enumerate(cases, 1):
+        if harness.case_label(case) in done:
+            continue
+        if time.monotonic() >= deadline:
+            remaining.append(harness.case_label(case))
+            continue
         if any(b.startswith("compile") for b in sel.baselines):
             import torch._dynamo as dynamo
 
             dynamo.reset()  # a fresh compile per case, never the recompile-limit fallback
         record = harness.run_case(case, meta, clock)
         records.append(record)
+        harness.append_line(lines, record)
         print(harness.progress_line(i, len(cases), record), flush=True)
         gc.collect()
         torch.cuda.empty_cache()
     print()
+    if remaining:
+        print(f"bench: budget reached; {len(remaining)} case(s) remain (first: {remaining[0]}); "
+              "run the same command again to continue")
     print(harness.markdown_report(meta, records))
     for path in harness.write_results(out, stem, meta, records):
         print(f"wrote {path}")
@@ -233,7 +254,7 @@ def run_bench(ops: list[str], sel: harness.Selection, out: Path, stem: str) -> i
                    if "error" in r["providers"].get(harness.OURS, {"error": "not run"})]
     if ours_failed:  # a baseline failing (torch.compile) is recorded; ours failing is a bug
         print(f"bench: ours failed in {len(ours_failed)} case(s): {', '.join(ours_failed)}")
-    return 1 if ours_failed else 0
+    return 1 if ours_failed else 3 if remaining else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     tag = re.sub(r"[^a-z0-9]+", "-", args.tag.lower()).strip("-")
     stem += ("-quick" if args.quick else "") + (f"-{tag}" if tag else "")
-    return run_bench(ops, sel, args.out, stem)
+    return run_bench(ops, sel, args.out, stem, args.budget_s)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import datetime
 import functools
 import json
 import math
+import os
 import platform
 import subprocess
 import time
@@ -357,6 +358,33 @@ def summarize(case: Case, timings: dict[str, float], peaks: dict[str, int],
 def label(record: dict) -> str:
     return (f"{record['op']} {record['mode']} {record['dtype']} {record['approximate']} "
             f"{record['shape']}")
+
+
+def case_label(case: Case) -> str:
+    """``label`` of the record ``case`` will make."""
+    return f"{case.op} {case.mode} {case.dtype} {case.approximate} {case.shape}"
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (none if it does not exist; a line cut short by a kill
+    is dropped, so its case runs again)."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
+
+
+def append_line(path: Path, record: dict) -> None:
+    """Append one record to a JSON-lines file, flushed to disk before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def progress_line(index: int, total: int, record: dict) -> str:

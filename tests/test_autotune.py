@@ -358,3 +358,20 @@ def test_cli_clear(tmp_path):
     result = _cli("--clear", tmp_path=tmp_path)
     assert result.returncode == 0 and "removed 1" in result.stdout, result.stdout + result.stderr
     assert not list(directory.glob("*.json"))
+
+
+def test_the_export_tunes_the_first_contact_problems_first():
+    """`--export` (no --shapes) starts with what `bench.first_contact` times, each once, so a
+    lease cut short has tuned those; every problem asked for still follows."""
+    from triton_gelu import autotune
+
+    shapes = autotune.preset_shapes(["bert-base", "llama-7b"])
+    dtypes = [torch.bfloat16, torch.float16]
+    problems = autotune._problems(shapes, dtypes, ["none", "tanh"], first=True)
+    lead = [(s, torch.bfloat16, a) for s, a in autotune.FIRST_CONTACT]
+    assert problems[:len(lead)] == lead
+    every = [(s, d, a) for s in shapes for d in dtypes for a in ("none", "tanh")]
+    assert set(every) <= set(problems) and len(problems) == len(set(problems))
+    assert (8192, 768, 3072) in autotune.preset_shapes(["bert-base"])  # the first one is a preset
+    assert autotune._problems(shapes, dtypes, ["none"], first=False) == [
+        (s, d, "none") for s in shapes for d in dtypes]

@@ -386,3 +386,31 @@ def test_bad_options_exit_with_a_message(argv, message):
 
     with pytest.raises(SystemExit, match=message):
         cli.main(argv)
+
+
+def test_a_bench_cut_short_by_its_budget_continues_where_it_stopped(tmp_path, monkeypatch,
+                                                                    timed_paths):
+    """Each case is a JSON line as soon as it is timed; the same command skips those lines, and
+    no case starts past --budget-s (exit 3, saying what remains)."""
+    from bench import __main__ as bench_main
+
+    clock = FakeClock()
+    monkeypatch.setattr(harness, "GpuClock", lambda: clock)
+    monkeypatch.setattr(harness, "measure_device", lambda clock: dict(DEVICE_FIGURES))
+    monkeypatch.setattr(harness, "environment", lambda: {"device": "Fake GPU", "driver": "0",
+                                                         "torch": "x", "triton": "x"})
+    sel = Selection(shapes=[(37, 45, 51)], gelu_sizes_mb=[0.01], dtypes=["bf16"],
+                    approximates=["tanh"], modes=["infer", "fwd"], baselines=["eager"],
+                    device="cpu")
+    lines = tmp_path / "fake.jsonl"
+
+    assert bench_main.run_bench(["linear_gelu"], sel, tmp_path, "fake", budget_s=0) == 3
+    assert harness.read_lines(lines) == []
+    assert bench_main.run_bench(["linear_gelu"], sel, tmp_path, "fake") == 0
+    first = [harness.label(r) for r in harness.read_lines(lines)]
+    assert first == ["linear_gelu infer bf16 tanh 37x45x51", "linear_gelu fwd bf16 tanh 37x45x51"]
+    timed = clock.timed
+    assert bench_main.run_bench(["linear_gelu"], sel, tmp_path, "fake") == 0
+    assert clock.timed == timed, "a case already in the lines ran again"
+    assert [harness.label(r) for r in harness.read_lines(lines)] == first
+    assert len(json.loads((tmp_path / "fake.json").read_text())["records"]) == 2
