@@ -42,6 +42,9 @@ from . import harness, ops_ffn, ops_geglu, ops_gelu, ops_linear_gelu  # noqa: E4
 
 OPS = {op.NAME: op for op in (ops_gelu, ops_linear_gelu, ops_ffn, ops_geglu)}
 TINY = (37, 45, 51)  # multiples of no block size: every masked edge runs
+# The largest M*K*N the interpreter check takes: 2M multiply-adds, about 20 s for every op and
+# dtype on one core (256x256x512, 16x as much, took 330 s).
+INTERPRETER_MAX_WORK = 2**21
 GELU_SIZES_MB = (1, 4, 16, 64, 256, 1024)
 QUICK = {"dtypes": "bf16", "preset": "bert-base", "sizes": "1,64,1024", "decode": "1",
          "geglu": "gemma-2b"}
@@ -105,6 +108,14 @@ def _choose(what: str, names: list[str], allowed) -> list[str]:
 
 def _shapes(args, gpu: bool) -> list[tuple[int, int, int]]:
     if args.shapes:
+        big = [s for s in args.shapes if math.prod(s) > INTERPRETER_MAX_WORK]
+        if big and not gpu:
+            raise SystemExit(
+                f"bench: --shapes {' '.join('x'.join(map(str, s)) for s in big)} is GPU-sized; "
+                "without a GPU the check runs every kernel in Triton's interpreter (numpy), "
+                f"about 10 s per million multiply-adds for all ops and dtypes, so it takes "
+                f"M*K*N <= {INTERPRETER_MAX_WORK} (e.g. 64x96x128, or the default tiny "
+                f"{'x'.join(map(str, TINY))}); timings at that size need a GPU")
         return args.shapes
     preset = args.preset or (QUICK["preset"] if args.quick else "all")
     names = _choose("preset", _split(preset), [*ALL_PRESETS, "tiny", "all"])

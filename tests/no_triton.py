@@ -274,6 +274,23 @@ def _patchable_model() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 20), nn.GELU("tanh"), TorchFeedForward(20, 16))
 
 
+@check("TritonUnavailableWarning")
+def _fallback_warning_category() -> None:
+    """Users silence the fallback's warning by its public category."""
+    from triton_gelu import _runtime
+
+    for silenced in (True, False):
+        _runtime._warned = False  # given once per process: give it again here
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if silenced:
+                warnings.filterwarnings("ignore", category=triton_gelu.TritonUnavailableWarning)
+            triton_gelu.gelu(torch.randn(3))
+        got = [w for w in caught if issubclass(w.category, triton_gelu.TritonUnavailableWarning)]
+        assert len(got) == (0 if silenced else 1), (silenced, [str(w.message) for w in caught])
+    _runtime._warned = True
+
+
 @check("patch")
 def _patch() -> None:
     for dtype in DTYPES:
@@ -607,7 +624,7 @@ def _run_all(table: dict[str, Callable[[], None]]) -> dict[str, str]:
 def run() -> dict:
     """Every check, with every warning recorded; then which modules import and what got
     imported."""
-    from triton_gelu._runtime import TritonUnavailableWarning
+    from triton_gelu import TritonUnavailableWarning  # public: users filter by category
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -369,6 +369,7 @@ def test_default_quick_and_cpu_selections():
     cpu = _selection(gpu=False)
     assert cpu.shapes == [(37, 45, 51)] and cpu.dtypes == ["bf16", "fp16", "fp32"]
     assert cpu.decode_shapes == []
+    assert _selection("--shapes", "128x128x128", gpu=False).shapes == [(128, 128, 128)]
     custom = _selection("--shapes", "4096x512x2048", "--tokens", "7", "--preset", "llama-7b")
     assert custom.shapes == [(4096, 512, 2048)] and custom.decode_shapes == []
     assert _selection("--preset", "llama-7b", "--tokens", "1024").shapes == [(1024, 4096, 11008)]
@@ -380,6 +381,8 @@ def test_default_quick_and_cpu_selections():
     (["--preset", "gpt5"], "unknown preset gpt5"),
     (["--sizes", "big"], "--sizes takes MB"),
     (["--decode", "one"], "--decode takes token counts"),
+    # The interpreter would run it for minutes without a word: refused, saying what it takes.
+    (["--shapes", "4096x1024x4096", "--modes", "fwd+bwd"], "4096x1024x4096 is GPU-sized"),
 ])
 def test_bad_options_exit_with_a_message(argv, message):
     from bench import __main__ as cli

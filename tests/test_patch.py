@@ -419,3 +419,18 @@ def test_patch_imports_neither_transformers_nor_the_dtensor_rules():
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_bert_for_masked_lm_count_of_the_readme():
+    """The README's worked example: BertForMaskedLM(BertConfig()) fuses 13 pairs, one per layer
+    and the masked-LM head's transform.dense -> GELU (here at 12 tiny layers)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=12, num_attention_heads=2,
+                                     intermediate_size=48, vocab_size=64,
+                                     max_position_embeddings=32)
+    assert transformers.BertConfig().num_hidden_layers == 12
+    model = transformers.BertForMaskedLM(config)
+    assert triton_gelu.patch(model) == 13
+    fused = [name for name, module in model.named_modules()
+             if isinstance(module, triton_gelu.LinearGELU)]
+    assert "cls.predictions.transform.dense" in fused and len(fused) == 13, fused

@@ -1,6 +1,7 @@
 """triton_gelu: Triton kernels for GELU, fused Linear + bias + GELU, the whole FFN block and
 gated GELU (GeGLU), drop-in for PyTorch."""
 
+from ._runtime import TritonUnavailableWarning
 from .functional import feed_forward, gated_feed_forward, geglu, gelu, linear_gelu
 from .modules import GELU, FeedForward, GatedFeedForward, GeGLU, LinearGELU
 from .patch import patch
@@ -8,5 +9,6 @@ from .patch import patch
 __all__ = [
     "gelu", "linear_gelu", "feed_forward", "geglu", "gated_feed_forward",
     "GELU", "LinearGELU", "FeedForward", "GeGLU", "GatedFeedForward", "patch",
+    "TritonUnavailableWarning",
 ]
 __version__ = "0.1.0"
