@@ -122,21 +122,26 @@ def _mask_of_call(seed: int, rows: int, cols: int, p: float, device) -> torch.Te
 
 
 def problem(op: str, shape: tuple[int, int, int], dtype: torch.dtype, approximate: str,
-            device: str, p: float = 0.0, recompute: bool = False) -> Problem:
-    """Inputs ~ N(0, 1) with weights ~ N(0, 1/K), so pre-activations are O(1), where GELU bends;
-    dropout draws its seed after ``torch.manual_seed(call_seed)``, and eager applies the mask that
-    seed gives (``reference.dropout_keep``), so eager is the same function as ours."""
+            device: str, p: float = 0.0, recompute: bool = False,
+            same_mask: bool = False) -> Problem:
+    """Inputs ~ N(0, 1) with weights ~ N(0, 1/K), so pre-activations are O(1), where GELU bends.
+
+    Dropout: eager is ``F.dropout`` (PyTorch's own, the baseline to time); with ``same_mask``
+    ours draws its seed after ``torch.manual_seed(call_seed)`` and eager applies the mask that
+    seed gives (``reference.dropout_keep``), so eager is the same function as ours (to check)."""
     m, k, n = shape
     x = torch.randn(m, k, device=device).to(dtype)
     call_seed = int(torch.randint(0, 2**31, ()))
-    keep = _mask_of_call(call_seed, m, n, p, device) if p else None
+    keep = _mask_of_call(call_seed, m, n, p, device) if p and same_mask else None
 
     def dropout(h):
-        return h if keep is None else h * (keep.to(h.dtype) / (1.0 - p))
+        if keep is None:
+            return F.dropout(h, p, training=True) if p else h
+        return h * (keep.to(h.dtype) / (1.0 - p))
 
     def seeded(fn):
         def run(*args):
-            if p:
+            if keep is not None:
                 torch.manual_seed(call_seed)
             return fn(*args)
         return run
@@ -225,7 +230,7 @@ def run_correctness(spec: dict, device: str) -> dict:
     torch.manual_seed(zlib.crc32(spec["key"].encode()))
     dtype = DTYPES[spec["dtype"]]
     prob = problem(spec["public"], ODD, dtype, spec["approximate"], device, spec["p"],
-                   spec["recompute"])
+                   spec["recompute"], same_mask=True)
     start = time.perf_counter()
     with harness.precision("fp32"), autotune.force_path(**spec["forced"]):
         (ours, dy), ran = _recorded_paths(lambda: _gradients(prob.ours, prob.inputs, None))
@@ -265,7 +270,7 @@ class Timing:
 
 
 def timing_cases(dry_run: bool) -> list[Timing]:
-    gelu = (1, 2**14, 2**14) if not dry_run else (1, 37, 51)
+    gelu = (2**14, 1, 2**14) if not dry_run else (37, 1, 51)  # GELU: an (M, N) activation
     bert = (8192, 768, 3072) if not dry_run else ODD
     llama = (4096, 4096, 11008) if not dry_run else (29, 53, 43)
     gemma = (4096, 2048, 16384) if not dry_run else (31, 47, 39)
@@ -288,17 +293,14 @@ def timing_cases(dry_run: bool) -> list[Timing]:
     return cases
 
 
-def _shape_of(case: Timing) -> tuple[int, int, int]:
-    m, k, n = case.shape
-    return (k, 1, n) if case.public == "gelu" else (m, k, n)  # gelu: a (k, n) activation
-
-
 def providers(case: Timing, device: str) -> tuple[dict[str, Callable], dict[str, dict]]:
     """(name -> factory of the timed callable, name -> the paths it forces): eager, compile
     and ours with each candidate path forced (``op=path``)."""
-    m, k, n = _shape_of(case)
+    import torch._dynamo
+
+    torch._dynamo.reset()  # a fresh compile per case, never the recompile-limit fallback
     torch.manual_seed(zlib.crc32(case.key.encode()))
-    prob = problem(case.public, (m, k, n), torch.bfloat16, case.approximate, device, case.p)
+    prob = problem(case.public, case.shape, torch.bfloat16, case.approximate, device, case.p)
     training = case.mode != "infer"
     inputs = [t.requires_grad_(training) for t in prob.inputs]
     fns: dict[str, Callable] = {"eager": prob.eager,
@@ -378,9 +380,9 @@ def run_timing(case: Timing, device: str, clock, cold: dict, ceilings: dict) -> 
 def _traffic(case: Timing) -> tuple[float, float]:
     """(bytes, flops) a case must move and compute at least (a fwd+bwd problem's figures scaled
     to its mode)."""
-    m, k, n = _shape_of(case)
+    m, k, n = case.shape
     if case.public == "gelu":
-        return (2 if case.mode == "fwd" else 3) * k * n * 2, 0.0
+        return (2 if case.mode == "fwd" else 3) * m * n * 2, 0.0
     full = _step_figures(case.public, m, k, n)
     share = {"infer": 1 / 3, "fwd": 1 / 3, "fwd+bwd": 1.0}[case.mode]
     return full[0] * share, full[1] * share
@@ -489,7 +491,7 @@ class Records:
         harness.append_line(self.paths[record["stage"]], record)
 
 
-def _worker_init(dry_run: bool) -> None:
+def _worker_init() -> None:
     autotune.set_policy("off")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
@@ -510,20 +512,23 @@ def _worker_first_calls(case: Timing, device: str, dry_run: bool) -> tuple[str, 
         return case.key, {"error": harness._error_text(e)}
 
 
-def _parallel(jobs: list[tuple[Callable, tuple]], workers: int, deadline: float,
-              dry_run: bool) -> Iterator[object]:
+def _parallel(jobs: list[tuple[Callable, tuple]], workers: int,
+              deadline: float) -> Iterator[object]:
     """Run ``fn(*args)`` for each job in ``workers`` processes (inline for 0), yielding results
     as they finish; no job starts past ``deadline`` (time.monotonic)."""
     if workers == 0:
-        _worker_init(dry_run)
+        _worker_init()
         for fn, args in jobs:
             if time.monotonic() >= deadline:
                 return
             yield fn(*args)
         return
+    # Each worker compiles one thing at a time: the workers are the parallelism (Inductor would
+    # otherwise start a compile pool of every core in each of them).
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     context = multiprocessing.get_context("spawn")  # CUDA does not survive fork
-    with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                     initargs=(dry_run,)) as pool:
+    with futures.ProcessPoolExecutor(workers, mp_context=context,
+                                     initializer=_worker_init) as pool:
         pending, queue = set(), list(jobs)
         while queue or pending:
             while queue and len(pending) < workers and time.monotonic() < deadline:
@@ -611,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(_worker_correctness, (spec, device)) for spec in todo]
     jobs += [(_worker_first_calls, (case, device, dry_run)) for case in timings]
     cold: dict[str, dict] = {}
-    for result in _parallel(jobs, workers, deadline, dry_run):
+    for result in _parallel(jobs, workers, deadline):
         if isinstance(result, dict):
             keep(result)
         else:
