@@ -147,3 +147,28 @@ def test_ours_is_the_fastest_candidate_that_applies_and_ratios_follow(monkeypatc
     assert record["providers"]["linear_gelu_fwd=addmm_gelu"]["applies"] is False
     assert "linear_gelu_fwd=addmm_gelu" not in record["candidates"]
     assert record["fraction_of_floor"] > 0
+
+
+def test_the_suite_in_slices_skips_what_passed_and_stops_at_its_deadline(tmp_path):
+    """scripts/gpu_session.sh tests: a ledger of finished tests (tests/conftest.py) lets the next
+    call skip what passed; no test starts past the deadline."""
+    ledger = tmp_path / "ledger.txt"
+    env = {**os.environ, "TRITON_GELU_TEST_LEDGER": str(ledger)}
+    target = "tests/test_table.py"
+
+    def pytest(**extra):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "-p", "no:xdist", target], cwd=REPO, env={**env, **extra},
+                              capture_output=True, text=True, timeout=300)
+
+    stopped = pytest(TRITON_GELU_TEST_DEADLINE="0")
+    assert stopped.returncode == 3 and "deadline reached" in stopped.stdout, stopped.stdout
+    assert not ledger.exists() or ledger.read_text() == ""
+    first = pytest()
+    assert first.returncode == 0, first.stdout[-2000:]
+    lines = ledger.read_text().splitlines()
+    assert lines and all(line.startswith(("passed ", "skipped ")) for line in lines), lines
+    assert all(target in line for line in lines)
+    second = pytest()
+    assert second.returncode == 5 and f"{len(lines)} deselected" in second.stdout, second.stdout
+    assert ledger.read_text().splitlines() == lines
