@@ -321,7 +321,8 @@ def _gathered_run(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 @check("parallel.ColwiseParallel", "parallel.RowwiseParallel", "parallel.UnfusedFallbackWarning",
        "parallel.fusable_layout", "parallel.gelu", "parallel.linear_gelu", "parallel.geglu",
        "parallel.tp_style", "parallel.copy_tp_hooks", "parallel.FeedForwardParallel",
-       "parallel.run_block", "parallel.tp_block_style", "parallel.move_tp_block_hooks")
+       "parallel.run_block", "parallel.tp_block_style", "parallel.move_tp_block_hooks",
+       "parallel.linear", "parallel.chunk_start")
 def _parallel() -> None:
     """Tensor parallel on the fallback, on a 1-rank gloo group with an in-process store: linear1
     column-parallel on a FeedForward (our style: its LinearGELU fused); the whole block under

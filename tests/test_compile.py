@@ -21,7 +21,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.registry import lookup_backend
 
 import triton_gelu
-from triton_gelu import ops
+from triton_gelu import functional, ops
 
 BACKENDS = ["inductor"] if DEVICE == "cuda" else ["aot_eager", "inductor"]
 OPS = {"gelu_fwd", "gelu_bwd", "linear_gelu_fwd", "linear_gelu_bwd", "linear_preact"}
@@ -154,8 +154,22 @@ def test_compile_no_grad_and_inference_mode():
     assert recorder.bw_ops == set()
 
 
-def test_compile_autocast():
-    """Under autocast the compiled model casts like the eager one (outside the ops)."""
+@pytest.mark.parametrize("availability", ["torch", "by_name"])
+def test_compile_autocast(monkeypatch, availability):
+    """Under autocast the compiled model casts like the eager one (outside the ops). Whether
+    autocast serves a device type is torch's answer, or on torch 2.11 (whose Dynamo cannot trace
+    torch.amp.is_autocast_available) the set of device types functional.py asked at import
+    ("by_name"): both agree, and both trace with fullgraph=True."""
+    if availability == "torch":
+        if torch.__version__ < "2.12":
+            pytest.skip("torch 2.11's Dynamo cannot trace torch.amp.is_autocast_available")
+        monkeypatch.setattr(functional, "_autocast_available", torch.amp.is_autocast_available)
+    else:
+        for name in ("cpu", "cuda", "meta", "lazy", "xpu", "mps", "privateuseone"):
+            assert functional._autocast_available_by_name(name) == \
+                torch.amp.is_autocast_available(name), name
+        monkeypatch.setattr(functional, "_autocast_available",
+                            functional._autocast_available_by_name)
     dtype = torch.bfloat16 if DEVICE == "cpu" else torch.float16
     model = _model()
     compiled = torch.compile(copy.deepcopy(model), backend=Recorder("aot_eager"), fullgraph=True)

@@ -14,6 +14,7 @@ Two kinds of test:
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import warnings
 
 import pytest
@@ -407,6 +408,40 @@ def test_block_row_split_and_what_falls_back(mesh):
         assert not any(k.startswith("ffn") for k in _runtime.launches), dict(_runtime.launches)
 
 
+@pytest.mark.parametrize("flattens", [True, False])
+def test_unfused_linear_of_a_sequence_split_x(mesh, monkeypatch, flattens):
+    """The fallbacks' linear of x Shard(1) (3-D, split on the sequence), W and b Replicate: rank
+    0's rows of F.linear, Shard(1), with no communication. flattens=False is the way torch 2.11
+    takes (its DTensor refuses F.linear's flatten of a sequence-split x), run on every torch."""
+    if flattens and torch.__version__ < "2.12":
+        pytest.skip("torch 2.11's DTensor refuses F.linear of a sequence-split 3-D x")
+    monkeypatch.setattr(tgp, "_LINEAR_FLATTENS_SHARDED", flattens)
+    x, w, b = torch.randn(2, 4, 8), torch.randn(12, 8), torch.randn(12)
+    dts = (_dtensor(x[:, :2], mesh, Shard(1)), _dtensor(w, mesh, Replicate()),
+           _dtensor(b, mesh, Replicate()))
+    y = tgp.linear(*dts)
+    assert y.placements == (Shard(1),) and y.shape == (2, 4, 12), (y.placements, y.shape)
+    torch.testing.assert_close(y.to_local(), F.linear(x[:, :2], w, b))
+    y.backward(torch.ones_like(y))
+    placements = [t.grad.placements for t in dts]
+    assert placements == [(Shard(1),), (Partial(),), (Partial(),)], placements
+
+
+def test_chunk_start_is_where_dtensor_puts_each_ranks_shard():
+    """The block's dropout mask is keyed on the position of the rank's hidden columns: the start
+    run_block computes (traceable by every torch's torch.compile) is DTensor's own, for uneven
+    sizes and a dimension split on one or two mesh dimensions."""
+    for size in range(0, 20):
+        for mesh_sizes in ((2,), (3,), (4,), (2, 2), (3, 2)):
+            for ranks in itertools.product(*(range(k) for k in mesh_sizes)):
+                local, want = size, 0
+                for num_chunks, rank in zip(mesh_sizes, ranks):
+                    local, offset = Shard.local_shard_size_and_offset(local, num_chunks, rank)
+                    want += offset
+                got = tgp.chunk_start(size, list(zip(mesh_sizes, ranks)))
+                assert got == want, f"size {size}, mesh {mesh_sizes}, ranks {ranks}: {got}"
+
+
 def test_block_refuses_plain_tensors_beside_dtensors(mesh):
     dts, local = _block_operands(mesh)
     with pytest.raises(TypeError, match="weight0, bias0, weight1, bias1 are DTensors but x is"):
@@ -553,12 +588,29 @@ TWO_RANKS = {
 FOUR_RANKS = {"tp_fsdp2_2d_mesh": FUSED, "tp_fsdp2_2d_block": FFN_BLOCK}
 
 
+# scenario -> (the oldest torch that runs it, why): what an older torch cannot do itself.
+NEEDS_TORCH = {
+    "tp_sequence_parallel": (
+        "2.12", "PyTorch's own nn.Linear (linear2) under SequenceParallel: torch 2.11's DTensor "
+        "cannot flatten a 3-D input sharded on the sequence, as F.linear does (it raises)"),
+}
+
+
 def _needs_transformers(scenario: str) -> bool:
     return "bert" in scenario or "gpt2" in scenario
 
 
+def _too_old(scenario: str) -> str | None:
+    """Why this torch cannot run the scenario, or None."""
+    if scenario not in NEEDS_TORCH:
+        return None
+    oldest, why = NEEDS_TORCH[scenario]
+    return f"needs torch >= {oldest}: {why}" if torch.__version__ < oldest else None
+
+
 def _runnable(scenarios: dict) -> list[str]:
-    return [name for name in scenarios if HAS_TRANSFORMERS or not _needs_transformers(name)]
+    return [name for name in scenarios
+            if (HAS_TRANSFORMERS or not _needs_transformers(name)) and not _too_old(name)]
 
 
 def _job(tmp_path_factory, scenarios: dict, world_size: int) -> list[dict]:
@@ -583,6 +635,8 @@ def four_ranks(tmp_path_factory):
 def _assert_ran(reports: list[dict], name: str, kernels: tuple[str, ...]) -> None:
     if _needs_transformers(name) and not HAS_TRANSFORMERS:
         pytest.skip("transformers is not installed")
+    if _too_old(name):
+        pytest.skip(_too_old(name))
     for rank, report in enumerate(reports):
         result = report[name]
         assert result["error"] is None, f"rank {rank}:\n{result['error']}"

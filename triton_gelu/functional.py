@@ -63,12 +63,33 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return _GELUFunction.apply(x, approximate_tanh)
 
 
+# The device types c10 names that autocast does not serve (meta, lazy...), asked of torch once.
+# Any other type (a renamed PrivateUse1 backend's included) is served, as PrivateUse1 is.
+_NO_AUTOCAST = frozenset(
+    name for name in ("cpu", "cuda", "ipu", "xpu", "opengl", "opencl", "ideep", "hip", "ve",
+                      "fpga", "maia", "xla", "lazy", "vulkan", "mps", "meta", "hpu", "mtia",
+                      "privateuseone")
+    if not torch.amp.is_autocast_available(name)
+)
+
+
+def _autocast_available_by_name(device_type: str) -> bool:
+    return device_type not in _NO_AUTOCAST
+
+
+# torch.amp.is_autocast_available calls torch._C._is_autocast_available, which Dynamo folds to a
+# constant from torch 2.12 on; torch 2.11's Dynamo cannot trace it (torch.compile(fullgraph=True)
+# fails), so there the answer comes from the set above, which it can read.
+_autocast_available = (torch.amp.is_autocast_available if torch.__version__ >= "2.12"
+                       else _autocast_available_by_name)
+
+
 def _autocast_linear(*tensors: Any) -> tuple[Any, ...]:
     """Cast the operands as ``F.linear`` is cast under autocast: to the autocast dtype of their
     device (fp16/bf16/fp32 only; float64 is left alone, as autocast does, and then refused).
     The first is a checked tensor; the others are checked after the cast (hence ``Any``)."""
     device_type = tensors[0].device.type
-    if not (torch.amp.is_autocast_available(device_type)
+    if not (_autocast_available(device_type)
             and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
@@ -225,7 +246,7 @@ def feed_forward(
 
         def unfused() -> torch.Tensor:
             h = linear_gelu(x, w1, b1, approximate, recompute)
-            return F.linear(F.dropout(h, p, training), w2, b2)
+            return _parallel().linear(F.dropout(h, p, training), w2, b2)
 
         return _parallel().run_block(x, [(w1, b1)], (w2, b2), p > 0.0, fused, unfused,
                                      "FFN block")
@@ -382,7 +403,7 @@ def gated_feed_forward(
 
         def unfused() -> torch.Tensor:
             h = geglu(x, w_gate, w_up, b_gate, b_up, approximate, recompute)
-            return F.linear(F.dropout(h, p, training), w_down, b_down)
+            return _parallel().linear(F.dropout(h, p, training), w_down, b_down)
 
         return _parallel().run_block(x, [(w_gate, b_gate), (w_up, b_up)], (w_down, b_down),
                                      p > 0.0, fused, unfused, "gated FFN block")

@@ -63,7 +63,6 @@ from torch import nn
 from torch.distributed.tensor import (
     DTensor, Replicate, Shard, distribute_module, distribute_tensor,
 )
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import style as _style
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
@@ -136,6 +135,25 @@ def fusable_layout(x: DTensor, weight: DTensor, bias: DTensor | None,
     return True
 
 
+# torch 2.11's DTensor refuses to flatten leading dimensions when one after the first is sharded
+# (its view rule will not redistribute), and F.linear of a 3-D x flattens (batch, sequence): there
+# F.linear of a sequence-sharded x raises; torch 2.12 runs it.
+_LINEAR_FLATTENS_SHARDED = torch.__version__ >= "2.12"
+
+
+def linear(x: DTensor, weight: DTensor, bias: DTensor | None) -> Tensor:
+    """``F.linear`` of DTensors, for the unfused fallbacks. On torch 2.11, x sharded on one leading
+    dimension other than the first has that dimension swapped with the first for the matmul and
+    back (the same result and placements, with no communication)."""
+    if _LINEAR_FLATTENS_SHARDED:
+        return F.linear(x, weight, bias)
+    sharded = {p.dim % x.ndim for p in x.placements if isinstance(p, Shard)}
+    middle = [d for d in sharded if 0 < d < x.ndim - 1]
+    if len(middle) != 1 or 0 in sharded:
+        return F.linear(x, weight, bias)
+    return F.linear(x.transpose(0, middle[0]), weight, bias).transpose(0, middle[0])
+
+
 def gelu(x: DTensor, approximate_tanh: bool) -> Tensor:
     """``functional.gelu`` of a DTensor: the custom op on the local shard."""
     return ops.gelu_fwd(x, approximate_tanh)
@@ -158,7 +176,7 @@ def linear_gelu(
         "GELU needs the whole pre-activation, not a partial sum or a mismatched split",
         "Make linear1 column-parallel (triton_gelu.parallel.ColwiseParallel) to fuse.",
     )
-    return F.gelu(F.linear(x, weight, bias), approximate=_form(approximate_tanh))
+    return F.gelu(linear(x, weight, bias), approximate=_form(approximate_tanh))
 
 
 def geglu(
@@ -175,8 +193,8 @@ def geglu(
         "gelu(g) * u needs whole g and u, and the gate and up columns of one rank must match",
         "Make gate_proj and up_proj both column-parallel (Shard(0)) to fuse.",
     )
-    gate = F.gelu(F.linear(x, w_gate, b_gate), approximate=_form(approximate_tanh))
-    return gate * F.linear(x, w_up, b_up)
+    gate = F.gelu(linear(x, w_gate, b_gate), approximate=_form(approximate_tanh))
+    return gate * linear(x, w_up, b_up)
 
 
 # ---- a block: run whole on each rank's local tensors ------------------------------------------
@@ -218,6 +236,30 @@ def _block_layouts(x: DTensor, first: Sequence[Projection], last: Projection,
             return None
         layouts.append(layout)
     return layouts
+
+
+def chunk_start(size: int, splits: Sequence[tuple[int, int]]) -> int:
+    """Where one rank's chunk of ``size`` elements starts, split on each (num_chunks, rank) in
+    turn as DTensor splits a dimension (as ``torch.chunk``: ceil(n / k) elements per rank, the
+    last ranks' chunks short or empty)."""
+    start = 0
+    for num_chunks, rank in splits:
+        chunk = -(-size // num_chunks)
+        offset = min(chunk * rank, size)
+        size, start = min(size - offset, chunk), start + offset
+    return start
+
+
+def _shard_start(t: DTensor, dim: int) -> int:
+    """Where this rank's shard of ``t`` starts on dimension ``dim`` of the whole tensor.
+    DTensor's own ``compute_local_shape_and_global_offset`` does not trace under torch 2.11's
+    torch.compile (Dynamo cannot call ``Shard._local_shard_size_and_offset``); this does."""
+    mesh = t.device_mesh
+    coordinate = mesh.get_coordinate() or [0] * mesh.ndim
+    return chunk_start(t.shape[dim], [
+        (mesh.size(i), coordinate[i]) for i, placement in enumerate(t.placements)
+        if isinstance(placement, Shard) and placement.dim == dim
+    ])
 
 
 def _local(t: DTensor | None, grad_placements: list) -> Tensor | None:
@@ -264,8 +306,8 @@ def run_block(
                                   for lay, c in zip(layouts, coordinate)):
         b_last = _ZerosWithBiasGrad.apply(b_last)
     w_first = first[0][0]
-    _, offset = compute_local_shape_and_global_offset(w_first.shape, mesh, w_first.placements)
-    y_local = fused(x_local, first_local, w_last, b_last, offset[0], w_first.shape[0])
+    offset = _shard_start(w_first, 0)
+    y_local = fused(x_local, first_local, w_last, b_last, offset, w_first.shape[0])
     shape = (*x.shape[:-1], last[0].shape[0])
     return DTensor.from_local(
         y_local, mesh, [lay.last.y for lay in layouts], run_check=False,
