@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autotune import Paths, Tuner, bucket, matmul_configs, prune_matmul
+from .._autotune import Paths, Tuner, bucket, matmul_configs, prune_matmul, tma_matmul_configs
 from .._checks import check_dropout_columns, check_ffn_2d, check_ffn_backward, check_ffn_needs
 from .._runtime import device_context
 from . import _matmul
@@ -64,10 +64,14 @@ from . import gelu as _gelu
 from ._math import (
     cast_to, dropout_arguments, dropout_factor_tile, gelu, gelu_grad, without_dropout,
 )
-from ._matmul import cublas_context, dot_tile, input_precision, output_tile, tile_grid
+from ._matmul import (
+    cublas_context, dot_tile, input_precision, output_tile, tile_grid, tma_applies, tma_compatible,
+)
 from .gelu import gelu_dropout_backward, gelu_dropout_forward
 from .linear_gelu import _forward_torch as _linear_gelu_torch
-from .linear_gelu import _linear_gelu_fwd_kernel, _matmul_bias, launch_forward
+from .linear_gelu import (
+    _linear_gelu_fwd_kernel, _linear_gelu_fwd_tma_kernel, _matmul_bias, launch_forward,
+)
 
 Tensor = torch.Tensor
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
@@ -142,6 +146,9 @@ def _ffn_bwd_dz_kernel(
 # FFN block's. Both kernels loop over a reduction the way the linear forward does ("K").
 _fwd_tuner = Tuner(_linear_gelu_fwd_kernel, "ffn_fwd_gelu_dropout", matmul_configs,
                    functools.partial(prune_matmul, reduction="K"))
+# Its Hopper variant (TMA loads, persistent grid), the forward's "tma" path.
+_fwd_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "ffn_fwd_gelu_dropout_tma", tma_matmul_configs,
+                       functools.partial(prune_matmul, reduction="K", persistent=True))
 _dz_tuner = Tuner(_ffn_bwd_dz_kernel, "ffn_bwd_dz", matmul_configs,
                   functools.partial(prune_matmul, reduction="K"))
 
@@ -166,11 +173,37 @@ def _forward_fused(
     seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
     n_cols: int,
 ) -> tuple[Tensor, Tensor | None]:
+    return _forward_h_by(_fwd_tuner, x2d, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact,
+                         col_offset, n_cols)
+
+
+def _forward_tma(
+    x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
+    n_cols: int,
+) -> tuple[Tensor, Tensor | None]:
+    # fused, h by the Hopper kernel where descriptors can serve x and W1 (else the pointer
+    # kernel: a key that chose this path may come again with operands they cannot serve)
+    tuner = _fwd_tma_tuner if tma_compatible(x2d, w1) else _fwd_tuner
+    return _forward_h_by(tuner, x2d, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact,
+                         col_offset, n_cols)
+
+
+def _tma_applies(x2d: Tensor, w1: Tensor, *args, **kwargs) -> bool:
+    return tma_applies(x2d, w1)
+
+
+def _forward_h_by(
+    tuner: Tuner, x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
+    n_cols: int,
+) -> tuple[Tensor, Tensor | None]:
+    """y = h @ W2^T + b2, h = dropout(gelu(x @ W1^T + b1)) by ``tuner``'s forward kernel."""
     (M, _), hidden = x2d.shape, w1.shape[0]
     h = _matmul.new_output((M, hidden), x2d)
     preact = _matmul.new_output((M, hidden), x2d) if save_preact else None
     if M and hidden:
-        launch_forward(_fwd_tuner, x2d, w1, b1, h, preact, approximate_tanh, seed, p,
+        launch_forward(tuner, x2d, w1, b1, h, preact, approximate_tanh, seed, p,
                        col_offset, n_cols)
     return _matmul_bias(h, w2, b2), preact
 
@@ -313,9 +346,12 @@ def _backward_torch(
 # fine for any size (the fused kernels' first config is a guess for a matmul). "torch" is a
 # candidate at p == 0 only: with dropout on, PyTorch's ops cannot draw the kernels' mask.
 _forward_paths = Paths(
-    "ffn_fwd", {"fused": _forward_fused, "composed": _forward_composed, "torch": _forward_torch},
-    default="fused", untuned="composed", applies={"torch": without_dropout},
-    kernels=[_fwd_tuner, _gelu._dropout_fwd_tuner],
+    "ffn_fwd",
+    {"fused": _forward_fused, "composed": _forward_composed, "torch": _forward_torch,
+     "tma": _forward_tma},
+    default="fused", untuned="composed",
+    applies={"torch": without_dropout, "tma": _tma_applies},
+    kernels=[_fwd_tuner, _gelu._dropout_fwd_tuner, _fwd_tma_tuner],
 )
 _backward_paths = Paths(
     "ffn_bwd",
