@@ -52,7 +52,7 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from triton_gelu import _autotune  # noqa: E402
 from triton_gelu.kernels import _matmul  # noqa: E402
-from triton_gelu.kernels.ffn import _ffn_bwd_dz_kernel  # noqa: E402
+from triton_gelu.kernels.ffn import _ffn_bwd_dz_kernel, _ffn_bwd_dz_tma_kernel  # noqa: E402
 from triton_gelu.kernels.geglu import (  # noqa: E402
     _geglu_act_kernel, _geglu_bwd_act_kernel, _geglu_bwd_dw_kernel, _geglu_bwd_dx_kernel,
     _geglu_fwd_kernel, _geglu_fwd_tma_kernel,
@@ -144,7 +144,7 @@ def _hopper_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int, gated_
                   gated_k: int):
     """(name, kernel, args, key) of the Hopper variants (TMA, persistent grid) as the launchers
     pass them: the linear forward's tile loop flattened where this Triton can, except under a
-    dropout epilogue; GeGLU's never.
+    dropout epilogue; GeGLU's and the FFN backward's dz kernel's never.
     The GeGLU ones at Gemma-2B's FFN (``gated_n``, ``gated_k``), as ``_geglu_cases``."""
     precision = "tf32" if dtype == torch.float32 else None
     flatten = _matmul.range_flattens()
@@ -157,11 +157,16 @@ def _hopper_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int, gated_
                  stride_xm=gated_k, stride_wgn=gated_k, stride_wun=gated_k, stride_om=gated_n,
                  APPROXIMATE_TANH=tanh, HAS_GATE_BIAS=True, HAS_UP_BIAS=True, WRITE_H=True,
                  SAVE_GATE_UP=True, INPUT_PRECISION=precision, FLATTEN=False, **NO_DROPOUT)
+    ffn_dz = dict(dy_ptr=dtype, w2_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, h_ptr=dtype,
+                  db1_part_ptr=torch.float32, M=M, F=N, E=K, db1_part_rows=M // 64,
+                  stride_dym=K, stride_w2e=N, stride_zm=N, stride_zf=1, APPROXIMATE_TANH=tanh,
+                  WRITE_H=True, SUM_DB1=True, INPUT_PRECISION=precision, **DROPOUT)
     key = (_autotune.bucket(M), N, K, dtype, tanh)
     gated_key = (_autotune.bucket(M), gated_n, gated_k, dtype, tanh)
     return [("linear_gelu_fwd_tma", _linear_gelu_fwd_tma_kernel, fwd, key),
             ("ffn_fwd_gelu_dropout_tma", _linear_gelu_fwd_tma_kernel,
              {**fwd, **DROPOUT, "FLATTEN": False}, key),
+            ("ffn_bwd_dz_tma", _ffn_bwd_dz_tma_kernel, ffn_dz, key),
             ("geglu_fwd_tma", _geglu_fwd_tma_kernel, geglu, gated_key),
             ("geglu_fwd_tma+dropout", _geglu_fwd_tma_kernel, {**geglu, **DROPOUT}, gated_key)]
 
@@ -317,7 +322,7 @@ def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
                         f"main-loop-spills={in_loop}"
                 if in_loop:
                     problems.append(f"{in_loop} local loads/stores in the main loop")
-                if args["FLATTEN"] and resources["STACK"]:
+                if args.get("FLATTEN") and resources["STACK"]:
                     problems.append(f"ptxas spills: a {resources['STACK']}-byte stack frame")
         status = "ok  " if not problems else "FAIL"
         print(f"{status} {label} smem={smem}{estimate}{usage} "
@@ -341,7 +346,7 @@ def _option(name: str) -> str | None:
 # for the GeGLU kernels' dropout epilogues (the gated block's).
 EPILOGUE_ONLY = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz", "gelu_dropout_fwd", "gelu_dropout_bwd",
                  "geglu_fwd+dropout", "geglu_act+dropout", "geglu_bwd_act+dropout",
-                 "ffn_fwd_gelu_dropout_tma", "geglu_fwd_tma+dropout")
+                 "ffn_fwd_gelu_dropout_tma", "geglu_fwd_tma+dropout", "ffn_bwd_dz_tma")
 
 
 def hopper_only(name: str) -> bool:

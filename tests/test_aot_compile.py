@@ -29,8 +29,8 @@ GROUPS = {
     "geglu_fwd": ("geglu_fwd", "geglu_fwd+dropout"),
     "geglu_bwd": ("geglu_bwd_dx", "geglu_bwd_dw"),
     # The Hopper variants (TMA, persistent grid): sm_90 only, every config of their spaces.
-    "hopper": ("linear_gelu_fwd_tma", "ffn_fwd_gelu_dropout_tma", "geglu_fwd_tma",
-               "geglu_fwd_tma+dropout"),
+    "hopper": ("linear_gelu_fwd_tma", "ffn_fwd_gelu_dropout_tma", "ffn_bwd_dz_tma",
+               "geglu_fwd_tma", "geglu_fwd_tma+dropout"),
 }
 HOPPER_ONLY = ("hopper",)
 

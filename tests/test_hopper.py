@@ -1,4 +1,5 @@
-"""The Hopper paths ("tma": tensor-descriptor loads, a persistent grid) of the forwards.
+"""The Hopper paths ("tma": tensor-descriptor loads, a persistent grid) of the forwards and of
+the FFN block's backward (its dz = dy @ W2 kernel).
 
 Without a GPU the interpreter runs the descriptor kernels (``tl.make_tensor_descriptor`` and
 ``tl.range`` work there, with the TMA rules checked): the tests force the "tma" path and hold
@@ -25,8 +26,9 @@ from triton_gelu.functional import dropout_seed
 from triton_gelu.kernels import _matmul
 
 M, K, N = 70, 40, 51  # 3 x 2 tiles of 32 for 3 programs; K: 16-byte rows, no multiple of 32
+HIDDEN = 56  # the FFN block's: the backward's W2 (K, HIDDEN) rows 16-byte aligned too
 FORMS = ["none", "tanh"]
-TMA_OPS = ("linear_gelu_fwd", "linear_preact", "ffn_fwd", "geglu_fwd")
+TMA_OPS = ("linear_gelu_fwd", "linear_preact", "ffn_fwd", "ffn_bwd", "geglu_fwd")
 
 pytestmark = pytest.mark.usefixtures("ieee_float32")
 
@@ -111,31 +113,46 @@ def test_saved_and_recomputed_preact_are_one(dtype, device, poison_outputs):
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_feed_forward_with_dropout_matches_float64(dtype, p, device, poison_outputs):
-    x = _randn(M, K, dtype=dtype, device=device)
-    w1 = _randn(N, K, dtype=dtype, device=device, scale=K**-0.5)
-    b1 = _randn(N, dtype=dtype, device=device)
-    w2 = _randn(K, N, dtype=dtype, device=device, scale=N**-0.5)
-    b2 = _randn(K, dtype=dtype, device=device)
+    # Forward (the linear kernel with its dropout epilogue) and backward (the dz kernel, its
+    # epilogue regenerating the mask) both on their Hopper kernels. W2 is (K, HIDDEN): a
+    # descriptor needs its rows 16-byte aligned too.
+    operands = (_randn(M, K, dtype=dtype, device=device),
+                _randn(HIDDEN, K, dtype=dtype, device=device, scale=K**-0.5),
+                _randn(HIDDEN, dtype=dtype, device=device),
+                _randn(K, HIDDEN, dtype=dtype, device=device, scale=HIDDEN**-0.5),
+                _randn(K, dtype=dtype, device=device))
+    dy = _randn(M, K, dtype=dtype, device=device)
+    leaves = [t.detach().requires_grad_(True) for t in operands]
     call_seed = int(torch.randint(0, 2**31, ()))
     torch.manual_seed(call_seed)
+    out = {}
+
+    def forward_backward():
+        out["y"] = triton_gelu.feed_forward(*leaves, p=p, approximate="tanh")
+        out["y"].backward(dy)
+
     with tma_paths():
-        counts = launched(lambda: triton_gelu.feed_forward(x, w1, b1, w2, b2, p=p,
-                                                           approximate="tanh"))
-    torch.manual_seed(call_seed)
-    with tma_paths():
-        y = triton_gelu.feed_forward(x, w1, b1, w2, b2, p=p, approximate="tanh")
-    assert counts.get("ffn_fwd_gelu_dropout_tma") == 1, counts
+        counts = launched(forward_backward)
+    assert counts.get("ffn_fwd_gelu_dropout_tma") == 1 and counts.get("ffn_bwd_dz_tma") == 1, \
+        counts
+    assert "ffn_fwd_gelu_dropout" not in counts and "ffn_bwd_dz" not in counts, counts
     keep = None
     if p:
         torch.manual_seed(call_seed)
-        keep = reference.dropout_keep(dropout_seed(device), M, N, p)
-    h = F.gelu(F.linear(x, w1, b1), approximate="tanh")
+        keep = reference.dropout_keep(dropout_seed(device), M, HIDDEN, p)
+    theirs = [t.detach().clone().requires_grad_(True) for t in operands]
+    h = F.gelu(F.linear(theirs[0], theirs[1], theirs[2]), approximate="tanh")
     if keep is not None:
         h = h * (keep.to(h.dtype) / (1.0 - p))
-    y_torch = F.linear(h, w2, b2)
-    y64, _ = reference.feed_forward64(x, w1, b1, w2, b2, keep, p, "tanh")
-    assert_no_worse_than_torch(y, y_torch, y64, f"ffn y {dtype} p={p}")
-    assert_all_written(y, y64, "ffn y")
+    y_torch = F.linear(h, theirs[3], theirs[4])
+    y_torch.backward(dy)
+    y64, grads64 = reference.feed_forward64(*operands, keep, p, "tanh", dy)
+    what = f"ffn {dtype} p={p}"
+    assert_no_worse_than_torch(out["y"].detach(), y_torch.detach(), y64, "y " + what)
+    assert_all_written(out["y"].detach(), y64, "y " + what)
+    for name, ours, torch_leaf, ref in zip(("dx", "dW1", "db1", "dW2", "db2"), leaves, theirs,
+                                           grads64):
+        assert_no_worse_than_torch(ours.grad, torch_leaf.grad, ref, f"{name} {what}")
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -204,6 +221,8 @@ def _cases(device):
         ("column slice at 1 element (2 bytes)", wide[:, 1:41], False),
         ("every other row", wide[::2], True),
         ("1-D", torch.randn(40, device=device).to(bf16), False),
+        ("expanded rows (stride 0)", torch.randn(1, 40, device=device).to(bf16).expand(M, 40),
+         False),
     ]
 
 

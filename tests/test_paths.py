@@ -159,7 +159,7 @@ def test_the_real_ops_register_their_paths():
     assert set(ops["linear_preact"].paths) == {"fused", "composed", "tma"}
     assert set(ops["linear_gelu_bwd"].paths) == {"fused", "dz_once", "mixed", "torch"}
     assert set(ops["ffn_fwd"].paths) == {"fused", "composed", "torch", "tma"}
-    assert set(ops["ffn_bwd"].paths) == {"fused", "composed", "torch"}
+    assert set(ops["ffn_bwd"].paths) == {"fused", "composed", "torch", "tma"}
     assert set(ops["geglu_fwd"].paths) == {"fused", "composed", "torch", "tma"}
     assert set(ops["geglu_bwd"].paths) == {"once", "fused", "torch"}
     # Interpreter default: the Triton kernels (the suite tests them); untuned on a GPU: PyTorch

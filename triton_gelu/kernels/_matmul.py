@@ -129,23 +129,28 @@ def dot_tile(
 @triton.jit
 def descriptor_dot_tile(
     a_desc,  # (M, K) tensor descriptor, block (BLOCK_SIZE_M, BLOCK_SIZE_K)
-    b_desc,  # (N, K) tensor descriptor (a weight, multiplied as B^T), block (BLOCK_SIZE_N, ..K)
+    b_desc,  # (N, K) descriptor, block (BLOCK_SIZE_N, BLOCK_SIZE_K): a weight, multiplied as
+    #          its transpose; with B_IS_KN a (K, N) one, block (BLOCK_SIZE_K, BLOCK_SIZE_N)
     off_m,  # first row of the tile in A
-    off_n,  # first row of the tile in B (its first output column)
+    off_n,  # first output column of the tile
     K,
+    B_IS_KN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
 ):
-    # acc[m, n] = sum_k A[off_m + m, k] * B[off_n + n, k]: dot_tile's loop on TMA loads. The
+    # acc[m, n] = sum_k A[off_m + m, k] * B^T[k, off_n + n]: dot_tile's loop on TMA loads. The
     # copy engine zero-fills what lies outside the tensor, so no masks (and a K that is no
     # multiple of BLOCK_SIZE_K sums zeros past its end).
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         a = a_desc.load([off_m, k * BLOCK_SIZE_K])
-        b = b_desc.load([off_n, k * BLOCK_SIZE_K])
-        acc = tl.dot(dot_operand(a), dot_operand(b).T, acc, input_precision=INPUT_PRECISION)
+        if B_IS_KN:
+            b = dot_operand(b_desc.load([k * BLOCK_SIZE_K, off_n]))
+        else:
+            b = dot_operand(b_desc.load([off_n, k * BLOCK_SIZE_K])).T
+        acc = tl.dot(dot_operand(a), b, acc, input_precision=INPUT_PRECISION)
     return acc
 
 
@@ -195,8 +200,8 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
     to the pointer kernels, e.g. an odd K in bf16, a transposed weight, a column slice at an odd
     offset."""
     for t in tensors:
-        if t.dim() != 2 or t.stride(1) != 1 or t.data_ptr() % _TMA_ALIGN:
-            return False
+        if t.dim() != 2 or t.stride(1) != 1 or t.stride(0) <= 0 or t.data_ptr() % _TMA_ALIGN:
+            return False  # (a stride-0 row: an expanded tensor, which a tensor map cannot be)
         if (t.stride(0) * t.element_size()) % _TMA_ALIGN:
             return False
     return True

@@ -201,7 +201,8 @@ def _linear_gelu_fwd_tma_kernel(
         pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = output_tile_of(
             tile_id, M, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
         acc = descriptor_dot_tile(x_desc, w_desc, pid_m * BLOCK_SIZE_M, pid_n * BLOCK_SIZE_N, K,
-                                  INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                                  False, INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N,
+                                  BLOCK_SIZE_K)
         _forward_epilogue(acc, b_ptr, y_ptr, preact_ptr, seed_ptr, pid_n, offs_m, offs_n, mask_m,
                           mask_n, stride_ym, dropout_threshold, dropout_scale,
                           dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH, HAS_BIAS,
