@@ -12,7 +12,7 @@ seed (one int64) for it. What else the forward keeps is ``functional.py``'s
 choice: x and z (the launcher returns z when asked), or x alone with ``recompute``. h lives only
 inside the forward launcher.
 
-Three paths (``_autotune.Paths`` "ffn_fwd" and "ffn_bwd"; the same mask, results within the
+Four paths (``_autotune.Paths`` "ffn_fwd" and "ffn_bwd"; the same mask, results within the
 tolerance rule), the plain matmuls by cuBLAS (``torch.mm`` / ``torch.addmm``) on all; where
 nothing may be timed on a GPU, the composed ones (``untuned``):
 
@@ -34,6 +34,10 @@ torch (p == 0 only: eval, or no dropout asked for)
     dW2 from gelu(z) rebuilt by F.gelu where eager keeps it). With dropout on it is no candidate
     (``applies``): PyTorch's dropout draws another mask than ours, which the backward regenerates.
     It makes "never slower than PyTorch" hold for the block wherever the two compute the same.
+
+tma (sm90+, operands a tensor descriptor can serve: ``_matmul.tma_compatible``)
+    fused, with linear1's forward kernel and the backward's dz kernel replaced by their Hopper
+    variants: TMA loads on a persistent grid, the same epilogues (``_matmul.py``).
 
 Why the backward writes h for cuBLAS rather than regenerating it inside a dW2 kernel: dW2 =
 dy^T @ h has (E, F) output tiles reducing over M, so a kernel rebuilding h from z would redo GELU

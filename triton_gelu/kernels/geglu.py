@@ -34,6 +34,9 @@ them from the dh, g and u tiles they load (as ``linear_gelu``'s backward does wi
 dW kernel also sums both bias gradients in float32. The gated block's backward also asks for h
 (``write_h``): the elementwise kernel writes it alongside dg and du.
 
+Path "tma" (forward, sm90+, operands a tensor descriptor can serve): the fused kernel's Hopper
+variant, x, W_gate and W_up loaded by TMA on a persistent grid, the same epilogue.
+
 Path "torch" (forward and backward): eager PyTorch's own computation, F.linear for g and u,
 then F.gelu(g) * u (gelu(g) rounded to the input dtype before the product, as eager rounds it)
 and its autograd backward: the candidate that keeps the path choice never slower than PyTorch.

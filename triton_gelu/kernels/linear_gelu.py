@@ -41,8 +41,11 @@ Paths (``_autotune.Paths``): each launcher below chooses, per problem key, how t
                                 where it computes the asked form (tanh on CUDA; on the CPU
                                 PyTorch applies its exact GELU after the matmul) and z is not kept
                      torch      eager PyTorch: torch.addmm, then F.gelu
+                     tma        fused on Hopper: the forward kernel's TMA variant on a
+                                persistent grid (sm90+, operands a descriptor can serve)
     linear_preact    fused      the forward kernel writing z only (default)
                      composed   torch.addmm, as eager PyTorch (untuned)
+                     tma        the TMA variant writing z only
     linear_gelu_bwd  fused      the dx and dW kernels, each rebuilding dz (default)
                      dz_once    one elementwise kernel writes dz in the input dtype and db's
                                 partial sums; dx = dz @ W and dW = dz^T @ x by cuBLAS (untuned)
