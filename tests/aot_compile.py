@@ -8,7 +8,15 @@ the tuner would try for a large FFN problem, and checks what the GPU would get:
 - every config that survives pruning compiles and fits the architecture's shared memory;
 - the matmuls use Hopper's wgmma on sm_90 (fp16/bf16/tf32 operands), mma elsewhere;
 - the elementwise kernels (the backward's dz kernel included) load and store 16 bytes per
-  access on aligned contiguous tensors.
+  access on aligned contiguous tensors;
+- the Hopper variants (``*_tma``, sm_90 only: the "tma" paths) load by TMA
+  (``cp.async.bulk.tensor``, no cp.async) into wgmma, their shared memory is within the tuner's
+  estimate, and ptxas spills nothing inside the main loop (no local load or store in the SASS
+  of the innermost loop holding the wgmma instructions, read from the cubin by the bundled
+  cuobjdump); with the tile loop flattened into it (FLATTEN, where the epilogue is light: the
+  linear forward without dropout) nothing at all (no stack frame). Unflattened, the heavier
+  epilogues (dropout's Philox, GeGLU's two accumulators) spill a few registers after the K loop,
+  as the pointer kernels do. Each of their lines shows registers, stack and main-loop spills.
 
 Run it without TRITON_INTERPRET (``python tests/aot_compile.py``); tests/test_aot_compile.py does.
 It prints one line per compile and exits non-zero if any promise is broken. ``--quick``
@@ -32,6 +40,10 @@ import time
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("aot_compile.py compiles real kernels: run it without TRITON_INTERPRET")
 
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -39,15 +51,16 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from triton_gelu import _autotune  # noqa: E402
-from triton_gelu.kernels.ffn import _ffn_bwd_dz_kernel  # noqa: E402
+from triton_gelu.kernels import _matmul  # noqa: E402
+from triton_gelu.kernels.ffn import _ffn_bwd_dz_kernel, _ffn_bwd_dz_tma_kernel  # noqa: E402
 from triton_gelu.kernels.geglu import (  # noqa: E402
     _geglu_act_kernel, _geglu_bwd_act_kernel, _geglu_bwd_dw_kernel, _geglu_bwd_dx_kernel,
-    _geglu_fwd_kernel,
+    _geglu_fwd_kernel, _geglu_fwd_tma_kernel,
 )
 from triton_gelu.kernels.gelu import _gelu_bwd_kernel, _gelu_fwd_kernel  # noqa: E402
 from triton_gelu.kernels.linear_gelu import (  # noqa: E402
     _linear_gelu_bwd_dw_kernel, _linear_gelu_bwd_dx_kernel, _linear_gelu_bwd_dz_kernel,
-    _linear_gelu_fwd_kernel,
+    _linear_gelu_fwd_kernel, _linear_gelu_fwd_tma_kernel,
 )
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
@@ -127,6 +140,37 @@ def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
             ("ffn_bwd_dz", _ffn_bwd_dz_kernel, ffn_dz, key)]
 
 
+def _hopper_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int, gated_n: int,
+                  gated_k: int):
+    """(name, kernel, args, key) of the Hopper variants (TMA, persistent grid) as the launchers
+    pass them: the linear forward's tile loop flattened where this Triton can, except under a
+    dropout epilogue; GeGLU's and the FFN backward's dz kernel's never.
+    The GeGLU ones at Gemma-2B's FFN (``gated_n``, ``gated_k``), as ``_geglu_cases``."""
+    precision = "tf32" if dtype == torch.float32 else None
+    flatten = _matmul.range_flattens()
+    fwd = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, preact_ptr=dtype,
+               M=M, N=N, K=K, stride_xm=K, stride_wn=K, stride_ym=N,
+               APPROXIMATE_TANH=tanh, HAS_BIAS=True, WRITE_Y=True, SAVE_PREACT=True,
+               INPUT_PRECISION=precision, FLATTEN=flatten, **NO_DROPOUT)
+    geglu = dict(x_ptr=dtype, wg_ptr=dtype, wu_ptr=dtype, bg_ptr=dtype, bu_ptr=dtype,
+                 h_ptr=dtype, g_ptr=dtype, u_ptr=dtype, M=M, N=gated_n, K=gated_k,
+                 stride_xm=gated_k, stride_wgn=gated_k, stride_wun=gated_k, stride_om=gated_n,
+                 APPROXIMATE_TANH=tanh, HAS_GATE_BIAS=True, HAS_UP_BIAS=True, WRITE_H=True,
+                 SAVE_GATE_UP=True, INPUT_PRECISION=precision, FLATTEN=False, **NO_DROPOUT)
+    ffn_dz = dict(dy_ptr=dtype, w2_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, h_ptr=dtype,
+                  db1_part_ptr=torch.float32, M=M, F=N, E=K, db1_part_rows=M // 64,
+                  stride_dym=K, stride_w2e=N, stride_zm=N, stride_zf=1, APPROXIMATE_TANH=tanh,
+                  WRITE_H=True, SUM_DB1=True, INPUT_PRECISION=precision, **DROPOUT)
+    key = (_autotune.bucket(M), N, K, dtype, tanh)
+    gated_key = (_autotune.bucket(M), gated_n, gated_k, dtype, tanh)
+    return [("linear_gelu_fwd_tma", _linear_gelu_fwd_tma_kernel, fwd, key),
+            ("ffn_fwd_gelu_dropout_tma", _linear_gelu_fwd_tma_kernel,
+             {**fwd, **DROPOUT, "FLATTEN": False}, key),
+            ("ffn_bwd_dz_tma", _ffn_bwd_dz_tma_kernel, ffn_dz, key),
+            ("geglu_fwd_tma", _geglu_fwd_tma_kernel, geglu, gated_key),
+            ("geglu_fwd_tma+dropout", _geglu_fwd_tma_kernel, {**geglu, **DROPOUT}, gated_key)]
+
+
 def _geglu_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
     """(name, kernel, args, key) of the GeGLU kernels on contiguous operands; "+dropout": the
     gated block's dropout epilogues (the forward's, the composed forward's elementwise kernel,
@@ -193,6 +237,45 @@ def _tuner_of(name: str):
     raise LookupError(name)
 
 
+def _cuobjdump() -> str | None:
+    """Triton's bundled cuobjdump (beside its ptxas), if this install has one."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    path = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    return path if os.access(path, os.X_OK) else None
+
+
+def _cubin_tool(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_cuobjdump(), flag, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """{"REG": registers a thread, "STACK": bytes of stack frame (spills), ...} of a cubin."""
+    line = next(ln for ln in _cubin_tool(cubin, "-res-usage").splitlines() if "REG:" in ln)
+    return {name: int(value) for name, value in re.findall(r"(\w+):(\d+)", line)}
+
+
+def main_loop_spills(cubin: bytes) -> int:
+    """Local loads and stores (spill traffic) in the SASS of the innermost loop holding the
+    wgmma (HGMMA) instructions: the loop from the target of a backward branch to the branch."""
+    lines = [(int(m.group(1), 16), text) for text in _cubin_tool(cubin, "-sass").splitlines()
+             if (m := re.search(r"/\*([0-9a-f]{4,})\*/", text))]
+    mma = [at for at, text in lines if "HGMMA" in text]
+    loops = [(int(m.group(1), 16), at) for at, text in lines
+             if (m := re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text))
+             and int(m.group(1), 16) < at]
+    inner = [(start, end) for start, end in loops if mma and start <= mma[0] <= end]
+    if not inner:
+        return 0
+    start, end = min(inner, key=lambda loop: loop[1] - loop[0])
+    return sum(1 for at, text in lines
+               if start <= at <= end and re.search(r"\b(STL|LDL)\b", text))
+
+
 def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
     if not configs:
         return
@@ -219,14 +302,31 @@ def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
                 problems.append(f"no {want} in the PTX: the matmul is not on the tensor cores")
         elif "ld.global.v4" not in ptx or "st.global.v4" not in ptx:
             problems.append("no 16-byte vector loads and stores in the PTX")
-        status = "ok  " if not problems else "FAIL"
-        estimate = ""
+        estimate, usage = "", ""
         if is_matmul:  # the tuner's estimate beside the real figure, to keep the fit honest
             roles = getattr(_tuner_of(kernel_name).prune, "keywords", {})
             itemsize = 2 if key[3] != torch.float32 else 4
-            estimate = f" (estimated {_autotune.matmul_smem_bytes(config, itemsize, arch, **roles)})"
-        print(f"{status} {label} smem={smem}{estimate} {time.perf_counter() - start:.1f}s",
-              flush=True)
+            estimated = _autotune.matmul_smem_bytes(config, itemsize, arch, **roles)
+            estimate = f" (estimated {estimated})"
+        if "_tma" in kernel_name:  # the Hopper variants' promises
+            if "cp.async.bulk.tensor" not in ptx or re.search(r"cp\.async\.c[ag]\b", ptx):
+                problems.append("operands not loaded by TMA alone (cp.async.bulk.tensor)")
+            if smem > estimated:
+                problems.append(f"uses {smem} B of shared memory, above the tuner's estimate "
+                                f"{estimated}: it may keep a config that does not fit")
+            if _cuobjdump() is not None:
+                cubin = compiled.asm["cubin"]
+                resources = resource_usage(cubin)
+                in_loop = main_loop_spills(cubin)
+                usage = f" regs={resources['REG']} stack={resources['STACK']} " \
+                        f"main-loop-spills={in_loop}"
+                if in_loop:
+                    problems.append(f"{in_loop} local loads/stores in the main loop")
+                if args.get("FLATTEN") and resources["STACK"]:
+                    problems.append(f"ptxas spills: a {resources['STACK']}-byte stack frame")
+        status = "ok  " if not problems else "FAIL"
+        print(f"{status} {label} smem={smem}{estimate}{usage} "
+              f"{time.perf_counter() - start:.1f}s", flush=True)
         failures.extend(f"{label}: {p}" for p in problems)
 
 
@@ -245,13 +345,20 @@ def _option(name: str) -> str | None:
 # config (the largest tile) per dtype, fp16 left to bf16: the epilogue is what is new. The same
 # for the GeGLU kernels' dropout epilogues (the gated block's).
 EPILOGUE_ONLY = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz", "gelu_dropout_fwd", "gelu_dropout_bwd",
-                 "geglu_fwd+dropout", "geglu_act+dropout", "geglu_bwd_act+dropout")
+                 "geglu_fwd+dropout", "geglu_act+dropout", "geglu_bwd_act+dropout",
+                 "ffn_fwd_gelu_dropout_tma", "geglu_fwd_tma+dropout", "ffn_bwd_dz_tma")
+
+
+def hopper_only(name: str) -> bool:
+    """The Hopper variants are candidates on sm90+ only: never compiled for sm80."""
+    return "_tma" in name
 
 
 def _cases(dtype: torch.dtype, tanh: bool) -> list:
     return _matmul_cases(dtype, tanh, 8192, 3072, 768) + \
         _elementwise_cases(dtype, tanh, 1 << 24) + \
-        _geglu_cases(dtype, tanh, 8192, 16384, 2048)  # Gemma-2B's FFN
+        _geglu_cases(dtype, tanh, 8192, 16384, 2048) + \
+        _hopper_cases(dtype, tanh, 8192, 3072, 768, 16384, 2048)  # Gemma-2B's FFN
 
 
 def kernel_names() -> list[str]:
@@ -283,6 +390,8 @@ def main() -> int:
                     if exact is not None and name not in exact:
                         continue
                     if name in EPILOGUE_ONLY and dtype == torch.float16:
+                        continue
+                    if hopper_only(name) and arch != "sm90":
                         continue
                     kept = _tuner_of(name).candidates(key, arch)
                     every = every_config and not tanh and name not in EPILOGUE_ONLY

@@ -285,6 +285,20 @@ def test_report_lists_the_cases_below_the_eager_target():
     assert "None: every case with an eager figure is at or above it." in clean
 
 
+def test_the_hopper_paths_are_candidates_where_descriptors_serve(timed_paths):
+    # At a shape whose rows are 16-byte aligned (K = 48: 96-byte bf16 rows) each forward's
+    # Hopper path ("tma": TMA loads, persistent grid) is timed beside the others, so the first
+    # GPU run records where it pays. (The interpreter lets it apply as an sm90 GPU would; at
+    # 37x45x51 above, an odd K, it does not.)
+    sel = Selection(shapes=[(37, 48, 51)], gelu_sizes_mb=[], dtypes=["bf16"],
+                    approximates=["tanh"], modes=["infer"], baselines=["eager"], device="cpu")
+    cases = [c for op in (ops_linear_gelu, ops_ffn, ops_geglu) for c in op.cases(sel)]
+    records = [harness.run_case(c, DEVICE_FIGURES, FakeClock(ms=2.0, peak=4096)) for c in cases]
+    assert [r["op"] for r in records] == ["linear_gelu", "ffn", "geglu"]
+    for record in records:
+        assert "tma" in record["candidates"], (harness.label(record), record["candidates"])
+
+
 def test_geglu_builds_runs_and_reports(tmp_path, timed_paths):
     sel = Selection(shapes=[(37, 45, 51)], gelu_sizes_mb=[], dtypes=["bf16"],
                     approximates=["tanh"], modes=list(harness.MODES),

@@ -153,12 +153,14 @@ def test_the_real_ops_register_their_paths():
     ops = _autotune.path_choosers
     assert set(ops["gelu_fwd"].paths) == set(ops["gelu_bwd"].paths) == {"triton", "torch"}
     # PyTorch's own computation is a candidate of every op: the fastest is never slower.
-    assert set(ops["linear_gelu_fwd"].paths) == {"fused", "composed", "addmm_gelu", "torch"}
-    assert set(ops["linear_preact"].paths) == {"fused", "composed"}
+    # The forwards' Hopper variants (TMA, persistent grid) are one more candidate: "tma".
+    assert set(ops["linear_gelu_fwd"].paths) == {"fused", "composed", "addmm_gelu", "torch",
+                                                 "tma"}
+    assert set(ops["linear_preact"].paths) == {"fused", "composed", "tma"}
     assert set(ops["linear_gelu_bwd"].paths) == {"fused", "dz_once", "mixed", "torch"}
-    assert set(ops["ffn_fwd"].paths) == set(ops["ffn_bwd"].paths) == {
-        "fused", "composed", "torch"}
-    assert set(ops["geglu_fwd"].paths) == {"fused", "composed", "torch"}
+    assert set(ops["ffn_fwd"].paths) == {"fused", "composed", "torch", "tma"}
+    assert set(ops["ffn_bwd"].paths) == {"fused", "composed", "torch", "tma"}
+    assert set(ops["geglu_fwd"].paths) == {"fused", "composed", "torch", "tma"}
     assert set(ops["geglu_bwd"].paths) == {"once", "fused", "torch"}
     # Interpreter default: the Triton kernels (the suite tests them); untuned on a GPU: PyTorch
     # or cuBLAS (with our elementwise kernel), never slower than the unfused op.
@@ -173,7 +175,8 @@ def test_the_real_ops_register_their_paths():
     # Each Tuner of the package is in the kernels= of the ops whose paths launch it.
     from triton_gelu.kernels import geglu
 
-    assert set(ops["geglu_fwd"].kernels) == {geglu._fwd_tuner, geglu._act_tuner}
+    assert set(ops["geglu_fwd"].kernels) == {geglu._fwd_tuner, geglu._act_tuner,
+                                             geglu._fwd_tma_tuner}
     assert set(ops["geglu_bwd"].kernels) == {geglu._bwd_act_tuner, geglu._dx_tuner,
                                              geglu._dw_tuner, geglu._act_tuner}
 

@@ -181,6 +181,33 @@ def matmul_configs(arch: str | None = None) -> list[triton.Config]:
     ]
 
 
+# The Hopper variants' tiles (TMA loads, persistent grid: ``kernels/_matmul.py``), for sm90 and
+# any later GPU (the Paths take them on compute capability 9.0+ only; ``prune_matmul`` drops what
+# a smaller shared memory cannot hold). Fewer than the pointer kernels': TMA needs no tiles sized
+# for the backward, and a persistent grid no small tiles to fill the SMs; the decode tile keeps a
+# deep K. wgmma's 64-row warpgroups: no BLOCK_SIZE_M below 64. Left out because ptxas spills
+# them (tests/aot_compile.py reads the stack frame of every compile): (128, 256, 64, 8, 3) and
+# (128, 128, 64, 4, 4), whose float32 accumulator takes 128 registers a thread before the
+# epilogue's (the pointer kernel's 128 x 256 tile spills too).
+_TMA_MATMUL_TILES = (
+    (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4),
+)
+
+
+def tma_matmul_configs(arch: str | None = None) -> list[triton.Config]:
+    """Tiles for the Hopper matmul kernels; the interpreter gets the pointer kernels' one."""
+    if arch is None:
+        return matmul_configs(None)
+    return [
+        triton.Config(
+            {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 8},
+            num_warps=warps, num_stages=stages,
+        )
+        for bm, bn, bk, warps, stages in _TMA_MATMUL_TILES
+    ]
+
+
 def tile_configs(arch: str | None = None) -> list[triton.Config]:
     """(BLOCK_SIZE_M, BLOCK_SIZE_N) tiles for elementwise kernels over an (M, N) matrix whose
     programs each cover ``TILE_ROWS`` rows (the backward's dz kernel)."""
@@ -249,7 +276,7 @@ REDUCTIONS = ("K", "N", "M")
 
 def matmul_smem_bytes(
     config: triton.Config, itemsize: int, arch: str | None = None, reduction: str = "K",
-    gated: bool = False,
+    gated: bool = False, persistent: bool = False,
 ) -> int:
     """Shared memory Triton allocates for a matmul config, estimated per pipeline stage.
 
@@ -268,7 +295,16 @@ def matmul_smem_bytes(
     GPUs) num_stages buffers of the tiles fed straight to the tensor cores. Fitted on sm80 and
     sm90 compiles of the package's kernels with Triton 3.6 and 3.9 (tests/aot_compile.py):
     never below the real figure near the limits, and within a few KB above it.
+
+    ``persistent``: the Hopper kernels (TMA, persistent grid, a flattened tile loop): num_stages
+    buffers of the operand tiles, and at most one (BM, BN) tile in the input dtype more, which
+    the epilogue of a flattened loop takes while the next tile's loads are in flight (sm90
+    compiles with Triton 3.9: from a quarter of that tile to all of it).
     """
+    if persistent:
+        bm, bn, bk = (config.kwargs[f"BLOCK_SIZE_{d}"] for d in "MNK")
+        weights = 2 if gated else 1
+        return (config.num_stages * (bm * bk + weights * bk * bn) + bm * bn) * itemsize + 1024
     bm, bn, bk = (config.kwargs[f"BLOCK_SIZE_{d}"] for d in "MNK")
     weights, grad_inputs = (2, 3) if gated else (1, 2)
     staged, direct = {"K": (0, bm * bk + weights * bk * bn),
@@ -282,7 +318,7 @@ def matmul_smem_bytes(
 
 def prune_matmul(
     configs: list[triton.Config], key: tuple, arch: str | None = None,
-    reduction: str | None = None, gated: bool = False,
+    reduction: str | None = None, gated: bool = False, persistent: bool = False,
 ) -> list[triton.Config]:
     """Drop tiles that cannot fit in shared memory, and tiles far larger than the problem.
 
@@ -293,14 +329,14 @@ def prune_matmul(
     ``reduction`` ("K", "N" or "M", see ``matmul_smem_bytes``) says which kernel the configs are
     for; without it a tile must fit as any of the three, which is safe but keeps the forward
     from its biggest tiles. Pass it per tuner: ``functools.partial(prune_matmul, reduction="N")``
-    (and ``gated=True`` for the GeGLU kernels).
+    (and ``gated=True`` for the GeGLU kernels, ``persistent=True`` for the Hopper ones).
     """
     itemsize = _key_itemsize(key)
     limit = SMEM_BYTES.get(arch or "default", SMEM_BYTES["default"])
     roles = REDUCTIONS if reduction is None else (reduction,)
 
     def smem(c: triton.Config) -> int:
-        return max(matmul_smem_bytes(c, itemsize, arch, r, gated) for r in roles)
+        return max(matmul_smem_bytes(c, itemsize, arch, r, gated, persistent) for r in roles)
 
     bounds = {dim: max(bucket(size), 64) for dim, size in zip("MNK", key[:3])}
     kept = [

@@ -1,15 +1,32 @@
 """What every matmul kernel of the package shares: tile order, the main loop of an output tile,
 tensor-core operands, the TF32 rule, launch grids and output allocation; and how the paths call
-cuBLAS."""
+cuBLAS.
+
+Hopper (sm90+) variants: the main loop of an output tile can load its operands through tensor
+descriptors (TMA: ``tl.make_tensor_descriptor``, one copy engine request per tile instead of
+cp.async from every thread; out-of-bounds rows and columns read as zero, so the loop has no
+masks) and the kernel can be persistent (one program per SM walking the output tiles in grouped
+order, ``persistent_grid``). Descriptors are made in the kernel rather than on the host
+(``triton.tools.tensor_descriptor.TensorDescriptor``): a host descriptor fixes its block shape
+before the launch, so every autotune config would need its own descriptor (a pre-launch hook
+the ``Tuner`` does not have), while an in-kernel descriptor takes the config's constexpr block
+sizes; both Triton 3.6 and 3.9 (and their interpreters) run it. Its cost is a 128-byte tensor
+map per program in a global scratch buffer, which Triton allocates through
+``triton.set_allocator`` (``use_tma_allocator``). ``tma_compatible`` is the host's check that a
+descriptor can serve an operand at all.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import torch
 import triton
 import triton.language as tl
 
+from .._runtime import interpreting
 from ._math import _INTERPRETING
 
 
@@ -31,8 +48,15 @@ def output_tile(M, N, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
                 GROUP_SIZE_M: tl.constexpr):
     # The (BLOCK_SIZE_M, BLOCK_SIZE_N) tile of an (M, N) output this program computes, in
     # grouped order: its tile indices, its int64 row and column offsets and their masks.
+    return output_tile_of(tl.program_id(0), M, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
+
+
+@triton.jit
+def output_tile_of(tile_id, M, N, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+                   GROUP_SIZE_M: tl.constexpr):
+    # output_tile for tile ``tile_id`` of the grouped order (a persistent program's current one).
     pid_m, pid_n = grouped_tile(
-        tl.program_id(0), tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M
+        tile_id, tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M
     )
     offs_m = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
@@ -102,6 +126,34 @@ def dot_tile(
     return acc
 
 
+@triton.jit
+def descriptor_dot_tile(
+    a_desc,  # (M, K) tensor descriptor, block (BLOCK_SIZE_M, BLOCK_SIZE_K)
+    b_desc,  # (N, K) descriptor, block (BLOCK_SIZE_N, BLOCK_SIZE_K): a weight, multiplied as
+    #          its transpose; with B_IS_KN a (K, N) one, block (BLOCK_SIZE_K, BLOCK_SIZE_N)
+    off_m,  # first row of the tile in A
+    off_n,  # first output column of the tile
+    K,
+    B_IS_KN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+):
+    # acc[m, n] = sum_k A[off_m + m, k] * B^T[k, off_n + n]: dot_tile's loop on TMA loads. The
+    # copy engine zero-fills what lies outside the tensor, so no masks (and a K that is no
+    # multiple of BLOCK_SIZE_K sums zeros past its end).
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        a = a_desc.load([off_m, k * BLOCK_SIZE_K])
+        if B_IS_KN:
+            b = dot_operand(b_desc.load([k * BLOCK_SIZE_K, off_n]))
+        else:
+            b = dot_operand(b_desc.load([off_n, k * BLOCK_SIZE_K])).T
+        acc = tl.dot(dot_operand(a), b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
 def input_precision(dtype: torch.dtype) -> str | None:
     """tl.dot's ``input_precision`` for operands of ``dtype``.
 
@@ -122,6 +174,91 @@ def tile_grid(rows: int, cols: int, row_block: str, col_block: str | None = None
         return (triton.cdiv(rows, meta[row_block]) * col_tiles,)
 
     return grid
+
+
+# ---- Hopper: tensor descriptors and persistent grids ------------------------------------------
+
+_TMA_ALIGN = 16  # bytes: a descriptor's base address and every stride but the last
+
+
+def tma_api() -> bool:
+    """Whether this Triton makes tensor descriptors in kernels (``tl.make_tensor_descriptor``,
+    Triton 3.3+ as a public name) and lets us allocate their scratch (``triton.set_allocator``)."""
+    return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
+
+@functools.cache
+def range_flattens() -> bool:
+    """Whether ``tl.range`` takes ``flatten`` (fuse a persistent kernel's tile loop with its K
+    loop, so the pipeline keeps loading across tiles)."""
+    return "flatten" in inspect.signature(tl.range.__init__).parameters
+
+
+def tma_compatible(*tensors: torch.Tensor) -> bool:
+    """Whether tensor descriptors can serve every one of these 2-D operands: last stride 1, the
+    other stride and the base address multiples of 16 bytes (TMA's rules). False sends a problem
+    to the pointer kernels, e.g. an odd K in bf16, a transposed weight, a column slice at an odd
+    offset."""
+    for t in tensors:
+        if t.dim() != 2 or t.stride(1) != 1 or t.stride(0) <= 0 or t.data_ptr() % _TMA_ALIGN:
+            return False  # (a stride-0 row: an expanded tensor, which a tensor map cannot be)
+        if (t.stride(0) * t.element_size()) % _TMA_ALIGN:
+            return False
+    return True
+
+
+def tma_device(t: torch.Tensor) -> bool:
+    """Whether ``t``'s device runs the descriptor kernels: a CUDA GPU of compute capability 9.0
+    or later (Hopper's TMA), not ROCm; and the interpreter, where tests force the Hopper paths
+    (it never takes them by itself: nothing is timed there)."""
+    if interpreting():
+        return t.device.type == "cpu"
+    return (t.is_cuda and torch.version.hip is None
+            and torch.cuda.get_device_capability(t.device)[0] >= 9)
+
+
+def tma_applies(*operands: torch.Tensor) -> bool:
+    """The Hopper paths' ``Paths`` predicate on a problem's 2-D operands (checked before any
+    launch): the API, the device, and every operand descriptor-compatible."""
+    return tma_api() and tma_device(operands[0]) and tma_compatible(*operands)
+
+
+# Programs of a persistent grid under the interpreter: fewer than the tiles of most test shapes,
+# so the tests walk several tiles per program.
+_INTERPRETER_PROGRAMS = 3
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_grid(rows: int, cols: int, device: torch.device, row_block: str = "BLOCK_SIZE_M",
+                    col_block: str = "BLOCK_SIZE_N"):
+    """One program per SM (never more than there are tiles), each walking the (row_block x
+    col_block) tiles of a (rows, cols) output in grouped order."""
+    programs = _sm_count(device.index if device.index is not None else torch.cuda.current_device()
+                         ) if device.type == "cuda" else _INTERPRETER_PROGRAMS
+
+    def grid(meta: dict) -> tuple[int]:
+        tiles = triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block])
+        return (max(1, min(programs, tiles)),)
+
+    return grid
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # Global scratch of a kernel launch (the tensor maps of in-kernel descriptors), on the
+    # current device (the launchers run under ``device_context``).
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def use_tma_allocator() -> None:
+    """Give Triton the allocator in-kernel descriptors need (their tensor maps live in global
+    scratch). Set at each Hopper launch, not at import; it replaces an allocator set before,
+    with one doing the same: torch memory on the current device. (The interpreter needs none.)"""
+    if not interpreting():
+        triton.set_allocator(_scratch)
 
 
 def new_output(

@@ -12,7 +12,7 @@ seed (one int64) for it. What else the forward keeps is ``functional.py``'s
 choice: x and z (the launcher returns z when asked), or x alone with ``recompute``. h lives only
 inside the forward launcher.
 
-Three paths (``_autotune.Paths`` "ffn_fwd" and "ffn_bwd"; the same mask, results within the
+Four paths (``_autotune.Paths`` "ffn_fwd" and "ffn_bwd"; the same mask, results within the
 tolerance rule), the plain matmuls by cuBLAS (``torch.mm`` / ``torch.addmm``) on all; where
 nothing may be timed on a GPU, the composed ones (``untuned``):
 
@@ -35,6 +35,10 @@ torch (p == 0 only: eval, or no dropout asked for)
     (``applies``): PyTorch's dropout draws another mask than ours, which the backward regenerates.
     It makes "never slower than PyTorch" hold for the block wherever the two compute the same.
 
+tma (sm90+, operands a tensor descriptor can serve: ``_matmul.tma_compatible``)
+    fused, with linear1's forward kernel and the backward's dz kernel replaced by their Hopper
+    variants: TMA loads on a persistent grid, the same epilogues (``_matmul.py``).
+
 Why the backward writes h for cuBLAS rather than regenerating it inside a dW2 kernel: dW2 =
 dy^T @ h has (E, F) output tiles reducing over M, so a kernel rebuilding h from z would redo GELU
 and the 10-round Philox of every z tile once per E-tile (E / 128 = 32 times for E = 4096), while
@@ -56,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autotune import Paths, Tuner, bucket, matmul_configs, prune_matmul
+from .._autotune import Paths, Tuner, bucket, matmul_configs, prune_matmul, tma_matmul_configs
 from .._checks import check_dropout_columns, check_ffn_2d, check_ffn_backward, check_ffn_needs
 from .._runtime import device_context
 from . import _matmul
@@ -64,10 +68,15 @@ from . import gelu as _gelu
 from ._math import (
     cast_to, dropout_arguments, dropout_factor_tile, gelu, gelu_grad, without_dropout,
 )
-from ._matmul import cublas_context, dot_tile, input_precision, output_tile, tile_grid
+from ._matmul import (
+    cublas_context, descriptor_dot_tile, dot_tile, input_precision, output_tile, output_tile_of,
+    persistent_grid, tile_grid, tma_applies, tma_compatible, use_tma_allocator,
+)
 from .gelu import gelu_dropout_backward, gelu_dropout_forward
 from .linear_gelu import _forward_torch as _linear_gelu_torch
-from .linear_gelu import _linear_gelu_fwd_kernel, _matmul_bias, launch_forward
+from .linear_gelu import (
+    _linear_gelu_fwd_kernel, _linear_gelu_fwd_tma_kernel, _matmul_bias, launch_forward,
+)
 
 Tensor = torch.Tensor
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
@@ -113,9 +122,30 @@ def _ffn_bwd_dz_kernel(
                   stride_dym, stride_dye, stride_w2e, stride_w2f,
                   INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
+    _dz_epilogue(dh, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m, pid_n, offs_m,
+                 offs_n, mask_m, mask_n, F, db1_part_rows, stride_zm, stride_zf,
+                 dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+                 APPROXIMATE_TANH, HAS_DROPOUT, WRITE_H, SUM_DB1, BLOCK_SIZE_N)
+
+
+@triton.jit
+def _dz_epilogue(
+    dh,  # (BM, BN) float32: dy @ W2 for the tile
+    preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr,  # as the dz kernels' arguments
+    pid_m, pid_n,  # the tile's indices
+    offs_m, offs_n, mask_m, mask_n,  # its int64 rows and columns, and their masks
+    F, db1_part_rows, stride_zm, stride_zf,
+    dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+    APPROXIMATE_TANH: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    SUM_DB1: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+):
     # Epilogue in float32, with h = dropout(gelu(z)) = gelu(z) * keep / (1 - p):
     #   dz = dh * keep / (1 - p) * gelu'(z)
     # Rows past M have dh = 0 (and z read as 0), so their dz is 0 and the column sums hold.
+    # Both dz kernels (pointer loads, and TMA loads on a persistent grid) end so.
     mask = mask_m[:, None] & mask_n[None, :]
     preact = tl.load(preact_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zf,
                      mask=mask, other=0.0).to(tl.float32)
@@ -138,12 +168,68 @@ def _ffn_bwd_dz_kernel(
                      mask=mask_n)
 
 
+@triton.jit
+def _ffn_bwd_dz_tma_kernel(
+    dy_ptr,  # (M, E), last stride 1, 16-byte aligned rows (see _matmul.tma_compatible)
+    w2_ptr,  # (E, F), likewise
+    preact_ptr,  # (M, F): z
+    seed_ptr,  # (1,) int64, the dropout seed; None without HAS_DROPOUT
+    dz_ptr,  # (M, F) contiguous
+    h_ptr,  # (M, F) contiguous; None without WRITE_H
+    db1_part_ptr,  # (db1_part_rows, F) float32 contiguous; None without SUM_DB1
+    M,
+    F,
+    E,
+    db1_part_rows,
+    stride_dym,
+    stride_w2e,
+    stride_zm,
+    stride_zf,
+    dropout_threshold,
+    dropout_scale,
+    dropout_col_offset,
+    dropout_n_cols,
+    APPROXIMATE_TANH: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    SUM_DB1: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,  # along F
+    BLOCK_SIZE_K: tl.constexpr,  # along E, the reduction
+    GROUP_SIZE_M: tl.constexpr,
+):
+    # dh = dy @ W2 for Hopper: dy and W2 tiles by TMA (W2 as it is stored, (E, F): a (K, N)
+    # operand), each program of a persistent grid walking output tiles in grouped order; the
+    # tile loop is not flattened (the Philox epilogue would spill inside it, as the forward's).
+    dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, E], strides=[stride_dym, 1],
+                                        block_shape=[BLOCK_SIZE_M, BLOCK_SIZE_K])
+    w2_desc = tl.make_tensor_descriptor(w2_ptr, shape=[E, F], strides=[stride_w2e, 1],
+                                        block_shape=[BLOCK_SIZE_K, BLOCK_SIZE_N])
+    num_tiles = tl.cdiv(M, BLOCK_SIZE_M) * tl.cdiv(F, BLOCK_SIZE_N)
+    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = output_tile_of(
+            tile_id, M, F, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
+        dh = descriptor_dot_tile(dy_desc, w2_desc, pid_m * BLOCK_SIZE_M, pid_n * BLOCK_SIZE_N,
+                                 E, True, INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N,
+                                 BLOCK_SIZE_K)
+        _dz_epilogue(dh, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m, pid_n,
+                     offs_m, offs_n, mask_m, mask_n, F, db1_part_rows, stride_zm, stride_zf,
+                     dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+                     APPROXIMATE_TANH, HAS_DROPOUT, WRITE_H, SUM_DB1, BLOCK_SIZE_N)
+
 # The same forward kernel as LinearGELU's, under its own name: its keys and launch count are the
 # FFN block's. Both kernels loop over a reduction the way the linear forward does ("K").
 _fwd_tuner = Tuner(_linear_gelu_fwd_kernel, "ffn_fwd_gelu_dropout", matmul_configs,
                    functools.partial(prune_matmul, reduction="K"))
+# Its Hopper variant (TMA loads, persistent grid), the forward's "tma" path.
+_fwd_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "ffn_fwd_gelu_dropout_tma", tma_matmul_configs,
+                       functools.partial(prune_matmul, reduction="K", persistent=True))
 _dz_tuner = Tuner(_ffn_bwd_dz_kernel, "ffn_bwd_dz", matmul_configs,
                   functools.partial(prune_matmul, reduction="K"))
+# Its Hopper variant: the backward's "tma" path.
+_dz_tma_tuner = Tuner(_ffn_bwd_dz_tma_kernel, "ffn_bwd_dz_tma", tma_matmul_configs,
+                      functools.partial(prune_matmul, reduction="K", persistent=True))
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
@@ -166,11 +252,37 @@ def _forward_fused(
     seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
     n_cols: int,
 ) -> tuple[Tensor, Tensor | None]:
+    return _forward_h_by(_fwd_tuner, x2d, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact,
+                         col_offset, n_cols)
+
+
+def _forward_tma(
+    x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
+    n_cols: int,
+) -> tuple[Tensor, Tensor | None]:
+    # fused, h by the Hopper kernel where descriptors can serve x and W1 (else the pointer
+    # kernel: a key that chose this path may come again with operands they cannot serve)
+    tuner = _fwd_tma_tuner if tma_compatible(x2d, w1) else _fwd_tuner
+    return _forward_h_by(tuner, x2d, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact,
+                         col_offset, n_cols)
+
+
+def _tma_applies(x2d: Tensor, w1: Tensor, *args, **kwargs) -> bool:
+    return tma_applies(x2d, w1)
+
+
+def _forward_h_by(
+    tuner: Tuner, x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
+    n_cols: int,
+) -> tuple[Tensor, Tensor | None]:
+    """y = h @ W2^T + b2, h = dropout(gelu(x @ W1^T + b1)) by ``tuner``'s forward kernel."""
     (M, _), hidden = x2d.shape, w1.shape[0]
     h = _matmul.new_output((M, hidden), x2d)
     preact = _matmul.new_output((M, hidden), x2d) if save_preact else None
     if M and hidden:
-        launch_forward(_fwd_tuner, x2d, w1, b1, h, preact, approximate_tanh, seed, p,
+        launch_forward(tuner, x2d, w1, b1, h, preact, approximate_tanh, seed, p,
                        col_offset, n_cols)
     return _matmul_bias(h, w2, b2), preact
 
@@ -191,33 +303,42 @@ def _forward_composed(
 def _launch_dz(
     dy2d: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None, p: float,
     approximate_tanh: bool, dz: Tensor, h: Tensor | None, db1_part: Tensor | None,
-    col_offset: int, n_cols: int,
+    col_offset: int, n_cols: int, tma: bool = False,
 ) -> int:
-    """The dz kernel; returns how many rows of ``db1_part`` it wrote (one per M-tile)."""
+    """The dz kernel (``tma``: its Hopper variant, on operands descriptors can serve); returns
+    how many rows of ``db1_part`` it wrote (one per M-tile)."""
     (M, E), hidden = dy2d.shape, preact.shape[1]
     precision = input_precision(preact.dtype)
     key = (bucket(M), hidden, E, preact.dtype, approximate_tanh, p > 0.0, h is not None,
            db1_part is not None, precision)
+    arguments = dict(
+        dy_ptr=dy2d, w2_ptr=w2, preact_ptr=preact, dz_ptr=dz, h_ptr=h,
+        db1_part_ptr=db1_part, M=M, F=hidden, E=E,
+        db1_part_rows=0 if db1_part is None else db1_part.shape[0],
+        stride_dym=dy2d.stride(0), stride_w2e=w2.stride(0),
+        stride_zm=preact.stride(0), stride_zf=preact.stride(1),
+        APPROXIMATE_TANH=approximate_tanh, WRITE_H=h is not None,
+        SUM_DB1=db1_part is not None, INPUT_PRECISION=precision,
+        **dropout_arguments(seed, p, n_cols, col_offset),
+    )
     with device_context(preact):
-        meta = _dz_tuner.run(
-            tile_grid(M, hidden, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
-            dy_ptr=dy2d, w2_ptr=w2, preact_ptr=preact, dz_ptr=dz, h_ptr=h,
-            db1_part_ptr=db1_part, M=M, F=hidden, E=E,
-            db1_part_rows=0 if db1_part is None else db1_part.shape[0],
-            stride_dym=dy2d.stride(0), stride_dye=dy2d.stride(1),
-            stride_w2e=w2.stride(0), stride_w2f=w2.stride(1),
-            stride_zm=preact.stride(0), stride_zf=preact.stride(1),
-            APPROXIMATE_TANH=approximate_tanh, WRITE_H=h is not None,
-            SUM_DB1=db1_part is not None, INPUT_PRECISION=precision,
-            **dropout_arguments(seed, p, n_cols, col_offset),
-        )
+        if tma:
+            use_tma_allocator()
+            meta = _dz_tma_tuner.run(persistent_grid(M, hidden, preact.device), key,
+                                     **arguments)
+        else:
+            meta = _dz_tuner.run(
+                tile_grid(M, hidden, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
+                stride_dye=dy2d.stride(1), stride_w2f=w2.stride(1), **arguments)
     return triton.cdiv(M, meta["BLOCK_SIZE_M"])
 
 
 def _backward_fused(
     dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
     p: float, approximate_tanh: bool, needs: tuple[bool, ...], col_offset: int, n_cols: int,
+    tma: bool = False,
 ) -> Grads:
+    # tma: the dz kernel's Hopper variant (the "tma" path, on operands descriptors can serve)
     need_dx, need_dw1, need_db1, need_dw2, _ = needs
     (M, hidden), dz, h, db1 = preact.shape, None, None, None
     if need_dx or need_dw1 or need_db1:
@@ -225,12 +346,13 @@ def _backward_fused(
         h = _matmul.new_output((M, hidden), x2d) if need_dw2 else None
         db1_part = None
         if need_db1:  # sized for the smallest M-tile the tuner may pick
-            rows = triton.cdiv(M, _dz_tuner.smallest("BLOCK_SIZE_M"))
+            tuner = _dz_tma_tuner if tma else _dz_tuner
+            rows = triton.cdiv(M, tuner.smallest("BLOCK_SIZE_M"))
             db1_part = _matmul.new_output((rows, hidden), x2d, torch.float32)
         rows_written = 0
         if M and hidden:
             rows_written = _launch_dz(dy2d, w2, preact, seed, p, approximate_tanh, dz, h,
-                                      db1_part, col_offset, n_cols)
+                                      db1_part, col_offset, n_cols, tma)
         if need_db1:
             if rows_written <= db1_part.shape[0]:
                 db1 = db1_part[:rows_written].sum(0).to(x2d.dtype)
@@ -241,6 +363,21 @@ def _backward_fused(
     dw2 = _mm(dy2d.t(), h) if need_dw2 else None
     del h  # transient: freed before dx and dW1 are computed
     return _linear1_grads(dy2d, x2d, w1, dz, db1, dw2, needs)
+
+
+def _backward_tma(
+    dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
+    p: float, approximate_tanh: bool, needs: tuple[bool, ...], col_offset: int, n_cols: int,
+) -> Grads:
+    # fused, dz by the Hopper kernel where descriptors can serve dy and W2 (else the pointer
+    # kernel: a key that chose this path may come again with operands they cannot serve)
+    return _backward_fused(dy2d, x2d, w1, w2, preact, seed, p, approximate_tanh, needs,
+                           col_offset, n_cols, tma=tma_compatible(dy2d, w2))
+
+
+def _backward_tma_applies(dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, *args,
+                          **kwargs) -> bool:
+    return tma_applies(dy2d, w2)
 
 
 def _backward_composed(
@@ -313,15 +450,20 @@ def _backward_torch(
 # fine for any size (the fused kernels' first config is a guess for a matmul). "torch" is a
 # candidate at p == 0 only: with dropout on, PyTorch's ops cannot draw the kernels' mask.
 _forward_paths = Paths(
-    "ffn_fwd", {"fused": _forward_fused, "composed": _forward_composed, "torch": _forward_torch},
-    default="fused", untuned="composed", applies={"torch": without_dropout},
-    kernels=[_fwd_tuner, _gelu._dropout_fwd_tuner],
+    "ffn_fwd",
+    {"fused": _forward_fused, "composed": _forward_composed, "torch": _forward_torch,
+     "tma": _forward_tma},
+    default="fused", untuned="composed",
+    applies={"torch": without_dropout, "tma": _tma_applies},
+    kernels=[_fwd_tuner, _gelu._dropout_fwd_tuner, _fwd_tma_tuner],
 )
 _backward_paths = Paths(
     "ffn_bwd",
-    {"fused": _backward_fused, "composed": _backward_composed, "torch": _backward_torch},
-    default="fused", untuned="composed", applies={"torch": without_dropout},
-    kernels=[_dz_tuner, _gelu._dropout_fwd_tuner, _gelu._dropout_bwd_tuner],
+    {"fused": _backward_fused, "composed": _backward_composed, "torch": _backward_torch,
+     "tma": _backward_tma},
+    default="fused", untuned="composed",
+    applies={"torch": without_dropout, "tma": _backward_tma_applies},
+    kernels=[_dz_tuner, _gelu._dropout_fwd_tuner, _gelu._dropout_bwd_tuner, _dz_tma_tuner],
 )
 
 

@@ -34,6 +34,9 @@ them from the dh, g and u tiles they load (as ``linear_gelu``'s backward does wi
 dW kernel also sums both bias gradients in float32. The gated block's backward also asks for h
 (``write_h``): the elementwise kernel writes it alongside dg and du.
 
+Path "tma" (forward, sm90+, operands a tensor descriptor can serve): the fused kernel's Hopper
+variant, x, W_gate and W_up loaded by TMA on a persistent grid, the same epilogue.
+
 Path "torch" (forward and backward): eager PyTorch's own computation, F.linear for g and u,
 then F.gelu(g) * u (gelu(g) rounded to the input dtype before the product, as eager rounds it)
 and its autograd backward: the candidate that keeps the path choice never slower than PyTorch.
@@ -68,6 +71,7 @@ import triton.language as tl
 
 from .._autotune import (
     Paths, Tuner, bucket, elementwise_configs, matmul_configs, prune_elementwise, prune_matmul,
+    tma_matmul_configs,
 )
 from .._checks import (
     check_dropout, check_dropout_columns, check_dropout_p, check_geglu_2d, check_geglu_backward,
@@ -80,7 +84,8 @@ from ._math import (
     without_dropout,
 )
 from ._matmul import (
-    cublas_context, dot_operand, input_precision, output_tile, tile_grid, weight_grad_tile,
+    cublas_context, dot_operand, input_precision, output_tile, output_tile_of, persistent_grid,
+    tile_grid, tma_applies, tma_compatible, use_tma_allocator, weight_grad_tile,
 )
 from .gelu import _as_rows, _grid, _row_offsets
 
@@ -169,9 +174,96 @@ def _geglu_fwd_kernel(
         wg_ptrs += BLOCK_SIZE_K * stride_wgk
         wu_ptrs += BLOCK_SIZE_K * stride_wuk
 
+    _forward_epilogue(acc_g, acc_u, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr, pid_n,
+                      offs_m, offs_n, mask_m, mask_n, stride_om, dropout_threshold,
+                      dropout_scale, dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH,
+                      HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT,
+                      BLOCK_SIZE_N)
+
+
+@triton.jit
+def _geglu_fwd_tma_kernel(
+    x_ptr,  # (M, K), last stride 1, 16-byte aligned rows (see _matmul.tma_compatible)
+    wg_ptr,  # (N, K) W_gate, likewise
+    wu_ptr,  # (N, K) W_up, likewise
+    bg_ptr,  # (N,) contiguous; None without HAS_GATE_BIAS
+    bu_ptr,  # (N,) contiguous; None without HAS_UP_BIAS
+    h_ptr,  # (M, N) contiguous; None without WRITE_H
+    g_ptr,  # (M, N) contiguous; None without SAVE_GATE_UP
+    u_ptr,  # (M, N) contiguous; None without SAVE_GATE_UP
+    seed_ptr,  # (1,) int64, the dropout seed; None without HAS_DROPOUT
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wgn,
+    stride_wun,
+    stride_om,  # row stride of h, g and u
+    dropout_threshold,
+    dropout_scale,
+    dropout_col_offset,
+    dropout_n_cols,
+    APPROXIMATE_TANH: tl.constexpr,
+    HAS_GATE_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    SAVE_GATE_UP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    FLATTEN: tl.constexpr,  # tl.range's flatten (the launcher passes False, see there)
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):
+    # The dual-matmul forward for Hopper: x, W_gate and W_up tiles by TMA, each program of a
+    # persistent grid (one per SM) walking output tiles in grouped order; the same epilogue.
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                       block_shape=[BLOCK_SIZE_M, BLOCK_SIZE_K])
+    wg_desc = tl.make_tensor_descriptor(wg_ptr, shape=[N, K], strides=[stride_wgn, 1],
+                                        block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+    wu_desc = tl.make_tensor_descriptor(wu_ptr, shape=[N, K], strides=[stride_wun, 1],
+                                        block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+    num_tiles = tl.cdiv(M, BLOCK_SIZE_M) * tl.cdiv(N, BLOCK_SIZE_N)
+    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+        pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = output_tile_of(
+            tile_id, M, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
+        off_m = pid_m * BLOCK_SIZE_M
+        off_n = pid_n * BLOCK_SIZE_N
+        # Each x tile is loaded once for two dots; TMA zero-fills past the tensors' ends.
+        acc_g = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+            x = dot_operand(x_desc.load([off_m, k * BLOCK_SIZE_K]))
+            wg = dot_operand(wg_desc.load([off_n, k * BLOCK_SIZE_K]))
+            acc_g = tl.dot(x, wg.T, acc_g, input_precision=INPUT_PRECISION)
+            wu = dot_operand(wu_desc.load([off_n, k * BLOCK_SIZE_K]))
+            acc_u = tl.dot(x, wu.T, acc_u, input_precision=INPUT_PRECISION)
+        _forward_epilogue(acc_g, acc_u, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,
+                          pid_n, offs_m, offs_n, mask_m, mask_n, stride_om, dropout_threshold,
+                          dropout_scale, dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH,
+                          HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT,
+                          BLOCK_SIZE_N)
+
+
+@triton.jit
+def _forward_epilogue(
+    acc_g, acc_u,  # (BM, BN) float32: x @ W_gate^T and x @ W_up^T for the tile
+    x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,  # the forward kernels' arguments
+    pid_n,  # the tile's column index (the dropout mask's tile position)
+    offs_m, offs_n, mask_m, mask_n,  # the tile's int64 rows and columns, and their masks
+    stride_om, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+    APPROXIMATE_TANH: tl.constexpr,
+    HAS_GATE_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    SAVE_GATE_UP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+):
     # Epilogue in float32: g and u get their biases and are rounded to the input dtype (the
     # values the backward sees, see the module docstring); h = gelu(g) * u (then dropout) is
-    # cast once.
+    # cast once. Both forward kernels (pointer loads, and TMA loads on a persistent grid) end so.
     if HAS_GATE_BIAS:
         acc_g += tl.load(bg_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_UP_BIAS:
@@ -424,6 +516,10 @@ def _geglu_bwd_dw_kernel(
 # config: the same tiles in the same order, hence bitwise the same g and u.
 _fwd_tuner = Tuner(_geglu_fwd_kernel, "geglu_fwd", matmul_configs,
                    functools.partial(prune_matmul, reduction="K", gated=True))
+# Its Hopper variant (TMA loads, persistent grid): the forward's "tma" path.
+_fwd_tma_tuner = Tuner(_geglu_fwd_tma_kernel, "geglu_fwd_tma", tma_matmul_configs,
+                       functools.partial(prune_matmul, reduction="K", gated=True,
+                                         persistent=True))
 _act_tuner = Tuner(_geglu_act_kernel, "geglu_act", elementwise_configs, prune_elementwise)
 _bwd_act_tuner = Tuner(_geglu_bwd_act_kernel, "geglu_bwd_act", elementwise_configs,
                        prune_elementwise)
@@ -450,8 +546,9 @@ def _forward_key(x2d: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor |
 def _forward_fused(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
-    seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
+    seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int, tma: bool = False,
 ) -> Outputs:
+    # tma: by the Hopper kernel (the "tma" path, on operands descriptors can serve)
     (M, K), N = x2d.shape, w_gate.shape[0]
     h = _matmul.new_output((M, N), x2d) if write_h else None
     g, u = (_matmul.new_output((M, N), x2d) for _ in "gu") if save_gate_up else (None, None)
@@ -461,21 +558,47 @@ def _forward_fused(
     b_gate = None if b_gate is None else b_gate.contiguous()  # N elements: cheaper than a stride
     b_up = None if b_up is None else b_up.contiguous()
     out = h if h is not None else g
+    arguments = dict(
+        x_ptr=x2d, wg_ptr=w_gate, wu_ptr=w_up, bg_ptr=b_gate, bu_ptr=b_up,
+        h_ptr=h, g_ptr=g, u_ptr=u, M=M, N=N, K=K, stride_xm=x2d.stride(0),
+        stride_wgn=w_gate.stride(0), stride_wun=w_up.stride(0), stride_om=out.stride(0),
+        APPROXIMATE_TANH=approximate_tanh, HAS_GATE_BIAS=b_gate is not None,
+        HAS_UP_BIAS=b_up is not None, WRITE_H=write_h, SAVE_GATE_UP=save_gate_up,
+        INPUT_PRECISION=input_precision(x2d.dtype),
+        # the mask is h's alone
+        **dropout_arguments(seed, p if write_h else 0.0, n_cols, col_offset),
+    )
     with device_context(x2d):
-        _fwd_tuner.run(
-            tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
-            x_ptr=x2d, wg_ptr=w_gate, wu_ptr=w_up, bg_ptr=b_gate, bu_ptr=b_up,
-            h_ptr=h, g_ptr=g, u_ptr=u, M=M, N=N, K=K,
-            stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
-            stride_wgn=w_gate.stride(0), stride_wgk=w_gate.stride(1),
-            stride_wun=w_up.stride(0), stride_wuk=w_up.stride(1), stride_om=out.stride(0),
-            APPROXIMATE_TANH=approximate_tanh, HAS_GATE_BIAS=b_gate is not None,
-            HAS_UP_BIAS=b_up is not None, WRITE_H=write_h, SAVE_GATE_UP=save_gate_up,
-            INPUT_PRECISION=input_precision(x2d.dtype),
-            # the mask is h's alone
-            **dropout_arguments(seed, p if write_h else 0.0, n_cols, col_offset),
-        )
+        if tma:
+            # The tile loop is not flattened: with two float32 accumulators, an epilogue
+            # inside the pipelined loop spills there (tests/aot_compile.py); after the K loop
+            # it spills a few registers outside it.
+            use_tma_allocator()
+            _fwd_tma_tuner.run(persistent_grid(M, N, x2d.device), key, FLATTEN=False,
+                               **arguments)
+        else:
+            _fwd_tuner.run(
+                tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
+                stride_xk=x2d.stride(1), stride_wgk=w_gate.stride(1), stride_wuk=w_up.stride(1),
+                **arguments)
     return h, g, u
+
+
+def _forward_tma(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+    seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
+) -> Outputs:
+    # fused on the Hopper kernel where descriptors can serve x and both weights (else the
+    # pointer kernel: a key that chose this path may come again with operands they cannot)
+    return _forward_fused(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, write_h,
+                          save_gate_up, seed, p, col_offset, n_cols,
+                          tma=tma_compatible(x2d, w_gate, w_up))
+
+
+def _tma_applies(x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *args,
+                 **kwargs) -> bool:
+    return tma_applies(x2d, w_gate, w_up)
 
 
 def _gate_into(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool,
@@ -547,9 +670,11 @@ def _forward_torch(
 # dropout on: PyTorch's ops cannot draw the kernels' mask, which the backward regenerates.
 _forward_paths = Paths(
     "geglu_fwd",
-    {"fused": _forward_fused, "composed": _forward_composed, "torch": _forward_torch},
-    default="fused", untuned="composed", applies={"torch": without_dropout},
-    kernels=[_fwd_tuner, _act_tuner],
+    {"fused": _forward_fused, "composed": _forward_composed, "torch": _forward_torch,
+     "tma": _forward_tma},
+    default="fused", untuned="composed",
+    applies={"torch": without_dropout, "tma": _tma_applies},
+    kernels=[_fwd_tuner, _act_tuner, _fwd_tma_tuner],
 )
 
 

@@ -41,8 +41,11 @@ Paths (``_autotune.Paths``): each launcher below chooses, per problem key, how t
                                 where it computes the asked form (tanh on CUDA; on the CPU
                                 PyTorch applies its exact GELU after the matmul) and z is not kept
                      torch      eager PyTorch: torch.addmm, then F.gelu
+                     tma        fused on Hopper: the forward kernel's TMA variant on a
+                                persistent grid (sm90+, operands a descriptor can serve)
     linear_preact    fused      the forward kernel writing z only (default)
                      composed   torch.addmm, as eager PyTorch (untuned)
+                     tma        the TMA variant writing z only
     linear_gelu_bwd  fused      the dx and dW kernels, each rebuilding dz (default)
                      dz_once    one elementwise kernel writes dz in the input dtype and db's
                                 partial sums; dx = dz @ W and dW = dz^T @ x by cuBLAS (untuned)
@@ -72,6 +75,7 @@ import triton.language as tl
 from .. import reference
 from .._autotune import (
     TILE_ROWS, Paths, Tuner, bucket, matmul_configs, prune_matmul, prune_tiles, tile_configs,
+    tma_matmul_configs,
 )
 from .._checks import check_linear_2d, check_linear_backward
 from .._runtime import device_context
@@ -79,7 +83,8 @@ from . import _matmul
 from . import gelu as _gelu
 from ._math import cast_to, dropout_arguments, dropout_factor_tile, gelu, gelu_grad
 from ._matmul import (
-    cublas_context, dot_operand, dot_tile, input_precision, output_tile, tile_grid,
+    cublas_context, descriptor_dot_tile, dot_operand, dot_tile, input_precision, output_tile,
+    output_tile_of, persistent_grid, range_flattens, tile_grid, tma_applies, tma_compatible,
     weight_grad_tile,
 )
 
@@ -120,9 +125,28 @@ def _linear_gelu_fwd_kernel(
     acc = dot_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K,
                    stride_xm, stride_xk, stride_wk, stride_wn,  # W^T: k along W's rows' stride
                    INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+    _forward_epilogue(acc, b_ptr, y_ptr, preact_ptr, seed_ptr, pid_n, offs_m, offs_n, mask_m,
+                      mask_n, stride_ym, dropout_threshold, dropout_scale, dropout_col_offset,
+                      dropout_n_cols, APPROXIMATE_TANH, HAS_BIAS, WRITE_Y, SAVE_PREACT,
+                      HAS_DROPOUT, BLOCK_SIZE_N)
 
+
+@triton.jit
+def _forward_epilogue(
+    acc,  # (BM, BN) float32: x @ W^T for the tile
+    b_ptr, y_ptr, preact_ptr, seed_ptr,  # as the forward kernels' arguments
+    pid_n,  # the tile's column index (the dropout mask's tile position)
+    offs_m, offs_n, mask_m, mask_n,  # the tile's int64 rows and columns, and their masks
+    stride_ym, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+    APPROXIMATE_TANH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    SAVE_PREACT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+):
     # Epilogue in float32: z = acc + b, y = gelu(z) (then dropout); each output is cast once,
-    # on store.
+    # on store. Both forward kernels (pointer loads, and TMA loads on a persistent grid) end so.
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     offs_out = offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -136,6 +160,56 @@ def _linear_gelu_fwd_kernel(
                                         dropout_col_offset, dropout_threshold, dropout_scale,
                                         BLOCK_SIZE_N)
         tl.store(y_ptr + offs_out, cast_to(y, y_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _linear_gelu_fwd_tma_kernel(
+    x_ptr,  # (M, K), last stride 1, 16-byte aligned rows (see _matmul.tma_compatible)
+    w_ptr,  # (N, K), likewise
+    b_ptr,  # (N,) contiguous; None without HAS_BIAS
+    y_ptr,  # (M, N) contiguous; None without WRITE_Y
+    preact_ptr,  # (M, N) contiguous; None without SAVE_PREACT
+    seed_ptr,  # (1,) int64, the dropout seed; None without HAS_DROPOUT
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,  # row stride of y and preact
+    dropout_threshold,
+    dropout_scale,
+    dropout_col_offset,
+    dropout_n_cols,
+    APPROXIMATE_TANH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    SAVE_PREACT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    FLATTEN: tl.constexpr,  # tl.range's flatten, where this Triton has it (_matmul.range_flattens)
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):
+    # The forward kernel for Hopper: x and W tiles arrive by TMA (tensor descriptors), and each
+    # program of a persistent grid (one per SM) walks output tiles in grouped order, the same
+    # epilogue ending every tile.
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                       block_shape=[BLOCK_SIZE_M, BLOCK_SIZE_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                       block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+    num_tiles = tl.cdiv(M, BLOCK_SIZE_M) * tl.cdiv(N, BLOCK_SIZE_N)
+    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+        pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = output_tile_of(
+            tile_id, M, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
+        acc = descriptor_dot_tile(x_desc, w_desc, pid_m * BLOCK_SIZE_M, pid_n * BLOCK_SIZE_N, K,
+                                  False, INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N,
+                                  BLOCK_SIZE_K)
+        _forward_epilogue(acc, b_ptr, y_ptr, preact_ptr, seed_ptr, pid_n, offs_m, offs_n, mask_m,
+                          mask_n, stride_ym, dropout_threshold, dropout_scale,
+                          dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH, HAS_BIAS,
+                          WRITE_Y, SAVE_PREACT, HAS_DROPOUT, BLOCK_SIZE_N)
 
 
 @triton.jit
@@ -314,6 +388,12 @@ _fwd_tuner = Tuner(_linear_gelu_fwd_kernel, "linear_gelu_fwd", matmul_configs,
                    functools.partial(prune_matmul, reduction="K"))
 _preact_tuner = Tuner(_linear_gelu_fwd_kernel, "linear_preact", matmul_configs,
                       functools.partial(prune_matmul, reduction="K"))
+# The Hopper variants of the two above (TMA loads, persistent grid): the "tma" paths.
+_prune_tma = functools.partial(prune_matmul, reduction="K", persistent=True)
+_fwd_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "linear_gelu_fwd_tma", tma_matmul_configs,
+                       _prune_tma)
+_preact_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "linear_preact_tma", tma_matmul_configs,
+                          _prune_tma)
 _dx_tuner = Tuner(_linear_gelu_bwd_dx_kernel, "linear_gelu_bwd_dx", matmul_configs,
                   functools.partial(prune_matmul, reduction="N"))
 _dw_tuner = Tuner(_linear_gelu_bwd_dw_kernel, "linear_gelu_bwd_dw", matmul_configs,
@@ -337,23 +417,33 @@ def launch_forward(
     """Launch the forward kernel into ``y`` (gelu, then dropout with probability ``p`` and the
     1-element int64 ``seed`` when p > 0) and/or ``preact``, both (M, N) contiguous. Dropout
     draws the mask of columns ``col_offset`` .. ``col_offset + N`` of an (M, ``n_cols``)
-    activation (default: the whole (M, N) one)."""
+    activation (default: the whole (M, N) one).
+
+    ``tuner`` is a Tuner of either forward kernel: the pointer one (one program per tile) or
+    the Hopper one (TMA, persistent grid), which the caller has checked can serve x2d and
+    weight (``_matmul.tma_compatible``)."""
     (M, K), N = x2d.shape, weight.shape[0]
     key = _forward_key(x2d, weight, bias, approximate_tanh, y is not None, preact is not None)
     if bias is not None:
         bias = bias.contiguous()  # N elements: cheaper to copy than to pass another stride
     out = y if y is not None else preact
+    arguments = dict(
+        x_ptr=x2d, w_ptr=weight, b_ptr=bias, y_ptr=y, preact_ptr=preact, M=M, N=N, K=K,
+        stride_xm=x2d.stride(0), stride_wn=weight.stride(0), stride_ym=out.stride(0),
+        APPROXIMATE_TANH=approximate_tanh, HAS_BIAS=bias is not None,
+        WRITE_Y=y is not None, SAVE_PREACT=preact is not None, INPUT_PRECISION=key[-1],
+        **dropout_arguments(seed, p, N if n_cols is None else n_cols, col_offset),
+    )
     with device_context(x2d):
-        tuner.run(
-            tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key + (p > 0.0,),
-            x_ptr=x2d, w_ptr=weight, b_ptr=bias, y_ptr=y, preact_ptr=preact, M=M, N=N, K=K,
-            stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
-            stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_ym=out.stride(0),
-            APPROXIMATE_TANH=approximate_tanh, HAS_BIAS=bias is not None,
-            WRITE_Y=y is not None, SAVE_PREACT=preact is not None,
-            INPUT_PRECISION=key[-1],
-            **dropout_arguments(seed, p, N if n_cols is None else n_cols, col_offset),
-        )
+        if tuner.kernel is _linear_gelu_fwd_tma_kernel:
+            _matmul.use_tma_allocator()
+            # Not flattened with dropout: the Philox epilogue inside the pipelined loop spills
+            # more (see README, "Hopper paths")
+            tuner.run(persistent_grid(M, N, x2d.device), key + (p > 0.0,),
+                      FLATTEN=range_flattens() and p == 0.0, **arguments)
+        else:
+            tuner.run(tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key + (p > 0.0,),
+                      stride_xk=x2d.stride(1), stride_wk=weight.stride(1), **arguments)
 
 
 def _launch_dx(dy2d, x2d, weight, preact, approximate_tanh: bool, key: tuple) -> torch.Tensor:
@@ -441,6 +531,22 @@ def _forward_fused(x2d, weight, bias, approximate_tanh: bool, save_preact: bool)
     return y, preact
 
 
+def _forward_tma(x2d, weight, bias, approximate_tanh: bool, save_preact: bool):
+    # The Hopper kernel where descriptors can serve x and W (a problem that chose this path for
+    # its key may come again with an operand they cannot: the pointer kernel takes it then).
+    if not tma_compatible(x2d, weight):
+        return _forward_fused(x2d, weight, bias, approximate_tanh, save_preact)
+    (M, _), N = x2d.shape, weight.shape[0]
+    y = _matmul.new_output((M, N), x2d)
+    preact = _matmul.new_output((M, N), x2d) if save_preact else None
+    launch_forward(_fwd_tma_tuner, x2d, weight, bias, y, preact, approximate_tanh)
+    return y, preact
+
+
+def _tma_applies(x2d, weight, *args) -> bool:
+    return tma_applies(x2d, weight)
+
+
 def _forward_composed(x2d, weight, bias, approximate_tanh: bool, save_preact: bool):
     preact = _matmul_bias(x2d, weight, bias)
     if save_preact:  # the backward keeps z: y is a new tensor
@@ -476,9 +582,10 @@ def _forward_torch(x2d, weight, bias, approximate_tanh: bool, save_preact: bool)
 _fwd_paths = Paths(
     "linear_gelu_fwd",
     {"fused": _forward_fused, "composed": _forward_composed, "addmm_gelu": _forward_addmm_gelu,
-     "torch": _forward_torch},
-    default="fused", untuned="composed", applies={"addmm_gelu": _addmm_gelu_applies},
-    kernels=[_fwd_tuner, _gelu._fwd_tuner],
+     "torch": _forward_torch, "tma": _forward_tma},
+    default="fused", untuned="composed",
+    applies={"addmm_gelu": _addmm_gelu_applies, "tma": _tma_applies},
+    kernels=[_fwd_tuner, _gelu._fwd_tuner, _fwd_tma_tuner],
 )
 
 
@@ -488,9 +595,18 @@ def _preact_fused(x2d, weight, bias):
     return preact
 
 
+def _preact_tma(x2d, weight, bias):
+    if not tma_compatible(x2d, weight):  # as in _forward_tma
+        return _preact_fused(x2d, weight, bias)
+    preact = _matmul.new_output((x2d.shape[0], weight.shape[0]), x2d)
+    launch_forward(_preact_tma_tuner, x2d, weight, bias, None, preact, approximate_tanh=False)
+    return preact
+
+
 _preact_paths = Paths(
-    "linear_preact", {"fused": _preact_fused, "composed": _matmul_bias},
-    default="fused", untuned="composed", kernels=[_preact_tuner],
+    "linear_preact", {"fused": _preact_fused, "composed": _matmul_bias, "tma": _preact_tma},
+    default="fused", untuned="composed", applies={"tma": _tma_applies},
+    kernels=[_preact_tuner, _preact_tma_tuner],
 )
 
 
