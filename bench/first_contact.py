@@ -42,7 +42,6 @@ import argparse
 import concurrent.futures as futures
 import datetime
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -238,14 +237,8 @@ def run_correctness(spec: dict, device: str) -> dict:
     with harness.precision("fp32"):
         theirs, _ = _gradients(prob.eager, prob.inputs, dy)
         ref, _ = _gradients(prob.eager, [t.double() for t in prob.inputs], dy)
-    outputs = []
-    for name, o, t, r in zip(["y", *(f"d{n}" for n in prob.names)], ours, theirs, ref):
-        r = r.double().cpu()
-        err = (o.double().cpu() - r).abs().nan_to_num(math.inf).max().item()
-        torch_err = (t.double().cpu() - r).abs().nan_to_num(0.0).max().item()
-        bound = 2 * torch_err + harness.ATOL[dtype] * max(1.0, r.abs().max().item())
-        outputs.append({"name": name, "err": err, "torch_err": torch_err, "bound": bound,
-                        "ok": err <= bound})
+    outputs = [{"name": name, **harness.error_figures(o, t, r)}
+               for name, o, t, r in zip(["y", *(f"d{n}" for n in prob.names)], ours, theirs, ref)]
     (op, path), = spec["forced"].items()
     return {**_head("correctness", spec["key"]), "op": spec["public"], "p": spec["p"],
             "dtype": spec["dtype"], "approximate": spec["approximate"], "shape": list(ODD),
