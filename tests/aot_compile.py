@@ -322,6 +322,9 @@ def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
                         f"main-loop-spills={in_loop}"
                 if in_loop:
                     problems.append(f"{in_loop} local loads/stores in the main loop")
+                if config.kwargs.get("WARP_SPECIALIZE") and "setmaxnreg" not in ptx:
+                    problems.append("WARP_SPECIALIZE, but no warp specialization in the PTX "
+                                    "(no setmaxnreg)")
                 if args.get("FLATTEN") and resources["STACK"]:
                     problems.append(f"ptxas spills: a {resources['STACK']}-byte stack frame")
         status = "ok  " if not problems else "FAIL"

@@ -286,3 +286,22 @@ def test_config_space_and_estimate():
                                    persistent=True)
     assert [c.kwargs["BLOCK_SIZE_K"] for c in configs if c not in gated] == [128], gated
     assert len(_autotune.tma_matmul_configs(None)) == 1  # the interpreter: one config
+
+
+def test_one_warp_specialized_tile_for_the_linear_forward_only():
+    # The linear forward's Hopper kernel takes WARP_SPECIALIZE: on sm90 its space is the shared
+    # one plus the 4-warp tile that only warp specialization keeps from spilling (aot_compile.py
+    # checks setmaxnreg in its PTX); the FFN forward's (a dropout epilogue) and the interpreter's
+    # have none specialized.
+    shared = _autotune.tma_matmul_configs("sm90")
+    linear = _autotune.tma_linear_configs("sm90")
+    dropout = _autotune.tma_dropout_configs("sm90")
+    assert [c.kwargs["WARP_SPECIALIZE"] for c in linear] == [False] * len(shared) + [True]
+    assert linear[-1].num_warps == 4
+    tiles = [(c.kwargs["BLOCK_SIZE_M"], c.kwargs["BLOCK_SIZE_N"], c.num_warps) for c in shared]
+    assert (128, 128, 4) not in tiles  # without warp specialization this tile spills
+    assert not any(c.kwargs["WARP_SPECIALIZE"] for c in dropout) and len(dropout) == len(shared)
+    interpreter = _autotune.tma_linear_configs(None)
+    assert len(interpreter) == 1 and interpreter[0].kwargs["WARP_SPECIALIZE"] is False
+    key = (8192, 4096, 4096, torch.bfloat16)
+    assert _autotune.prune_matmul(linear, key, "sm90", reduction="K", persistent=True) == linear

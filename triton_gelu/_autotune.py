@@ -195,6 +195,14 @@ _TMA_MATMUL_TILES = (
 )
 
 
+# The warp-specialized tile of the linear forward's Hopper kernel (WARP_SPECIALIZE: tl.range's
+# warp_specialize on its tile loop, not flattened): a producer warp issues the TMA loads while one
+# warpgroup of 4 warps runs wgmma and the epilogue with more registers (setmaxnreg). Compiled for
+# sm90 by Triton 3.6 and 3.9 it takes 168 registers and no stack, where the same tile without it
+# spills (above); with 8 warps Triton does not specialize.
+_TMA_WARP_SPECIALIZED_TILE = (128, 128, 64, 4, 4)
+
+
 def tma_matmul_configs(arch: str | None = None) -> list[triton.Config]:
     """Tiles for the Hopper matmul kernels; the interpreter gets the pointer kernels' one."""
     if arch is None:
@@ -206,6 +214,23 @@ def tma_matmul_configs(arch: str | None = None) -> list[triton.Config]:
         )
         for bm, bn, bk, warps, stages in _TMA_MATMUL_TILES
     ]
+
+
+def tma_dropout_configs(arch: str | None = None) -> list[triton.Config]:
+    """``tma_matmul_configs`` for the linear forward's Hopper kernel (which takes
+    WARP_SPECIALIZE) with dropout in its epilogue: none warp-specialized (with the Philox
+    epilogue Triton 3.9 does not specialize the tile, and it spills 1.7 KB)."""
+    return [triton.Config({**c.kwargs, "WARP_SPECIALIZE": False}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in tma_matmul_configs(arch)]
+
+
+def tma_linear_configs(arch: str | None = None) -> list[triton.Config]:
+    """``tma_dropout_configs`` and, last, the warp-specialized tile (on a GPU)."""
+    bm, bn, bk, warps, stages = _TMA_WARP_SPECIALIZED_TILE
+    specialized = [] if arch is None else [triton.Config(
+        {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 8,
+         "WARP_SPECIALIZE": True}, num_warps=warps, num_stages=stages)]
+    return tma_dropout_configs(arch) + specialized
 
 
 def tile_configs(arch: str | None = None) -> list[triton.Config]:

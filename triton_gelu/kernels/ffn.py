@@ -60,7 +60,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autotune import Paths, Tuner, bucket, matmul_configs, prune_matmul, tma_matmul_configs
+from .._autotune import (
+    Paths, Tuner, bucket, matmul_configs, prune_matmul, tma_dropout_configs, tma_matmul_configs,
+)
 from .._checks import check_dropout_columns, check_ffn_2d, check_ffn_backward, check_ffn_needs
 from .._runtime import device_context
 from . import _matmul
@@ -223,7 +225,8 @@ def _ffn_bwd_dz_tma_kernel(
 _fwd_tuner = Tuner(_linear_gelu_fwd_kernel, "ffn_fwd_gelu_dropout", matmul_configs,
                    functools.partial(prune_matmul, reduction="K"))
 # Its Hopper variant (TMA loads, persistent grid), the forward's "tma" path.
-_fwd_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "ffn_fwd_gelu_dropout_tma", tma_matmul_configs,
+_fwd_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "ffn_fwd_gelu_dropout_tma",
+                       tma_dropout_configs,
                        functools.partial(prune_matmul, reduction="K", persistent=True))
 _dz_tuner = Tuner(_ffn_bwd_dz_kernel, "ffn_bwd_dz", matmul_configs,
                   functools.partial(prune_matmul, reduction="K"))

@@ -75,7 +75,7 @@ import triton.language as tl
 from .. import reference
 from .._autotune import (
     TILE_ROWS, Paths, Tuner, bucket, matmul_configs, prune_matmul, prune_tiles, tile_configs,
-    tma_matmul_configs,
+    tma_linear_configs,
 )
 from .._checks import check_linear_2d, check_linear_backward
 from .._runtime import device_context
@@ -187,6 +187,7 @@ def _linear_gelu_fwd_tma_kernel(
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     FLATTEN: tl.constexpr,  # tl.range's flatten, where this Triton has it (_matmul.range_flattens)
+    WARP_SPECIALIZE: tl.constexpr,  # a config's: tl.range's warp_specialize (then not flattened)
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
@@ -200,7 +201,9 @@ def _linear_gelu_fwd_tma_kernel(
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
                                        block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
     num_tiles = tl.cdiv(M, BLOCK_SIZE_M) * tl.cdiv(N, BLOCK_SIZE_N)
-    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0),
+                            flatten=FLATTEN and not WARP_SPECIALIZE,
+                            warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = output_tile_of(
             tile_id, M, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
         acc = descriptor_dot_tile(x_desc, w_desc, pid_m * BLOCK_SIZE_M, pid_n * BLOCK_SIZE_N, K,
@@ -390,9 +393,9 @@ _preact_tuner = Tuner(_linear_gelu_fwd_kernel, "linear_preact", matmul_configs,
                       functools.partial(prune_matmul, reduction="K"))
 # The Hopper variants of the two above (TMA loads, persistent grid): the "tma" paths.
 _prune_tma = functools.partial(prune_matmul, reduction="K", persistent=True)
-_fwd_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "linear_gelu_fwd_tma", tma_matmul_configs,
+_fwd_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "linear_gelu_fwd_tma", tma_linear_configs,
                        _prune_tma)
-_preact_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "linear_preact_tma", tma_matmul_configs,
+_preact_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "linear_preact_tma", tma_linear_configs,
                           _prune_tma)
 _dx_tuner = Tuner(_linear_gelu_bwd_dx_kernel, "linear_gelu_bwd_dx", matmul_configs,
                   functools.partial(prune_matmul, reduction="N"))
