@@ -11,7 +11,8 @@ it is finished, so a run that is killed still leaves every finished record):
    geglu, gated_feed_forward at p = 0.1) with each path of each of its ops forced in turn
    (fp32 with the exact form, fp16 with tanh, bf16 with the exact form), the output and every
    gradient against float64 with the suite's rule (no worse than twice PyTorch's error in the
-   same dtype plus a few ulps; dropout against the call's own mask), at one odd shape;
+   same dtype plus a few ulps; dropout against the call's own mask), at one odd shape (the
+   Hopper paths at one whose rows TMA can load);
 3. ``timings.jsonl``: bf16 cases timed with ``triton.testing.do_bench`` (medians after
    warm-up) for eager PyTorch, ``torch.compile`` of the same code, and ours with each candidate
    path forced (ours = the fastest, ``chosen``); ratios to eager and to torch.compile; the
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import contextlib
 import datetime
 import json
 import multiprocessing
@@ -76,6 +78,9 @@ from .memory import saved_activation_bytes  # noqa: E402
 STAGES = ("environment", "correctness", "timings", "memory")
 BUDGET_S = 330
 ODD = (37, 45, 51)  # (M, K, N): multiples of no block size, so every masked edge runs
+# The Hopper ("tma") paths serve only rows of 16-byte multiples (an odd K or N in bf16 keeps
+# the default kernels): their cases take K and N multiples of 8, still of no block size.
+ALIGNED = (37, 48, 56)
 # The forms of the correctness stage, one per dtype: both forms run, at a third of the compiles.
 FORMS = {"fp32": "none", "fp16": "tanh", "bf16": "none"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -191,10 +196,17 @@ def _recorded_paths(fn: Callable[[], object]) -> tuple[object, dict[str, str]]:
     """Run ``fn``; return its result and the path each op took."""
     from triton_gelu import _autotune
 
-    with _autotune.recording_paths() as seen, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is forced but does not apply")
+    with _autotune.recording_paths() as seen:
         out = fn()
     return out, {op: choice.path for op, choice in seen}
+
+
+@contextlib.contextmanager
+def _forcing(paths: dict[str, str]) -> Iterator[None]:
+    """``force_path(**paths)``, quietly where a path does not apply: the records say so."""
+    with autotune.force_path(**paths), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is forced but does not apply")
+        yield
 
 
 # ---- stage 2: correctness ---------------------------------------------------------------------
@@ -212,7 +224,8 @@ def correctness_cases() -> list[dict]:
                     cases.append({"key": f"{what} {dtype} {approximate} {op}={path}",
                                   "public": public, "p": p, "dtype": dtype,
                                   "approximate": approximate, "forced": {op: path},
-                                  "recompute": op == "linear_preact"})
+                                  "recompute": op == "linear_preact",
+                                  "shape": ALIGNED if path == "tma" else ODD})
     return cases
 
 
@@ -228,10 +241,10 @@ def run_correctness(spec: dict, device: str) -> dict:
     float64 and against PyTorch in the same dtype."""
     torch.manual_seed(zlib.crc32(spec["key"].encode()))
     dtype = DTYPES[spec["dtype"]]
-    prob = problem(spec["public"], ODD, dtype, spec["approximate"], device, spec["p"],
+    prob = problem(spec["public"], spec["shape"], dtype, spec["approximate"], device, spec["p"],
                    spec["recompute"], same_mask=True)
     start = time.perf_counter()
-    with harness.precision("fp32"), autotune.force_path(**spec["forced"]):
+    with harness.precision("fp32"), _forcing(spec["forced"]):
         (ours, dy), ran = _recorded_paths(lambda: _gradients(prob.ours, prob.inputs, None))
     seconds = time.perf_counter() - start
     with harness.precision("fp32"):
@@ -241,7 +254,8 @@ def run_correctness(spec: dict, device: str) -> dict:
                for name, o, t, r in zip(["y", *(f"d{n}" for n in prob.names)], ours, theirs, ref)]
     (op, path), = spec["forced"].items()
     return {**_head("correctness", spec["key"]), "op": spec["public"], "p": spec["p"],
-            "dtype": spec["dtype"], "approximate": spec["approximate"], "shape": list(ODD),
+            "dtype": spec["dtype"], "approximate": spec["approximate"],
+            "shape": list(spec["shape"]),
             "forced": spec["forced"], "ran": ran, "applies": ran.get(op) == path,
             "outputs": outputs, "ok": all(o["ok"] for o in outputs), "seconds": seconds}
 
@@ -314,7 +328,7 @@ def first_calls(case: Timing, device: str, clock) -> dict:
     for name, factory in factories.items():
         start = clock.now_ms()
         try:
-            with autotune.force_path(**forced.get(name, {})):
+            with _forcing(forced.get(name, {})):
                 _, ran = _recorded_paths(factory())
             out[name] = {"first_call_s": (clock.now_ms() - start) / 1e3, "ran": ran}
         except Exception as e:  # a baseline failing (torch.compile) is recorded
@@ -331,8 +345,8 @@ def run_timing(case: Timing, device: str, clock, cold: dict, ceilings: dict) -> 
         entry.pop("error", None)
         try:
             start = clock.now_ms()
-            fn = factory()
-            with autotune.force_path(**forced.get(name, {})):
+            with _forcing(forced.get(name, {})):
+                fn = factory()
                 _, ran = _recorded_paths(fn)
                 entry["first_call_warm_s"] = (clock.now_ms() - start) / 1e3
                 if name in forced:
