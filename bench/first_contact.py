@@ -332,7 +332,7 @@ def first_calls(case: Timing, device: str, clock) -> dict:
                 _, ran = _recorded_paths(factory())
             out[name] = {"first_call_s": (clock.now_ms() - start) / 1e3, "ran": ran}
         except Exception as e:  # a baseline failing (torch.compile) is recorded
-            out[name] = {"error": harness._error_text(e)}
+            out[name] = {"error": harness.error_text(e)}
     return out
 
 
@@ -357,7 +357,7 @@ def run_timing(case: Timing, device: str, clock, cold: dict, ceilings: dict) -> 
                         continue
                 entry["ms"] = clock.time_ms(fn)
         except Exception as e:
-            entry["error"] = harness._error_text(e)
+            entry["error"] = harness.error_text(e)
         results[name] = entry
         fn = factory = None
     candidates = {name: results[name].get("ms") for name in forced
@@ -508,7 +508,7 @@ def _worker_correctness(spec: dict, device: str) -> dict:
         return run_correctness(spec, device)
     except Exception as e:
         return {**_head("correctness", spec["key"]), "op": spec["public"],
-                "forced": spec["forced"], "error": harness._error_text(e), "ok": False}
+                "forced": spec["forced"], "error": harness.error_text(e), "ok": False}
 
 
 def _worker_first_calls(case: Timing, device: str, dry_run: bool) -> tuple[str, dict]:
@@ -516,7 +516,7 @@ def _worker_first_calls(case: Timing, device: str, dry_run: bool) -> tuple[str, 
     try:
         return case.key, first_calls(case, device, clock)
     except Exception as e:
-        return case.key, {"error": harness._error_text(e)}
+        return case.key, {"error": harness.error_text(e)}
 
 
 def _parallel(jobs: list[tuple[Callable, tuple]], workers: int,

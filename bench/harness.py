@@ -251,7 +251,7 @@ def environment() -> dict:
     return meta
 
 
-def _error_text(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
@@ -282,7 +282,7 @@ def run_case(case: Case, device: dict, clock: GpuClock) -> dict:
         try:
             factories = case.build()
         except Exception as e:  # inputs that do not fit, an op missing from this build
-            return summarize(case, {}, {}, {OURS: _error_text(e)}, device)
+            return summarize(case, {}, {}, {OURS: error_text(e)}, device)
         for name, factory in factories.items():
             try:
                 start, tuned = clock.now_ms(), _autotune.tuned_seconds
@@ -298,14 +298,14 @@ def run_case(case: Case, device: dict, clock: GpuClock) -> dict:
                 if case.mode == "fwd+bwd":
                     peaks[name] = clock.peak_bytes(fn)
             except Exception as e:  # e.g. torch.compile failing: record it, keep going
-                errors[name] = _error_text(e)
+                errors[name] = error_text(e)
             fn = None
     record = summarize(case, timings, peaks, errors, device, first)
     if case.saved is not None:
         try:
             record["saved_vs_eager"] = case.saved()
         except Exception as e:
-            record["providers"].setdefault(OURS, {})["error"] = _error_text(e)
+            record["providers"].setdefault(OURS, {})["error"] = error_text(e)
     return record
 
 

@@ -156,7 +156,7 @@ def _hopper_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int, gated_
                  h_ptr=dtype, g_ptr=dtype, u_ptr=dtype, M=M, N=gated_n, K=gated_k,
                  stride_xm=gated_k, stride_wgn=gated_k, stride_wun=gated_k, stride_om=gated_n,
                  APPROXIMATE_TANH=tanh, HAS_GATE_BIAS=True, HAS_UP_BIAS=True, WRITE_H=True,
-                 SAVE_GATE_UP=True, INPUT_PRECISION=precision, FLATTEN=False, **NO_DROPOUT)
+                 SAVE_GATE_UP=True, INPUT_PRECISION=precision, **NO_DROPOUT)
     ffn_dz = dict(dy_ptr=dtype, w2_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, h_ptr=dtype,
                   db1_part_ptr=torch.float32, M=M, F=N, E=K, db1_part_rows=M // 64,
                   stride_dym=K, stride_w2e=N, stride_zm=N, stride_zf=1, APPROXIMATE_TANH=tanh,

@@ -116,9 +116,8 @@ def pytest_runtest_setup(item):
 
 
 def pytest_runtest_logreport(report):
+    # Every call's outcome, and a setup or teardown that did not pass (a skip, an error).
     if not LEDGER or not (report.when == "call" or report.outcome != "passed"):
-        return
-    if report.when == "teardown" and report.outcome == "passed":
         return
     with open(LEDGER, "a") as f:
         f.write(f"{report.outcome} {report.nodeid}\n")

@@ -210,7 +210,6 @@ def _geglu_fwd_tma_kernel(
     SAVE_GATE_UP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    FLATTEN: tl.constexpr,  # tl.range's flatten (the launcher passes False, see there)
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
@@ -225,7 +224,7 @@ def _geglu_fwd_tma_kernel(
     wu_desc = tl.make_tensor_descriptor(wu_ptr, shape=[N, K], strides=[stride_wun, 1],
                                         block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
     num_tiles = tl.cdiv(M, BLOCK_SIZE_M) * tl.cdiv(N, BLOCK_SIZE_N)
-    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = output_tile_of(
             tile_id, M, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
         off_m = pid_m * BLOCK_SIZE_M
@@ -574,8 +573,7 @@ def _forward_fused(
             # inside the pipelined loop spills there (tests/aot_compile.py); after the K loop
             # it spills a few registers outside it.
             use_tma_allocator()
-            _fwd_tma_tuner.run(persistent_grid(M, N, x2d.device), key, FLATTEN=False,
-                               **arguments)
+            _fwd_tma_tuner.run(persistent_grid(M, N, x2d.device), key, **arguments)
         else:
             _fwd_tuner.run(
                 tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
