@@ -96,10 +96,10 @@ OPS = {
 
 
 def path_names(op: str) -> list[str]:
-    from triton_gelu import _autotune
+    from triton_gelu.tuning import paths as _paths
     import triton_gelu.kernels  # noqa: F401 (registers every op's paths)
 
-    return list(_autotune.path_choosers[op].paths)
+    return list(_paths.path_choosers[op].paths)
 
 
 # ---- the problems: one builder per public op ----------------------------------------------------
@@ -194,9 +194,9 @@ def problem(op: str, shape: tuple[int, int, int], dtype: torch.dtype, approximat
 
 def _recorded_paths(fn: Callable[[], object]) -> tuple[object, dict[str, str]]:
     """Run ``fn``; return its result and the path each op took."""
-    from triton_gelu import _autotune
+    from triton_gelu.tuning import paths as _paths
 
-    with _autotune.recording_paths() as seen:
+    with _paths.recording_paths() as seen:
         out = fn()
     return out, {op: choice.path for op, choice in seen}
 

@@ -9,7 +9,7 @@ bandwidth and bf16 matmul peak, so results are reported as ratios:
 - the two floors of a case: ``bytes / copy bandwidth`` (memory) and ``flops / bf16 matmul
   peak`` (compute); the larger is the floor, and ``floor / ms`` is the fraction achieved;
 - peak memory of a fwd+bwd step, above its inputs, vs eager PyTorch;
-- which path ours took (``_autotune.Paths``: fused kernel, cuBLAS + our GELU, PyTorch's own op)
+- which path ours took (``tuning.paths.Paths``: fused kernel, cuBLAS + our GELU, PyTorch's own op)
   with every candidate path's time, and what ours' first call cost (``first_call_ms``: building
   the inputs, compiling and tuning included; ``tuning_ms``: the part spent timing candidates);
 - for ops that give them (the FFN block, GeGLU), the bytes autograd keeps between forward and
@@ -257,7 +257,7 @@ def error_text(e: BaseException) -> str:
 
 
 def path_summary(seen: list) -> dict:
-    """What ``_autotune.recording_paths`` saw during ours' first call: per op, the path taken,
+    """What ``tuning.paths.recording_paths`` saw during ours' first call: per op, the path taken,
     how it was chosen and every candidate's ms; plus the flat "path" and "candidates" (an op's
     own names when one op chose, "op=name" when several did)."""
     ops = {}
@@ -275,7 +275,8 @@ def path_summary(seen: list) -> dict:
 
 def run_case(case: Case, device: dict, clock: GpuClock) -> dict:
     """Time every provider of ``case``; return its record (see ``summarize``)."""
-    from triton_gelu import _autotune
+    from triton_gelu.tuning import chooser as _chooser
+    from triton_gelu.tuning import paths as _paths
 
     timings, peaks, errors, first = {}, {}, {}, {}
     with precision(case.dtype):
@@ -285,13 +286,13 @@ def run_case(case: Case, device: dict, clock: GpuClock) -> dict:
             return summarize(case, {}, {}, {OURS: error_text(e)}, device)
         for name, factory in factories.items():
             try:
-                start, tuned = clock.now_ms(), _autotune.tuned_seconds
+                start, tuned = clock.now_ms(), _chooser.tuned_seconds
                 fn = factory()
-                with _autotune.recording_paths() as seen:
+                with _paths.recording_paths() as seen:
                     fn()  # warm-up: compiles, autotunes, chooses paths
                 if name == OURS:
                     first = {"first_call_ms": clock.now_ms() - start,
-                             "tuning_ms": (_autotune.tuned_seconds - tuned) * 1e3,
+                             "tuning_ms": (_chooser.tuned_seconds - tuned) * 1e3,
                              **path_summary(seen)}
                 clock.sync()
                 timings[name] = clock.time_ms(fn)

@@ -18,7 +18,7 @@
 # Where the files go: $OUT when it is set (a lease's folder that comes back), else
 # bench/results/<date>-<gpu>/. A fresh machine continues from what is committed: each stage
 # first copies its own files from bench/results/<date>-<gpu>/ into an $OUT that lacks them, so
-# commit what a call returned there (export's table: into triton_gelu/tuned/ as well).
+# commit what a call returned there (export's table: into triton_gelu/tuning/tuned/ as well).
 # Compiled kernels and tunings are kept in .gpu-session/ (ignored by git) between calls on a
 # machine that stays warm.
 set -uo pipefail
@@ -84,14 +84,14 @@ case "$stage" in
     ;;
   export)
     arch=$("$PY" -c 'import torch; print("sm%d%d" % torch.cuda.get_device_capability())')
-    [ -f "$out/$arch.json" ] || cp "triton_gelu/tuned/$arch.json" "$out/$arch.json"
+    [ -f "$out/$arch.json" ] || cp "triton_gelu/tuning/tuned/$arch.json" "$out/$arch.json"
     export TRITON_GELU_CACHE_DIR="$keep/autotune-cache"
     timeout "$limit" "$PY" -m triton_gelu.autotune --export "$out/$arch.json" \
       --budget-s "$budget" "$@" >> "$out/export.log" 2>&1
     rc=$?
     tail -15 "$out/export.log"
     case $rc in
-      0) echo "export complete: commit $out/$arch.json as triton_gelu/tuned/$arch.json" ;;
+      0) echo "export complete: commit $out/$arch.json as triton_gelu/tuning/tuned/$arch.json" ;;
       3) echo "export: budget reached; call again to continue" ;;
       *) echo "export rc=$rc" ;;
     esac

@@ -50,7 +50,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from triton_gelu import _autotune  # noqa: E402
+from triton_gelu.tuning import spaces as _spaces  # noqa: E402
+from triton_gelu.tuning.tuner import Tuner  # noqa: E402
 from triton_gelu.kernels import _matmul  # noqa: E402
 from triton_gelu.kernels.ffn import _ffn_bwd_dz_kernel, _ffn_bwd_dz_tma_kernel  # noqa: E402
 from triton_gelu.kernels.geglu import (  # noqa: E402
@@ -129,13 +130,13 @@ def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
               COMPUTE_DW=True, COMPUTE_DB=True, INPUT_PRECISION=precision)
     dz = dict(dy_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, db_partial_ptr=torch.float32,
               M=M, N=N, stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1,
-              APPROXIMATE_TANH=tanh, WRITE_DZ=True, COMPUTE_DB=True, ROWS=_autotune.TILE_ROWS)
-    key = (_autotune.bucket(M), N, K, dtype, tanh)
+              APPROXIMATE_TANH=tanh, WRITE_DZ=True, COMPUTE_DB=True, ROWS=_spaces.TILE_ROWS)
+    key = (_spaces.bucket(M), N, K, dtype, tanh)
     return [("linear_gelu_fwd", _linear_gelu_fwd_kernel, fwd, key),
             ("linear_gelu_bwd_dx", _linear_gelu_bwd_dx_kernel, dx, key),
             ("linear_gelu_bwd_dw", _linear_gelu_bwd_dw_kernel, dw, key),
             ("linear_gelu_bwd_dz", _linear_gelu_bwd_dz_kernel, dz,
-             (_autotune.bucket(M), N, dtype, tanh, True, True)),
+             (_spaces.bucket(M), N, dtype, tanh, True, True)),
             ("ffn_fwd_gelu_dropout", _linear_gelu_fwd_kernel, ffn_fwd, key),
             ("ffn_bwd_dz", _ffn_bwd_dz_kernel, ffn_dz, key)]
 
@@ -161,8 +162,8 @@ def _hopper_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int, gated_
                   db1_part_ptr=torch.float32, M=M, F=N, E=K, db1_part_rows=M // 64,
                   stride_dym=K, stride_w2e=N, stride_zm=N, stride_zf=1, APPROXIMATE_TANH=tanh,
                   WRITE_H=True, SUM_DB1=True, INPUT_PRECISION=precision, **DROPOUT)
-    key = (_autotune.bucket(M), N, K, dtype, tanh)
-    gated_key = (_autotune.bucket(M), gated_n, gated_k, dtype, tanh)
+    key = (_spaces.bucket(M), N, K, dtype, tanh)
+    gated_key = (_spaces.bucket(M), gated_n, gated_k, dtype, tanh)
     return [("linear_gelu_fwd_tma", _linear_gelu_fwd_tma_kernel, fwd, key),
             ("ffn_fwd_gelu_dropout_tma", _linear_gelu_fwd_tma_kernel,
              {**fwd, **DROPOUT, "FLATTEN": False}, key),
@@ -195,8 +196,8 @@ def _geglu_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
     bwd_act = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, dg_ptr=dtype, du_ptr=dtype,
                    h_ptr=dtype, n_elements=n, n_cols=N, stride_dh_row=N, APPROXIMATE_TANH=tanh,
                    WRITE_H=True, CONTIGUOUS=True, **NO_DROPOUT)
-    key = (_autotune.bucket(M), N, K, dtype, tanh)
-    elementwise_key = (_autotune.bucket(n), dtype, tanh)
+    key = (_spaces.bucket(M), N, K, dtype, tanh)
+    elementwise_key = (_spaces.bucket(n), dtype, tanh)
     return [("geglu_fwd", _geglu_fwd_kernel, fwd, key),
             ("geglu_bwd_dx", _geglu_bwd_dx_kernel, dx, key),
             ("geglu_bwd_dw", _geglu_bwd_dw_kernel, dw, key),
@@ -217,7 +218,7 @@ def _elementwise_cases(dtype: torch.dtype, tanh: bool, n: int):
     # The FFN block's composed path: GELU + dropout, and its backward also writing h.
     dropout_fwd = {**fwd, **DROPOUT}
     dropout_bwd = {**bwd, "h_ptr": dtype, "WRITE_H": True, **DROPOUT}
-    key = (_autotune.bucket(n), dtype, tanh)
+    key = (_spaces.bucket(n), dtype, tanh)
     return [("gelu_fwd", _gelu_fwd_kernel, fwd, key), ("gelu_bwd", _gelu_bwd_kernel, bwd, key),
             ("gelu_dropout_fwd", _gelu_fwd_kernel, dropout_fwd, key),
             ("gelu_dropout_bwd", _gelu_bwd_kernel, dropout_bwd, key)]
@@ -232,7 +233,7 @@ def _tuner_of(name: str):
     for module in ("triton_gelu.kernels.gelu", "triton_gelu.kernels.linear_gelu",
                    "triton_gelu.kernels.geglu", "triton_gelu.kernels.ffn"):
         for value in vars(importlib.import_module(module)).values():
-            if isinstance(value, _autotune.Tuner) and value.name == name:
+            if isinstance(value, Tuner) and value.name == name:
                 return value
     raise LookupError(name)
 
@@ -292,9 +293,9 @@ def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
             continue
         ptx, smem = compiled.asm["ptx"], compiled.metadata.shared
         problems = []
-        if smem > _autotune.SMEM_BYTES[arch]:
+        if smem > _spaces.SMEM_BYTES[arch]:
             problems.append(
-                f"uses {smem} B of shared memory, {arch} has {_autotune.SMEM_BYTES[arch]}"
+                f"uses {smem} B of shared memory, {arch} has {_spaces.SMEM_BYTES[arch]}"
             )
         if is_matmul:
             want = "wgmma" if arch == "sm90" else "mma.sync"
@@ -306,7 +307,7 @@ def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
         if is_matmul:  # the tuner's estimate beside the real figure, to keep the fit honest
             roles = getattr(_tuner_of(kernel_name).prune, "keywords", {})
             itemsize = 2 if key[3] != torch.float32 else 4
-            estimated = _autotune.matmul_smem_bytes(config, itemsize, arch, **roles)
+            estimated = _spaces.matmul_smem_bytes(config, itemsize, arch, **roles)
             estimate = f" (estimated {estimated})"
         if "_tma" in kernel_name:  # the Hopper variants' promises
             if "cp.async.bulk.tensor" not in ptx or re.search(r"cp\.async\.c[ag]\b", ptx):

@@ -69,11 +69,12 @@ def timed_choosers(tmp_path, monkeypatch):
     from fakes import FakeTimer
 
     import triton_gelu.kernels  # noqa: F401 (registers every Tuner and Paths)
-    from triton_gelu import _autotune
+    from triton_gelu.tuning.paths import path_choosers
+    from triton_gelu.tuning.tuner import tuners
 
     monkeypatch.setenv("TRITON_GELU_CACHE_DIR", str(tmp_path / "timed-cache"))
     timer = FakeTimer([1.0])
-    choosers = [*_autotune.tuners.values(), *_autotune.path_choosers.values()]
+    choosers = [*tuners.values(), *path_choosers.values()]
     for chooser in choosers:
         chooser.forget()
         monkeypatch.setattr(chooser, "bench", timer)

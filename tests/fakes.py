@@ -43,7 +43,7 @@ def load_kernel(directory: Path, factor: str, module: str):
 def tile_tuners(kernel, name: str):
     """(label, Tuner) pairs launching the matmul ``kernel`` with one tile shape each, other
     than the interpreter's (a dropout epilogue's mask must not depend on the tile)."""
-    from triton_gelu._autotune import Tuner
+    from triton_gelu.tuning.tuner import Tuner
 
     for block_m, block_n in ((16, 16), (16, 64), (64, 32)):
         config = triton.Config({"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": block_n,
@@ -72,7 +72,7 @@ class FakeTimer:
 
 def launch(tuner, n: int = 100) -> torch.Tensor:
     """Run a copy-kernel tuner on arange(n); return y (NaN where nothing was stored)."""
-    from triton_gelu._autotune import bucket
+    from triton_gelu.tuning.spaces import bucket
 
     x = torch.arange(n, dtype=torch.float32)
     y = torch.full_like(x, float("nan"))
@@ -99,7 +99,8 @@ def tuning_worker(rank: int, kernel_dir: str, barrier, results) -> None:
     """One rank: tune the same kernel and op as every other rank, at the same moment, with a
     timer that makes a different candidate fastest in each rank; report what it ended with."""
     try:
-        from triton_gelu._autotune import Paths, Tuner
+        from triton_gelu.tuning.paths import Paths
+        from triton_gelu.tuning.tuner import Tuner
 
         kernel = load_kernel(Path(kernel_dir), "2.0", "mp_kernel")
         shift = rank % 3

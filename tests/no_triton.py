@@ -99,7 +99,9 @@ import triton_gelu  # noqa: E402
 # Modules whose names users call (besides the package itself); one not yet written is skipped.
 PUBLIC_MODULES = ("triton_gelu", "triton_gelu.autotune", "triton_gelu.parallel")
 # The only modules that import Triton: every other module of the package imports without it.
-TRITON_MODULES = ("triton_gelu.kernels", "triton_gelu._autotune")
+TRITON_MODULES = ("triton_gelu.kernels", "triton_gelu.tuning.spaces", "triton_gelu.tuning.keys",
+                  "triton_gelu.tuning.chooser", "triton_gelu.tuning.tuner",
+                  "triton_gelu.tuning.paths")
 FORMS = ("none", "tanh")
 
 
@@ -385,7 +387,8 @@ def _parallel() -> None:
 
 @check("autotune.main")
 def _autotune_main() -> None:
-    from triton_gelu import _cache, autotune
+    from triton_gelu import autotune
+    from triton_gelu.tuning import cache as _cache
 
     tuning = _cache.cache_dir() / "gelu_fwd.device.triton-x.0.json"
     tuning.parent.mkdir(parents=True, exist_ok=True)

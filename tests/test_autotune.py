@@ -23,11 +23,13 @@ from fakes import launch as _launch
 from fakes import load_kernel as _load_kernel
 from fakes import three_configs as _three_configs
 
-from triton_gelu import _autotune
-from triton_gelu._autotune import (
-    SMEM_BYTES, Tuner, arch_of, bucket, cache_dir, clear_cache, elementwise_configs,
-    matmul_configs, matmul_smem_bytes, prune_elementwise, prune_matmul, source_hash,
+from triton_gelu.tuning.cache import cache_dir, clear_cache
+from triton_gelu.tuning.keys import arch_of, device_of, source_hash
+from triton_gelu.tuning.spaces import (
+    SMEM_BYTES, bucket, elementwise_configs, matmul_configs, matmul_smem_bytes,
+    prune_elementwise, prune_matmul,
 )
+from triton_gelu.tuning.tuner import Tuner
 
 ARCHES = ("sm90", "sm80", "sm86", "sm89", "default")
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +189,7 @@ def test_tuner_picks_the_fastest_and_writes_the_cache(tmp_path, cache):
     assert timer.calls == 3
 
     (path,) = cache.glob("*.json")
-    assert path == tuner.cache_path(_autotune.device_of(-1))
+    assert path == tuner.cache_path(device_of(-1))
     assert path.name.startswith(f"test_copy.interpreter.triton-{triton.__version__}.")
     document = json.loads(path.read_text())
     assert document["source_hash"] == source_hash(kernel)
@@ -238,7 +240,7 @@ def test_real_kernels_hash_their_own_source():
 def test_corrupt_or_foreign_cache_files_are_ignored(tmp_path, cache):
     kernel = _load_kernel(tmp_path, "2.0", "kernel_c")
     tuner = Tuner(kernel, "test_copy", _three_configs, bench=FakeTimer([2.0, 1.0, 3.0]))
-    path = tuner.cache_path(_autotune.device_of(-1))
+    path = tuner.cache_path(device_of(-1))
     for garbage in ("{not json", "[1, 2]", '{"entries": {"128|torch.float32": {"kwargs": 7}}}'):
         cache.mkdir(exist_ok=True)
         path.write_text(garbage)

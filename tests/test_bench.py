@@ -167,14 +167,14 @@ def timed_paths(tmp_path, monkeypatch):
     after its warm-up call), into a temporary cache; the Tuners keep their single interpreter
     config. What the choosers chose is forgotten before and after."""
     import triton_gelu.kernels  # noqa: F401 (registers every Paths)
-    from triton_gelu import _autotune
+    from triton_gelu.tuning.paths import path_choosers
 
     monkeypatch.setenv("TRITON_GELU_CACHE_DIR", str(tmp_path / "paths-cache"))
-    for paths in _autotune.path_choosers.values():
+    for paths in path_choosers.values():
         paths.forget()
         monkeypatch.setattr(paths, "bench", lambda fn: 1.0)
     yield
-    for paths in _autotune.path_choosers.values():
+    for paths in path_choosers.values():
         paths.forget()
 
 

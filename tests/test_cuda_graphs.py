@@ -57,7 +57,9 @@ def test_feedforward_training_step_captures_and_replays(dtype):
         model(static_x).float().square().mean().backward()
     torch.cuda.current_stream().wait_stream(side)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", triton_gelu._autotune.UntunedWarning)
+        from triton_gelu.tuning.chooser import UntunedWarning
+
+        warnings.simplefilter("error", UntunedWarning)
         graph, static_loss = _capture(model, optimizer, static_x)
 
     xs = [torch.randn_like(static_x) for _ in range(3)]
@@ -74,7 +76,10 @@ def test_feedforward_training_step_captures_and_replays(dtype):
 
 
 def test_capture_of_untuned_problems_times_nothing_and_warns():
-    from triton_gelu import _autotune
+    from triton_gelu.tuning import chooser as _chooser
+    from triton_gelu.tuning.chooser import UntunedWarning
+    from triton_gelu.tuning.paths import path_choosers
+    from triton_gelu.tuning.tuner import tuners
 
     torch.manual_seed(1)
     model = triton_gelu.FeedForward(192, 768, dropout=0.0, device="cuda", dtype=torch.bfloat16)
@@ -87,13 +92,13 @@ def test_capture_of_untuned_problems_times_nothing_and_warns():
         # Compiles the untuned choices (kernels must not compile inside the capture) ...
         model(static_x).float().square().mean().backward()
     torch.cuda.current_stream().wait_stream(side)
-    choosers = [*_autotune.tuners.values(), *_autotune.path_choosers.values()]
+    choosers = [*tuners.values(), *path_choosers.values()]
     for chooser in choosers:  # ... then forget them, so the capture meets untuned problems
         chooser.forget()
-    tuned_before = _autotune.tuned_seconds
-    with pytest.warns(_autotune.UntunedWarning, match="CUDA-graph capture"):
+    tuned_before = _chooser.tuned_seconds
+    with pytest.warns(UntunedWarning, match="CUDA-graph capture"):
         graph, static_loss = _capture(model, optimizer, static_x)
-    assert _autotune.tuned_seconds == tuned_before, "something was timed during capture"
+    assert _chooser.tuned_seconds == tuned_before, "something was timed during capture"
     x = torch.randn_like(static_x)
     static_x.copy_(x)
     graph.replay()

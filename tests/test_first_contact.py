@@ -77,7 +77,7 @@ def test_every_public_op_and_every_path_is_checked_against_float64(dry_run):
               for r in records if not r["ok"]]
     assert not failed, failed
     import triton_gelu.kernels  # noqa: F401 (registers every op's paths)
-    from triton_gelu import _autotune
+    from triton_gelu.tuning.paths import path_choosers
 
     ran = {(op, path) for r in records for op, path in r["ran"].items()}
     for public, ops in (("gelu", ("gelu_fwd", "gelu_bwd")),
@@ -88,7 +88,7 @@ def test_every_public_op_and_every_path_is_checked_against_float64(dry_run):
         mine = [r for r in records if r["op"] == public]
         assert {r["dtype"] for r in mine} == {"fp32", "fp16", "bf16"}, public
         for op in ops:
-            for path in _autotune.path_choosers[op].paths:
+            for path in path_choosers[op].paths:
                 forced = [r for r in mine if r["forced"] == {op: path}]
                 assert len(forced) >= 3, f"{public}: {op}={path} forced {len(forced)} times"
                 # cuBLASLt's GELU epilogue is a CUDA op: on the CPU it never applies.

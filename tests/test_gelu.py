@@ -14,7 +14,7 @@ from triton_gelu.autotune import force_path
 from triton_gelu.kernels.gelu import gelu_backward, gelu_forward
 
 FORMS = ["none", "tanh"]
-PATHS = ["triton", "torch"]  # every path of gelu_fwd and gelu_bwd (_autotune.Paths)
+PATHS = ["triton", "torch"]  # every path of gelu_fwd and gelu_bwd (tuning.paths.Paths)
 
 
 @pytest.fixture(params=PATHS)

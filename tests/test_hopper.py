@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from helpers import ATOL, DTYPES, assert_all_written, assert_no_worse_than_torch, launched, tf32
 
 import triton_gelu
-from triton_gelu import _autotune, reference
+from triton_gelu import reference
+from triton_gelu.tuning import spaces
+from triton_gelu.tuning.paths import path_choosers
 from triton_gelu._runtime import path_runs
 from triton_gelu.autotune import force_path
 from triton_gelu.functional import dropout_seed
@@ -100,7 +102,7 @@ def test_linear_gelu_matches_float64(dtype, approximate, recompute, bias, device
 def test_saved_and_recomputed_preact_are_one(dtype, device, poison_outputs):
     # The forward's z and linear_preact's (the recompute) from the same Hopper kernel config.
     x, weight, b = _linear_operands(dtype, device)
-    lg = _autotune.path_choosers
+    lg = path_choosers
     with tma_paths():
         y, preact = lg["linear_gelu_fwd"].paths["tma"](x, weight, b, False, True)
         z_only = lg["linear_preact"].paths["tma"](x, weight, b)
@@ -246,15 +248,15 @@ def test_undescribable_problems_keep_todays_kernel(device):
     assert counts == {"linear_gelu_fwd": 1}, counts
     assert any("does not apply" in str(w.message) for w in caught), [str(w) for w in caught]
     direct = {
-        "linear_gelu_fwd": lambda: _autotune.path_choosers["linear_gelu_fwd"].paths["tma"](
+        "linear_gelu_fwd": lambda: path_choosers["linear_gelu_fwd"].paths["tma"](
             x, weight, b, False, False),
-        "linear_preact": lambda: _autotune.path_choosers["linear_preact"].paths["tma"](
+        "linear_preact": lambda: path_choosers["linear_preact"].paths["tma"](
             x, weight, b),
     }
     for kernel, call in direct.items():
         assert launched(call) == {kernel: 1}, kernel
     sliced = torch.randn(M, 48, device=device).to(torch.bfloat16)[:, 1:41]
-    assert launched(lambda: _autotune.path_choosers["geglu_fwd"].paths["tma"](
+    assert launched(lambda: path_choosers["geglu_fwd"].paths["tma"](
         sliced, weight[:, :40].contiguous(), weight[:, :40].contiguous(), None, None, False,
         True, False, None, 0.0, 0, N)) == {"geglu_fwd": 1}
 
@@ -277,15 +279,15 @@ def test_only_forced_under_the_interpreter_and_only_hopper_gpus(device, monkeypa
 def test_config_space_and_estimate():
     # The Hopper space: wgmma's 64-row tiles, every config within sm90's shared memory by the
     # estimate aot_compile.py holds against the compiler's figure.
-    configs = _autotune.tma_matmul_configs("sm90")
+    configs = spaces.tma_matmul_configs("sm90")
     assert all(c.kwargs["BLOCK_SIZE_M"] >= 64 for c in configs)
     key = (8192, 4096, 4096, torch.bfloat16)
-    kept = _autotune.prune_matmul(configs, key, "sm90", reduction="K", persistent=True)
+    kept = spaces.prune_matmul(configs, key, "sm90", reduction="K", persistent=True)
     assert kept == configs
-    gated = _autotune.prune_matmul(configs, key, "sm90", reduction="K", gated=True,
+    gated = spaces.prune_matmul(configs, key, "sm90", reduction="K", gated=True,
                                    persistent=True)
     assert [c.kwargs["BLOCK_SIZE_K"] for c in configs if c not in gated] == [128], gated
-    assert len(_autotune.tma_matmul_configs(None)) == 1  # the interpreter: one config
+    assert len(spaces.tma_matmul_configs(None)) == 1  # the interpreter: one config
 
 
 def test_one_warp_specialized_tile_for_the_linear_forward_only():
@@ -293,15 +295,15 @@ def test_one_warp_specialized_tile_for_the_linear_forward_only():
     # one plus the 4-warp tile that only warp specialization keeps from spilling (aot_compile.py
     # checks setmaxnreg in its PTX); the FFN forward's (a dropout epilogue) and the interpreter's
     # have none specialized.
-    shared = _autotune.tma_matmul_configs("sm90")
-    linear = _autotune.tma_linear_configs("sm90")
-    dropout = _autotune.tma_dropout_configs("sm90")
+    shared = spaces.tma_matmul_configs("sm90")
+    linear = spaces.tma_linear_configs("sm90")
+    dropout = spaces.tma_dropout_configs("sm90")
     assert [c.kwargs["WARP_SPECIALIZE"] for c in linear] == [False] * len(shared) + [True]
     assert linear[-1].num_warps == 4
     tiles = [(c.kwargs["BLOCK_SIZE_M"], c.kwargs["BLOCK_SIZE_N"], c.num_warps) for c in shared]
     assert (128, 128, 4) not in tiles  # without warp specialization this tile spills
     assert not any(c.kwargs["WARP_SPECIALIZE"] for c in dropout) and len(dropout) == len(shared)
-    interpreter = _autotune.tma_linear_configs(None)
+    interpreter = spaces.tma_linear_configs(None)
     assert len(interpreter) == 1 and interpreter[0].kwargs["WARP_SPECIALIZE"] is False
     key = (8192, 4096, 4096, torch.bfloat16)
-    assert _autotune.prune_matmul(linear, key, "sm90", reduction="K", persistent=True) == linear
+    assert spaces.prune_matmul(linear, key, "sm90", reduction="K", persistent=True) == linear

@@ -26,7 +26,7 @@ lg = importlib.import_module("triton_gelu.kernels.linear_gelu")
 FORMS = ["none", "tanh"]
 M, K, N = 37, 45, 51  # multiples of no block size
 
-# Every path of every op (_autotune.Paths), in sets forced together so that the forward
+# Every path of every op (tuning.paths.Paths), in sets forced together so that the forward
 # and linear_preact compute z the same way (the recomputed z stays bitwise the saved one).
 # addmm_gelu, which applies only where no z is kept, has its own test below.
 PATH_SETS = {

@@ -19,8 +19,13 @@ from fakes import FakeTimer, double_by_add, double_by_mul, launch, load_kernel
 
 import triton_gelu
 import triton_gelu.kernels  # noqa: F401 (registers the package's Tuners and Paths)
-from triton_gelu import _autotune, _table
-from triton_gelu._autotune import NEIGHBOURS, Device, Paths, Tuner, UntunedWarning
+from triton_gelu.tuning import keys as _keys
+from triton_gelu.tuning import table as _table
+from triton_gelu.tuning.chooser import UntunedWarning
+from triton_gelu.tuning.keys import Device, device_of
+from triton_gelu.tuning.paths import Paths, path_choosers
+from triton_gelu.tuning.spaces import NEIGHBOURS
+from triton_gelu.tuning.tuner import Tuner
 from triton_gelu._runtime import path_runs
 from triton_gelu.autotune import force_path, policy, set_policy
 
@@ -62,7 +67,7 @@ def test_paths_time_every_candidate_keep_the_fastest_and_cache_it(cache):
     assert timer.calls == 2 and path_runs[("test_double", "mul")] == before + 2
 
     (path,) = cache.glob("paths.test_double.*.json")
-    assert path == paths.cache_path(_autotune.device_of(-1))
+    assert path == paths.cache_path(device_of(-1))
     assert f".torch-{torch.__version__}".replace("+", "-") in path.name
     document = json.loads(path.read_text())
     assert document["entries"] == {"k": {"path": "mul", "ms": 1.0,
@@ -150,7 +155,7 @@ def test_interpreter_without_a_timer_takes_the_default_path_and_writes_nothing(c
 
 
 def test_the_real_ops_register_their_paths():
-    ops = _autotune.path_choosers
+    ops = path_choosers
     assert set(ops["gelu_fwd"].paths) == set(ops["gelu_bwd"].paths) == {"triton", "torch"}
     # PyTorch's own computation is a candidate of every op: the fastest is never slower.
     # The forwards' Hopper variants (TMA, persistent grid) are one more candidate: "tma".
@@ -199,7 +204,7 @@ def test_eager_paths_are_candidates_without_dropout_only(cache, monkeypatch):
     same shapes: the dropout flag is in the path key, so a choice made at p = 0 never serves
     p > 0."""
     names = ("ffn_fwd", "ffn_bwd", "geglu_fwd", "geglu_bwd")
-    choosers = {name: _autotune.path_choosers[name] for name in names}
+    choosers = {name: path_choosers[name] for name in names}
     for paths in choosers.values():
         paths.forget()
         monkeypatch.setattr(paths, "bench", _torch_is_fastest(paths))
@@ -263,7 +268,7 @@ def _recording_tuner(tmp_path, name, monkeypatch, times=None):
 @pytest.fixture
 def sm90_table(tmp_path, monkeypatch):
     """The interpreter dressed as an sm90 device, with a writable shipped-table directory."""
-    monkeypatch.setitem(_autotune._devices, -1, Device(-1, "interpreter", "sm90"))
+    monkeypatch.setitem(_keys._devices, -1, Device(-1, "interpreter", "sm90"))
     monkeypatch.setattr(_table, "TABLE_DIR", tmp_path / "tuned")
 
     def write(section: str, chooser, entries: dict) -> None:

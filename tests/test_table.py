@@ -1,4 +1,4 @@
-"""The shipped tuning table (triton_gelu/tuned/<arch>.json): its schema, that every entry
+"""The shipped tuning table (triton_gelu/tuning/tuned/<arch>.json): its schema, that every entry
 passes its tuner's pruning, what the exporter writes, and that the package ships the files."""
 
 from __future__ import annotations
@@ -11,8 +11,12 @@ import torch
 from fakes import FakeTimer, double_by_add, double_by_mul, launch, load_kernel, three_configs
 
 import triton_gelu.kernels  # noqa: F401 (registers the package's Tuners and Paths)
-from triton_gelu import _autotune, _table
-from triton_gelu._autotune import Device, Paths, Tuner, parse_key
+from triton_gelu.tuning import keys as _keys
+from triton_gelu.tuning import table as _table
+from triton_gelu.tuning.keys import Device, parse_key
+from triton_gelu.tuning.paths import Paths, path_choosers
+from triton_gelu.tuning.spaces import config_id
+from triton_gelu.tuning.tuner import Tuner, entry_config, tuners
 from triton_gelu.autotune import _export_table as export_table
 from triton_gelu.autotune import policy
 
@@ -22,18 +26,18 @@ ARCHES = ("sm90", "sm80")
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_shipped_table_has_the_schema_and_every_entry_passes_pruning(arch):
-    path = REPO / "triton_gelu" / "tuned" / f"{arch}.json"
+    path = REPO / "triton_gelu" / "tuning" / "tuned" / f"{arch}.json"
     document = json.loads(path.read_text())
     assert _table.schema_problems(document) == [] and document["arch"] == arch
     for name, part in document["tuners"].items():
-        tuner = _autotune.tuners[name]  # a table section for a tuner that no longer exists fails
+        tuner = tuners[name]  # a table section for a tuner that no longer exists fails
         for key_text, entry in part["entries"].items():
-            space = {_autotune._config_id(c)
+            space = {config_id(c)
                      for c in tuner.pruned_space(parse_key(key_text), arch)}
-            assert _autotune._config_id(_autotune._entry_config(entry)) in space, (
+            assert config_id(entry_config(entry)) in space, (
                 f"{arch} {name} [{key_text}]: {entry} is not in the pruned space")
     for op, part in document["paths"].items():
-        paths = _autotune.path_choosers[op]
+        paths = path_choosers[op]
         for key_text, entry in part["entries"].items():
             assert set(entry["candidates"]) <= set(paths.paths), (op, key_text, entry)
     assert _table.load_table(arch) == document, "the package reads the same file"
@@ -46,7 +50,7 @@ def test_the_wheel_ships_the_tables():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["triton_gelu"]
     for arch in ARCHES:
-        assert any(fnmatch.fnmatch(f"tuned/{arch}.json", p) for p in patterns), patterns
+        assert any(fnmatch.fnmatch(f"tuning/tuned/{arch}.json", p) for p in patterns), patterns
 
 
 def test_schema_problems_are_found():
@@ -83,7 +87,7 @@ def test_nearest_entry_compares_sizes_only_within_the_same_flags():
 
 def test_export_writes_what_was_tuned_and_the_table_then_serves(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_GELU_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setitem(_autotune._devices, -1, Device(-1, "interpreter", "sm90"))
+    monkeypatch.setitem(_keys._devices, -1, Device(-1, "interpreter", "sm90"))
     monkeypatch.setattr(_table, "TABLE_DIR", tmp_path / "tuned")
     kernel = load_kernel(tmp_path, "2.0", "export_kernel")
     tuner = Tuner(kernel, "test_export", three_configs, bench=FakeTimer([3.0, 1.0, 2.0]))

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, _cache, _runtime
+from . import __version__, _runtime
+from .tuning import cache as _cache
 
 # What the environment can change about the kernels (read by _runtime, _settings, _cache).
 SETTINGS = ("TRITON_INTERPRET", "TRITON_GELU_PATH", "TRITON_GELU_CACHE_DIR", "CUDA_VISIBLE_DEVICES")
@@ -53,11 +54,11 @@ def triton_field() -> str:
 
 
 def config_space(capability: tuple[int, int]) -> str:
-    """The autotuning config space of a compute capability (``_autotune.arch_of``), which needs
+    """The autotuning config space of a compute capability (``tuning.keys.arch_of``), which needs
     Triton; without it there is none."""
     if _runtime.triton_unavailable() is not None:
         return "none (triton missing)"
-    from ._autotune import arch_of
+    from .tuning.keys import arch_of
 
     return arch_of(capability, hip=torch.version.hip is not None)
 

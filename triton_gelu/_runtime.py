@@ -6,7 +6,7 @@ Triton imports; if it does not, every call takes the PyTorch fallback and a warn
 reason is given once.
 
 ``launches`` counts every Triton kernel launch by kernel name, so tests can prove the kernel path
-(not a PyTorch fallback) produced a result; ``path_runs`` counts the paths ``_autotune.Paths``
+(not a PyTorch fallback) produced a result; ``path_runs`` counts the paths ``tuning.paths.Paths``
 ran, by (op, path name).
 """
 

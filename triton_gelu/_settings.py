@@ -1,7 +1,7 @@
 """User settings that steer the kernels, read without importing Triton.
 
 Forced paths: each op that can be computed more than one way (the fused Triton kernel, cuBLAS
-plus an elementwise kernel, PyTorch's own op) has named *paths*; ``_autotune.Paths`` picks one
+plus an elementwise kernel, PyTorch's own op) has named *paths*; ``tuning.paths.Paths`` picks one
 per problem. A path can be forced, for tests and for users who want to rule one out:
 
 - ``TRITON_GELU_PATH="linear_gelu_fwd=composed,gelu_fwd=torch"`` in the environment (read at
@@ -9,7 +9,7 @@ per problem. A path can be forced, for tests and for users who want to rule one 
 - ``with triton_gelu.autotune.force_path(linear_gelu_fwd="composed"): ...`` in Python, which
   wins over the environment.
 
-Tuning policy, how much a first call may time (``_autotune.py`` applies it):
+Tuning policy, how much a first call may time (``tuning/`` applies it):
 
 - ``full``: every config of the pruned space and every path;
 - ``fast`` (the default): the shipped table's config plus its nearest neighbours (every config

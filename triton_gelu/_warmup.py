@@ -27,10 +27,12 @@ def _tensors(obj: object) -> Iterator[torch.Tensor]:
 
 
 def _choices_made() -> int:
-    from . import _autotune  # imports Triton: only reached where a kernel can run
+    # Imports Triton: only reached where a kernel can run.
+    from .tuning.paths import path_choosers
+    from .tuning.tuner import tuners
 
-    return sum(len(t.choices) for t in _autotune.tuners.values()) + \
-        sum(len(p.choices) for p in _autotune.path_choosers.values())
+    return sum(len(t.choices) for t in tuners.values()) + \
+        sum(len(p.choices) for p in path_choosers.values())
 
 
 def warmup(model: nn.Module, example_inputs: tuple) -> int:

@@ -20,8 +20,8 @@ so exactly the keys a training run will use get tuned. ::
     python -m triton_gelu.autotune --clear                  # forget every tuning
 
 The cache lives in ``$TRITON_GELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/triton_gelu``, else
-``~/.cache/triton_gelu`` (see ``_autotune.py``). ``--export`` tunes under the ``full`` policy
-and merges every choice into ``triton_gelu/tuned/<arch>.json`` (``_table.py``); a problem the
+``~/.cache/triton_gelu`` (see ``tuning/__init__.py``). ``--export`` tunes under the ``full`` policy
+and merges every choice into ``triton_gelu/tuning/tuned/<arch>.json`` (``tuning/table.py``); a problem the
 table lists as exported is skipped, so an interrupted export resumes where it stopped.
 """
 
@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clear", action="store_true", help="delete the cache and exit")
     p.add_argument("--export", nargs="?", const="", metavar="PATH",
                    help="tune under the full policy and merge every choice into the shipped "
-                        "table (default triton_gelu/tuned/<arch>.json, or PATH)")
+                        "table (default triton_gelu/tuning/tuned/<arch>.json, or PATH)")
     return p
 
 
@@ -185,26 +185,33 @@ def _label(shape, dtype, approximate: str) -> str:
     return f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} {approximate}"
 
 
-def _new_choices(before: dict, _autotune) -> list[str]:
+def _new_choices(before: dict) -> list[str]:
+    from .tuning import keys as _keys
+    from .tuning import paths as _paths
+    from .tuning import tuner as _tuner
+
     lines = []
-    for name, tuner in sorted(_autotune.tuners.items()):
+    for name, tuner in sorted(_tuner.tuners.items()):
         for slot, choice in tuner.choices.items():
             if slot not in before.get(name, ()):
-                lines.append(f"  {name:<24} [{_autotune.key_string(slot[1])}]  "
+                lines.append(f"  {name:<24} [{_keys.key_string(slot[1])}]  "
                              f"{_describe(choice)}")
-    for op, paths in sorted(_autotune.path_choosers.items()):
+    for op, paths in sorted(_paths.path_choosers.items()):
         for slot, choice in paths.choices.items():
             if slot not in before.get("paths." + op, ()):
                 times = ", ".join(f"{n} {'-' if ms is None else f'{ms:.4f}'}"
                                   for n, ms in choice.candidates.items())
-                lines.append(f"  {op:<24} [{_autotune.key_string(slot[1])}]  path "
+                lines.append(f"  {op:<24} [{_keys.key_string(slot[1])}]  path "
                              f"{choice.path} ({choice.source}{'; ' + times if times else ''})")
     return lines
 
 
-def _snapshot(_autotune) -> dict:
-    seen = {name: set(t.choices) for name, t in _autotune.tuners.items()}
-    seen.update({"paths." + op: set(p.choices) for op, p in _autotune.path_choosers.items()})
+def _snapshot() -> dict:
+    from .tuning import paths as _paths
+    from .tuning import tuner as _tuner
+
+    seen = {name: set(t.choices) for name, t in _tuner.tuners.items()}
+    seen.update({"paths." + op: set(p.choices) for op, p in _paths.path_choosers.items()})
     return seen
 
 
@@ -213,20 +220,23 @@ def _export_table(path: Path, arch: str, device_index: int, done: list[str]) -> 
     ``path`` (creating it), recording the problems in ``done`` as exported."""
     import triton
 
-    from . import _autotune, _table
+    from .tuning import keys as _keys
+    from .tuning import paths as _paths
+    from .tuning import table as _table
+    from .tuning import tuner as _tuner
 
     def ms(value: float) -> float | None:
         return None if math.isnan(value) or math.isinf(value) else value
 
     document = _table.read_table(path) or _table.empty_table(arch)
-    for name, tuner in _autotune.tuners.items():
-        entries = {_autotune.key_string(slot[1]): _autotune.config_entry(c.config, ms(c.ms))
+    for name, tuner in _tuner.tuners.items():
+        entries = {_keys.key_string(slot[1]): _tuner.config_entry(c.config, ms(c.ms))
                    for slot, c in tuner.choices.items()
                    if slot[0] == device_index and c.source in ("tuned", "cache")}
         if entries:
             _table.merge_section(document, "tuners", name, tuner.source_hash, entries)
-    for op, paths in _autotune.path_choosers.items():
-        entries = {_autotune.key_string(slot[1]): {"path": c.path, "ms": ms(c.ms),
+    for op, paths in _paths.path_choosers.items():
+        entries = {_keys.key_string(slot[1]): {"path": c.path, "ms": ms(c.ms),
                                                     "candidates": c.candidates}
                    for slot, c in paths.choices.items()
                    if slot[0] == device_index and c.source in ("tuned", "cache")
@@ -234,7 +244,7 @@ def _export_table(path: Path, arch: str, device_index: int, done: list[str]) -> 
         if entries:
             _table.merge_section(document, "paths", op, paths.source_hash, entries)
     document["measured_on"] = {
-        "device": _autotune.device_of(device_index).name, "torch": torch.__version__,
+        "device": _keys.device_of(device_index).name, "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -245,7 +255,7 @@ def _export_table(path: Path, arch: str, device_index: int, done: list[str]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from ._cache import cache_dir, clear_cache
+    from .tuning.cache import cache_dir, clear_cache
     from ._runtime import interpreting, triton_unavailable
 
     if args.clear:  # needs no Triton
@@ -272,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"triton_gelu.autotune: {why}; autotuning times the Triton kernels on a GPU, so "
               "there is nothing to tune here.", file=sys.stderr)
         return 2
-    from . import _autotune
+    from .tuning import chooser as _chooser
+    from .tuning import keys as _keys
 
-    device = _autotune.device_of(torch.cuda.current_device())
+    device = _keys.device_of(torch.cuda.current_device())
     export = None
     if args.export is not None:
-        from . import _table
+        from .tuning import table as _table
 
         if device.arch is None or device.arch == "default":
             print(f"triton_gelu.autotune: {device.name} has no architecture table "
@@ -300,13 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         if time.monotonic() >= deadline:
             remaining.append(label)
             continue
-        before = _snapshot(_autotune)
-        start = _autotune.tuned_seconds
+        before = _snapshot()
+        start = _chooser.tuned_seconds
         with policy("full") if export is not None else contextlib.nullcontext():
             _exercise(shape, dtype, approximate)
         torch.cuda.synchronize()
-        print(f"{label}: {_autotune.tuned_seconds - start:.1f} s of timing", flush=True)
-        for line in _new_choices(before, _autotune):
+        print(f"{label}: {_chooser.tuned_seconds - start:.1f} s of timing", flush=True)
+        for line in _new_choices(before):
             print(line)
         if export is not None:  # after each problem, so a timeout loses only one
             _export_table(export, arch, device.index, [label])

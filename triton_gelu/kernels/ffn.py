@@ -12,7 +12,7 @@ seed (one int64) for it. What else the forward keeps is ``functional.py``'s
 choice: x and z (the launcher returns z when asked), or x alone with ``recompute``. h lives only
 inside the forward launcher.
 
-Four paths (``_autotune.Paths`` "ffn_fwd" and "ffn_bwd"; the same mask, results within the
+Four paths (``tuning.paths.Paths`` "ffn_fwd" and "ffn_bwd"; the same mask, results within the
 tolerance rule), the plain matmuls by cuBLAS (``torch.mm`` / ``torch.addmm``) on all; where
 nothing may be timed on a GPU, the composed ones (``untuned``):
 
@@ -60,11 +60,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autotune import (
-    Paths, Tuner, bucket, matmul_configs, prune_matmul, tma_dropout_configs, tma_matmul_configs,
-)
 from .._checks import check_dropout_columns, check_ffn_2d, check_ffn_backward, check_ffn_needs
 from .._runtime import device_context
+from ..tuning.paths import Paths
+from ..tuning.spaces import (
+    bucket, matmul_configs, prune_matmul, tma_dropout_configs, tma_matmul_configs,
+)
+from ..tuning.tuner import Tuner
 from . import _matmul
 from . import gelu as _gelu
 from ._math import (

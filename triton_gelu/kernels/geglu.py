@@ -69,14 +69,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autotune import (
-    Paths, Tuner, bucket, elementwise_configs, matmul_configs, prune_elementwise, prune_matmul,
-    tma_matmul_configs,
-)
 from .._checks import (
     check_dropout, check_dropout_columns, check_dropout_p, check_geglu_2d, check_geglu_backward,
 )
 from .._runtime import device_context
+from ..tuning.paths import Paths
+from ..tuning.spaces import (
+    bucket, elementwise_configs, matmul_configs, prune_elementwise, prune_matmul,
+    tma_matmul_configs,
+)
+from ..tuning.tuner import Tuner
 from . import _matmul
 from . import gelu as _gelu
 from ._math import (

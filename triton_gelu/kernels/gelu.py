@@ -6,7 +6,7 @@ dimensions must collapse into one row stride (any contiguous tensor, and slices 
 contiguous first. Outputs are always new contiguous tensors in the input's dtype; the math runs
 in float32 (``_math.py``).
 
-Paths (``_autotune.Paths``), chosen per (bucket(numel), dtype, form), like the kernels' configs
+Paths (``tuning.paths.Paths``), chosen per (bucket(numel), dtype, form), like the kernels' configs
 (a layout does not retune: a loss's expanded gradient and a contiguous one share the choice):
 
 - ``triton``: the kernels below (the default, and the interpreter's);
@@ -25,8 +25,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._autotune import Paths, Tuner, bucket, elementwise_configs, prune_elementwise
 from .._runtime import device_context
+from ..tuning.paths import Paths
+from ..tuning.spaces import bucket, elementwise_configs, prune_elementwise
+from ..tuning.tuner import Tuner
 from ._math import cast_to, dropout_arguments, dropout_factor_flat, gelu, gelu_grad
 
 

@@ -32,7 +32,7 @@ or sliced operand is copied (only a strided bias, N elements, is made contiguous
 new contiguous tensors; kernels only store into them, so the autotuner may re-launch a kernel on
 the same arguments.
 
-Paths (``_autotune.Paths``): each launcher below chooses, per problem key, how to compute::
+Paths (``tuning.paths.Paths``): each launcher below chooses, per problem key, how to compute::
 
     linear_gelu_fwd  fused      the forward kernel (default; the interpreter's)
                      composed   z by cuBLAS (torch.addmm), then our GELU kernel: in place when
@@ -73,12 +73,14 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .._autotune import (
-    TILE_ROWS, Paths, Tuner, bucket, matmul_configs, prune_matmul, prune_tiles, tile_configs,
-    tma_linear_configs,
-)
 from .._checks import check_linear_2d, check_linear_backward
 from .._runtime import device_context
+from ..tuning.paths import Paths
+from ..tuning.spaces import (
+    TILE_ROWS, bucket, matmul_configs, prune_matmul, prune_tiles, tile_configs,
+    tma_linear_configs,
+)
+from ..tuning.tuner import Tuner
 from . import _matmul
 from . import gelu as _gelu
 from ._math import cast_to, dropout_arguments, dropout_factor_tile, gelu, gelu_grad

@@ -1,9 +1,9 @@
 """The shipped tuning table: choices measured once per architecture on a reference GPU, kept as
-read-only JSON in the package (``triton_gelu/tuned/sm90.json``, ``sm80.json``). No Triton needed.
+read-only JSON in the package (``triton_gelu/tuning/tuned/sm90.json``, ``sm80.json``). No Triton needed.
 
 ``python -m triton_gelu.autotune --export`` writes it on a GPU; until a GPU run fills it each
 file has no sections and every lookup misses, which changes nothing but the seed of the ``fast``
-policy (see ``_autotune.py``). A document::
+policy (see ``tuning/__init__.py``). A document::
 
     {"schema": 1, "arch": "sm90",
      "measured_on": {"device": ..., "triton": ..., "torch": ..., "date": ...},
@@ -26,7 +26,7 @@ import json
 import math
 from pathlib import Path
 
-from ._cache import write_document
+from .cache import write_document
 
 SCHEMA = 1
 SECTIONS = ("tuners", "paths")
