@@ -90,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="bf16, bert-base, three GELU sizes, no max-autotune")
     p.add_argument("--check", action="store_true",
                    help="only the correctness check (the default without a GPU)")
+    p.add_argument("--cold-start", action="store_true",
+                   help="no GPU needed: what a first call of each op compiles and times per "
+                        "architecture and tuning policy, and what --export compiles (the real "
+                        "tuner replayed with fake timings: bench/cold_start.py)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="with --cold-start: the records")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
     p.add_argument("--tag", default="", help="appended to the result files' names (a slice of "
                                               "a run: --tag llama-decode)")
@@ -271,12 +276,47 @@ def run_bench(ops: list[str], sel: harness.Selection, out: Path, stem: str,
     return 1 if ours_failed else 3 if remaining else 0
 
 
+def run_cold_start(json_path: Path | None, quick: bool = False) -> int:
+    """Print (and with ``json_path`` write) the cold-start records (``bench/cold_start.py``);
+    ``quick``: the default policy on sm90 at the smallest preset only."""
+    import json
+
+    from bench import cold_start
+
+    if quick:
+        rows = cold_start.records(arches=("sm90",), policies=("fast",), presets=("bert-base",),
+                                  ops=[op for op in cold_start.OPS])
+    else:
+        rows = cold_start.records()
+    print("cold start: configs a first call compiles (and paths it times), tuner replayed "
+          "with fake timings, no kernel run")
+    print(cold_start.table(rows))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"wrote {json_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cold_start:
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            # The replay needs the interpreter's launchers (CPU and meta tensors), which a
+            # process is given at its start: run it in one of its own.
+            import subprocess
+
+            env = {**os.environ, "TRITON_INTERPRET": "1"}
+            argv = sys.argv[1:] if argv is None else argv
+            return subprocess.call([sys.executable, "-m", "bench", *argv], env=env)
+        return run_cold_start(args.json)
     ops = _choose("op", _split(args.ops), OPS)
     sel = selection(args, GPU and not args.check)
     if not GPU or args.check:
-        return run_check(ops, sel, "cuda" if GPU else "cpu")
+        status = run_check(ops, sel, "cuda" if GPU else "cpu")
+        if not GPU:  # what a GPU's first calls would compile, which needs none (quick)
+            run_cold_start(None, quick=True)
+        return status
     stem = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     tag = re.sub(r"[^a-z0-9]+", "-", args.tag.lower()).strip("-")
     stem += ("-quick" if args.quick else "") + (f"-{tag}" if tag else "")

@@ -101,7 +101,7 @@ PUBLIC_MODULES = ("triton_gelu", "triton_gelu.autotune", "triton_gelu.parallel")
 # The only modules that import Triton: every other module of the package imports without it.
 TRITON_MODULES = ("triton_gelu.kernels", "triton_gelu.tuning.spaces", "triton_gelu.tuning.keys",
                   "triton_gelu.tuning.chooser", "triton_gelu.tuning.tuner",
-                  "triton_gelu.tuning.paths")
+                  "triton_gelu.tuning.paths", "triton_gelu.tuning.compiled")
 FORMS = ("none", "tanh")
 
 

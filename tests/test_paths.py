@@ -24,8 +24,7 @@ from triton_gelu.tuning import table as _table
 from triton_gelu.tuning.chooser import UntunedWarning
 from triton_gelu.tuning.keys import Device, device_of
 from triton_gelu.tuning.paths import Paths, path_choosers
-from triton_gelu.tuning.spaces import NEIGHBOURS
-from triton_gelu.tuning.tuner import Tuner
+from triton_gelu.tuning.tuner import MODEL_TOP, Tuner
 from triton_gelu._runtime import path_runs
 from triton_gelu.autotune import force_path, policy, set_policy
 
@@ -283,26 +282,35 @@ def _block(size: int) -> dict:
     return {"kwargs": {"BLOCK_SIZE": size}, "num_warps": 4, "num_stages": 1, "ms": 1.0}
 
 
-def test_fast_times_the_table_entry_and_its_nearest_neighbours(tmp_path, cache, sm90_table,
-                                                               monkeypatch):
-    tuner, timed = _recording_tuner(tmp_path, "test_fast", monkeypatch, {64: 0.5})
+def _model_best(tuner, key: tuple) -> list[int]:
+    """The block sizes of the cost model's ranking at ``key`` on sm90, best first."""
+    return [c.kwargs["BLOCK_SIZE"] for c in tuner.ranked(key, "sm90")]
+
+
+def test_fast_times_the_table_entry_and_the_models_best(tmp_path, cache, sm90_table,
+                                                        monkeypatch):
+    times = {64: 0.5}
+    tuner, timed = _recording_tuner(tmp_path, "test_fast", monkeypatch, times)
     sm90_table("tuners", tuner, {"128|torch.float32": _block(256)})
     y = launch(tuner, n=100)  # key 128|torch.float32
     torch.testing.assert_close(y, 2.0 * torch.arange(100.0))
-    # 256 and its NEIGHBOURS nearest (one doubling or halving each way first, then two).
-    assert timed == [256, 128, 512, 64, 1024] and len(timed) == 1 + NEIGHBOURS
-    assert _only(tuner.choices).config.kwargs == {"BLOCK_SIZE": 64}
+    # 256, then the model's best (one: a memory-bound kernel) among the others.
+    others = [b for b in _model_best(tuner, (128, torch.float32)) if b != 256]
+    assert timed == [256, *others[:MODEL_TOP["memory"]]], timed
+    fastest = min(timed, key=lambda b: times.get(b, 5.0))
+    assert _only(tuner.choices).config.kwargs == {"BLOCK_SIZE": fastest}
 
     timed.clear()  # a problem the table lacks starts from the nearest problem it has
     launch(tuner, n=3000)  # key 4096|torch.float32
-    assert timed[0] == 256 and len(timed) == 1 + NEIGHBOURS
+    assert timed[0] == 256 and len(timed) == 1 + MODEL_TOP["memory"], timed
 
 
-def test_fast_without_a_table_times_every_config_and_full_always_does(tmp_path, cache,
-                                                                       sm90_table, monkeypatch):
+def test_fast_without_a_table_times_the_models_best_and_full_every_config(
+        tmp_path, cache, sm90_table, monkeypatch):
     tuner, timed = _recording_tuner(tmp_path, "test_full", monkeypatch)
     launch(tuner, n=100)
-    assert len(timed) == 8, "no table entry to start from: the whole space"
+    best = _model_best(tuner, (128, torch.float32))
+    assert timed == best[:MODEL_TOP["memory"]], "no table entry: the model's best alone"
     sm90_table("tuners", tuner, {"1024|torch.float32": _block(256)})
     timed.clear()
     with policy("full"):
@@ -317,7 +325,7 @@ def test_full_retunes_what_fast_tuned_and_fast_keeps_what_full_tuned(tmp_path, c
     fast, timed_fast = _recording_tuner(tmp_path, "test_upgrade", monkeypatch)
     sm90_table("tuners", fast, {"128|torch.float32": _block(256)})
     launch(fast)
-    assert len(timed_fast) == 1 + NEIGHBOURS
+    assert len(timed_fast) == 1 + MODEL_TOP["memory"]
     full, timed_full = _recording_tuner(tmp_path, "test_upgrade", monkeypatch)
     with policy("full"):
         launch(full)
@@ -334,8 +342,10 @@ def test_off_never_times_table_then_default(tmp_path, cache, sm90_table, monkeyp
     torch.testing.assert_close(launch(tuner, n=100), 2.0 * torch.arange(100.0))
     torch.testing.assert_close(launch(tuner, n=1000), 2.0 * torch.arange(1000.0))
     assert timed == []
+    # Without a table entry: the cost model's best, untimed.
+    default = _model_best(tuner, (1024, torch.float32))[0]
     assert {k[1][0]: (c.config.kwargs["BLOCK_SIZE"], c.source)
-            for k, c in tuner.choices.items()} == {128: (512, "table"), 1024: (16, "default")}
+            for k, c in tuner.choices.items()} == {128: (512, "table"), 1024: (default, "default")}
     assert not cache.exists(), "off writes nothing"
 
     paths = _doubling(FakeTimer([2.0, 1.0]), name="test_off_paths", untuned="mul")
@@ -430,11 +440,13 @@ def test_capture_never_times_warns_once_and_tunes_after(tmp_path, cache, sm90_ta
         warnings.simplefilter("error")  # a second launch of the same shape: no second warning
         launch(tuner)
     choice = _only(tuner.choices)
-    assert timed == [] and (choice.config.kwargs, choice.source) == ({"BLOCK_SIZE": 16}, "default")
+    best = _model_best(tuner, (128, torch.float32))
+    assert timed == [] and (choice.config.kwargs, choice.source) == \
+        ({"BLOCK_SIZE": best[0]}, "default")
     assert not tuner.best, "a choice made under capture is not final"
     capturing["on"] = False
     launch(tuner)
-    assert len(timed) == 8 and tuner.best, "the first uncaptured launch tunes"
+    assert timed == best[:MODEL_TOP["memory"]] and tuner.best, "the first uncaptured launch tunes"
 
     capturing["on"] = True  # a cached or shipped choice is used under capture, silently
     sm90_table("tuners", tuner, {"1024|torch.float32": _block(64)})
@@ -444,7 +456,7 @@ def test_capture_never_times_warns_once_and_tunes_after(tmp_path, cache, sm90_ta
     with pytest.warns(UntunedWarning, match="shipped table"):
         launch(tuner, n=1000)
     assert tuner.choices[(-1, (1024, torch.float32))].source == "table"
-    assert len(timed) == 8
+    assert len(timed) == MODEL_TOP["memory"], "nothing timed under capture"
 
 
 def test_capture_takes_the_untuned_path_and_a_forced_one_still_wins(cache, capturing):

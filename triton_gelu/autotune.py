@@ -20,15 +20,16 @@ so exactly the keys a training run will use get tuned. ::
     python -m triton_gelu.autotune --clear                  # forget every tuning
 
 The cache lives in ``$TRITON_GELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/triton_gelu``, else
-``~/.cache/triton_gelu`` (see ``tuning/__init__.py``). ``--export`` tunes under the ``full`` policy
-and merges every choice into ``triton_gelu/tuning/tuned/<arch>.json`` (``tuning/table.py``); a problem the
-table lists as exported is skipped, so an interrupted export resumes where it stopped.
+``~/.cache/triton_gelu`` (see ``tuning/__init__.py``). ``--export`` tunes under the policy in
+force (``fast`` by default: about 130 compiles for the bench presets on sm90, where ``full``, every
+config, is about 900: ``python -m bench --cold-start``) and merges every choice into ``triton_gelu/tuning/tuned/<arch>.json``
+(``tuning/table.py``); a problem the table lists as exported is skipped, so an interrupted
+export resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import math
 import sys
@@ -111,9 +112,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=math.inf,
                    help="start no problem after this many seconds; say what remains (exit 3)")
     p.add_argument("--clear", action="store_true", help="delete the cache and exit")
+    p.add_argument("--inspect", action="store_true",
+                   help="no GPU needed: compile every kernel x config for --arch with Triton's "
+                        "ptxas and write its compile facts (triton_gelu/tuning/facts/<arch>.json)")
+    p.add_argument("--arch", default="sm90", help="with --inspect: sm90 or sm80")
+    p.add_argument("--jobs", type=int, default=2, help="with --inspect: compile processes")
+    p.add_argument("--kernels", default="",
+                   help="with --inspect: comma-separated kernel cases to remake (others kept)")
     p.add_argument("--export", nargs="?", const="", metavar="PATH",
-                   help="tune under the full policy and merge every choice into the shipped "
-                        "table (default triton_gelu/tuning/tuned/<arch>.json, or PATH)")
+                   help="tune (under the policy in force: TRITON_GELU_TUNE=full for every "
+                        "config) and merge every choice into the shipped table (default "
+                        "triton_gelu/tuning/tuned/<arch>.json, or PATH)")
     return p
 
 
@@ -253,6 +262,47 @@ def _export_table(path: Path, arch: str, device_index: int, done: list[str]) -> 
     return document
 
 
+def _inspect(arch: str, jobs: int, kernels: list[str] | None) -> int:
+    """``--inspect``: remake the compile facts of ``arch`` (``tuning/facts.py``)."""
+    import json
+    import os
+
+    from ._runtime import triton_unavailable
+    from .tuning import facts
+
+    why = triton_unavailable()
+    if why is None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        why = "TRITON_INTERPRET is set (unset it: --inspect runs Triton's compiler)"
+    if why is not None:
+        print(f"triton_gelu.autotune --inspect: {why}", file=sys.stderr)
+        return 2
+    from .tuning import compiled
+
+    if arch not in compiled.ARCHES:
+        print(f"triton_gelu.autotune --inspect: --arch must be one of "
+              f"{', '.join(compiled.ARCHES)}; got {arch!r}", file=sys.stderr)
+        return 2
+    unknown = sorted(set(kernels or ()) - set(compiled.kernel_names()))
+    if unknown:
+        print(f"triton_gelu.autotune --inspect: unknown kernels {unknown}; choose from "
+              f"{', '.join(compiled.kernel_names())}", file=sys.stderr)
+        return 2
+    path = facts.facts_path(arch)
+    previous = facts.load_facts(arch) if kernels else None
+    start = time.monotonic()
+    document = compiled.generate(arch, jobs, kernels, previous,
+                                 progress=lambda line: print(line, flush=True))
+    document["seconds"] = round(time.monotonic() - start, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+    condemned = sum(facts.condemned(f, arch) for section in document["kernels"].values()
+                    for f in section["configs"].values())
+    total = sum(len(section["configs"]) for section in document["kernels"].values())
+    print(f"wrote {path}: {total} configs, {condemned} condemned (no compile, too much shared "
+          f"memory, or spills in the main loop), in {document['seconds']:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .tuning.cache import cache_dir, clear_cache
@@ -273,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"triton_gelu.autotune: {e}", file=sys.stderr)
         return 2
 
+    if args.inspect:
+        return _inspect(args.arch, args.jobs, _split(args.kernels) or None)
     why = triton_unavailable()
     if why is None and interpreting():
         why = "TRITON_INTERPRET is set"
@@ -298,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         export = Path(args.export) if args.export else _table.table_path(arch)
         done = set(_table.read_table(export).get("exported", []))
     print(f"tuning on {device.name} ({device.arch}) under the "
-          f"{'full' if export else _settings.tune_policy()} policy; cache: {cache_dir()}"
+          f"{_settings.tune_policy()} policy; cache: {cache_dir()}"
           + (f"; table: {export}" if export else ""))
     problems = _problems(shapes, dtypes, approximates, export is not None and not args.shapes)
     deadline = time.monotonic() + args.budget_s
@@ -313,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         before = _snapshot()
         start = _chooser.tuned_seconds
-        with policy("full") if export is not None else contextlib.nullcontext():
-            _exercise(shape, dtype, approximate)
+        _exercise(shape, dtype, approximate)
         torch.cuda.synchronize()
         print(f"{label}: {_chooser.tuned_seconds - start:.1f} s of timing", flush=True)
         for line in _new_choices(before):

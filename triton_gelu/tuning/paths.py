@@ -16,10 +16,11 @@ import torch
 import triton
 
 from .._runtime import path_runs
-from .._settings import PATH_ENV, forced_path
+from .._settings import PATH_ENV, forced_path, tune_policy
 from .cache import cache_dir
 from .chooser import Bench, Chooser, do_bench, valid_ms
 from .keys import Device, device_of, slug, source_hash
+from .model import paths_worth_timing
 from .tuner import Tuner, tuners
 
 class PathChoice(NamedTuple):
@@ -172,8 +173,16 @@ class Paths(Chooser):
         def valid(entry: object) -> bool:
             return isinstance(entry, dict) and entry.get("path") in names
 
+        device = device_of(slot[0])
+
+        def tune(seed: dict | None) -> dict | None:
+            # fast: the paths the cost model shows cannot win here are not timed
+            timed = names if tune_policy() != "fast" else paths_worth_timing(
+                self.op, names, key, device.arch)
+            return self._time(timed, args, kwargs)
+
         entry, source, final = self._decide(
-            device_of(slot[0]), key, lambda seed: self._time(names, args, kwargs),
+            device, key, tune,
             lambda: {"path": self._name(self.untuned, key, names), "ms": None, "candidates": {}},
             valid)
         if entry is None:  # no path ran: take the default, so its error surfaces

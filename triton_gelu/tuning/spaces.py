@@ -1,13 +1,10 @@
-"""Config spaces per architecture, the shared-memory model, pruning, and the neighbourhoods the
-``fast`` policy times. Config spaces are ``configs(arch)`` and prune functions
-``prune(configs, key, arch)``, where ``arch`` is ``"sm90"``, ``"sm80"``, ``"sm86"``, ``"sm89"``,
+"""Config spaces per architecture, the shared-memory model and pruning. Config spaces are
+``configs(arch)`` and prune functions ``prune(configs, key, arch)``, where ``arch`` is ``"sm90"``, ``"sm80"``, ``"sm86"``, ``"sm89"``,
 ``"default"`` (any other GPU) or ``None`` (the interpreter). Key conventions: elementwise kernels
 key on ``(bucket(numel), dtype, ...)``, matmul kernels on ``(bucket(M), N, K, dtype, ...)``.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -207,34 +204,8 @@ def prune_tiles(
     return kept or configs[:1]
 
 
-# ---- neighbours: the short list the fast policy times ---------------------------------------
-
-NEIGHBOURS = 4
-
-
 def config_id(config: triton.Config) -> tuple:
     return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
-
-
-def config_distance(a: triton.Config, b: triton.Config) -> float:
-    """Steps between two configs of one space: the sum of |log2| of the ratio of each
-    power-of-two parameter (block sizes, GROUP_SIZE_M, num_warps) plus the difference in
-    num_stages; infinite between configs with different meta-parameters."""
-    if a.kwargs.keys() != b.kwargs.keys():
-        return math.inf
-    pairs = [(a.kwargs[k], b.kwargs[k]) for k in a.kwargs] + [(a.num_warps, b.num_warps)]
-    return sum(abs(math.log2(x) - math.log2(y)) for x, y in pairs) \
-        + abs(a.num_stages - b.num_stages)
-
-
-def neighbourhood(
-    seed: triton.Config, configs: list[triton.Config], count: int = NEIGHBOURS
-) -> list[triton.Config]:
-    """The fast policy's candidates: ``seed`` and the ``count`` configs of ``configs`` (a pruned
-    space) nearest to it by ``config_distance``, ties in the space's order."""
-    others = [c for c in configs if config_id(c) != config_id(seed)]
-    others.sort(key=lambda c: config_distance(seed, c))  # stable: keeps the space's order
-    return [seed, *others[:count]]
 
 
 REDUCTIONS = ("K", "N", "M")

@@ -1,5 +1,6 @@
 """The shipped tuning table: choices measured once per architecture on a reference GPU, kept as
-read-only JSON in the package (``triton_gelu/tuning/tuned/sm90.json``, ``sm80.json``). No Triton needed.
+read-only JSON in the package (``triton_gelu/tuning/tuned/sm90.json``, ``sm80.json``). No Triton
+needed.
 
 ``python -m triton_gelu.autotune --export`` writes it on a GPU; until a GPU run fills it each
 file has no sections and every lookup misses, which changes nothing but the seed of the ``fast``

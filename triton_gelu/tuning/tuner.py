@@ -12,10 +12,22 @@ import torch
 import triton
 
 from .._runtime import record_launch
+from .._settings import tune_policy
 from .cache import cache_dir
 from .chooser import Bench, Chooser, Grid, do_bench
 from .keys import Device, device_of, slug, source_hash
-from .spaces import config_id, config_kwargs, neighbourhood
+from .facts import admissible
+from .model import rank_configs
+from .spaces import config_id, config_kwargs
+
+# Configs the fast policy times besides the shipped table's: the cost model's best few. A
+# memory-bound kernel (no K loop) gets one: its configs differ only in bytes in flight and
+# occupancy, which the model knows, so timing a second one buys little.
+MODEL_TOP = {"matmul": 2, "memory": 1}
+
+
+def _top_count(configs: list[triton.Config]) -> int:
+    return MODEL_TOP["matmul" if configs and "BLOCK_SIZE_K" in configs[0].kwargs else "memory"]
 
 class Choice(NamedTuple):
     config: triton.Config
@@ -102,7 +114,11 @@ class Tuner(Chooser):
         if not self.tunes:
             configs = self.configs(arch) if self._configs_take_arch else self.configs()
             return configs[:1]
-        return self.pruned_space(key, arch)
+        return admissible(self.pruned_space(key, arch), self.name, arch)
+
+    def ranked(self, key: tuple, arch: str | None) -> list[triton.Config]:
+        """``candidates`` fastest first by the cost model (``model.py``)."""
+        return rank_configs(self, self.candidates(key, arch), key, arch)
 
     # ---- tuning ----
 
@@ -132,10 +148,18 @@ class Tuner(Chooser):
             config = entry_config(entry)
             return config is not None and config_id(config) in allowed
 
+        ranked = rank_configs(self, candidates, key, device.arch)
+
         def tune(seed: dict | None) -> dict | None:
-            configs = candidates if seed is None else neighbourhood(
-                next(c for c in candidates if config_id(c) == config_id(entry_config(seed))),
-                candidates)
+            # full: every candidate; fast: the table's config (or its nearest problem's) and
+            # the model's best few others (MODEL_TOP); every candidate where no architecture
+            # is known (the interpreter with an injected timer: the model has no figures).
+            configs = candidates
+            if tune_policy() == "fast" and device.arch is not None:
+                first = [] if seed is None else [entry_config(seed)]
+                ids = {config_id(c) for c in first}
+                configs = first + [c for c in ranked
+                                   if config_id(c) not in ids][:_top_count(ranked)]
             # An output that is also an input (in place) is timed into a copy: the kernel must
             # run once, on the real tensors, after the choice.
             timed_kwargs = {**kwargs, **{name: kwargs[name].clone() for name in aliased}}
@@ -144,9 +168,9 @@ class Tuner(Chooser):
             return None if math.isinf(times[best]) else config_entry(configs[best], times[best])
 
         entry, source, final = self._decide(
-            device, key, tune, lambda: config_entry(candidates[0]), valid)
-        if entry is None:  # nothing ran: launch the first config so its error surfaces
-            return Choice(candidates[0], math.inf, "tuned"), True
+            device, key, tune, lambda: config_entry(ranked[0]), valid)
+        if entry is None:  # nothing ran: launch the model's best so its error surfaces
+            return Choice(ranked[0], math.inf, "tuned"), True
         ms = entry.get("ms")
         return Choice(entry_config(entry), math.nan if ms is None else float(ms), source), final
 
