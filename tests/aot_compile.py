@@ -384,7 +384,7 @@ def main() -> int:
     for arch in arches:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             every_config = dtype == torch.bfloat16 and not quick
-            for activation in ("gelu", "gelu_tanh"):
+            for activation in ("gelu", "gelu_tanh", "quick_gelu"):
                 if activation != "gelu" and dtype != torch.bfloat16:
                     continue
                 for name, kernel, args, key in _cases(dtype, activation):
