@@ -60,7 +60,7 @@ from triton_gelu.kernels.geglu import (  # noqa: E402
 from triton_gelu.kernels.gelu import _gelu_bwd_kernel, _gelu_fwd_kernel  # noqa: E402
 from triton_gelu.kernels.linear_gelu import (  # noqa: E402
     _linear_gelu_bwd_dw_kernel, _linear_gelu_bwd_dx_kernel, _linear_gelu_bwd_dz_kernel,
-    _linear_gelu_fwd_kernel, _linear_gelu_fwd_tma_kernel,
+    linear_gelu_fwd_kernel, linear_gelu_fwd_tma_kernel,
 )
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
@@ -131,12 +131,12 @@ def _matmul_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
               M=M, N=N, stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1,
               ACTIVATION=activation, WRITE_DZ=True, COMPUTE_DB=True, ROWS=_autotune.TILE_ROWS)
     key = (_autotune.bucket(M), N, K, dtype, activation)
-    return [("linear_gelu_fwd", _linear_gelu_fwd_kernel, fwd, key),
+    return [("linear_gelu_fwd", linear_gelu_fwd_kernel, fwd, key),
             ("linear_gelu_bwd_dx", _linear_gelu_bwd_dx_kernel, dx, key),
             ("linear_gelu_bwd_dw", _linear_gelu_bwd_dw_kernel, dw, key),
             ("linear_gelu_bwd_dz", _linear_gelu_bwd_dz_kernel, dz,
              (_autotune.bucket(M), N, dtype, activation, True, True)),
-            ("ffn_fwd_gelu_dropout", _linear_gelu_fwd_kernel, ffn_fwd, key),
+            ("ffn_fwd_gelu_dropout", linear_gelu_fwd_kernel, ffn_fwd, key),
             ("ffn_bwd_dz", _ffn_bwd_dz_kernel, ffn_dz, key)]
 
 
@@ -163,8 +163,8 @@ def _hopper_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int, g
                   WRITE_H=True, SUM_DB1=True, INPUT_PRECISION=precision, **DROPOUT)
     key = (_autotune.bucket(M), N, K, dtype, activation)
     gated_key = (_autotune.bucket(M), gated_n, gated_k, dtype, activation)
-    return [("linear_gelu_fwd_tma", _linear_gelu_fwd_tma_kernel, fwd, key),
-            ("ffn_fwd_gelu_dropout_tma", _linear_gelu_fwd_tma_kernel,
+    return [("linear_gelu_fwd_tma", linear_gelu_fwd_tma_kernel, fwd, key),
+            ("ffn_fwd_gelu_dropout_tma", linear_gelu_fwd_tma_kernel,
              {**fwd, **DROPOUT, "FLATTEN": False}, key),
             ("ffn_bwd_dz_tma", _ffn_bwd_dz_tma_kernel, ffn_dz, key),
             ("geglu_fwd_tma", _geglu_fwd_tma_kernel, geglu, gated_key),

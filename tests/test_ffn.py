@@ -336,7 +336,7 @@ def test_fused_epilogue_draws_the_same_mask_as_the_elementwise_kernel(device):
     torch.testing.assert_close(outputs["fused"][0], outputs["composed"][0], rtol=1e-5, atol=1e-5)
     # Any tile shape draws the same mask: launch the epilogue with other tiles than the tuner's.
     want = reference.dropout_keep(seed, M, HIDDEN, 0.5).cpu()
-    for tile, tuner in tile_tuners(ffn._linear_gelu_fwd_kernel, "test_tile"):
+    for tile, tuner in tile_tuners(ffn.linear_gelu_fwd_kernel, "test_tile"):
         h = torch.empty(M, HIDDEN, device=device)
         ffn.launch_forward(tuner, x, w1, b1, h, None, "gelu_tanh", seed, 0.5)
         assert torch.equal((h != 0).cpu(), want), f"tile {tile}"
@@ -358,7 +358,7 @@ def test_a_shard_draws_its_columns_of_the_whole_mask(col_offset, device):
     got["elementwise kernel"] = gelu_kernels.gelu_dropout_forward(
         ones, seed, 0.5, "gelu", torch.empty_like(ones), col_offset, HIDDEN) != 0
     x, w1, b1, _, _ = _operands((M, D), cols, torch.float32, device)
-    for tile, tuner in tile_tuners(ffn._linear_gelu_fwd_kernel, "test_shard_tile"):
+    for tile, tuner in tile_tuners(ffn.linear_gelu_fwd_kernel, "test_shard_tile"):
         h = torch.empty(M, cols, device=device)
         ffn.launch_forward(tuner, x, w1, b1, h, None, "gelu_tanh", seed, 0.5, col_offset, HIDDEN)
         got[f"fused epilogue, tile {tile}"] = h != 0

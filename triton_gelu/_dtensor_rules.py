@@ -1,6 +1,6 @@
 """DTensor sharding rules of every custom op of ``ops.py``, and the layouts they serve.
 
-Imported by ``parallel.py`` (so never by ``import triton_gelu``). Each custom op has a rule
+Imported by ``_dtensor.py`` (so never by ``import triton_gelu``). Each custom op has a rule
 (``torch.distributed.tensor.experimental.register_sharding``): DTensor calls the op on the local
 shards (so our kernels run on every rank), states the output placements, and redistributes inputs
 itself where they match no rule. DTensor refuses an op it has no rule for.
@@ -27,7 +27,7 @@ last projection's W Shard(1), its input Shard(-1), its output y Partial), rows, 
 The blocks' ops (``ffn_fwd``, ``ffn_bwd``, ``gated_ffn_fwd``) have rules for the replicated and
 row layouts only, and the row layout only without dropout: the tensor-parallel layout needs
 arguments that differ per rank (where the rank's hidden columns sit, for the dropout mask; the
-last bias added on one rank only), which a rule cannot give. ``parallel.py`` runs that layout by
+last bias added on one rank only), which a rule cannot give. ``_dtensor.py`` runs that layout by
 calling the ops on the local tensors itself.
 """
 
@@ -95,7 +95,7 @@ def block_layouts(ndim: int) -> list[BlockLayout]:
     """The layouts a block serves with no communication, for x of ``ndim`` dimensions."""
     last = ndim - 1
     # Row-parallel last projection: rank i holds the hidden columns i and W_last's columns i;
-    # y = sum_i h_i W_i^T, a partial sum; b_last is added once (parallel.py); dh = dy @ W_i.
+    # y = sum_i h_i W_i^T, a partial sum; b_last is added once (_dtensor.py); dh = dy @ W_i.
     row_parallel = LinearLayout(x=Shard(last), weight=Shard(1), bias=R, y=Partial(),
                                 dx=Shard(last), dweight=Shard(1), dbias=R)
     return [BlockLayout(REPLICATED, REPLICATED, False),
@@ -219,7 +219,7 @@ def _geglu_bwd_rule(dh, x, w_gate, w_up, gate, up, seed, p, activation, needs, w
                     col_offset=0, n_cols=None):
     # outputs (dx, dW_gate, dW_up, db_gate, db_up, h), each empty unless asked for. With dropout
     # (the gated block's backward) replicated only: a split would key each rank's mask on its
-    # local rows or columns (tensor parallel passes the columns' position: parallel.py).
+    # local rows or columns (tensor parallel passes the columns' position: _dtensor.py).
     return [
         ([_wanted(placement, wanted) for placement, wanted in zip(
             (lay.dx, lay.dweight, lay.dweight, lay.dbias, lay.dbias, lay.y), (*needs, write_h))],

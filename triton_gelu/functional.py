@@ -18,19 +18,19 @@ from ._checks import (
 from .ops import rows as _rows
 
 
-def _distributed(*tensors: torch.Tensor | None) -> bool:
+def distributed(*tensors: torch.Tensor | None) -> bool:
     """Whether any operand is a DTensor (tensor parallel). Costs a dict look-up while
     torch.distributed.tensor was never imported (no DTensor can exist then), and imports nothing."""
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in tensors)
 
 
-def _parallel():
-    """``triton_gelu.parallel`` (the DTensor sharding rules), imported on the first DTensor.
+def _dtensor():
+    """``triton_gelu._dtensor`` (the functional API on DTensors), imported on the first DTensor.
     Looked up in sys.modules first: torch.compile traces that without a graph break."""
-    module = sys.modules.get(__package__ + ".parallel")
+    module = sys.modules.get(__package__ + "._dtensor")
     if module is None:
-        from . import parallel as module
+        from . import _dtensor as module
     return module
 
 
@@ -60,8 +60,8 @@ def gelu(x: torch.Tensor, approximate: str = "none", *,
     """
     activation = resolve(approximate, activation)
     check_tensor("x", x)
-    if _distributed(x):  # DTensor: the custom op, whose sharding rule runs it on the local shard
-        return _parallel().gelu(x, activation)
+    if distributed(x):  # DTensor: the custom op, whose sharding rule runs it on the local shard
+        return _dtensor().gelu(x, activation)
     if torch.compiler.is_compiling():  # torch.compile traces the custom op (ops.py), not this
         return ops.gelu_fwd(x, activation)
     return _GELUFunction.apply(x, activation)
@@ -148,8 +148,8 @@ def linear_gelu(
     check_tensor("x", x)
     x, weight, bias = _autocast_linear(x, weight, bias)
     check_linear(x, weight, bias)
-    if _distributed(x, weight, bias):  # DTensor: the custom ops, run on the local shards
-        return _parallel().linear_gelu(x, weight, bias, activation, recompute)
+    if distributed(x, weight, bias):  # DTensor: the custom ops, run on the local shards
+        return _dtensor().linear_gelu(x, weight, bias, activation, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py), not these
         return ops.linear_gelu(x, weight, bias, activation, recompute)
     if not ops.needs_grad(x, weight, bias):
@@ -242,9 +242,9 @@ def feed_forward(
     check_ffn(x, w1, b1, w2, b2)
     if not training:
         p = 0.0
-    if _distributed(x, w1, b1, w2, b2):
+    if distributed(x, w1, b1, w2, b2):
         # Tensor parallel: the whole block on each rank's shards where the layout allows, else
-        # linear_gelu and PyTorch's dropout and linear on the DTensors (parallel.py).
+        # linear_gelu and PyTorch's dropout and linear on the DTensors (_dtensor.py).
         def fused(x, first, w2, b2, col_offset: int, n_cols: int) -> torch.Tensor:
             ((w1, b1),) = first
             config = _BlockConfig(p, activation, recompute, col_offset, n_cols)
@@ -252,9 +252,9 @@ def feed_forward(
 
         def unfused() -> torch.Tensor:
             h = linear_gelu(x, w1, b1, recompute=recompute, activation=activation)
-            return _parallel().linear(F.dropout(h, p, training), w2, b2)
+            return _dtensor().linear(F.dropout(h, p, training), w2, b2)
 
-        return _parallel().run_block(x, [(w1, b1)], (w2, b2), p > 0.0, fused, unfused,
+        return _dtensor().run_block(x, [(w1, b1)], (w2, b2), p > 0.0, fused, unfused,
                                      "FFN block")
     return _feed_forward(x, w1, b1, w2, b2, _BlockConfig(p, activation, recompute))
 
@@ -331,8 +331,8 @@ def geglu(
     """
     x, w_gate, w_up, b_gate, b_up, activation = _prepare_geglu(
         x, w_gate, w_up, b_gate, b_up, approximate, activation)
-    if _distributed(x, w_gate, w_up, b_gate, b_up):  # DTensor: the custom ops on the shards
-        return _parallel().geglu(x, w_gate, w_up, b_gate, b_up, activation, recompute)
+    if distributed(x, w_gate, w_up, b_gate, b_up):  # DTensor: the custom ops on the shards
+        return _dtensor().geglu(x, w_gate, w_up, b_gate, b_up, activation, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
         return ops.geglu(x, w_gate, w_up, b_gate, b_up, activation, recompute)
     if not ops.needs_grad(x, w_gate, w_up, b_gate, b_up):
@@ -402,9 +402,9 @@ def gated_feed_forward(
     check_down(w_gate, w_down, b_down)
     if not training:
         p = 0.0
-    if _distributed(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+    if distributed(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
         # Tensor parallel: the whole block on each rank's shards where the layout allows, else
-        # geglu and PyTorch's dropout and linear on the DTensors (parallel.py).
+        # geglu and PyTorch's dropout and linear on the DTensors (_dtensor.py).
         def fused(x, first, w_down, b_down, col_offset: int, n_cols: int) -> torch.Tensor:
             (w_gate, b_gate), (w_up, b_up) = first
             config = _BlockConfig(p, activation, recompute, col_offset, n_cols)
@@ -412,9 +412,9 @@ def gated_feed_forward(
 
         def unfused() -> torch.Tensor:
             h = geglu(x, w_gate, w_up, b_gate, b_up, recompute=recompute, activation=activation)
-            return _parallel().linear(F.dropout(h, p, training), w_down, b_down)
+            return _dtensor().linear(F.dropout(h, p, training), w_down, b_down)
 
-        return _parallel().run_block(x, [(w_gate, b_gate), (w_up, b_up)], (w_down, b_down),
+        return _dtensor().run_block(x, [(w_gate, b_gate), (w_up, b_up)], (w_down, b_down),
                                      p > 0.0, fused, unfused, "gated FFN block")
     return _gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
                                _BlockConfig(p, activation, recompute))

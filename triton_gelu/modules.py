@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .activations import resolve
-from .functional import _distributed, feed_forward, gated_feed_forward, geglu, gelu, linear_gelu
+from .functional import distributed, feed_forward, gated_feed_forward, geglu, gelu, linear_gelu
 
 
 class GELU(nn.Module):
@@ -155,7 +155,7 @@ def applied_by_parent(*modules: nn.Module) -> bool:
     """Whether a block may read these children's parameters into its fused op instead of calling
     them: no hooks, and each parameter a plain ``nn.Parameter`` or a DTensor (the block is
     tensor-parallel: the fused op runs on the shards, the block's own hooks lay out x)."""
-    return all(not has_hooks(m) and all(type(p) is nn.Parameter or _distributed(p)
+    return all(not has_hooks(m) and all(type(p) is nn.Parameter or distributed(p)
                                         for p in m.parameters(recurse=False))
                for m in modules)
 

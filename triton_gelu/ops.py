@@ -40,13 +40,13 @@ Ops (namespace ``triton_gelu``)::
 The linear ops take ``x`` (..., K) with any number of leading dimensions, ``weight`` (N, K) and
 ``bias`` (N,), and flatten the leading dimensions themselves, on the tensors they are given: so a
 DTensor sharded on a leading dimension (batch or sequence) reaches them unflattened, and DTensor
-never has to redistribute it to flatten it (``parallel.py`` registers the sharding rules).
+never has to redistribute it to flatten it (``_dtensor_rules.py`` holds the sharding rules).
 ``functional.py`` applies autocast before calling them, exactly as on the eager path.
 ``gated_ffn_fwd``'s registered backward calls ``geglu_gate_up`` and ``geglu_bwd`` (and PyTorch
 matmuls for the down projection), so the compiled backward keeps x, g, u and the seed, never h
 or the dropout mask. The GeGLU ops take ``x`` (..., K) and flatten it themselves, as the linear
 ops do (g, u, h and dh are (..., N)); the FFN and gated block ops take 2-D ``x``, flattened by
-their entry points below (under tensor parallel ``parallel.py`` calls them on each rank's local
+their entry points below (under tensor parallel ``_dtensor.py`` calls them on each rank's local
 tensors). The blocks' ops take the dropout seed as a tensor (``functional.dropout_seed``, drawn
 in the traced graph by ``torch.randint``; None when p == 0) and p as a float: the graph carries
 them to the backward op, with the position of the call's hidden columns in the whole hidden

@@ -50,7 +50,7 @@ from .. import reference
 from .._runtime import interpreting
 
 # Read once, like Triton itself reads TRITON_INTERPRET once at import.
-_INTERPRETING: tl.constexpr = tl.constexpr(interpreting())
+INTERPRETING: tl.constexpr = tl.constexpr(interpreting())
 
 
 @triton.jit
@@ -144,7 +144,7 @@ def cast_to(y, dtype: tl.constexpr):
     The interpreter truncates float32 -> bfloat16 (round toward zero: half-ulp errors that the
     GPU does not make), so there, and only there, round the float32 bits first.
     """
-    if _INTERPRETING:
+    if INTERPRETING:
         if dtype == tl.bfloat16:
             bits = y.to(tl.uint32, bitcast=True)
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000

@@ -75,9 +75,9 @@ from ._matmul import (
     persistent_grid, tile_grid, tma_applies, tma_compatible, use_tma_allocator,
 )
 from .gelu import gelu_dropout_backward, gelu_dropout_forward
-from .linear_gelu import _forward_torch as _linear_gelu_torch
+from .linear_gelu import forward_torch as _linear_gelu_torch
 from .linear_gelu import (
-    _linear_gelu_fwd_kernel, _linear_gelu_fwd_tma_kernel, _matmul_bias, launch_forward,
+    linear_gelu_fwd_kernel, linear_gelu_fwd_tma_kernel, matmul_bias, launch_forward,
 )
 
 Tensor = torch.Tensor
@@ -222,10 +222,10 @@ def _ffn_bwd_dz_tma_kernel(
 
 # The same forward kernel as LinearGELU's, under its own name: its keys and launch count are the
 # FFN block's. Both kernels loop over a reduction the way the linear forward does ("K").
-_fwd_tuner = Tuner(_linear_gelu_fwd_kernel, "ffn_fwd_gelu_dropout", matmul_configs,
+_fwd_tuner = Tuner(linear_gelu_fwd_kernel, "ffn_fwd_gelu_dropout", matmul_configs,
                    functools.partial(prune_matmul, reduction="K"))
 # Its Hopper variant (TMA loads, persistent grid), the forward's "tma" path.
-_fwd_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "ffn_fwd_gelu_dropout_tma",
+_fwd_tma_tuner = Tuner(linear_gelu_fwd_tma_kernel, "ffn_fwd_gelu_dropout_tma",
                        tma_dropout_configs,
                        functools.partial(prune_matmul, reduction="K", persistent=True))
 _dz_tuner = Tuner(_ffn_bwd_dz_kernel, "ffn_bwd_dz", matmul_configs,
@@ -287,7 +287,7 @@ def _forward_h_by(
     if M and hidden:
         launch_forward(tuner, x2d, w1, b1, h, preact, activation, seed, p,
                        col_offset, n_cols)
-    return _matmul_bias(h, w2, b2), preact
+    return matmul_bias(h, w2, b2), preact
 
 
 def _forward_composed(
@@ -295,9 +295,9 @@ def _forward_composed(
     seed: Tensor | None, p: float, activation: str, save_preact: bool, col_offset: int,
     n_cols: int,
 ) -> tuple[Tensor, Tensor | None]:
-    preact = _matmul_bias(x2d, w1, b1)
+    preact = matmul_bias(x2d, w1, b1)
     h = _gelu_dropout(preact, seed, p, activation, x2d, col_offset, n_cols)
-    return _matmul_bias(h, w2, b2), (preact if save_preact else None)
+    return matmul_bias(h, w2, b2), (preact if save_preact else None)
 
 
 # ---- backward --------------------------------------------------------------------------------
@@ -428,7 +428,7 @@ def _forward_torch(
     # F.linear, F.gelu, F.linear, as eager's block computes them (no dropout: see the Paths, so
     # where the columns sit does not matter)
     h, preact = _linear_gelu_torch(x2d, w1, b1, activation, save_preact)
-    return _matmul_bias(h, w2, b2), preact
+    return matmul_bias(h, w2, b2), preact
 
 
 def _backward_torch(
@@ -458,7 +458,7 @@ _forward_paths = Paths(
      "tma": _forward_tma},
     default="fused", untuned="composed",
     applies={"torch": without_dropout, "tma": _tma_applies},
-    kernels=[_fwd_tuner, _gelu._dropout_fwd_tuner, _fwd_tma_tuner],
+    kernels=[_fwd_tuner, _gelu.dropout_fwd_tuner, _fwd_tma_tuner],
 )
 _backward_paths = Paths(
     "ffn_bwd",
@@ -466,7 +466,7 @@ _backward_paths = Paths(
      "tma": _backward_tma},
     default="fused", untuned="composed",
     applies={"torch": without_dropout, "tma": _backward_tma_applies},
-    kernels=[_dz_tuner, _gelu._dropout_fwd_tuner, _gelu._dropout_bwd_tuner, _dz_tma_tuner],
+    kernels=[_dz_tuner, _gelu.dropout_fwd_tuner, _gelu.dropout_bwd_tuner, _dz_tma_tuner],
 )
 
 

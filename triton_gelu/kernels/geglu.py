@@ -87,7 +87,7 @@ from ._matmul import (
     cublas_context, dot_operand, input_precision, output_tile, output_tile_of, persistent_grid,
     tile_grid, tma_applies, tma_compatible, use_tma_allocator, weight_grad_tile,
 )
-from .gelu import _as_rows, _grid, _row_offsets
+from .gelu import as_rows, elementwise_grid, row_offsets
 
 # ---- the math, once -------------------------------------------------------------------------
 
@@ -342,7 +342,7 @@ def _geglu_bwd_act_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
-    dh = tl.load(dh_ptr + _row_offsets(offs, n_cols, stride_dh_row, CONTIGUOUS), mask=mask)
+    dh = tl.load(dh_ptr + row_offsets(offs, n_cols, stride_dh_row, CONTIGUOUS), mask=mask)
     dh = dh.to(tl.float32)
     gate = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     up = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
@@ -609,7 +609,7 @@ def _gate_into(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation
     n = gate.numel()
     if n:
         with device_context(gate):
-            _act_tuner.run(_grid(n), (bucket(n), gate.dtype, activation, p > 0.0),
+            _act_tuner.run(elementwise_grid(n), (bucket(n), gate.dtype, activation, p > 0.0),
                            g_ptr=gate, u_ptr=up, h_ptr=h, n_elements=n, n_cols=gate.shape[1],
                            ACTIVATION=activation,
                            **dropout_arguments(seed, p, n_cols or gate.shape[1], col_offset))
@@ -760,11 +760,11 @@ def _backward_once(
     h = _matmul.new_output((M, N), x2d) if write_h else None
     n = M * N
     if n:
-        dh_rows, row_len, stride_row = _as_rows(dh2d)
+        dh_rows, row_len, stride_row = as_rows(dh2d)
         gate, up = gate.contiguous(), up.contiguous()
         with device_context(x2d):
             _bwd_act_tuner.run(
-                _grid(n), (bucket(n), x2d.dtype, activation, write_h, p > 0.0),
+                elementwise_grid(n), (bucket(n), x2d.dtype, activation, write_h, p > 0.0),
                 dh_ptr=dh_rows, g_ptr=gate, u_ptr=up, dg_ptr=dgate, du_ptr=dup, h_ptr=h,
                 n_elements=n, n_cols=row_len, stride_dh_row=stride_row,
                 ACTIVATION=activation, WRITE_H=write_h,

@@ -31,7 +31,7 @@ from ._math import cast_to, dropout_arguments, dropout_factor_flat, activate, ac
 
 
 @triton.jit
-def _row_offsets(offs, n_cols, stride_row, CONTIGUOUS: tl.constexpr):
+def row_offsets(offs, n_cols, stride_row, CONTIGUOUS: tl.constexpr):
     # Element offsets of flat indices ``offs`` in a (rows, n_cols) view with row stride
     # ``stride_row``; a contiguous tensor skips the integer division.
     if CONTIGUOUS:
@@ -61,7 +61,7 @@ def _gelu_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
-    x_offs = _row_offsets(offs, n_cols, stride_x_row, CONTIGUOUS)
+    x_offs = row_offsets(offs, n_cols, stride_x_row, CONTIGUOUS)
     x = tl.load(x_ptr + x_offs, mask=mask).to(tl.float32)
     y = activate(x, ACTIVATION)
     if HAS_DROPOUT:  # the mask of element (row, col) of the (rows, n_cols) view: see _math
@@ -94,8 +94,8 @@ def _gelu_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
-    dy = tl.load(dy_ptr + _row_offsets(offs, n_cols, stride_dy_row, CONTIGUOUS), mask=mask)
-    x = tl.load(x_ptr + _row_offsets(offs, n_cols, stride_x_row, CONTIGUOUS), mask=mask)
+    dy = tl.load(dy_ptr + row_offsets(offs, n_cols, stride_dy_row, CONTIGUOUS), mask=mask)
+    x = tl.load(x_ptr + row_offsets(offs, n_cols, stride_x_row, CONTIGUOUS), mask=mask)
     x = x.to(tl.float32)
     # dx = dy * gelu'(x), in float32; with dropout after the GELU,
     # dx = dy * keep / (1 - p) * gelu'(x)
@@ -112,16 +112,16 @@ def _gelu_bwd_kernel(
         tl.store(h_ptr + offs, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
 
 
-_fwd_tuner = Tuner(_gelu_fwd_kernel, "gelu_fwd", elementwise_configs, prune_elementwise)
+fwd_tuner = Tuner(_gelu_fwd_kernel, "gelu_fwd", elementwise_configs, prune_elementwise)
 _bwd_tuner = Tuner(_gelu_bwd_kernel, "gelu_bwd", elementwise_configs, prune_elementwise)
 # The FFN block's composed path: GELU + dropout on the (M, N) pre-activation of a cuBLAS matmul.
-_dropout_fwd_tuner = Tuner(_gelu_fwd_kernel, "gelu_dropout_fwd", elementwise_configs,
+dropout_fwd_tuner = Tuner(_gelu_fwd_kernel, "gelu_dropout_fwd", elementwise_configs,
                            prune_elementwise)
-_dropout_bwd_tuner = Tuner(_gelu_bwd_kernel, "gelu_dropout_bwd", elementwise_configs,
+dropout_bwd_tuner = Tuner(_gelu_bwd_kernel, "gelu_dropout_bwd", elementwise_configs,
                            prune_elementwise)
 
 
-def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """Return (tensor, n_cols, row stride) for a row view of ``t``; copies only when needed."""
     if t.dim() >= 2 and not t.is_contiguous() and t.stride(-1) == 1:
         try:
@@ -136,7 +136,7 @@ def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return t, n_cols, n_cols
 
 
-def _grid(n_elements: int):
+def elementwise_grid(n_elements: int):
     return lambda meta: (triton.cdiv(n_elements, meta["BLOCK_SIZE"]),)
 
 
@@ -150,11 +150,11 @@ def _launch_forward(
     ``x`` itself (each element is read before it is written)."""
     if x.numel() == 0:
         return out
-    rows, n_cols, stride_row = _as_rows(x)
+    rows, n_cols, stride_row = as_rows(x)
     n = x.numel()
     with device_context(x):
         tuner.run(
-            _grid(n), (bucket(n), x.dtype, activation, p > 0.0),
+            elementwise_grid(n), (bucket(n), x.dtype, activation, p > 0.0),
             aliased=("y_ptr",) if out.data_ptr() == rows.data_ptr() else (),
             x_ptr=rows, y_ptr=out, n_elements=n, n_cols=n_cols, stride_x_row=stride_row,
             ACTIVATION=activation, CONTIGUOUS=stride_row == n_cols,
@@ -172,15 +172,15 @@ def _launch_backward(
     ``_launch_forward``); also h = dropout(gelu(x)) when an ``h`` buffer is given."""
     if x.numel() == 0:
         return out
-    x_rows, n_cols, stride_x = _as_rows(x)
-    dy_rows, dy_cols, stride_dy = _as_rows(dy)
+    x_rows, n_cols, stride_x = as_rows(x)
+    dy_rows, dy_cols, stride_dy = as_rows(dy)
     if dy_cols != n_cols:  # both views must share the column count; fall back to contiguous
         x_rows, dy_rows = x.contiguous(), dy.contiguous()
         n_cols = stride_x = stride_dy = x.shape[-1] if x.dim() else 1
     n = x.numel()
     with device_context(x):
         tuner.run(
-            _grid(n), (bucket(n), x.dtype, activation, p > 0.0, h is not None),
+            elementwise_grid(n), (bucket(n), x.dtype, activation, p > 0.0, h is not None),
             dy_ptr=dy_rows, x_ptr=x_rows, dx_ptr=out, h_ptr=h, n_elements=n, n_cols=n_cols,
             stride_dy_row=stride_dy, stride_x_row=stride_x, ACTIVATION=activation,
             CONTIGUOUS=stride_x == n_cols and stride_dy == n_cols, WRITE_H=h is not None,
@@ -196,7 +196,7 @@ def gelu_forward_triton(
     shape and dtype; ``out`` may be ``x`` itself (each element is read before it is written)."""
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _launch_forward(_fwd_tuner, x, out, activation)
+    return _launch_forward(fwd_tuner, x, out, activation)
 
 
 def gelu_backward_triton(
@@ -216,7 +216,7 @@ def gelu_dropout_forward(
     """out = dropout(gelu(z)) for the (M, N) pre-activation z: the mask of element (m, n) is the
     one the fused matmul epilogue draws (columns ``col_offset`` + n of an (M, ``n_cols``)
     activation), so both paths of the FFN block drop the same elements."""
-    return _launch_forward(_dropout_fwd_tuner, preact, out, activation, seed, p,
+    return _launch_forward(dropout_fwd_tuner, preact, out, activation, seed, p,
                            col_offset, n_cols)
 
 
@@ -227,7 +227,7 @@ def gelu_dropout_backward(
 ) -> torch.Tensor:
     """out = dh * keep / (1 - p) * gelu'(z) for the (M, N) z, and h = dropout(gelu(z)) when an
     ``h`` buffer is given (dW2 of the FFN block needs it); same mask as the forward."""
-    return _launch_backward(_dropout_bwd_tuner, dh, preact, out, activation, seed, p, h,
+    return _launch_backward(dropout_bwd_tuner, dh, preact, out, activation, seed, p, h,
                             col_offset, n_cols)
 
 
@@ -248,7 +248,7 @@ def gelu_backward_torch(dy: torch.Tensor, x: torch.Tensor, activation: str) -> t
 
 _fwd_paths = Paths(
     "gelu_fwd", {"triton": gelu_forward_triton, "torch": gelu_forward_torch},
-    default="triton", untuned="torch", kernels=[_fwd_tuner],
+    default="triton", untuned="torch", kernels=[fwd_tuner],
 )
 _bwd_paths = Paths(
     "gelu_bwd", {"triton": gelu_backward_triton, "torch": gelu_backward_torch},

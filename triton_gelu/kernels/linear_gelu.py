@@ -68,7 +68,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -90,7 +89,7 @@ from ._matmul import (
 
 
 @triton.jit
-def _linear_gelu_fwd_kernel(
+def linear_gelu_fwd_kernel(
     x_ptr,  # (M, K)
     w_ptr,  # (N, K), read as W^T (K, N) through its strides
     b_ptr,  # (N,) contiguous; None without HAS_BIAS
@@ -163,7 +162,7 @@ def _forward_epilogue(
 
 
 @triton.jit
-def _linear_gelu_fwd_tma_kernel(
+def linear_gelu_fwd_tma_kernel(
     x_ptr,  # (M, K), last stride 1, 16-byte aligned rows (see _matmul.tma_compatible)
     w_ptr,  # (N, K), likewise
     b_ptr,  # (N,) contiguous; None without HAS_BIAS
@@ -387,15 +386,15 @@ def _linear_gelu_bwd_dz_kernel(
 
 
 # Each kernel holds different tiles in shared memory; the reduction dimension names which.
-_fwd_tuner = Tuner(_linear_gelu_fwd_kernel, "linear_gelu_fwd", matmul_configs,
+_fwd_tuner = Tuner(linear_gelu_fwd_kernel, "linear_gelu_fwd", matmul_configs,
                    functools.partial(prune_matmul, reduction="K"))
-_preact_tuner = Tuner(_linear_gelu_fwd_kernel, "linear_preact", matmul_configs,
+_preact_tuner = Tuner(linear_gelu_fwd_kernel, "linear_preact", matmul_configs,
                       functools.partial(prune_matmul, reduction="K"))
 # The Hopper variants of the two above (TMA loads, persistent grid): the "tma" paths.
 _prune_tma = functools.partial(prune_matmul, reduction="K", persistent=True)
-_fwd_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "linear_gelu_fwd_tma", tma_linear_configs,
+_fwd_tma_tuner = Tuner(linear_gelu_fwd_tma_kernel, "linear_gelu_fwd_tma", tma_linear_configs,
                        _prune_tma)
-_preact_tma_tuner = Tuner(_linear_gelu_fwd_tma_kernel, "linear_preact_tma", tma_linear_configs,
+_preact_tma_tuner = Tuner(linear_gelu_fwd_tma_kernel, "linear_preact_tma", tma_linear_configs,
                           _prune_tma)
 _dx_tuner = Tuner(_linear_gelu_bwd_dx_kernel, "linear_gelu_bwd_dx", matmul_configs,
                   functools.partial(prune_matmul, reduction="N"))
@@ -438,7 +437,7 @@ def launch_forward(
         **dropout_arguments(seed, p, N if n_cols is None else n_cols, col_offset),
     )
     with device_context(x2d):
-        if tuner.kernel is _linear_gelu_fwd_tma_kernel:
+        if tuner.kernel is linear_gelu_fwd_tma_kernel:
             _matmul.use_tma_allocator()
             # Not flattened with dropout: the Philox epilogue inside the pipelined loop spills
             # more (see README, "Hopper paths")
@@ -514,7 +513,7 @@ def _launch_dz(dy2d, x2d, weight, preact, activation: str, write_dz: bool,
     return dz, db
 
 
-def _matmul_bias(x2d: torch.Tensor, weight: torch.Tensor,
+def matmul_bias(x2d: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """z = x2d @ weight.T + bias by cuBLAS: a new contiguous (M, N) tensor in x2d's dtype."""
     with cublas_context(x2d):
@@ -551,7 +550,7 @@ def _tma_applies(x2d, weight, *args) -> bool:
 
 
 def _forward_composed(x2d, weight, bias, activation: str, save_preact: bool):
-    preact = _matmul_bias(x2d, weight, bias)
+    preact = matmul_bias(x2d, weight, bias)
     if save_preact:  # the backward keeps z: y is a new tensor
         return _gelu.gelu_forward_triton(preact, activation), preact
     return _gelu.gelu_forward_triton(preact, activation, out=preact), None
@@ -576,8 +575,8 @@ def _addmm_gelu_applies(x2d, weight, bias, activation: str, save_preact: bool) -
             and _ADDMM_GELU_FORM.get(x2d.device.type) == activation)
 
 
-def _forward_torch(x2d, weight, bias, activation: str, save_preact: bool):
-    preact = _matmul_bias(x2d, weight, bias)  # F.linear's addmm
+def forward_torch(x2d, weight, bias, activation: str, save_preact: bool):
+    preact = matmul_bias(x2d, weight, bias)  # F.linear's addmm
     y = _gelu.gelu_forward_torch(preact, activation)
     return y, (preact if save_preact else None)
 
@@ -585,10 +584,10 @@ def _forward_torch(x2d, weight, bias, activation: str, save_preact: bool):
 _fwd_paths = Paths(
     "linear_gelu_fwd",
     {"fused": _forward_fused, "composed": _forward_composed, "addmm_gelu": _forward_addmm_gelu,
-     "torch": _forward_torch, "tma": _forward_tma},
+     "torch": forward_torch, "tma": _forward_tma},
     default="fused", untuned="composed",
     applies={"addmm_gelu": _addmm_gelu_applies, "tma": _tma_applies},
-    kernels=[_fwd_tuner, _gelu._fwd_tuner, _fwd_tma_tuner],
+    kernels=[_fwd_tuner, _gelu.fwd_tuner, _fwd_tma_tuner],
 )
 
 
@@ -607,7 +606,7 @@ def _preact_tma(x2d, weight, bias):
 
 
 _preact_paths = Paths(
-    "linear_preact", {"fused": _preact_fused, "composed": _matmul_bias, "tma": _preact_tma},
+    "linear_preact", {"fused": _preact_fused, "composed": matmul_bias, "tma": _preact_tma},
     default="fused", untuned="composed", applies={"tma": _tma_applies},
     kernels=[_preact_tuner, _preact_tma_tuner],
 )

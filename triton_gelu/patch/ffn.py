@@ -32,7 +32,6 @@ alone: that Linear fuses with its own GELU instead (pair or block), so every GEL
 
 from __future__ import annotations
 
-import importlib
 from typing import NamedTuple
 
 import torch
@@ -43,7 +42,10 @@ from ..activations import resolve
 from ..functional import feed_forward
 from ..modules import is_plain
 from .fuse import child, keep_encoder_fast_path_exact, replace_with_identity
-from .match import dropout_p, form_arguments, forced_form, gelu_form, linear_kind, parallel_block_style
+from .match import (
+    dropout_p, forced_form, form_arguments, gelu_form, linear_kind, parallel_block_style,
+    tp_hooks_module,
+)
 
 
 class _Linear(NamedTuple):
@@ -213,7 +215,7 @@ def _fuse(parent: nn.Module, block: _Block, approximate: str | None, recompute: 
                              **form_arguments(new_form))
     fused.train(block.training)
     if block.parallel:
-        importlib.import_module("triton_gelu.parallel").move_tp_block_hooks(
+        tp_hooks_module().move_tp_block_hooks(
             [block.linear1], block.linear2, fused)
     setattr(parent, block.names[0], fused)
     for name in block.names[1:-1]:

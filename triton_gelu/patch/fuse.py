@@ -3,16 +3,18 @@ holding the very same parameters, and the GELU becomes ``nn.Identity()``."""
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import torch
 from torch import nn
 
+from .._runtime import UnfusedFallbackWarning
 from ..activations import resolve
 from ..functional import linear_gelu
 from ..modules import LinearGELU
-from .match import form_arguments, forced_form, gelu_form, linear_kind, parallel_style
+from .match import (
+    forced_form, form_arguments, gelu_form, linear_kind, parallel_style, tp_hooks_module,
+)
 
 
 class Conv1DGELU(nn.Module):
@@ -55,12 +57,11 @@ def fuse_pair(
         return 0
     style = parallel_style(linear)
     if style == "rowwise":
-        parallel = importlib.import_module("triton_gelu.parallel")
         warnings.warn(
             f"triton_gelu.patch: {type(parent).__name__}.{linear_name} is row-parallel "
             "(RowwiseParallel): its output is a partial sum, and GELU needs the whole sum, so it "
             f"is left unfused with {act_name}. Make it column-parallel to fuse it.",
-            parallel.UnfusedFallbackWarning, stacklevel=3,
+            UnfusedFallbackWarning, stacklevel=3,
         )
         return 0
     new_form = forced_form(form, approximate)
@@ -73,7 +74,7 @@ def fuse_pair(
     if style is not None:
         # A column-parallel (or sequence-parallel) Linear: the fused module takes the style's
         # input and output hooks; GELU needs none (it commutes with the column split).
-        importlib.import_module("triton_gelu.parallel").copy_tp_hooks(linear, fused)
+        tp_hooks_module().copy_tp_hooks(linear, fused)
     setattr(parent, linear_name, fused)
     replace_with_identity(parent, act_name)
     keep_encoder_fast_path_exact(parent, form, new_form)

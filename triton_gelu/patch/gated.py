@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import builtins
 import dis
-import importlib
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +50,10 @@ import torch
 from torch import nn
 
 from ..functional import gated_feed_forward, geglu
-from .match import dropout_p, form_arguments, forced_form, gelu_form, has_hooks, linear_kind, parallel_block_style
+from .match import (
+    dropout_p, forced_form, form_arguments, gelu_form, has_hooks, linear_kind,
+    parallel_block_style, tp_hooks_module,
+)
 
 ROLES = ("gate", "up", "act", "dropout", "down")
 
@@ -318,5 +320,5 @@ def _swap(block: nn.Module, spec: GatedSpec, form: str, recompute: bool) -> Gate
         return fused
     if parallel_block_style([gate, up], down) is None:
         return None
-    importlib.import_module("triton_gelu.parallel").move_tp_block_hooks([gate, up], down, fused)
+    tp_hooks_module().move_tp_block_hooks([gate, up], down, fused)
     return fused

@@ -18,7 +18,6 @@ transformers is never imported here: its classes are recognised by module path a
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import sys
 
@@ -186,21 +185,29 @@ def has_dtensor_parameters(mod: nn.Module) -> bool:
     return dtensor is not None and any(isinstance(p, dtensor) for p in mod._parameters.values())
 
 
+def tp_hooks_module():
+    """``patch.tp_hooks``, imported only when a module holds DTensor parameters (it imports
+    torch.distributed, which ``import triton_gelu`` never does)."""
+    from . import tp_hooks
+
+    return tp_hooks
+
+
 def parallel_style(mod: nn.Module) -> str | None:
     """``"colwise"``, ``"rowwise"`` or ``"sequence"`` when ``mod``'s hooks are exactly those a
-    PyTorch tensor-parallel style installed (``triton_gelu.parallel.tp_style``), else None."""
+    PyTorch tensor-parallel style installed (``tp_hooks.tp_style``), else None."""
     if _dtensor_class() is None:
         return None
-    return importlib.import_module("triton_gelu.parallel").tp_style(mod)
+    return tp_hooks_module().tp_style(mod)
 
 
 def parallel_block_style(first: list[nn.Module], last: nn.Module) -> str | None:
     """``"tensor"`` or ``"sequence"`` when PyTorch's tensor-parallel styles on a block's Linears
     (``first`` projections, then ``last``) make a plan the fused block serves
-    (``triton_gelu.parallel.tp_block_style``), else None."""
+    (``tp_hooks.tp_block_style``), else None."""
     if _dtensor_class() is None:
         return None
-    return importlib.import_module("triton_gelu.parallel").tp_block_style(first, last)
+    return tp_hooks_module().tp_block_style(first, last)
 
 
 def has_state(mod: nn.Module) -> bool:
