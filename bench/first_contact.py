@@ -43,7 +43,6 @@ import argparse
 import concurrent.futures as futures
 import contextlib
 import datetime
-import json
 import multiprocessing
 import os
 import platform

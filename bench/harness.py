@@ -504,7 +504,7 @@ def write_results(out_dir: Path, stem: str, meta: dict, records: list[dict]) -> 
     except ImportError as e:  # matplotlib missing: the tables still stand
         print(f"bench: no plots ({e})")
     else:
-        written += plots.plot_speedups(records, out_dir, stem)
+        written += plots.plot_speedups(records, out_dir, stem, BASELINES)
     return written
 
 

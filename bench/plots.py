@@ -9,22 +9,23 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .harness import BASELINES  # noqa: E402
 
 
-def plot_speedups(records: list[dict], out_dir: Path, stem: str) -> list[Path]:
-    """``{stem}-{op}.png``: ours' speedup vs each baseline per case, with the 1.0 line."""
+def plot_speedups(records: list[dict], out_dir: Path, stem: str,
+                  baselines_order: tuple[str, ...]) -> list[Path]:
+    """``{stem}-{op}.png``: ours' speedup vs each baseline per case, with the 1.0 line; the
+    baselines in ``baselines_order`` (harness.BASELINES), each in one color in every panel."""
     paths = []
     for op in dict.fromkeys(r["op"] for r in records):
         rows = [r for r in records if r["op"] == op and r["speedup"]]
         modes = list(dict.fromkeys(r["mode"] for r in rows))
         if not rows:
             continue
-        baselines = [b for b in BASELINES if any(b in r["speedup"] for r in rows)]
+        baselines = [b for b in baselines_order if any(b in r["speedup"] for r in rows)]
         fig, axes = plt.subplots(len(modes), 1, squeeze=False,
                                  figsize=(max(6.0, 0.9 * max(len(rows) // len(modes), 1) + 3),
                                           3.2 * len(modes)))
-        colors = {b: f"C{i}" for i, b in enumerate(BASELINES)}  # the same color in every panel
+        colors = {b: f"C{i}" for i, b in enumerate(baselines_order)}
         for ax, mode in zip(axes[:, 0], modes):
             mode_rows = [r for r in rows if r["mode"] == mode]
             width = 0.8 / max(len(baselines), 1)

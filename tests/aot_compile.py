@@ -59,7 +59,7 @@ def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
     dtype = next(k for k in key if isinstance(k, torch.dtype))
     for config in configs:
         start = time.perf_counter()
-        label = f"{arch} {kernel_name} {dtype} tanh={args['APPROXIMATE_TANH']} {config}"
+        label = f"{arch} {kernel_name} {dtype} activation={args['ACTIVATION']} {config}"
         try:
             compiled = compile_kernel(kernel, args, TARGETS[arch], config)
         except Exception as exc:  # noqa: BLE001 - report every failure, then exit non-zero
@@ -144,10 +144,10 @@ def main() -> int:
     for arch in arches:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             every_config = dtype == torch.bfloat16 and not quick
-            for tanh in (False, True):
-                if tanh and dtype != torch.bfloat16:
+            for activation in ("gelu", "gelu_tanh", "quick_gelu"):
+                if activation != "gelu" and dtype != torch.bfloat16:
                     continue
-                for name, kernel, args, key in cases(dtype, tanh):
+                for name, kernel, args, key in cases(dtype, activation):
                     if parts is not None and not any(part in name for part in parts):
                         continue
                     if exact is not None and name not in exact:
@@ -157,7 +157,7 @@ def main() -> int:
                     if hopper_only(name) and arch != "sm90":
                         continue
                     kept = tuner_of(name).candidates(key, arch)
-                    every = every_config and not tanh and name not in EPILOGUE_ONLY
+                    every = every_config and activation == "gelu" and name not in EPILOGUE_ONLY
                     kept = kept if every else kept[:1]
                     if block_m is not None:
                         kept = [c for c in kept

@@ -33,6 +33,7 @@ from torch.distributed.tensor.parallel import (  # noqa: E402
 )
 
 import triton_gelu  # noqa: E402
+from triton_gelu import _dtensor as tg_dtensor  # noqa: E402
 from triton_gelu import _runtime, ops  # noqa: E402
 from triton_gelu import parallel as tgp  # noqa: E402
 from triton_gelu.modules import LinearGELU, has_hooks  # noqa: E402
@@ -152,12 +153,12 @@ def test_bool_flags_are_part_of_dtensors_sharding_cache(mesh):
     x, w = _dtensor(torch.randn(3, 8), mesh, Replicate()), _dtensor(torch.randn(5, 8), mesh,
                                                                      Shard(0))
     for save_preact in (True, False, True):
-        y, preact = ops.linear_gelu_fwd(x, w, None, False, save_preact)
+        y, preact = ops.linear_gelu_fwd(x, w, None, "gelu", save_preact)
         assert preact.to_local().shape == ((3, 5) if save_preact else (0,))
         assert preact.shape == ((3, 10) if save_preact else (0,)), (save_preact, preact.shape)
     dy = _dtensor(torch.randn(3, 5), mesh, Shard(1))
     for need_dx in (True, False, True):
-        dx, dw, _ = ops.linear_gelu_bwd(dy, x, w, dy, False, need_dx, True, False)
+        dx, dw, _ = ops.linear_gelu_bwd(dy, x, w, dy, "gelu", need_dx, True, False)
         assert dx.shape == ((3, 8) if need_dx else (0,)), (need_dx, dx.shape)
         assert dw.shape == (10, 8) and dw.to_local().shape == (5, 8)
 
@@ -397,7 +398,7 @@ def test_block_row_split_and_what_falls_back(mesh):
                                rtol=1e-5, atol=1e-5)
     column, _ = _block_operands(mesh)
     column[3] = _dtensor(torch.randn(8, 12), mesh, Replicate())
-    tgp._warned_layouts.clear()
+    tg_dtensor._warned_layouts.clear()
     for args, p in ((dts, 0.1), (column, 0.0)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -415,11 +416,11 @@ def test_unfused_linear_of_a_sequence_split_x(mesh, monkeypatch, flattens):
     takes (its DTensor refuses F.linear's flatten of a sequence-split x), run on every torch."""
     if flattens and torch.__version__ < "2.12":
         pytest.skip("torch 2.11's DTensor refuses F.linear of a sequence-split 3-D x")
-    monkeypatch.setattr(tgp, "_LINEAR_FLATTENS_SHARDED", flattens)
+    monkeypatch.setattr(tg_dtensor, "_LINEAR_FLATTENS_SHARDED", flattens)
     x, w, b = torch.randn(2, 4, 8), torch.randn(12, 8), torch.randn(12)
     dts = (_dtensor(x[:, :2], mesh, Shard(1)), _dtensor(w, mesh, Replicate()),
            _dtensor(b, mesh, Replicate()))
-    y = tgp.linear(*dts)
+    y = tg_dtensor.linear(*dts)
     assert y.placements == (Shard(1),) and y.shape == (2, 4, 12), (y.placements, y.shape)
     torch.testing.assert_close(y.to_local(), F.linear(x[:, :2], w, b))
     y.backward(torch.ones_like(y))
@@ -438,7 +439,7 @@ def test_chunk_start_is_where_dtensor_puts_each_ranks_shard():
                 for num_chunks, rank in zip(mesh_sizes, ranks):
                     local, offset = Shard.local_shard_size_and_offset(local, num_chunks, rank)
                     want += offset
-                got = tgp.chunk_start(size, list(zip(mesh_sizes, ranks)))
+                got = tg_dtensor.chunk_start(size, list(zip(mesh_sizes, ranks)))
                 assert got == want, f"size {size}, mesh {mesh_sizes}, ranks {ranks}: {got}"
 
 
@@ -457,16 +458,16 @@ def test_the_blocks_ops_rules_serve_rows_and_replicate(mesh):
         _dtensor(torch.randn(8, 12), mesh, Replicate())
     seed = _dtensor(torch.tensor([7]), mesh, Replicate(), requires_grad=False)
     _runtime.launches.clear()
-    y, z = ops.ffn_fwd(x, w1, None, w2, None, None, 0.0, False, True)
+    y, z = ops.ffn_fwd(x, w1, None, w2, None, None, 0.0, "gelu", True)
     assert y.placements == z.placements == (Shard(0),) and _runtime.launches["ffn_fwd_gelu_dropout"]
-    grads = ops.ffn_bwd(y, x, w1, w2, z, None, 0.0, False, [True, True, False, True, False])
+    grads = ops.ffn_bwd(y, x, w1, w2, z, None, 0.0, "gelu", [True, True, False, True, False])
     assert [g.placements for g in grads] == [(Shard(0),), (Partial(),), (Replicate(),),
                                             (Partial(),), (Replicate(),)]
-    y, _ = ops.ffn_fwd(x, w1, None, w2, None, seed, 0.3, False, False)
+    y, _ = ops.ffn_fwd(x, w1, None, w2, None, seed, 0.3, "gelu", False)
     assert y.placements == (Replicate(),)
-    y, g, u = ops.gated_ffn_fwd(x, w1, w1, w2, None, None, None, None, 0.0, True, True)
+    y, g, u = ops.gated_ffn_fwd(x, w1, w1, w2, None, None, None, None, 0.0, "gelu_tanh", True)
     assert y.placements == g.placements == u.placements == (Shard(0),)
-    y, _, _ = ops.gated_ffn_fwd(x, w1, w1, w2, None, None, None, seed, 0.3, True, False)
+    y, _, _ = ops.gated_ffn_fwd(x, w1, w1, w2, None, None, None, seed, 0.3, "gelu_tanh", False)
     assert y.placements == (Replicate(),)
 
 

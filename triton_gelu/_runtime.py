@@ -46,6 +46,12 @@ class TritonUnavailableWarning(UserWarning):
     """Given once per process when the Triton kernels cannot run and the fallback is used."""
 
 
+class UnfusedFallbackWarning(UserWarning):
+    """Given once per layout when DTensor operands are laid out in a way the fused kernels cannot
+    serve, and the unfused PyTorch ops (with DTensor's own communication) run instead (public as
+    ``triton_gelu.parallel.UnfusedFallbackWarning``)."""
+
+
 _warned = False
 
 

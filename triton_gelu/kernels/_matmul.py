@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import interpreting
-from ._math import _INTERPRETING
+from ._math import INTERPRETING
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def weight_grad_tile(N, K, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexp
 def dot_operand(tile):
     # The interpreter's tl.dot mishandles bfloat16 operands; there, and only there, multiply in
     # float32. Products of fp16/bf16 values are exact in float32, so this is what the GPU computes.
-    if _INTERPRETING:
+    if INTERPRETING:
         return tile.to(tl.float32)
     else:
         return tile

@@ -3,16 +3,18 @@ holding the very same parameters, and the GELU becomes ``nn.Identity()``."""
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import torch
 from torch import nn
 
-from .._checks import check_approximate
+from .._runtime import UnfusedFallbackWarning
+from ..activations import resolve
 from ..functional import linear_gelu
 from ..modules import LinearGELU
-from .match import gelu_form, linear_kind, parallel_style
+from .match import (
+    forced_form, form_arguments, gelu_form, linear_kind, parallel_style, tp_hooks_module,
+)
 
 
 class Conv1DGELU(nn.Module):
@@ -22,21 +24,25 @@ class Conv1DGELU(nn.Module):
     weight: torch.Tensor
     bias: torch.Tensor
 
-    def __init__(self, conv: nn.Module, approximate: str = "none", recompute: bool = False) -> None:
+    def __init__(self, conv: nn.Module, approximate: str = "none", recompute: bool = False, *,
+                 activation: str | None = None) -> None:
         super().__init__()
-        check_approximate(approximate)
+        resolve(approximate, activation)
         self.nf, self.nx = conv.nf, conv.nx
         self.weight = conv.get_parameter("weight")  # (nx, nf): nn.Linear's (out, in) transposed
         self.bias = conv.get_parameter("bias")
         self.approximate = approximate
+        self.activation = activation
         self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_gelu(x, self.weight.t(), self.bias, self.approximate, self.recompute)
+        return linear_gelu(x, self.weight.t(), self.bias, self.approximate, self.recompute,
+                           activation=self.activation)
 
     def extra_repr(self) -> str:
         return (f"nf={self.nf}, nx={self.nx}, approximate={self.approximate!r}, "
-                f"recompute={self.recompute}")
+                f"recompute={self.recompute}"
+                + ("" if self.activation is None else f", activation={self.activation!r}"))
 
 
 def fuse_pair(
@@ -51,25 +57,24 @@ def fuse_pair(
         return 0
     style = parallel_style(linear)
     if style == "rowwise":
-        parallel = importlib.import_module("triton_gelu.parallel")
         warnings.warn(
             f"triton_gelu.patch: {type(parent).__name__}.{linear_name} is row-parallel "
             "(RowwiseParallel): its output is a partial sum, and GELU needs the whole sum, so it "
             f"is left unfused with {act_name}. Make it column-parallel to fuse it.",
-            parallel.UnfusedFallbackWarning, stacklevel=3,
+            UnfusedFallbackWarning, stacklevel=3,
         )
         return 0
-    new_form = form if approximate is None else approximate
+    new_form = forced_form(form, approximate)
     fused: nn.Module
     if kind == "linear" and isinstance(linear, nn.Linear):
-        fused = LinearGELU.from_linear(linear, approximate=new_form, recompute=recompute)
+        fused = LinearGELU.from_linear(linear, recompute=recompute, **form_arguments(new_form))
     else:
-        fused = Conv1DGELU(linear, approximate=new_form, recompute=recompute)
+        fused = Conv1DGELU(linear, recompute=recompute, **form_arguments(new_form))
     fused.train(linear.training)
     if style is not None:
         # A column-parallel (or sequence-parallel) Linear: the fused module takes the style's
         # input and output hooks; GELU needs none (it commutes with the column split).
-        importlib.import_module("triton_gelu.parallel").copy_tp_hooks(linear, fused)
+        tp_hooks_module().copy_tp_hooks(linear, fused)
     setattr(parent, linear_name, fused)
     replace_with_identity(parent, act_name)
     keep_encoder_fast_path_exact(parent, form, new_form)

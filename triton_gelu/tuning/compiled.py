@@ -22,16 +22,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..kernels import _matmul
-from ..kernels.ffn import _ffn_bwd_dz_kernel, _ffn_bwd_dz_tma_kernel
-from ..kernels.geglu import (
-    _geglu_act_kernel, _geglu_bwd_act_kernel, _geglu_bwd_dw_kernel, _geglu_bwd_dx_kernel,
-    _geglu_fwd_kernel, _geglu_fwd_tma_kernel,
-)
-from ..kernels.gelu import _gelu_bwd_kernel, _gelu_fwd_kernel
-from ..kernels.linear_gelu import (
-    _linear_gelu_bwd_dw_kernel, _linear_gelu_bwd_dx_kernel, _linear_gelu_bwd_dz_kernel,
-    _linear_gelu_fwd_kernel, _linear_gelu_fwd_tma_kernel,
-)
 from .spaces import TILE_ROWS, bucket
 from .tuner import Tuner
 
@@ -79,42 +69,42 @@ DROPOUT = dict(seed_ptr=torch.int64, dropout_threshold=214748365, dropout_scale=
                dropout_col_offset=4096, dropout_n_cols=16384, HAS_DROPOUT=True)
 
 
-def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
+def _matmul_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
     """(name, kernel, args, key) of the forward, dx and dW kernels on contiguous operands, and
     the FFN block's: the forward with dropout, the backward's dz = dy @ W2 (N = d_ff, reducing
     over K = d_model)."""
     precision = "tf32" if dtype == torch.float32 else None
     fwd = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, preact_ptr=dtype,
                M=M, N=N, K=K, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ym=N,
-               APPROXIMATE_TANH=tanh, HAS_BIAS=True, WRITE_Y=True, SAVE_PREACT=True,
+               ACTIVATION=activation, HAS_BIAS=True, WRITE_Y=True, SAVE_PREACT=True,
                INPUT_PRECISION=precision, **NO_DROPOUT)
     ffn_fwd = {**fwd, **DROPOUT}
     ffn_dz = dict(dy_ptr=dtype, w2_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, h_ptr=dtype,
                   db1_part_ptr=torch.float32, M=M, F=N, E=K, db1_part_rows=M // 64,
                   stride_dym=K, stride_dye=1, stride_w2e=N, stride_w2f=1, stride_zm=N,
-                  stride_zf=1, APPROXIMATE_TANH=tanh, WRITE_H=True, SUM_DB1=True,
+                  stride_zf=1, ACTIVATION=activation, WRITE_H=True, SUM_DB1=True,
                   INPUT_PRECISION=precision, **DROPOUT)
     dx = dict(dy_ptr=dtype, preact_ptr=dtype, w_ptr=dtype, dx_ptr=dtype, M=M, N=N, K=K,
               stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1, stride_wn=K, stride_wk=1,
-              stride_dxm=K, APPROXIMATE_TANH=tanh, INPUT_PRECISION=precision)
+              stride_dxm=K, ACTIVATION=activation, INPUT_PRECISION=precision)
     dw = dict(dy_ptr=dtype, preact_ptr=dtype, x_ptr=dtype, dw_ptr=dtype, db_ptr=dtype,
               M=M, N=N, K=K, stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1,
-              stride_xm=K, stride_xk=1, stride_dwn=K, APPROXIMATE_TANH=tanh,
+              stride_xm=K, stride_xk=1, stride_dwn=K, ACTIVATION=activation,
               COMPUTE_DW=True, COMPUTE_DB=True, INPUT_PRECISION=precision)
     dz = dict(dy_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, db_partial_ptr=torch.float32,
               M=M, N=N, stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1,
-              APPROXIMATE_TANH=tanh, WRITE_DZ=True, COMPUTE_DB=True, ROWS=TILE_ROWS)
-    key = (bucket(M), N, K, dtype, tanh)
-    return [("linear_gelu_fwd", _linear_gelu_fwd_kernel, fwd, key),
-            ("linear_gelu_bwd_dx", _linear_gelu_bwd_dx_kernel, dx, key),
-            ("linear_gelu_bwd_dw", _linear_gelu_bwd_dw_kernel, dw, key),
-            ("linear_gelu_bwd_dz", _linear_gelu_bwd_dz_kernel, dz,
-             (bucket(M), N, dtype, tanh, True, True)),
-            ("ffn_fwd_gelu_dropout", _linear_gelu_fwd_kernel, ffn_fwd, key),
-            ("ffn_bwd_dz", _ffn_bwd_dz_kernel, ffn_dz, key)]
+              ACTIVATION=activation, WRITE_DZ=True, COMPUTE_DB=True, ROWS=TILE_ROWS)
+    key = (bucket(M), N, K, dtype, activation)
+    return [("linear_gelu_fwd", None, fwd, key),
+            ("linear_gelu_bwd_dx", None, dx, key),
+            ("linear_gelu_bwd_dw", None, dw, key),
+            ("linear_gelu_bwd_dz", None, dz,
+             (bucket(M), N, dtype, activation, True, True)),
+            ("ffn_fwd_gelu_dropout", None, ffn_fwd, key),
+            ("ffn_bwd_dz", None, ffn_dz, key)]
 
 
-def _hopper_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int, gated_n: int,
+def _hopper_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int, gated_n: int,
                   gated_k: int):
     """(name, kernel, args, key) of the Hopper variants (TMA, persistent grid) as the launchers
     pass them: the linear forward's tile loop flattened where this Triton can, except under a
@@ -124,28 +114,28 @@ def _hopper_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int, gated_
     flatten = _matmul.range_flattens()
     fwd = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, preact_ptr=dtype,
                M=M, N=N, K=K, stride_xm=K, stride_wn=K, stride_ym=N,
-               APPROXIMATE_TANH=tanh, HAS_BIAS=True, WRITE_Y=True, SAVE_PREACT=True,
+               ACTIVATION=activation, HAS_BIAS=True, WRITE_Y=True, SAVE_PREACT=True,
                INPUT_PRECISION=precision, FLATTEN=flatten, **NO_DROPOUT)
     geglu = dict(x_ptr=dtype, wg_ptr=dtype, wu_ptr=dtype, bg_ptr=dtype, bu_ptr=dtype,
                  h_ptr=dtype, g_ptr=dtype, u_ptr=dtype, M=M, N=gated_n, K=gated_k,
                  stride_xm=gated_k, stride_wgn=gated_k, stride_wun=gated_k, stride_om=gated_n,
-                 APPROXIMATE_TANH=tanh, HAS_GATE_BIAS=True, HAS_UP_BIAS=True, WRITE_H=True,
+                 ACTIVATION=activation, HAS_GATE_BIAS=True, HAS_UP_BIAS=True, WRITE_H=True,
                  SAVE_GATE_UP=True, INPUT_PRECISION=precision, **NO_DROPOUT)
     ffn_dz = dict(dy_ptr=dtype, w2_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, h_ptr=dtype,
                   db1_part_ptr=torch.float32, M=M, F=N, E=K, db1_part_rows=M // 64,
-                  stride_dym=K, stride_w2e=N, stride_zm=N, stride_zf=1, APPROXIMATE_TANH=tanh,
+                  stride_dym=K, stride_w2e=N, stride_zm=N, stride_zf=1, ACTIVATION=activation,
                   WRITE_H=True, SUM_DB1=True, INPUT_PRECISION=precision, **DROPOUT)
-    key = (bucket(M), N, K, dtype, tanh)
-    gated_key = (bucket(M), gated_n, gated_k, dtype, tanh)
-    return [("linear_gelu_fwd_tma", _linear_gelu_fwd_tma_kernel, fwd, key),
-            ("ffn_fwd_gelu_dropout_tma", _linear_gelu_fwd_tma_kernel,
+    key = (bucket(M), N, K, dtype, activation)
+    gated_key = (bucket(M), gated_n, gated_k, dtype, activation)
+    return [("linear_gelu_fwd_tma", None, fwd, key),
+            ("ffn_fwd_gelu_dropout_tma", None,
              {**fwd, **DROPOUT, "FLATTEN": False}, key),
-            ("ffn_bwd_dz_tma", _ffn_bwd_dz_tma_kernel, ffn_dz, key),
-            ("geglu_fwd_tma", _geglu_fwd_tma_kernel, geglu, gated_key),
-            ("geglu_fwd_tma+dropout", _geglu_fwd_tma_kernel, {**geglu, **DROPOUT}, gated_key)]
+            ("ffn_bwd_dz_tma", None, ffn_dz, key),
+            ("geglu_fwd_tma", None, geglu, gated_key),
+            ("geglu_fwd_tma+dropout", None, {**geglu, **DROPOUT}, gated_key)]
 
 
-def _geglu_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
+def _geglu_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
     """(name, kernel, args, key) of the GeGLU kernels on contiguous operands; "+dropout": the
     gated block's dropout epilogues (the forward's, the composed forward's elementwise kernel,
     the backward's elementwise kernel)."""
@@ -153,48 +143,48 @@ def _geglu_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
     fwd = dict(x_ptr=dtype, wg_ptr=dtype, wu_ptr=dtype, bg_ptr=dtype, bu_ptr=dtype,
                h_ptr=dtype, g_ptr=dtype, u_ptr=dtype, M=M, N=N, K=K, stride_xm=K,
                stride_xk=1, stride_wgn=K, stride_wgk=1, stride_wun=K, stride_wuk=1,
-               stride_om=N, APPROXIMATE_TANH=tanh, HAS_GATE_BIAS=True, HAS_UP_BIAS=True,
+               stride_om=N, ACTIVATION=activation, HAS_GATE_BIAS=True, HAS_UP_BIAS=True,
                WRITE_H=True, SAVE_GATE_UP=True, INPUT_PRECISION=precision, **NO_DROPOUT)
     dx = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, wg_ptr=dtype, wu_ptr=dtype, dx_ptr=dtype,
               M=M, N=N, K=K, stride_dhm=N, stride_dhn=1, stride_gm=N, stride_wgn=K,
-              stride_wgk=1, stride_wun=K, stride_wuk=1, stride_dxm=K, APPROXIMATE_TANH=tanh,
+              stride_wgk=1, stride_wun=K, stride_wuk=1, stride_dxm=K, ACTIVATION=activation,
               INPUT_PRECISION=precision)
     dw = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, x_ptr=dtype, dwg_ptr=dtype, dwu_ptr=dtype,
               dbg_ptr=dtype, dbu_ptr=dtype, M=M, N=N, K=K, stride_dhm=N, stride_dhn=1,
-              stride_gm=N, stride_xm=K, stride_xk=1, stride_dwn=K, APPROXIMATE_TANH=tanh,
+              stride_gm=N, stride_xm=K, stride_xk=1, stride_dwn=K, ACTIVATION=activation,
               COMPUTE_DW=True, COMPUTE_DB=True, INPUT_PRECISION=precision)
     n = M * N
     act = dict(g_ptr=dtype, u_ptr=dtype, h_ptr=dtype, n_elements=n, n_cols=N,
-               APPROXIMATE_TANH=tanh, **NO_DROPOUT)
+               ACTIVATION=activation, **NO_DROPOUT)
     bwd_act = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, dg_ptr=dtype, du_ptr=dtype,
-                   h_ptr=dtype, n_elements=n, n_cols=N, stride_dh_row=N, APPROXIMATE_TANH=tanh,
+                   h_ptr=dtype, n_elements=n, n_cols=N, stride_dh_row=N, ACTIVATION=activation,
                    WRITE_H=True, CONTIGUOUS=True, **NO_DROPOUT)
-    key = (bucket(M), N, K, dtype, tanh)
-    elementwise_key = (bucket(n), dtype, tanh)
-    return [("geglu_fwd", _geglu_fwd_kernel, fwd, key),
-            ("geglu_bwd_dx", _geglu_bwd_dx_kernel, dx, key),
-            ("geglu_bwd_dw", _geglu_bwd_dw_kernel, dw, key),
-            ("geglu_act", _geglu_act_kernel, act, elementwise_key),
-            ("geglu_bwd_act", _geglu_bwd_act_kernel, bwd_act, elementwise_key),
-            ("geglu_fwd+dropout", _geglu_fwd_kernel, {**fwd, **DROPOUT}, key),
-            ("geglu_act+dropout", _geglu_act_kernel, {**act, **DROPOUT}, elementwise_key),
-            ("geglu_bwd_act+dropout", _geglu_bwd_act_kernel, {**bwd_act, **DROPOUT},
+    key = (bucket(M), N, K, dtype, activation)
+    elementwise_key = (bucket(n), dtype, activation)
+    return [("geglu_fwd", None, fwd, key),
+            ("geglu_bwd_dx", None, dx, key),
+            ("geglu_bwd_dw", None, dw, key),
+            ("geglu_act", None, act, elementwise_key),
+            ("geglu_bwd_act", None, bwd_act, elementwise_key),
+            ("geglu_fwd+dropout", None, {**fwd, **DROPOUT}, key),
+            ("geglu_act+dropout", None, {**act, **DROPOUT}, elementwise_key),
+            ("geglu_bwd_act+dropout", None, {**bwd_act, **DROPOUT},
              elementwise_key)]
 
 
-def _elementwise_cases(dtype: torch.dtype, tanh: bool, n: int):
+def _elementwise_cases(dtype: torch.dtype, activation: str, n: int):
     fwd = dict(x_ptr=dtype, y_ptr=dtype, n_elements=n, n_cols=n, stride_x_row=n,
-               APPROXIMATE_TANH=tanh, CONTIGUOUS=True, **NO_DROPOUT)
+               ACTIVATION=activation, CONTIGUOUS=True, **NO_DROPOUT)
     bwd = dict(dy_ptr=dtype, x_ptr=dtype, dx_ptr=dtype, h_ptr=None, n_elements=n, n_cols=n,
-               stride_dy_row=n, stride_x_row=n, APPROXIMATE_TANH=tanh, CONTIGUOUS=True,
+               stride_dy_row=n, stride_x_row=n, ACTIVATION=activation, CONTIGUOUS=True,
                WRITE_H=False, **NO_DROPOUT)
     # The FFN block's composed path: GELU + dropout, and its backward also writing h.
     dropout_fwd = {**fwd, **DROPOUT}
     dropout_bwd = {**bwd, "h_ptr": dtype, "WRITE_H": True, **DROPOUT}
-    key = (bucket(n), dtype, tanh)
-    return [("gelu_fwd", _gelu_fwd_kernel, fwd, key), ("gelu_bwd", _gelu_bwd_kernel, bwd, key),
-            ("gelu_dropout_fwd", _gelu_fwd_kernel, dropout_fwd, key),
-            ("gelu_dropout_bwd", _gelu_bwd_kernel, dropout_bwd, key)]
+    key = (bucket(n), dtype, activation)
+    return [("gelu_fwd", None, fwd, key), ("gelu_bwd", None, bwd, key),
+            ("gelu_dropout_fwd", None, dropout_fwd, key),
+            ("gelu_dropout_bwd", None, dropout_bwd, key)]
 
 
 def tuner_of(name: str) -> Tuner:
@@ -292,12 +282,18 @@ def hopper_only(name: str) -> bool:
     return "_tma" in name
 
 
-def cases(dtype: torch.dtype = torch.bfloat16, tanh: bool = False) -> list:
-    """(name, kernel, args, key) of every kernel the package launches, at a large FFN problem."""
-    return _matmul_cases(dtype, tanh, 8192, 3072, 768) + \
-        _elementwise_cases(dtype, tanh, 1 << 24) + \
-        _geglu_cases(dtype, tanh, 8192, 16384, 2048) + \
-        _hopper_cases(dtype, tanh, 8192, 3072, 768, 16384, 2048)  # Gemma-2B's FFN
+def cases(dtype: torch.dtype = torch.bfloat16, activation: str = "gelu") -> list:
+    """(name, kernel, args, key) of every kernel the package launches, at a large FFN problem;
+    the kernel is its Tuner's (a "+dropout" case: the same Tuner's kernel)."""
+    return [(name, tuner_of(name).kernel, args, key) for name, _, args, key in _cases(
+        dtype, activation)]
+
+
+def _cases(dtype: torch.dtype, activation: str) -> list:
+    return _matmul_cases(dtype, activation, 8192, 3072, 768) + \
+        _elementwise_cases(dtype, activation, 1 << 24) + \
+        _geglu_cases(dtype, activation, 8192, 16384, 2048) + \
+        _hopper_cases(dtype, activation, 8192, 3072, 768, 16384, 2048)  # Gemma-2B's FFN
 
 
 def kernel_names() -> list[str]:
@@ -308,7 +304,7 @@ def kernel_names() -> list[str]:
 
 # ---- facts for a whole architecture (python -m triton_gelu.autotune --inspect) --------------
 
-PROBLEM = "8192x3072x768 (gated 8192x16384x2048), bf16, erf form"
+PROBLEM = "8192x3072x768 (gated 8192x16384x2048), bf16, activation gelu (erf)"
 
 
 def _space(name: str, key: tuple, arch: str) -> list[triton.Config]:

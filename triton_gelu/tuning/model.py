@@ -177,16 +177,14 @@ PATH_MARGIN = 1.3
 class _Costs:
     """The pieces paths are made of, in seconds, for one architecture and dtype."""
 
-    def __init__(self, arch: str | None, dtype) -> None:
-        self.arch, self.dtype = arch, dtype
+    def __init__(self, arch: str | None, dtype, tuners: dict) -> None:
+        self.arch, self.dtype, self.tuners = arch, dtype, tuners
         self.itemsize = getattr(dtype, "itemsize", 2)
         self.figures = arch_figures(arch)
 
     def ours(self, tuner_name: str, *sizes: int) -> float:
         """Our kernel at its best config by the model (NaN: no such Tuner here)."""
-        from .tuner import tuners
-
-        tuner = tuners.get(tuner_name)
+        tuner = self.tuners.get(tuner_name)
         if tuner is None:
             return math.nan
         key = (*sizes, self.dtype)
@@ -276,19 +274,21 @@ PATH_MODELS = {
 }
 
 
-def path_times(op: str, key: tuple, arch: str | None) -> dict[str, float]:
-    """The model's seconds per path of ``op`` at its path key ({} where it has no model)."""
+def path_times(op: str, key: tuple, arch: str | None, tuners: dict) -> dict[str, float]:
+    """The model's seconds per path of ``op`` at its path key ({} where it has no model);
+    ``tuners``: every Tuner by name (``tuner.tuners``), for the kernels the paths launch."""
     estimate = PATH_MODELS.get(op)
     if estimate is None or arch is None:
         return {}
     dtype = next((k for k in key if hasattr(k, "itemsize") and not isinstance(k, int)), None)
-    return estimate(key, _Costs(arch, dtype))
+    return estimate(key, _Costs(arch, dtype, tuners))
 
 
-def paths_worth_timing(op: str, names: list[str], key: tuple, arch: str | None) -> list[str]:
+def paths_worth_timing(op: str, names: list[str], key: tuple, arch: str | None,
+                       tuners: dict) -> list[str]:
     """``names`` less the paths the model shows cannot win here (slower than ``PATH_MARGIN``
     times the best estimate); a path without an estimate is always kept."""
-    times = path_times(op, key, arch)
+    times = path_times(op, key, arch, tuners)
     known = [times[n] for n in names if not math.isnan(times.get(n, math.nan))]
     if not known:
         return names

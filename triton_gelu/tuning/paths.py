@@ -178,7 +178,7 @@ class Paths(Chooser):
         def tune(seed: dict | None) -> dict | None:
             # fast: the paths the cost model shows cannot win here are not timed
             timed = names if tune_policy() != "fast" else paths_worth_timing(
-                self.op, names, key, device.arch)
+                self.op, names, key, device.arch, tuners)
             return self._time(timed, args, kwargs)
 
         entry, source, final = self._decide(
