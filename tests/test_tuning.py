@@ -165,10 +165,13 @@ def test_memory_bound_blocks_with_too_few_bytes_in_flight_rank_last():
 
 def test_paths_the_model_shows_losing_are_not_timed(monkeypatch):
     monkeypatch.setitem(model.PATH_MODELS, "test_op", lambda key, c: {
-        "fast": 1.0, "close": 1.2, "slow": 2.0, "unknown": float("nan")})
-    kept = model.paths_worth_timing("test_op", ["slow", "fast", "close", "unknown", "unmodelled"],
-                                    ("key",), "sm90", tuners)
-    assert kept == ["fast", "close", "unknown", "unmodelled"]
+        "fast": 1.0, "close": 1.2, "slow": 2.0, "torch": 5.0, "unknown": float("nan")})
+    kept = model.paths_worth_timing(
+        "test_op", ["slow", "fast", "close", "torch", "unknown", "unmodelled"], ("key",), "sm90",
+        tuners)
+    # PyTorch's own path stays a candidate however slow the model thinks it (never slower than
+    # eager, by construction); it compiles nothing.
+    assert kept == ["fast", "close", "torch", "unknown", "unmodelled"]
     # No architecture (the interpreter), or an op without a model: every path.
     assert model.paths_worth_timing("test_op", ["slow", "fast"], ("key",), None, tuners) == \
         ["slow", "fast"]

@@ -172,6 +172,9 @@ def rank_configs(tuner, configs: list, key: tuple, arch: str | None) -> list:
 # A path whose estimate is more than this many times the best one's is not timed (the model
 # ranks; its figures are not exact, so a close second is still timed).
 PATH_MARGIN = 1.3
+# Always timed where it applies: PyTorch's own computation compiles nothing of ours, and keeping
+# it a candidate keeps every op never slower than eager PyTorch.
+ALWAYS_TIMED = ("torch",)
 
 
 class _Costs:
@@ -287,11 +290,11 @@ def path_times(op: str, key: tuple, arch: str | None, tuners: dict) -> dict[str,
 def paths_worth_timing(op: str, names: list[str], key: tuple, arch: str | None,
                        tuners: dict) -> list[str]:
     """``names`` less the paths the model shows cannot win here (slower than ``PATH_MARGIN``
-    times the best estimate); a path without an estimate is always kept."""
+    times the best estimate); a path without an estimate, and ``ALWAYS_TIMED``, are kept."""
     times = path_times(op, key, arch, tuners)
     known = [times[n] for n in names if not math.isnan(times.get(n, math.nan))]
     if not known:
         return names
     best = min(known)
-    return [n for n in names if math.isnan(times.get(n, math.nan))
+    return [n for n in names if n in ALWAYS_TIMED or math.isnan(times.get(n, math.nan))
             or times[n] <= PATH_MARGIN * best]
