@@ -64,25 +64,6 @@ def output_tile_of(tile_id, M, N, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.c
 
 
 @triton.jit
-def weight_grad_tile(N, K, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-                     GROUP_SIZE_M: tl.constexpr, COMPUTE_DW: tl.constexpr):
-    # The (BLOCK_SIZE_N, BLOCK_SIZE_K) tile of an (N, K) weight gradient this program computes
-    # (a reduction over M), in grouped order: its K-tile index (the programs of K-tile 0 own the
-    # bias gradient), its int64 row and column offsets and their masks. Without COMPUTE_DW,
-    # one program per N-tile, for the bias gradient alone.
-    if COMPUTE_DW:
-        num_k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
-    else:
-        num_k_tiles = 1
-    pid_n, pid_k = grouped_tile(
-        tl.program_id(0), tl.cdiv(N, BLOCK_SIZE_N), num_k_tiles, GROUP_SIZE_M
-    )
-    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    offs_k = pid_k.to(tl.int64) * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)
-    return pid_k, offs_n, offs_k, offs_n < N, offs_k < K
-
-
-@triton.jit
 def dot_operand(tile):
     # The interpreter's tl.dot mishandles bfloat16 operands; there, and only there, multiply in
     # float32. Products of fp16/bf16 values are exact in float32, so this is what the GPU computes.

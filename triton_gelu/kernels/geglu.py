@@ -29,10 +29,13 @@ Backward, for the upstream gradient dh. With h = gelu(g) * u::
 Path "once" (the default): one elementwise kernel reads dh, g and u once and writes dg and du
 in the input dtype; cuBLAS does the four matmuls (dx as ``mm`` then ``addmm_`` into the same
 buffer) and the bias gradients are column sums of the rounded dg and du, as in PyTorch's
-backward. Path "fused": dg and du are never written; a dx kernel and a dW kernel each rebuild
-them from the dh, g and u tiles they load (as ``linear_gelu``'s backward does with dz), and the
-dW kernel also sums both bias gradients in float32. The gated block's backward also asks for h
-(``write_h``): the elementwise kernel writes it alongside dg and du.
+backward. The gated block's backward also asks for h (``write_h``): the same kernel writes it
+alongside dg and du. dg and du are transients of the backward: 2 x M x N elements of the input
+dtype (as eager PyTorch's backward holds), freed when it returns. No path rebuilds dg and du
+inside the matmuls: dx and dW kernels doing so (as this file's once did) recomputed them
+K / BLOCK_SIZE_K times per element, ran 1,900-8,900 SASS instructions per main-loop iteration
+on sm90 against about 250 for the dual forward, and the dW kernel spilled inside its loop at
+every config (255 registers; see ``linear_gelu.py``).
 
 Path "tma" (forward, sm90+, operands a tensor descriptor can serve): the fused kernel's Hopper
 variant, x, W_gate and W_up loaded by TMA on a persistent grid, the same epilogue.
@@ -49,11 +52,9 @@ draws the same one): the fused epilogue with ``dropout_factor_tile``, the compos
 elementwise kernel with ``dropout_factor``. The backward takes dh for dropout(h) and its "once"
 kernel regenerates the mask from the seed: dh * keep / (1 - p) enters dg and du, and the h it
 writes for the down projection is dropout(h). Only g, u and the seed are kept, never the mask
-or h. "fused" and "torch" serve p == 0 only (``applies``): the fused dx and dW kernels rebuild
-dg and du once per output tile, so with dropout each would redraw the 10-round Philox of every
-element K / BLOCK_SIZE_K times where the once kernel draws it once, and PyTorch's ops cannot
-draw the kernels' mask. The path keys hold p > 0, and ``geglu_gate_up`` (the recompute) takes
-the forward's p so that it keys, and so computes, g and u as the forward did.
+or h. "torch" serves p == 0 only (``applies``): PyTorch's ops cannot draw the kernels' mask.
+The path keys hold p > 0, and ``geglu_gate_up`` (the recompute) takes the forward's p so
+that it keys, and so computes, g and u as the forward did.
 
 Layouts: x, the weights and dh are read through their strides (no copy of a transposed weight
 or a sliced x); g and u are the package's own contiguous outputs. Outputs are new contiguous
@@ -85,7 +86,7 @@ from ._math import (
 )
 from ._matmul import (
     cublas_context, dot_operand, input_precision, output_tile, output_tile_of, persistent_grid,
-    tile_grid, tma_applies, tma_compatible, use_tma_allocator, weight_grad_tile,
+    tile_grid, tma_applies, tma_compatible, use_tma_allocator,
 )
 from .gelu import _as_rows, _grid, _row_offsets
 
@@ -362,153 +363,6 @@ def _geglu_bwd_act_kernel(
         tl.store(h_ptr + offs, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _load_dgate_dup(dh_ptrs, g_ptrs, u_ptrs, mask, APPROXIMATE_TANH: tl.constexpr):
-    # (dg, du) in float32 for one (BM, BN) tile; masked-off elements load dh = 0.
-    dh = tl.load(dh_ptrs, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
-    return _gated_grads(dh, gate, up, APPROXIMATE_TANH)
-
-
-@triton.jit
-def _geglu_bwd_dx_kernel(
-    dh_ptr,  # (M, N)
-    g_ptr,  # (M, N), row stride stride_gm (u shares its layout)
-    u_ptr,  # (M, N)
-    wg_ptr,  # (N, K)
-    wu_ptr,  # (N, K)
-    dx_ptr,  # (M, K) contiguous
-    M,
-    N,
-    K,
-    stride_dhm,
-    stride_dhn,
-    stride_gm,
-    stride_wgn,
-    stride_wgk,
-    stride_wun,
-    stride_wuk,
-    stride_dxm,
-    APPROXIMATE_TANH: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr,
-    BLOCK_SIZE_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr,
-):
-    # dx[m, k] = sum_n dg[m, n] W_gate[n, k] + du[m, n] W_up[n, k]: one (BM, BK) tile of dx
-    # per program, looping over N, with dg and du rebuilt from each dh, g, u tile.
-    _, _, offs_m, offs_k, mask_m, mask_k = output_tile(
-        M, K, BLOCK_SIZE_M, BLOCK_SIZE_K, GROUP_SIZE_M)
-    offs_n = tl.arange(0, BLOCK_SIZE_N)
-    dh_ptrs = dh_ptr + offs_m[:, None] * stride_dhm + offs_n[None, :] * stride_dhn  # (BM, BN)
-    g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
-    u_ptrs = u_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
-    wg_ptrs = wg_ptr + offs_n[:, None] * stride_wgn + offs_k[None, :] * stride_wgk  # (BN, BK)
-    wu_ptrs = wu_ptr + offs_n[:, None] * stride_wun + offs_k[None, :] * stride_wuk
-
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_K), dtype=tl.float32)
-    for n in range(0, tl.cdiv(N, BLOCK_SIZE_N)):
-        n_left = N - n * BLOCK_SIZE_N
-        mask_nk = (offs_n[:, None] < n_left) & mask_k[None, :]
-        dgate, dup = _load_dgate_dup(
-            dh_ptrs, g_ptrs, u_ptrs, mask_m[:, None] & (offs_n[None, :] < n_left),
-            APPROXIMATE_TANH,
-        )
-        # The matmul operands, in the input dtype (what PyTorch's backward feeds its matmuls).
-        dgate = cast_to(dgate, wg_ptr.dtype.element_ty)
-        dup = cast_to(dup, wu_ptr.dtype.element_ty)
-        wg = tl.load(wg_ptrs, mask=mask_nk, other=0.0)
-        acc = tl.dot(dot_operand(dgate), dot_operand(wg), acc, input_precision=INPUT_PRECISION)
-        wu = tl.load(wu_ptrs, mask=mask_nk, other=0.0)
-        acc = tl.dot(dot_operand(dup), dot_operand(wu), acc, input_precision=INPUT_PRECISION)
-        dh_ptrs += BLOCK_SIZE_N * stride_dhn
-        g_ptrs += BLOCK_SIZE_N
-        u_ptrs += BLOCK_SIZE_N
-        wg_ptrs += BLOCK_SIZE_N * stride_wgn
-        wu_ptrs += BLOCK_SIZE_N * stride_wun
-
-    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
-    tl.store(dx_ptrs, cast_to(acc, dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
-
-
-@triton.jit
-def _geglu_bwd_dw_kernel(
-    dh_ptr,  # (M, N)
-    g_ptr,  # (M, N), row stride stride_gm (u shares its layout)
-    u_ptr,  # (M, N)
-    x_ptr,  # (M, K)
-    dwg_ptr,  # (N, K) contiguous; None without COMPUTE_DW
-    dwu_ptr,  # (N, K) contiguous; None without COMPUTE_DW
-    dbg_ptr,  # (N,) contiguous; None without COMPUTE_DB
-    dbu_ptr,  # (N,) contiguous; None without COMPUTE_DB
-    M,
-    N,
-    K,
-    stride_dhm,
-    stride_dhn,
-    stride_gm,
-    stride_xm,
-    stride_xk,
-    stride_dwn,  # row stride of dW_gate and dW_up
-    APPROXIMATE_TANH: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr,
-    BLOCK_SIZE_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr,
-):
-    # dW_gate[n, k] = sum_m dg[m, n] x[m, k], dW_up[n, k] = sum_m du[m, n] x[m, k] and the bias
-    # gradients (column sums of the float32 dg and du): one (BN, BK) tile of each weight
-    # gradient per program, looping over M; without COMPUTE_DW one program per N-tile, db only.
-    pid_k, offs_n, offs_k, mask_n, mask_k = weight_grad_tile(
-        N, K, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, COMPUTE_DW)
-    offs_m = tl.arange(0, BLOCK_SIZE_M)
-    dh_ptrs = dh_ptr + offs_m[:, None] * stride_dhm + offs_n[None, :] * stride_dhn  # (BM, BN)
-    g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
-    u_ptrs = u_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
-
-    dwg_acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_K), dtype=tl.float32)
-    dwu_acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_K), dtype=tl.float32)
-    dbg_acc = tl.zeros((BLOCK_SIZE_N,), dtype=tl.float32)
-    dbu_acc = tl.zeros((BLOCK_SIZE_N,), dtype=tl.float32)
-    for m in range(0, tl.cdiv(M, BLOCK_SIZE_M)):
-        m_left = M - m * BLOCK_SIZE_M
-        dgate, dup = _load_dgate_dup(
-            dh_ptrs, g_ptrs, u_ptrs, (offs_m[:, None] < m_left) & mask_n[None, :],
-            APPROXIMATE_TANH,
-        )
-        if COMPUTE_DB:
-            if pid_k == 0:  # one program per N-tile owns db (uniform branch, no atomics)
-                dbg_acc += tl.sum(dgate, axis=0)
-                dbu_acc += tl.sum(dup, axis=0)
-        if COMPUTE_DW:
-            x = tl.load(x_ptrs, mask=(offs_m[:, None] < m_left) & mask_k[None, :], other=0.0)
-            x = dot_operand(x)
-            dgate_t = tl.trans(cast_to(dgate, x_ptr.dtype.element_ty))  # (BN, BM), input dtype
-            dwg_acc = tl.dot(dot_operand(dgate_t), x, dwg_acc, input_precision=INPUT_PRECISION)
-            dup_t = tl.trans(cast_to(dup, x_ptr.dtype.element_ty))
-            dwu_acc = tl.dot(dot_operand(dup_t), x, dwu_acc, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_SIZE_M * stride_xm
-        dh_ptrs += BLOCK_SIZE_M * stride_dhm
-        g_ptrs += BLOCK_SIZE_M * stride_gm
-        u_ptrs += BLOCK_SIZE_M * stride_gm
-
-    if COMPUTE_DW:
-        offs_dw = offs_n[:, None] * stride_dwn + offs_k[None, :]
-        mask_dw = mask_n[:, None] & mask_k[None, :]
-        tl.store(dwg_ptr + offs_dw, cast_to(dwg_acc, dwg_ptr.dtype.element_ty), mask=mask_dw)
-        tl.store(dwu_ptr + offs_dw, cast_to(dwu_acc, dwu_ptr.dtype.element_ty), mask=mask_dw)
-    if COMPUTE_DB:
-        if pid_k == 0:
-            tl.store(dbg_ptr + offs_n, cast_to(dbg_acc, dbg_ptr.dtype.element_ty), mask=mask_n)
-            tl.store(dbu_ptr + offs_n, cast_to(dbu_acc, dbu_ptr.dtype.element_ty), mask=mask_n)
-
-
 # ---- launchers ----------------------------------------------------------------------------------
 
 # The forward and the recompute of g and u share one tuner and one key, so they launch the same
@@ -522,10 +376,7 @@ _fwd_tma_tuner = Tuner(_geglu_fwd_tma_kernel, "geglu_fwd_tma", tma_matmul_config
 _act_tuner = Tuner(_geglu_act_kernel, "geglu_act", elementwise_configs, prune_elementwise)
 _bwd_act_tuner = Tuner(_geglu_bwd_act_kernel, "geglu_bwd_act", elementwise_configs,
                        prune_elementwise)
-_dx_tuner = Tuner(_geglu_bwd_dx_kernel, "geglu_bwd_dx", matmul_configs,
-                  functools.partial(prune_matmul, reduction="N", gated=True))
-_dw_tuner = Tuner(_geglu_bwd_dw_kernel, "geglu_bwd_dw", matmul_configs,
-                  functools.partial(prune_matmul, reduction="M", gated=True))
+
 
 Outputs = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
@@ -773,56 +624,6 @@ def _backward_once(
     return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
 
 
-def _backward_fused(
-    dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
-    write_h: bool, seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
-) -> Grads:
-    # p == 0 here (see the Paths): the dx and dW kernels draw no dropout mask.
-    need_dx, need_dwg, need_dwu, need_dbg, need_dbu = needs
-    (M, K), N = x2d.shape, w_gate.shape[0]
-    if min(M, N, K) == 0:  # no tiles to launch: the once path's cuBLAS calls handle it
-        return _backward_once(dh2d, x2d, w_gate, w_up, gate, up, approximate_tanh, needs,
-                              write_h, seed, p, col_offset, n_cols)
-    gate, up = gate.contiguous(), up.contiguous()
-    compute_dw, compute_db = need_dwg or need_dwu, need_dbg or need_dbu
-    dx = _matmul.new_output((M, K), x2d) if need_dx else None
-    dwg, dwu = ((_matmul.new_output((N, K), w_gate), _matmul.new_output((N, K), w_up))
-                if compute_dw else (None, None))
-    dbg, dbu = ((_matmul.new_output((N,), w_gate), _matmul.new_output((N,), w_up))
-                if compute_db else (None, None))
-    precision = input_precision(x2d.dtype)
-    key = _key(x2d, w_gate, approximate_tanh)
-    with device_context(x2d):
-        if need_dx:
-            _dx_tuner.run(
-                tile_grid(M, K, "BLOCK_SIZE_M", "BLOCK_SIZE_K"), key,
-                dh_ptr=dh2d, g_ptr=gate, u_ptr=up, wg_ptr=w_gate, wu_ptr=w_up, dx_ptr=dx,
-                M=M, N=N, K=K, stride_dhm=dh2d.stride(0), stride_dhn=dh2d.stride(1),
-                stride_gm=gate.stride(0),
-                stride_wgn=w_gate.stride(0), stride_wgk=w_gate.stride(1),
-                stride_wun=w_up.stride(0), stride_wuk=w_up.stride(1), stride_dxm=dx.stride(0),
-                APPROXIMATE_TANH=approximate_tanh, INPUT_PRECISION=precision,
-            )
-        if compute_dw or compute_db:
-            _dw_tuner.run(
-                tile_grid(N, K, "BLOCK_SIZE_N", "BLOCK_SIZE_K" if compute_dw else None),
-                key + (compute_dw, compute_db),
-                dh_ptr=dh2d, g_ptr=gate, u_ptr=up, x_ptr=x2d, dwg_ptr=dwg, dwu_ptr=dwu,
-                dbg_ptr=dbg, dbu_ptr=dbu, M=M, N=N, K=K,
-                stride_dhm=dh2d.stride(0), stride_dhn=dh2d.stride(1), stride_gm=gate.stride(0),
-                stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
-                stride_dwn=dwg.stride(0) if compute_dw else 0,
-                APPROXIMATE_TANH=approximate_tanh, COMPUTE_DW=compute_dw,
-                COMPUTE_DB=compute_db, INPUT_PRECISION=precision,
-            )
-    h = _gate_into(_matmul.new_output((M, N), x2d), gate, up, approximate_tanh) \
-        if write_h else None
-    keep = (need_dx, need_dwg, need_dwu, need_dbg, need_dbu)
-    grads = tuple(g if need else None for g, need in zip((dx, dwg, dwu, dbg, dbu), keep))
-    return (*grads, h)
-
-
 def _backward_torch(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
@@ -840,15 +641,13 @@ def _backward_torch(
     return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
 
 
-# "once" is cuBLAS with one elementwise kernel: safe untuned. "fused" and "torch" serve p == 0
-# only: the fused dx and dW kernels rebuild dg and du once per output tile, so with dropout each
-# would redraw the 10-round Philox of every (m, n) element K / BLOCK_SIZE_K times where the once
-# kernel draws it once; PyTorch's ops cannot draw the kernels' mask at all.
+# "once" is cuBLAS with one elementwise kernel: safe untuned. "torch" serves p == 0 only:
+# PyTorch's ops cannot draw the kernels' mask. No path rebuilds dg and du per output tile inside
+# a matmul's K loop (see the module docstring for why that cannot win).
 _backward_paths = Paths(
-    "geglu_bwd", {"once": _backward_once, "fused": _backward_fused, "torch": _backward_torch},
-    default="once", untuned="once",
-    applies={"fused": without_dropout, "torch": without_dropout},
-    kernels=[_bwd_act_tuner, _dx_tuner, _dw_tuner, _act_tuner],
+    "geglu_bwd", {"once": _backward_once, "torch": _backward_torch},
+    default="once", untuned="once", applies={"torch": without_dropout},
+    kernels=[_bwd_act_tuner],
 )
 
 
