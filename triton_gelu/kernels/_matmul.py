@@ -64,6 +64,14 @@ def output_tile_of(tile_id, M, N, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.c
 
 
 @triton.jit
+def column_halves(tile, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):
+    # The (BM, BN / 2) left and right halves of a (BM, BN) tile (columns j * BN / 2 + arange):
+    # an epilogue run on each in turn holds half its values at a time, so ptxas needs not
+    # spill a heavy epilogue's (ffn._dz_epilogue, geglu._forward_epilogue).
+    return tl.split(tl.permute(tl.reshape(tile, (BLOCK_SIZE_M, 2, BLOCK_SIZE_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
 def dot_operand(tile):
     # The interpreter's tl.dot mishandles bfloat16 operands; there, and only there, multiply in
     # float32. Products of fp16/bf16 values are exact in float32, so this is what the GPU computes.
@@ -259,3 +267,13 @@ def cublas_context(t: torch.Tensor):
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def small_accumulators(configs: list[triton.Config]) -> list[triton.Config]:
+    """``configs`` less the tiles whose (BM, BN) float32 accumulator takes more than 64
+    registers a thread. For kernels with a heavy epilogue (the FFN backward's GELU' and Philox)
+    or two accumulators (GeGLU's forward): ptxas spills those tiles on sm90 (the GeGLU forward's
+    256 x 128 inside its main loop), however the epilogue is split (see ``ffn._dz_epilogue``).
+    The interpreter's single small config always passes."""
+    return [c for c in configs
+            if c.kwargs["BLOCK_SIZE_M"] * c.kwargs["BLOCK_SIZE_N"] <= 64 * 32 * c.num_warps]

@@ -86,7 +86,7 @@ from ._math import (
 )
 from ._matmul import (
     cublas_context, dot_operand, input_precision, output_tile, output_tile_of, persistent_grid,
-    tile_grid, tma_applies, tma_compatible, use_tma_allocator,
+    column_halves, small_accumulators, tile_grid, tma_applies, tma_compatible, use_tma_allocator,
 )
 from .gelu import _as_rows, _grid, _row_offsets
 
@@ -176,9 +176,9 @@ def _geglu_fwd_kernel(
         wu_ptrs += BLOCK_SIZE_K * stride_wuk
 
     _forward_epilogue(acc_g, acc_u, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr, pid_n,
-                      offs_m, offs_n, mask_m, mask_n, stride_om, dropout_threshold,
-                      dropout_scale, dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH,
-                      HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT,
+                      offs_m, mask_m, N, stride_om, dropout_threshold, dropout_scale,
+                      dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH, HAS_GATE_BIAS,
+                      HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, BLOCK_SIZE_M,
                       BLOCK_SIZE_N)
 
 
@@ -240,10 +240,10 @@ def _geglu_fwd_tma_kernel(
             wu = dot_operand(wu_desc.load([off_n, k * BLOCK_SIZE_K]))
             acc_u = tl.dot(x, wu.T, acc_u, input_precision=INPUT_PRECISION)
         _forward_epilogue(acc_g, acc_u, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,
-                          pid_n, offs_m, offs_n, mask_m, mask_n, stride_om, dropout_threshold,
+                          pid_n, offs_m, mask_m, N, stride_om, dropout_threshold,
                           dropout_scale, dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH,
                           HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT,
-                          BLOCK_SIZE_N)
+                          BLOCK_SIZE_M, BLOCK_SIZE_N)
 
 
 @triton.jit
@@ -251,8 +251,40 @@ def _forward_epilogue(
     acc_g, acc_u,  # (BM, BN) float32: x @ W_gate^T and x @ W_up^T for the tile
     x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,  # the forward kernels' arguments
     pid_n,  # the tile's column index (the dropout mask's tile position)
-    offs_m, offs_n, mask_m, mask_n,  # the tile's int64 rows and columns, and their masks
-    stride_om, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+    offs_m, mask_m,  # the tile's int64 rows and their mask
+    N, stride_om, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+    APPROXIMATE_TANH: tl.constexpr,
+    HAS_GATE_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    SAVE_GATE_UP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+):
+    # The tile's two column halves in turn (the whole tile's epilogue at once spilled on sm90
+    # beside two accumulators): half j is column tile 2 * pid_n + j of width BN / 2, as the
+    # dropout mask (a function of the element's position) sees it.
+    HALF: tl.constexpr = BLOCK_SIZE_N // 2
+    g_lo, g_hi = column_halves(acc_g, BLOCK_SIZE_M, BLOCK_SIZE_N)
+    u_lo, u_hi = column_halves(acc_u, BLOCK_SIZE_M, BLOCK_SIZE_N)
+    _forward_epilogue_part(g_lo, u_lo, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,
+                           2 * pid_n, offs_m, mask_m, N, stride_om, dropout_threshold,
+                           dropout_scale, dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH,
+                           HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, HALF)
+    _forward_epilogue_part(g_hi, u_hi, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,
+                           2 * pid_n + 1, offs_m, mask_m, N, stride_om, dropout_threshold,
+                           dropout_scale, dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH,
+                           HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, HALF)
+
+
+@triton.jit
+def _forward_epilogue_part(
+    acc_g, acc_u,  # (BM, BLOCK_SIZE_N) float32: x @ W_gate^T and x @ W_up^T, column tile pid_n
+    x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,  # the forward kernels' arguments
+    pid_n,  # the column tile's index, in units of BLOCK_SIZE_N
+    offs_m, mask_m,  # the tile's int64 rows and their mask
+    N, stride_om, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
     APPROXIMATE_TANH: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
@@ -261,6 +293,8 @@ def _forward_epilogue(
     HAS_DROPOUT: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
 ):
+    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    mask_n = offs_n < N
     # Epilogue in float32: g and u get their biases and are rounded to the input dtype (the
     # values the backward sees, see the module docstring); h = gelu(g) * u (then dropout) is
     # cast once. Both forward kernels (pointer loads, and TMA loads on a persistent grid) end so.
@@ -367,14 +401,31 @@ def _geglu_bwd_act_kernel(
 
 # The forward and the recompute of g and u share one tuner and one key, so they launch the same
 # config: the same tiles in the same order, hence bitwise the same g and u.
-_fwd_tuner = Tuner(_geglu_fwd_kernel, "geglu_fwd", matmul_configs,
+def _fwd_configs(arch: str | None = None) -> list[triton.Config]:
+    # The matmul tiles whose two accumulators fit beside each other (see
+    # _matmul.small_accumulators: 256 x 128 at 8 warps spilled inside the main loop on sm90,
+    # 128 x 256 16.8 KB on sm80).
+    return small_accumulators(matmul_configs(arch))
+
+
+_fwd_tuner = Tuner(_geglu_fwd_kernel, "geglu_fwd", _fwd_configs,
                    functools.partial(prune_matmul, reduction="K", gated=True))
 # Its Hopper variant (TMA loads, persistent grid): the forward's "tma" path.
 _fwd_tma_tuner = Tuner(_geglu_fwd_tma_kernel, "geglu_fwd_tma", tma_matmul_configs,
                        functools.partial(prune_matmul, reduction="K", gated=True,
                                          persistent=True))
 _act_tuner = Tuner(_geglu_act_kernel, "geglu_act", elementwise_configs, prune_elementwise)
-_bwd_act_tuner = Tuner(_geglu_bwd_act_kernel, "geglu_bwd_act", elementwise_configs,
+
+
+def _bwd_act_configs(arch: str | None = None) -> list[triton.Config]:
+    # The elementwise blocks of at most 32 elements a thread: with three loads, GELU, GELU',
+    # three stores and the Philox mask per element, 64 a thread spilled on sm90 (600 bytes of
+    # stack at 8192 x 4 warps with dropout), 128 several KB.
+    return [c for c in elementwise_configs(arch)
+            if c.kwargs["BLOCK_SIZE"] <= 32 * 32 * c.num_warps]
+
+
+_bwd_act_tuner = Tuner(_geglu_bwd_act_kernel, "geglu_bwd_act", _bwd_act_configs,
                        prune_elementwise)
 
 
