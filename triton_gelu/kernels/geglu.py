@@ -404,8 +404,15 @@ def _geglu_bwd_act_kernel(
 def _fwd_configs(arch: str | None = None) -> list[triton.Config]:
     # The matmul tiles whose two accumulators fit beside each other (see
     # _matmul.small_accumulators: 256 x 128 at 8 warps spilled inside the main loop on sm90,
-    # 128 x 256 16.8 KB on sm80).
-    return small_accumulators(matmul_configs(arch))
+    # 128 x 256 16.8 KB on sm80). Where mma.sync takes its operands from registers (before
+    # Hopper), 64-register accumulators beside 64-deep x and two W tiles spilled inside the
+    # main loop too (128 x 128 x 64 at 8 warps; 128 x 64 x 64 at 4 with dropout): their
+    # 32-deep variants stay.
+    configs = small_accumulators(matmul_configs(arch))
+    if arch in ("sm80", "sm86", "sm89", "default"):
+        configs = [c for c in configs if c.kwargs["BLOCK_SIZE_K"] < 64 or
+                   c.kwargs["BLOCK_SIZE_M"] * c.kwargs["BLOCK_SIZE_N"] < 64 * 32 * c.num_warps]
+    return configs
 
 
 _fwd_tuner = Tuner(_geglu_fwd_kernel, "geglu_fwd", _fwd_configs,
