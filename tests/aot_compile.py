@@ -103,33 +103,33 @@ DROPOUT = dict(seed_ptr=torch.int64, dropout_threshold=214748365, dropout_scale=
                dropout_col_offset=4096, dropout_n_cols=16384, HAS_DROPOUT=True)
 
 
-def _matmul_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
+def _matmul_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
     """(name, kernel, args, key) of the linear forward and the backward's dz kernel on contiguous
     operands, and the FFN block's: the forward with dropout, the backward's dz = dy @ W2
     (N = d_ff, reducing over K = d_model)."""
     precision = "tf32" if dtype == torch.float32 else None
     fwd = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, preact_ptr=dtype,
                M=M, N=N, K=K, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ym=N,
-               APPROXIMATE_TANH=tanh, HAS_BIAS=True, WRITE_Y=True, SAVE_PREACT=True,
+               ACTIVATION=activation, HAS_BIAS=True, WRITE_Y=True, SAVE_PREACT=True,
                INPUT_PRECISION=precision, **NO_DROPOUT)
     ffn_fwd = {**fwd, **DROPOUT}
     ffn_dz = dict(dy_ptr=dtype, w2_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, h_ptr=dtype,
                   db1_part_ptr=torch.float32, M=M, F=N, E=K, db1_part_rows=M // 64,
                   stride_dym=K, stride_dye=1, stride_w2e=N, stride_w2f=1, stride_zm=N,
-                  stride_zf=1, APPROXIMATE_TANH=tanh, WRITE_H=True, SUM_DB1=True,
+                  stride_zf=1, ACTIVATION=activation, WRITE_H=True, SUM_DB1=True,
                   INPUT_PRECISION=precision, **DROPOUT)
     dz = dict(dy_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, db_partial_ptr=torch.float32,
               M=M, N=N, stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1,
-              APPROXIMATE_TANH=tanh, WRITE_DZ=True, COMPUTE_DB=True, ROWS=_autotune.TILE_ROWS)
-    key = (_autotune.bucket(M), N, K, dtype, tanh)
+              ACTIVATION=activation, WRITE_DZ=True, COMPUTE_DB=True, ROWS=_autotune.TILE_ROWS)
+    key = (_autotune.bucket(M), N, K, dtype, activation)
     return [("linear_gelu_fwd", _linear_gelu_fwd_kernel, fwd, key),
             ("linear_gelu_bwd_dz", _linear_gelu_bwd_dz_kernel, dz,
-             (_autotune.bucket(M), N, dtype, tanh, True, True)),
+             (_autotune.bucket(M), N, dtype, activation, True, True)),
             ("ffn_fwd_gelu_dropout", _linear_gelu_fwd_kernel, ffn_fwd, key),
             ("ffn_bwd_dz", _ffn_bwd_dz_kernel, ffn_dz, key)]
 
 
-def _hopper_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int, gated_n: int,
+def _hopper_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int, gated_n: int,
                   gated_k: int):
     """(name, kernel, args, key) of the Hopper variants (TMA, persistent grid) as the launchers
     pass them: the linear forward's tile loop flattened where this Triton can, except under a
@@ -139,19 +139,19 @@ def _hopper_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int, gated_
     flatten = _matmul.range_flattens()
     fwd = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, preact_ptr=dtype,
                M=M, N=N, K=K, stride_xm=K, stride_wn=K, stride_ym=N,
-               APPROXIMATE_TANH=tanh, HAS_BIAS=True, WRITE_Y=True, SAVE_PREACT=True,
+               ACTIVATION=activation, HAS_BIAS=True, WRITE_Y=True, SAVE_PREACT=True,
                INPUT_PRECISION=precision, FLATTEN=flatten, **NO_DROPOUT)
     geglu = dict(x_ptr=dtype, wg_ptr=dtype, wu_ptr=dtype, bg_ptr=dtype, bu_ptr=dtype,
                  h_ptr=dtype, g_ptr=dtype, u_ptr=dtype, M=M, N=gated_n, K=gated_k,
                  stride_xm=gated_k, stride_wgn=gated_k, stride_wun=gated_k, stride_om=gated_n,
-                 APPROXIMATE_TANH=tanh, HAS_GATE_BIAS=True, HAS_UP_BIAS=True, WRITE_H=True,
+                 ACTIVATION=activation, HAS_GATE_BIAS=True, HAS_UP_BIAS=True, WRITE_H=True,
                  SAVE_GATE_UP=True, INPUT_PRECISION=precision, **NO_DROPOUT)
     ffn_dz = dict(dy_ptr=dtype, w2_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, h_ptr=dtype,
                   db1_part_ptr=torch.float32, M=M, F=N, E=K, db1_part_rows=M // 64,
-                  stride_dym=K, stride_w2e=N, stride_zm=N, stride_zf=1, APPROXIMATE_TANH=tanh,
+                  stride_dym=K, stride_w2e=N, stride_zm=N, stride_zf=1, ACTIVATION=activation,
                   WRITE_H=True, SUM_DB1=True, INPUT_PRECISION=precision, **DROPOUT)
-    key = (_autotune.bucket(M), N, K, dtype, tanh)
-    gated_key = (_autotune.bucket(M), gated_n, gated_k, dtype, tanh)
+    key = (_autotune.bucket(M), N, K, dtype, activation)
+    gated_key = (_autotune.bucket(M), gated_n, gated_k, dtype, activation)
     return [("linear_gelu_fwd_tma", _linear_gelu_fwd_tma_kernel, fwd, key),
             ("ffn_fwd_gelu_dropout_tma", _linear_gelu_fwd_tma_kernel,
              {**fwd, **DROPOUT, "FLATTEN": False}, key),
@@ -160,7 +160,7 @@ def _hopper_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int, gated_
             ("geglu_fwd_tma+dropout", _geglu_fwd_tma_kernel, {**geglu, **DROPOUT}, gated_key)]
 
 
-def _geglu_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
+def _geglu_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
     """(name, kernel, args, key) of the GeGLU kernels on contiguous operands; "+dropout": the
     gated block's dropout epilogues (the forward's, the composed forward's elementwise kernel,
     the backward's elementwise kernel)."""
@@ -168,16 +168,16 @@ def _geglu_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
     fwd = dict(x_ptr=dtype, wg_ptr=dtype, wu_ptr=dtype, bg_ptr=dtype, bu_ptr=dtype,
                h_ptr=dtype, g_ptr=dtype, u_ptr=dtype, M=M, N=N, K=K, stride_xm=K,
                stride_xk=1, stride_wgn=K, stride_wgk=1, stride_wun=K, stride_wuk=1,
-               stride_om=N, APPROXIMATE_TANH=tanh, HAS_GATE_BIAS=True, HAS_UP_BIAS=True,
+               stride_om=N, ACTIVATION=activation, HAS_GATE_BIAS=True, HAS_UP_BIAS=True,
                WRITE_H=True, SAVE_GATE_UP=True, INPUT_PRECISION=precision, **NO_DROPOUT)
     n = M * N
     act = dict(g_ptr=dtype, u_ptr=dtype, h_ptr=dtype, n_elements=n, n_cols=N,
-               APPROXIMATE_TANH=tanh, **NO_DROPOUT)
+               ACTIVATION=activation, **NO_DROPOUT)
     bwd_act = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, dg_ptr=dtype, du_ptr=dtype,
-                   h_ptr=dtype, n_elements=n, n_cols=N, stride_dh_row=N, APPROXIMATE_TANH=tanh,
+                   h_ptr=dtype, n_elements=n, n_cols=N, stride_dh_row=N, ACTIVATION=activation,
                    WRITE_H=True, CONTIGUOUS=True, **NO_DROPOUT)
-    key = (_autotune.bucket(M), N, K, dtype, tanh)
-    elementwise_key = (_autotune.bucket(n), dtype, tanh)
+    key = (_autotune.bucket(M), N, K, dtype, activation)
+    elementwise_key = (_autotune.bucket(n), dtype, activation)
     return [("geglu_fwd", _geglu_fwd_kernel, fwd, key),
             ("geglu_act", _geglu_act_kernel, act, elementwise_key),
             ("geglu_bwd_act", _geglu_bwd_act_kernel, bwd_act, elementwise_key),
@@ -187,16 +187,16 @@ def _geglu_cases(dtype: torch.dtype, tanh: bool, M: int, N: int, K: int):
              elementwise_key)]
 
 
-def _elementwise_cases(dtype: torch.dtype, tanh: bool, n: int):
+def _elementwise_cases(dtype: torch.dtype, activation: str, n: int):
     fwd = dict(x_ptr=dtype, y_ptr=dtype, n_elements=n, n_cols=n, stride_x_row=n,
-               APPROXIMATE_TANH=tanh, CONTIGUOUS=True, **NO_DROPOUT)
+               ACTIVATION=activation, CONTIGUOUS=True, **NO_DROPOUT)
     bwd = dict(dy_ptr=dtype, x_ptr=dtype, dx_ptr=dtype, h_ptr=None, n_elements=n, n_cols=n,
-               stride_dy_row=n, stride_x_row=n, APPROXIMATE_TANH=tanh, CONTIGUOUS=True,
+               stride_dy_row=n, stride_x_row=n, ACTIVATION=activation, CONTIGUOUS=True,
                WRITE_H=False, **NO_DROPOUT)
     # The FFN block's composed path: GELU + dropout, and its backward also writing h.
     dropout_fwd = {**fwd, **DROPOUT}
     dropout_bwd = {**bwd, "h_ptr": dtype, "WRITE_H": True, **DROPOUT}
-    key = (_autotune.bucket(n), dtype, tanh)
+    key = (_autotune.bucket(n), dtype, activation)
     return [("gelu_fwd", _gelu_fwd_kernel, fwd, key), ("gelu_bwd", _gelu_bwd_kernel, bwd, key),
             ("gelu_dropout_fwd", _gelu_fwd_kernel, dropout_fwd, key),
             ("gelu_dropout_bwd", _gelu_bwd_kernel, dropout_bwd, key)]
@@ -262,7 +262,7 @@ def check(kernel_name, kernel, args, key, arch, configs, failures) -> None:
     dtype = next(k for k in key if isinstance(k, torch.dtype))
     for config in configs:
         start = time.perf_counter()
-        label = f"{arch} {kernel_name} {dtype} tanh={args['APPROXIMATE_TANH']} {config}"
+        label = f"{arch} {kernel_name} {dtype} activation={args['ACTIVATION']} {config}"
         try:
             compiled = compile_kernel(kernel, args, TARGETS[arch], config)
         except Exception as exc:  # noqa: BLE001 - report every failure, then exit non-zero
@@ -336,16 +336,16 @@ def hopper_only(name: str) -> bool:
     return "_tma" in name
 
 
-def _cases(dtype: torch.dtype, tanh: bool) -> list:
-    return _matmul_cases(dtype, tanh, 8192, 3072, 768) + \
-        _elementwise_cases(dtype, tanh, 1 << 24) + \
-        _geglu_cases(dtype, tanh, 8192, 16384, 2048) + \
-        _hopper_cases(dtype, tanh, 8192, 3072, 768, 16384, 2048)  # Gemma-2B's FFN
+def _cases(dtype: torch.dtype, activation: str) -> list:
+    return _matmul_cases(dtype, activation, 8192, 3072, 768) + \
+        _elementwise_cases(dtype, activation, 1 << 24) + \
+        _geglu_cases(dtype, activation, 8192, 16384, 2048) + \
+        _hopper_cases(dtype, activation, 8192, 3072, 768, 16384, 2048)  # Gemma-2B's FFN
 
 
 def kernel_names() -> list[str]:
     """Every kernel name the check compiles, in order."""
-    return list(dict.fromkeys(name for name, *_ in _cases(torch.bfloat16, False)))
+    return list(dict.fromkeys(name for name, *_ in _cases(torch.bfloat16, "gelu")))
 
 
 def main() -> int:
@@ -363,10 +363,10 @@ def main() -> int:
     for arch in arches:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             every_config = dtype == torch.bfloat16 and not quick
-            for tanh in (False, True):
-                if tanh and dtype != torch.bfloat16:
+            for activation in ("gelu", "gelu_tanh", "quick_gelu"):
+                if activation != "gelu" and dtype != torch.bfloat16:
                     continue
-                for name, kernel, args, key in _cases(dtype, tanh):
+                for name, kernel, args, key in _cases(dtype, activation):
                     if parts is not None and not any(part in name for part in parts):
                         continue
                     if exact is not None and name not in exact:
@@ -376,7 +376,7 @@ def main() -> int:
                     if hopper_only(name) and arch != "sm90":
                         continue
                     kept = _tuner_of(name).candidates(key, arch)
-                    every = every_config and not tanh and name not in EPILOGUE_ONLY
+                    every = every_config and activation == "gelu" and name not in EPILOGUE_ONLY
                     kept = kept if every else kept[:1]
                     if block_m is not None:
                         kept = [c for c in kept

@@ -213,8 +213,8 @@ def test_eager_stays_on_autograd_function():
     assert type(triton_gelu.linear_gelu(x, w).grad_fn).__name__ == "_LinearGELUFunctionBackward"
 
 
-@pytest.mark.parametrize("approximate_tanh", [False, True])
-def test_opcheck(approximate_tanh):
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "quick_gelu"])
+def test_opcheck(activation):
     """torch.library.opcheck: schema, fake tensors (shapes, dtypes, strides), autograd registration
     and AOT dispatch (static and dynamic) of every op against its real implementation."""
     x = torch.randn(5, 8, device=DEVICE, requires_grad=True)
@@ -226,21 +226,21 @@ def test_opcheck(approximate_tanh):
     x3 = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)
     dy3, z3 = torch.randn(2, 3, 6, device=DEVICE), torch.randn(2, 3, 6, device=DEVICE)
     cases = [
-        (ops.gelu_fwd, (x, approximate_tanh)),
-        (ops.gelu_fwd, (x.detach().t(), approximate_tanh)),  # non-contiguous in, contiguous out
-        (ops.gelu_bwd, (dy, z, approximate_tanh)),
-        (ops.linear_gelu_fwd, (x, w, b, approximate_tanh, True)),
-        (ops.linear_gelu_fwd, (x, w, None, approximate_tanh, False)),
-        (ops.linear_gelu_fwd, (x, w0.t().contiguous().t(), b, approximate_tanh, True)),  # W^T
+        (ops.gelu_fwd, (x, activation)),
+        (ops.gelu_fwd, (x.detach().t(), activation)),  # non-contiguous in, contiguous out
+        (ops.gelu_bwd, (dy, z, activation)),
+        (ops.linear_gelu_fwd, (x, w, b, activation, True)),
+        (ops.linear_gelu_fwd, (x, w, None, activation, False)),
+        (ops.linear_gelu_fwd, (x, w0.t().contiguous().t(), b, activation, True)),  # W^T
         # N-D x: the ops flatten the leading dimensions themselves (DTensor shards them).
-        (ops.linear_gelu_fwd, (x3, w, b, approximate_tanh, True)),
-        (ops.linear_gelu_fwd, (x3.transpose(0, 1), w, b, approximate_tanh, False)),  # a copy
+        (ops.linear_gelu_fwd, (x3, w, b, activation, True)),
+        (ops.linear_gelu_fwd, (x3.transpose(0, 1), w, b, activation, False)),  # a copy
         (ops.linear_preact_op, (x3.detach(), w0, None)),
-        (ops.linear_gelu_bwd, (dy3, x3.detach(), w0, z3, approximate_tanh, True, True, True)),
+        (ops.linear_gelu_bwd, (dy3, x3.detach(), w0, z3, activation, True, True, True)),
         # The backward ops run in the backward only: no autograd of their own.
         (ops.linear_preact_op, (x0, w0, b.detach())),
-        (ops.linear_gelu_bwd, (dy, x0, w0, z, approximate_tanh, True, True, True)),
-        (ops.linear_gelu_bwd, (dy, x0, w0, z, approximate_tanh, False, True, False)),
+        (ops.linear_gelu_bwd, (dy, x0, w0, z, activation, True, True, True)),
+        (ops.linear_gelu_bwd, (dy, x0, w0, z, activation, False, True, False)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

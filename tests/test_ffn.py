@@ -205,8 +205,8 @@ def test_poisoned_buffers_fully_written(dtype, path_name, device, poison_outputs
     dy = torch.randn(M, D, device=device).to(dtype)
     seed = dropout_seed(device)
     with path(path_name):
-        y, preact = kernels.ffn_forward(x, w1, b1, w2, b2, seed, 0.4, False, True)
-        grads = kernels.ffn_backward(dy, x, w1, w2, preact, seed, 0.4, False, [True] * 5)
+        y, preact = kernels.ffn_forward(x, w1, b1, w2, b2, seed, 0.4, "gelu", True)
+        grads = kernels.ffn_backward(dy, x, w1, w2, preact, seed, 0.4, "gelu", [True] * 5)
     keep = reference.dropout_keep(seed, M, HIDDEN, 0.4)
     y64, grads64 = reference.feed_forward64(x, w1, b1, w2, b2, keep, 0.4, "none", dy)
     assert_all_written(y, y64, "y")
@@ -263,7 +263,7 @@ def test_finite_differences_with_the_seed_reset(path_name, device):
 def _elementwise_mask(seed: torch.Tensor, p: float, rows: int, cols: int) -> torch.Tensor:
     """The mask the composed path's elementwise kernel draws, read off h = dropout(gelu(1))."""
     z = torch.ones(rows, cols, device=seed.device)
-    h = gelu_kernels.gelu_dropout_forward(z, seed, p, False, torch.empty_like(z))
+    h = gelu_kernels.gelu_dropout_forward(z, seed, p, "gelu", torch.empty_like(z))
     return h != 0
 
 
@@ -331,14 +331,14 @@ def test_fused_epilogue_draws_the_same_mask_as_the_elementwise_kernel(device):
     outputs = {}
     for path_name in PATHS:
         with path(path_name):
-            outputs[path_name] = kernels.ffn_forward(x, w1, b1, w2, b2, seed, 0.5, True, True)
+            outputs[path_name] = kernels.ffn_forward(x, w1, b1, w2, b2, seed, 0.5, "gelu_tanh", True)
     # Same mask, so the same y to rounding (z by our kernel vs cuBLAS).
     torch.testing.assert_close(outputs["fused"][0], outputs["composed"][0], rtol=1e-5, atol=1e-5)
     # Any tile shape draws the same mask: launch the epilogue with other tiles than the tuner's.
     want = reference.dropout_keep(seed, M, HIDDEN, 0.5).cpu()
     for tile, tuner in tile_tuners(ffn._linear_gelu_fwd_kernel, "test_tile"):
         h = torch.empty(M, HIDDEN, device=device)
-        ffn.launch_forward(tuner, x, w1, b1, h, None, True, seed, 0.5)
+        ffn.launch_forward(tuner, x, w1, b1, h, None, "gelu_tanh", seed, 0.5)
         assert torch.equal((h != 0).cpu(), want), f"tile {tile}"
 
 
@@ -379,11 +379,11 @@ def test_a_shard_draws_its_columns_of_the_whole_mask(col_offset, device):
     got = {"reference": reference.dropout_keep(seed, M, cols, 0.5, col_offset, HIDDEN)}
     ones = torch.ones(M, cols, device=device)
     got["elementwise kernel"] = gelu_kernels.gelu_dropout_forward(
-        ones, seed, 0.5, False, torch.empty_like(ones), col_offset, HIDDEN) != 0
+        ones, seed, 0.5, "gelu", torch.empty_like(ones), col_offset, HIDDEN) != 0
     x, w1, b1, _, _ = _operands((M, D), cols, torch.float32, device)
     for tile, tuner in tile_tuners(ffn._linear_gelu_fwd_kernel, "test_shard_tile"):
         h = torch.empty(M, cols, device=device)
-        ffn.launch_forward(tuner, x, w1, b1, h, None, True, seed, 0.5, col_offset, HIDDEN)
+        ffn.launch_forward(tuner, x, w1, b1, h, None, "gelu_tanh", seed, 0.5, col_offset, HIDDEN)
         got[f"fused epilogue, tile {tile}"] = h != 0
     for name, keep in got.items():
         assert torch.equal(keep.cpu(), want), f"{name}: {int((keep.cpu() != want).sum())} differ"
@@ -399,13 +399,13 @@ def test_shards_of_the_hidden_layer_make_the_whole_block(launchers, device):
     dy, seed, cut = torch.randn(M, D, device=device), dropout_seed(device), 13
     backend = fallback if launchers == "fallback" else kernels
     with path(launchers.split()[-1]) if backend is kernels else contextlib.nullcontext():
-        y, z = backend.ffn_forward(x, w1, b1, w2, b2, seed, 0.5, True, True)
-        grads = backend.ffn_backward(dy, x, w1, w2, z, seed, 0.5, True, [True] * 5)
+        y, z = backend.ffn_forward(x, w1, b1, w2, b2, seed, 0.5, "gelu_tanh", True)
+        grads = backend.ffn_backward(dy, x, w1, w2, z, seed, 0.5, "gelu_tanh", [True] * 5)
         shards = []
         for cols, bias2 in ((slice(0, cut), b2), (slice(cut, HIDDEN), None)):
             y_i, z_i = backend.ffn_forward(x, w1[cols], b1[cols], w2[:, cols], bias2, seed, 0.5,
-                                           True, True, cols.start, HIDDEN)
-            g_i = backend.ffn_backward(dy, x, w1[cols], w2[:, cols], z_i, seed, 0.5, True,
+                                           "gelu_tanh", True, cols.start, HIDDEN)
+            g_i = backend.ffn_backward(dy, x, w1[cols], w2[:, cols], z_i, seed, 0.5, "gelu_tanh",
                                        [True] * 5, cols.start, HIDDEN)
             shards.append((y_i, g_i))
     (y0, g0), (y1, g1) = shards
@@ -428,7 +428,7 @@ def test_launchers_reject_bad_hidden_columns(device):
                 ((0.0, None), TypeError, "col_offset must be an int, got 0.0"),
                 ((0, True), TypeError, "n_cols must be an int, got True")):
             with pytest.raises(error, match=match):
-                launcher.ffn_forward(x, w1, b1, w2, b2, seed, 0.2, False, True, *columns)
+                launcher.ffn_forward(x, w1, b1, w2, b2, seed, 0.2, "gelu", True, *columns)
     assert sum(launches.values()) == before
 
 
@@ -561,8 +561,8 @@ def test_backward_computes_only_what_is_needed(needs, path_name, device, poison_
     seed = dropout_seed(device)
     p = 0.0 if path_name == "torch" else 0.3
     with path(path_name):
-        _, preact = kernels.ffn_forward(x, w1, b1, w2, b2, seed, p, True, True)
-        grads = kernels.ffn_backward(dy, x, w1, w2, preact, seed, p, True, needs)
+        _, preact = kernels.ffn_forward(x, w1, b1, w2, b2, seed, p, "gelu_tanh", True)
+        grads = kernels.ffn_backward(dy, x, w1, w2, preact, seed, p, "gelu_tanh", needs)
     keep = reference.dropout_keep(seed, M, HIDDEN, p) if p else None
     _, refs = reference.feed_forward64(x, w1, b1, w2, b2, keep, p, "tanh", dy)
     for name, wanted, grad, ref in zip(("dx", "dw1", "db1", "dw2", "db2"), needs, grads, refs):
@@ -622,8 +622,8 @@ def test_cpu_fallback_draws_the_kernels_mask(monkeypatch):
     for a, b in zip(kernel_out, fallback_out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     seed = dropout_seed("cpu")
-    y, _ = fallback.ffn_forward(*operands, seed, 0.4, True, False)
-    torch.testing.assert_close(y, kernels.ffn_forward(*operands, seed, 0.4, True, False)[0],
+    y, _ = fallback.ffn_forward(*operands, seed, 0.4, "gelu_tanh", False)
+    torch.testing.assert_close(y, kernels.ffn_forward(*operands, seed, 0.4, "gelu_tanh", False)[0],
                                rtol=1e-5, atol=1e-5)
 
 
@@ -722,13 +722,13 @@ def test_opcheck(save_preact, device):
     z = torch.randn(5, 6, device=device)
     dy = torch.randn(5, 7, device=device)
     cases = [
-        (ops.ffn_fwd, (x, w1, b1, w2, b2, seed, 0.3, True, save_preact)),
-        (ops.ffn_fwd, (x, w1, None, w2, None, None, 0.0, False, save_preact)),
-        (ops.ffn_bwd, (dy, x.detach(), w1.detach(), w2.detach(), z, seed, 0.3, False,
+        (ops.ffn_fwd, (x, w1, b1, w2, b2, seed, 0.3, "gelu_tanh", save_preact)),
+        (ops.ffn_fwd, (x, w1, None, w2, None, None, 0.0, "gelu", save_preact)),
+        (ops.ffn_bwd, (dy, x.detach(), w1.detach(), w2.detach(), z, seed, 0.3, "gelu",
                        [True, True, save_preact, True, False])),
         # a tensor-parallel shard: hidden columns 3 .. 9 of 10
-        (ops.ffn_fwd, (x, w1, b1, w2, b2, seed, 0.3, True, save_preact, 3, 10)),
-        (ops.ffn_bwd, (dy, x.detach(), w1.detach(), w2.detach(), z, seed, 0.3, False,
+        (ops.ffn_fwd, (x, w1, b1, w2, b2, seed, 0.3, "gelu_tanh", save_preact, 3, 10)),
+        (ops.ffn_bwd, (dy, x.detach(), w1.detach(), w2.detach(), z, seed, 0.3, "gelu",
                        [True] * 5, 3, 10)),
     ]
     for op, args in cases:
@@ -790,19 +790,19 @@ def test_launchers_reject_bad_dropout_arguments(device):
     before = sum(launches.values())
     for launcher in (kernels, fallback):
         with pytest.raises(ValueError, match=r"seed must be a 1-element int64 tensor when p > 0"):
-            launcher.ffn_forward(x, w1, b1, w2, b2, None, 0.2, False, True)
+            launcher.ffn_forward(x, w1, b1, w2, b2, None, 0.2, "gelu", True)
         with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor"):
-            launcher.ffn_forward(x, w1, b1, w2, b2, seed.int(), 0.2, False, True)
+            launcher.ffn_forward(x, w1, b1, w2, b2, seed.int(), 0.2, "gelu", True)
         with pytest.raises(ValueError, match="seed is on meta"):
-            launcher.ffn_forward(x, w1, b1, w2, b2, seed.to("meta"), 0.2, False, True)
+            launcher.ffn_forward(x, w1, b1, w2, b2, seed.to("meta"), 0.2, "gelu", True)
         with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
-            launcher.ffn_backward(dy, x, w1, w2, z, seed, 1.5, False, [True] * 5)
+            launcher.ffn_backward(dy, x, w1, w2, z, seed, 1.5, "gelu", [True] * 5)
         with pytest.raises(ValueError, match=r"preact must have shape \(4, 51\)"):
-            launcher.ffn_backward(dy, x, w1, w2, z[:, 1:], seed, 0.2, False, [True] * 5)
+            launcher.ffn_backward(dy, x, w1, w2, z[:, 1:], seed, 0.2, "gelu", [True] * 5)
         with pytest.raises(ValueError, match=r"dy must have shape \(4, 45\)"):
-            launcher.ffn_backward(dy[:, 1:], x, w1, w2, z, seed, 0.2, False, [True] * 5)
+            launcher.ffn_backward(dy[:, 1:], x, w1, w2, z, seed, 0.2, "gelu", [True] * 5)
         with pytest.raises(ValueError, match="five booleans, got 3"):
-            launcher.ffn_backward(dy, x, w1, w2, z, seed, 0.2, False, [True] * 3)
+            launcher.ffn_backward(dy, x, w1, w2, z, seed, 0.2, "gelu", [True] * 3)
     assert sum(launches.values()) == before
 
 

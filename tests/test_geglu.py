@@ -208,9 +208,9 @@ def test_poisoned_outputs_fully_written(dtype, bias, device, poison_outputs):
     refs = reference.grads64(lambda *t: reference.geglu64(*t), list(operands), dh)
     for fwd, bwd in PATHS:
         with force_path(geglu_fwd=fwd, geglu_bwd=bwd):
-            h, gate, up = gk.geglu_forward(*operands, True, True)
-            gate2, up2 = gk.geglu_gate_up(*operands, True)
-            grads = gk.geglu_backward(dh, x, w_gate, w_up, gate, up, True, [True] * 5, True)
+            h, gate, up = gk.geglu_forward(*operands, "gelu_tanh", True)
+            gate2, up2 = gk.geglu_gate_up(*operands, "gelu_tanh")
+            grads = gk.geglu_backward(dh, x, w_gate, w_up, gate, up, "gelu_tanh", [True] * 5, True)
         what = f"{fwd}/{bwd}"
         assert_all_written(h, h64, f"h {what}")
         assert not gate.isnan().any() and not up.isnan().any(), what
@@ -232,10 +232,10 @@ def test_backward_computes_only_what_is_needed(needs, bwd, device, poison_output
     operands = _operands((M, K), N, torch.float32, device)
     x, w_gate, w_up, _, _ = operands
     dh = torch.randn(M, N, device=device)
-    _, gate, up = gk.geglu_forward(*operands, False, True)
+    _, gate, up = gk.geglu_forward(*operands, "gelu", True)
     before = dict(launches)
     with force_path(geglu_bwd=bwd):
-        grads = gk.geglu_backward(dh, x, w_gate, w_up, gate, up, False, needs)
+        grads = gk.geglu_backward(dh, x, w_gate, w_up, gate, up, "gelu", needs)
     refs = reference.grads64(lambda *t: reference.geglu64(*t, approximate="none"),
                              list(operands), dh)
     assert grads[5] is None, "h was not asked for"
@@ -284,9 +284,9 @@ def test_inference_writes_only_h(device, monkeypatch):
     """g and u are neither saved nor written unless a gradient can be asked for."""
     calls = []
 
-    def spy(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up):
+    def spy(x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up):
         calls.append(save_gate_up)
-        return gk.geglu_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up)
+        return gk.geglu_forward(x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up)
 
     monkeypatch.setattr(kernels, "geglu_forward", spy)
     x, w_gate, w_up, b_gate, b_up = _operands((M, K), N, torch.float32, device)
@@ -302,7 +302,7 @@ def test_inference_writes_only_h(device, monkeypatch):
     assert triton_gelu.geglu(x, w_gate, w_up, recompute=True).grad_fn is not None
     assert calls == [False, False, False, True, False]
     # And the launcher itself writes no g or u when not asked to.
-    assert gk.geglu_forward(x, w_gate.detach(), w_up, b_gate, b_up, False, False)[1:] == \
+    assert gk.geglu_forward(x, w_gate.detach(), w_up, b_gate, b_up, "gelu", False)[1:] == \
         (None, None)
 
 
@@ -410,9 +410,9 @@ def test_rejects_bad_inputs_before_any_launch(case, device):
     with pytest.raises(error, match=match):
         triton_gelu.gated_feed_forward(args[0], args[1], args[2], w_down, *args[3:])
     with pytest.raises(error, match=match):
-        gk.geglu_forward(*args, False, True)
+        gk.geglu_forward(*args, "gelu", True)
     with pytest.raises(error, match=match):
-        gk.geglu_gate_up(*args, False)
+        gk.geglu_gate_up(*args, "gelu")
     assert sum(launches.values()) == before
 
 
@@ -445,26 +445,26 @@ def test_rejects_bad_block_and_backward_inputs(device):
             block.train(mode)(x)
     good = torch.randn(4, N, device=device)
     with pytest.raises(ValueError, match=rf"dh must have shape \(M, N\) = \(4, {N}\)"):
-        gk.geglu_backward(good[:, 1:], x, w_gate, w_up, good, good, False, [True] * 5)
+        gk.geglu_backward(good[:, 1:], x, w_gate, w_up, good, good, "gelu", [True] * 5)
     with pytest.raises(ValueError, match="up must have shape"):
-        gk.geglu_backward(good, x, w_gate, w_up, good, good[1:], False, [True] * 5)
+        gk.geglu_backward(good, x, w_gate, w_up, good, good[1:], "gelu", [True] * 5)
     with pytest.raises(ValueError, match="needs must hold 5 flags"):
-        gk.geglu_backward(good, x, w_gate, w_up, good, good, False, [True] * 3)
+        gk.geglu_backward(good, x, w_gate, w_up, good, good, "gelu", [True] * 3)
     seed = dropout_seed(device)
     for launcher in (gk, fallback):  # the dropout arguments, as the FFN launchers check them
         with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor when p > 0"):
-            launcher.geglu_forward(x, w_gate, w_up, b_gate, b_up, False, True, None, 0.2)
+            launcher.geglu_forward(x, w_gate, w_up, b_gate, b_up, "gelu", True, None, 0.2)
         with pytest.raises(ValueError, match="seed is on meta"):
-            launcher.geglu_forward(x, w_gate, w_up, b_gate, b_up, False, True,
+            launcher.geglu_forward(x, w_gate, w_up, b_gate, b_up, "gelu", True,
                                    seed.to("meta"), 0.2)
         with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
-            launcher.geglu_backward(good, x, w_gate, w_up, good, good, False, [True] * 5,
+            launcher.geglu_backward(good, x, w_gate, w_up, good, good, "gelu", [True] * 5,
                                     False, seed, 1.0)
         with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor"):
-            launcher.geglu_backward(good, x, w_gate, w_up, good, good, False, [True] * 5,
+            launcher.geglu_backward(good, x, w_gate, w_up, good, good, "gelu", [True] * 5,
                                     False, seed.int(), 0.2)
         with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got -0.5"):
-            launcher.geglu_gate_up(x, w_gate, w_up, b_gate, b_up, False, -0.5)
+            launcher.geglu_gate_up(x, w_gate, w_up, b_gate, b_up, "gelu", -0.5)
     for bad in ("exact", None):
         with pytest.raises(ValueError, match="approximate must be one of"):
             triton_gelu.geglu(x, w_gate, w_up, approximate=bad)
@@ -643,8 +643,8 @@ def test_kernel_masks_are_the_reference_mask(device):
         want = reference.dropout_keep(seed, M, N, p)
         for fwd in ("fused", "composed"):
             with force_path(geglu_fwd=fwd):
-                h0 = gk.geglu_forward(*operands, False, False)[0]
-                h, gate, up = gk.geglu_forward(*operands, False, True, seed, p)
+                h0 = gk.geglu_forward(*operands, "gelu", False)[0]
+                h, gate, up = gk.geglu_forward(*operands, "gelu", True, seed, p)
             assert h0.ne(0).all()  # so h's zeros are the dropped elements
             keep = h != 0
             assert torch.equal(keep.cpu(), want.cpu()), \
@@ -653,10 +653,10 @@ def test_kernel_masks_are_the_reference_mask(device):
             # The backward regenerates it: the h it writes for the down projection is bitwise
             # the forward's, and its gradients follow the mask's float32 formulas.
             dx, _, _, dbg, dbu, h_again = gk.geglu_backward(
-                ones, x, w_gate, w_up, gate, up, False, [True] * 5, True, seed, p)
+                ones, x, w_gate, w_up, gate, up, "gelu", [True] * 5, True, seed, p)
             torch.testing.assert_close(h_again, h, rtol=0, atol=0, msg=f"{fwd} p={p}")
             want_dx, _, _, want_dbg, want_dbu = reference.geglu_backward_fp32(
-                ones, x, w_gate, w_up, gate, up, False, want, 1.0 / (1.0 - p))
+                ones, x, w_gate, w_up, gate, up, "gelu", want, 1.0 / (1.0 - p))
             for name, got, ref in (("dx", dx, want_dx), ("db_gate", dbg, want_dbg),
                                    ("db_up", dbu, want_dbu)):
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5,
@@ -665,7 +665,7 @@ def test_kernel_masks_are_the_reference_mask(device):
     for tile, tuner in tile_tuners(gk._geglu_fwd_kernel, "test_geglu_tile"):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(gk, "_fwd_tuner", tuner)
-            h, _, _ = gk._forward_fused(x, w_gate, w_up, b_gate, b_up, False, True, False,
+            h, _, _ = gk._forward_fused(x, w_gate, w_up, b_gate, b_up, "gelu", True, False,
                                         seed, 0.5, 0, N)
         assert torch.equal((h != 0).cpu(), want), f"tile {tile}"
 
@@ -681,13 +681,13 @@ def test_a_shard_draws_its_columns_of_the_whole_mask(col_offset, device):
     ones = torch.ones(M, cols, device=device)
     for fwd in ("fused", "composed"):
         with force_path(geglu_fwd=fwd):
-            h, gate, up = gk.geglu_forward(*operands, False, True, seed, 0.5, col_offset, N)
+            h, gate, up = gk.geglu_forward(*operands, "gelu", True, seed, 0.5, col_offset, N)
         assert torch.equal((h != 0).cpu(), want), f"{fwd}: {int(((h != 0).cpu() != want).sum())}"
-        h_again = gk.geglu_backward(ones, operands[0], *operands[1:3], gate, up, False,
+        h_again = gk.geglu_backward(ones, operands[0], *operands[1:3], gate, up, "gelu",
                                     [True] * 5, True, seed, 0.5, col_offset, N)[-1]
         torch.testing.assert_close(h_again, h, rtol=0, atol=0, msg=fwd)
     with pytest.raises(ValueError, match="col_offset"):
-        gk.geglu_forward(*operands, False, False, seed, 0.5, N - cols + 1, N)
+        gk.geglu_forward(*operands, "gelu", False, seed, 0.5, N - cols + 1, N)
 
 
 def test_gated_block_finite_differences_with_the_seed_reset(device):
@@ -921,8 +921,8 @@ def test_compile_no_grad_and_autocast(device):
         torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("approximate_tanh", [False, True])
-def test_opcheck(approximate_tanh, device):
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "quick_gelu"])
+def test_opcheck(activation, device):
     """torch.library.opcheck: schema, fakes, autograd registration and AOT dispatch of every
     GeGLU op against its real implementation."""
     from triton_gelu import ops
@@ -934,7 +934,7 @@ def test_opcheck(approximate_tanh, device):
     bd = torch.randn(3, device=device, requires_grad=True)
     dh, g, u = (torch.randn(5, 6, device=device) for _ in range(3))
     x0, wg0, wu0 = x.detach(), wg.detach(), wu.detach()
-    tanh, seed = approximate_tanh, dropout_seed(device)
+    tanh, seed = activation, dropout_seed(device)  # the activation name
     cases = [
         (ops.geglu_fwd, (x, wg, wu, bg, bu, tanh, True)),
         (ops.geglu_fwd, (x, wg, wu, None, bu, tanh, False)),

@@ -61,7 +61,7 @@ def test_matches_float64(shape, approximate, dtype, device, gelu_path):
 def test_poisoned_outputs_fully_written(approximate, dtype, device):
     x = (4 * torch.randn(5, 301, device=device)).to(dtype)  # 1505 = one full block + a tail
     dy = torch.randn_like(x)
-    tanh = approximate == "tanh"
+    tanh = reference.form_name(approximate)
     y = gelu_forward(x, tanh, out=poisoned(x.shape, dtype, device))
     dx = gelu_backward(dy, x, tanh, out=poisoned(x.shape, dtype, device))
     assert_all_written(y, reference.gelu64(x, approximate), "forward")
@@ -162,7 +162,7 @@ def test_outputs_are_new_contiguous_tensors_on_every_path(device, gelu_path):
     x = (3 * torch.randn(11, 13, device=device)).t()  # dense, not contiguous
     dy = torch.randn(13, 11, device=device)
     before = x.clone()
-    y, dx = gelu_forward(x, False), gelu_backward(dy, x, False)
+    y, dx = gelu_forward(x, "gelu"), gelu_backward(dy, x, "gelu")
     assert y.is_contiguous() and dx.is_contiguous(), "the custom ops' fakes promise it"
     assert y.data_ptr() != x.data_ptr() and dx.data_ptr() not in (x.data_ptr(), dy.data_ptr())
     torch.testing.assert_close(x, before, rtol=0, atol=0)

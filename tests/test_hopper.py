@@ -102,7 +102,7 @@ def test_saved_and_recomputed_preact_are_one(dtype, device, poison_outputs):
     x, weight, b = _linear_operands(dtype, device)
     lg = _autotune.path_choosers
     with tma_paths():
-        y, preact = lg["linear_gelu_fwd"].paths["tma"](x, weight, b, False, True)
+        y, preact = lg["linear_gelu_fwd"].paths["tma"](x, weight, b, "gelu", True)
         z_only = lg["linear_preact"].paths["tma"](x, weight, b)
     z64 = F.linear(x.double(), weight.double(), b.double())
     assert_no_worse_than_torch(preact, F.linear(x, weight, b), z64, f"z {dtype}")
@@ -247,7 +247,7 @@ def test_undescribable_problems_keep_todays_kernel(device):
     assert any("does not apply" in str(w.message) for w in caught), [str(w) for w in caught]
     direct = {
         "linear_gelu_fwd": lambda: _autotune.path_choosers["linear_gelu_fwd"].paths["tma"](
-            x, weight, b, False, False),
+            x, weight, b, "gelu", False),
         "linear_preact": lambda: _autotune.path_choosers["linear_preact"].paths["tma"](
             x, weight, b),
     }
@@ -255,7 +255,7 @@ def test_undescribable_problems_keep_todays_kernel(device):
         assert launched(call) == {kernel: 1}, kernel
     sliced = torch.randn(M, 48, device=device).to(torch.bfloat16)[:, 1:41]
     assert launched(lambda: _autotune.path_choosers["geglu_fwd"].paths["tma"](
-        sliced, weight[:, :40].contiguous(), weight[:, :40].contiguous(), None, None, False,
+        sliced, weight[:, :40].contiguous(), weight[:, :40].contiguous(), None, None, "gelu",
         True, False, None, 0.0, 0, N)) == {"geglu_fwd": 1}
 
 

@@ -163,9 +163,9 @@ def test_tf32_allowed_float32(device):
 def test_poisoned_outputs_fully_written(dtype, bias, device, poison_outputs, paths):
     x, weight, b = _operands((M, K), N, dtype, device, bias)
     dy = torch.randn(M, N, device=device).to(dtype)
-    y, preact = lg.linear_gelu_forward(x, weight, b, False, True)
+    y, preact = lg.linear_gelu_forward(x, weight, b, "gelu", True)
     z_only = lg.linear_preact(x, weight, b)
-    dx, dw, db = lg.linear_gelu_backward(dy, x, weight, preact, False, True, True, bias)
+    dx, dw, db = lg.linear_gelu_backward(dy, x, weight, preact, "gelu", True, True, bias)
     assert_all_written(y, reference.linear_gelu64(x, weight, b), "y")
     z64 = F.linear(x.double(), weight.double(), None if b is None else b.double())
     assert_all_written(preact, z64, "preact")
@@ -194,11 +194,11 @@ BACKWARD_LAUNCHES = {
 def test_backward_computes_only_what_is_needed(path, need, device, poison_outputs):
     x, weight, b = _operands((M, K), N, torch.float32, device)
     dy = torch.randn(M, N, device=device)
-    _, preact = lg.linear_gelu_forward(x, weight, b, True, True)
+    _, preact = lg.linear_gelu_forward(x, weight, b, "gelu_tanh", True)
     names = ["linear_gelu_bwd_dz"]
     before = [launches[n] for n in names]
     with force_path(linear_gelu_bwd=path):
-        grads = lg.linear_gelu_backward(dy, x, weight, preact, True, *need)
+        grads = lg.linear_gelu_backward(dy, x, weight, preact, "gelu_tanh", *need)
     refs = reference.linear_gelu_grads64(x, weight, b, dy, "tanh")
     for name, wanted, grad, ref in zip(("dx", "dw", "db"), need, grads, refs):
         assert (grad is not None) == wanted, f"{name}: returned {grad is not None}, need {wanted}"
@@ -225,24 +225,24 @@ def test_addmm_gelu_path_where_it_applies(dtype, device):
                                                               recompute=True).detach())
     assert path_runs[("linear_gelu_fwd", "addmm_gelu")] == before + 3
     applies = lg._fwd_paths.applicable
-    assert "addmm_gelu" in applies((x, weight, bias, form == "tanh", False), {})
-    for args in ((x, weight, bias, form == "tanh", True),  # z kept for the backward
-                 (x, weight, bias, other == "tanh", False),  # the other form
-                 (x, weight, None, form == "tanh", False),  # no bias
-                 (x[:, :0], weight[:, :0], bias, form == "tanh", False)):  # K = 0
+    assert "addmm_gelu" in applies((x, weight, bias, reference.form_name(form), False), {})
+    for args in ((x, weight, bias, reference.form_name(form), True),  # z kept for the backward
+                 (x, weight, bias, reference.form_name(other), False),  # the other form
+                 (x, weight, None, reference.form_name(form), False),  # no bias
+                 (x[:, :0], weight[:, :0], bias, reference.form_name(form), False)):  # K = 0
         assert "addmm_gelu" not in applies(args, {})
 
 
 def test_every_path_leaves_its_inputs_alone_and_returns_new_tensors(device):
     x, weight, bias = _operands((M, K), N, torch.bfloat16, device)
     dy = torch.randn(M, N, device=device).to(torch.bfloat16)
-    _, preact = lg.linear_gelu_forward(x, weight, bias, False, True)
+    _, preact = lg.linear_gelu_forward(x, weight, bias, "gelu", True)
     inputs = [x, weight, bias, dy, preact]
     snapshot = [t.clone() for t in inputs]
-    calls = [(lg._fwd_paths, name, (x, weight, bias, False, save))
+    calls = [(lg._fwd_paths, name, (x, weight, bias, "gelu", save))
              for name in lg._fwd_paths.paths for save in (False, True)]
     calls += [(lg._preact_paths, name, (x, weight, bias)) for name in lg._preact_paths.paths]
-    calls += [(lg._bwd_paths, name, (dy, x, weight, preact, False, True, True, True))
+    calls += [(lg._bwd_paths, name, (dy, x, weight, preact, "gelu", True, True, True))
               for name in lg._bwd_paths.paths]
     for chooser, name, args in calls:
         if name not in chooser.applicable(args, {}):
@@ -300,9 +300,9 @@ def test_inference_writes_only_y(device, monkeypatch):
     """No pre-activation is saved (or written) unless a gradient can be asked for."""
     calls = []
 
-    def spy(x2d, weight, bias, approximate_tanh, save_preact):
+    def spy(x2d, weight, bias, activation, save_preact):
         calls.append(save_preact)
-        return lg.linear_gelu_forward(x2d, weight, bias, approximate_tanh, save_preact)
+        return lg.linear_gelu_forward(x2d, weight, bias, activation, save_preact)
 
     monkeypatch.setattr(kernels, "linear_gelu_forward", spy)
     x, weight, bias = _operands((M, K), N, torch.float32, device)
@@ -319,7 +319,7 @@ def test_inference_writes_only_y(device, monkeypatch):
     assert triton_gelu.linear_gelu(x, weight, bias, recompute=True).grad_fn is not None
     assert calls == [False, False, False, True, False]
     # And the launcher itself writes no pre-activation when not asked to.
-    assert lg.linear_gelu_forward(x, weight.detach(), bias, False, False)[1] is None
+    assert lg.linear_gelu_forward(x, weight.detach(), bias, "gelu", False)[1] is None
 
 
 def test_second_backward_is_unchanged(device, paths):
@@ -411,7 +411,7 @@ def test_rejects_bad_inputs_before_any_launch(case, device):
         triton_gelu.linear_gelu(*args)
     # The launchers refuse too (they are the custom ops' entry points).
     with pytest.raises(error, match=match):
-        lg.linear_gelu_forward(*args, False, True)
+        lg.linear_gelu_forward(*args, "gelu", True)
     with pytest.raises(error, match=match):
         lg.linear_preact(*args)
     assert sum(launches.values()) == before
@@ -434,7 +434,7 @@ def test_backward_launcher_rejects_bad_shapes(device):
     before = sum(launches.values())
     bad_dy = torch.randn(M, N + 1, device=device)
     with pytest.raises(ValueError, match=rf"dy must have shape \(M, N\) = \({M}, {N}\)"):
-        lg.linear_gelu_backward(bad_dy, x, w, good, False, True, True, True)
+        lg.linear_gelu_backward(bad_dy, x, w, good, "gelu", True, True, True)
     with pytest.raises(ValueError, match=r"preact must have shape"):
-        lg.linear_gelu_backward(good, x, w, good[:-1], False, True, True, True)
+        lg.linear_gelu_backward(good, x, w, good[:-1], "gelu", True, True, True)
     assert sum(launches.values()) == before

@@ -152,12 +152,12 @@ def test_bool_flags_are_part_of_dtensors_sharding_cache(mesh):
     x, w = _dtensor(torch.randn(3, 8), mesh, Replicate()), _dtensor(torch.randn(5, 8), mesh,
                                                                      Shard(0))
     for save_preact in (True, False, True):
-        y, preact = ops.linear_gelu_fwd(x, w, None, False, save_preact)
+        y, preact = ops.linear_gelu_fwd(x, w, None, "gelu", save_preact)
         assert preact.to_local().shape == ((3, 5) if save_preact else (0,))
         assert preact.shape == ((3, 10) if save_preact else (0,)), (save_preact, preact.shape)
     dy = _dtensor(torch.randn(3, 5), mesh, Shard(1))
     for need_dx in (True, False, True):
-        dx, dw, _ = ops.linear_gelu_bwd(dy, x, w, dy, False, need_dx, True, False)
+        dx, dw, _ = ops.linear_gelu_bwd(dy, x, w, dy, "gelu", need_dx, True, False)
         assert dx.shape == ((3, 8) if need_dx else (0,)), (need_dx, dx.shape)
         assert dw.shape == (10, 8) and dw.to_local().shape == (5, 8)
 
@@ -457,16 +457,16 @@ def test_the_blocks_ops_rules_serve_rows_and_replicate(mesh):
         _dtensor(torch.randn(8, 12), mesh, Replicate())
     seed = _dtensor(torch.tensor([7]), mesh, Replicate(), requires_grad=False)
     _runtime.launches.clear()
-    y, z = ops.ffn_fwd(x, w1, None, w2, None, None, 0.0, False, True)
+    y, z = ops.ffn_fwd(x, w1, None, w2, None, None, 0.0, "gelu", True)
     assert y.placements == z.placements == (Shard(0),) and _runtime.launches["ffn_fwd_gelu_dropout"]
-    grads = ops.ffn_bwd(y, x, w1, w2, z, None, 0.0, False, [True, True, False, True, False])
+    grads = ops.ffn_bwd(y, x, w1, w2, z, None, 0.0, "gelu", [True, True, False, True, False])
     assert [g.placements for g in grads] == [(Shard(0),), (Partial(),), (Replicate(),),
                                             (Partial(),), (Replicate(),)]
-    y, _ = ops.ffn_fwd(x, w1, None, w2, None, seed, 0.3, False, False)
+    y, _ = ops.ffn_fwd(x, w1, None, w2, None, seed, 0.3, "gelu", False)
     assert y.placements == (Replicate(),)
-    y, g, u = ops.gated_ffn_fwd(x, w1, w1, w2, None, None, None, None, 0.0, True, True)
+    y, g, u = ops.gated_ffn_fwd(x, w1, w1, w2, None, None, None, None, 0.0, "gelu_tanh", True)
     assert y.placements == g.placements == u.placements == (Shard(0),)
-    y, _, _ = ops.gated_ffn_fwd(x, w1, w1, w2, None, None, None, seed, 0.3, True, False)
+    y, _, _ = ops.gated_ffn_fwd(x, w1, w1, w2, None, None, None, seed, 0.3, "gelu_tanh", False)
     assert y.placements == (Replicate(),)
 
 

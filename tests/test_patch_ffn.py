@@ -271,14 +271,20 @@ def _clip_mlp(hidden_act):
                                                  num_attention_heads=2, hidden_act=hidden_act))
 
 
-def test_clip_mlp_block_and_quick_gelu_left_alone():
-    mlp = _clip_mlp("gelu")
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_clip_mlp_block(act):
+    """CLIP's MLP with its own quick_gelu (x * sigmoid(1.702 x)) or GELU: one fused block, the
+    form kept; a forced GELU form does not turn quick GELU into another function."""
+    mlp = _clip_mlp(act)
     check_patched(mlp, {"hidden_states": _tokens()}, expected=1)
     assert isinstance(mlp.fc1, FusedFeedForward) and isinstance(mlp.fc2, FeedForwardOutput)
-    check_train_p0(_clip_mlp("gelu"), {"hidden_states": _tokens()})
-    check_round_trip(mlp, lambda: _clip_mlp("gelu"), {"hidden_states": _tokens()})
-    quick = _clip_mlp("quick_gelu")  # CLIP's own activation is not GELU: left alone
-    assert triton_gelu.patch(quick) == 0 and isinstance(quick.fc1, nn.Linear)
+    assert mlp.fc1.activation == (None if act == "gelu" else "quick_gelu")
+    check_train_p0(_clip_mlp(act), {"hidden_states": _tokens()})
+    check_round_trip(mlp, lambda: _clip_mlp(act), {"hidden_states": _tokens()})
+    forced = _clip_mlp(act)
+    assert triton_gelu.patch(forced, approximate="tanh") == 1
+    assert (forced.fc1.approximate, forced.fc1.activation) == (
+        ("tanh", None) if act == "gelu" else ("none", "quick_gelu"))
 
 
 def test_bert_keeps_the_pair_fusion_with_recompute():

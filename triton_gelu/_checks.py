@@ -4,17 +4,7 @@ from collections.abc import Sequence
 
 import torch
 
-APPROXIMATE = ("none", "tanh")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_approximate(approximate: object) -> bool:
-    """Validate ``approximate`` and return True for the tanh form."""
-    if not isinstance(approximate, str) or approximate not in APPROXIMATE:
-        raise ValueError(
-            f"approximate must be one of {APPROXIMATE}, got {approximate!r}"
-        )
-    return approximate == "tanh"
 
 
 def check_tensor(name: str, t: object) -> torch.Tensor:

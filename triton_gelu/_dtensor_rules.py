@@ -154,17 +154,17 @@ def _wanted(placement: Placement, wanted: bool) -> Placement:
 
 
 @_sharding_rule(_custom_ops.gelu_fwd.default)
-def _gelu_fwd_rule(x, approximate_tanh):
+def _gelu_fwd_rule(x, activation):
     return [([p], [p, None]) for p in _elementwise_layouts(x.ndim)]
 
 
 @_sharding_rule(_custom_ops.gelu_bwd.default)
-def _gelu_bwd_rule(dy, x, approximate_tanh):
+def _gelu_bwd_rule(dy, x, activation):
     return [([p], [p, p, None]) for p in _elementwise_layouts(x.ndim)]
 
 
 @_sharding_rule(_custom_ops.linear_gelu_fwd.default)
-def _linear_gelu_fwd_rule(x, weight, bias, approximate_tanh, save_preact):
+def _linear_gelu_fwd_rule(x, weight, bias, activation, save_preact):
     # outputs (y, z | empty)
     return [
         ([lay.y, _wanted(lay.y, save_preact)],
@@ -182,7 +182,7 @@ def _linear_preact_rule(x, weight, bias):
 
 
 @_sharding_rule(_custom_ops.linear_gelu_bwd.default)
-def _linear_gelu_bwd_rule(dy, x, weight, preact, approximate_tanh, need_dx, need_dw, need_db):
+def _linear_gelu_bwd_rule(dy, x, weight, preact, activation, need_dx, need_dw, need_db):
     return [
         ([_wanted(lay.dx, need_dx), _wanted(lay.dweight, need_dw), _wanted(lay.dbias, need_db)],
          [lay.y, lay.x, lay.weight, lay.y, None, None, None, None])
@@ -194,7 +194,7 @@ def _linear_gelu_bwd_rule(dy, x, weight, preact, approximate_tanh, need_dx, need
 
 
 @_sharding_rule(_custom_ops.geglu_fwd.default)
-def _geglu_fwd_rule(x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up):
+def _geglu_fwd_rule(x, w_gate, w_up, b_gate, b_up, activation, save_gate_up):
     # outputs (h, g | empty, u | empty)
     return [
         ([lay.y, _wanted(lay.y, save_gate_up), _wanted(lay.y, save_gate_up)],
@@ -205,7 +205,7 @@ def _geglu_fwd_rule(x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_u
 
 
 @_sharding_rule(_custom_ops.geglu_gate_up.default)
-def _geglu_gate_up_rule(x, w_gate, w_up, b_gate, b_up, p, approximate_tanh):
+def _geglu_gate_up_rule(x, w_gate, w_up, b_gate, b_up, p, activation):
     return [
         ([lay.y, lay.y],
          [lay.x, lay.weight, lay.weight, _if_present(b_gate, lay.bias),
@@ -215,7 +215,7 @@ def _geglu_gate_up_rule(x, w_gate, w_up, b_gate, b_up, p, approximate_tanh):
 
 
 @_sharding_rule(_custom_ops.geglu_bwd.default)
-def _geglu_bwd_rule(dh, x, w_gate, w_up, gate, up, seed, p, approximate_tanh, needs, write_h,
+def _geglu_bwd_rule(dh, x, w_gate, w_up, gate, up, seed, p, activation, needs, write_h,
                     col_offset=0, n_cols=None):
     # outputs (dx, dW_gate, dW_up, db_gate, db_up, h), each empty unless asked for. With dropout
     # (the gated block's backward) replicated only: a split would key each rank's mask on its
@@ -241,7 +241,7 @@ def _rule_block_layouts(ndim: int, dropout: bool) -> list[BlockLayout]:
 
 
 @_sharding_rule(_custom_ops.ffn_fwd.default)
-def _ffn_fwd_rule(x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact, col_offset=0,
+def _ffn_fwd_rule(x, w1, b1, w2, b2, seed, p, activation, save_preact, col_offset=0,
                   n_cols=None):
     # outputs (y, z | empty)
     return [
@@ -253,7 +253,7 @@ def _ffn_fwd_rule(x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact, col
 
 
 @_sharding_rule(_custom_ops.ffn_bwd.default)
-def _ffn_bwd_rule(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs, col_offset=0,
+def _ffn_bwd_rule(dy, x, w1, w2, preact, seed, p, activation, needs, col_offset=0,
                   n_cols=None):
     # outputs (dx, dW1, db1, dW2, db2), each empty unless asked for
     return [
@@ -268,7 +268,7 @@ def _ffn_bwd_rule(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs, col_o
 
 @_sharding_rule(_custom_ops.gated_ffn_fwd.default)
 def _gated_ffn_fwd_rule(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
-                        approximate_tanh, save_gate_up, col_offset=0, n_cols=None):
+                        activation, save_gate_up, col_offset=0, n_cols=None):
     # outputs (y, g | empty, u | empty)
     return [
         ([lay.last.y, _wanted(lay.first.y, save_gate_up), _wanted(lay.first.y, save_gate_up)],

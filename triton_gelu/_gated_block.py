@@ -35,13 +35,13 @@ Tensor = torch.Tensor
 def block_forward(
     x2d: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
     b_up: Tensor | None, b_down: Tensor | None, seed: Tensor | None, p: float,
-    approximate_tanh: bool, save_gate_up: bool, geglu_forward: Callable, col_offset: int = 0,
+    activation: str, save_gate_up: bool, geglu_forward: Callable, col_offset: int = 0,
     n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(y, g, u): y (M, D) and, with ``save_gate_up``, g and u for the backward; dropout(h) is
     dropped once the down projection has read it. The hidden columns are columns
     ``col_offset`` .. of ``n_cols`` (by default all of them), for the dropout mask."""
-    h, gate, up = geglu_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up,
+    h, gate, up = geglu_forward(x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up,
                                 seed, p, col_offset, n_cols)
     with torch.autocast(x2d.device.type, enabled=False):  # operands are already cast
         return F.linear(h, w_down, b_down), gate, up
@@ -49,7 +49,7 @@ def block_forward(
 
 def block_backward(
     dy2d: Tensor, x2d: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, gate: Tensor,
-    up: Tensor, seed: Tensor | None, p: float, approximate_tanh: bool, needs: Sequence[bool],
+    up: Tensor, seed: Tensor | None, p: float, activation: str, needs: Sequence[bool],
     geglu_backward: Callable, col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[Tensor | None, ...]:
     """(dx, dW_gate, dW_up, dW_down, db_gate, db_up, db_down); ``needs`` has one flag each."""
@@ -57,7 +57,7 @@ def block_backward(
     with torch.autocast(x2d.device.type, enabled=False):
         dh = torch.mm(dy2d, w_down)
     dx, dwg, dwu, dbg, dbu, h = geglu_backward(
-        dh, x2d, w_gate, w_up, gate, up, approximate_tanh,
+        dh, x2d, w_gate, w_up, gate, up, activation,
         [need_dx, need_dwg, need_dwu, need_dbg, need_dbu], need_dwd, seed, p, col_offset, n_cols,
     )
     del dh

@@ -31,28 +31,28 @@ def _new(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_forward(
-    x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
+    x: torch.Tensor, activation: str, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     if out is None:
         out = _new(x.shape, x)
-    return out.copy_(reference.gelu_fp32(x, approximate_tanh))
+    return out.copy_(reference.gelu_fp32(x, activation))
 
 
 def gelu_backward(
-    dy: torch.Tensor, x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
+    dy: torch.Tensor, x: torch.Tensor, activation: str, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     if out is None:
         out = _new(x.shape, x)
-    return out.copy_(dy.float() * reference.gelu_grad_fp32(x, approximate_tanh))
+    return out.copy_(dy.float() * reference.gelu_grad_fp32(x, activation))
 
 
 def linear_gelu_forward(
     x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    approximate_tanh: bool, save_preact: bool,
+    activation: str, save_preact: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     check_linear_2d(x2d, weight, bias)
     preact = reference.linear_preact_fp32(x2d, weight, bias)
-    y = reference.gelu_fp32(preact, approximate_tanh).to(x2d.dtype)
+    y = reference.gelu_fp32(preact, activation).to(x2d.dtype)
     return y, (preact.to(x2d.dtype) if save_preact else None)
 
 
@@ -65,10 +65,10 @@ def linear_preact(
 
 def linear_gelu_backward(
     dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
-    approximate_tanh: bool, need_dx: bool, need_dw: bool, need_db: bool,
+    activation: str, need_dx: bool, need_dw: bool, need_db: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     check_linear_backward(dy2d, x2d, weight, preact)
-    grads = reference.linear_gelu_backward_fp32(dy2d, x2d, weight, preact, approximate_tanh)
+    grads = reference.linear_gelu_backward_fp32(dy2d, x2d, weight, preact, activation)
     dx, dw, db = (g.to(x2d.dtype) if need else None
                   for g, need in zip(grads, (need_dx, need_dw, need_db)))
     return dx, dw, db
@@ -85,7 +85,7 @@ def _keep(seed: torch.Tensor | None, p: float, rows: int, cols: int, col_offset:
 
 def geglu_forward(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool, save_gate_up: bool,
+    b_up: torch.Tensor | None, activation: str, save_gate_up: bool,
     seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
     n_cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -93,7 +93,7 @@ def geglu_forward(
     p = check_dropout(seed, p, x2d)
     columns = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
     h, gate, up = reference.geglu_forward_fp32(
-        x2d, w_gate, w_up, b_gate, b_up, approximate_tanh,
+        x2d, w_gate, w_up, b_gate, b_up, activation,
         _keep(seed, p, x2d.shape[0], w_gate.shape[0], *columns),
         reference.dropout_constants(p)[1],
     )
@@ -102,17 +102,17 @@ def geglu_forward(
 
 def geglu_gate_up(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool, p: float = 0.0,
+    b_up: torch.Tensor | None, activation: str, p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
     check_dropout_p(p)
-    _, gate, up = reference.geglu_forward_fp32(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh)
+    _, gate, up = reference.geglu_forward_fp32(x2d, w_gate, w_up, b_gate, b_up, activation)
     return gate, up
 
 
 def geglu_backward(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
+    gate: torch.Tensor, up: torch.Tensor, activation: str, needs: Sequence[bool],
     write_h: bool = False, seed: torch.Tensor | None = None, p: float = 0.0,
     col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
@@ -121,31 +121,31 @@ def geglu_backward(
     columns = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
     (rows, cols), scale = gate.shape, reference.dropout_constants(p)[1]
     keep = _keep(seed, p, rows, cols, *columns)
-    grads = reference.geglu_backward_fp32(dh2d, x2d, w_gate, w_up, gate, up, approximate_tanh,
+    grads = reference.geglu_backward_fp32(dh2d, x2d, w_gate, w_up, gate, up, activation,
                                           keep, scale)
     h = None
     if write_h:
-        h = reference.dropout_fp32(reference.geglu_fp32(gate, up, approximate_tanh), keep,
+        h = reference.dropout_fp32(reference.geglu_fp32(gate, up, activation), keep,
                                     scale).to(x2d.dtype)
     return (*(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs)), h)
 
 def ffn_forward(
     x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-    b2: torch.Tensor | None, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
+    b2: torch.Tensor | None, seed: torch.Tensor | None, p: float, activation: str,
     save_preact: bool, col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     p = check_ffn_2d(x2d, w1, b1, w2, b2, seed, p)
     columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
     keep = _keep(seed, p, x2d.shape[0], w1.shape[0], *columns)
     y, preact = reference.ffn_forward_fp32(
-        x2d, w1, b1, w2, b2, keep, reference.dropout_constants(p)[1], approximate_tanh
+        x2d, w1, b1, w2, b2, keep, reference.dropout_constants(p)[1], activation
     )
     return y.to(x2d.dtype), (preact.to(x2d.dtype) if save_preact else None)
 
 
 def ffn_backward(
     dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-    preact: torch.Tensor, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
+    preact: torch.Tensor, seed: torch.Tensor | None, p: float, activation: str,
     needs: Sequence[bool], col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     p = check_ffn_backward(dy2d, x2d, w1, w2, preact, seed, p)
@@ -153,6 +153,6 @@ def ffn_backward(
     columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
     keep = _keep(seed, p, preact.shape[0], preact.shape[1], *columns)
     grads = reference.ffn_backward_fp32(
-        dy2d, x2d, w1, w2, preact, keep, reference.dropout_constants(p)[1], approximate_tanh
+        dy2d, x2d, w1, w2, preact, keep, reference.dropout_constants(p)[1], activation
     )
     return tuple(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs))

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from . import _gated_block, ops
 from ._backend import launchers
+from .activations import resolve
 from ._checks import (
-    check_approximate, check_down, check_dropout_p, check_ffn, check_geglu, check_linear,
+    check_down, check_dropout_p, check_ffn, check_geglu, check_linear,
     check_tensor,
 )
 from .ops import rows as _rows
@@ -35,32 +36,35 @@ def _parallel():
 
 class _GELUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
-        ctx.approximate_tanh = approximate_tanh
+    def forward(ctx, x: torch.Tensor, activation: str) -> torch.Tensor:
+        ctx.activation = activation
         ctx.save_for_backward(x)
-        return launchers(x).gelu_forward(x, approximate_tanh)
+        return launchers(x).gelu_forward(x, activation)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
         (x,) = ctx.saved_tensors
         # A fresh dx every call: nothing saved is written, so a second backward is unchanged.
-        return launchers(x).gelu_backward(dy, x, ctx.approximate_tanh), None
+        return launchers(x).gelu_backward(dy, x, ctx.activation), None
 
 
-def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+def gelu(x: torch.Tensor, approximate: str = "none", *,
+         activation: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.gelu(x, approximate)`` with Triton kernels for forward and backward.
 
     ``approximate="none"`` is the exact form x * Phi(x); ``"tanh"`` the tanh approximation.
+    ``activation`` names the form instead (``triton_gelu.activations``: "gelu", "gelu_tanh",
+    "quick_gelu" = x * sigmoid(1.702 x), CLIP's); every function and module takes it.
     float32, float16 and bfloat16 inputs of any shape; math in float32, output in x's dtype.
     """
-    approximate_tanh = check_approximate(approximate)
+    activation = resolve(approximate, activation)
     check_tensor("x", x)
     if _distributed(x):  # DTensor: the custom op, whose sharding rule runs it on the local shard
-        return _parallel().gelu(x, approximate_tanh)
+        return _parallel().gelu(x, activation)
     if torch.compiler.is_compiling():  # torch.compile traces the custom op (ops.py), not this
-        return ops.gelu_fwd(x, approximate_tanh)
-    return _GELUFunction.apply(x, approximate_tanh)
+        return ops.gelu_fwd(x, activation)
+    return _GELUFunction.apply(x, activation)
 
 
 # The device types c10 names that autocast does not serve (meta, lazy...), asked of torch once.
@@ -102,12 +106,12 @@ def _autocast_linear(*tensors: Any) -> tuple[Any, ...]:
 
 class _LinearGELUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, approximate_tanh: bool, recompute: bool) -> torch.Tensor:
+    def forward(ctx, x, weight, bias, activation: str, recompute: bool) -> torch.Tensor:
         x2d = _rows(x)
         y, preact = launchers(x2d).linear_gelu_forward(
-            x2d, weight, bias, approximate_tanh, save_preact=not recompute
+            x2d, weight, bias, activation, save_preact=not recompute
         )
-        ctx.approximate_tanh = approximate_tanh
+        ctx.activation = activation
         ctx.x_shape = x.shape
         # recompute: keep what rebuilds z (x, W, b) instead of z, one (M, N) tensor less.
         ctx.save_for_backward(x2d, weight, bias if recompute else None, preact)
@@ -122,14 +126,14 @@ class _LinearGELUFunction(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         # Fresh gradients every call: nothing saved is written, so a second backward is unchanged.
         dx, dw, db = launchers(x2d).linear_gelu_backward(
-            _rows(dy), x2d, weight, preact, ctx.approximate_tanh, need_dx, need_dw, need_db
+            _rows(dy), x2d, weight, preact, ctx.activation, need_dx, need_dw, need_db
         )
         return None if dx is None else dx.view(ctx.x_shape), dw, db, None, None
 
 
 def linear_gelu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-    approximate: str = "none", recompute: bool = False,
+    approximate: str = "none", recompute: bool = False, *, activation: str | None = None,
 ) -> torch.Tensor:
     """``F.gelu(F.linear(x, weight, bias), approximate)`` in one fused Triton kernel.
 
@@ -137,24 +141,25 @@ def linear_gelu(
     float32, float16 or bfloat16, all of one dtype (under autocast they are cast to the autocast
     dtype first, as for ``F.linear``). Returns (..., out_features) in that dtype. Differentiable
     in x, weight and bias. ``recompute=True`` saves memory: the backward recomputes the
-    pre-activation x @ W^T + b instead of keeping it from the forward.
+    pre-activation x @ W^T + b instead of keeping it from the forward. ``activation``: as in
+    ``gelu``.
     """
-    approximate_tanh = check_approximate(approximate)
+    activation = resolve(approximate, activation)
     check_tensor("x", x)
     x, weight, bias = _autocast_linear(x, weight, bias)
     check_linear(x, weight, bias)
     if _distributed(x, weight, bias):  # DTensor: the custom ops, run on the local shards
-        return _parallel().linear_gelu(x, weight, bias, approximate_tanh, recompute)
+        return _parallel().linear_gelu(x, weight, bias, activation, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py), not these
-        return ops.linear_gelu(x, weight, bias, approximate_tanh, recompute)
+        return ops.linear_gelu(x, weight, bias, activation, recompute)
     if not ops.needs_grad(x, weight, bias):
         # Inference: no graph and no saved pre-activation; the kernel writes only y.
         x2d = _rows(x)
         y, _ = launchers(x2d).linear_gelu_forward(
-            x2d, weight, bias, approximate_tanh, save_preact=False
+            x2d, weight, bias, activation, save_preact=False
         )
         return y.view(*x.shape[:-1], weight.shape[0])
-    return _LinearGELUFunction.apply(x, weight, bias, approximate_tanh, recompute)
+    return _LinearGELUFunction.apply(x, weight, bias, activation, recompute)
 
 
 # ---- the FFN block ---------------------------------------------------------------------------
@@ -164,7 +169,7 @@ class _BlockConfig(NamedTuple):
     """What an FFN block's autograd node (plain or gated) carries besides tensors."""
 
     p: float  # dropout probability; 0: no dropout (eval, or none asked for)
-    approximate_tanh: bool
+    activation: str
     recompute: bool
     # The hidden columns are columns col_offset .. of n_cols (None: all of them); the dropout
     # mask is drawn for those positions (tensor parallel: a rank's shard of the hidden layer).
@@ -178,7 +183,7 @@ class _FeedForwardFunction(torch.autograd.Function):
                 config: _BlockConfig) -> torch.Tensor:
         x2d = _rows(x)
         y, preact = launchers(x2d).ffn_forward(
-            x2d, w1, b1, w2, b2, seed, config.p, config.approximate_tanh,
+            x2d, w1, b1, w2, b2, seed, config.p, config.activation,
             save_preact=not config.recompute, col_offset=config.col_offset,
             n_cols=config.n_cols,
         )
@@ -199,7 +204,7 @@ class _FeedForwardFunction(torch.autograd.Function):
             preact = launchers(x2d).linear_preact(x2d, w1, b1)
         # Fresh gradients every call: nothing saved is written, so a second backward is unchanged.
         dx, dw1, db1, dw2, db2 = launchers(x2d).ffn_backward(
-            _rows(dy), x2d, w1, w2, preact, seed, config.p, config.approximate_tanh,
+            _rows(dy), x2d, w1, w2, preact, seed, config.p, config.activation,
             ctx.needs_input_grad[:5], config.col_offset, config.n_cols,
         )
         return None if dx is None else dx.view(ctx.x_shape), dw1, db1, dw2, db2, None, None
@@ -215,7 +220,7 @@ def dropout_seed(device: torch.device | str) -> torch.Tensor:
 def feed_forward(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
     b2: torch.Tensor | None, p: float = 0.0, approximate: str = "none", training: bool = True,
-    recompute: bool = False,
+    recompute: bool = False, *, activation: str | None = None,
 ) -> torch.Tensor:
     """``F.linear(F.dropout(F.gelu(F.linear(x, w1, b1), approximate), p, training), w2, b2)``
     as one fused autograd node.
@@ -228,8 +233,9 @@ def feed_forward(
     activation with probability 1 - p and scales it by 1 / (1 - p), as ``nn.Dropout``; its seed
     is drawn from PyTorch's generator of x's device. The backward keeps only x and the
     pre-activation z (``recompute=True``: x only, z is recomputed by one matmul) and the seed.
+    ``activation``: as in ``gelu``.
     """
-    approximate_tanh = check_approximate(approximate)
+    activation = resolve(approximate, activation)
     p = check_dropout_p(p)
     check_tensor("x", x)
     x, w1, b1, w2, b2 = _autocast_linear(x, w1, b1, w2, b2)
@@ -241,16 +247,16 @@ def feed_forward(
         # linear_gelu and PyTorch's dropout and linear on the DTensors (parallel.py).
         def fused(x, first, w2, b2, col_offset: int, n_cols: int) -> torch.Tensor:
             ((w1, b1),) = first
-            config = _BlockConfig(p, approximate_tanh, recompute, col_offset, n_cols)
+            config = _BlockConfig(p, activation, recompute, col_offset, n_cols)
             return _feed_forward(x, w1, b1, w2, b2, config)
 
         def unfused() -> torch.Tensor:
-            h = linear_gelu(x, w1, b1, approximate, recompute)
+            h = linear_gelu(x, w1, b1, recompute=recompute, activation=activation)
             return _parallel().linear(F.dropout(h, p, training), w2, b2)
 
         return _parallel().run_block(x, [(w1, b1)], (w2, b2), p > 0.0, fused, unfused,
                                      "FFN block")
-    return _feed_forward(x, w1, b1, w2, b2, _BlockConfig(p, approximate_tanh, recompute))
+    return _feed_forward(x, w1, b1, w2, b2, _BlockConfig(p, activation, recompute))
 
 
 def _feed_forward(x, w1, b1, w2, b2, config: _BlockConfig) -> torch.Tensor:
@@ -262,7 +268,7 @@ def _feed_forward(x, w1, b1, w2, b2, config: _BlockConfig) -> torch.Tensor:
         # Inference: no graph and no saved pre-activation.
         x2d = _rows(x)
         y, _ = launchers(x2d).ffn_forward(x2d, w1, b1, w2, b2, seed, config.p,
-                                          config.approximate_tanh, save_preact=False,
+                                          config.activation, save_preact=False,
                                           col_offset=config.col_offset, n_cols=config.n_cols)
         return y.view(*x.shape[:-1], w2.shape[0])
     return _FeedForwardFunction.apply(x, w1, b1, w2, b2, seed, config)
@@ -273,12 +279,12 @@ def _feed_forward(x, w1, b1, w2, b2, config: _BlockConfig) -> torch.Tensor:
 
 class _GeGLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, b_gate, b_up, approximate_tanh: bool, recompute: bool):
+    def forward(ctx, x, w_gate, w_up, b_gate, b_up, activation: str, recompute: bool):
         x2d = _rows(x)
         h, gate, up = launchers(x2d).geglu_forward(
-            x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up=not recompute
+            x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up=not recompute
         )
-        ctx.approximate_tanh, ctx.recompute, ctx.x_shape = approximate_tanh, recompute, x.shape
+        ctx.activation, ctx.recompute, ctx.x_shape = activation, recompute, x.shape
         # recompute: keep what rebuilds g and u (x, the weights, the biases) instead of them.
         ctx.save_for_backward(x2d, w_gate, w_up, *((b_gate, b_up) if recompute else (gate, up)))
         return h.view(*x.shape[:-1], w_gate.shape[0])
@@ -288,29 +294,30 @@ class _GeGLUFunction(torch.autograd.Function):
     def backward(ctx, dh: torch.Tensor):
         x2d, w_gate, w_up, *kept = ctx.saved_tensors
         backend = launchers(x2d)
-        gate, up = (backend.geglu_gate_up(x2d, w_gate, w_up, *kept, ctx.approximate_tanh)
+        gate, up = (backend.geglu_gate_up(x2d, w_gate, w_up, *kept, ctx.activation)
                     if ctx.recompute else kept)
         # Fresh gradients every call: nothing saved is written, so a second backward is unchanged.
         dx, dwg, dwu, dbg, dbu, _ = backend.geglu_backward(
-            _rows(dh), x2d, w_gate, w_up, gate, up, ctx.approximate_tanh,
+            _rows(dh), x2d, w_gate, w_up, gate, up, ctx.activation,
             ctx.needs_input_grad[:5],
         )
         return None if dx is None else dx.view(ctx.x_shape), dwg, dwu, dbg, dbu, None, None
 
 
-def _prepare_geglu(x, w_gate, w_up, b_gate, b_up, approximate):
-    """Validate and autocast GeGLU's operands (as F.linear's); return them and the tanh flag."""
-    approximate_tanh = check_approximate(approximate)
+def _prepare_geglu(x, w_gate, w_up, b_gate, b_up, approximate, activation):
+    """Validate and autocast GeGLU's operands (as F.linear's); return them and the activation's
+    name (approximate's default is "tanh" here)."""
+    activation = resolve(approximate, activation, default="tanh")
     check_tensor("x", x)
     x, w_gate, w_up, b_gate, b_up = _autocast_linear(x, w_gate, w_up, b_gate, b_up)
     check_geglu(x, w_gate, w_up, b_gate, b_up)
-    return x, w_gate, w_up, b_gate, b_up, approximate_tanh
+    return x, w_gate, w_up, b_gate, b_up, activation
 
 
 def geglu(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     b_gate: torch.Tensor | None = None, b_up: torch.Tensor | None = None,
-    approximate: str = "tanh", recompute: bool = False,
+    approximate: str = "tanh", recompute: bool = False, *, activation: str | None = None,
 ) -> torch.Tensor:
     """``F.gelu(F.linear(x, w_gate, b_gate), approximate) * F.linear(x, w_up, b_up)``: both
     projections and the gate in one Triton kernel.
@@ -320,21 +327,22 @@ def geglu(
     (under autocast they are cast first, as for ``F.linear``). Returns (..., hidden_features).
     Differentiable in x, both weights and both biases. The backward keeps x, g and u (eager
     PyTorch also keeps gelu(g)); ``recompute=True`` keeps x only and recomputes g and u.
+    ``activation``: as in ``gelu`` (approximate's default "tanh" yields to it).
     """
-    x, w_gate, w_up, b_gate, b_up, approximate_tanh = _prepare_geglu(
-        x, w_gate, w_up, b_gate, b_up, approximate)
+    x, w_gate, w_up, b_gate, b_up, activation = _prepare_geglu(
+        x, w_gate, w_up, b_gate, b_up, approximate, activation)
     if _distributed(x, w_gate, w_up, b_gate, b_up):  # DTensor: the custom ops on the shards
-        return _parallel().geglu(x, w_gate, w_up, b_gate, b_up, approximate_tanh, recompute)
+        return _parallel().geglu(x, w_gate, w_up, b_gate, b_up, activation, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
-        return ops.geglu(x, w_gate, w_up, b_gate, b_up, approximate_tanh, recompute)
+        return ops.geglu(x, w_gate, w_up, b_gate, b_up, activation, recompute)
     if not ops.needs_grad(x, w_gate, w_up, b_gate, b_up):
         # Inference: no graph, nothing saved; the kernel writes only h.
         x2d = _rows(x)
         h, _, _ = launchers(x2d).geglu_forward(
-            x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up=False
+            x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up=False
         )
         return h.view(*x.shape[:-1], w_gate.shape[0])
-    return _GeGLUFunction.apply(x, w_gate, w_up, b_gate, b_up, approximate_tanh, recompute)
+    return _GeGLUFunction.apply(x, w_gate, w_up, b_gate, b_up, activation, recompute)
 
 
 class _GatedFeedForwardFunction(torch.autograd.Function):
@@ -344,7 +352,7 @@ class _GatedFeedForwardFunction(torch.autograd.Function):
         x2d = _rows(x)
         y, gate, up = _gated_block.block_forward(
             x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, config.p,
-            config.approximate_tanh, not config.recompute, launchers(x2d).geglu_forward,
+            config.activation, not config.recompute, launchers(x2d).geglu_forward,
             config.col_offset, config.n_cols,
         )
         ctx.config, ctx.x_shape = config, x.shape
@@ -359,12 +367,12 @@ class _GatedFeedForwardFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x2d, w_gate, w_up, w_down, seed, *kept = ctx.saved_tensors
         config, backend = ctx.config, launchers(x2d)
-        gate, up = (backend.geglu_gate_up(x2d, w_gate, w_up, *kept, config.approximate_tanh,
+        gate, up = (backend.geglu_gate_up(x2d, w_gate, w_up, *kept, config.activation,
                                           config.p)
                     if config.recompute else kept)
         dx, *grads = _gated_block.block_backward(
             _rows(dy), x2d, w_gate, w_up, w_down, gate, up, seed, config.p,
-            config.approximate_tanh, ctx.needs_input_grad[:7], backend.geglu_backward,
+            config.activation, ctx.needs_input_grad[:7], backend.geglu_backward,
             config.col_offset, config.n_cols,
         )
         return None if dx is None else dx.view(ctx.x_shape), *grads, None, None
@@ -374,7 +382,7 @@ def gated_feed_forward(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
     b_gate: torch.Tensor | None = None, b_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None, approximate: str = "tanh", dropout: float = 0.0,
-    training: bool = False, recompute: bool = False,
+    training: bool = False, recompute: bool = False, *, activation: str | None = None,
 ) -> torch.Tensor:
     """The gated FFN block ``F.linear(F.dropout(geglu(x, ...), dropout, training), w_down,
     b_down)`` (Gemma's MLP, T5's DenseGatedActDense) as one fused autograd node.
@@ -384,11 +392,12 @@ def gated_feed_forward(
     the GeGLU kernel applies it to h in its epilogue (the FFN block's generator, its seed drawn
     from PyTorch's generator of x's device) and the backward regenerates the mask. The backward
     keeps x, g, u and the seed only, and regenerates the down projection's input
-    dropout(gelu(g) * u) from them (``recompute=True``: x and the seed only).
+    dropout(gelu(g) * u) from them (``recompute=True``: x and the seed only). ``activation``:
+    as in ``geglu``.
     """
     p = check_dropout_p(dropout)
-    x, w_gate, w_up, b_gate, b_up, approximate_tanh = _prepare_geglu(
-        x, w_gate, w_up, b_gate, b_up, approximate)
+    x, w_gate, w_up, b_gate, b_up, activation = _prepare_geglu(
+        x, w_gate, w_up, b_gate, b_up, approximate, activation)
     w_down, b_down = _autocast_linear(x, w_down, b_down)[1:]
     check_down(w_gate, w_down, b_down)
     if not training:
@@ -398,17 +407,17 @@ def gated_feed_forward(
         # geglu and PyTorch's dropout and linear on the DTensors (parallel.py).
         def fused(x, first, w_down, b_down, col_offset: int, n_cols: int) -> torch.Tensor:
             (w_gate, b_gate), (w_up, b_up) = first
-            config = _BlockConfig(p, approximate_tanh, recompute, col_offset, n_cols)
+            config = _BlockConfig(p, activation, recompute, col_offset, n_cols)
             return _gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, config)
 
         def unfused() -> torch.Tensor:
-            h = geglu(x, w_gate, w_up, b_gate, b_up, approximate, recompute)
+            h = geglu(x, w_gate, w_up, b_gate, b_up, recompute=recompute, activation=activation)
             return _parallel().linear(F.dropout(h, p, training), w_down, b_down)
 
         return _parallel().run_block(x, [(w_gate, b_gate), (w_up, b_up)], (w_down, b_down),
                                      p > 0.0, fused, unfused, "gated FFN block")
     return _gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
-                               _BlockConfig(p, approximate_tanh, recompute))
+                               _BlockConfig(p, activation, recompute))
 
 
 def _gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
@@ -422,7 +431,7 @@ def _gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
         x2d = _rows(x)
         y, _, _ = _gated_block.block_forward(
             x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, config.p,
-            config.approximate_tanh, False, launchers(x2d).geglu_forward, config.col_offset,
+            config.activation, False, launchers(x2d).geglu_forward, config.col_offset,
             config.n_cols,
         )
         return y.view(*x.shape[:-1], w_down.shape[0])

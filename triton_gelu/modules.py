@@ -7,23 +7,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checks import check_approximate
+from .activations import resolve
 from .functional import _distributed, feed_forward, gated_feed_forward, geglu, gelu, linear_gelu
 
 
 class GELU(nn.Module):
     """Drop-in for ``torch.nn.GELU``: same constructor, repr and (empty) state dict."""
 
-    def __init__(self, approximate: str = "none") -> None:
+    def __init__(self, approximate: str = "none", *, activation: str | None = None) -> None:
         super().__init__()
-        check_approximate(approximate)
+        resolve(approximate, activation)
         self.approximate = approximate
+        self.activation = activation  # None: the form approximate names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu(x, approximate=self.approximate)
+        return gelu(x, self.approximate, activation=self.activation)
 
     def extra_repr(self) -> str:
-        return f"approximate={self.approximate!r}"
+        return f"approximate={self.approximate!r}" + _activation_repr(self.activation)
+
+
+def _activation_repr(activation: str | None) -> str:
+    return "" if activation is None else f", activation={activation!r}"
 
 
 class LinearGELU(nn.Module):
@@ -40,14 +45,15 @@ class LinearGELU(nn.Module):
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, approximate: str = "none",
         recompute: bool = False, device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None, *, activation: str | None = None,
     ) -> None:
         super().__init__()
-        check_approximate(approximate)
+        resolve(approximate, activation)
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
         self.approximate = approximate
+        self.activation = activation  # None: the form approximate names
         self.recompute = recompute
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory_kwargs))
         if bias:
@@ -62,25 +68,27 @@ class LinearGELU(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, approximate: str = "none", recompute: bool = False
+        cls, linear: nn.Linear, approximate: str = "none", recompute: bool = False, *,
+        activation: str | None = None,
     ) -> LinearGELU:
         """A LinearGELU sharing ``linear``'s Parameter objects (no copy, no new init)."""
         module = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
-            approximate=approximate, recompute=recompute, device="meta",
+            approximate=approximate, recompute=recompute, device="meta", activation=activation,
         )
         module.weight = linear.weight
         module.bias = linear.bias
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_gelu(x, self.weight, self.bias, self.approximate, self.recompute)
+        return linear_gelu(x, self.weight, self.bias, self.approximate, self.recompute,
+                           activation=self.activation)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, approximate={self.approximate!r}, "
-            f"recompute={self.recompute}"
+            f"recompute={self.recompute}" + _activation_repr(self.activation)
         )
 
 
@@ -102,13 +110,14 @@ class FeedForward(nn.Module):
     def __init__(
         self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.1,
         approximate: str = "none", bias: bool = True, recompute: bool = False,
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+        activation: str | None = None,
     ) -> None:
         super().__init__()
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         self.linear1 = LinearGELU(
             d_model, dim_feedforward, bias=bias, approximate=approximate, recompute=recompute,
-            **factory_kwargs,
+            activation=activation, **factory_kwargs,
         )
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory_kwargs)
@@ -121,7 +130,7 @@ class FeedForward(nn.Module):
         return feed_forward(
             x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
             self.dropout.p, self.linear1.approximate, self.dropout.training,
-            self.linear1.recompute,
+            self.linear1.recompute, activation=self.linear1.activation,
         )
 
 
@@ -186,38 +195,48 @@ class GeGLU(nn.Module):
     def __init__(
         self, in_features: int, hidden_features: int, bias: bool = False,
         approximate: str = "tanh", recompute: bool = False,
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+        activation: str | None = None,
     ) -> None:
         super().__init__()
-        check_approximate(approximate)
+        resolve(approximate, activation, default="tanh")
         factory_kwargs = {"device": device, "dtype": dtype}
         self.gate_proj = _projection(in_features, hidden_features, bias, factory_kwargs)
         self.up_proj = _projection(in_features, hidden_features, bias, factory_kwargs)
         self.approximate = approximate
+        self.activation = activation  # None: the form approximate names
         self.recompute = recompute
 
     @classmethod
     def from_linears(
         cls, gate_proj: nn.Linear, up_proj: nn.Linear, approximate: str = "tanh",
-        recompute: bool = False,
+        recompute: bool = False, *, activation: str | None = None,
     ) -> GeGLU:
         """A GeGLU holding the given Linears themselves (their Parameters shared, no copy)."""
         _check_pair(gate_proj, up_proj)
         module = cls(gate_proj.in_features, gate_proj.out_features,
                      bias=gate_proj.bias is not None, approximate=approximate,
-                     recompute=recompute, device="meta")
+                     recompute=recompute, device="meta", activation=activation)
         module.gate_proj, module.up_proj = gate_proj, up_proj
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not applied_by_parent(self.gate_proj, self.up_proj):
             # Hooks on a projection (a plan naming it, a user's): apply them, unfused.
-            return gelu(self.gate_proj(x), self.approximate) * self.up_proj(x)
+            gate = gelu(self.gate_proj(x), activation=_gated_form(self))
+            return gate * self.up_proj(x)
         return geglu(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias,
-                     self.up_proj.bias, self.approximate, self.recompute)
+                     self.up_proj.bias, self.approximate, self.recompute,
+                     activation=self.activation)
 
     def extra_repr(self) -> str:
-        return f"approximate={self.approximate!r}, recompute={self.recompute}"
+        return (f"approximate={self.approximate!r}, recompute={self.recompute}"
+                + _activation_repr(self.activation))
+
+
+def _gated_form(block: GeGLU | GatedFeedForward) -> str:
+    """The gated block's activation name (its approximate's default is "tanh")."""
+    return resolve(block.approximate, block.activation, default="tanh")
 
 
 class GatedFeedForward(nn.Module):
@@ -241,22 +260,24 @@ class GatedFeedForward(nn.Module):
     def __init__(
         self, d_model: int, d_ff: int, dropout: float = 0.0, approximate: str = "tanh",
         bias: bool = False, recompute: bool = False, device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None, *, activation: str | None = None,
     ) -> None:
         super().__init__()
-        check_approximate(approximate)
+        resolve(approximate, activation, default="tanh")
         factory_kwargs = {"device": device, "dtype": dtype}
         self.gate_proj = _projection(d_model, d_ff, bias, factory_kwargs)
         self.up_proj = _projection(d_model, d_ff, bias, factory_kwargs)
         self.dropout = nn.Dropout(dropout)
         self.down_proj = _projection(d_ff, d_model, bias, factory_kwargs)
         self.approximate = approximate
+        self.activation = activation  # None: the form approximate names
         self.recompute = recompute
 
     @classmethod
     def from_linears(
         cls, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear,
-        dropout: float = 0.0, approximate: str = "tanh", recompute: bool = False,
+        dropout: float = 0.0, approximate: str = "tanh", recompute: bool = False, *,
+        activation: str | None = None,
     ) -> GatedFeedForward:
         """A block holding the given Linears themselves (their Parameters shared, no copy)."""
         _check_pair(gate_proj, up_proj)
@@ -266,7 +287,7 @@ class GatedFeedForward(nn.Module):
                              f"got {down_proj}")
         module = cls(gate_proj.in_features, gate_proj.out_features, dropout=dropout,
                      approximate=approximate, bias=gate_proj.bias is not None,
-                     recompute=recompute, device="meta")
+                     recompute=recompute, device="meta", activation=activation)
         module.gate_proj, module.up_proj, module.down_proj = gate_proj, up_proj, down_proj
         return module
 
@@ -274,13 +295,14 @@ class GatedFeedForward(nn.Module):
         if not applied_by_parent(self.gate_proj, self.up_proj, self.down_proj):
             # Hooks on a projection (a tensor-parallel plan naming them, a user's): apply the
             # children, so that their hooks run (unfused).
-            gate = gelu(self.gate_proj(x), self.approximate)
+            gate = gelu(self.gate_proj(x), activation=_gated_form(self))
             return self.down_proj(self.dropout(gate * self.up_proj(x)))
         return gated_feed_forward(
             x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
             self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias, self.approximate,
-            self.dropout.p, self.training, self.recompute,
+            self.dropout.p, self.training, self.recompute, activation=self.activation,
         )
 
     def extra_repr(self) -> str:
-        return f"approximate={self.approximate!r}, recompute={self.recompute}"
+        return (f"approximate={self.approximate!r}, recompute={self.recompute}"
+                + _activation_repr(self.activation))

@@ -18,23 +18,23 @@ Custom ops cannot return ``None``: an output that was not asked for is an empty 
 
 Ops (namespace ``triton_gelu``)::
 
-    gelu_fwd(x, approximate_tanh) -> y
-    gelu_bwd(dy, x, approximate_tanh) -> dx
-    linear_gelu_fwd(x, weight, bias?, approximate_tanh, save_preact) -> (y, preact | empty)
+    gelu_fwd(x, activation) -> y
+    gelu_bwd(dy, x, activation) -> dx
+    linear_gelu_fwd(x, weight, bias?, activation, save_preact) -> (y, preact | empty)
     linear_preact(x, weight, bias?) -> preact
-    linear_gelu_bwd(dy, x, weight, preact, approximate_tanh, need_dx, need_dw, need_db)
+    linear_gelu_bwd(dy, x, weight, preact, activation, need_dx, need_dw, need_db)
         -> (dx | empty, dw | empty, db | empty)
-    geglu_fwd(x, w_gate, w_up, b_gate?, b_up?, approximate_tanh, save_gate_up)
+    geglu_fwd(x, w_gate, w_up, b_gate?, b_up?, activation, save_gate_up)
         -> (h, g | empty, u | empty)
-    geglu_gate_up(x, w_gate, w_up, b_gate?, b_up?, p, approximate_tanh) -> (g, u)
-    geglu_bwd(dh, x, w_gate, w_up, g, u, seed?, p, approximate_tanh, needs[5], write_h,
+    geglu_gate_up(x, w_gate, w_up, b_gate?, b_up?, p, activation) -> (g, u)
+    geglu_bwd(dh, x, w_gate, w_up, g, u, seed?, p, activation, needs[5], write_h,
               col_offset=0, n_cols?=None)
         -> (dx, dw_gate, dw_up, db_gate, db_up, h), each empty when not asked for
-    gated_ffn_fwd(x, w_gate, w_up, w_down, b_gate?, b_up?, b_down?, seed?, p, approximate_tanh,
+    gated_ffn_fwd(x, w_gate, w_up, w_down, b_gate?, b_up?, b_down?, seed?, p, activation,
                   save_gate_up, col_offset=0, n_cols?=None) -> (y, g | empty, u | empty)
-    ffn_fwd(x, w1, b1?, w2, b2?, seed?, p, approximate_tanh, save_preact, col_offset=0,
+    ffn_fwd(x, w1, b1?, w2, b2?, seed?, p, activation, save_preact, col_offset=0,
             n_cols?=None) -> (y, preact | empty)
-    ffn_bwd(dy, x, w1, w2, preact, seed?, p, approximate_tanh, needs[5], col_offset=0,
+    ffn_bwd(dy, x, w1, w2, preact, seed?, p, activation, needs[5], col_offset=0,
             n_cols?=None) -> (dx, dw1, db1, dw2, db2), each empty when not needed
 
 The linear ops take ``x`` (..., K) with any number of leading dimensions, ``weight`` (N, K) and
@@ -94,36 +94,36 @@ def _or_absent(t: Tensor | None, like: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("triton_gelu::gelu_fwd", mutates_args=())
-def gelu_fwd(x: Tensor, approximate_tanh: bool) -> Tensor:
+def gelu_fwd(x: Tensor, activation: str) -> Tensor:
     """y = gelu(x), a new contiguous tensor of x's shape and dtype."""
-    return launchers(x).gelu_forward(x, approximate_tanh)
+    return launchers(x).gelu_forward(x, activation)
 
 
 @gelu_fwd.register_fake
-def _gelu_fwd_fake(x: Tensor, approximate_tanh: bool) -> Tensor:
+def _gelu_fwd_fake(x: Tensor, activation: str) -> Tensor:
     return _new_like(x)
 
 
 @torch.library.custom_op("triton_gelu::gelu_bwd", mutates_args=())
-def gelu_bwd(dy: Tensor, x: Tensor, approximate_tanh: bool) -> Tensor:
+def gelu_bwd(dy: Tensor, x: Tensor, activation: str) -> Tensor:
     """dx = dy * gelu'(x), a new contiguous tensor of x's shape and dtype."""
-    return launchers(x).gelu_backward(dy, x, approximate_tanh)
+    return launchers(x).gelu_backward(dy, x, activation)
 
 
 @gelu_bwd.register_fake
-def _gelu_bwd_fake(dy: Tensor, x: Tensor, approximate_tanh: bool) -> Tensor:
+def _gelu_bwd_fake(dy: Tensor, x: Tensor, activation: str) -> Tensor:
     return _new_like(x)
 
 
 def _gelu_setup_context(ctx, inputs, output) -> None:
-    x, approximate_tanh = inputs
-    ctx.approximate_tanh = approximate_tanh
+    x, activation = inputs
+    ctx.activation = activation
     ctx.save_for_backward(x)
 
 
 def _gelu_fwd_backward(ctx, dy: Tensor):
     (x,) = ctx.saved_tensors
-    return gelu_bwd(dy, x, ctx.approximate_tanh), None
+    return gelu_bwd(dy, x, ctx.activation), None
 
 
 gelu_fwd.register_autograd(_gelu_fwd_backward, setup_context=_gelu_setup_context)
@@ -134,17 +134,17 @@ gelu_fwd.register_autograd(_gelu_fwd_backward, setup_context=_gelu_setup_context
 
 @torch.library.custom_op("triton_gelu::linear_gelu_fwd", mutates_args=())
 def linear_gelu_fwd(
-    x: Tensor, weight: Tensor, bias: Tensor | None, approximate_tanh: bool, save_preact: bool
+    x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, save_preact: bool
 ) -> tuple[Tensor, Tensor]:
     """(gelu(x @ weight.T + bias), the pre-activation if save_preact else an empty tensor), both
     (..., N) for x (..., K)."""
     x2d, shape = rows(x), _linear_out_shape(x, weight)
-    y, preact = launchers(x2d).linear_gelu_forward(x2d, weight, bias, approximate_tanh, save_preact)
+    y, preact = launchers(x2d).linear_gelu_forward(x2d, weight, bias, activation, save_preact)
     return y.view(shape), (preact.view(shape) if preact is not None else _absent(y))
 
 
 @linear_gelu_fwd.register_fake
-def _linear_gelu_fwd_fake(x, weight, bias, approximate_tanh, save_preact):
+def _linear_gelu_fwd_fake(x, weight, bias, activation, save_preact):
     y = _new_like(x, _linear_out_shape(x, weight))
     return y, (_new_like(y) if save_preact else _absent(y))
 
@@ -163,14 +163,14 @@ def _linear_preact_fake(x, weight, bias):
 
 @torch.library.custom_op("triton_gelu::linear_gelu_bwd", mutates_args=())
 def linear_gelu_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor, preact: Tensor, approximate_tanh: bool,
+    dy: Tensor, x: Tensor, weight: Tensor, preact: Tensor, activation: str,
     need_dx: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw, db) of y = gelu(x @ weight.T + bias); an empty tensor for each one not needed.
     dy and preact are (..., N) for x (..., K); dx has x's shape."""
     x2d = rows(x)
     dx, dw, db = launchers(x2d).linear_gelu_backward(
-        rows(dy), x2d, weight, rows(preact), approximate_tanh, need_dx, need_dw, need_db
+        rows(dy), x2d, weight, rows(preact), activation, need_dx, need_dw, need_db
     )
     dx = None if dx is None else dx.view(x.shape)
     dx, dw, db = (_or_absent(g, dy) for g in (dx, dw, db))
@@ -178,7 +178,7 @@ def linear_gelu_bwd(
 
 
 @linear_gelu_bwd.register_fake
-def _linear_gelu_bwd_fake(dy, x, weight, preact, approximate_tanh, need_dx, need_dw, need_db):
+def _linear_gelu_bwd_fake(dy, x, weight, preact, activation, need_dx, need_dw, need_db):
     dx = _new_like(x) if need_dx else _absent(dy)
     dw = _new_like(weight) if need_dw else _absent(dy)
     db = _new_like(weight, (weight.shape[0],)) if need_db else _absent(dy)
@@ -186,10 +186,10 @@ def _linear_gelu_bwd_fake(dy, x, weight, preact, approximate_tanh, need_dx, need
 
 
 def _linear_gelu_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, approximate_tanh, save_preact = inputs
+    x, weight, bias, activation, save_preact = inputs
     _, preact = output
     ctx.mark_non_differentiable(preact)
-    ctx.approximate_tanh = approximate_tanh
+    ctx.activation = activation
     ctx.save_preact = save_preact
     ctx.has_bias = bias is not None
     # Without a saved pre-activation the backward recomputes it, and needs the bias for that.
@@ -204,7 +204,7 @@ def _linear_gelu_fwd_backward(ctx, dy: Tensor, dpreact: Tensor | None):
         preact = linear_preact_op(x, weight, saved if ctx.has_bias else None)
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     dx, dw, db = linear_gelu_bwd(
-        dy, x, weight, preact, ctx.approximate_tanh, need_dx, need_dw, need_db and ctx.has_bias
+        dy, x, weight, preact, ctx.activation, need_dx, need_dw, need_db and ctx.has_bias
     )
     return (
         dx if need_dx else None,
@@ -226,17 +226,17 @@ linear_gelu_fwd.register_autograd(
 @torch.library.custom_op("triton_gelu::ffn_fwd", mutates_args=())
 def ffn_fwd(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool,
+    seed: Tensor | None, p: float, activation: str, save_preact: bool,
     col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(linear2(dropout(gelu(linear1(x)))), the pre-activation if save_preact else empty)."""
-    y, preact = launchers(x).ffn_forward(x, w1, b1, w2, b2, seed, p, approximate_tanh,
+    y, preact = launchers(x).ffn_forward(x, w1, b1, w2, b2, seed, p, activation,
                                          save_preact, col_offset, n_cols)
     return y, _or_absent(preact, y)
 
 
 @ffn_fwd.register_fake
-def _ffn_fwd_fake(x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact, col_offset=0,
+def _ffn_fwd_fake(x, w1, b1, w2, b2, seed, p, activation, save_preact, col_offset=0,
                   n_cols=None):
     y = _new_like(x, (x.shape[0], w2.shape[0]))
     return y, (_new_like(x, (x.shape[0], w1.shape[0])) if save_preact else _absent(y))
@@ -245,18 +245,18 @@ def _ffn_fwd_fake(x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact, col
 @torch.library.custom_op("triton_gelu::ffn_bwd", mutates_args=())
 def ffn_bwd(
     dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
-    p: float, approximate_tanh: bool, needs: list[bool], col_offset: int = 0,
+    p: float, activation: str, needs: list[bool], col_offset: int = 0,
     n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw1, db1, dw2, db2) of the FFN block; an empty tensor for each one not needed."""
-    grads = launchers(x).ffn_backward(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs,
+    grads = launchers(x).ffn_backward(dy, x, w1, w2, preact, seed, p, activation, needs,
                                       col_offset, n_cols)
     dx, dw1, db1, dw2, db2 = (_or_absent(g, dy) for g in grads)
     return dx, dw1, db1, dw2, db2
 
 
 @ffn_bwd.register_fake
-def _ffn_bwd_fake(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs, col_offset=0,
+def _ffn_bwd_fake(dy, x, w1, w2, preact, seed, p, activation, needs, col_offset=0,
                   n_cols=None):
     shapes = (x.shape, w1.shape, (w1.shape[0],), w2.shape, (w2.shape[0],))
     return tuple(_new_like(x, shape) if need else _absent(dy)
@@ -264,10 +264,10 @@ def _ffn_bwd_fake(dy, x, w1, w2, preact, seed, p, approximate_tanh, needs, col_o
 
 
 def _ffn_setup_context(ctx, inputs, output) -> None:
-    x, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact, *columns = inputs
+    x, w1, b1, w2, b2, seed, p, activation, save_preact, *columns = inputs
     _, preact = output
     ctx.mark_non_differentiable(preact)
-    ctx.p, ctx.approximate_tanh, ctx.save_preact = p, approximate_tanh, save_preact
+    ctx.p, ctx.activation, ctx.save_preact = p, activation, save_preact
     ctx.columns = columns  # (col_offset, n_cols) where the call passed them
     ctx.has_bias = (b1 is not None, b2 is not None)
     # x and z (or, without a saved z, b1 to rebuild it) and the seed: never h or the mask.
@@ -280,7 +280,7 @@ def _ffn_fwd_backward(ctx, dy: Tensor, dpreact: Tensor | None):
     need_dx, need_dw1, need_db1, need_dw2, need_db2 = ctx.needs_input_grad[:5]
     needs = [need_dx, need_dw1, need_db1 and ctx.has_bias[0], need_dw2,
              need_db2 and ctx.has_bias[1]]
-    grads = ffn_bwd(dy, x, w1, w2, preact, seed, ctx.p, ctx.approximate_tanh, needs,
+    grads = ffn_bwd(dy, x, w1, w2, preact, seed, ctx.p, ctx.activation, needs,
                     *ctx.columns)
     return (*(g if need else None for g, need in zip(grads, needs)),
             *(None,) * (4 + len(ctx.columns)))
@@ -295,20 +295,20 @@ ffn_fwd.register_autograd(_ffn_fwd_backward, setup_context=_ffn_setup_context)
 @torch.library.custom_op("triton_gelu::geglu_fwd", mutates_args=())
 def geglu_fwd(
     x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
-    approximate_tanh: bool, save_gate_up: bool,
+    activation: str, save_gate_up: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(gelu(g) * u, g if save_gate_up else empty, u likewise), g and u the two projections,
     each (..., N) for x (..., K)."""
     x2d, shape = rows(x), _linear_out_shape(x, w_gate)
     h, gate, up = launchers(x2d).geglu_forward(
-        x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up
+        x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up
     )
     return h.view(shape), *(_or_absent(None if t is None else t.view(shape), h)
                             for t in (gate, up))
 
 
 @geglu_fwd.register_fake
-def _geglu_fwd_fake(x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up):
+def _geglu_fwd_fake(x, w_gate, w_up, b_gate, b_up, activation, save_gate_up):
     h = _new_like(x, _linear_out_shape(x, w_gate))
     return h, *((_new_like(h), _new_like(h)) if save_gate_up else (_absent(h), _absent(h)))
 
@@ -316,18 +316,18 @@ def _geglu_fwd_fake(x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_u
 @torch.library.custom_op("triton_gelu::geglu_gate_up", mutates_args=())
 def geglu_gate_up_op(
     x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
-    p: float, approximate_tanh: bool,
+    p: float, activation: str,
 ) -> tuple[Tensor, Tensor]:
     """(g, u), bitwise what geglu_fwd / gated_ffn_fwd with dropout probability p saves (the
     backward recomputes them when not saved)."""
     x2d, shape = rows(x), _linear_out_shape(x, w_gate)
-    gate, up = launchers(x2d).geglu_gate_up(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh,
+    gate, up = launchers(x2d).geglu_gate_up(x2d, w_gate, w_up, b_gate, b_up, activation,
                                             p)
     return gate.view(shape), up.view(shape)
 
 
 @geglu_gate_up_op.register_fake
-def _geglu_gate_up_fake(x, w_gate, w_up, b_gate, b_up, p, approximate_tanh):
+def _geglu_gate_up_fake(x, w_gate, w_up, b_gate, b_up, p, activation):
     gate = _new_like(x, _linear_out_shape(x, w_gate))
     return gate, _new_like(gate)
 
@@ -335,7 +335,7 @@ def _geglu_gate_up_fake(x, w_gate, w_up, b_gate, b_up, p, approximate_tanh):
 @torch.library.custom_op("triton_gelu::geglu_bwd", mutates_args=())
 def geglu_bwd(
     dh: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, gate: Tensor, up: Tensor,
-    seed: Tensor | None, p: float, approximate_tanh: bool, needs: list[bool], write_h: bool,
+    seed: Tensor | None, p: float, activation: str, needs: list[bool], write_h: bool,
     col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_gate, dw_up, db_gate, db_up, h): each gradient empty unless its flag in ``needs``
@@ -344,7 +344,7 @@ def geglu_bwd(
     ``seed`` at columns ``col_offset`` .. of ``n_cols``) and h is written as dropout(h)."""
     x2d = rows(x)
     dx, dwg, dwu, dbg, dbu, h = launchers(x2d).geglu_backward(
-        rows(dh), x2d, w_gate, w_up, rows(gate), rows(up), approximate_tanh, needs, write_h,
+        rows(dh), x2d, w_gate, w_up, rows(gate), rows(up), activation, needs, write_h,
         seed, p, col_offset, n_cols,
     )
     dx, h = (None if t is None else t.view(like.shape) for t, like in ((dx, x), (h, dh)))
@@ -353,18 +353,18 @@ def geglu_bwd(
 
 
 @geglu_bwd.register_fake
-def _geglu_bwd_fake(dh, x, w_gate, w_up, gate, up, seed, p, approximate_tanh, needs, write_h,
+def _geglu_bwd_fake(dh, x, w_gate, w_up, gate, up, seed, p, activation, needs, write_h,
                     col_offset=0, n_cols=None):
     shapes = (x.shape, w_gate.shape, w_up.shape, w_gate.shape[:1], w_up.shape[:1], gate.shape)
     return tuple(_new_like(dh, shape) if wanted else _absent(dh)
                  for shape, wanted in zip(shapes, (*needs, write_h)))
 
 
-def _geglu_backward_through_op(dh, x, w_gate, w_up, gate, up, approximate_tanh, needs,
+def _geglu_backward_through_op(dh, x, w_gate, w_up, gate, up, activation, needs,
                                write_h=False, seed=None, p=0.0, col_offset=0, n_cols=None):
     """``geglu_bwd`` with the launchers' conventions (argument order, None for what was not
     asked for)."""
-    outputs = geglu_bwd(dh, x, w_gate, w_up, gate, up, seed, p, approximate_tanh, list(needs),
+    outputs = geglu_bwd(dh, x, w_gate, w_up, gate, up, seed, p, activation, list(needs),
                         write_h, col_offset, n_cols)
     return tuple(t if wanted else None for t, wanted in zip(outputs, (*needs, write_h)))
 
@@ -380,14 +380,14 @@ def _saved_gate_up(ctx, x, w_gate, w_up, kept, p: float = 0.0) -> tuple[Tensor, 
     if ctx.save_gate_up:
         return tuple(kept)
     biases = (b if has else None for b, has in zip(kept, ctx.has_bias))
-    return geglu_gate_up_op(x, w_gate, w_up, *biases, p, ctx.approximate_tanh)
+    return geglu_gate_up_op(x, w_gate, w_up, *biases, p, ctx.activation)
 
 
 def _geglu_setup_context(ctx, inputs, output) -> None:
-    x, w_gate, w_up, b_gate, b_up, approximate_tanh, save_gate_up = inputs
+    x, w_gate, w_up, b_gate, b_up, activation, save_gate_up = inputs
     _, gate, up = output
     ctx.mark_non_differentiable(gate, up)
-    ctx.approximate_tanh = approximate_tanh
+    ctx.activation = activation
     _save_gate_up_or_biases(ctx, (x, w_gate, w_up), (b_gate, b_up), gate, up, save_gate_up)
 
 
@@ -396,7 +396,7 @@ def _geglu_fwd_backward(ctx, dh: Tensor, dgate, dup):
     gate, up = _saved_gate_up(ctx, x, w_gate, w_up, kept)
     needs = [*ctx.needs_input_grad[:3], *(need and has for need, has in
                                           zip(ctx.needs_input_grad[3:5], ctx.has_bias))]
-    grads = _geglu_backward_through_op(dh, x, w_gate, w_up, gate, up, ctx.approximate_tanh,
+    grads = _geglu_backward_through_op(dh, x, w_gate, w_up, gate, up, ctx.activation,
                                        needs)
     return (*grads[:5], None, None)
 
@@ -408,13 +408,13 @@ geglu_fwd.register_autograd(_geglu_fwd_backward, setup_context=_geglu_setup_cont
 def gated_ffn_fwd(
     x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
     b_up: Tensor | None, b_down: Tensor | None, seed: Tensor | None, p: float,
-    approximate_tanh: bool, save_gate_up: bool, col_offset: int = 0, n_cols: int | None = None,
+    activation: str, save_gate_up: bool, col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(down(dropout(gelu(g) * u)), g if save_gate_up else empty, u likewise); dropout with
     probability p and the mask of ``seed`` (None when p == 0) at hidden columns ``col_offset``
     .. of ``n_cols``."""
     y, gate, up = _gated_block.block_forward(
-        x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, approximate_tanh, save_gate_up,
+        x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, activation, save_gate_up,
         launchers(x).geglu_forward, col_offset, n_cols,
     )
     return y, _or_absent(gate, y), _or_absent(up, y)
@@ -422,7 +422,7 @@ def gated_ffn_fwd(
 
 @gated_ffn_fwd.register_fake
 def _gated_ffn_fwd_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
-                        approximate_tanh, save_gate_up, col_offset=0, n_cols=None):
+                        activation, save_gate_up, col_offset=0, n_cols=None):
     y = _new_like(x, (x.shape[0], w_down.shape[0]))
     hidden = (x.shape[0], w_gate.shape[0])
     return y, *((_new_like(x, hidden), _new_like(x, hidden)) if save_gate_up
@@ -430,11 +430,11 @@ def _gated_ffn_fwd_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
 
 
 def _gated_ffn_setup_context(ctx, inputs, output) -> None:
-    (x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, approximate_tanh,
+    (x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, activation,
      save_gate_up, *columns) = inputs
     _, gate, up = output
     ctx.mark_non_differentiable(gate, up)
-    ctx.p, ctx.approximate_tanh, ctx.columns = p, approximate_tanh, columns
+    ctx.p, ctx.activation, ctx.columns = p, activation, columns
     ctx.has_down_bias = b_down is not None
     # x, g, u (or the biases that rebuild them) and the seed: never h or the dropout mask.
     _save_gate_up_or_biases(ctx, (x, w_gate, w_up, w_down, seed), (b_gate, b_up), gate, up,
@@ -447,7 +447,7 @@ def _gated_ffn_fwd_backward(ctx, dy: Tensor, dgate, dup):
     has = (True, True, True, True, *ctx.has_bias, ctx.has_down_bias)
     needs = [need and present for need, present in zip(ctx.needs_input_grad[:7], has)]
     grads = _gated_block.block_backward(dy, x, w_gate, w_up, w_down, gate, up, seed, ctx.p,
-                                        ctx.approximate_tanh, needs, _geglu_backward_through_op,
+                                        ctx.activation, needs, _geglu_backward_through_op,
                                         *ctx.columns)
     return (*grads, None, None, None, None, *(None,) * len(ctx.columns))
 
@@ -464,46 +464,46 @@ def needs_grad(*tensors: Tensor | None) -> bool:
 
 
 def linear_gelu(
-    x: Tensor, weight: Tensor, bias: Tensor | None, approximate_tanh: bool, recompute: bool
+    x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, recompute: bool
 ) -> Tensor:
     """``functional.linear_gelu`` through the custom ops, for x (..., K) already validated and
     cast for autocast (the cast stays outside the ops, as on the eager path)."""
     save_preact = needs_grad(x, weight, bias) and not recompute
-    y, _ = linear_gelu_fwd(x, weight, bias, approximate_tanh, save_preact)
+    y, _ = linear_gelu_fwd(x, weight, bias, activation, save_preact)
     return y
 
 
 def feed_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    seed: Tensor | None, p: float, approximate_tanh: bool, recompute: bool,
+    seed: Tensor | None, p: float, activation: str, recompute: bool,
     col_offset: int = 0, n_cols: int | None = None,
 ) -> Tensor:
     """``functional.feed_forward`` through the custom ops, for operands already validated and
     cast for autocast, and the call's dropout seed already drawn (None when p == 0)."""
     save_preact = needs_grad(x, w1, b1, w2, b2) and not recompute
-    y, _ = ffn_fwd(rows(x), w1, b1, w2, b2, seed, p, approximate_tanh, save_preact,
+    y, _ = ffn_fwd(rows(x), w1, b1, w2, b2, seed, p, activation, save_preact,
                    col_offset, n_cols)
     return y.view(*x.shape[:-1], w2.shape[0])
 
 
 def geglu(
     x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
-    approximate_tanh: bool, recompute: bool,
+    activation: str, recompute: bool,
 ) -> Tensor:
     """``functional.geglu`` through the custom ops (x (..., K), validated and autocast)."""
     save = needs_grad(x, w_gate, w_up, b_gate, b_up) and not recompute
-    h, _, _ = geglu_fwd(x, w_gate, w_up, b_gate, b_up, approximate_tanh, save)
+    h, _, _ = geglu_fwd(x, w_gate, w_up, b_gate, b_up, activation, save)
     return h
 
 
 def gated_feed_forward(
     x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
     b_up: Tensor | None, b_down: Tensor | None, seed: Tensor | None, p: float,
-    approximate_tanh: bool, recompute: bool, col_offset: int = 0, n_cols: int | None = None,
+    activation: str, recompute: bool, col_offset: int = 0, n_cols: int | None = None,
 ) -> Tensor:
     """``functional.gated_feed_forward`` through the custom ops, the call's dropout seed already
     drawn (None when p == 0)."""
     save = needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down) and not recompute
     y, _, _ = gated_ffn_fwd(rows(x), w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
-                            approximate_tanh, save, col_offset, n_cols)
+                            activation, save, col_offset, n_cols)
     return y.view(*x.shape[:-1], w_down.shape[0])

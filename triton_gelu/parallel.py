@@ -68,6 +68,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
 
 from . import _dtensor_rules as rules
+from .activations import torch_activation
 from . import ops
 from .modules import GeGLU, LinearGELU
 
@@ -154,46 +155,42 @@ def linear(x: DTensor, weight: DTensor, bias: DTensor | None) -> Tensor:
     return F.linear(x.transpose(0, middle[0]), weight, bias).transpose(0, middle[0])
 
 
-def gelu(x: DTensor, approximate_tanh: bool) -> Tensor:
+def gelu(x: DTensor, activation: str) -> Tensor:
     """``functional.gelu`` of a DTensor: the custom op on the local shard."""
-    return ops.gelu_fwd(x, approximate_tanh)
-
-
-def _form(approximate_tanh: bool) -> str:
-    return "tanh" if approximate_tanh else "none"
+    return ops.gelu_fwd(x, activation)
 
 
 def linear_gelu(
-    x: DTensor, weight: DTensor, bias: DTensor | None, approximate_tanh: bool, recompute: bool
+    x: DTensor, weight: DTensor, bias: DTensor | None, activation: str, recompute: bool
 ) -> Tensor:
     """``functional.linear_gelu`` of DTensors (already validated and cast for autocast): the custom
     ops on the local shards where their layout allows, else the unfused ops, with a warning."""
     _require_dtensors(x=x, weight=weight, bias=bias)
     if fusable_layout(x, weight, bias):
-        return ops.linear_gelu(x, weight, bias, approximate_tanh, recompute)
+        return ops.linear_gelu(x, weight, bias, activation, recompute)
     _warn_unfused(
         "Linear+GELU kernels", _placements(x=x, weight=weight, bias=bias),
         "GELU needs the whole pre-activation, not a partial sum or a mismatched split",
         "Make linear1 column-parallel (triton_gelu.parallel.ColwiseParallel) to fuse.",
     )
-    return F.gelu(linear(x, weight, bias), approximate=_form(approximate_tanh))
+    return torch_activation(linear(x, weight, bias), activation)
 
 
 def geglu(
     x: DTensor, w_gate: DTensor, w_up: DTensor, b_gate: DTensor | None, b_up: DTensor | None,
-    approximate_tanh: bool, recompute: bool,
+    activation: str, recompute: bool,
 ) -> Tensor:
     """``functional.geglu`` of DTensors (validated, autocast): the GeGLU ops on the local shards
     where both projections are split alike in a layout they serve, else the unfused ops."""
     _require_dtensors(x=x, w_gate=w_gate, w_up=w_up, b_gate=b_gate, b_up=b_up)
     if fusable_layout(x, w_gate, b_gate, (w_up, b_up)):
-        return ops.geglu(x, w_gate, w_up, b_gate, b_up, approximate_tanh, recompute)
+        return ops.geglu(x, w_gate, w_up, b_gate, b_up, activation, recompute)
     _warn_unfused(
         "GeGLU kernel", _placements(x=x, w_gate=w_gate, w_up=w_up, b_gate=b_gate, b_up=b_up),
         "gelu(g) * u needs whole g and u, and the gate and up columns of one rank must match",
         "Make gate_proj and up_proj both column-parallel (Shard(0)) to fuse.",
     )
-    gate = F.gelu(linear(x, w_gate, b_gate), approximate=_form(approximate_tanh))
+    gate = torch_activation(linear(x, w_gate, b_gate), activation)
     return gate * linear(x, w_up, b_up)
 
 

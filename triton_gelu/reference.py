@@ -3,54 +3,43 @@ interpreter) uses the float32 ones, which follow the kernels' formulas in ``_mat
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-_SQRT_1_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+from . import activations
 
 
-def _sigmoid_2u(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    t = torch.exp(-2.0 * u.abs())
-    r = 1.0 / (1.0 + t)
-    return torch.where(u >= 0, r, t * r), t * r * r
+def form_name(form: str) -> str:
+    """An activation's name from a form as the tests and the bench spell it: torch's
+    ``approximate`` ("none", "tanh") or a name of ``activations.ACTIVATIONS``."""
+    return {"none": "gelu", "tanh": "gelu_tanh"}.get(form, form)
 
 
-def _tanh_arg(x: torch.Tensor) -> torch.Tensor:
-    return _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+def gelu_fp32(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation of x computed in float32 with the kernels' formulas, returned in float32."""
+    return activations.value_fp32(x, activation)
 
 
-def gelu_fp32(x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
-    """gelu(x) computed in float32 with the kernels' formulas, returned in float32."""
-    x = x.float()
-    if approximate_tanh:
-        return x * _sigmoid_2u(_tanh_arg(x))[0]
-    return 0.5 * x * (1.0 + torch.erf(x * _SQRT_1_2))
+def gelu_grad_fp32(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """Its derivative computed in float32 with the kernels' formulas, returned in float32."""
+    return activations.grad_fp32(x, activation)
 
 
-def gelu_grad_fp32(x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
-    """gelu'(x) computed in float32 with the kernels' formulas, returned in float32."""
-    x = x.float()
-    if approximate_tanh:
-        s, s_1ms = _sigmoid_2u(_tanh_arg(x))
-        du_dx = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
-        return torch.where(s_1ms == 0, s, s + 2.0 * x * s_1ms * du_dx)
-    cdf = 0.5 * (1.0 + torch.erf(x * _SQRT_1_2))
-    return cdf + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+def act64(x: torch.Tensor, form: str = "none") -> torch.Tensor:
+    """The activation of x in x's dtype by PyTorch's own ops (float64 on float64 input)."""
+    return activations.torch_activation(x, form_name(form))
 
 
 def gelu64(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """Float64 ground truth of torch.nn.functional.gelu."""
-    return F.gelu(x.double(), approximate=approximate)
+    return act64(x.double(), approximate)
 
 
 def gelu_grad64(x: torch.Tensor, dy: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """Float64 ground truth of dy * gelu'(x), through torch's own autograd."""
     x64 = x.detach().double().requires_grad_(True)
-    (dx,) = torch.autograd.grad(F.gelu(x64, approximate=approximate), x64, dy.double())
+    (dx,) = torch.autograd.grad(act64(x64, approximate), x64, dy.double())
     return dx
 
 
@@ -68,7 +57,7 @@ def linear_preact_fp32(
 
 def linear_gelu_backward_fp32(
     dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
-    approximate_tanh: bool,
+    activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dW, db) in float32 with the kernels' numerics.
 
@@ -76,7 +65,7 @@ def linear_gelu_backward_fp32(
     kernels feed tl.dot), db sums the unrounded float32 dz.
     """
     with torch.autocast(x2d.device.type, enabled=False):
-        dz = dy2d.float() * gelu_grad_fp32(preact, approximate_tanh)
+        dz = dy2d.float() * gelu_grad_fp32(preact, activation)
         dz_operand = dz.to(x2d.dtype).float()
         return dz_operand @ weight.float(), dz_operand.t() @ x2d.float(), dz.sum(0)
 
@@ -87,7 +76,7 @@ def linear_gelu64(
     """Float64 ground truth of gelu(linear(x, weight, bias))."""
     bias64 = None if bias is None else bias.detach().double()
     z64 = F.linear(x.detach().double(), weight.detach().double(), bias64)
-    return F.gelu(z64, approximate=approximate)
+    return act64(z64, approximate)
 
 
 def linear_gelu_grads64(
@@ -98,7 +87,7 @@ def linear_gelu_grads64(
     x64 = x.detach().double().requires_grad_(True)
     w64 = weight.detach().double().requires_grad_(True)
     b64 = None if bias is None else bias.detach().double().requires_grad_(True)
-    y64 = F.gelu(F.linear(x64, w64, b64), approximate=approximate)
+    y64 = act64(F.linear(x64, w64, b64), approximate)
     grads = torch.autograd.grad(y64, [x64, w64] if b64 is None else [x64, w64, b64], dy.double())
     return grads[0], grads[1], None if b64 is None else grads[2]
 
@@ -185,18 +174,18 @@ def dropout_fp32(y: torch.Tensor, keep: torch.Tensor | None, scale: float) -> to
 
 def ffn_forward_fp32(
     x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-    b2: torch.Tensor | None, keep: torch.Tensor | None, scale: float, approximate_tanh: bool,
+    b2: torch.Tensor | None, keep: torch.Tensor | None, scale: float, activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, z) of the FFN block in float32 with the kernels' numerics: h = dropout(gelu(z)) from
     the float32 z, rounded to the input dtype before the second matmul."""
     preact = linear_preact_fp32(x2d, w1, b1)
-    h = dropout_fp32(gelu_fp32(preact, approximate_tanh), keep, scale).to(x2d.dtype)
+    h = dropout_fp32(gelu_fp32(preact, activation), keep, scale).to(x2d.dtype)
     return linear_preact_fp32(h, w2, b2), preact
 
 
 def ffn_backward_fp32(
     dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-    preact: torch.Tensor, keep: torch.Tensor | None, scale: float, approximate_tanh: bool,
+    preact: torch.Tensor, keep: torch.Tensor | None, scale: float, activation: str,
 ) -> tuple[torch.Tensor, ...]:
     """(dx, dW1, db1, dW2, db2) of the FFN block in float32 with the kernels' numerics.
 
@@ -205,10 +194,10 @@ def ffn_backward_fp32(
     """
     with torch.autocast(x2d.device.type, enabled=False):
         dy = dy2d.float()
-        dz = dropout_fp32((dy @ w2.float()) * gelu_grad_fp32(preact, approximate_tanh),
+        dz = dropout_fp32((dy @ w2.float()) * gelu_grad_fp32(preact, activation),
                            keep, scale)
         dz_operand = dz.to(x2d.dtype).float()
-        h = dropout_fp32(gelu_fp32(preact, approximate_tanh), keep, scale).to(x2d.dtype)
+        h = dropout_fp32(gelu_fp32(preact, activation), keep, scale).to(x2d.dtype)
         return (dz_operand @ w1.float(), dz_operand.t() @ x2d.float(), dz.sum(0),
                 dy.t() @ h.float(), dy.sum(0))
 
@@ -222,7 +211,7 @@ def feed_forward64(
     mask ``keep`` ((..., d_ff) booleans, None for no dropout), and, given the upstream gradient
     ``dy``, the gradients [dx, dW1, db1, dW2, db2] (``grads64``)."""
     def block(x, w1, b1, w2, b2):
-        h = F.gelu(F.linear(x, w1, b1), approximate=approximate)
+        h = act64(F.linear(x, w1, b1), approximate)
         return F.linear(dropout64(h, keep, p), w2, b2)
 
     tensors = [x, w1, b1, w2, b2]
@@ -234,14 +223,14 @@ def feed_forward64(
 # ---- Gated GELU (GeGLU) ---------------------------------------------------------------------
 
 
-def geglu_fp32(gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
+def geglu_fp32(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """h = gelu(g) * u in float32 with the kernels' formulas, returned in float32."""
-    return gelu_fp32(gate, approximate_tanh) * up.float()
+    return gelu_fp32(gate, activation) * up.float()
 
 
 def geglu_forward_fp32(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool, keep: torch.Tensor | None = None,
+    b_up: torch.Tensor | None, activation: str, keep: torch.Tensor | None = None,
     scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h in float32, g, u in x's dtype) with the kernels' numerics: g and u accumulated in
@@ -249,12 +238,12 @@ def geglu_forward_fp32(
     h is dropout(gelu(g) * u) (kept elements times ``scale`` = 1 / (1 - p))."""
     gate = linear_preact_fp32(x2d, w_gate, b_gate).to(x2d.dtype)
     up = linear_preact_fp32(x2d, w_up, b_up).to(x2d.dtype)
-    return dropout_fp32(geglu_fp32(gate, up, approximate_tanh), keep, scale), gate, up
+    return dropout_fp32(geglu_fp32(gate, up, activation), keep, scale), gate, up
 
 
 def geglu_backward_fp32(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool,
+    gate: torch.Tensor, up: torch.Tensor, activation: str,
     keep: torch.Tensor | None = None, scale: float = 1.0,
 ) -> tuple[torch.Tensor, ...]:
     """(dx, dW_gate, dW_up, db_gate, db_up) in float32 with the fused kernels' numerics.
@@ -265,8 +254,8 @@ def geglu_backward_fp32(
     """
     with torch.autocast(x2d.device.type, enabled=False):
         dh, g, u = dropout_fp32(dh2d.float(), keep, scale), gate.float(), up.float()
-        dgate = dh * u * gelu_grad_fp32(g, approximate_tanh)
-        dup = dh * gelu_fp32(g, approximate_tanh)
+        dgate = dh * u * gelu_grad_fp32(g, activation)
+        dup = dh * gelu_fp32(g, activation)
         dg_op, du_op = dgate.to(x2d.dtype).float(), dup.to(x2d.dtype).float()
         x = x2d.float()
         return (dg_op @ w_gate.float() + du_op @ w_up.float(), dg_op.t() @ x, du_op.t() @ x,
@@ -281,7 +270,7 @@ def geglu64(
     # Not detached: ``grads64`` differentiates through these references.
     x, w_gate, w_up = x.double(), w_gate.double(), w_up.double()
     gate = F.linear(x, w_gate, _double_or_none(b_gate))
-    return F.gelu(gate, approximate=approximate) * F.linear(x, w_up, _double_or_none(b_up))
+    return act64(gate, approximate) * F.linear(x, w_up, _double_or_none(b_up))
 
 
 def gated_feed_forward64(

@@ -1,4 +1,6 @@
-"""GELU and its derivative as ``@triton.jit`` helpers: the one copy every kernel uses.
+"""The activations and their derivatives as ``@triton.jit`` helpers: the one copy every kernel
+uses. ``activate`` / ``activate_grad`` select a form by its name in ``triton_gelu.activations``
+(a ``tl.constexpr`` string: the untaken branches are not compiled).
 
 All helpers take and return float32 tensors; callers upcast on load and cast once on store.
 
@@ -13,7 +15,12 @@ Tanh form (``approximate="tanh"``), with u = sqrt(2/pi) * (x + 0.044715 x^3)::
     gelu'(x) = sigmoid(2u) + x * 2 * sigmoid(2u) * sigmoid(-2u) * du/dx
     du/dx    = sqrt(2/pi) * (1 + 3 * 0.044715 x^2)
 
-The tanh form is evaluated through sigmoid(2u) built from t = exp(-2|u|), which lies in [0, 1]:
+quick_gelu (``activation="quick_gelu"``, OpenAI's CLIP), with s = sigmoid(1.702 x)::
+
+    quick_gelu(x)  = x * s
+    quick_gelu'(x) = s + 1.702 x s (1 - s)
+
+The tanh and quick forms are evaluated through sigmoid(2u) built from t = exp(-2|u|), which lies in [0, 1]:
 nothing overflows for any finite x (x^3 is taken in float32, so |x| up to 65504 from fp16 is fine),
 there is no inf/inf, and 1 + tanh(u) loses no digits to cancellation for negative x (torch's
 formula does). It also avoids ``tanh``, which moved between Triton releases.
@@ -91,20 +98,42 @@ def _gelu_tanh_grad(x):
 
 
 @triton.jit
-def gelu(x, APPROXIMATE_TANH: tl.constexpr):
-    """GELU of a float32 tensor, erf or tanh form."""
-    if APPROXIMATE_TANH:
+def _quick_gelu(x):
+    # x * sigmoid(1.702 x) = x * sigmoid(2u) with u = 0.851 x
+    s, _ = _sigmoid_2u(0.851 * x)
+    return x * s
+
+
+@triton.jit
+def _quick_gelu_grad(x):
+    # s + 1.702 x s (1 - s), s = sigmoid(1.702 x); where s (1 - s) underflowed to 0 the second
+    # term is exactly 0 (skipping it keeps inf * 0 from turning into NaN), as in the tanh form.
+    s, s_1ms = _sigmoid_2u(0.851 * x)
+    return tl.where(s_1ms == 0.0, s, s + 1.702 * x * s_1ms)
+
+
+@triton.jit
+def activate(x, ACTIVATION: tl.constexpr):
+    """The activation ``ACTIVATION`` (a name of ``triton_gelu.activations.ACTIVATIONS``) of a
+    float32 tensor. The name is a compile-time constant: each form compiles its own kernel."""
+    if ACTIVATION == "gelu_tanh":
         return _gelu_tanh(x)
+    elif ACTIVATION == "quick_gelu":
+        return _quick_gelu(x)
     else:
+        tl.static_assert(ACTIVATION == "gelu", "ACTIVATION is not a name of activations.py")
         return _gelu_erf(x)
 
 
 @triton.jit
-def gelu_grad(x, APPROXIMATE_TANH: tl.constexpr):
-    """d gelu(x) / dx of a float32 tensor, erf or tanh form."""
-    if APPROXIMATE_TANH:
+def activate_grad(x, ACTIVATION: tl.constexpr):
+    """d activation(x) / dx of a float32 tensor, for the activation named ``ACTIVATION``."""
+    if ACTIVATION == "gelu_tanh":
         return _gelu_tanh_grad(x)
+    elif ACTIVATION == "quick_gelu":
+        return _quick_gelu_grad(x)
     else:
+        tl.static_assert(ACTIVATION == "gelu", "ACTIVATION is not a name of activations.py")
         return _gelu_erf_grad(x)
 
 

@@ -68,7 +68,7 @@ from .._runtime import device_context
 from . import _matmul
 from . import gelu as _gelu
 from ._math import (
-    cast_to, dropout_arguments, dropout_factor_tile, gelu, gelu_grad, without_dropout,
+    cast_to, dropout_arguments, dropout_factor_tile, activate, activate_grad, without_dropout,
 )
 from ._matmul import (
     column_halves, cublas_context, descriptor_dot_tile, dot_tile, input_precision, output_tile,
@@ -108,7 +108,7 @@ def _ffn_bwd_dz_kernel(
     dropout_scale,  # 1 / (1 - p)
     dropout_col_offset,  # column f is column dropout_col_offset + f of the whole activation,
     dropout_n_cols,  # which has dropout_n_cols columns (tensor parallel: F is a rank's shard)
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     WRITE_H: tl.constexpr,
     SUM_DB1: tl.constexpr,
@@ -127,7 +127,7 @@ def _ffn_bwd_dz_kernel(
 
     _dz_epilogue(dh, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m, pid_n, offs_m,
                  mask_m, F, db1_part_rows, stride_zm, stride_zf, dropout_threshold,
-                 dropout_scale, dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH,
+                 dropout_scale, dropout_col_offset, dropout_n_cols, ACTIVATION,
                  HAS_DROPOUT, WRITE_H, SUM_DB1, BLOCK_SIZE_M, BLOCK_SIZE_N)
 
 
@@ -139,7 +139,7 @@ def _dz_epilogue(
     offs_m, mask_m,  # its int64 rows and their mask
     F, db1_part_rows, stride_zm, stride_zf,
     dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     WRITE_H: tl.constexpr,
     SUM_DB1: tl.constexpr,
@@ -158,22 +158,22 @@ def _dz_epilogue(
         _dz_epilogue_halves(dh_lo, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
                             2 * pid_n, offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
                             dropout_threshold, dropout_scale, dropout_col_offset,
-                            dropout_n_cols, APPROXIMATE_TANH, HAS_DROPOUT, WRITE_H, SUM_DB1,
+                            dropout_n_cols, ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1,
                             BLOCK_SIZE_M, HALF)
         _dz_epilogue_halves(dh_hi, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
                             2 * pid_n + 1, offs_m, mask_m, F, db1_part_rows, stride_zm,
                             stride_zf, dropout_threshold, dropout_scale, dropout_col_offset,
-                            dropout_n_cols, APPROXIMATE_TANH, HAS_DROPOUT, WRITE_H, SUM_DB1,
+                            dropout_n_cols, ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1,
                             BLOCK_SIZE_M, HALF)
     else:
         _dz_epilogue_part(dh_lo, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
                           2 * pid_n, offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
                           dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-                          APPROXIMATE_TANH, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
+                          ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
         _dz_epilogue_part(dh_hi, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
                           2 * pid_n + 1, offs_m, mask_m, F, db1_part_rows, stride_zm,
                           stride_zf, dropout_threshold, dropout_scale, dropout_col_offset,
-                          dropout_n_cols, APPROXIMATE_TANH, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
+                          dropout_n_cols, ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
 
 
 @triton.jit
@@ -182,7 +182,7 @@ def _dz_epilogue_halves(
     preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m, pid_n, offs_m, mask_m,
     F, db1_part_rows, stride_zm, stride_zf,
     dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     WRITE_H: tl.constexpr,
     SUM_DB1: tl.constexpr,
@@ -195,11 +195,11 @@ def _dz_epilogue_halves(
     _dz_epilogue_part(dh_lo, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
                       2 * pid_n, offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
                       dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-                      APPROXIMATE_TANH, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
+                      ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
     _dz_epilogue_part(dh_hi, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
                       2 * pid_n + 1, offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
                       dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-                      APPROXIMATE_TANH, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
+                      ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
 
 
 @triton.jit
@@ -210,7 +210,7 @@ def _dz_epilogue_part(
     offs_m, mask_m,  # its int64 rows and their mask
     F, db1_part_rows, stride_zm, stride_zf,
     dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     WRITE_H: tl.constexpr,
     SUM_DB1: tl.constexpr,
@@ -225,7 +225,7 @@ def _dz_epilogue_part(
     mask = mask_m[:, None] & mask_n[None, :]
     preact = tl.load(preact_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zf,
                      mask=mask, other=0.0).to(tl.float32)
-    dz = dh * gelu_grad(preact, APPROXIMATE_TANH)
+    dz = dh * activate_grad(preact, ACTIVATION)
     if HAS_DROPOUT:  # the forward's mask: a function of the seed and (m, f) (see _math)
         keep_scale = dropout_factor_tile(seed_ptr, offs_m, pid_n, dropout_n_cols,
                                          dropout_col_offset, dropout_threshold, dropout_scale,
@@ -238,7 +238,7 @@ def _dz_epilogue_part(
             tl.store(db1_part_ptr + pid_m.to(tl.int64) * F + offs_n, tl.sum(dz, axis=0),
                      mask=mask_n)
     if WRITE_H:  # linear2's input, regenerated for dW2 = dy^T @ h
-        h = gelu(preact, APPROXIMATE_TANH)
+        h = activate(preact, ACTIVATION)
         if HAS_DROPOUT:
             h = h * keep_scale
         tl.store(h_ptr + offs_out, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
@@ -265,7 +265,7 @@ def _ffn_bwd_dz_tma_kernel(
     dropout_scale,
     dropout_col_offset,
     dropout_n_cols,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     WRITE_H: tl.constexpr,
     SUM_DB1: tl.constexpr,
@@ -292,7 +292,7 @@ def _ffn_bwd_dz_tma_kernel(
         _dz_epilogue(dh, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m, pid_n,
                      offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
                      dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-                     APPROXIMATE_TANH, HAS_DROPOUT, WRITE_H, SUM_DB1, BLOCK_SIZE_M,
+                     ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, BLOCK_SIZE_M,
                      BLOCK_SIZE_N)
 
 # The same forward kernel as LinearGELU's, under its own name: its keys and launch count are the
@@ -323,11 +323,11 @@ def _mm(a: Tensor, b: Tensor) -> Tensor:
         return torch.mm(a, b)
 
 
-def _gelu_dropout(preact: Tensor, seed: Tensor | None, p: float, approximate_tanh: bool,
+def _gelu_dropout(preact: Tensor, seed: Tensor | None, p: float, activation: str,
                   like: Tensor, col_offset: int, n_cols: int) -> Tensor:
     """h = dropout(gelu(z)) by the elementwise kernel, into a new (M, F) tensor."""
     out = _matmul.new_output(tuple(preact.shape), like)
-    return gelu_dropout_forward(preact, seed, p, approximate_tanh, out, col_offset, n_cols)
+    return gelu_dropout_forward(preact, seed, p, activation, out, col_offset, n_cols)
 
 
 # ---- forward ---------------------------------------------------------------------------------
@@ -335,22 +335,22 @@ def _gelu_dropout(preact: Tensor, seed: Tensor | None, p: float, approximate_tan
 
 def _forward_fused(
     x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
+    seed: Tensor | None, p: float, activation: str, save_preact: bool, col_offset: int,
     n_cols: int,
 ) -> tuple[Tensor, Tensor | None]:
-    return _forward_h_by(_fwd_tuner, x2d, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact,
+    return _forward_h_by(_fwd_tuner, x2d, w1, b1, w2, b2, seed, p, activation, save_preact,
                          col_offset, n_cols)
 
 
 def _forward_tma(
     x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
+    seed: Tensor | None, p: float, activation: str, save_preact: bool, col_offset: int,
     n_cols: int,
 ) -> tuple[Tensor, Tensor | None]:
     # fused, h by the Hopper kernel where descriptors can serve x and W1 (else the pointer
     # kernel: a key that chose this path may come again with operands they cannot serve)
     tuner = _fwd_tma_tuner if tma_compatible(x2d, w1) else _fwd_tuner
-    return _forward_h_by(tuner, x2d, w1, b1, w2, b2, seed, p, approximate_tanh, save_preact,
+    return _forward_h_by(tuner, x2d, w1, b1, w2, b2, seed, p, activation, save_preact,
                          col_offset, n_cols)
 
 
@@ -360,7 +360,7 @@ def _tma_applies(x2d: Tensor, w1: Tensor, *args, **kwargs) -> bool:
 
 def _forward_h_by(
     tuner: Tuner, x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
+    seed: Tensor | None, p: float, activation: str, save_preact: bool, col_offset: int,
     n_cols: int,
 ) -> tuple[Tensor, Tensor | None]:
     """y = h @ W2^T + b2, h = dropout(gelu(x @ W1^T + b1)) by ``tuner``'s forward kernel."""
@@ -368,18 +368,18 @@ def _forward_h_by(
     h = _matmul.new_output((M, hidden), x2d)
     preact = _matmul.new_output((M, hidden), x2d) if save_preact else None
     if M and hidden:
-        launch_forward(tuner, x2d, w1, b1, h, preact, approximate_tanh, seed, p,
+        launch_forward(tuner, x2d, w1, b1, h, preact, activation, seed, p,
                        col_offset, n_cols)
     return _matmul_bias(h, w2, b2), preact
 
 
 def _forward_composed(
     x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
+    seed: Tensor | None, p: float, activation: str, save_preact: bool, col_offset: int,
     n_cols: int,
 ) -> tuple[Tensor, Tensor | None]:
     preact = _matmul_bias(x2d, w1, b1)
-    h = _gelu_dropout(preact, seed, p, approximate_tanh, x2d, col_offset, n_cols)
+    h = _gelu_dropout(preact, seed, p, activation, x2d, col_offset, n_cols)
     return _matmul_bias(h, w2, b2), (preact if save_preact else None)
 
 
@@ -388,14 +388,14 @@ def _forward_composed(
 
 def _launch_dz(
     dy2d: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None, p: float,
-    approximate_tanh: bool, dz: Tensor, h: Tensor | None, db1_part: Tensor | None,
+    activation: str, dz: Tensor, h: Tensor | None, db1_part: Tensor | None,
     col_offset: int, n_cols: int, tma: bool = False,
 ) -> int:
     """The dz kernel (``tma``: its Hopper variant, on operands descriptors can serve); returns
     how many rows of ``db1_part`` it wrote (one per M-tile)."""
     (M, E), hidden = dy2d.shape, preact.shape[1]
     precision = input_precision(preact.dtype)
-    key = (bucket(M), hidden, E, preact.dtype, approximate_tanh, p > 0.0, h is not None,
+    key = (bucket(M), hidden, E, preact.dtype, activation, p > 0.0, h is not None,
            db1_part is not None, precision)
     arguments = dict(
         dy_ptr=dy2d, w2_ptr=w2, preact_ptr=preact, dz_ptr=dz, h_ptr=h,
@@ -403,7 +403,7 @@ def _launch_dz(
         db1_part_rows=0 if db1_part is None else db1_part.shape[0],
         stride_dym=dy2d.stride(0), stride_w2e=w2.stride(0),
         stride_zm=preact.stride(0), stride_zf=preact.stride(1),
-        APPROXIMATE_TANH=approximate_tanh, WRITE_H=h is not None,
+        ACTIVATION=activation, WRITE_H=h is not None,
         SUM_DB1=db1_part is not None, INPUT_PRECISION=precision,
         **dropout_arguments(seed, p, n_cols, col_offset),
     )
@@ -421,7 +421,7 @@ def _launch_dz(
 
 def _backward_fused(
     dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
-    p: float, approximate_tanh: bool, needs: tuple[bool, ...], col_offset: int, n_cols: int,
+    p: float, activation: str, needs: tuple[bool, ...], col_offset: int, n_cols: int,
     tma: bool = False,
 ) -> Grads:
     # tma: the dz kernel's Hopper variant (the "tma" path, on operands descriptors can serve)
@@ -437,7 +437,7 @@ def _backward_fused(
             db1_part = _matmul.new_output((rows, hidden), x2d, torch.float32)
         rows_written = 0
         if M and hidden:
-            rows_written = _launch_dz(dy2d, w2, preact, seed, p, approximate_tanh, dz, h,
+            rows_written = _launch_dz(dy2d, w2, preact, seed, p, activation, dz, h,
                                       db1_part, col_offset, n_cols, tma)
         if need_db1:
             if rows_written <= db1_part.shape[0]:
@@ -445,7 +445,7 @@ def _backward_fused(
             else:  # a cached tile smaller than today's config space: the kernel kept in bounds
                 db1 = dz.sum(0, dtype=torch.float32).to(x2d.dtype)
     elif need_dw2:
-        h = _gelu_dropout(preact, seed, p, approximate_tanh, x2d, col_offset, n_cols)
+        h = _gelu_dropout(preact, seed, p, activation, x2d, col_offset, n_cols)
     dw2 = _mm(dy2d.t(), h) if need_dw2 else None
     del h  # transient: freed before dx and dW1 are computed
     return _linear1_grads(dy2d, x2d, w1, dz, db1, dw2, needs)
@@ -453,11 +453,11 @@ def _backward_fused(
 
 def _backward_tma(
     dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
-    p: float, approximate_tanh: bool, needs: tuple[bool, ...], col_offset: int, n_cols: int,
+    p: float, activation: str, needs: tuple[bool, ...], col_offset: int, n_cols: int,
 ) -> Grads:
     # fused, dz by the Hopper kernel where descriptors can serve dy and W2 (else the pointer
     # kernel: a key that chose this path may come again with operands they cannot serve)
-    return _backward_fused(dy2d, x2d, w1, w2, preact, seed, p, approximate_tanh, needs,
+    return _backward_fused(dy2d, x2d, w1, w2, preact, seed, p, activation, needs,
                            col_offset, n_cols, tma=tma_compatible(dy2d, w2))
 
 
@@ -468,7 +468,7 @@ def _backward_tma_applies(dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, *ar
 
 def _backward_composed(
     dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
-    p: float, approximate_tanh: bool, needs: tuple[bool, ...], col_offset: int, n_cols: int,
+    p: float, activation: str, needs: tuple[bool, ...], col_offset: int, n_cols: int,
 ) -> Grads:
     need_dx, need_dw1, need_db1, need_dw2, _ = needs
     dz = h = db1 = None
@@ -476,12 +476,12 @@ def _backward_composed(
         dh = _mm(dy2d, w2)
         dz = _matmul.new_output(tuple(preact.shape), x2d)
         h = _matmul.new_output(tuple(preact.shape), x2d) if need_dw2 else None
-        gelu_dropout_backward(dh, preact, seed, p, approximate_tanh, dz, h, col_offset, n_cols)
+        gelu_dropout_backward(dh, preact, seed, p, activation, dz, h, col_offset, n_cols)
         del dh
         if need_db1:
             db1 = dz.sum(0, dtype=torch.float32).to(x2d.dtype)
     elif need_dw2:
-        h = _gelu_dropout(preact, seed, p, approximate_tanh, x2d, col_offset, n_cols)
+        h = _gelu_dropout(preact, seed, p, activation, x2d, col_offset, n_cols)
     dw2 = _mm(dy2d.t(), h) if need_dw2 else None
     del h
     return _linear1_grads(dy2d, x2d, w1, dz, db1, dw2, needs)
@@ -505,18 +505,18 @@ def _linear1_grads(
 
 def _forward_torch(
     x2d: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-    seed: Tensor | None, p: float, approximate_tanh: bool, save_preact: bool, col_offset: int,
+    seed: Tensor | None, p: float, activation: str, save_preact: bool, col_offset: int,
     n_cols: int,
 ) -> tuple[Tensor, Tensor | None]:
     # F.linear, F.gelu, F.linear, as eager's block computes them (no dropout: see the Paths, so
     # where the columns sit does not matter)
-    h, preact = _linear_gelu_torch(x2d, w1, b1, approximate_tanh, save_preact)
+    h, preact = _linear_gelu_torch(x2d, w1, b1, activation, save_preact)
     return _matmul_bias(h, w2, b2), preact
 
 
 def _backward_torch(
     dy2d: Tensor, x2d: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
-    p: float, approximate_tanh: bool, needs: tuple[bool, ...], col_offset: int, n_cols: int,
+    p: float, activation: str, needs: tuple[bool, ...], col_offset: int, n_cols: int,
 ) -> Grads:
     # Eager's backward: dh = dy @ W2, dz = aten.gelu_backward(dh, z) in the input dtype,
     # db1 = sum_m dz, and dW2 = dy^T @ gelu(z) (the GELU output eager keeps, rebuilt here).
@@ -524,10 +524,10 @@ def _backward_torch(
     dz = db1 = dw2 = None
     with cublas_context(x2d):
         if need_dx or need_dw1 or need_db1:
-            dz = _gelu.gelu_backward_torch(torch.mm(dy2d, w2), preact, approximate_tanh)
+            dz = _gelu.gelu_backward_torch(torch.mm(dy2d, w2), preact, activation)
             db1 = dz.sum(0) if need_db1 else None
         if need_dw2:
-            dw2 = torch.mm(dy2d.t(), _gelu.gelu_forward_torch(preact, approximate_tanh))
+            dw2 = torch.mm(dy2d.t(), _gelu.gelu_forward_torch(preact, activation))
     return _linear1_grads(dy2d, x2d, w1, dz, db1, dw2, needs)
 
 
@@ -553,12 +553,12 @@ _backward_paths = Paths(
 )
 
 
-def _path_key(x2d: Tensor, w1: Tensor, w2: Tensor, p: float, approximate_tanh: bool,
+def _path_key(x2d: Tensor, w1: Tensor, w2: Tensor, p: float, activation: str,
               *flags: bool) -> tuple:
     """(bucket(M), D, F, E, dtype, GELU form, dropout on, *flags, TF32): what the path choice
     may depend on (``flags``: which biases and outputs a call has)."""
     return (bucket(x2d.shape[0]), x2d.shape[1], w1.shape[0], w2.shape[0], x2d.dtype,
-            approximate_tanh, p > 0.0, *flags, input_precision(x2d.dtype))
+            activation, p > 0.0, *flags, input_precision(x2d.dtype))
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -566,7 +566,7 @@ def _path_key(x2d: Tensor, w1: Tensor, w2: Tensor, p: float, approximate_tanh: b
 
 def ffn_forward(
     x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-    b2: torch.Tensor | None, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
+    b2: torch.Tensor | None, seed: torch.Tensor | None, p: float, activation: str,
     save_preact: bool, col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, preact): y = linear2(dropout(gelu(linear1(x2d)))) (M, E) and, if ``save_preact``,
@@ -579,16 +579,16 @@ def ffn_forward(
     """
     p = check_ffn_2d(x2d, w1, b1, w2, b2, seed, p)
     columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
-    key = _path_key(x2d, w1, w2, p, approximate_tanh, b1 is not None, b2 is not None,
+    key = _path_key(x2d, w1, w2, p, activation, b1 is not None, b2 is not None,
                     save_preact)
     return _forward_paths.run(key, x2d, w1, b1, w2, b2, seed, p=p,
-                              approximate_tanh=approximate_tanh, save_preact=save_preact,
+                              activation=activation, save_preact=save_preact,
                               col_offset=columns[0], n_cols=columns[1])
 
 
 def ffn_backward(
     dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-    preact: torch.Tensor, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
+    preact: torch.Tensor, seed: torch.Tensor | None, p: float, activation: str,
     needs: Sequence[bool], col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """(dx, dW1, db1, dW2, db2) of the FFN block for the upstream gradient dy2d (M, E), from
@@ -601,8 +601,8 @@ def ffn_backward(
     p = check_ffn_backward(dy2d, x2d, w1, w2, preact, seed, p)
     needs = check_ffn_needs(needs)
     columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
-    return _backward_paths.run(_path_key(x2d, w1, w2, p, approximate_tanh, *needs),
+    return _backward_paths.run(_path_key(x2d, w1, w2, p, activation, *needs),
                                dy2d, x2d, w1, w2, preact, seed, p=p,
-                               approximate_tanh=approximate_tanh, needs=needs,
+                               activation=activation, needs=needs,
                                col_offset=columns[0], n_cols=columns[1])
 

@@ -81,7 +81,7 @@ from .._runtime import device_context
 from . import _matmul
 from . import gelu as _gelu
 from ._math import (
-    cast_to, dropout_arguments, dropout_factor_flat, dropout_factor_tile, gelu, gelu_grad,
+    cast_to, dropout_arguments, dropout_factor_flat, dropout_factor_tile, activate, activate_grad,
     without_dropout,
 )
 from ._matmul import (
@@ -94,15 +94,15 @@ from .gelu import _as_rows, _grid, _row_offsets
 
 
 @triton.jit
-def _gated(gate, up, APPROXIMATE_TANH: tl.constexpr):
+def _gated(gate, up, ACTIVATION: tl.constexpr):
     # h = gelu(g) * u, float32 in and out.
-    return gelu(gate, APPROXIMATE_TANH) * up
+    return activate(gate, ACTIVATION) * up
 
 
 @triton.jit
-def _gated_grads(dh, gate, up, APPROXIMATE_TANH: tl.constexpr):
+def _gated_grads(dh, gate, up, ACTIVATION: tl.constexpr):
     # h = gelu(g) * u:  dg = dh * u * gelu'(g),  du = dh * gelu(g); float32 in and out.
-    return dh * up * gelu_grad(gate, APPROXIMATE_TANH), dh * gelu(gate, APPROXIMATE_TANH)
+    return dh * up * activate_grad(gate, ACTIVATION), dh * activate(gate, ACTIVATION)
 
 
 @triton.jit
@@ -139,7 +139,7 @@ def _geglu_fwd_kernel(
     dropout_scale,  # 1 / (1 - p)
     dropout_col_offset,  # column n is column dropout_col_offset + n of the whole hidden layer,
     dropout_n_cols,  # which has dropout_n_cols columns (tensor parallel: a rank's shard)
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
     WRITE_H: tl.constexpr,
@@ -177,7 +177,7 @@ def _geglu_fwd_kernel(
 
     _forward_epilogue(acc_g, acc_u, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr, pid_n,
                       offs_m, mask_m, N, stride_om, dropout_threshold, dropout_scale,
-                      dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH, HAS_GATE_BIAS,
+                      dropout_col_offset, dropout_n_cols, ACTIVATION, HAS_GATE_BIAS,
                       HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, BLOCK_SIZE_M,
                       BLOCK_SIZE_N)
 
@@ -204,7 +204,7 @@ def _geglu_fwd_tma_kernel(
     dropout_scale,
     dropout_col_offset,
     dropout_n_cols,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
     WRITE_H: tl.constexpr,
@@ -241,7 +241,7 @@ def _geglu_fwd_tma_kernel(
             acc_u = tl.dot(x, wu.T, acc_u, input_precision=INPUT_PRECISION)
         _forward_epilogue(acc_g, acc_u, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,
                           pid_n, offs_m, mask_m, N, stride_om, dropout_threshold,
-                          dropout_scale, dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH,
+                          dropout_scale, dropout_col_offset, dropout_n_cols, ACTIVATION,
                           HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT,
                           BLOCK_SIZE_M, BLOCK_SIZE_N)
 
@@ -253,7 +253,7 @@ def _forward_epilogue(
     pid_n,  # the tile's column index (the dropout mask's tile position)
     offs_m, mask_m,  # the tile's int64 rows and their mask
     N, stride_om, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
     WRITE_H: tl.constexpr,
@@ -270,11 +270,11 @@ def _forward_epilogue(
     u_lo, u_hi = column_halves(acc_u, BLOCK_SIZE_M, BLOCK_SIZE_N)
     _forward_epilogue_part(g_lo, u_lo, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,
                            2 * pid_n, offs_m, mask_m, N, stride_om, dropout_threshold,
-                           dropout_scale, dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH,
+                           dropout_scale, dropout_col_offset, dropout_n_cols, ACTIVATION,
                            HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, HALF)
     _forward_epilogue_part(g_hi, u_hi, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,
                            2 * pid_n + 1, offs_m, mask_m, N, stride_om, dropout_threshold,
-                           dropout_scale, dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH,
+                           dropout_scale, dropout_col_offset, dropout_n_cols, ACTIVATION,
                            HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, HALF)
 
 
@@ -285,7 +285,7 @@ def _forward_epilogue_part(
     pid_n,  # the column tile's index, in units of BLOCK_SIZE_N
     offs_m, mask_m,  # the tile's int64 rows and their mask
     N, stride_om, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
     WRITE_H: tl.constexpr,
@@ -310,7 +310,7 @@ def _forward_epilogue_part(
         tl.store(g_ptr + offs_out, gate.to(g_ptr.dtype.element_ty), mask=mask_out)
         tl.store(u_ptr + offs_out, up.to(u_ptr.dtype.element_ty), mask=mask_out)
     if WRITE_H:
-        h = _gated(gate, up, APPROXIMATE_TANH)
+        h = _gated(gate, up, ACTIVATION)
         if HAS_DROPOUT:  # h * keep / (1 - p), the mask a function of (m, n): see _math
             h = h * dropout_factor_tile(seed_ptr, offs_m, pid_n, dropout_n_cols,
                                         dropout_col_offset, dropout_threshold, dropout_scale,
@@ -330,7 +330,7 @@ def _geglu_act_kernel(
     dropout_scale,
     dropout_col_offset,  # as in _geglu_fwd_kernel
     dropout_n_cols,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -341,7 +341,7 @@ def _geglu_act_kernel(
     mask = offs < n_elements
     gate = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     up = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
-    h = _gated(gate, up, APPROXIMATE_TANH)
+    h = _gated(gate, up, ACTIVATION)
     if HAS_DROPOUT:  # the fused epilogue's mask: see _math
         h = h * dropout_factor_flat(seed_ptr, offs, n_cols, dropout_col_offset, dropout_n_cols,
                                     dropout_threshold, dropout_scale)
@@ -367,7 +367,7 @@ def _geglu_bwd_act_kernel(
     dropout_scale,
     dropout_col_offset,  # as in _geglu_fwd_kernel
     dropout_n_cols,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     WRITE_H: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
@@ -387,11 +387,11 @@ def _geglu_bwd_act_kernel(
         keep_scale = dropout_factor_flat(seed_ptr, offs, n_cols, dropout_col_offset,
                                          dropout_n_cols, dropout_threshold, dropout_scale)
         dh = dh * keep_scale
-    dgate, dup = _gated_grads(dh, gate, up, APPROXIMATE_TANH)
+    dgate, dup = _gated_grads(dh, gate, up, ACTIVATION)
     tl.store(dg_ptr + offs, cast_to(dgate, dg_ptr.dtype.element_ty), mask=mask)
     tl.store(du_ptr + offs, cast_to(dup, du_ptr.dtype.element_ty), mask=mask)
     if WRITE_H:  # the down projection's input, dropout(h), for dW_down
-        h = _gated(gate, up, APPROXIMATE_TANH)
+        h = _gated(gate, up, ACTIVATION)
         if HAS_DROPOUT:
             h = h * keep_scale
         tl.store(h_ptr + offs, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
@@ -439,21 +439,21 @@ _bwd_act_tuner = Tuner(_geglu_bwd_act_kernel, "geglu_bwd_act", _bwd_act_configs,
 Outputs = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
-def _key(x2d: torch.Tensor, w_gate: torch.Tensor, approximate_tanh: bool, *flags) -> tuple:
+def _key(x2d: torch.Tensor, w_gate: torch.Tensor, activation: str, *flags) -> tuple:
     (M, K), N = x2d.shape, w_gate.shape[0]
-    return (bucket(M), N, K, x2d.dtype, approximate_tanh, *flags, input_precision(x2d.dtype))
+    return (bucket(M), N, K, x2d.dtype, activation, *flags, input_precision(x2d.dtype))
 
 
 def _forward_key(x2d: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None,
-                 b_up: torch.Tensor | None, approximate_tanh: bool, p: float) -> tuple:
+                 b_up: torch.Tensor | None, activation: str, p: float) -> tuple:
     """The forward's path key and its kernel's tuning key, for the forward and the recompute of
     g and u alike (so both take the same path and config): dropout on, and which biases."""
-    return _key(x2d, w_gate, approximate_tanh, p > 0.0, b_gate is not None, b_up is not None)
+    return _key(x2d, w_gate, activation, p > 0.0, b_gate is not None, b_up is not None)
 
 
 def _forward_fused(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+    b_up: torch.Tensor | None, activation: str, write_h: bool, save_gate_up: bool,
     seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int, tma: bool = False,
 ) -> Outputs:
     # tma: by the Hopper kernel (the "tma" path, on operands descriptors can serve)
@@ -462,7 +462,7 @@ def _forward_fused(
     g, u = (_matmul.new_output((M, N), x2d) for _ in "gu") if save_gate_up else (None, None)
     if M == 0 or N == 0:
         return h, g, u
-    key = _forward_key(x2d, w_gate, b_gate, b_up, approximate_tanh, p)
+    key = _forward_key(x2d, w_gate, b_gate, b_up, activation, p)
     b_gate = None if b_gate is None else b_gate.contiguous()  # N elements: cheaper than a stride
     b_up = None if b_up is None else b_up.contiguous()
     out = h if h is not None else g
@@ -470,7 +470,7 @@ def _forward_fused(
         x_ptr=x2d, wg_ptr=w_gate, wu_ptr=w_up, bg_ptr=b_gate, bu_ptr=b_up,
         h_ptr=h, g_ptr=g, u_ptr=u, M=M, N=N, K=K, stride_xm=x2d.stride(0),
         stride_wgn=w_gate.stride(0), stride_wun=w_up.stride(0), stride_om=out.stride(0),
-        APPROXIMATE_TANH=approximate_tanh, HAS_GATE_BIAS=b_gate is not None,
+        ACTIVATION=activation, HAS_GATE_BIAS=b_gate is not None,
         HAS_UP_BIAS=b_up is not None, WRITE_H=write_h, SAVE_GATE_UP=save_gate_up,
         INPUT_PRECISION=input_precision(x2d.dtype),
         # the mask is h's alone
@@ -493,12 +493,12 @@ def _forward_fused(
 
 def _forward_tma(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+    b_up: torch.Tensor | None, activation: str, write_h: bool, save_gate_up: bool,
     seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Outputs:
     # fused on the Hopper kernel where descriptors can serve x and both weights (else the
     # pointer kernel: a key that chose this path may come again with operands they cannot)
-    return _forward_fused(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, write_h,
+    return _forward_fused(x2d, w_gate, w_up, b_gate, b_up, activation, write_h,
                           save_gate_up, seed, p, col_offset, n_cols,
                           tma=tma_compatible(x2d, w_gate, w_up))
 
@@ -508,7 +508,7 @@ def _tma_applies(x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *a
     return tma_applies(x2d, w_gate, w_up)
 
 
-def _gate_into(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool,
+def _gate_into(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
                seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
                n_cols: int | None = None) -> torch.Tensor:
     """h = gelu(gate) * up (then dropout with probability ``p`` when p > 0, the mask of columns
@@ -518,9 +518,9 @@ def _gate_into(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, approximat
     n = gate.numel()
     if n:
         with device_context(gate):
-            _act_tuner.run(_grid(n), (bucket(n), gate.dtype, approximate_tanh, p > 0.0),
+            _act_tuner.run(_grid(n), (bucket(n), gate.dtype, activation, p > 0.0),
                            g_ptr=gate, u_ptr=up, h_ptr=h, n_elements=n, n_cols=gate.shape[1],
-                           APPROXIMATE_TANH=approximate_tanh,
+                           ACTIVATION=activation,
                            **dropout_arguments(seed, p, n_cols or gate.shape[1], col_offset))
     return h
 
@@ -550,25 +550,25 @@ def _gated_by_cublas(
 
 def _forward_composed(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+    b_up: torch.Tensor | None, activation: str, write_h: bool, save_gate_up: bool,
     seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Outputs:
     # h by our elementwise kernel (then dropout)
     return _gated_by_cublas(
         x2d, w_gate, w_up, b_gate, b_up, write_h, save_gate_up,
-        lambda g, u: _gate_into(_matmul.new_output(tuple(g.shape), x2d), g, u, approximate_tanh,
+        lambda g, u: _gate_into(_matmul.new_output(tuple(g.shape), x2d), g, u, activation,
                                 seed, p, col_offset, n_cols))
 
 
 def _forward_torch(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+    b_up: torch.Tensor | None, activation: str, write_h: bool, save_gate_up: bool,
     seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Outputs:
     # Eager PyTorch (p == 0 only, see the Paths, so the columns' position does not matter):
     # F.gelu(g) * u, gelu(g) rounded to the input dtype before the product, as eager rounds it.
     return _gated_by_cublas(x2d, w_gate, w_up, b_gate, b_up, write_h, save_gate_up,
-                            lambda g, u: _gelu.gelu_forward_torch(g, approximate_tanh) * u)
+                            lambda g, u: _gelu.gelu_forward_torch(g, activation) * u)
 
 
 # Where nothing may be timed on a GPU (policy "off", CUDA-graph capture) and nothing is known:
@@ -587,19 +587,19 @@ _forward_paths = Paths(
 
 def _run_forward(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool, write_h: bool, save_gate_up: bool,
+    b_up: torch.Tensor | None, activation: str, write_h: bool, save_gate_up: bool,
     seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Outputs:
     # One key for the forward and the recompute: the same path, so the same g and u.
-    key = _forward_key(x2d, w_gate, b_gate, b_up, approximate_tanh, p)
-    return _forward_paths.run(key, x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, write_h,
+    key = _forward_key(x2d, w_gate, b_gate, b_up, activation, p)
+    return _forward_paths.run(key, x2d, w_gate, w_up, b_gate, b_up, activation, write_h,
                               save_gate_up, seed=seed, p=p, col_offset=col_offset,
                               n_cols=n_cols)
 
 
 def geglu_forward(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool, save_gate_up: bool,
+    b_up: torch.Tensor | None, activation: str, save_gate_up: bool,
     seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
     n_cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -613,20 +613,20 @@ def geglu_forward(
     check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
     p = check_dropout(seed, p, x2d)
     columns = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
-    return _run_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, True, save_gate_up,
+    return _run_forward(x2d, w_gate, w_up, b_gate, b_up, activation, True, save_gate_up,
                         seed, p, *columns)
 
 
 def geglu_gate_up(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-    b_up: torch.Tensor | None, approximate_tanh: bool, p: float = 0.0,
+    b_up: torch.Tensor | None, activation: str, p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, u), bitwise what ``geglu_forward(..., save_gate_up=True)`` saves (the same path and
     kernel config, writing no h): the backward's recompute. ``p`` is the forward's dropout
     probability: g and u do not depend on it, but the forward's path choice does."""
     check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
     p = check_dropout_p(p)
-    _, g, u = _run_forward(x2d, w_gate, w_up, b_gate, b_up, approximate_tanh, False, True,
+    _, g, u = _run_forward(x2d, w_gate, w_up, b_gate, b_up, activation, False, True,
                            None, p, 0, w_gate.shape[0])
     return g, u
 
@@ -661,7 +661,7 @@ def _input_and_weight_grads(
 
 def _backward_once(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
+    gate: torch.Tensor, up: torch.Tensor, activation: str, needs: Sequence[bool],
     write_h: bool, seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Grads:
     M, N = x2d.shape[0], w_gate.shape[0]
@@ -673,10 +673,10 @@ def _backward_once(
         gate, up = gate.contiguous(), up.contiguous()
         with device_context(x2d):
             _bwd_act_tuner.run(
-                _grid(n), (bucket(n), x2d.dtype, approximate_tanh, write_h, p > 0.0),
+                _grid(n), (bucket(n), x2d.dtype, activation, write_h, p > 0.0),
                 dh_ptr=dh_rows, g_ptr=gate, u_ptr=up, dg_ptr=dgate, du_ptr=dup, h_ptr=h,
                 n_elements=n, n_cols=row_len, stride_dh_row=stride_row,
-                APPROXIMATE_TANH=approximate_tanh, WRITE_H=write_h,
+                ACTIVATION=activation, WRITE_H=write_h,
                 CONTIGUOUS=stride_row == row_len, **dropout_arguments(seed, p, n_cols, col_offset),
             )
     return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
@@ -684,7 +684,7 @@ def _backward_once(
 
 def _backward_torch(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
+    gate: torch.Tensor, up: torch.Tensor, activation: str, needs: Sequence[bool],
     write_h: bool, seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Grads:
     # Eager PyTorch's backward of F.gelu(g) * u (p == 0 only, see the Paths; so the columns'
@@ -692,8 +692,8 @@ def _backward_torch(
     # and dg = aten.gelu_backward(dh * u, g), each op rounding to the input dtype as eager's
     # do; then F.linear's backward (the cuBLAS matmuls and column sums of the once path).
     with cublas_context(x2d):
-        gelu_gate = _gelu.gelu_forward_torch(gate, approximate_tanh)
-        dgate = _gelu.gelu_backward_torch(dh2d * up, gate, approximate_tanh)
+        gelu_gate = _gelu.gelu_forward_torch(gate, activation)
+        dgate = _gelu.gelu_backward_torch(dh2d * up, gate, activation)
         dup = dh2d * gelu_gate
         h = gelu_gate * up if write_h else None  # eager's h: what its forward fed down
     return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
@@ -711,7 +711,7 @@ _backward_paths = Paths(
 
 def geglu_backward(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-    gate: torch.Tensor, up: torch.Tensor, approximate_tanh: bool, needs: Sequence[bool],
+    gate: torch.Tensor, up: torch.Tensor, activation: str, needs: Sequence[bool],
     write_h: bool = False, seed: torch.Tensor | None = None, p: float = 0.0,
     col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
@@ -730,6 +730,6 @@ def geglu_backward(
     needs = check_geglu_backward(dh2d, x2d, w_gate, w_up, gate, up, needs)
     p = check_dropout(seed, p, x2d)
     col_offset, n_cols = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
-    return _backward_paths.run(_key(x2d, w_gate, approximate_tanh, p > 0.0), dh2d, x2d, w_gate,
-                               w_up, gate, up, approximate_tanh, needs, write_h, seed=seed, p=p,
+    return _backward_paths.run(_key(x2d, w_gate, activation, p > 0.0), dh2d, x2d, w_gate,
+                               w_up, gate, up, activation, needs, write_h, seed=seed, p=p,
                                col_offset=col_offset, n_cols=n_cols)

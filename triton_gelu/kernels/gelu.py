@@ -21,13 +21,13 @@ the (M, N) pre-activation drawing the mask the fused matmul epilogue draws (``_m
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .. import activations
 from .._autotune import Paths, Tuner, bucket, elementwise_configs, prune_elementwise
 from .._runtime import device_context
-from ._math import cast_to, dropout_arguments, dropout_factor_flat, gelu, gelu_grad
+from ._math import cast_to, dropout_arguments, dropout_factor_flat, activate, activate_grad
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _gelu_fwd_kernel(
     dropout_scale,  # 1 / (1 - p)
     dropout_col_offset,  # column c is column dropout_col_offset + c of the whole activation,
     dropout_n_cols,  # which has dropout_n_cols columns (tensor parallel: a rank's shard)
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -63,7 +63,7 @@ def _gelu_fwd_kernel(
     mask = offs < n_elements
     x_offs = _row_offsets(offs, n_cols, stride_x_row, CONTIGUOUS)
     x = tl.load(x_ptr + x_offs, mask=mask).to(tl.float32)
-    y = gelu(x, APPROXIMATE_TANH)
+    y = activate(x, ACTIVATION)
     if HAS_DROPOUT:  # the mask of element (row, col) of the (rows, n_cols) view: see _math
         y = y * dropout_factor_flat(seed_ptr, offs, n_cols, dropout_col_offset, dropout_n_cols,
                                     dropout_threshold, dropout_scale)
@@ -85,7 +85,7 @@ def _gelu_bwd_kernel(
     dropout_scale,
     dropout_col_offset,
     dropout_n_cols,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     WRITE_H: tl.constexpr,
@@ -99,14 +99,14 @@ def _gelu_bwd_kernel(
     x = x.to(tl.float32)
     # dx = dy * gelu'(x), in float32; with dropout after the GELU,
     # dx = dy * keep / (1 - p) * gelu'(x)
-    dx = dy.to(tl.float32) * gelu_grad(x, APPROXIMATE_TANH)
+    dx = dy.to(tl.float32) * activate_grad(x, ACTIVATION)
     if HAS_DROPOUT:
         keep_scale = dropout_factor_flat(seed_ptr, offs, n_cols, dropout_col_offset,
                                          dropout_n_cols, dropout_threshold, dropout_scale)
         dx = dx * keep_scale
     tl.store(dx_ptr + offs, cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     if WRITE_H:  # the forward's output, regenerated for a matmul that needs it
-        h = gelu(x, APPROXIMATE_TANH)
+        h = activate(x, ACTIVATION)
         if HAS_DROPOUT:
             h = h * keep_scale
         tl.store(h_ptr + offs, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
@@ -141,7 +141,7 @@ def _grid(n_elements: int):
 
 
 def _launch_forward(
-    tuner: Tuner, x: torch.Tensor, out: torch.Tensor, approximate_tanh: bool,
+    tuner: Tuner, x: torch.Tensor, out: torch.Tensor, activation: str,
     seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
     whole_cols: int | None = None,
 ) -> torch.Tensor:
@@ -154,17 +154,17 @@ def _launch_forward(
     n = x.numel()
     with device_context(x):
         tuner.run(
-            _grid(n), (bucket(n), x.dtype, approximate_tanh, p > 0.0),
+            _grid(n), (bucket(n), x.dtype, activation, p > 0.0),
             aliased=("y_ptr",) if out.data_ptr() == rows.data_ptr() else (),
             x_ptr=rows, y_ptr=out, n_elements=n, n_cols=n_cols, stride_x_row=stride_row,
-            APPROXIMATE_TANH=approximate_tanh, CONTIGUOUS=stride_row == n_cols,
+            ACTIVATION=activation, CONTIGUOUS=stride_row == n_cols,
             **dropout_arguments(seed, p, whole_cols or n_cols, col_offset),
         )
     return out
 
 
 def _launch_backward(
-    tuner: Tuner, dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, approximate_tanh: bool,
+    tuner: Tuner, dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, activation: str,
     seed: torch.Tensor | None = None, p: float = 0.0, h: torch.Tensor | None = None,
     col_offset: int = 0, whole_cols: int | None = None,
 ) -> torch.Tensor:
@@ -180,9 +180,9 @@ def _launch_backward(
     n = x.numel()
     with device_context(x):
         tuner.run(
-            _grid(n), (bucket(n), x.dtype, approximate_tanh, p > 0.0, h is not None),
+            _grid(n), (bucket(n), x.dtype, activation, p > 0.0, h is not None),
             dy_ptr=dy_rows, x_ptr=x_rows, dx_ptr=out, h_ptr=h, n_elements=n, n_cols=n_cols,
-            stride_dy_row=stride_dy, stride_x_row=stride_x, APPROXIMATE_TANH=approximate_tanh,
+            stride_dy_row=stride_dy, stride_x_row=stride_x, ACTIVATION=activation,
             CONTIGUOUS=stride_x == n_cols and stride_dy == n_cols, WRITE_H=h is not None,
             **dropout_arguments(seed, p, whole_cols or n_cols, col_offset),
         )
@@ -190,62 +190,60 @@ def _launch_backward(
 
 
 def gelu_forward_triton(
-    x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
+    x: torch.Tensor, activation: str, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """y = gelu(x) by the Triton kernel, into a new (or the given contiguous) tensor of x's
     shape and dtype; ``out`` may be ``x`` itself (each element is read before it is written)."""
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _launch_forward(_fwd_tuner, x, out, approximate_tanh)
+    return _launch_forward(_fwd_tuner, x, out, activation)
 
 
 def gelu_backward_triton(
-    dy: torch.Tensor, x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
+    dy: torch.Tensor, x: torch.Tensor, activation: str, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """dx = dy * gelu'(x) by the Triton kernel, into a new (or the given contiguous) tensor of
     x's shape and dtype."""
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _launch_backward(_bwd_tuner, dy, x, out, approximate_tanh)
+    return _launch_backward(_bwd_tuner, dy, x, out, activation)
 
 
 def gelu_dropout_forward(
-    preact: torch.Tensor, seed: torch.Tensor | None, p: float, approximate_tanh: bool,
+    preact: torch.Tensor, seed: torch.Tensor | None, p: float, activation: str,
     out: torch.Tensor, col_offset: int = 0, n_cols: int | None = None,
 ) -> torch.Tensor:
     """out = dropout(gelu(z)) for the (M, N) pre-activation z: the mask of element (m, n) is the
     one the fused matmul epilogue draws (columns ``col_offset`` + n of an (M, ``n_cols``)
     activation), so both paths of the FFN block drop the same elements."""
-    return _launch_forward(_dropout_fwd_tuner, preact, out, approximate_tanh, seed, p,
+    return _launch_forward(_dropout_fwd_tuner, preact, out, activation, seed, p,
                            col_offset, n_cols)
 
 
 def gelu_dropout_backward(
     dh: torch.Tensor, preact: torch.Tensor, seed: torch.Tensor | None, p: float,
-    approximate_tanh: bool, out: torch.Tensor, h: torch.Tensor | None = None,
+    activation: str, out: torch.Tensor, h: torch.Tensor | None = None,
     col_offset: int = 0, n_cols: int | None = None,
 ) -> torch.Tensor:
     """out = dh * keep / (1 - p) * gelu'(z) for the (M, N) z, and h = dropout(gelu(z)) when an
     ``h`` buffer is given (dW2 of the FFN block needs it); same mask as the forward."""
-    return _launch_backward(_dropout_bwd_tuner, dh, preact, out, approximate_tanh, seed, p, h,
+    return _launch_backward(_dropout_bwd_tuner, dh, preact, out, activation, seed, p, h,
                             col_offset, n_cols)
 
 
 # ---- the paths, and the launchers that choose between them -----------------------------------
 
 
-def form(approximate_tanh: bool) -> str:
-    """PyTorch's name of a GELU form."""
-    return "tanh" if approximate_tanh else "none"
-
-
-def gelu_forward_torch(x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
+def gelu_forward_torch(x: torch.Tensor, activation: str) -> torch.Tensor:
     # PyTorch keeps a dense input's strides; our outputs are contiguous (the custom ops say so).
-    return F.gelu(x, approximate=form(approximate_tanh)).contiguous()
+    return activations.torch_activation(x, activation).contiguous()
 
 
-def gelu_backward_torch(dy: torch.Tensor, x: torch.Tensor, approximate_tanh: bool) -> torch.Tensor:
-    return torch.ops.aten.gelu_backward(dy, x, approximate=form(approximate_tanh)).contiguous()
+def gelu_backward_torch(dy: torch.Tensor, x: torch.Tensor, activation: str) -> torch.Tensor:
+    approximate = activations.torch_approximate(activation)
+    if approximate is None:  # no aten backward for the form: its float32 derivative, rounded once
+        return (dy.float() * activations.grad_fp32(x, activation)).to(dy.dtype)
+    return torch.ops.aten.gelu_backward(dy, x, approximate=approximate).contiguous()
 
 
 _fwd_paths = Paths(
@@ -259,21 +257,21 @@ _bwd_paths = Paths(
 
 
 def gelu_forward(
-    x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
+    x: torch.Tensor, activation: str, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """y = gelu(x), a new contiguous tensor of x's shape and dtype, by the path chosen for the
     problem; with ``out`` (contiguous, x's shape and dtype) the Triton kernel writes into it."""
     if out is not None or x.numel() == 0:
-        return gelu_forward_triton(x, approximate_tanh, out)
-    return _fwd_paths.run((bucket(x.numel()), x.dtype, approximate_tanh), x, approximate_tanh)
+        return gelu_forward_triton(x, activation, out)
+    return _fwd_paths.run((bucket(x.numel()), x.dtype, activation), x, activation)
 
 
 def gelu_backward(
-    dy: torch.Tensor, x: torch.Tensor, approximate_tanh: bool, out: torch.Tensor | None = None
+    dy: torch.Tensor, x: torch.Tensor, activation: str, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """dx = dy * gelu'(x), a new contiguous tensor of x's shape and dtype, by the path chosen
     for the problem; with ``out`` the Triton kernel writes into it."""
     if out is not None or x.numel() == 0:
-        return gelu_backward_triton(dy, x, approximate_tanh, out)
-    key = (bucket(x.numel()), x.dtype, approximate_tanh)
-    return _bwd_paths.run(key, dy, x, approximate_tanh)
+        return gelu_backward_triton(dy, x, activation, out)
+    key = (bucket(x.numel()), x.dtype, activation)
+    return _bwd_paths.run(key, dy, x, activation)

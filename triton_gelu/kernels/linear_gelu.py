@@ -90,7 +90,7 @@ from .._checks import check_linear_2d, check_linear_backward
 from .._runtime import device_context
 from . import _matmul
 from . import gelu as _gelu
-from ._math import cast_to, dropout_arguments, dropout_factor_tile, gelu, gelu_grad
+from ._math import cast_to, dropout_arguments, dropout_factor_tile, activate, activate_grad
 from ._matmul import (
     cublas_context, descriptor_dot_tile, dot_tile, input_precision, output_tile, output_tile_of,
     persistent_grid, range_flattens, tile_grid, tma_applies, tma_compatible,
@@ -117,7 +117,7 @@ def _linear_gelu_fwd_kernel(
     dropout_scale,  # 1 / (1 - p)
     dropout_col_offset,  # column n is column dropout_col_offset + n of the whole activation,
     dropout_n_cols,  # which has dropout_n_cols columns (tensor parallel: N is a rank's shard)
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_Y: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
@@ -135,7 +135,7 @@ def _linear_gelu_fwd_kernel(
                    INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     _forward_epilogue(acc, b_ptr, y_ptr, preact_ptr, seed_ptr, pid_n, offs_m, offs_n, mask_m,
                       mask_n, stride_ym, dropout_threshold, dropout_scale, dropout_col_offset,
-                      dropout_n_cols, APPROXIMATE_TANH, HAS_BIAS, WRITE_Y, SAVE_PREACT,
+                      dropout_n_cols, ACTIVATION, HAS_BIAS, WRITE_Y, SAVE_PREACT,
                       HAS_DROPOUT, BLOCK_SIZE_N)
 
 
@@ -146,7 +146,7 @@ def _forward_epilogue(
     pid_n,  # the tile's column index (the dropout mask's tile position)
     offs_m, offs_n, mask_m, mask_n,  # the tile's int64 rows and columns, and their masks
     stride_ym, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_Y: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
@@ -162,7 +162,7 @@ def _forward_epilogue(
     if SAVE_PREACT:
         tl.store(preact_ptr + offs_out, cast_to(acc, preact_ptr.dtype.element_ty), mask=mask_out)
     if WRITE_Y:
-        y = gelu(acc, APPROXIMATE_TANH)
+        y = activate(acc, ACTIVATION)
         if HAS_DROPOUT:  # y * keep / (1 - p), the mask a function of (m, n): see _math
             y = y * dropout_factor_tile(seed_ptr, offs_m, pid_n, dropout_n_cols,
                                         dropout_col_offset, dropout_threshold, dropout_scale,
@@ -188,7 +188,7 @@ def _linear_gelu_fwd_tma_kernel(
     dropout_scale,
     dropout_col_offset,
     dropout_n_cols,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_Y: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
@@ -219,19 +219,19 @@ def _linear_gelu_fwd_tma_kernel(
                                   BLOCK_SIZE_K)
         _forward_epilogue(acc, b_ptr, y_ptr, preact_ptr, seed_ptr, pid_n, offs_m, offs_n, mask_m,
                           mask_n, stride_ym, dropout_threshold, dropout_scale,
-                          dropout_col_offset, dropout_n_cols, APPROXIMATE_TANH, HAS_BIAS,
+                          dropout_col_offset, dropout_n_cols, ACTIVATION, HAS_BIAS,
                           WRITE_Y, SAVE_PREACT, HAS_DROPOUT, BLOCK_SIZE_N)
 
 
 @triton.jit
-def _load_dz(dy_ptrs, preact_ptrs, mask, APPROXIMATE_TANH: tl.constexpr):
+def _load_dz(dy_ptrs, preact_ptrs, mask, ACTIVATION: tl.constexpr):
     # dz = dy * gelu'(z) in float32 for one (BM, BN) tile; masked-off elements load dy = 0.
     #   exact: gelu'(z) = Phi(z) + z * phi(z)
     #   tanh:  gelu'(z) = s + 2 z s (1 - s) du/dz,  s = sigmoid(2u),
     #          u = sqrt(2/pi) (z + 0.044715 z^3)
     dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
     preact = tl.load(preact_ptrs, mask=mask, other=0.0).to(tl.float32)
-    return dy * gelu_grad(preact, APPROXIMATE_TANH)
+    return dy * activate_grad(preact, ACTIVATION)
 
 
 @triton.jit
@@ -246,7 +246,7 @@ def _linear_gelu_bwd_dz_kernel(
     stride_dyn,
     stride_pm,
     stride_pn,
-    APPROXIMATE_TANH: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     WRITE_DZ: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     ROWS: tl.constexpr,
@@ -267,7 +267,7 @@ def _linear_gelu_bwd_dz_kernel(
         dz = _load_dz(
             dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
             preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
-            mask, APPROXIMATE_TANH,
+            mask, ACTIVATION,
         )
         if WRITE_DZ:
             dz_ptrs = dz_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -293,15 +293,15 @@ _dz_tuner = Tuner(_linear_gelu_bwd_dz_kernel, "linear_gelu_bwd_dz", tile_configs
 
 
 def _forward_key(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 approximate_tanh: bool, write_y: bool, save_preact: bool) -> tuple:
+                 activation: str, write_y: bool, save_preact: bool) -> tuple:
     (M, K), N = x2d.shape, weight.shape[0]
-    return (bucket(M), N, K, x2d.dtype, approximate_tanh, bias is not None, write_y,
+    return (bucket(M), N, K, x2d.dtype, activation, bias is not None, write_y,
             save_preact, input_precision(x2d.dtype))
 
 
 def launch_forward(
     tuner: Tuner, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    y: torch.Tensor | None, preact: torch.Tensor | None, approximate_tanh: bool,
+    y: torch.Tensor | None, preact: torch.Tensor | None, activation: str,
     seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
     n_cols: int | None = None,
 ) -> None:
@@ -314,14 +314,14 @@ def launch_forward(
     the Hopper one (TMA, persistent grid), which the caller has checked can serve x2d and
     weight (``_matmul.tma_compatible``)."""
     (M, K), N = x2d.shape, weight.shape[0]
-    key = _forward_key(x2d, weight, bias, approximate_tanh, y is not None, preact is not None)
+    key = _forward_key(x2d, weight, bias, activation, y is not None, preact is not None)
     if bias is not None:
         bias = bias.contiguous()  # N elements: cheaper to copy than to pass another stride
     out = y if y is not None else preact
     arguments = dict(
         x_ptr=x2d, w_ptr=weight, b_ptr=bias, y_ptr=y, preact_ptr=preact, M=M, N=N, K=K,
         stride_xm=x2d.stride(0), stride_wn=weight.stride(0), stride_ym=out.stride(0),
-        APPROXIMATE_TANH=approximate_tanh, HAS_BIAS=bias is not None,
+        ACTIVATION=activation, HAS_BIAS=bias is not None,
         WRITE_Y=y is not None, SAVE_PREACT=preact is not None, INPUT_PRECISION=key[-1],
         **dropout_arguments(seed, p, N if n_cols is None else n_cols, col_offset),
     )
@@ -337,7 +337,7 @@ def launch_forward(
                       stride_xk=x2d.stride(1), stride_wk=weight.stride(1), **arguments)
 
 
-def _launch_dz(dy2d, x2d, weight, preact, approximate_tanh: bool, write_dz: bool,
+def _launch_dz(dy2d, x2d, weight, preact, activation: str, write_dz: bool,
                need_db: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dz, db): dz = dy * gelu'(z) in x's dtype (if ``write_dz``) and db = sum_m dz (if
     ``need_db``), by the elementwise dz kernel and a sum of its per-64-row partial sums."""
@@ -348,11 +348,11 @@ def _launch_dz(dy2d, x2d, weight, preact, approximate_tanh: bool, write_dz: bool
     with device_context(x2d):
         _dz_tuner.run(
             lambda meta: (triton.cdiv(M, TILE_ROWS), triton.cdiv(N, meta["BLOCK_SIZE_N"])),
-            (bucket(M), N, x2d.dtype, approximate_tanh, write_dz, need_db),
+            (bucket(M), N, x2d.dtype, activation, write_dz, need_db),
             dy_ptr=dy2d, preact_ptr=preact, dz_ptr=dz, db_partial_ptr=partial, M=M, N=N,
             stride_dym=dy2d.stride(0), stride_dyn=dy2d.stride(1),
             stride_pm=preact.stride(0), stride_pn=preact.stride(1),
-            APPROXIMATE_TANH=approximate_tanh, WRITE_DZ=write_dz, COMPUTE_DB=need_db,
+            ACTIVATION=activation, WRITE_DZ=write_dz, COMPUTE_DB=need_db,
             ROWS=TILE_ROWS,
         )
     db = None
@@ -374,23 +374,23 @@ def _matmul_bias(x2d: torch.Tensor, weight: torch.Tensor,
 # ---- the forward's paths -------------------------------------------------------------------
 
 
-def _forward_fused(x2d, weight, bias, approximate_tanh: bool, save_preact: bool):
+def _forward_fused(x2d, weight, bias, activation: str, save_preact: bool):
     (M, _), N = x2d.shape, weight.shape[0]
     y = _matmul.new_output((M, N), x2d)
     preact = _matmul.new_output((M, N), x2d) if save_preact else None
-    launch_forward(_fwd_tuner, x2d, weight, bias, y, preact, approximate_tanh)
+    launch_forward(_fwd_tuner, x2d, weight, bias, y, preact, activation)
     return y, preact
 
 
-def _forward_tma(x2d, weight, bias, approximate_tanh: bool, save_preact: bool):
+def _forward_tma(x2d, weight, bias, activation: str, save_preact: bool):
     # The Hopper kernel where descriptors can serve x and W (a problem that chose this path for
     # its key may come again with an operand they cannot: the pointer kernel takes it then).
     if not tma_compatible(x2d, weight):
-        return _forward_fused(x2d, weight, bias, approximate_tanh, save_preact)
+        return _forward_fused(x2d, weight, bias, activation, save_preact)
     (M, _), N = x2d.shape, weight.shape[0]
     y = _matmul.new_output((M, N), x2d)
     preact = _matmul.new_output((M, N), x2d) if save_preact else None
-    launch_forward(_fwd_tma_tuner, x2d, weight, bias, y, preact, approximate_tanh)
+    launch_forward(_fwd_tma_tuner, x2d, weight, bias, y, preact, activation)
     return y, preact
 
 
@@ -398,14 +398,14 @@ def _tma_applies(x2d, weight, *args) -> bool:
     return tma_applies(x2d, weight)
 
 
-def _forward_composed(x2d, weight, bias, approximate_tanh: bool, save_preact: bool):
+def _forward_composed(x2d, weight, bias, activation: str, save_preact: bool):
     preact = _matmul_bias(x2d, weight, bias)
     if save_preact:  # the backward keeps z: y is a new tensor
-        return _gelu.gelu_forward_triton(preact, approximate_tanh), preact
-    return _gelu.gelu_forward_triton(preact, approximate_tanh, out=preact), None
+        return _gelu.gelu_forward_triton(preact, activation), preact
+    return _gelu.gelu_forward_triton(preact, activation, out=preact), None
 
 
-def _forward_addmm_gelu(x2d, weight, bias, approximate_tanh: bool, save_preact: bool):
+def _forward_addmm_gelu(x2d, weight, bias, activation: str, save_preact: bool):
     with cublas_context(x2d):
         return torch._addmm_activation(bias, x2d, weight.t(), use_gelu=True), None
 
@@ -413,20 +413,20 @@ def _forward_addmm_gelu(x2d, weight, bias, approximate_tanh: bool, save_preact: 
 # The GELU form torch._addmm_activation(use_gelu=True) computes, by device: cuBLASLt's epilogue
 # (and PyTorch's own fallback beside it) is the tanh form on CUDA; on the CPU PyTorch applies its
 # default, exact GELU after the matmul.
-_ADDMM_GELU_IS_TANH = {"cuda": True, "cpu": False}
+_ADDMM_GELU_FORM = {"cuda": "gelu_tanh", "cpu": "gelu"}
 
 
-def _addmm_gelu_applies(x2d, weight, bias, approximate_tanh: bool, save_preact: bool) -> bool:
+def _addmm_gelu_applies(x2d, weight, bias, activation: str, save_preact: bool) -> bool:
     # No z to keep, a bias (its "self" argument), and K > 0: with K = 0 it returns the bias
     # without applying the activation.
     return (not save_preact and bias is not None and x2d.shape[1] > 0
             and hasattr(torch, "_addmm_activation")
-            and _ADDMM_GELU_IS_TANH.get(x2d.device.type) == approximate_tanh)
+            and _ADDMM_GELU_FORM.get(x2d.device.type) == activation)
 
 
-def _forward_torch(x2d, weight, bias, approximate_tanh: bool, save_preact: bool):
+def _forward_torch(x2d, weight, bias, activation: str, save_preact: bool):
     preact = _matmul_bias(x2d, weight, bias)  # F.linear's addmm
-    y = F.gelu(preact, approximate=_gelu.form(approximate_tanh))
+    y = _gelu.gelu_forward_torch(preact, activation)
     return y, (preact if save_preact else None)
 
 
@@ -442,7 +442,7 @@ _fwd_paths = Paths(
 
 def _preact_fused(x2d, weight, bias):
     preact = _matmul.new_output((x2d.shape[0], weight.shape[0]), x2d)
-    launch_forward(_preact_tuner, x2d, weight, bias, None, preact, approximate_tanh=False)
+    launch_forward(_preact_tuner, x2d, weight, bias, None, preact, activation="gelu")
     return preact
 
 
@@ -450,7 +450,7 @@ def _preact_tma(x2d, weight, bias):
     if not tma_compatible(x2d, weight):  # as in _forward_tma
         return _preact_fused(x2d, weight, bias)
     preact = _matmul.new_output((x2d.shape[0], weight.shape[0]), x2d)
-    launch_forward(_preact_tma_tuner, x2d, weight, bias, None, preact, approximate_tanh=False)
+    launch_forward(_preact_tma_tuner, x2d, weight, bias, None, preact, activation="gelu")
     return preact
 
 
@@ -464,14 +464,14 @@ _preact_paths = Paths(
 # ---- the backward's paths ------------------------------------------------------------------
 
 
-def _backward_key(x2d: torch.Tensor, weight: torch.Tensor, approximate_tanh: bool) -> tuple:
+def _backward_key(x2d: torch.Tensor, weight: torch.Tensor, activation: str) -> tuple:
     (M, K), N = x2d.shape, weight.shape[0]
-    return (bucket(M), N, K, x2d.dtype, approximate_tanh, input_precision(x2d.dtype))
+    return (bucket(M), N, K, x2d.dtype, activation, input_precision(x2d.dtype))
 
 
-def _backward_dz_once(dy2d, x2d, weight, preact, approximate_tanh, need_dx, need_dw, need_db):
+def _backward_dz_once(dy2d, x2d, weight, preact, activation, need_dx, need_dw, need_db):
     (M, K), N = x2d.shape, weight.shape[0]
-    dz, db = _launch_dz(dy2d, x2d, weight, preact, approximate_tanh, need_dx or need_dw, need_db)
+    dz, db = _launch_dz(dy2d, x2d, weight, preact, activation, need_dx or need_dw, need_db)
     dx = dw = None
     with cublas_context(x2d):
         if need_dx:  # dx = dz @ W
@@ -481,10 +481,10 @@ def _backward_dz_once(dy2d, x2d, weight, preact, approximate_tanh, need_dx, need
     return dx, dw, db
 
 
-def _backward_torch(dy2d, x2d, weight, preact, approximate_tanh, need_dx, need_dw, need_db):
+def _backward_torch(dy2d, x2d, weight, preact, activation, need_dx, need_dw, need_db):
     (M, K), N = x2d.shape, weight.shape[0]
     # dz = dy * gelu'(z) in the input dtype, as eager's GELU backward gives it to F.linear's
-    dz = torch.ops.aten.gelu_backward(dy2d, preact, approximate=_gelu.form(approximate_tanh))
+    dz = _gelu.gelu_backward_torch(dy2d, preact, activation)
     dx = dw = db = None
     with cublas_context(x2d):
         if need_dx:  # dx = dz @ W
@@ -509,7 +509,7 @@ _bwd_paths = Paths(
 
 def linear_gelu_forward(
     x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    approximate_tanh: bool, save_preact: bool,
+    activation: str, save_preact: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, preact): y = gelu(x2d @ weight.T + bias) and, if ``save_preact``, z = x2d @ weight.T
     + bias, both new contiguous (M, N) tensors in x2d's dtype; preact is None otherwise."""
@@ -518,8 +518,8 @@ def linear_gelu_forward(
     if M == 0 or N == 0:
         return _matmul.new_output((M, N), x2d), \
             _matmul.new_output((M, N), x2d) if save_preact else None
-    key = _forward_key(x2d, weight, bias, approximate_tanh, True, save_preact)
-    return _fwd_paths.run(key, x2d, weight, bias, approximate_tanh, save_preact)
+    key = _forward_key(x2d, weight, bias, activation, True, save_preact)
+    return _fwd_paths.run(key, x2d, weight, bias, activation, save_preact)
 
 
 def linear_preact(
@@ -532,13 +532,13 @@ def linear_preact(
     (M, _), N = x2d.shape, weight.shape[0]
     if M == 0 or N == 0:
         return _matmul.new_output((M, N), x2d)
-    key = _forward_key(x2d, weight, bias, False, False, True)
+    key = _forward_key(x2d, weight, bias, "gelu", False, True)
     return _preact_paths.run(key, x2d, weight, bias)
 
 
 def linear_gelu_backward(
     dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
-    approximate_tanh: bool, need_dx: bool, need_dw: bool, need_db: bool,
+    activation: str, need_dx: bool, need_dw: bool, need_db: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dW, db) of y = gelu(z), z = x2d @ weight.T + b, for the upstream gradient dy2d.
 
@@ -550,12 +550,12 @@ def linear_gelu_backward(
     if not (need_dx or need_dw or need_db):
         return None, None, None
     if min(M, N, K) == 0:  # no tiles to launch; sums over nothing are zeros
-        grads = reference.linear_gelu_backward_fp32(dy2d, x2d, weight, preact, approximate_tanh)
+        grads = reference.linear_gelu_backward_fp32(dy2d, x2d, weight, preact, activation)
         shapes = ((M, K), (N, K), (N,))
         likes = (x2d, weight, weight)
         return tuple(_matmul.new_output(shape, like).copy_(grad) if need else None
                      for shape, like, grad, need in zip(shapes, likes, grads,
                                                         (need_dx, need_dw, need_db)))
-    key = _backward_key(x2d, weight, approximate_tanh) + (need_dx, need_dw, need_db)
-    return _bwd_paths.run(key, dy2d, x2d, weight, preact, approximate_tanh,
+    key = _backward_key(x2d, weight, activation) + (need_dx, need_dw, need_db)
+    return _bwd_paths.run(key, dy2d, x2d, weight, preact, activation,
                           need_dx, need_dw, need_db)

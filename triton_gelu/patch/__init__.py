@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._checks import check_approximate
+from ..activations import resolve
 from .chain import application_chain, call_chain
 from .ffn import FeedForwardOutput, FusedFeedForward, fuse_feed_forwards
 from .fuse import Conv1DGELU, fuse_pair
@@ -67,7 +67,7 @@ def patch(model: nn.Module, approximate: str | None = None, recompute: bool = Fa
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if approximate is not None:
-        check_approximate(approximate)
+        resolve(approximate)
     count = 0
     seen: set[int] = set()
     for module in list(model.modules()):  # a snapshot: the new modules are not visited

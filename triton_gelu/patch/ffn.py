@@ -38,11 +38,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._checks import check_approximate, check_dropout_p
+from .._checks import check_dropout_p
+from ..activations import resolve
 from ..functional import feed_forward
 from ..modules import is_plain
 from .fuse import child, keep_encoder_fast_path_exact, replace_with_identity
-from .match import dropout_p, gelu_form, linear_kind, parallel_block_style
+from .match import dropout_p, form_arguments, forced_form, gelu_form, linear_kind, parallel_block_style
 
 
 class _Linear(NamedTuple):
@@ -115,10 +116,10 @@ class FusedFeedForward(nn.Module):
 
     def __init__(
         self, linear1: nn.Module, output: FeedForwardOutput, p: float = 0.0,
-        approximate: str = "none", recompute: bool = False,
+        approximate: str = "none", recompute: bool = False, *, activation: str | None = None,
     ) -> None:
         super().__init__()
-        check_approximate(approximate)
+        resolve(approximate, activation)
         held = _as_linear(linear1)
         if held is None:
             raise TypeError(f"linear1 must be an nn.Linear or a Conv1D, got {type(linear1)}")
@@ -128,6 +129,7 @@ class FusedFeedForward(nn.Module):
         self.bias = linear1._parameters.get("bias")
         self.p = check_dropout_p(p)
         self.approximate = approximate
+        self.activation = activation
         self.recompute = recompute
         object.__setattr__(self, "output", output)  # a plain attribute, not a submodule
 
@@ -136,13 +138,14 @@ class FusedFeedForward(nn.Module):
         return feed_forward(
             x, _linear_weight(self.weight, self.transposed), self.bias,
             _linear_weight(out.weight, out.transposed), out.bias, self.p, self.approximate,
-            self.training, self.recompute,
+            self.training, self.recompute, activation=self.activation,
         )
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
                 f"out_features={self.output.out_features}, p={self.p}, "
-                f"approximate={self.approximate!r}, recompute={self.recompute}")
+                f"approximate={self.approximate!r}, recompute={self.recompute}"
+                + ("" if self.activation is None else f", activation={self.activation!r}"))
 
 
 class _Block(NamedTuple):
@@ -203,10 +206,11 @@ def _window(parent: nn.Module, chain: list[str], i: int) -> _Block | None:
 
 
 def _fuse(parent: nn.Module, block: _Block, approximate: str | None, recompute: bool) -> None:
-    new_form = block.form if approximate is None else approximate
+    new_form = forced_form(block.form, approximate)
     output = FeedForwardOutput(block.linear2, block=block.names[0])
     output.train(block.linear2.training)
-    fused = FusedFeedForward(block.linear1, output, block.p, new_form, recompute)
+    fused = FusedFeedForward(block.linear1, output, block.p, recompute=recompute,
+                             **form_arguments(new_form))
     fused.train(block.training)
     if block.parallel:
         importlib.import_module("triton_gelu.parallel").move_tp_block_hooks(

@@ -9,10 +9,10 @@ import warnings
 import torch
 from torch import nn
 
-from .._checks import check_approximate
+from ..activations import resolve
 from ..functional import linear_gelu
 from ..modules import LinearGELU
-from .match import gelu_form, linear_kind, parallel_style
+from .match import form_arguments, forced_form, gelu_form, linear_kind, parallel_style
 
 
 class Conv1DGELU(nn.Module):
@@ -22,21 +22,25 @@ class Conv1DGELU(nn.Module):
     weight: torch.Tensor
     bias: torch.Tensor
 
-    def __init__(self, conv: nn.Module, approximate: str = "none", recompute: bool = False) -> None:
+    def __init__(self, conv: nn.Module, approximate: str = "none", recompute: bool = False, *,
+                 activation: str | None = None) -> None:
         super().__init__()
-        check_approximate(approximate)
+        resolve(approximate, activation)
         self.nf, self.nx = conv.nf, conv.nx
         self.weight = conv.get_parameter("weight")  # (nx, nf): nn.Linear's (out, in) transposed
         self.bias = conv.get_parameter("bias")
         self.approximate = approximate
+        self.activation = activation
         self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_gelu(x, self.weight.t(), self.bias, self.approximate, self.recompute)
+        return linear_gelu(x, self.weight.t(), self.bias, self.approximate, self.recompute,
+                           activation=self.activation)
 
     def extra_repr(self) -> str:
         return (f"nf={self.nf}, nx={self.nx}, approximate={self.approximate!r}, "
-                f"recompute={self.recompute}")
+                f"recompute={self.recompute}"
+                + ("" if self.activation is None else f", activation={self.activation!r}"))
 
 
 def fuse_pair(
@@ -59,12 +63,12 @@ def fuse_pair(
             parallel.UnfusedFallbackWarning, stacklevel=3,
         )
         return 0
-    new_form = form if approximate is None else approximate
+    new_form = forced_form(form, approximate)
     fused: nn.Module
     if kind == "linear" and isinstance(linear, nn.Linear):
-        fused = LinearGELU.from_linear(linear, approximate=new_form, recompute=recompute)
+        fused = LinearGELU.from_linear(linear, recompute=recompute, **form_arguments(new_form))
     else:
-        fused = Conv1DGELU(linear, approximate=new_form, recompute=recompute)
+        fused = Conv1DGELU(linear, recompute=recompute, **form_arguments(new_form))
     fused.train(linear.training)
     if style is not None:
         # A column-parallel (or sequence-parallel) Linear: the fused module takes the style's

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..functional import gated_feed_forward, geglu
-from .match import dropout_p, gelu_form, has_hooks, linear_kind, parallel_block_style
+from .match import dropout_p, form_arguments, forced_form, gelu_form, has_hooks, linear_kind, parallel_block_style
 
 ROLES = ("gate", "up", "act", "dropout", "down")
 
@@ -211,8 +211,8 @@ class GatedGELUBlock(nn.Module):
     """A gated GELU FFN block of a model, fused: the same children under the same names, and a
     forward through ``triton_gelu.gated_feed_forward`` (see the module docstring)."""
 
-    def __init__(self, block: nn.Module, spec: GatedSpec, approximate: str,
-                 recompute: bool = False) -> None:
+    def __init__(self, block: nn.Module, spec: GatedSpec, approximate: str = "tanh",
+                 recompute: bool = False, *, activation: str | None = None) -> None:
         super().__init__()
         for name, child in block._modules.items():  # the same order: the same state dict
             self.add_module(name, child)
@@ -222,6 +222,7 @@ class GatedGELUBlock(nn.Module):
         self.training = block.training  # not .train(): the children keep their own modes
         self.original_class = type(block)
         self.approximate = approximate
+        self.activation = activation  # None: the form approximate names
         self.recompute = recompute
         self._spec = spec
         self._proven_types = self._child_types()
@@ -253,9 +254,10 @@ class GatedGELUBlock(nn.Module):
                            else (0.0, False))
             return gated_feed_forward(x, gate.weight, up.weight, down.weight, gate.bias,
                                       up.bias, down.bias, self.approximate, dropout=p,
-                                      training=training, recompute=self.recompute)
+                                      training=training, recompute=self.recompute,
+                                      activation=self.activation)
         hidden = geglu(x, gate.weight, up.weight, gate.bias, up.bias, self.approximate,
-                       self.recompute)
+                       self.recompute, activation=self.activation)
         if dropout is not None:
             hidden = dropout(hidden)
         if self._spec.casts_to_down_dtype and hidden.dtype != down.weight.dtype:
@@ -277,7 +279,8 @@ class GatedGELUBlock(nn.Module):
     def extra_repr(self) -> str:
         cls = self.original_class
         return (f"replaces={cls.__module__}.{cls.__qualname__}, approximate={self.approximate!r}, "
-                f"recompute={self.recompute}")
+                f"recompute={self.recompute}"
+                + ("" if self.activation is None else f", activation={self.activation!r}"))
 
 
 def patch_gated(model: nn.Module, approximate: str | None, recompute: bool = False) -> int:
@@ -295,7 +298,7 @@ def patch_gated(model: nn.Module, approximate: str | None, recompute: bool = Fal
                 spec = gated_spec(block)
                 if spec is None:
                     continue
-                form = spec.form if approximate is None else approximate
+                form = forced_form(spec.form, approximate)
                 fused = _swap(block, spec, form, recompute)
                 if fused is None:
                     continue
@@ -309,7 +312,7 @@ def _swap(block: nn.Module, spec: GatedSpec, form: str, recompute: bool) -> Gate
     tensor-parallel styles (the only hooks ``gated_spec`` lets through), only if they make a
     plan the fused block serves (``parallel.tp_block_style``), whose input and output hooks then
     move onto the fused block. None: left as it is."""
-    fused = GatedGELUBlock(block, spec, form, recompute)
+    fused = GatedGELUBlock(block, spec, recompute=recompute, **form_arguments(form))
     gate, up, down = fused.projections()
     if not any(has_hooks(m) for m in (gate, up, down)):
         return fused

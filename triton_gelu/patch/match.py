@@ -7,7 +7,8 @@ transformers' ``Conv1D``. What counts as GELU: ``nn.GELU``,
 ``gelu``, and from ``transformers.activations``: ``GELUActivation`` (erf), ``GELUTanh`` /
 ``PytorchGELUTanh``, ``NewGELUActivation`` (``gelu_new``), ``AccurateGELUActivation`` and
 ``FastGELUActivation`` (``gelu_fast``: sqrt(2/pi) written to 10 digits, the same float32 constant)
-in the tanh form. ``quick_gelu``, clipped GELU (``gelu_10``) and anything else are left alone.
+in the tanh form; ``QuickGELUActivation`` (``quick_gelu``: x * sigmoid(1.702 x), CLIP's) as the
+``"quick_gelu"`` form. Clipped GELU (``gelu_10``) and anything else are left alone.
 What counts as the dropout between GELU and a second Linear: a plain ``nn.Dropout`` with p < 1
 (``nn.Identity`` counts as p = 0).
 
@@ -34,7 +35,8 @@ from ..modules import GELU, has_hooks
 
 
 def gelu_form(act: object) -> str | None:
-    """``"none"`` or ``"tanh"`` when ``act`` provably computes GELU in that form, else None."""
+    """``"none"`` or ``"tanh"`` when ``act`` provably computes GELU in that form (torch's
+    ``approximate``), ``"quick_gelu"`` for quick GELU, else None."""
     if isinstance(act, nn.Module):
         if has_hooks(act) or "forward" in vars(act) or has_state(act):
             return None
@@ -101,7 +103,23 @@ _HF_GELU_FORMS = {
     # 0.5x(1 + tanh(0.7978845608 x (1 + 0.044715 x^2))): the tanh form with sqrt(2/pi) to 10
     # digits (relative difference 4e-12, the same constant in float32; the kernels run float32).
     "FastGELUActivation": lambda act: "tanh",
+    # forward: input * torch.sigmoid(1.702 * input), nothing configurable
+    "QuickGELUActivation": lambda act: "quick_gelu",
 }
+
+
+def form_arguments(form: str) -> dict[str, str]:
+    """The ``approximate`` / ``activation`` keywords of our functions and modules that select a
+    form ``gelu_form`` returned."""
+    if form == "quick_gelu":  # approximate stays at each one's default
+        return {"activation": "quick_gelu"}
+    return {"approximate": form}
+
+
+def forced_form(form: str, approximate: str | None) -> str:
+    """The form a block is fused with when ``patch(approximate=...)`` forces a GELU form: quick
+    GELU is another function, not a GELU form to force, so it keeps its own."""
+    return form if approximate is None or form == "quick_gelu" else approximate
 
 
 # ---- what is a Dropout ------------------------------------------------------------------------
