@@ -353,12 +353,12 @@ def test_the_dz_epilogue_in_parts_matches_the_elementwise_kernel(col_offset, dev
     z, dy, seed = x @ w1.t(), torch.randn(M, D, device=device), dropout_seed(device)
     needs = [True] * 5
     with path("composed"):
-        want = kernels.ffn_backward(dy, x, w1, w2, z, seed, 0.5, True, needs, col_offset, HIDDEN)
+        want = kernels.ffn_backward(dy, x, w1, w2, z, seed, 0.5, "gelu_tanh", needs, col_offset, HIDDEN)
     for tile, tuner in tile_tuners(ffn._ffn_bwd_dz_kernel, "test_dz_parts",
                                    tiles=((16, 64), (128, 128))):
         monkeypatch.setattr(ffn, "_dz_tuner", tuner)
         with path("fused"):
-            got = kernels.ffn_backward(dy, x, w1, w2, z, seed, 0.5, True, needs, col_offset,
+            got = kernels.ffn_backward(dy, x, w1, w2, z, seed, 0.5, "gelu_tanh", needs, col_offset,
                                        HIDDEN)
         for name, ours, theirs in zip(("dx", "dW1", "db1", "dW2", "db2"), got, want):
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5,
