@@ -344,7 +344,7 @@ def test_fused_epilogue_draws_the_same_mask_as_the_elementwise_kernel(device):
 
 @pytest.mark.parametrize("col_offset", [0, 13])
 def test_the_dz_epilogue_in_parts_matches_the_elementwise_kernel(col_offset, device, monkeypatch):
-    # The dz kernel's epilogue runs on column halves (quarters from 16K-element tiles): at a
+    # The dz kernel's epilogue runs on column halves (quarters from 8K-element tiles): at a
     # tile of each kind, with dropout on a shard starting on a group of 4 columns and inside
     # one, dz, h and the db1 partial sums are the composed path's (same mask, same math).
     x, w1, _, w2, _ = _operands((M, D), HIDDEN, torch.float32, device)
@@ -355,7 +355,7 @@ def test_the_dz_epilogue_in_parts_matches_the_elementwise_kernel(col_offset, dev
     with path("composed"):
         want = kernels.ffn_backward(dy, x, w1, w2, z, seed, 0.5, "gelu_tanh", needs, col_offset, HIDDEN)
     for tile, tuner in tile_tuners(ffn._ffn_bwd_dz_kernel, "test_dz_parts",
-                                   tiles=((16, 64), (128, 128))):
+                                   tiles=((16, 64), (128, 64))):
         monkeypatch.setattr(ffn, "_dz_tuner", tuner)
         with path("fused"):
             got = kernels.ffn_backward(dy, x, w1, w2, z, seed, 0.5, "gelu_tanh", needs, col_offset,

@@ -662,12 +662,17 @@ def test_kernel_masks_are_the_reference_mask(device):
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5,
                                            msg=f"{name} {fwd} p={p}")
     want = reference.dropout_keep(seed, M, N, 0.5).cpu()
-    for tile, tuner in tile_tuners(gk._geglu_fwd_kernel, "test_geglu_tile"):
+    h_default, _, _ = gk._forward_fused(x, w_gate, w_up, b_gate, b_up, "gelu", True, False,
+                                        seed, 0.5, 0, N)
+    # 128 x 64: the epilogue in quarters (8K elements), the others in halves
+    for tile, tuner in tile_tuners(gk._geglu_fwd_kernel, "test_geglu_tile",
+                                   tiles=((16, 16), (16, 64), (64, 32), (128, 64))):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(gk, "_fwd_tuner", tuner)
             h, _, _ = gk._forward_fused(x, w_gate, w_up, b_gate, b_up, "gelu", True, False,
                                         seed, 0.5, 0, N)
         assert torch.equal((h != 0).cpu(), want), f"tile {tile}"
+        torch.testing.assert_close(h, h_default, rtol=1e-5, atol=1e-5, msg=f"tile {tile}")
 
 
 @pytest.mark.parametrize("col_offset", [8, 13])

@@ -146,15 +146,16 @@ def _dz_epilogue(
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
 ):
-    # The tile's column halves in turn, quarters for tiles of 16K elements and more: GELU', the
+    # The tile's column halves in turn, quarters for tiles of 8K elements and more: GELU', the
     # Philox mask and the stores of each part hold a part of the tile's registers at a time (the
-    # whole tile's at once spilled on sm90 at every tile but 64 x 64, up to 2 KB of stack). Part
+    # whole tile's at once spilled on sm90 at every tile but 64 x 64, up to 2 KB of stack;
+    # halves of 128 x 64 at 4 warps still spilled 136 bytes with Triton 3.6). Part
     # j of width w is columns pid_n * BN + j * w + arange(w), i.e. column tile
     # (BN / w) * pid_n + j, which is how the dropout mask sees it (a function of the element's
     # position, not of the tile shape).
     HALF: tl.constexpr = BLOCK_SIZE_N // 2
     dh_lo, dh_hi = column_halves(dh, BLOCK_SIZE_M, BLOCK_SIZE_N)
-    if BLOCK_SIZE_M * BLOCK_SIZE_N >= 16384:
+    if BLOCK_SIZE_M * BLOCK_SIZE_N >= 8192:
         _dz_epilogue_halves(dh_lo, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
                             2 * pid_n, offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
                             dropout_threshold, dropout_scale, dropout_col_offset,

@@ -262,9 +262,47 @@ def _forward_epilogue(
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
 ):
-    # The tile's two column halves in turn (the whole tile's epilogue at once spilled on sm90
-    # beside two accumulators): half j is column tile 2 * pid_n + j of width BN / 2, as the
-    # dropout mask (a function of the element's position) sees it.
+    # The tile's column halves in turn, quarters for tiles of 8K elements and more (the whole
+    # tile's epilogue at once spilled on sm90 beside two accumulators; halves of 128 x 128
+    # with dropout still spilled 304 bytes with Triton 3.6): part j of width w is column tile
+    # (BN / w) * pid_n + j, as the dropout mask (a function of the element's position) sees it.
+    if BLOCK_SIZE_M * BLOCK_SIZE_N >= 8192:
+        HALF: tl.constexpr = BLOCK_SIZE_N // 2
+        g_lo, g_hi = column_halves(acc_g, BLOCK_SIZE_M, BLOCK_SIZE_N)
+        u_lo, u_hi = column_halves(acc_u, BLOCK_SIZE_M, BLOCK_SIZE_N)
+        _forward_epilogue_halves(g_lo, u_lo, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr,
+                                 seed_ptr, 2 * pid_n, offs_m, mask_m, N, stride_om,
+                                 dropout_threshold, dropout_scale, dropout_col_offset,
+                                 dropout_n_cols, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,
+                                 WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, BLOCK_SIZE_M, HALF)
+        _forward_epilogue_halves(g_hi, u_hi, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr,
+                                 seed_ptr, 2 * pid_n + 1, offs_m, mask_m, N, stride_om,
+                                 dropout_threshold, dropout_scale, dropout_col_offset,
+                                 dropout_n_cols, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,
+                                 WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, BLOCK_SIZE_M, HALF)
+    else:
+        _forward_epilogue_halves(acc_g, acc_u, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr,
+                                 seed_ptr, pid_n, offs_m, mask_m, N, stride_om,
+                                 dropout_threshold, dropout_scale, dropout_col_offset,
+                                 dropout_n_cols, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,
+                                 WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, BLOCK_SIZE_M, BLOCK_SIZE_N)
+
+
+@triton.jit
+def _forward_epilogue_halves(
+    acc_g, acc_u,  # (BM, BLOCK_SIZE_N) float32: column tile pid_n of width BLOCK_SIZE_N
+    x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr, pid_n, offs_m, mask_m,
+    N, stride_om, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+    ACTIVATION: tl.constexpr,
+    HAS_GATE_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    SAVE_GATE_UP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+):
+    # ``_forward_epilogue_part`` on the two column halves of the accumulators in turn.
     HALF: tl.constexpr = BLOCK_SIZE_N // 2
     g_lo, g_hi = column_halves(acc_g, BLOCK_SIZE_M, BLOCK_SIZE_N)
     u_lo, u_hi = column_halves(acc_u, BLOCK_SIZE_M, BLOCK_SIZE_N)
@@ -425,11 +463,12 @@ _act_tuner = Tuner(_geglu_act_kernel, "geglu_act", elementwise_configs, prune_el
 
 
 def _bwd_act_configs(arch: str | None = None) -> list[triton.Config]:
-    # The elementwise blocks of at most 32 elements a thread: with three loads, GELU, GELU',
-    # three stores and the Philox mask per element, 64 a thread spilled on sm90 (600 bytes of
-    # stack at 8192 x 4 warps with dropout), 128 several KB.
+    # The elementwise blocks of at most 32 elements a thread (16 at 16 warps, which have 128
+    # registers a thread): with three loads, GELU, GELU', three stores and the Philox mask per
+    # element, 64 a thread spilled on sm90 (600 bytes of stack at 8192 x 4 warps with
+    # dropout), 128 several KB, and 32 at 16 warps 320 bytes with Triton 3.6.
     return [c for c in elementwise_configs(arch)
-            if c.kwargs["BLOCK_SIZE"] <= 32 * 32 * c.num_warps]
+            if c.kwargs["BLOCK_SIZE"] // (32 * c.num_warps) <= (32 if c.num_warps <= 8 else 16)]
 
 
 _bwd_act_tuner = Tuner(_geglu_bwd_act_kernel, "geglu_bwd_act", _bwd_act_configs,
