@@ -163,9 +163,10 @@ def test_quick_gelu_blocks_with_dropout(device):
 
 
 def _every_path():
-    from triton_gelu import _autotune, kernels  # noqa: F401  (registers the path choosers)
+    from triton_gelu import kernels  # noqa: F401  (registers the path choosers)
+    from triton_gelu.tuning.paths import path_choosers
 
-    return [(op, path) for op, chooser in _autotune.path_choosers.items()
+    return [(op, path) for op, chooser in path_choosers.items()
             for path in chooser.paths]
 
 

@@ -70,9 +70,9 @@ DROPOUT = dict(seed_ptr=torch.int64, dropout_threshold=214748365, dropout_scale=
 
 
 def _matmul_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
-    """(name, kernel, args, key) of the forward, dx and dW kernels on contiguous operands, and
-    the FFN block's: the forward with dropout, the backward's dz = dy @ W2 (N = d_ff, reducing
-    over K = d_model)."""
+    """(name, kernel, args, key) of the linear forward and the backward's dz kernel on contiguous
+    operands, and the FFN block's: the forward with dropout, the backward's dz = dy @ W2
+    (N = d_ff, reducing over K = d_model)."""
     precision = "tf32" if dtype == torch.float32 else None
     fwd = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, preact_ptr=dtype,
                M=M, N=N, K=K, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ym=N,
@@ -84,20 +84,11 @@ def _matmul_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
                   stride_dym=K, stride_dye=1, stride_w2e=N, stride_w2f=1, stride_zm=N,
                   stride_zf=1, ACTIVATION=activation, WRITE_H=True, SUM_DB1=True,
                   INPUT_PRECISION=precision, **DROPOUT)
-    dx = dict(dy_ptr=dtype, preact_ptr=dtype, w_ptr=dtype, dx_ptr=dtype, M=M, N=N, K=K,
-              stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1, stride_wn=K, stride_wk=1,
-              stride_dxm=K, ACTIVATION=activation, INPUT_PRECISION=precision)
-    dw = dict(dy_ptr=dtype, preact_ptr=dtype, x_ptr=dtype, dw_ptr=dtype, db_ptr=dtype,
-              M=M, N=N, K=K, stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1,
-              stride_xm=K, stride_xk=1, stride_dwn=K, ACTIVATION=activation,
-              COMPUTE_DW=True, COMPUTE_DB=True, INPUT_PRECISION=precision)
     dz = dict(dy_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, db_partial_ptr=torch.float32,
               M=M, N=N, stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1,
               ACTIVATION=activation, WRITE_DZ=True, COMPUTE_DB=True, ROWS=TILE_ROWS)
     key = (bucket(M), N, K, dtype, activation)
     return [("linear_gelu_fwd", None, fwd, key),
-            ("linear_gelu_bwd_dx", None, dx, key),
-            ("linear_gelu_bwd_dw", None, dw, key),
             ("linear_gelu_bwd_dz", None, dz,
              (bucket(M), N, dtype, activation, True, True)),
             ("ffn_fwd_gelu_dropout", None, ffn_fwd, key),
@@ -145,14 +136,6 @@ def _geglu_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
                stride_xk=1, stride_wgn=K, stride_wgk=1, stride_wun=K, stride_wuk=1,
                stride_om=N, ACTIVATION=activation, HAS_GATE_BIAS=True, HAS_UP_BIAS=True,
                WRITE_H=True, SAVE_GATE_UP=True, INPUT_PRECISION=precision, **NO_DROPOUT)
-    dx = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, wg_ptr=dtype, wu_ptr=dtype, dx_ptr=dtype,
-              M=M, N=N, K=K, stride_dhm=N, stride_dhn=1, stride_gm=N, stride_wgn=K,
-              stride_wgk=1, stride_wun=K, stride_wuk=1, stride_dxm=K, ACTIVATION=activation,
-              INPUT_PRECISION=precision)
-    dw = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, x_ptr=dtype, dwg_ptr=dtype, dwu_ptr=dtype,
-              dbg_ptr=dtype, dbu_ptr=dtype, M=M, N=N, K=K, stride_dhm=N, stride_dhn=1,
-              stride_gm=N, stride_xm=K, stride_xk=1, stride_dwn=K, ACTIVATION=activation,
-              COMPUTE_DW=True, COMPUTE_DB=True, INPUT_PRECISION=precision)
     n = M * N
     act = dict(g_ptr=dtype, u_ptr=dtype, h_ptr=dtype, n_elements=n, n_cols=N,
                ACTIVATION=activation, **NO_DROPOUT)
@@ -162,8 +145,6 @@ def _geglu_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
     key = (bucket(M), N, K, dtype, activation)
     elementwise_key = (bucket(n), dtype, activation)
     return [("geglu_fwd", None, fwd, key),
-            ("geglu_bwd_dx", None, dx, key),
-            ("geglu_bwd_dw", None, dw, key),
             ("geglu_act", None, act, elementwise_key),
             ("geglu_bwd_act", None, bwd_act, elementwise_key),
             ("geglu_fwd+dropout", None, {**fwd, **DROPOUT}, key),
