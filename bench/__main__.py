@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--quick", action="store_true",
                    help="bf16, bert-base, three GELU sizes, no max-autotune")
+    p.add_argument("--host", action="store_true",
+                   help="host time per call of every entry point and module against eager "
+                        "PyTorch, on any machine (bench/host.py)")
+    p.add_argument("--fallback-throughput", action="store_true",
+                   help="with --host: also the fallback's forward+backward at 2048x768->3072")
+    p.add_argument("--json", type=Path, help="with --host: write the records there")
     p.add_argument("--check", action="store_true",
                    help="only the correctness check (the default without a GPU)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
@@ -273,6 +279,10 @@ def run_bench(ops: list[str], sel: harness.Selection, out: Path, stem: str,
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.host:
+        from . import host
+
+        return host.main(args.json, args.fallback_throughput)
     ops = _choose("op", _split(args.ops), OPS)
     sel = selection(args, GPU and not args.check)
     if not GPU or args.check:
