@@ -54,13 +54,11 @@ from triton_gelu import _autotune  # noqa: E402
 from triton_gelu.kernels import _matmul  # noqa: E402
 from triton_gelu.kernels.ffn import _ffn_bwd_dz_kernel, _ffn_bwd_dz_tma_kernel  # noqa: E402
 from triton_gelu.kernels.geglu import (  # noqa: E402
-    _geglu_act_kernel, _geglu_bwd_act_kernel, _geglu_bwd_dw_kernel, _geglu_bwd_dx_kernel,
-    _geglu_fwd_kernel, _geglu_fwd_tma_kernel,
+    _geglu_act_kernel, _geglu_bwd_act_kernel, _geglu_fwd_kernel, _geglu_fwd_tma_kernel,
 )
 from triton_gelu.kernels.gelu import _gelu_bwd_kernel, _gelu_fwd_kernel  # noqa: E402
 from triton_gelu.kernels.linear_gelu import (  # noqa: E402
-    _linear_gelu_bwd_dw_kernel, _linear_gelu_bwd_dx_kernel, _linear_gelu_bwd_dz_kernel,
-    linear_gelu_fwd_kernel, linear_gelu_fwd_tma_kernel,
+    _linear_gelu_bwd_dz_kernel, linear_gelu_fwd_kernel, linear_gelu_fwd_tma_kernel,
 )
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
@@ -106,9 +104,9 @@ DROPOUT = dict(seed_ptr=torch.int64, dropout_threshold=214748365, dropout_scale=
 
 
 def _matmul_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
-    """(name, kernel, args, key) of the forward, dx and dW kernels on contiguous operands, and
-    the FFN block's: the forward with dropout, the backward's dz = dy @ W2 (N = d_ff, reducing
-    over K = d_model)."""
+    """(name, kernel, args, key) of the linear forward and the backward's dz kernel on contiguous
+    operands, and the FFN block's: the forward with dropout, the backward's dz = dy @ W2
+    (N = d_ff, reducing over K = d_model)."""
     precision = "tf32" if dtype == torch.float32 else None
     fwd = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, preact_ptr=dtype,
                M=M, N=N, K=K, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ym=N,
@@ -120,20 +118,11 @@ def _matmul_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
                   stride_dym=K, stride_dye=1, stride_w2e=N, stride_w2f=1, stride_zm=N,
                   stride_zf=1, ACTIVATION=activation, WRITE_H=True, SUM_DB1=True,
                   INPUT_PRECISION=precision, **DROPOUT)
-    dx = dict(dy_ptr=dtype, preact_ptr=dtype, w_ptr=dtype, dx_ptr=dtype, M=M, N=N, K=K,
-              stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1, stride_wn=K, stride_wk=1,
-              stride_dxm=K, ACTIVATION=activation, INPUT_PRECISION=precision)
-    dw = dict(dy_ptr=dtype, preact_ptr=dtype, x_ptr=dtype, dw_ptr=dtype, db_ptr=dtype,
-              M=M, N=N, K=K, stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1,
-              stride_xm=K, stride_xk=1, stride_dwn=K, ACTIVATION=activation,
-              COMPUTE_DW=True, COMPUTE_DB=True, INPUT_PRECISION=precision)
     dz = dict(dy_ptr=dtype, preact_ptr=dtype, dz_ptr=dtype, db_partial_ptr=torch.float32,
               M=M, N=N, stride_dym=N, stride_dyn=1, stride_pm=N, stride_pn=1,
               ACTIVATION=activation, WRITE_DZ=True, COMPUTE_DB=True, ROWS=_autotune.TILE_ROWS)
     key = (_autotune.bucket(M), N, K, dtype, activation)
     return [("linear_gelu_fwd", linear_gelu_fwd_kernel, fwd, key),
-            ("linear_gelu_bwd_dx", _linear_gelu_bwd_dx_kernel, dx, key),
-            ("linear_gelu_bwd_dw", _linear_gelu_bwd_dw_kernel, dw, key),
             ("linear_gelu_bwd_dz", _linear_gelu_bwd_dz_kernel, dz,
              (_autotune.bucket(M), N, dtype, activation, True, True)),
             ("ffn_fwd_gelu_dropout", linear_gelu_fwd_kernel, ffn_fwd, key),
@@ -181,14 +170,6 @@ def _geglu_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
                stride_xk=1, stride_wgn=K, stride_wgk=1, stride_wun=K, stride_wuk=1,
                stride_om=N, ACTIVATION=activation, HAS_GATE_BIAS=True, HAS_UP_BIAS=True,
                WRITE_H=True, SAVE_GATE_UP=True, INPUT_PRECISION=precision, **NO_DROPOUT)
-    dx = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, wg_ptr=dtype, wu_ptr=dtype, dx_ptr=dtype,
-              M=M, N=N, K=K, stride_dhm=N, stride_dhn=1, stride_gm=N, stride_wgn=K,
-              stride_wgk=1, stride_wun=K, stride_wuk=1, stride_dxm=K, ACTIVATION=activation,
-              INPUT_PRECISION=precision)
-    dw = dict(dh_ptr=dtype, g_ptr=dtype, u_ptr=dtype, x_ptr=dtype, dwg_ptr=dtype, dwu_ptr=dtype,
-              dbg_ptr=dtype, dbu_ptr=dtype, M=M, N=N, K=K, stride_dhm=N, stride_dhn=1,
-              stride_gm=N, stride_xm=K, stride_xk=1, stride_dwn=K, ACTIVATION=activation,
-              COMPUTE_DW=True, COMPUTE_DB=True, INPUT_PRECISION=precision)
     n = M * N
     act = dict(g_ptr=dtype, u_ptr=dtype, h_ptr=dtype, n_elements=n, n_cols=N,
                ACTIVATION=activation, **NO_DROPOUT)
@@ -198,8 +179,6 @@ def _geglu_cases(dtype: torch.dtype, activation: str, M: int, N: int, K: int):
     key = (_autotune.bucket(M), N, K, dtype, activation)
     elementwise_key = (_autotune.bucket(n), dtype, activation)
     return [("geglu_fwd", _geglu_fwd_kernel, fwd, key),
-            ("geglu_bwd_dx", _geglu_bwd_dx_kernel, dx, key),
-            ("geglu_bwd_dw", _geglu_bwd_dw_kernel, dw, key),
             ("geglu_act", _geglu_act_kernel, act, elementwise_key),
             ("geglu_bwd_act", _geglu_bwd_act_kernel, bwd_act, elementwise_key),
             ("geglu_fwd+dropout", _geglu_fwd_kernel, {**fwd, **DROPOUT}, key),

@@ -40,12 +40,13 @@ def load_kernel(directory: Path, factor: str, module: str):
     return mod._copy_kernel
 
 
-def tile_tuners(kernel, name: str):
-    """(label, Tuner) pairs launching the matmul ``kernel`` with one tile shape each, other
-    than the interpreter's (a dropout epilogue's mask must not depend on the tile)."""
+def tile_tuners(kernel, name: str, tiles=((16, 16), (16, 64), (64, 32))):
+    """(label, Tuner) pairs launching the matmul ``kernel`` with one tile shape (BLOCK_SIZE_M,
+    BLOCK_SIZE_N) of ``tiles`` each, other than the interpreter's (a dropout epilogue's mask
+    must not depend on the tile)."""
     from triton_gelu._autotune import Tuner
 
-    for block_m, block_n in ((16, 16), (16, 64), (64, 32)):
+    for block_m, block_n in tiles:
         config = triton.Config({"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": block_n,
                                 "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 2}, num_warps=4)
         label = f"{block_m}x{block_n}"

@@ -21,13 +21,11 @@ ARCHES = ("sm90", "sm80")
 # Kernel names (``aot_compile.py --list``) in groups of roughly equal compile time.
 GROUPS = {
     "linear_fwd": ("linear_gelu_fwd",),
-    "linear_bwd": ("linear_gelu_bwd_dx", "linear_gelu_bwd_dw"),
     "elementwise": ("linear_gelu_bwd_dz", "gelu_fwd", "gelu_bwd", "gelu_dropout_fwd",
                     "gelu_dropout_bwd", "geglu_act", "geglu_bwd_act", "geglu_act+dropout",
                     "geglu_bwd_act+dropout"),
     "ffn": ("ffn_fwd_gelu_dropout", "ffn_bwd_dz"),
     "geglu_fwd": ("geglu_fwd", "geglu_fwd+dropout"),
-    "geglu_bwd": ("geglu_bwd_dx", "geglu_bwd_dw"),
     # The Hopper variants (TMA, persistent grid): sm_90 only, every config of their spaces.
     "hopper": ("linear_gelu_fwd_tma", "ffn_fwd_gelu_dropout_tma", "ffn_bwd_dz_tma",
                "geglu_fwd_tma", "geglu_fwd_tma+dropout"),

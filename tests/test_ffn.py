@@ -342,6 +342,29 @@ def test_fused_epilogue_draws_the_same_mask_as_the_elementwise_kernel(device):
         assert torch.equal((h != 0).cpu(), want), f"tile {tile}"
 
 
+@pytest.mark.parametrize("col_offset", [0, 13])
+def test_the_dz_epilogue_in_parts_matches_the_elementwise_kernel(col_offset, device, monkeypatch):
+    # The dz kernel's epilogue runs on column halves (quarters from 8K-element tiles): at a
+    # tile of each kind, with dropout on a shard starting on a group of 4 columns and inside
+    # one, dz, h and the db1 partial sums are the composed path's (same mask, same math).
+    x, w1, _, w2, _ = _operands((M, D), HIDDEN, torch.float32, device)
+    cols = slice(col_offset, HIDDEN)
+    w1, w2 = w1[cols], w2[:, cols].contiguous()
+    z, dy, seed = x @ w1.t(), torch.randn(M, D, device=device), dropout_seed(device)
+    needs = [True] * 5
+    with path("composed"):
+        want = kernels.ffn_backward(dy, x, w1, w2, z, seed, 0.5, "gelu_tanh", needs, col_offset, HIDDEN)
+    for tile, tuner in tile_tuners(ffn._ffn_bwd_dz_kernel, "test_dz_parts",
+                                   tiles=((16, 64), (128, 64))):
+        monkeypatch.setattr(ffn, "_dz_tuner", tuner)
+        with path("fused"):
+            got = kernels.ffn_backward(dy, x, w1, w2, z, seed, 0.5, "gelu_tanh", needs, col_offset,
+                                       HIDDEN)
+        for name, ours, theirs in zip(("dx", "dW1", "db1", "dW2", "db2"), got, want):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5,
+                                       msg=f"{name}, tile {tile}")
+
+
 # Tensor parallel: a rank's hidden columns start at col_offset of the whole hidden layer; on a
 # group of 4 columns (8), inside one (13: the fused epilogue's per-element branch), or at 0.
 SHARD_OFFSETS = [0, 8, 13]

@@ -43,7 +43,7 @@ from helpers import assert_no_worse_than_torch  # noqa: E402
 from parallel_scenarios import GemmaLikeMLP, Holder  # noqa: E402
 from spawn_ranks import once_per_test_run, run_scenarios  # noqa: E402
 
-FUSED = ("linear_gelu_fwd", "linear_gelu_bwd_dx", "linear_gelu_bwd_dw")
+FUSED = ("linear_gelu_fwd", "linear_gelu_bwd_dz")
 # A whole FFN block (FeedForward, FusedFeedForward): the fused forward and the backward's dz matmul.
 FFN_BLOCK = ("ffn_fwd_gelu_dropout", "ffn_bwd_dz")
 # GeGLU, and the gated block: the dual-matmul forward and the backward's elementwise kernel.

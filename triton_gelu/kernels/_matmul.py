@@ -64,22 +64,11 @@ def output_tile_of(tile_id, M, N, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.c
 
 
 @triton.jit
-def weight_grad_tile(N, K, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-                     GROUP_SIZE_M: tl.constexpr, COMPUTE_DW: tl.constexpr):
-    # The (BLOCK_SIZE_N, BLOCK_SIZE_K) tile of an (N, K) weight gradient this program computes
-    # (a reduction over M), in grouped order: its K-tile index (the programs of K-tile 0 own the
-    # bias gradient), its int64 row and column offsets and their masks. Without COMPUTE_DW,
-    # one program per N-tile, for the bias gradient alone.
-    if COMPUTE_DW:
-        num_k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
-    else:
-        num_k_tiles = 1
-    pid_n, pid_k = grouped_tile(
-        tl.program_id(0), tl.cdiv(N, BLOCK_SIZE_N), num_k_tiles, GROUP_SIZE_M
-    )
-    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    offs_k = pid_k.to(tl.int64) * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)
-    return pid_k, offs_n, offs_k, offs_n < N, offs_k < K
+def column_halves(tile, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):
+    # The (BM, BN / 2) left and right halves of a (BM, BN) tile (columns j * BN / 2 + arange):
+    # an epilogue run on each in turn holds half its values at a time, so ptxas needs not
+    # spill a heavy epilogue's (ffn._dz_epilogue, geglu._forward_epilogue).
+    return tl.split(tl.permute(tl.reshape(tile, (BLOCK_SIZE_M, 2, BLOCK_SIZE_N // 2)), (0, 2, 1)))
 
 
 @triton.jit
@@ -278,3 +267,13 @@ def cublas_context(t: torch.Tensor):
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def small_accumulators(configs: list[triton.Config]) -> list[triton.Config]:
+    """``configs`` less the tiles whose (BM, BN) float32 accumulator takes more than 64
+    registers a thread. For kernels with a heavy epilogue (the FFN backward's GELU' and Philox)
+    or two accumulators (GeGLU's forward): ptxas spills those tiles on sm90 (the GeGLU forward's
+    256 x 128 inside its main loop), however the epilogue is split (see ``ffn._dz_epilogue``).
+    The interpreter's single small config always passes."""
+    return [c for c in configs
+            if c.kwargs["BLOCK_SIZE_M"] * c.kwargs["BLOCK_SIZE_N"] <= 64 * 32 * c.num_warps]

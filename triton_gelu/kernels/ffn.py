@@ -71,8 +71,9 @@ from ._math import (
     cast_to, dropout_arguments, dropout_factor_tile, activate, activate_grad, without_dropout,
 )
 from ._matmul import (
-    cublas_context, descriptor_dot_tile, dot_tile, input_precision, output_tile, output_tile_of,
-    persistent_grid, tile_grid, tma_applies, tma_compatible, use_tma_allocator,
+    column_halves, cublas_context, descriptor_dot_tile, dot_tile, input_precision, output_tile,
+    output_tile_of, persistent_grid, small_accumulators, tile_grid, tma_applies, tma_compatible,
+    use_tma_allocator,
 )
 from .gelu import gelu_dropout_backward, gelu_dropout_forward
 from .linear_gelu import forward_torch as _linear_gelu_torch
@@ -125,9 +126,9 @@ def _ffn_bwd_dz_kernel(
                   INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
     _dz_epilogue(dh, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m, pid_n, offs_m,
-                 offs_n, mask_m, mask_n, F, db1_part_rows, stride_zm, stride_zf,
-                 dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-                 ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, BLOCK_SIZE_N)
+                 mask_m, F, db1_part_rows, stride_zm, stride_zf, dropout_threshold,
+                 dropout_scale, dropout_col_offset, dropout_n_cols, ACTIVATION,
+                 HAS_DROPOUT, WRITE_H, SUM_DB1, BLOCK_SIZE_M, BLOCK_SIZE_N)
 
 
 @triton.jit
@@ -135,7 +136,79 @@ def _dz_epilogue(
     dh,  # (BM, BN) float32: dy @ W2 for the tile
     preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr,  # as the dz kernels' arguments
     pid_m, pid_n,  # the tile's indices
-    offs_m, offs_n, mask_m, mask_n,  # its int64 rows and columns, and their masks
+    offs_m, mask_m,  # its int64 rows and their mask
+    F, db1_part_rows, stride_zm, stride_zf,
+    dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+    ACTIVATION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    SUM_DB1: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+):
+    # The tile's column halves in turn, quarters for tiles of 8K elements and more: GELU', the
+    # Philox mask and the stores of each part hold a part of the tile's registers at a time (the
+    # whole tile's at once spilled on sm90 at every tile but 64 x 64, up to 2 KB of stack;
+    # halves of 128 x 64 at 4 warps still spilled 136 bytes with Triton 3.6). Part
+    # j of width w is columns pid_n * BN + j * w + arange(w), i.e. column tile
+    # (BN / w) * pid_n + j, which is how the dropout mask sees it (a function of the element's
+    # position, not of the tile shape).
+    HALF: tl.constexpr = BLOCK_SIZE_N // 2
+    dh_lo, dh_hi = column_halves(dh, BLOCK_SIZE_M, BLOCK_SIZE_N)
+    if BLOCK_SIZE_M * BLOCK_SIZE_N >= 8192:
+        _dz_epilogue_halves(dh_lo, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
+                            2 * pid_n, offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
+                            dropout_threshold, dropout_scale, dropout_col_offset,
+                            dropout_n_cols, ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1,
+                            BLOCK_SIZE_M, HALF)
+        _dz_epilogue_halves(dh_hi, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
+                            2 * pid_n + 1, offs_m, mask_m, F, db1_part_rows, stride_zm,
+                            stride_zf, dropout_threshold, dropout_scale, dropout_col_offset,
+                            dropout_n_cols, ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1,
+                            BLOCK_SIZE_M, HALF)
+    else:
+        _dz_epilogue_part(dh_lo, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
+                          2 * pid_n, offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
+                          dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+                          ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
+        _dz_epilogue_part(dh_hi, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
+                          2 * pid_n + 1, offs_m, mask_m, F, db1_part_rows, stride_zm,
+                          stride_zf, dropout_threshold, dropout_scale, dropout_col_offset,
+                          dropout_n_cols, ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
+
+
+@triton.jit
+def _dz_epilogue_halves(
+    dh,  # (BM, BLOCK_SIZE_N) float32: dy @ W2 for column tile pid_n of width BLOCK_SIZE_N
+    preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m, pid_n, offs_m, mask_m,
+    F, db1_part_rows, stride_zm, stride_zf,
+    dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+    ACTIVATION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    SUM_DB1: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+):
+    # ``_dz_epilogue_part`` on the two column halves of ``dh`` in turn (see ``_dz_epilogue``).
+    HALF: tl.constexpr = BLOCK_SIZE_N // 2
+    dh_lo, dh_hi = column_halves(dh, BLOCK_SIZE_M, BLOCK_SIZE_N)
+    _dz_epilogue_part(dh_lo, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
+                      2 * pid_n, offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
+                      dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+                      ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
+    _dz_epilogue_part(dh_hi, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
+                      2 * pid_n + 1, offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
+                      dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+                      ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
+
+
+@triton.jit
+def _dz_epilogue_part(
+    dh,  # (BM, BLOCK_SIZE_N) float32: dy @ W2 for columns tile pid_n of width BLOCK_SIZE_N
+    preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr,  # as the dz kernels' arguments
+    pid_m, pid_n,  # the tile's indices (pid_n in units of this part's width)
+    offs_m, mask_m,  # its int64 rows and their mask
     F, db1_part_rows, stride_zm, stride_zf,
     dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
     ACTIVATION: tl.constexpr,
@@ -148,6 +221,8 @@ def _dz_epilogue(
     #   dz = dh * keep / (1 - p) * gelu'(z)
     # Rows past M have dh = 0 (and z read as 0), so their dz is 0 and the column sums hold.
     # Both dz kernels (pointer loads, and TMA loads on a persistent grid) end so.
+    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    mask_n = offs_n < F
     mask = mask_m[:, None] & mask_n[None, :]
     preact = tl.load(preact_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zf,
                      mask=mask, other=0.0).to(tl.float32)
@@ -159,15 +234,15 @@ def _dz_epilogue(
         dz = dz * keep_scale
     offs_out = offs_m[:, None] * F + offs_n[None, :]
     tl.store(dz_ptr + offs_out, cast_to(dz, dz_ptr.dtype.element_ty), mask=mask)
+    if SUM_DB1:  # db1 = sum_m dz: this tile's column sums, in row pid_m of the partial sums
+        if pid_m < db1_part_rows:  # always, unless a stale cached tile is smaller than planned
+            tl.store(db1_part_ptr + pid_m.to(tl.int64) * F + offs_n, tl.sum(dz, axis=0),
+                     mask=mask_n)
     if WRITE_H:  # linear2's input, regenerated for dW2 = dy^T @ h
         h = activate(preact, ACTIVATION)
         if HAS_DROPOUT:
             h = h * keep_scale
         tl.store(h_ptr + offs_out, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
-    if SUM_DB1:  # db1 = sum_m dz: this tile's column sums, in row pid_m of the partial sums
-        if pid_m < db1_part_rows:  # always, unless a stale cached tile is smaller than planned
-            tl.store(db1_part_ptr + pid_m.to(tl.int64) * F + offs_n, tl.sum(dz, axis=0),
-                     mask=mask_n)
 
 
 @triton.jit
@@ -216,9 +291,10 @@ def _ffn_bwd_dz_tma_kernel(
                                  E, True, INPUT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N,
                                  BLOCK_SIZE_K)
         _dz_epilogue(dh, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m, pid_n,
-                     offs_m, offs_n, mask_m, mask_n, F, db1_part_rows, stride_zm, stride_zf,
+                     offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
                      dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-                     ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, BLOCK_SIZE_N)
+                     ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, BLOCK_SIZE_M,
+                     BLOCK_SIZE_N)
 
 # The same forward kernel as LinearGELU's, under its own name: its keys and launch count are the
 # FFN block's. Both kernels loop over a reduction the way the linear forward does ("K").
@@ -228,7 +304,15 @@ _fwd_tuner = Tuner(linear_gelu_fwd_kernel, "ffn_fwd_gelu_dropout", matmul_config
 _fwd_tma_tuner = Tuner(linear_gelu_fwd_tma_kernel, "ffn_fwd_gelu_dropout_tma",
                        tma_dropout_configs,
                        functools.partial(prune_matmul, reduction="K", persistent=True))
-_dz_tuner = Tuner(_ffn_bwd_dz_kernel, "ffn_bwd_dz", matmul_configs,
+
+
+def _dz_configs(arch: str | None = None) -> list[triton.Config]:
+    # The matmul tiles whose accumulator leaves the GELU' + Philox epilogue room (see
+    # _matmul.small_accumulators: 128 x 256 and 256 x 128 at 8 warps, 64 x 256 at 4, spill).
+    return small_accumulators(matmul_configs(arch))
+
+
+_dz_tuner = Tuner(_ffn_bwd_dz_kernel, "ffn_bwd_dz", _dz_configs,
                   functools.partial(prune_matmul, reduction="K"))
 # Its Hopper variant: the backward's "tma" path.
 _dz_tma_tuner = Tuner(_ffn_bwd_dz_tma_kernel, "ffn_bwd_dz_tma", tma_matmul_configs,

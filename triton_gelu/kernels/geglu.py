@@ -29,10 +29,13 @@ Backward, for the upstream gradient dh. With h = gelu(g) * u::
 Path "once" (the default): one elementwise kernel reads dh, g and u once and writes dg and du
 in the input dtype; cuBLAS does the four matmuls (dx as ``mm`` then ``addmm_`` into the same
 buffer) and the bias gradients are column sums of the rounded dg and du, as in PyTorch's
-backward. Path "fused": dg and du are never written; a dx kernel and a dW kernel each rebuild
-them from the dh, g and u tiles they load (as ``linear_gelu``'s backward does with dz), and the
-dW kernel also sums both bias gradients in float32. The gated block's backward also asks for h
-(``write_h``): the elementwise kernel writes it alongside dg and du.
+backward. The gated block's backward also asks for h (``write_h``): the same kernel writes it
+alongside dg and du. dg and du are transients of the backward: 2 x M x N elements of the input
+dtype (as eager PyTorch's backward holds), freed when it returns. No path rebuilds dg and du
+inside the matmuls: dx and dW kernels doing so (as this file's once did) recomputed them
+K / BLOCK_SIZE_K times per element, ran 1,900-8,900 SASS instructions per main-loop iteration
+on sm90 against about 250 for the dual forward, and the dW kernel spilled inside its loop at
+every config (255 registers; see ``linear_gelu.py``).
 
 Path "tma" (forward, sm90+, operands a tensor descriptor can serve): the fused kernel's Hopper
 variant, x, W_gate and W_up loaded by TMA on a persistent grid, the same epilogue.
@@ -49,11 +52,9 @@ draws the same one): the fused epilogue with ``dropout_factor_tile``, the compos
 elementwise kernel with ``dropout_factor``. The backward takes dh for dropout(h) and its "once"
 kernel regenerates the mask from the seed: dh * keep / (1 - p) enters dg and du, and the h it
 writes for the down projection is dropout(h). Only g, u and the seed are kept, never the mask
-or h. "fused" and "torch" serve p == 0 only (``applies``): the fused dx and dW kernels rebuild
-dg and du once per output tile, so with dropout each would redraw the 10-round Philox of every
-element K / BLOCK_SIZE_K times where the once kernel draws it once, and PyTorch's ops cannot
-draw the kernels' mask. The path keys hold p > 0, and ``geglu_gate_up`` (the recompute) takes
-the forward's p so that it keys, and so computes, g and u as the forward did.
+or h. "torch" serves p == 0 only (``applies``): PyTorch's ops cannot draw the kernels' mask.
+The path keys hold p > 0, and ``geglu_gate_up`` (the recompute) takes the forward's p so
+that it keys, and so computes, g and u as the forward did.
 
 Layouts: x, the weights and dh are read through their strides (no copy of a transposed weight
 or a sliced x); g and u are the package's own contiguous outputs. Outputs are new contiguous
@@ -85,7 +86,7 @@ from ._math import (
 )
 from ._matmul import (
     cublas_context, dot_operand, input_precision, output_tile, output_tile_of, persistent_grid,
-    tile_grid, tma_applies, tma_compatible, use_tma_allocator, weight_grad_tile,
+    column_halves, small_accumulators, tile_grid, tma_applies, tma_compatible, use_tma_allocator,
 )
 from .gelu import as_rows, elementwise_grid, row_offsets
 
@@ -175,9 +176,9 @@ def _geglu_fwd_kernel(
         wu_ptrs += BLOCK_SIZE_K * stride_wuk
 
     _forward_epilogue(acc_g, acc_u, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr, pid_n,
-                      offs_m, offs_n, mask_m, mask_n, stride_om, dropout_threshold,
-                      dropout_scale, dropout_col_offset, dropout_n_cols, ACTIVATION,
-                      HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT,
+                      offs_m, mask_m, N, stride_om, dropout_threshold, dropout_scale,
+                      dropout_col_offset, dropout_n_cols, ACTIVATION, HAS_GATE_BIAS,
+                      HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, BLOCK_SIZE_M,
                       BLOCK_SIZE_N)
 
 
@@ -239,10 +240,10 @@ def _geglu_fwd_tma_kernel(
             wu = dot_operand(wu_desc.load([off_n, k * BLOCK_SIZE_K]))
             acc_u = tl.dot(x, wu.T, acc_u, input_precision=INPUT_PRECISION)
         _forward_epilogue(acc_g, acc_u, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,
-                          pid_n, offs_m, offs_n, mask_m, mask_n, stride_om, dropout_threshold,
+                          pid_n, offs_m, mask_m, N, stride_om, dropout_threshold,
                           dropout_scale, dropout_col_offset, dropout_n_cols, ACTIVATION,
                           HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT,
-                          BLOCK_SIZE_N)
+                          BLOCK_SIZE_M, BLOCK_SIZE_N)
 
 
 @triton.jit
@@ -250,8 +251,78 @@ def _forward_epilogue(
     acc_g, acc_u,  # (BM, BN) float32: x @ W_gate^T and x @ W_up^T for the tile
     x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,  # the forward kernels' arguments
     pid_n,  # the tile's column index (the dropout mask's tile position)
-    offs_m, offs_n, mask_m, mask_n,  # the tile's int64 rows and columns, and their masks
-    stride_om, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+    offs_m, mask_m,  # the tile's int64 rows and their mask
+    N, stride_om, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+    ACTIVATION: tl.constexpr,
+    HAS_GATE_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    SAVE_GATE_UP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+):
+    # The tile's column halves in turn, quarters for tiles of 8K elements and more (the whole
+    # tile's epilogue at once spilled on sm90 beside two accumulators; halves of 128 x 128
+    # with dropout still spilled 304 bytes with Triton 3.6): part j of width w is column tile
+    # (BN / w) * pid_n + j, as the dropout mask (a function of the element's position) sees it.
+    if BLOCK_SIZE_M * BLOCK_SIZE_N >= 8192:
+        HALF: tl.constexpr = BLOCK_SIZE_N // 2
+        g_lo, g_hi = column_halves(acc_g, BLOCK_SIZE_M, BLOCK_SIZE_N)
+        u_lo, u_hi = column_halves(acc_u, BLOCK_SIZE_M, BLOCK_SIZE_N)
+        _forward_epilogue_halves(g_lo, u_lo, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr,
+                                 seed_ptr, 2 * pid_n, offs_m, mask_m, N, stride_om,
+                                 dropout_threshold, dropout_scale, dropout_col_offset,
+                                 dropout_n_cols, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,
+                                 WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, BLOCK_SIZE_M, HALF)
+        _forward_epilogue_halves(g_hi, u_hi, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr,
+                                 seed_ptr, 2 * pid_n + 1, offs_m, mask_m, N, stride_om,
+                                 dropout_threshold, dropout_scale, dropout_col_offset,
+                                 dropout_n_cols, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,
+                                 WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, BLOCK_SIZE_M, HALF)
+    else:
+        _forward_epilogue_halves(acc_g, acc_u, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr,
+                                 seed_ptr, pid_n, offs_m, mask_m, N, stride_om,
+                                 dropout_threshold, dropout_scale, dropout_col_offset,
+                                 dropout_n_cols, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,
+                                 WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, BLOCK_SIZE_M, BLOCK_SIZE_N)
+
+
+@triton.jit
+def _forward_epilogue_halves(
+    acc_g, acc_u,  # (BM, BLOCK_SIZE_N) float32: column tile pid_n of width BLOCK_SIZE_N
+    x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr, pid_n, offs_m, mask_m,
+    N, stride_om, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
+    ACTIVATION: tl.constexpr,
+    HAS_GATE_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    SAVE_GATE_UP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+):
+    # ``_forward_epilogue_part`` on the two column halves of the accumulators in turn.
+    HALF: tl.constexpr = BLOCK_SIZE_N // 2
+    g_lo, g_hi = column_halves(acc_g, BLOCK_SIZE_M, BLOCK_SIZE_N)
+    u_lo, u_hi = column_halves(acc_u, BLOCK_SIZE_M, BLOCK_SIZE_N)
+    _forward_epilogue_part(g_lo, u_lo, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,
+                           2 * pid_n, offs_m, mask_m, N, stride_om, dropout_threshold,
+                           dropout_scale, dropout_col_offset, dropout_n_cols, ACTIVATION,
+                           HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, HALF)
+    _forward_epilogue_part(g_hi, u_hi, x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,
+                           2 * pid_n + 1, offs_m, mask_m, N, stride_om, dropout_threshold,
+                           dropout_scale, dropout_col_offset, dropout_n_cols, ACTIVATION,
+                           HAS_GATE_BIAS, HAS_UP_BIAS, WRITE_H, SAVE_GATE_UP, HAS_DROPOUT, HALF)
+
+
+@triton.jit
+def _forward_epilogue_part(
+    acc_g, acc_u,  # (BM, BLOCK_SIZE_N) float32: x @ W_gate^T and x @ W_up^T, column tile pid_n
+    x_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, seed_ptr,  # the forward kernels' arguments
+    pid_n,  # the column tile's index, in units of BLOCK_SIZE_N
+    offs_m, mask_m,  # the tile's int64 rows and their mask
+    N, stride_om, dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
     ACTIVATION: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
@@ -260,6 +331,8 @@ def _forward_epilogue(
     HAS_DROPOUT: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
 ):
+    offs_n = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    mask_n = offs_n < N
     # Epilogue in float32: g and u get their biases and are rounded to the input dtype (the
     # values the backward sees, see the module docstring); h = gelu(g) * u (then dropout) is
     # cast once. Both forward kernels (pointer loads, and TMA loads on a persistent grid) end so.
@@ -362,170 +435,45 @@ def _geglu_bwd_act_kernel(
         tl.store(h_ptr + offs, cast_to(h, h_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _load_dgate_dup(dh_ptrs, g_ptrs, u_ptrs, mask, ACTIVATION: tl.constexpr):
-    # (dg, du) in float32 for one (BM, BN) tile; masked-off elements load dh = 0.
-    dh = tl.load(dh_ptrs, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
-    return _gated_grads(dh, gate, up, ACTIVATION)
-
-
-@triton.jit
-def _geglu_bwd_dx_kernel(
-    dh_ptr,  # (M, N)
-    g_ptr,  # (M, N), row stride stride_gm (u shares its layout)
-    u_ptr,  # (M, N)
-    wg_ptr,  # (N, K)
-    wu_ptr,  # (N, K)
-    dx_ptr,  # (M, K) contiguous
-    M,
-    N,
-    K,
-    stride_dhm,
-    stride_dhn,
-    stride_gm,
-    stride_wgn,
-    stride_wgk,
-    stride_wun,
-    stride_wuk,
-    stride_dxm,
-    ACTIVATION: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr,
-    BLOCK_SIZE_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr,
-):
-    # dx[m, k] = sum_n dg[m, n] W_gate[n, k] + du[m, n] W_up[n, k]: one (BM, BK) tile of dx
-    # per program, looping over N, with dg and du rebuilt from each dh, g, u tile.
-    _, _, offs_m, offs_k, mask_m, mask_k = output_tile(
-        M, K, BLOCK_SIZE_M, BLOCK_SIZE_K, GROUP_SIZE_M)
-    offs_n = tl.arange(0, BLOCK_SIZE_N)
-    dh_ptrs = dh_ptr + offs_m[:, None] * stride_dhm + offs_n[None, :] * stride_dhn  # (BM, BN)
-    g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
-    u_ptrs = u_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
-    wg_ptrs = wg_ptr + offs_n[:, None] * stride_wgn + offs_k[None, :] * stride_wgk  # (BN, BK)
-    wu_ptrs = wu_ptr + offs_n[:, None] * stride_wun + offs_k[None, :] * stride_wuk
-
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_K), dtype=tl.float32)
-    for n in range(0, tl.cdiv(N, BLOCK_SIZE_N)):
-        n_left = N - n * BLOCK_SIZE_N
-        mask_nk = (offs_n[:, None] < n_left) & mask_k[None, :]
-        dgate, dup = _load_dgate_dup(
-            dh_ptrs, g_ptrs, u_ptrs, mask_m[:, None] & (offs_n[None, :] < n_left),
-            ACTIVATION,
-        )
-        # The matmul operands, in the input dtype (what PyTorch's backward feeds its matmuls).
-        dgate = cast_to(dgate, wg_ptr.dtype.element_ty)
-        dup = cast_to(dup, wu_ptr.dtype.element_ty)
-        wg = tl.load(wg_ptrs, mask=mask_nk, other=0.0)
-        acc = tl.dot(dot_operand(dgate), dot_operand(wg), acc, input_precision=INPUT_PRECISION)
-        wu = tl.load(wu_ptrs, mask=mask_nk, other=0.0)
-        acc = tl.dot(dot_operand(dup), dot_operand(wu), acc, input_precision=INPUT_PRECISION)
-        dh_ptrs += BLOCK_SIZE_N * stride_dhn
-        g_ptrs += BLOCK_SIZE_N
-        u_ptrs += BLOCK_SIZE_N
-        wg_ptrs += BLOCK_SIZE_N * stride_wgn
-        wu_ptrs += BLOCK_SIZE_N * stride_wun
-
-    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
-    tl.store(dx_ptrs, cast_to(acc, dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
-
-
-@triton.jit
-def _geglu_bwd_dw_kernel(
-    dh_ptr,  # (M, N)
-    g_ptr,  # (M, N), row stride stride_gm (u shares its layout)
-    u_ptr,  # (M, N)
-    x_ptr,  # (M, K)
-    dwg_ptr,  # (N, K) contiguous; None without COMPUTE_DW
-    dwu_ptr,  # (N, K) contiguous; None without COMPUTE_DW
-    dbg_ptr,  # (N,) contiguous; None without COMPUTE_DB
-    dbu_ptr,  # (N,) contiguous; None without COMPUTE_DB
-    M,
-    N,
-    K,
-    stride_dhm,
-    stride_dhn,
-    stride_gm,
-    stride_xm,
-    stride_xk,
-    stride_dwn,  # row stride of dW_gate and dW_up
-    ACTIVATION: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr,
-    BLOCK_SIZE_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr,
-):
-    # dW_gate[n, k] = sum_m dg[m, n] x[m, k], dW_up[n, k] = sum_m du[m, n] x[m, k] and the bias
-    # gradients (column sums of the float32 dg and du): one (BN, BK) tile of each weight
-    # gradient per program, looping over M; without COMPUTE_DW one program per N-tile, db only.
-    pid_k, offs_n, offs_k, mask_n, mask_k = weight_grad_tile(
-        N, K, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, COMPUTE_DW)
-    offs_m = tl.arange(0, BLOCK_SIZE_M)
-    dh_ptrs = dh_ptr + offs_m[:, None] * stride_dhm + offs_n[None, :] * stride_dhn  # (BM, BN)
-    g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
-    u_ptrs = u_ptr + offs_m[:, None] * stride_gm + offs_n[None, :]
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
-
-    dwg_acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_K), dtype=tl.float32)
-    dwu_acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_K), dtype=tl.float32)
-    dbg_acc = tl.zeros((BLOCK_SIZE_N,), dtype=tl.float32)
-    dbu_acc = tl.zeros((BLOCK_SIZE_N,), dtype=tl.float32)
-    for m in range(0, tl.cdiv(M, BLOCK_SIZE_M)):
-        m_left = M - m * BLOCK_SIZE_M
-        dgate, dup = _load_dgate_dup(
-            dh_ptrs, g_ptrs, u_ptrs, (offs_m[:, None] < m_left) & mask_n[None, :],
-            ACTIVATION,
-        )
-        if COMPUTE_DB:
-            if pid_k == 0:  # one program per N-tile owns db (uniform branch, no atomics)
-                dbg_acc += tl.sum(dgate, axis=0)
-                dbu_acc += tl.sum(dup, axis=0)
-        if COMPUTE_DW:
-            x = tl.load(x_ptrs, mask=(offs_m[:, None] < m_left) & mask_k[None, :], other=0.0)
-            x = dot_operand(x)
-            dgate_t = tl.trans(cast_to(dgate, x_ptr.dtype.element_ty))  # (BN, BM), input dtype
-            dwg_acc = tl.dot(dot_operand(dgate_t), x, dwg_acc, input_precision=INPUT_PRECISION)
-            dup_t = tl.trans(cast_to(dup, x_ptr.dtype.element_ty))
-            dwu_acc = tl.dot(dot_operand(dup_t), x, dwu_acc, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_SIZE_M * stride_xm
-        dh_ptrs += BLOCK_SIZE_M * stride_dhm
-        g_ptrs += BLOCK_SIZE_M * stride_gm
-        u_ptrs += BLOCK_SIZE_M * stride_gm
-
-    if COMPUTE_DW:
-        offs_dw = offs_n[:, None] * stride_dwn + offs_k[None, :]
-        mask_dw = mask_n[:, None] & mask_k[None, :]
-        tl.store(dwg_ptr + offs_dw, cast_to(dwg_acc, dwg_ptr.dtype.element_ty), mask=mask_dw)
-        tl.store(dwu_ptr + offs_dw, cast_to(dwu_acc, dwu_ptr.dtype.element_ty), mask=mask_dw)
-    if COMPUTE_DB:
-        if pid_k == 0:
-            tl.store(dbg_ptr + offs_n, cast_to(dbg_acc, dbg_ptr.dtype.element_ty), mask=mask_n)
-            tl.store(dbu_ptr + offs_n, cast_to(dbu_acc, dbu_ptr.dtype.element_ty), mask=mask_n)
-
-
 # ---- launchers ----------------------------------------------------------------------------------
 
 # The forward and the recompute of g and u share one tuner and one key, so they launch the same
 # config: the same tiles in the same order, hence bitwise the same g and u.
-_fwd_tuner = Tuner(_geglu_fwd_kernel, "geglu_fwd", matmul_configs,
+def _fwd_configs(arch: str | None = None) -> list[triton.Config]:
+    # The matmul tiles whose two accumulators fit beside each other (see
+    # _matmul.small_accumulators: 256 x 128 at 8 warps spilled inside the main loop on sm90,
+    # 128 x 256 16.8 KB on sm80). Where mma.sync takes its operands from registers (before
+    # Hopper), 64-register accumulators beside 64-deep x and two W tiles spilled inside the
+    # main loop too (128 x 128 x 64 at 8 warps; 128 x 64 x 64 at 4 with dropout): their
+    # 32-deep variants stay.
+    configs = small_accumulators(matmul_configs(arch))
+    if arch in ("sm80", "sm86", "sm89", "default"):
+        configs = [c for c in configs if c.kwargs["BLOCK_SIZE_K"] < 64 or
+                   c.kwargs["BLOCK_SIZE_M"] * c.kwargs["BLOCK_SIZE_N"] < 64 * 32 * c.num_warps]
+    return configs
+
+
+_fwd_tuner = Tuner(_geglu_fwd_kernel, "geglu_fwd", _fwd_configs,
                    functools.partial(prune_matmul, reduction="K", gated=True))
 # Its Hopper variant (TMA loads, persistent grid): the forward's "tma" path.
 _fwd_tma_tuner = Tuner(_geglu_fwd_tma_kernel, "geglu_fwd_tma", tma_matmul_configs,
                        functools.partial(prune_matmul, reduction="K", gated=True,
                                          persistent=True))
 _act_tuner = Tuner(_geglu_act_kernel, "geglu_act", elementwise_configs, prune_elementwise)
-_bwd_act_tuner = Tuner(_geglu_bwd_act_kernel, "geglu_bwd_act", elementwise_configs,
+
+
+def _bwd_act_configs(arch: str | None = None) -> list[triton.Config]:
+    # The elementwise blocks of at most 32 elements a thread (16 at 16 warps, which have 128
+    # registers a thread): with three loads, GELU, GELU', three stores and the Philox mask per
+    # element, 64 a thread spilled on sm90 (600 bytes of stack at 8192 x 4 warps with
+    # dropout), 128 several KB, and 32 at 16 warps 320 bytes with Triton 3.6.
+    return [c for c in elementwise_configs(arch)
+            if c.kwargs["BLOCK_SIZE"] // (32 * c.num_warps) <= (32 if c.num_warps <= 8 else 16)]
+
+
+_bwd_act_tuner = Tuner(_geglu_bwd_act_kernel, "geglu_bwd_act", _bwd_act_configs,
                        prune_elementwise)
-_dx_tuner = Tuner(_geglu_bwd_dx_kernel, "geglu_bwd_dx", matmul_configs,
-                  functools.partial(prune_matmul, reduction="N", gated=True))
-_dw_tuner = Tuner(_geglu_bwd_dw_kernel, "geglu_bwd_dw", matmul_configs,
-                  functools.partial(prune_matmul, reduction="M", gated=True))
+
 
 Outputs = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
@@ -773,56 +721,6 @@ def _backward_once(
     return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
 
 
-def _backward_fused(
-    dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-    gate: torch.Tensor, up: torch.Tensor, activation: str, needs: Sequence[bool],
-    write_h: bool, seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
-) -> Grads:
-    # p == 0 here (see the Paths): the dx and dW kernels draw no dropout mask.
-    need_dx, need_dwg, need_dwu, need_dbg, need_dbu = needs
-    (M, K), N = x2d.shape, w_gate.shape[0]
-    if min(M, N, K) == 0:  # no tiles to launch: the once path's cuBLAS calls handle it
-        return _backward_once(dh2d, x2d, w_gate, w_up, gate, up, activation, needs,
-                              write_h, seed, p, col_offset, n_cols)
-    gate, up = gate.contiguous(), up.contiguous()
-    compute_dw, compute_db = need_dwg or need_dwu, need_dbg or need_dbu
-    dx = _matmul.new_output((M, K), x2d) if need_dx else None
-    dwg, dwu = ((_matmul.new_output((N, K), w_gate), _matmul.new_output((N, K), w_up))
-                if compute_dw else (None, None))
-    dbg, dbu = ((_matmul.new_output((N,), w_gate), _matmul.new_output((N,), w_up))
-                if compute_db else (None, None))
-    precision = input_precision(x2d.dtype)
-    key = _key(x2d, w_gate, activation)
-    with device_context(x2d):
-        if need_dx:
-            _dx_tuner.run(
-                tile_grid(M, K, "BLOCK_SIZE_M", "BLOCK_SIZE_K"), key,
-                dh_ptr=dh2d, g_ptr=gate, u_ptr=up, wg_ptr=w_gate, wu_ptr=w_up, dx_ptr=dx,
-                M=M, N=N, K=K, stride_dhm=dh2d.stride(0), stride_dhn=dh2d.stride(1),
-                stride_gm=gate.stride(0),
-                stride_wgn=w_gate.stride(0), stride_wgk=w_gate.stride(1),
-                stride_wun=w_up.stride(0), stride_wuk=w_up.stride(1), stride_dxm=dx.stride(0),
-                ACTIVATION=activation, INPUT_PRECISION=precision,
-            )
-        if compute_dw or compute_db:
-            _dw_tuner.run(
-                tile_grid(N, K, "BLOCK_SIZE_N", "BLOCK_SIZE_K" if compute_dw else None),
-                key + (compute_dw, compute_db),
-                dh_ptr=dh2d, g_ptr=gate, u_ptr=up, x_ptr=x2d, dwg_ptr=dwg, dwu_ptr=dwu,
-                dbg_ptr=dbg, dbu_ptr=dbu, M=M, N=N, K=K,
-                stride_dhm=dh2d.stride(0), stride_dhn=dh2d.stride(1), stride_gm=gate.stride(0),
-                stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
-                stride_dwn=dwg.stride(0) if compute_dw else 0,
-                ACTIVATION=activation, COMPUTE_DW=compute_dw,
-                COMPUTE_DB=compute_db, INPUT_PRECISION=precision,
-            )
-    h = _gate_into(_matmul.new_output((M, N), x2d), gate, up, activation) \
-        if write_h else None
-    keep = (need_dx, need_dwg, need_dwu, need_dbg, need_dbu)
-    grads = tuple(g if need else None for g, need in zip((dx, dwg, dwu, dbg, dbu), keep))
-    return (*grads, h)
-
-
 def _backward_torch(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, activation: str, needs: Sequence[bool],
@@ -840,15 +738,13 @@ def _backward_torch(
     return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
 
 
-# "once" is cuBLAS with one elementwise kernel: safe untuned. "fused" and "torch" serve p == 0
-# only: the fused dx and dW kernels rebuild dg and du once per output tile, so with dropout each
-# would redraw the 10-round Philox of every (m, n) element K / BLOCK_SIZE_K times where the once
-# kernel draws it once; PyTorch's ops cannot draw the kernels' mask at all.
+# "once" is cuBLAS with one elementwise kernel: safe untuned. "torch" serves p == 0 only:
+# PyTorch's ops cannot draw the kernels' mask. No path rebuilds dg and du per output tile inside
+# a matmul's K loop (see the module docstring for why that cannot win).
 _backward_paths = Paths(
-    "geglu_bwd", {"once": _backward_once, "fused": _backward_fused, "torch": _backward_torch},
-    default="once", untuned="once",
-    applies={"fused": without_dropout, "torch": without_dropout},
-    kernels=[_bwd_act_tuner, _dx_tuner, _dw_tuner, _act_tuner],
+    "geglu_bwd", {"once": _backward_once, "torch": _backward_torch},
+    default="once", untuned="once", applies={"torch": without_dropout},
+    kernels=[_bwd_act_tuner],
 )
 
 

@@ -17,15 +17,26 @@ Backward, with dz = dy * gelu'(z) (elementwise, M x N; gelu' is in ``_math.py``)
     dW = dz^T @ x      (N, M) x (M, K)
     db = sum_m dz      (N,)
 
-dz is never written to memory: the dx kernel and the dW kernel each rebuild it from the dy and z
-tiles they load, which costs an elementwise gelu' per tile instead of a write and a read of M x N.
-db comes out of the dW kernel: for each N-tile exactly one program (the first K-tile's) also sums
-its dz tiles over m, so db is stored once, with no atomics and no extra pass over M x N.
+dz is computed once per element: one elementwise kernel (``_linear_gelu_bwd_dz_kernel``) reads
+dy and z once, writes dz in the input dtype (only when a matmul needs it) and, per 64 rows,
+float32 partial column sums of dz, which a sum over M/64 rows turns into db; dx and dW are then
+two cuBLAS matmuls (``torch.mm``) of that dz. dz is a transient of the backward: M x N elements
+of the input dtype (plus M/64 x N float32 partial sums, 1/32 of that in bf16), freed when the
+backward returns; eager PyTorch's backward holds the same dz (aten.gelu_backward's output).
+
+Why not rebuild dz inside the matmuls (as the dx and dW kernels here once did): a kernel that
+recomputes dz from the dy and z tiles it loads does so once per output tile, so K / BLOCK_SIZE_K
+times per element in both the dx and the dW kernel (12x at K = 768, 64x at K = 4096). Compiled
+for sm90 (Triton 3.9, bf16) those kernels ran 1,600-6,800 SASS instructions per main-loop
+iteration against 130-250 for a plain matmul tile, and 16 of their 21 configs spilled inside
+the loop: even the best spends about ten times the tensor cores' time per iteration on GELU',
+while writing and reading dz once costs 4 bytes an element (bf16) at memory bandwidth.
 
 Numerics, matching PyTorch in the same dtype: tl.dot multiplies input-dtype operands and
-accumulates in float32. dz is rounded to the input dtype before it enters a tl.dot (what
+accumulates in float32. dz is rounded to the input dtype before it enters a matmul (what
 PyTorch's bf16/fp16 backward feeds its matmuls); db sums the unrounded float32 dz. float32 inputs
-use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set, as ``torch.matmul`` does.
+use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set, as ``torch.matmul`` does
+(the forward kernel by its INPUT_PRECISION, the backward's cuBLAS matmuls by that flag).
 
 Layouts: x, W, dy and z are read through their strides (W as W^T included), so no transposed
 or sliced operand is copied (only a strided bias, N elements, is made contiguous). Outputs are
@@ -46,11 +57,9 @@ Paths (``_autotune.Paths``): each launcher below chooses, per problem key, how t
     linear_preact    fused      the forward kernel writing z only (default)
                      composed   torch.addmm, as eager PyTorch (untuned)
                      tma        the TMA variant writing z only
-    linear_gelu_bwd  fused      the dx and dW kernels, each rebuilding dz (default)
-                     dz_once    one elementwise kernel writes dz in the input dtype and db's
-                                partial sums; dx = dz @ W and dW = dz^T @ x by cuBLAS (untuned)
-                     mixed      the dx kernel, and dW by cuBLAS from the dz kernel's dz (when
-                                both dx and dW are needed)
+    linear_gelu_bwd  dz_once    the dz kernel writes dz in the input dtype and db's partial
+                                sums; dx = dz @ W and dW = dz^T @ x by cuBLAS (default; the
+                                interpreter's)
                      torch      eager PyTorch's backward: aten.gelu_backward, two cuBLAS
                                 matmuls and db = dz.sum(0)
 
@@ -82,9 +91,8 @@ from . import _matmul
 from . import gelu as _gelu
 from ._math import cast_to, dropout_arguments, dropout_factor_tile, activate, activate_grad
 from ._matmul import (
-    cublas_context, descriptor_dot_tile, dot_operand, dot_tile, input_precision, output_tile,
-    output_tile_of, persistent_grid, range_flattens, tile_grid, tma_applies, tma_compatible,
-    weight_grad_tile,
+    cublas_context, descriptor_dot_tile, dot_tile, input_precision, output_tile, output_tile_of,
+    persistent_grid, range_flattens, tile_grid, tma_applies, tma_compatible,
 )
 
 
@@ -226,122 +234,6 @@ def _load_dz(dy_ptrs, preact_ptrs, mask, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _linear_gelu_bwd_dx_kernel(
-    dy_ptr,  # (M, N)
-    preact_ptr,  # (M, N)
-    w_ptr,  # (N, K)
-    dx_ptr,  # (M, K) contiguous
-    M,
-    N,
-    K,
-    stride_dym,
-    stride_dyn,
-    stride_pm,
-    stride_pn,
-    stride_wn,
-    stride_wk,
-    stride_dxm,
-    ACTIVATION: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr,
-    BLOCK_SIZE_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr,
-):
-    # dx[m, k] = sum_n dz[m, n] * W[n, k], dz = dy * gelu'(z): one (BM, BK) tile of dx per
-    # program, looping over N.
-    _, _, offs_m, offs_k, mask_m, mask_k = output_tile(
-        M, K, BLOCK_SIZE_M, BLOCK_SIZE_K, GROUP_SIZE_M)
-    offs_n = tl.arange(0, BLOCK_SIZE_N)
-    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn  # (BM, BN)
-    preact_ptrs = preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # (BN, BK)
-
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_K), dtype=tl.float32)
-    for n in range(0, tl.cdiv(N, BLOCK_SIZE_N)):
-        n_left = N - n * BLOCK_SIZE_N
-        dz = _load_dz(
-            dy_ptrs, preact_ptrs, mask_m[:, None] & (offs_n[None, :] < n_left), ACTIVATION
-        )
-        dz = cast_to(dz, w_ptr.dtype.element_ty)  # the matmul operand, in the input dtype
-        w = tl.load(w_ptrs, mask=(offs_n[:, None] < n_left) & mask_k[None, :], other=0.0)
-        acc = tl.dot(dot_operand(dz), dot_operand(w), acc, input_precision=INPUT_PRECISION)
-        dy_ptrs += BLOCK_SIZE_N * stride_dyn
-        preact_ptrs += BLOCK_SIZE_N * stride_pn
-        w_ptrs += BLOCK_SIZE_N * stride_wn
-
-    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
-    tl.store(dx_ptrs, cast_to(acc, dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
-
-
-@triton.jit
-def _linear_gelu_bwd_dw_kernel(
-    dy_ptr,  # (M, N)
-    preact_ptr,  # (M, N)
-    x_ptr,  # (M, K)
-    dw_ptr,  # (N, K) contiguous; None without COMPUTE_DW
-    db_ptr,  # (N,) contiguous; None without COMPUTE_DB
-    M,
-    N,
-    K,
-    stride_dym,
-    stride_dyn,
-    stride_pm,
-    stride_pn,
-    stride_xm,
-    stride_xk,
-    stride_dwn,
-    ACTIVATION: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr,
-    BLOCK_SIZE_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr,
-):
-    # dW[n, k] = sum_m dz[m, n] * x[m, k] and db[n] = sum_m dz[m, n], dz = dy * gelu'(z):
-    # one (BN, BK) tile of dW per program, looping over M. The tiles are grouped along N
-    # (GROUP_SIZE_M N-tiles at a time). Without COMPUTE_DW there is one program per N-tile,
-    # computing db only.
-    pid_k, offs_n, offs_k, mask_n, mask_k = weight_grad_tile(
-        N, K, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, COMPUTE_DW)
-    offs_m = tl.arange(0, BLOCK_SIZE_M)
-    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn  # (BM, BN)
-    preact_ptrs = preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
-
-    dw_acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_K), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_SIZE_N,), dtype=tl.float32)
-    for m in range(0, tl.cdiv(M, BLOCK_SIZE_M)):
-        m_left = M - m * BLOCK_SIZE_M
-        mask_mn = (offs_m[:, None] < m_left) & mask_n[None, :]
-        dz = _load_dz(dy_ptrs, preact_ptrs, mask_mn, ACTIVATION)
-        if COMPUTE_DB:
-            if pid_k == 0:  # one program per N-tile owns db (uniform branch, no atomics)
-                db_acc += tl.sum(dz, axis=0)
-        if COMPUTE_DW:
-            x = tl.load(x_ptrs, mask=(offs_m[:, None] < m_left) & mask_k[None, :], other=0.0)
-            dz_t = tl.trans(cast_to(dz, x_ptr.dtype.element_ty))  # (BN, BM), input dtype
-            dw_acc = tl.dot(
-                dot_operand(dz_t), dot_operand(x), dw_acc, input_precision=INPUT_PRECISION
-            )
-            x_ptrs += BLOCK_SIZE_M * stride_xm
-        dy_ptrs += BLOCK_SIZE_M * stride_dym
-        preact_ptrs += BLOCK_SIZE_M * stride_pm
-
-    if COMPUTE_DW:
-        dw_ptrs = dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :]
-        tl.store(
-            dw_ptrs, cast_to(dw_acc, dw_ptr.dtype.element_ty),
-            mask=mask_n[:, None] & mask_k[None, :],
-        )
-    if COMPUTE_DB:
-        if pid_k == 0:
-            tl.store(db_ptr + offs_n, cast_to(db_acc, db_ptr.dtype.element_ty), mask=mask_n)
-
-
-@triton.jit
 def _linear_gelu_bwd_dz_kernel(
     dy_ptr,  # (M, N)
     preact_ptr,  # (M, N)
@@ -362,7 +254,7 @@ def _linear_gelu_bwd_dz_kernel(
 ):
     # dz = dy * gelu'(z), stored in the input dtype, for ROWS rows x BLOCK_SIZE_N columns per
     # program in (BLOCK_SIZE_M, BLOCK_SIZE_N) tiles; db_partial[block of ROWS rows, n] = the sum
-    # of the float32 dz over those rows (db sums the unrounded dz, as the fused dW kernel does).
+    # of the float32 dz over those rows (db sums the unrounded dz).
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
@@ -396,10 +288,6 @@ _fwd_tma_tuner = Tuner(linear_gelu_fwd_tma_kernel, "linear_gelu_fwd_tma", tma_li
                        _prune_tma)
 _preact_tma_tuner = Tuner(linear_gelu_fwd_tma_kernel, "linear_preact_tma", tma_linear_configs,
                           _prune_tma)
-_dx_tuner = Tuner(_linear_gelu_bwd_dx_kernel, "linear_gelu_bwd_dx", matmul_configs,
-                  functools.partial(prune_matmul, reduction="N"))
-_dw_tuner = Tuner(_linear_gelu_bwd_dw_kernel, "linear_gelu_bwd_dw", matmul_configs,
-                  functools.partial(prune_matmul, reduction="M"))
 _dz_tuner = Tuner(_linear_gelu_bwd_dz_kernel, "linear_gelu_bwd_dz", tile_configs, prune_tiles)
 
 
@@ -446,46 +334,6 @@ def launch_forward(
         else:
             tuner.run(tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key + (p > 0.0,),
                       stride_xk=x2d.stride(1), stride_wk=weight.stride(1), **arguments)
-
-
-def _launch_dx(dy2d, x2d, weight, preact, activation: str, key: tuple) -> torch.Tensor:
-    """dx = dz @ W by the dx kernel, rebuilding dz from the dy and z tiles it loads."""
-    (M, K), N = x2d.shape, weight.shape[0]
-    dx = _matmul.new_output((M, K), x2d)
-    with device_context(x2d):
-        _dx_tuner.run(
-            tile_grid(M, K, "BLOCK_SIZE_M", "BLOCK_SIZE_K"), key,
-            dy_ptr=dy2d, preact_ptr=preact, w_ptr=weight, dx_ptr=dx,
-            M=M, N=N, K=K,
-            stride_dym=dy2d.stride(0), stride_dyn=dy2d.stride(1),
-            stride_pm=preact.stride(0), stride_pn=preact.stride(1),
-            stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-            stride_dxm=dx.stride(0),
-            ACTIVATION=activation, INPUT_PRECISION=key[5],
-        )
-    return dx
-
-
-def _launch_dw_db(dy2d, x2d, weight, preact, activation: str, key: tuple,
-                  need_dw: bool, need_db: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """dW = dz^T @ x and db = sum_m dz by the dW kernel, rebuilding dz from dy and z."""
-    (M, K), N = x2d.shape, weight.shape[0]
-    dw = _matmul.new_output((N, K), weight) if need_dw else None
-    db = _matmul.new_output((N,), weight) if need_db else None
-    with device_context(x2d):
-        _dw_tuner.run(
-            tile_grid(N, K, "BLOCK_SIZE_N", "BLOCK_SIZE_K" if need_dw else None),
-            key + (need_dw, need_db),
-            dy_ptr=dy2d, preact_ptr=preact, x_ptr=x2d, dw_ptr=dw, db_ptr=db,
-            M=M, N=N, K=K,
-            stride_dym=dy2d.stride(0), stride_dyn=dy2d.stride(1),
-            stride_pm=preact.stride(0), stride_pn=preact.stride(1),
-            stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
-            stride_dwn=dw.stride(0) if dw is not None else 0,
-            ACTIVATION=activation, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-            INPUT_PRECISION=key[5],
-        )
-    return dw, db
 
 
 def _launch_dz(dy2d, x2d, weight, preact, activation: str, write_dz: bool,
@@ -620,15 +468,6 @@ def _backward_key(x2d: torch.Tensor, weight: torch.Tensor, activation: str) -> t
     return (bucket(M), N, K, x2d.dtype, activation, input_precision(x2d.dtype))
 
 
-def _backward_fused(dy2d, x2d, weight, preact, activation, need_dx, need_dw, need_db):
-    key = _backward_key(x2d, weight, activation)
-    dx = _launch_dx(dy2d, x2d, weight, preact, activation, key) if need_dx else None
-    dw = db = None
-    if need_dw or need_db:
-        dw, db = _launch_dw_db(dy2d, x2d, weight, preact, activation, key, need_dw, need_db)
-    return dx, dw, db
-
-
 def _backward_dz_once(dy2d, x2d, weight, preact, activation, need_dx, need_dw, need_db):
     (M, K), N = x2d.shape, weight.shape[0]
     dz, db = _launch_dz(dy2d, x2d, weight, preact, activation, need_dx or need_dw, need_db)
@@ -639,20 +478,6 @@ def _backward_dz_once(dy2d, x2d, weight, preact, activation, need_dx, need_dw, n
         if need_dw:  # dW = dz^T @ x
             dw = torch.mm(dz.t(), x2d, out=_matmul.new_output((N, K), weight))
     return dx, dw, db
-
-
-def _backward_mixed(dy2d, x2d, weight, preact, activation, need_dx, need_dw, need_db):
-    N, K = weight.shape
-    dx = _launch_dx(dy2d, x2d, weight, preact, activation,
-                    _backward_key(x2d, weight, activation))
-    dz, db = _launch_dz(dy2d, x2d, weight, preact, activation, True, need_db)
-    with cublas_context(x2d):  # dW = dz^T @ x
-        dw = torch.mm(dz.t(), x2d, out=_matmul.new_output((N, K), weight))
-    return dx, dw, db
-
-
-def _mixed_applies(dy2d, x2d, weight, preact, activation, need_dx, need_dw, need_db):
-    return need_dx and need_dw  # otherwise it is one of the other two
 
 
 def _backward_torch(dy2d, x2d, weight, preact, activation, need_dx, need_dw, need_db):
@@ -670,12 +495,11 @@ def _backward_torch(dy2d, x2d, weight, preact, activation, need_dx, need_dw, nee
     return dx, dw, db
 
 
+# dz_once is safe untuned too: one elementwise kernel and cuBLAS. No path rebuilds dz per
+# output tile inside a matmul's K loop: see the module docstring for why that cannot win.
 _bwd_paths = Paths(
-    "linear_gelu_bwd",
-    {"fused": _backward_fused, "dz_once": _backward_dz_once, "mixed": _backward_mixed,
-     "torch": _backward_torch},
-    default="fused", untuned="dz_once", applies={"mixed": _mixed_applies},
-    kernels=[_dx_tuner, _dw_tuner, _dz_tuner],
+    "linear_gelu_bwd", {"dz_once": _backward_dz_once, "torch": _backward_torch},
+    default="dz_once", untuned="dz_once", kernels=[_dz_tuner],
 )
 
 
