@@ -88,13 +88,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--quick", action="store_true",
                    help="bf16, bert-base, three GELU sizes, no max-autotune")
+    p.add_argument("--host", action="store_true",
+                   help="host time per call of every entry point and module against eager "
+                        "PyTorch, on any machine (bench/host.py)")
+    p.add_argument("--fallback-throughput", action="store_true",
+                   help="with --host: also the fallback's forward+backward at 2048x768->3072")
+    p.add_argument("--json", type=Path, metavar="FILE",
+                   help="with --host or --cold-start: write the records there")
     p.add_argument("--check", action="store_true",
                    help="only the correctness check (the default without a GPU)")
     p.add_argument("--cold-start", action="store_true",
                    help="no GPU needed: what a first call of each op compiles and times per "
                         "architecture and tuning policy, and what --export compiles (the real "
                         "tuner replayed with fake timings: bench/cold_start.py)")
-    p.add_argument("--json", type=Path, metavar="FILE", help="with --cold-start: the records")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
     p.add_argument("--tag", default="", help="appended to the result files' names (a slice of "
                                               "a run: --tag llama-decode)")
@@ -310,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
             argv = sys.argv[1:] if argv is None else argv
             return subprocess.call([sys.executable, "-m", "bench", *argv], env=env)
         return run_cold_start(args.json)
+    if args.host:
+        from . import host
+
+        return host.main(args.json, args.fallback_throughput)
     ops = _choose("op", _split(args.ops), OPS)
     sel = selection(args, GPU and not args.check)
     if not GPU or args.check:

@@ -596,6 +596,21 @@ def _compile_patched(backend: str) -> None:
     assert any("linear_gelu_fwd" in op for op in traced_ops), traced_ops
 
 
+@check("compile_backend")
+def _compile_backend() -> None:
+    """The compile route without Triton: the inline FFN fused into the custom ops (their
+    fallback implementations) and compiled by Inductor, like the uncompiled model."""
+    if shutil.which("g++") is None:
+        raise Skip("Inductor on the CPU needs a C++ compiler")
+    from triton_gelu import compile_route
+
+    torch._dynamo.reset()
+    model = TorchFeedForward(12, 16, approximate="tanh")
+    compiled = torch.compile(copy.deepcopy(model), backend=triton_gelu.compile_backend)
+    assert_like_torch(compiled, model, [_x(5, 2, 12)], "compile_backend")
+    assert compile_route.history[-1] == ["feed_forward(gelu_tanh)"], compile_route.history
+
+
 @check("torch.compile aot_eager", table=EXTRAS)
 def _compile_aot_eager() -> None:
     _compile_patched("aot_eager")

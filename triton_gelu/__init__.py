@@ -2,6 +2,7 @@
 gated GELU (GeGLU), drop-in for PyTorch."""
 
 from ._runtime import TritonUnavailableWarning
+from .compile_route import compile_backend
 from .functional import feed_forward, gated_feed_forward, geglu, gelu, linear_gelu
 from .modules import GELU, FeedForward, GatedFeedForward, GeGLU, LinearGELU
 from .patch import patch
@@ -9,6 +10,6 @@ from .patch import patch
 __all__ = [
     "gelu", "linear_gelu", "feed_forward", "geglu", "gated_feed_forward",
     "GELU", "LinearGELU", "FeedForward", "GeGLU", "GatedFeedForward", "patch",
-    "TritonUnavailableWarning",
+    "TritonUnavailableWarning", "compile_backend",
 ]
 __version__ = "0.1.0"

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from . import _gated_block, ops
 from ._backend import launchers
-from .activations import resolve
+from ._runtime import runs_triton
+from ._settings import tune_policy
+from .activations import resolve, torch_activation
 from ._checks import (
     check_down, check_dropout_p, check_ffn, check_geglu, check_linear,
     check_tensor,
@@ -32,6 +34,19 @@ def _dtensor():
     if module is None:
         from . import _dtensor as module
     return module
+
+
+def _fallback(x: torch.Tensor) -> bool:
+    """Whether the call runs on the PyTorch fallback (no Triton kernel can run for x). Without
+    dropout the fallback is eager PyTorch's own ops under PyTorch's autograd: its speed and its
+    saved tensors; the kernels' float32 formulas run only where dropout must draw their mask.
+    Reads the tuning policy too, so a bad one is refused here as on every path."""
+    tune_policy()
+    return not runs_triton(x)
+
+
+def _linear_act(x, weight, bias, activation: str) -> torch.Tensor:
+    return torch_activation(F.linear(x, weight, bias), activation)
 
 
 class _GELUFunction(torch.autograd.Function):
@@ -64,6 +79,8 @@ def gelu(x: torch.Tensor, approximate: str = "none", *,
         return _dtensor().gelu(x, activation)
     if torch.compiler.is_compiling():  # torch.compile traces the custom op (ops.py), not this
         return ops.gelu_fwd(x, activation)
+    if _fallback(x):
+        return torch_activation(x, activation)
     return _GELUFunction.apply(x, activation)
 
 
@@ -152,6 +169,8 @@ def linear_gelu(
         return _dtensor().linear_gelu(x, weight, bias, activation, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py), not these
         return ops.linear_gelu(x, weight, bias, activation, recompute)
+    if _fallback(x):
+        return _linear_act(x, weight, bias, activation)
     if not ops.needs_grad(x, weight, bias):
         # Inference: no graph and no saved pre-activation; the kernel writes only y.
         x2d = _rows(x)
@@ -264,6 +283,8 @@ def _feed_forward(x, w1, b1, w2, b2, config: _BlockConfig) -> torch.Tensor:
     seed = dropout_seed(x.device) if config.p > 0.0 else None
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
         return ops.feed_forward(x, w1, b1, w2, b2, seed, *config)
+    if seed is None and _fallback(x):
+        return F.linear(_linear_act(x, w1, b1, config.activation), w2, b2)
     if not ops.needs_grad(x, w1, b1, w2, b2):
         # Inference: no graph and no saved pre-activation.
         x2d = _rows(x)
@@ -335,6 +356,8 @@ def geglu(
         return _dtensor().geglu(x, w_gate, w_up, b_gate, b_up, activation, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
         return ops.geglu(x, w_gate, w_up, b_gate, b_up, activation, recompute)
+    if _fallback(x):
+        return _linear_act(x, w_gate, b_gate, activation) * F.linear(x, w_up, b_up)
     if not ops.needs_grad(x, w_gate, w_up, b_gate, b_up):
         # Inference: no graph, nothing saved; the kernel writes only h.
         x2d = _rows(x)
@@ -427,6 +450,9 @@ def _gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops (ops.py)
         return ops.gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed,
                                       *config)
+    if seed is None and _fallback(x):
+        h = _linear_act(x, w_gate, b_gate, config.activation) * F.linear(x, w_up, b_up)
+        return F.linear(h, w_down, b_down)
     if not ops.needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
         x2d = _rows(x)
         y, _, _ = _gated_block.block_forward(
