@@ -1,12 +1,14 @@
 """Gated GELU FFN blocks: recognised by their code, swapped whole for a fused block that keeps
 their child modules under the same names.
 
-Two shapes of ``forward`` are recognised, whatever the class (Hugging Face's or a copy):
+Four shapes of ``forward`` are recognised, whatever the class (Hugging Face's or a copy):
 
 - Gemma 1/2/3's MLP (``GemmaMLP``, ``Gemma2MLP``, ``Gemma3MLP``, and every model that copies it):
   ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``;
 - T5 v1.1 / Flan-T5's ``T5DenseGatedActDense``: ``wo(dropout(act(wi_0(x)) * wi_1(x)))``, with
-  its cast of the hidden to ``wo``'s dtype when they differ (Flan-T5-XXL keeps ``wo`` in float32).
+  its cast of the hidden to ``wo``'s dtype when they differ (Flan-T5-XXL keeps ``wo`` in float32);
+- LongT5's ``LongT5DenseGatedActDense``: T5's block without the cast;
+- T5Gemma's ``T5GemmaMLP``: ``down_proj(dropout(act_fn(gate_proj(x)) * up_proj(x)))``.
 
 Proof that a block is one of them: its ``forward`` compiles to the same bytecode as a template
 below (instruction for instruction, up to the names of its locals and of the children the
@@ -86,10 +88,29 @@ def _t5_dense_gated_act_dense(self, hidden_states):
     return hidden_states
 
 
+def _longt5_dense_gated_act_dense(self, hidden_states):
+    # LongT5DenseGatedActDense: T5's block without the cast to wo's dtype.
+    hidden_gelu = self.act(self.gate(hidden_states))
+    hidden_linear = self.up(hidden_states)
+    hidden_states = hidden_gelu * hidden_linear
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.down(hidden_states)
+    return hidden_states
+
+
+def _t5gemma_mlp(self, x):
+    # T5GemmaMLP: Gemma's MLP with a dropout on the gated hidden.
+    hidden_states = self.act(self.gate(x)) * self.up(x)
+    hidden_states = self.dropout(hidden_states)
+    down_proj = self.down(hidden_states)
+    return down_proj
+
+
 # (template, whether it casts to down's dtype); Any: mypy sees a def as a Callable, not the
 # FunctionType it is.
 _TEMPLATES: tuple[tuple[Any, bool], ...] = (
     (_gemma_mlp, False), (_gemma_mlp_returned, False), (_t5_dense_gated_act_dense, True),
+    (_longt5_dense_gated_act_dense, False), (_t5gemma_mlp, False),
 )
 
 _SKIP = {"RESUME", "NOP", "CACHE", "EXTENDED_ARG", "NOT_TAKEN"}
