@@ -138,8 +138,11 @@ def _global(fn: types.FunctionType, name: str) -> object:
     return fn.__globals__.get(name, getattr(builtins, name, None))
 
 
-def match_template(fn: object, template: types.FunctionType) -> dict[str, str] | None:
-    """Role -> child name when ``fn`` is ``template`` up to local and role names, else None."""
+def match_template(fn: object, template: types.FunctionType, roles_named: tuple = ROLES,
+                   global_rules: dict | None = None) -> dict[str, str] | None:
+    """Role -> child name when ``fn`` is ``template`` up to local and role names (the attribute
+    names in ``roles_named``), else None. A global named in ``global_rules`` is accepted when its
+    rule (a predicate on ``fn``'s global) holds, instead of being the template's very object."""
     if not isinstance(fn, types.FunctionType):
         return None
     code, want = fn.__code__, template.__code__
@@ -163,12 +166,17 @@ def match_template(fn: object, template: types.FunctionType) -> dict[str, str] |
             pairs = zip(*(v if isinstance(v, tuple) else (v,) for v in (a.argval, b.argval)))
             if not all(_bind(local_names, x, y) for x, y in pairs):
                 return None
-        elif a.opname in _ATTRS and a.argval in ROLES:
+        elif a.opname in _ATTRS and a.argval in roles_named:
             if not _bind(roles, a.argval, b.argval) or _null_bit(a) != _null_bit(b):
                 return None
         elif a.opname == "LOAD_GLOBAL":
-            if a.argval != b.argval or _null_bit(a) != _null_bit(b) or \
-                    _global(fn, b.argval) is not _global(template, a.argval):
+            if a.argval != b.argval or _null_bit(a) != _null_bit(b):
+                return None
+            rule = (global_rules or {}).get(a.argval)
+            if rule is not None:
+                if not rule(_global(fn, b.argval)):
+                    return None
+            elif _global(fn, b.argval) is not _global(template, a.argval):
                 return None
         elif a.argval != b.argval or (a.opname in _ATTRS and _null_bit(a) != _null_bit(b)):
             return None

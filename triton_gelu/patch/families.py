@@ -1,0 +1,144 @@
+"""Hugging Face FFN modules whose ``forward`` is not a plain chain of children, proven by their
+code and fused eagerly.
+
+Each recogniser compares the module's class ``forward`` with a template below, instruction for
+instruction (``gated.match_template``: up to the names of locals and of the children named by
+role; every other name, constant and global must be the same, or pass the global's rule), then
+checks the children in those roles (``match``: plain ``nn.Linear``, a GELU, a plain Dropout).
+The module must have no hooks, no parameters or buffers of its own and no ``forward`` of its
+instance. What is fused:
+
+- StarCoder2's ``Starcoder2MLP``: ``c_fc -> act -> c_proj`` then
+  ``F.dropout(p=self.residual_dropout, training=self.training)``: the three children become one
+  ``feed_forward`` call (``ffn.py``'s slots: ``FusedFeedForward`` in ``c_fc``, ``nn.Identity`` in
+  ``act``, ``FeedForwardOutput`` in ``c_proj``); the trailing dropout is the block's own code,
+  untouched;
+- ESM's ``EsmIntermediate``: ``dense`` then the module-level ``gelu()`` of the ESM file, itself
+  proven to be ``x * 0.5 * (1 + erf(x / sqrt 2))`` by its code: ``dense`` becomes a
+  ``LinearGELU`` (the erf form) holding the same parameters, and the module is swapped for an
+  ``EsmFusedIntermediate`` holding that child under the same name.
+
+The state dict keeps its keys and values (the same ``nn.Parameter`` objects).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+from torch import nn
+
+from ..modules import LinearGELU
+from .ffn import fuse_feed_forwards
+from .gated import match_template
+from .match import has_hooks, linear_kind
+
+_LINEAR_ROLES = ("linear1", "act", "linear2", "dense")
+
+
+# ---- the templates ------------------------------------------------------------------------------
+
+
+def _starcoder2_mlp(self, hidden_states):
+    hidden_states = self.linear1(hidden_states)
+    hidden_states = self.act(hidden_states)
+    hidden_states = self.linear2(hidden_states)
+    hidden_states = nn.functional.dropout(
+        hidden_states, p=self.residual_dropout, training=self.training)
+    return hidden_states
+
+
+def _erf_gelu(x):
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _is_erf_gelu(fn: object) -> bool:
+    return match_template(fn, _erf_gelu, roles_named=()) == {}
+
+
+def _linear_then_gelu_function(self, hidden_states):
+    hidden_states = self.dense(hidden_states)
+    hidden_states = gelu(hidden_states)  # noqa: F821  (the model file's global, by its rule)
+    return hidden_states
+
+
+def _plain_container(module: nn.Module) -> bool:
+    return not (has_hooks(module) or "forward" in vars(module) or module._parameters
+                or module._buffers)
+
+
+# ---- StarCoder2 -----------------------------------------------------------------------------------
+
+
+def fuse_starcoder2(module: nn.Module, approximate: str | None, recompute: bool) -> int:
+    if not _plain_container(module):
+        return 0
+    roles = match_template(type(module).forward, _starcoder2_mlp, _LINEAR_ROLES)
+    if roles is None:
+        return 0
+    chain = [roles["linear1"], roles["act"], roles["linear2"]]
+    if len(set(chain)) != 3 or not all(name in module._modules for name in chain):
+        return 0
+    # fuse_feed_forwards proves the children (plain Linears, a GELU, matching widths).
+    return fuse_feed_forwards(module, chain, approximate, recompute)
+
+
+# ---- ESM -------------------------------------------------------------------------------------------
+
+
+class EsmFusedIntermediate(nn.Module):
+    """ESM's ``EsmIntermediate`` fused: its ``dense`` child is a ``LinearGELU`` (erf form) with the
+    same parameters under the same names."""
+
+    def __init__(self, block: nn.Module, dense: LinearGELU) -> None:
+        super().__init__()
+        for name, child in block._modules.items():
+            self.add_module(name, dense if child is block._modules["dense"] else child)
+        self.training = block.training
+        self.original_class = type(block)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dense(hidden_states)
+
+    def extra_repr(self) -> str:
+        cls = self.original_class
+        return f"replaces={cls.__module__}.{cls.__qualname__}"
+
+
+def esm_intermediate(block: nn.Module, approximate: str | None,
+                     recompute: bool) -> EsmFusedIntermediate | None:
+    """The fused replacement of ``block`` when it is proven ESM's intermediate, else None."""
+    if isinstance(block, EsmFusedIntermediate) or not _plain_container(block):
+        return None
+    roles = match_template(type(block).forward, _linear_then_gelu_function, _LINEAR_ROLES,
+                           {"gelu": _is_erf_gelu})
+    if roles is None or set(block._modules) != {roles["dense"]}:
+        return None
+    dense = block._modules[roles["dense"]]
+    if linear_kind(dense) != "linear" or not isinstance(dense, nn.Linear) or has_hooks(dense):
+        return None
+    form = "none" if approximate is None else approximate
+    fused = LinearGELU.from_linear(dense, approximate=form, recompute=recompute)
+    fused.train(dense.training)
+    return EsmFusedIntermediate(block, fused)
+
+
+def patch_families(model: nn.Module, approximate: str | None, recompute: bool) -> int:
+    """Fuse every proven module of the families above below ``model``; return how many."""
+    count = 0
+    swapped: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        count += fuse_starcoder2(parent, approximate, recompute)
+        for name, block in list(parent._modules.items()):
+            if block is None:
+                continue
+            fused = swapped.get(id(block))
+            if fused is None:
+                fused = esm_intermediate(block, approximate, recompute)
+                if fused is None:
+                    continue
+                swapped[id(block)] = fused
+                count += 1
+            setattr(parent, name, fused)
+    return count
