@@ -1,5 +1,5 @@
 """triton_gelu.patch on Hugging Face FFN modules proven by their code (patch/families.py):
-StarCoder2's MLP and ESM's intermediate, built tiny from configs (nothing downloaded), match
+StarCoder2's MLP, ESM's intermediate, DistilBERT's chunked FFN and Falcon's MLP (FalconLinear), built tiny from configs (nothing downloaded), match
 their unpatched selves in outputs, every gradient and state dict; look-alikes that differ (another
 activation, an overriding forward, another module-level gelu) are left alone. LongT5 and T5Gemma
 (gated) are in test_patch_gated.py."""
@@ -36,6 +36,36 @@ def _esm():
         hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
         vocab_size=VOCAB, max_position_embeddings=40, pad_token_id=1),
         add_pooling_layer=False)
+
+
+def _distilbert(act="gelu"):
+    return transformers.DistilBertModel(transformers.DistilBertConfig(
+        dim=32, hidden_dim=48, n_layers=1, n_heads=2, vocab_size=VOCAB,
+        max_position_embeddings=32, activation=act))
+
+
+def _falcon(act="gelu"):
+    return transformers.FalconModel(transformers.FalconConfig(
+        hidden_size=32, ffn_hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=VOCAB, bias=True, new_decoder_architecture=False, activation=act))
+
+
+def test_distilbert():
+    model = _distilbert()
+    check_patched(model, IDS, expected=1, output=_hidden)
+    assert isinstance(model.transformer.layer[0].ffn.lin1, FusedFeedForward)
+    # chunked along the sequence (chunk_size_feed_forward): the same per-token block
+    unchunked = model.transformer.layer[0].ffn
+    x = torch.randn(2, 6, 32)
+    want = unchunked(x)
+    unchunked.chunk_size_feed_forward = 2
+    torch.testing.assert_close(unchunked(x), want)
+
+
+def test_falcon():
+    model = _falcon()
+    check_patched(model, IDS, expected=1, output=_hidden)
+    assert isinstance(model.h[0].mlp.dense_h_to_4h, FusedFeedForward)
 
 
 def test_starcoder2():
@@ -77,12 +107,50 @@ def _esm_overriding_forward():
     return model
 
 
+def _falcon_scaled_linear():
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    class Scaled(FalconLinear):  # looks alike, computes 2 x W^T + b
+        def forward(self, input):
+            hidden_states = 2 * input @ self.weight.T
+            if self.bias is None:
+                return hidden_states
+            return hidden_states + self.bias
+
+    model = _falcon()
+    mlp = model.h[0].mlp
+    scaled = Scaled(32, 48)
+    scaled.load_state_dict(mlp.dense_h_to_4h.state_dict())
+    mlp.dense_h_to_4h = scaled
+    return model
+
+
+def _distilbert_residual_chunk():
+    from transformers.models.distilbert.modeling_distilbert import FFN
+
+    class Residual(FFN):
+        def ff_chunk(self, input):
+            return self.dropout(self.lin2(self.activation(self.lin1(input)))) + input
+
+    model = _distilbert()
+    layer = model.transformer.layer[0]
+    residual = Residual(model.config)
+    residual.load_state_dict(layer.ffn.state_dict())
+    layer.ffn = residual
+    return model
+
+
 @pytest.mark.parametrize("make", [
     lambda: _starcoder2("silu"),
     lambda: _starcoder2("relu"),
     lambda: _starcoder2("gelu_10"),  # clipped GELU
     _esm_overriding_forward,
-], ids=["starcoder2-silu", "starcoder2-relu", "starcoder2-gelu10", "esm-subclass"])
+    lambda: _distilbert("relu"),
+    _distilbert_residual_chunk,
+    lambda: _falcon("relu"),
+    _falcon_scaled_linear,
+], ids=["starcoder2-silu", "starcoder2-relu", "starcoder2-gelu10", "esm-subclass",
+        "distilbert-relu", "distilbert-residual-chunk", "falcon-relu", "falcon-scaled-linear"])
 def test_look_alikes_not_patched(make):
     model = make()
     before = repr(model)
@@ -96,3 +164,16 @@ def test_esm_with_another_gelu_function_not_patched(monkeypatch):
 
     monkeypatch.setattr(modeling_esm, "gelu", lambda x: torch.nn.functional.gelu(x, "tanh"))
     assert triton_gelu.patch(_esm()) == 0
+
+
+def test_quick_gelu_families():
+    """ImageGPT's and OWL-ViT's MLPs (quick_gelu, as CLIP's): one fused block each."""
+    imagegpt = transformers.ImageGPTModel(transformers.ImageGPTConfig(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=32))
+    check_patched(imagegpt, IDS, expected=1, output=_hidden)
+    assert imagegpt.h[0].mlp.c_fc.activation == "quick_gelu"
+    owlvit = transformers.OwlViTVisionModel(transformers.OwlViTVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=16))
+    pixels = {"pixel_values": torch.randn(1, 3, 32, 32, generator=_TOKENS)}
+    check_patched(owlvit, pixels, expected=1, output=_hidden)

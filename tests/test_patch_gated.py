@@ -427,32 +427,36 @@ def test_hooked_or_odd_blocks_not_patched():
         assert triton_gelu.patch(model) == 0, model
 
 
+def _match(fn, template):
+    return gated.match_template(fn, template, gated.ROLES)
+
+
 def test_template_matching_names_roles_and_refuses_the_rest():
     from transformers.models.gemma.modeling_gemma import GemmaMLP
     from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
 
-    assert gated.match_template(GemmaMLP.forward, gated._gemma_mlp) == {
+    assert _match(GemmaMLP.forward, gated._gemma_mlp) == {
         "down": "down_proj", "act": "act_fn", "gate": "gate_proj", "up": "up_proj"}
-    assert gated.match_template(T5DenseGatedActDense.forward,
+    assert _match(T5DenseGatedActDense.forward,
                                 gated._t5_dense_gated_act_dense) == {
         "act": "act", "gate": "wi_0", "up": "wi_1", "dropout": "dropout", "down": "wo"}
-    assert gated.match_template(GemmaLike.forward, gated._gemma_mlp_returned) is not None
+    assert _match(GemmaLike.forward, gated._gemma_mlp_returned) is not None
     from transformers.models.longt5.modeling_longt5 import LongT5DenseGatedActDense
     from transformers.models.t5gemma.modeling_t5gemma import T5GemmaMLP
 
-    assert gated.match_template(LongT5DenseGatedActDense.forward,
+    assert _match(LongT5DenseGatedActDense.forward,
                                 gated._longt5_dense_gated_act_dense) == {
         "act": "act", "gate": "wi_0", "up": "wi_1", "dropout": "dropout", "down": "wo"}
-    assert gated.match_template(T5GemmaMLP.forward, gated._t5gemma_mlp) == {
+    assert _match(T5GemmaMLP.forward, gated._t5gemma_mlp) == {
         "down": "down_proj", "act": "act_fn", "gate": "gate_proj", "up": "up_proj",
         "dropout": "dropout"}
     # T5's code (with the cast) is not LongT5's template, nor the reverse
-    assert gated.match_template(T5DenseGatedActDense.forward,
+    assert _match(T5DenseGatedActDense.forward,
                                 gated._longt5_dense_gated_act_dense) is None
-    assert gated.match_template(LongT5DenseGatedActDense.forward,
+    assert _match(LongT5DenseGatedActDense.forward,
                                 gated._t5_dense_gated_act_dense) is None
     for refused in (UpFirst.forward, Residual.forward, GateTwice.forward, F.gelu, None):
-        assert all(gated.match_template(refused, t) is None for t, _ in gated._TEMPLATES)
+        assert all(_match(refused, t) is None for t, _ in gated._TEMPLATES)
 
 
 def test_patched_block_compiles_fullgraph():

@@ -13,6 +13,10 @@ instance. What is fused:
   ``feed_forward`` call (``ffn.py``'s slots: ``FusedFeedForward`` in ``c_fc``, ``nn.Identity`` in
   ``act``, ``FeedForwardOutput`` in ``c_proj``); the trailing dropout is the block's own code,
   untouched;
+- DistilBERT's ``FFN``: ``apply_chunking_to_forward(self.ff_chunk, ...)`` (transformers'
+  function, by its module and name) over ``ff_chunk``, a plain chain ``lin1 -> activation -> lin2
+  -> dropout`` read by ``chain.call_chain``: the chain is fused as above; chunking along the
+  sequence changes nothing for a per-token block;
 - ESM's ``EsmIntermediate``: ``dense`` then the module-level ``gelu()`` of the ESM file, itself
   proven to be ``x * 0.5 * (1 + erf(x / sqrt 2))`` by its code: ``dense`` becomes a
   ``LinearGELU`` (the erf form) holding the same parameters, and the module is swapped for an
@@ -30,9 +34,10 @@ import torch
 from torch import nn
 
 from ..modules import LinearGELU
+from .chain import call_chain
 from .ffn import fuse_feed_forwards
-from .gated import match_template
 from .match import has_hooks, linear_kind
+from .template import match_template
 
 _LINEAR_ROLES = ("linear1", "act", "linear2", "dense")
 
@@ -63,6 +68,19 @@ def _linear_then_gelu_function(self, hidden_states):
     return hidden_states
 
 
+def _chunked_forward(self, input):
+    return apply_chunking_to_forward(self.ff_chunk, self.chunk_size_feed_forward,  # noqa: F821
+                                     self.seq_len_dim, input)
+
+
+def _is_apply_chunking(fn: object) -> bool:
+    # transformers.pytorch_utils.apply_chunking_to_forward: forward_fn on each chunk of the
+    # inputs along chunk_dim (or on the whole when chunk_size is 0): a per-token FFN computes
+    # the same either way.
+    return (getattr(fn, "__module__", None) == "transformers.pytorch_utils"
+            and getattr(fn, "__qualname__", None) == "apply_chunking_to_forward")
+
+
 def _plain_container(module: nn.Module) -> bool:
     return not (has_hooks(module) or "forward" in vars(module) or module._parameters
                 or module._buffers)
@@ -81,6 +99,23 @@ def fuse_starcoder2(module: nn.Module, approximate: str | None, recompute: bool)
     if len(set(chain)) != 3 or not all(name in module._modules for name in chain):
         return 0
     # fuse_feed_forwards proves the children (plain Linears, a GELU, matching widths).
+    return fuse_feed_forwards(module, chain, approximate, recompute)
+
+
+# ---- DistilBERT -----------------------------------------------------------------------------------
+
+
+def fuse_chunked(module: nn.Module, approximate: str | None, recompute: bool) -> int:
+    """DistilBERT's ``FFN``: ``forward`` hands ``ff_chunk`` to ``apply_chunking_to_forward``, and
+    ``ff_chunk`` is a plain chain of children (``chain.call_chain``: lin1, act, lin2, dropout)."""
+    if not _plain_container(module) or "ff_chunk" in vars(module):
+        return 0
+    if match_template(type(module).forward, _chunked_forward, (),
+                      {"apply_chunking_to_forward": _is_apply_chunking}) != {}:
+        return 0
+    chain = call_chain(getattr(type(module), "ff_chunk", None))
+    if chain is None:
+        return 0
     return fuse_feed_forwards(module, chain, approximate, recompute)
 
 
@@ -130,6 +165,7 @@ def patch_families(model: nn.Module, approximate: str | None, recompute: bool) -
     swapped: dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         count += fuse_starcoder2(parent, approximate, recompute)
+        count += fuse_chunked(parent, approximate, recompute)
         for name, block in list(parent._modules.items()):
             if block is None:
                 continue
