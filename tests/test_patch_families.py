@@ -6,6 +6,8 @@ activation, an overriding forward, another module-level gelu) are left alone. Lo
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from test_patch import check_patched
@@ -177,3 +179,46 @@ def test_quick_gelu_families():
         image_size=32, patch_size=16))
     pixels = {"pixel_values": torch.randn(1, 3, 32, 32, generator=_TOKENS)}
     check_patched(owlvit, pixels, expected=1, output=_hidden)
+
+
+def _modernbert(act="gelu"):
+    return transformers.ModernBertModel(transformers.ModernBertConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=32, hidden_activation=act, mlp_bias=True,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0))
+
+
+def test_modernbert_packed_gate_and_up():
+    """ModernBERT's MLP (Wi packs input and gate): one gated kernel on Wi's two row halves;
+    outputs, every gradient (Wi's whole weight and bias included) and the state dict as before."""
+    from helpers import assert_no_worse_than_torch
+    from test_patch import _as64, _run
+
+    from triton_gelu._runtime import launches
+    from triton_gelu.patch import PackedGatedGELUBlock
+
+    model = _modernbert().eval()
+    unpatched, ref64 = copy.deepcopy(model), copy.deepcopy(model).double()
+    params, keys = dict(model.named_parameters()), list(model.state_dict())
+    assert triton_gelu.patch(model) == 1
+    assert isinstance(model.layers[0].mlp, PackedGatedGELUBlock)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert list(model.state_dict()) == keys
+    before = launches["geglu_fwd"]
+    out, grads = _run(model, IDS, _hidden)
+    assert launches["geglu_fwd"] - before == 1
+    out_t, grads_t = _run(unpatched, IDS, _hidden)
+    out64, grads64 = _run(ref64, _as64(IDS), _hidden)
+    assert_no_worse_than_torch(out, out_t, out64, "output")
+    assert grads.keys() == grads_t.keys() and "layers.0.mlp.Wi.weight" in grads
+    for name in grads:
+        atol = 1e-6 * max(1.0, grads64[name].abs().max().item())
+        assert_no_worse_than_torch(grads[name], grads_t[name], grads64[name], name, atol=atol)
+    assert triton_gelu.patch(model) == 0, "patching twice must be a no-op"
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_10"])
+def test_modernbert_other_activations_not_patched(act):
+    model = _modernbert(act)
+    before = repr(model)
+    assert triton_gelu.patch(model) == 0 and repr(model) == before

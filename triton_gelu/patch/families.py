@@ -21,6 +21,9 @@ instance. What is fused:
   proven to be ``x * 0.5 * (1 + erf(x / sqrt 2))`` by its code: ``dense`` becomes a
   ``LinearGELU`` (the erf form) holding the same parameters, and the module is swapped for an
   ``EsmFusedIntermediate`` holding that child under the same name.
+- ModernBERT's ``ModernBertMLP``: ``Wo(drop(act(input) * gate))`` with ``input, gate =
+  Wi(x).chunk(2, dim=-1)``: swapped for a ``PackedGatedGELUBlock`` (the gated block on ``Wi``'s
+  two row halves; its dropout fused, drawing our mask).
 
 The state dict keeps its keys and values (the same ``nn.Parameter`` objects).
 """
@@ -36,10 +39,11 @@ from torch import nn
 from ..modules import LinearGELU
 from .chain import call_chain
 from .ffn import fuse_feed_forwards
-from .match import has_hooks, linear_kind
+from ..functional import gated_feed_forward
+from .match import dropout_p, forced_form, form_arguments, gelu_form, has_hooks, linear_kind
 from .template import match_template
 
-_LINEAR_ROLES = ("linear1", "act", "linear2", "dense")
+_LINEAR_ROLES = ("linear1", "act", "linear2", "dense", "packed", "dropout")
 
 
 # ---- the templates ------------------------------------------------------------------------------
@@ -79,6 +83,11 @@ def _is_apply_chunking(fn: object) -> bool:
     # the same either way.
     return (getattr(fn, "__module__", None) == "transformers.pytorch_utils"
             and getattr(fn, "__qualname__", None) == "apply_chunking_to_forward")
+
+
+def _packed_gated(self, hidden_states):
+    input, gate = self.packed(hidden_states).chunk(2, dim=-1)
+    return self.linear2(self.dropout(self.act(input) * gate))
 
 
 def _plain_container(module: nn.Module) -> bool:
@@ -159,6 +168,77 @@ def esm_intermediate(block: nn.Module, approximate: str | None,
     return EsmFusedIntermediate(block, fused)
 
 
+# ---- ModernBERT ------------------------------------------------------------------------------------
+
+
+class PackedGatedGELUBlock(nn.Module):
+    """ModernBERT's ``ModernBertMLP`` fused: ``Wo(drop(act(a) * b))`` with ``a, b`` the two halves
+    of ``Wi``'s output, as one ``gated_feed_forward`` call on the two row halves of ``Wi``'s
+    weight (views: gradients reach ``Wi.weight`` itself). The same children under the same names;
+    the dropout module's p and mode are read at each call and draw our mask. A child hooked or
+    swapped for another class after the patch makes it run the block's own ``forward``."""
+
+    def __init__(self, block: nn.Module, roles: dict[str, str], form: str,
+                 recompute: bool) -> None:
+        super().__init__()
+        for name, child in block._modules.items():
+            self.add_module(name, child)
+        for name, value in vars(block).items():
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        self.training = block.training
+        self.original_class = type(block)
+        self.roles = roles
+        self.form = form
+        self.recompute = recompute
+        self._types = self._child_types()
+
+    def _child_types(self) -> tuple[type, ...]:
+        return tuple(type(self._modules[name]) for name in self.roles.values())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        children = {role: self._modules[name] for role, name in self.roles.items()}
+        if self._child_types() != self._types or any(has_hooks(m) for m in children.values()):
+            return self.original_class.forward(self, hidden_states)
+        packed, down, dropout = children["packed"], children["linear2"], children["dropout"]
+        half = packed.weight.shape[0] // 2
+        bias = packed.bias
+        return gated_feed_forward(
+            hidden_states, packed.weight[:half], packed.weight[half:], down.weight,
+            None if bias is None else bias[:half], None if bias is None else bias[half:],
+            down.bias, dropout=dropout.p, training=dropout.training, recompute=self.recompute,
+            **form_arguments(self.form))
+
+    def extra_repr(self) -> str:
+        cls = self.original_class
+        return f"replaces={cls.__module__}.{cls.__qualname__}, form={self.form!r}"
+
+
+def packed_gated(block: nn.Module, approximate: str | None,
+                 recompute: bool) -> PackedGatedGELUBlock | None:
+    if isinstance(block, PackedGatedGELUBlock) or not _plain_container(block):
+        return None
+    roles = match_template(type(block).forward, _packed_gated, _LINEAR_ROLES)
+    if roles is None or len(set(roles.values())) != 4:
+        return None
+    packed, down = block._modules.get(roles["packed"]), block._modules.get(roles["linear2"])
+    act, dropout = block._modules.get(roles["act"]), block._modules.get(roles["dropout"])
+    if not (isinstance(packed, nn.Linear) and isinstance(down, nn.Linear)
+            and linear_kind(packed) == "linear" and linear_kind(down) == "linear"):
+        return None
+    if has_hooks(packed) or has_hooks(down) or not isinstance(dropout, nn.Dropout) \
+            or dropout_p(dropout) is None:
+        return None
+    rows = packed.weight.shape[0]
+    if rows % 2 or down.in_features != rows // 2 or \
+            packed.weight.dtype != down.weight.dtype or packed.weight.device != down.weight.device:
+        return None
+    form = gelu_form(act) if isinstance(act, nn.Module) else None
+    if form is None:
+        return None
+    return PackedGatedGELUBlock(block, roles, forced_form(form, approximate), recompute)
+
+
 def patch_families(model: nn.Module, approximate: str | None, recompute: bool) -> int:
     """Fuse every proven module of the families above below ``model``; return how many."""
     count = 0
@@ -171,7 +251,8 @@ def patch_families(model: nn.Module, approximate: str | None, recompute: bool) -
                 continue
             fused = swapped.get(id(block))
             if fused is None:
-                fused = esm_intermediate(block, approximate, recompute)
+                fused = esm_intermediate(block, approximate, recompute) \
+                    or packed_gated(block, approximate, recompute)
                 if fused is None:
                     continue
                 swapped[id(block)] = fused
