@@ -212,7 +212,7 @@ class _FeedForwardFunction(torch.autograd.Function):
         # from the parameters), and the dropout seed (8 bytes). Never GELU's output, the mask
         # or the dropout output: the backward regenerates them from z and the seed.
         ctx.save_for_backward(x2d, w1, b1 if config.recompute else None, w2, preact, seed)
-        return y.view(*x.shape[:-1], w2.shape[0])
+        return y  # (rows, out): the caller views it N-D, outside the Function (see below)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -292,7 +292,10 @@ def _feed_forward(x, w1, b1, w2, b2, config: _BlockConfig) -> torch.Tensor:
                                           config.activation, save_preact=False,
                                           col_offset=config.col_offset, n_cols=config.n_cols)
         return y.view(*x.shape[:-1], w2.shape[0])
-    return _FeedForwardFunction.apply(x, w1, b1, w2, b2, seed, config)
+    # Viewed N-D outside the Function: a view made inside it could not be modified in place
+    # (Falcon's ``mlp_output += attention_output``).
+    return _FeedForwardFunction.apply(x, w1, b1, w2, b2, seed, config).view(
+        *x.shape[:-1], w2.shape[0])
 
 
 # ---- Gated GELU (GeGLU) and the gated FFN block ---------------------------------------------

@@ -23,7 +23,10 @@ and the GELU becomes ``nn.Identity()``. GPT-2's ``Conv1D`` (weight stored as (in
 takes strides.
 
 Gated GELU blocks (Gemma's MLP, T5's DenseGatedActDense: ``down(gelu(gate(x)) * up(x))``) are
-recognised by ``gated.py`` and swapped whole for a fused block holding the same children.
+recognised by ``gated.py`` and swapped whole for a fused block holding the same children
+(also LongT5's block and T5Gemma's MLP). StarCoder2's MLP (a chain, then a dropout in its code)
+and ESM's intermediate (a Linear, then the model file's own erf ``gelu()``) are proven by their
+code in ``families.py``.
 
 A model already tensor-parallelized with PyTorch's styles: a column-parallel Linear -> GELU pair
 is fused with the Linear's hooks carried over, and a whole block whose Linears are column- then
@@ -43,12 +46,14 @@ from torch import nn
 from ..activations import resolve
 from .chain import application_chain, call_chain
 from .ffn import FeedForwardOutput, FusedFeedForward, fuse_feed_forwards
+from .families import EsmFusedIntermediate, PackedGatedGELUBlock, patch_families
 from .fuse import Conv1DGELU, fuse_pair
 from .gated import GatedGELUBlock, patch_gated
 from .match import gelu_form
 
 __all__ = ["patch", "gelu_form", "call_chain", "Conv1DGELU", "FusedFeedForward",
-           "FeedForwardOutput", "GatedGELUBlock"]
+           "FeedForwardOutput", "GatedGELUBlock", "EsmFusedIntermediate",
+           "PackedGatedGELUBlock"]
 
 
 def patch(model: nn.Module, approximate: str | None = None, recompute: bool = False) -> int:
@@ -82,4 +87,5 @@ def patch(model: nn.Module, approximate: str | None = None, recompute: bool = Fa
             if chain.count(linear_name) != 1 or chain.count(act_name) != 1:
                 continue  # a child used twice: swapping it would change the other use
             count += fuse_pair(module, linear_name, act_name, approximate, recompute)
+    count += patch_families(model, approximate, recompute)
     return count + patch_gated(model, approximate, recompute)

@@ -1,12 +1,14 @@
 """Gated GELU FFN blocks: recognised by their code, swapped whole for a fused block that keeps
 their child modules under the same names.
 
-Two shapes of ``forward`` are recognised, whatever the class (Hugging Face's or a copy):
+Four shapes of ``forward`` are recognised, whatever the class (Hugging Face's or a copy):
 
 - Gemma 1/2/3's MLP (``GemmaMLP``, ``Gemma2MLP``, ``Gemma3MLP``, and every model that copies it):
   ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``;
 - T5 v1.1 / Flan-T5's ``T5DenseGatedActDense``: ``wo(dropout(act(wi_0(x)) * wi_1(x)))``, with
-  its cast of the hidden to ``wo``'s dtype when they differ (Flan-T5-XXL keeps ``wo`` in float32).
+  its cast of the hidden to ``wo``'s dtype when they differ (Flan-T5-XXL keeps ``wo`` in float32);
+- LongT5's ``LongT5DenseGatedActDense``: T5's block without the cast;
+- T5Gemma's ``T5GemmaMLP``: ``down_proj(dropout(act_fn(gate_proj(x)) * up_proj(x)))``.
 
 Proof that a block is one of them: its ``forward`` compiles to the same bytecode as a template
 below (instruction for instruction, up to the names of its locals and of the children the
@@ -40,8 +42,6 @@ block whose projections carry other style hooks is left as it is. Parallelizing 
 
 from __future__ import annotations
 
-import builtins
-import dis
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +54,7 @@ from .match import (
     dropout_p, forced_form, form_arguments, gelu_form, has_hooks, linear_kind,
     parallel_block_style, tp_hooks_module,
 )
+from .template import match_template
 
 ROLES = ("gate", "up", "act", "dropout", "down")
 
@@ -86,79 +87,30 @@ def _t5_dense_gated_act_dense(self, hidden_states):
     return hidden_states
 
 
+def _longt5_dense_gated_act_dense(self, hidden_states):
+    # LongT5DenseGatedActDense: T5's block without the cast to wo's dtype.
+    hidden_gelu = self.act(self.gate(hidden_states))
+    hidden_linear = self.up(hidden_states)
+    hidden_states = hidden_gelu * hidden_linear
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.down(hidden_states)
+    return hidden_states
+
+
+def _t5gemma_mlp(self, x):
+    # T5GemmaMLP: Gemma's MLP with a dropout on the gated hidden.
+    hidden_states = self.act(self.gate(x)) * self.up(x)
+    hidden_states = self.dropout(hidden_states)
+    down_proj = self.down(hidden_states)
+    return down_proj
+
+
 # (template, whether it casts to down's dtype); Any: mypy sees a def as a Callable, not the
 # FunctionType it is.
 _TEMPLATES: tuple[tuple[Any, bool], ...] = (
     (_gemma_mlp, False), (_gemma_mlp_returned, False), (_t5_dense_gated_act_dense, True),
+    (_longt5_dense_gated_act_dense, False), (_t5gemma_mlp, False),
 )
-
-_SKIP = {"RESUME", "NOP", "CACHE", "EXTENDED_ARG", "NOT_TAKEN"}
-_LOCALS = {"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "STORE_FAST",
-           "LOAD_FAST_LOAD_FAST", "LOAD_FAST_BORROW_LOAD_FAST_BORROW", "STORE_FAST_LOAD_FAST",
-           "STORE_FAST_STORE_FAST"}
-_ATTRS = {"LOAD_ATTR", "LOAD_METHOD"}
-
-
-def _instructions(fn: types.FunctionType) -> list[dis.Instruction]:
-    return [ins for ins in dis.get_instructions(fn) if ins.opname not in _SKIP]
-
-
-def _bind(mapping: dict, key: str, value: str) -> bool:
-    """Extend a one-to-one name mapping; False if it would map a name to two, or two to one."""
-    if key in mapping:
-        return mapping[key] == value
-    if value in mapping.values():
-        return False
-    mapping[key] = value
-    return True
-
-
-def _global(fn: types.FunctionType, name: str) -> object:
-    return fn.__globals__.get(name, getattr(builtins, name, None))
-
-
-def match_template(fn: object, template: types.FunctionType) -> dict[str, str] | None:
-    """Role -> child name when ``fn`` is ``template`` up to local and role names, else None."""
-    if not isinstance(fn, types.FunctionType):
-        return None
-    code, want = fn.__code__, template.__code__
-    if code.co_freevars or code.co_cellvars or fn.__defaults__ or fn.__kwdefaults__:
-        return None
-    # The low 16 bits are the code's own flags (varargs, generator...); above them are the
-    # ``from __future__`` flags of the module it was written in, which do not change the code.
-    if (code.co_argcount, code.co_kwonlyargcount, code.co_posonlyargcount,
-            code.co_flags & 0xFFFF) != (want.co_argcount, want.co_kwonlyargcount,
-                                        want.co_posonlyargcount, want.co_flags & 0xFFFF):
-        return None
-    ours, theirs = _instructions(template), _instructions(fn)
-    if len(ours) != len(theirs):
-        return None
-    local_names = dict(zip(want.co_varnames[:want.co_argcount], code.co_varnames))
-    roles: dict[str, str] = {}
-    for a, b in zip(ours, theirs):
-        if a.opname != b.opname:
-            return None
-        if a.opname in _LOCALS:
-            pairs = zip(*(v if isinstance(v, tuple) else (v,) for v in (a.argval, b.argval)))
-            if not all(_bind(local_names, x, y) for x, y in pairs):
-                return None
-        elif a.opname in _ATTRS and a.argval in ROLES:
-            if not _bind(roles, a.argval, b.argval) or _null_bit(a) != _null_bit(b):
-                return None
-        elif a.opname == "LOAD_GLOBAL":
-            if a.argval != b.argval or _null_bit(a) != _null_bit(b) or \
-                    _global(fn, b.argval) is not _global(template, a.argval):
-                return None
-        elif a.argval != b.argval or (a.opname in _ATTRS and _null_bit(a) != _null_bit(b)):
-            return None
-    return roles
-
-
-def _null_bit(ins: dis.Instruction) -> int:
-    # LOAD_GLOBAL (3.11+) and LOAD_ATTR (3.12+) say in their lowest bit whether they also push
-    # NULL for a call: the same name loaded as a value or as a callee is different code.
-    return (ins.arg or 0) & 1
-
 
 # ---- what a block must hold ---------------------------------------------------------------------
 
@@ -180,7 +132,7 @@ def gated_spec(block: nn.Module) -> GatedSpec | None:
         return None
     forward = type(block).forward
     for template, casts in _TEMPLATES:
-        roles = match_template(forward, template)
+        roles = match_template(forward, template, ROLES)
         if roles is not None:
             break
     else:

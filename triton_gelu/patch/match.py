@@ -1,6 +1,7 @@
 """What the patcher accepts as a Linear and as a GELU.
 
-What counts as a Linear: ``nn.Linear`` with its own ``forward``, no hooks (but those a PyTorch
+What counts as a Linear: ``nn.Linear`` with its own ``forward`` (or a subclass whose ``forward``
+compiles to ``input @ self.weight.T (+ self.bias)``, Falcon's ``FalconLinear``), no hooks (but those a PyTorch
 tensor-parallel style installed), no parametrization, a float32/float16/bfloat16 weight;
 transformers' ``Conv1D``. What counts as GELU: ``nn.GELU``,
 ``F.gelu`` (also via ``functools.partial`` with ``approximate=``), this package's ``GELU`` /
@@ -28,6 +29,7 @@ from torch import nn
 from .._checks import FLOAT_DTYPES
 from ..functional import gelu as _tg_gelu
 from ..modules import GELU, has_hooks
+from .template import match_template
 
 
 # ---- what is a GELU --------------------------------------------------------------------------
@@ -161,7 +163,8 @@ def linear_kind(mod: object) -> str | None:
     ):
         return None
     cls = type(mod)
-    if isinstance(mod, nn.Linear) and cls.forward is nn.Linear.forward:
+    if isinstance(mod, nn.Linear) and (cls.forward is nn.Linear.forward
+                                       or match_template(cls.forward, _x_wt_plus_b) == {}):
         return "linear"
     if (
         cls.__name__ == "Conv1D"
@@ -172,6 +175,15 @@ def linear_kind(mod: object) -> str | None:
     ):
         return "conv1d"
     return None
+
+
+def _x_wt_plus_b(self, input):
+    # Falcon's FalconLinear.forward: x @ W^T + b, the two roundings of nn.Linear's own matmul
+    # and bias add (a Linear subclass whose forward compiles to exactly this is a Linear).
+    hidden_states = input @ self.weight.T
+    if self.bias is None:
+        return hidden_states
+    return hidden_states + self.bias
 
 
 def _dtensor_class() -> type | None:

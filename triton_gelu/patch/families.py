@@ -1,0 +1,261 @@
+"""Hugging Face FFN modules whose ``forward`` is not a plain chain of children, proven by their
+code and fused eagerly.
+
+Each recogniser compares the module's class ``forward`` with a template below, instruction for
+instruction (``gated.match_template``: up to the names of locals and of the children named by
+role; every other name, constant and global must be the same, or pass the global's rule), then
+checks the children in those roles (``match``: plain ``nn.Linear``, a GELU, a plain Dropout).
+The module must have no hooks, no parameters or buffers of its own and no ``forward`` of its
+instance. What is fused:
+
+- StarCoder2's ``Starcoder2MLP``: ``c_fc -> act -> c_proj`` then
+  ``F.dropout(p=self.residual_dropout, training=self.training)``: the three children become one
+  ``feed_forward`` call (``ffn.py``'s slots: ``FusedFeedForward`` in ``c_fc``, ``nn.Identity`` in
+  ``act``, ``FeedForwardOutput`` in ``c_proj``); the trailing dropout is the block's own code,
+  untouched;
+- DistilBERT's ``FFN``: ``apply_chunking_to_forward(self.ff_chunk, ...)`` (transformers'
+  function, by its module and name) over ``ff_chunk``, a plain chain ``lin1 -> activation -> lin2
+  -> dropout`` read by ``chain.call_chain``: the chain is fused as above; chunking along the
+  sequence changes nothing for a per-token block;
+- ESM's ``EsmIntermediate``: ``dense`` then the module-level ``gelu()`` of the ESM file, itself
+  proven to be ``x * 0.5 * (1 + erf(x / sqrt 2))`` by its code: ``dense`` becomes a
+  ``LinearGELU`` (the erf form) holding the same parameters, and the module is swapped for an
+  ``EsmFusedIntermediate`` holding that child under the same name.
+- ModernBERT's ``ModernBertMLP``: ``Wo(drop(act(input) * gate))`` with ``input, gate =
+  Wi(x).chunk(2, dim=-1)``: swapped for a ``PackedGatedGELUBlock`` (the gated block on ``Wi``'s
+  two row halves; its dropout fused, drawing our mask).
+
+The state dict keeps its keys and values (the same ``nn.Parameter`` objects).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+from torch import nn
+
+from ..modules import LinearGELU
+from .chain import call_chain
+from .ffn import fuse_feed_forwards
+from ..functional import gated_feed_forward
+from .match import dropout_p, forced_form, form_arguments, gelu_form, has_hooks, linear_kind
+from .template import match_template
+
+_LINEAR_ROLES = ("linear1", "act", "linear2", "dense", "packed", "dropout")
+
+
+# ---- the templates ------------------------------------------------------------------------------
+
+
+def _starcoder2_mlp(self, hidden_states):
+    hidden_states = self.linear1(hidden_states)
+    hidden_states = self.act(hidden_states)
+    hidden_states = self.linear2(hidden_states)
+    hidden_states = nn.functional.dropout(
+        hidden_states, p=self.residual_dropout, training=self.training)
+    return hidden_states
+
+
+def _erf_gelu(x):
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _is_erf_gelu(fn: object) -> bool:
+    return match_template(fn, _erf_gelu, roles_named=()) == {}
+
+
+def _linear_then_gelu_function(self, hidden_states):
+    hidden_states = self.dense(hidden_states)
+    hidden_states = gelu(hidden_states)  # noqa: F821  (the model file's global, by its rule)
+    return hidden_states
+
+
+def _chunked_forward(self, input):
+    return apply_chunking_to_forward(self.ff_chunk, self.chunk_size_feed_forward,  # noqa: F821
+                                     self.seq_len_dim, input)
+
+
+def _is_apply_chunking(fn: object) -> bool:
+    # transformers.pytorch_utils.apply_chunking_to_forward: forward_fn on each chunk of the
+    # inputs along chunk_dim (or on the whole when chunk_size is 0): a per-token FFN computes
+    # the same either way.
+    return (getattr(fn, "__module__", None) == "transformers.pytorch_utils"
+            and getattr(fn, "__qualname__", None) == "apply_chunking_to_forward")
+
+
+def _packed_gated(self, hidden_states):
+    input, gate = self.packed(hidden_states).chunk(2, dim=-1)
+    return self.linear2(self.dropout(self.act(input) * gate))
+
+
+def _plain_container(module: nn.Module) -> bool:
+    return not (has_hooks(module) or "forward" in vars(module) or module._parameters
+                or module._buffers)
+
+
+# ---- StarCoder2 -----------------------------------------------------------------------------------
+
+
+def fuse_starcoder2(module: nn.Module, approximate: str | None, recompute: bool) -> int:
+    if not _plain_container(module):
+        return 0
+    roles = match_template(type(module).forward, _starcoder2_mlp, _LINEAR_ROLES)
+    if roles is None:
+        return 0
+    chain = [roles["linear1"], roles["act"], roles["linear2"]]
+    if len(set(chain)) != 3 or not all(name in module._modules for name in chain):
+        return 0
+    # fuse_feed_forwards proves the children (plain Linears, a GELU, matching widths).
+    return fuse_feed_forwards(module, chain, approximate, recompute)
+
+
+# ---- DistilBERT -----------------------------------------------------------------------------------
+
+
+def fuse_chunked(module: nn.Module, approximate: str | None, recompute: bool) -> int:
+    """DistilBERT's ``FFN``: ``forward`` hands ``ff_chunk`` to ``apply_chunking_to_forward``, and
+    ``ff_chunk`` is a plain chain of children (``chain.call_chain``: lin1, act, lin2, dropout)."""
+    if not _plain_container(module) or "ff_chunk" in vars(module):
+        return 0
+    if match_template(type(module).forward, _chunked_forward, (),
+                      {"apply_chunking_to_forward": _is_apply_chunking}) != {}:
+        return 0
+    chain = call_chain(getattr(type(module), "ff_chunk", None))
+    if chain is None:
+        return 0
+    return fuse_feed_forwards(module, chain, approximate, recompute)
+
+
+# ---- ESM -------------------------------------------------------------------------------------------
+
+
+class EsmFusedIntermediate(nn.Module):
+    """ESM's ``EsmIntermediate`` fused: its ``dense`` child is a ``LinearGELU`` (erf form) with the
+    same parameters under the same names."""
+
+    def __init__(self, block: nn.Module, dense: LinearGELU) -> None:
+        super().__init__()
+        for name, child in block._modules.items():
+            self.add_module(name, dense if child is block._modules["dense"] else child)
+        self.training = block.training
+        self.original_class = type(block)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dense(hidden_states)
+
+    def extra_repr(self) -> str:
+        cls = self.original_class
+        return f"replaces={cls.__module__}.{cls.__qualname__}"
+
+
+def esm_intermediate(block: nn.Module, approximate: str | None,
+                     recompute: bool) -> EsmFusedIntermediate | None:
+    """The fused replacement of ``block`` when it is proven ESM's intermediate, else None."""
+    if isinstance(block, EsmFusedIntermediate) or not _plain_container(block):
+        return None
+    roles = match_template(type(block).forward, _linear_then_gelu_function, _LINEAR_ROLES,
+                           {"gelu": _is_erf_gelu})
+    if roles is None or set(block._modules) != {roles["dense"]}:
+        return None
+    dense = block._modules[roles["dense"]]
+    if linear_kind(dense) != "linear" or not isinstance(dense, nn.Linear) or has_hooks(dense):
+        return None
+    form = "none" if approximate is None else approximate
+    fused = LinearGELU.from_linear(dense, approximate=form, recompute=recompute)
+    fused.train(dense.training)
+    return EsmFusedIntermediate(block, fused)
+
+
+# ---- ModernBERT ------------------------------------------------------------------------------------
+
+
+class PackedGatedGELUBlock(nn.Module):
+    """ModernBERT's ``ModernBertMLP`` fused: ``Wo(drop(act(a) * b))`` with ``a, b`` the two halves
+    of ``Wi``'s output, as one ``gated_feed_forward`` call on the two row halves of ``Wi``'s
+    weight (views: gradients reach ``Wi.weight`` itself). The same children under the same names;
+    the dropout module's p and mode are read at each call and draw our mask. A child hooked or
+    swapped for another class after the patch makes it run the block's own ``forward``."""
+
+    def __init__(self, block: nn.Module, roles: dict[str, str], form: str,
+                 recompute: bool) -> None:
+        super().__init__()
+        for name, child in block._modules.items():
+            self.add_module(name, child)
+        for name, value in vars(block).items():
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        self.training = block.training
+        self.original_class = type(block)
+        self.roles = roles
+        self.form = form
+        self.recompute = recompute
+        self._types = self._child_types()
+
+    def _child_types(self) -> tuple[type, ...]:
+        return tuple(type(self._modules[name]) for name in self.roles.values())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        children = {role: self._modules[name] for role, name in self.roles.items()}
+        if self._child_types() != self._types or any(has_hooks(m) for m in children.values()):
+            return self.original_class.forward(self, hidden_states)
+        packed, down, dropout = children["packed"], children["linear2"], children["dropout"]
+        half = packed.weight.shape[0] // 2
+        bias = packed.bias
+        return gated_feed_forward(
+            hidden_states, packed.weight[:half], packed.weight[half:], down.weight,
+            None if bias is None else bias[:half], None if bias is None else bias[half:],
+            down.bias, dropout=dropout.p, training=dropout.training, recompute=self.recompute,
+            **form_arguments(self.form))
+
+    def extra_repr(self) -> str:
+        cls = self.original_class
+        return f"replaces={cls.__module__}.{cls.__qualname__}, form={self.form!r}"
+
+
+def packed_gated(block: nn.Module, approximate: str | None,
+                 recompute: bool) -> PackedGatedGELUBlock | None:
+    if isinstance(block, PackedGatedGELUBlock) or not _plain_container(block):
+        return None
+    roles = match_template(type(block).forward, _packed_gated, _LINEAR_ROLES)
+    if roles is None or len(set(roles.values())) != 4:
+        return None
+    packed, down = block._modules.get(roles["packed"]), block._modules.get(roles["linear2"])
+    act, dropout = block._modules.get(roles["act"]), block._modules.get(roles["dropout"])
+    if not (isinstance(packed, nn.Linear) and isinstance(down, nn.Linear)
+            and linear_kind(packed) == "linear" and linear_kind(down) == "linear"):
+        return None
+    if has_hooks(packed) or has_hooks(down) or not isinstance(dropout, nn.Dropout) \
+            or dropout_p(dropout) is None:
+        return None
+    rows = packed.weight.shape[0]
+    if rows % 2 or down.in_features != rows // 2 or \
+            packed.weight.dtype != down.weight.dtype or packed.weight.device != down.weight.device:
+        return None
+    form = gelu_form(act) if isinstance(act, nn.Module) else None
+    if form is None:
+        return None
+    return PackedGatedGELUBlock(block, roles, forced_form(form, approximate), recompute)
+
+
+def patch_families(model: nn.Module, approximate: str | None, recompute: bool) -> int:
+    """Fuse every proven module of the families above below ``model``; return how many."""
+    count = 0
+    swapped: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        count += fuse_starcoder2(parent, approximate, recompute)
+        count += fuse_chunked(parent, approximate, recompute)
+        for name, block in list(parent._modules.items()):
+            if block is None:
+                continue
+            fused = swapped.get(id(block))
+            if fused is None:
+                fused = esm_intermediate(block, approximate, recompute) \
+                    or packed_gated(block, approximate, recompute)
+                if fused is None:
+                    continue
+                swapped[id(block)] = fused
+                count += 1
+            setattr(parent, name, fused)
+    return count
