@@ -7,8 +7,7 @@ suite's rule (float64 ground truth), and what the backend fused.
 
 The suite runs BART (tests/test_compile_backend.py); this covers the others we have run, about
 half a minute per family on a CPU (kernels under the interpreter, Inductor for the rest).
-Not here yet: Whisper (audio features), Funnel (its compile did not finish in 4 minutes here),
-RecurrentGemma and Gemma3n.
+Not here yet: Funnel (its compile did not finish in 4 minutes here), RecurrentGemma and Gemma3n.
 """
 
 import copy
@@ -52,6 +51,11 @@ FAMILIES = {
     "xlnet": ("XLNetConfig", dict(d_model=16, n_layer=1, n_head=2, d_inner=24, dropout=0.0,
                                   ff_activation="gelu", vocab_size=64), "XLNetModel",
               "input_ids", 1),
+    "whisper": ("WhisperConfig", {**{k: v for k, v in SEQ2SEQ.items()
+                                     if k != "max_position_embeddings"},
+                                  "num_mel_bins": 8, "max_source_positions": 8,
+                                  "max_target_positions": 16, "decoder_start_token_id": 1,
+                                  "pad_token_id": 0}, "WhisperModel", "input_features", 2),
     "convnext": ("ConvNextConfig", dict(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
                                         image_size=32), "ConvNextModel", "pixel_values", 2),
     "convnextv2": ("ConvNextV2Config", dict(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
@@ -63,6 +67,9 @@ def _inputs(name: str, seq2seq: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     if name == "pixel_values":
         return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    if name == "input_features":  # Whisper: (batch, mel bins, 2 x max_source_positions)
+        return {"input_features": torch.randn(2, 8, 16, generator=g),
+                "decoder_input_ids": torch.randint(3, 64, (2, 5), generator=g)}
     ids = torch.randint(3, 64, (2, 6), generator=g)
     return {"input_ids": ids, "decoder_input_ids": ids} if seq2seq else {"input_ids": ids}
 
