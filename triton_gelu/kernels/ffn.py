@@ -155,9 +155,9 @@ def _dz_epilogue(
     # j of width w is columns pid_n * BN + j * w + arange(w), i.e. column tile
     # (BN / w) * pid_n + j, which is how the dropout mask sees it (a function of the element's
     # position, not of the tile shape).
-    HALF: tl.constexpr = BLOCK_SIZE_N // 2
-    dh_lo, dh_hi = column_halves(dh, BLOCK_SIZE_M, BLOCK_SIZE_N)
     if BLOCK_SIZE_M * BLOCK_SIZE_N >= 8192:
+        HALF: tl.constexpr = BLOCK_SIZE_N // 2
+        dh_lo, dh_hi = column_halves(dh, BLOCK_SIZE_M, BLOCK_SIZE_N)
         _dz_epilogue_halves(dh_lo, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
                             2 * pid_n, offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
                             dropout_threshold, dropout_scale, dropout_col_offset,
@@ -169,14 +169,11 @@ def _dz_epilogue(
                             dropout_n_cols, ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1,
                             BLOCK_SIZE_M, HALF)
     else:
-        _dz_epilogue_part(dh_lo, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
-                          2 * pid_n, offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
-                          dropout_threshold, dropout_scale, dropout_col_offset, dropout_n_cols,
-                          ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
-        _dz_epilogue_part(dh_hi, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
-                          2 * pid_n + 1, offs_m, mask_m, F, db1_part_rows, stride_zm,
-                          stride_zf, dropout_threshold, dropout_scale, dropout_col_offset,
-                          dropout_n_cols, ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1, HALF)
+        _dz_epilogue_halves(dh, preact_ptr, seed_ptr, dz_ptr, h_ptr, db1_part_ptr, pid_m,
+                            pid_n, offs_m, mask_m, F, db1_part_rows, stride_zm, stride_zf,
+                            dropout_threshold, dropout_scale, dropout_col_offset,
+                            dropout_n_cols, ACTIVATION, HAS_DROPOUT, WRITE_H, SUM_DB1,
+                            BLOCK_SIZE_M, BLOCK_SIZE_N)
 
 
 @triton.jit
