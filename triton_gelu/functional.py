@@ -40,9 +40,12 @@ def _fallback(x: torch.Tensor) -> bool:
     """Whether the call runs on the PyTorch fallback (no Triton kernel can run for x). Without
     dropout the fallback is eager PyTorch's own ops under PyTorch's autograd: its speed and its
     saved tensors; the kernels' float32 formulas run only where dropout must draw their mask.
-    Reads the tuning policy too, so a bad one is refused here as on every path."""
+    The fallback reads the tuning policy, so a bad one is refused here as on every path (on
+    the others ``launchers`` reads it: not twice per call)."""
+    if runs_triton(x):
+        return False
     tune_policy()
-    return not runs_triton(x)
+    return True
 
 
 def _linear_act(x, weight, bias, activation: str) -> torch.Tensor:
