@@ -153,18 +153,12 @@ _NO_LAUNCH = _NoLaunch()
 
 
 def _tuners() -> list:
-    """Every kernel tuner of the package (the objects whose ``kernel[grid](...)`` launches)."""
-    import importlib
+    """Every kernel tuner of the package (the objects whose ``kernel[grid](...)`` launches),
+    from the registry each Tuner joins when its kernel module is imported."""
+    from triton_gelu import kernels  # noqa: F401  (imports every kernel module: their tuners)
+    from triton_gelu.tuning.tuner import tuners
 
-    from triton_gelu import kernels
-
-    found = {}
-    for name in ("gelu", "linear_gelu", "ffn", "geglu"):
-        module = importlib.import_module(f"{kernels.__name__}.{name}")
-        for value in vars(module).values():
-            if hasattr(value, "kernel") and hasattr(value, "run") and hasattr(value, "best"):
-                found[id(value)] = value
-    return list(found.values())
+    return list(tuners.values())
 
 
 def _call(fn: Callable, x: torch.Tensor, mode: str) -> Callable[[], None]:
