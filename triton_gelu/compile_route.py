@@ -156,7 +156,8 @@ def rewrite_graph(gm: fx.GraphModule) -> list[str]:
             act_out.replace_all_uses_with(new)
             dead = [*reversed(act_nodes), z]
             done.append(f"linear_gelu({form})")
-        new.meta.update((k, v) for k, v in (dead[0].meta.items()) if k == "example_value")
+        if "example_value" in dead[0].meta:  # what the replaced output traced as
+            new.meta["example_value"] = dead[0].meta["example_value"]
         for node in dead:
             graph.erase_node(node)
             erased.add(node)
