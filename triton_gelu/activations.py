@@ -98,7 +98,9 @@ ACTIVATIONS: dict[str, Activation] = {
     )
 }
 NAMES = tuple(ACTIVATIONS)
-APPROXIMATE = ("none", "tanh")
+# torch's approximate= -> the form it selects ("none" -> "gelu", "tanh" -> "gelu_tanh")
+BY_APPROXIMATE = {a.approximate: a.name for a in ACTIVATIONS.values() if a.approximate}
+APPROXIMATE = tuple(BY_APPROXIMATE)
 
 
 def resolve(approximate: object = "none", activation: object = None,
@@ -110,7 +112,7 @@ def resolve(approximate: object = "none", activation: object = None,
     is refused."""
     if not isinstance(approximate, str) or approximate not in APPROXIMATE:
         raise ValueError(f"approximate must be one of {APPROXIMATE}, got {approximate!r}")
-    by_approximate = "gelu_tanh" if approximate == "tanh" else "gelu"
+    by_approximate = BY_APPROXIMATE[approximate]
     if activation is None:
         return by_approximate
     if not isinstance(activation, str) or activation not in ACTIVATIONS:

@@ -39,6 +39,7 @@ from torch import fx
 
 from . import ops
 from ._checks import FLOAT_DTYPES
+from .activations import BY_APPROXIMATE
 from .functional import dropout_seed
 
 _LINEAR = (torch._C._nn.linear, F.linear)
@@ -91,7 +92,7 @@ def _activation(z: fx.Node) -> tuple[str, fx.Node, list[fx.Node]] | None:
     if len(users) == 1 and _is_call(users[0], _GELU) and users[0].args[0] is z:
         act = users[0]
         approximate = act.kwargs.get("approximate", act.args[1] if len(act.args) > 1 else "none")
-        form = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+        form = BY_APPROXIMATE.get(approximate)
         return None if form is None else (form, act, [act])
     if len(users) != 2:
         return None

@@ -13,7 +13,7 @@ from . import activations
 def form_name(form: str) -> str:
     """An activation's name from a form as the tests and the bench spell it: torch's
     ``approximate`` ("none", "tanh") or a name of ``activations.ACTIVATIONS``."""
-    return {"none": "gelu", "tanh": "gelu_tanh"}.get(form, form)
+    return activations.BY_APPROXIMATE.get(form, form)
 
 
 def gelu_fp32(x: torch.Tensor, activation: str) -> torch.Tensor:
