@@ -41,7 +41,7 @@ from torch import nn
 
 import triton_gelu
 from triton_gelu import _runtime
-from triton_gelu.autotune import force_path
+from triton_gelu.autotune import clear_plans, force_path
 
 MODES = ("infer", "fwd", "fwd+bwd")
 VARIANTS = ("eager-path", "fused-stubbed", "fallback")
@@ -114,6 +114,7 @@ def _entries(device: str) -> dict[str, tuple[Callable, Callable, list[torch.Tens
 
 @contextlib.contextmanager
 def _variant(name: str) -> Iterator[None]:
+    clear_plans()  # each variant plans its problems afresh (the fallback's route differs)
     if name == "eager-path":
         with force_path(**EAGER_PATHS):
             yield

@@ -33,6 +33,15 @@ def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    # Each test plans its problems anew, so a setting it changes (monkeypatch.setenv, a
+    # fallback it forces) applies to every call it makes, as in a fresh process.
+    from triton_gelu.autotune import clear_plans
+
+    clear_plans()
+
+
 @pytest.fixture
 def device() -> str:
     return DEVICE

@@ -209,6 +209,13 @@ def _linear_gelu() -> None:
                           lambda x, w: F.gelu(F.linear(x, w)), [x, w], "autocast bf16")
 
 
+def _pytorch_keep(shape: tuple[int, ...], p: float) -> torch.Tensor:
+    """The keep mask (0 or 1) F.dropout draws for a float32 tensor of ``shape`` right after
+    torch.manual_seed(3): bernoulli(1 - p) on a tensor of that shape, as the fallback's does."""
+    torch.manual_seed(3)
+    return (F.dropout(torch.ones(shape), p) != 0).float()
+
+
 @check("feed_forward")
 def _feed_forward() -> None:
     for dtype, approximate, recompute in itertools.product(DTYPES, FORMS, (False, True)):
@@ -222,13 +229,11 @@ def _feed_forward() -> None:
             [x, w1, torch.randn(20).to(dtype), w2, torch.randn(12).to(dtype)],
             f"feed_forward {dtype} {approximate} recompute={recompute}",
         )
-    # Dropout: the kernels' mask of the call's seed (reference.dropout_keep), scaled by 1 / 0.7.
-    from triton_gelu import functional, reference
-
+    # Dropout: PyTorch's own (the fallback is eager's block), so under one seed its mask is
+    # the one F.dropout draws for the (tokens, hidden) activation, scaled by 1 / 0.7.
     x, w1, w2 = _x(5, 2, 12), torch.randn(20, 12) / 4, torch.randn(12, 20) / 4
-    torch.manual_seed(3)
-    keep = reference.dropout_keep(functional.dropout_seed("cpu"), 10, 20, 0.3).view(5, 2, 20)
-    torch.manual_seed(3)  # the seed feed_forward draws (assert_like_torch runs ours first)
+    keep = _pytorch_keep((5, 2, 20), 0.3)
+    torch.manual_seed(3)  # the seed feed_forward draws from (assert_like_torch runs ours first)
     assert_like_torch(lambda x, w1, w2: triton_gelu.feed_forward(x, w1, None, w2, None, p=0.3),
                       lambda x, w1, w2: F.linear(F.gelu(F.linear(x, w1)) * keep / 0.7, w2),
                       [x, w1, w2], "feed_forward p=0.3")
@@ -279,10 +284,11 @@ def _patchable_model() -> nn.Module:
 @check("TritonUnavailableWarning")
 def _fallback_warning_category() -> None:
     """Users silence the fallback's warning by its public category."""
-    from triton_gelu import _runtime
+    from triton_gelu import _runtime, autotune
 
     for silenced in (True, False):
         _runtime._warned = False  # given once per process: give it again here
+        autotune.clear_plans()  # and asked when a problem is planned: plan it again
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if silenced:
@@ -413,6 +419,20 @@ def _autotune_force_path() -> None:
     assert _settings.forced_path("linear_gelu_fwd") is None
 
 
+@check("autotune.clear_plans")
+def _autotune_clear_plans() -> None:
+    from triton_gelu import _plans, autotune
+
+    x = _x(3, 5)
+    triton_gelu.gelu(x)
+    planned = _plans.counts["planned"]
+    triton_gelu.gelu(x)  # the same problem: its plan, no new one
+    assert _plans.counts["planned"] == planned
+    autotune.clear_plans()
+    assert_like_torch(triton_gelu.gelu, F.gelu, [x], "gelu planned anew")
+    assert _plans.counts["planned"] == planned + 1
+
+
 @check("autotune.parse_shape", "autotune.preset_shapes", "autotune.decode_shapes")
 def _autotune_shapes() -> None:
     from triton_gelu import autotune
@@ -504,14 +524,10 @@ def _gated_feed_forward() -> None:
             lambda x, wg, wu, wd: F.linear(_torch_geglu("tanh")(x, wg, wu, None), wd),
             [x, wg, wu, wd], f"gated_feed_forward {dtype} recompute={recompute}",
         )
-    # Dropout in training: the kernels' mask of the call's seed (reference.dropout_keep), as
-    # for feed_forward.
-    from triton_gelu import functional, reference
-
+    # Dropout in training: PyTorch's own mask, as for feed_forward.
     x, wg, wu, wd = _x(5, 2, 12), torch.randn(20, 12) / 4, torch.randn(20, 12) / 4, \
         torch.randn(12, 20) / 4
-    torch.manual_seed(3)
-    keep = reference.dropout_keep(functional.dropout_seed("cpu"), 10, 20, 0.3).view(5, 2, 20)
+    keep = _pytorch_keep((5, 2, 20), 0.3)
     for recompute in (False, True):
         torch.manual_seed(3)  # the seed gated_feed_forward draws (ours runs first)
         assert_like_torch(

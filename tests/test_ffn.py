@@ -32,7 +32,7 @@ import triton_gelu
 from bench.memory import saved_activation_bytes
 from triton_gelu import fallback, kernels, ops, reference
 from triton_gelu._runtime import launches
-from triton_gelu.autotune import force_path
+from triton_gelu.autotune import clear_plans, force_path
 from triton_gelu.functional import dropout_seed
 from triton_gelu.kernels import _matmul, ffn, gelu as gelu_kernels
 
@@ -135,14 +135,15 @@ def test_composed_path_matches_float64(dtype, approximate, device):
 @pytest.mark.parametrize("approximate", FORMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_torch_path_matches_float64(dtype, approximate, device):
-    """PyTorch's own block, eager's numerics; no kernel runs but the recompute's z."""
+    """PyTorch's own block, eager's numerics and saved tensors (recompute does not apply):
+    no kernel runs."""
     with path("torch"):
         ran = launched(lambda: _check(_operands((M, D), HIDDEN, dtype, device), approximate,
                                        0.0, what="torch"))
         assert ran == {}, ran
         ran = launched(lambda: _check(_operands((M, D), HIDDEN, dtype, device, bias=False),
                                        approximate, 0.0, recompute=True, what="torch"))
-        assert ran == {"linear_preact": 1}, ran
+        assert ran == {}, ran
 
 
 def test_torch_path_does_not_apply_with_dropout(device, monkeypatch):
@@ -608,19 +609,28 @@ def test_second_backward_is_unchanged(device):
         torch.testing.assert_close(t.detach(), before, rtol=0, atol=0)
 
 
-def test_cpu_fallback_draws_the_kernels_mask(monkeypatch):
-    # Without the interpreter, CPU tensors take the PyTorch fallback: its Philox copy gives the
-    # same mask, so the same outputs and gradients (to rounding), and no kernel runs.
-    operands = _operands((M, D), HIDDEN, torch.float32, "cpu")
-    torch.manual_seed(3)
-    kernel_out = _check(operands, "tanh", p=0.4)
+def test_cpu_fallback_dropout_is_pytorchs(monkeypatch):
+    # Without the interpreter, CPU tensors take the PyTorch fallback: eager PyTorch's own block,
+    # its dropout included (PyTorch's mask from PyTorch's generator, as fast as eager), so under
+    # one torch.manual_seed it is eager's block bit for bit, gradients too, and no kernel runs.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    clear_plans()  # the environment is read when a problem is planned
+    operands = _operands((M, D), HIDDEN, torch.float32, "cpu")
     before = sum(launches.values())
-    torch.manual_seed(3)
-    fallback_out = _check(operands, "tanh", p=0.4)
+    results = []
+    for block in (lambda *t: triton_gelu.feed_forward(*t, p=0.4, approximate="tanh"),
+                  lambda x, w1, b1, w2, b2: F.linear(F.dropout(
+                      F.gelu(F.linear(x, w1, b1), approximate="tanh"), 0.4), w2, b2)):
+        leaves = [t.detach().clone().requires_grad_(True) for t in operands]
+        torch.manual_seed(3)
+        y = block(*leaves)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), *(t.grad for t in leaves)))
     assert sum(launches.values()) == before
-    for a, b in zip(kernel_out, fallback_out):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for ours, eager in zip(*results):
+        assert torch.equal(ours, eager)
+    # A tensor-parallel shard's launcher still draws the kernels' mask (so the shards of one
+    # layer drop what a single process drops): the PyTorch copy of their generator.
     seed = dropout_seed("cpu")
     y, _ = fallback.ffn_forward(*operands, seed, 0.4, "gelu_tanh", False)
     torch.testing.assert_close(y, kernels.ffn_forward(*operands, seed, 0.4, "gelu_tanh", False)[0],

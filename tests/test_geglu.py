@@ -28,7 +28,7 @@ import triton_gelu
 from bench.memory import saved_activation_bytes
 from triton_gelu import fallback, kernels, reference
 from triton_gelu._runtime import launches
-from triton_gelu.autotune import force_path
+from triton_gelu.autotune import clear_plans, force_path
 from triton_gelu.functional import dropout_seed
 
 # The kernels' module; ``triton_gelu.geglu`` itself is the public function.
@@ -346,22 +346,31 @@ def test_autocast_bf16(approximate, device):
 
 
 def test_cpu_fallback_without_interpreter(monkeypatch):
-    """CPU tensors without TRITON_INTERPRET take the PyTorch fallback, same numerics, and the
-    gated block's dropout draws the kernels' mask there too."""
-    operands = _block_operands((M, K), N, torch.float32, "cpu")
-    torch.manual_seed(3)
-    kernel_out = _check_dropout_block(operands, 0.4)
+    """CPU tensors without TRITON_INTERPRET take the PyTorch fallback: the same numerics, no
+    launch, and the gated block's dropout is PyTorch's own (eager's block bit for bit under one
+    torch.manual_seed, gradients too)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    clear_plans()  # the environment is read when a problem is planned
     before = sum(launches.values())
     for dtype in DTYPES:
         for recompute in (False, True):
             _check(_operands((M, K), N, dtype, "cpu"), "tanh", recompute)
         _check_block(_block("cpu", dtype, bias=True), torch.randn(M, K).to(dtype), "cpu")
-    torch.manual_seed(3)
-    fallback_out = _check_dropout_block(operands, 0.4)
+    operands = _block_operands((M, K), N, torch.float32, "cpu")
+    results = []
+    for block in (lambda x, wg, wu, wd, bg, bu, bd: triton_gelu.gated_feed_forward(
+                      x, wg, wu, wd, bg, bu, bd, dropout=0.4, training=True),
+                  lambda x, wg, wu, wd, bg, bu, bd: F.linear(F.dropout(
+                      F.gelu(F.linear(x, wg, bg), approximate="tanh") * F.linear(x, wu, bu),
+                      0.4), wd, bd)):
+        leaves = _leaves(operands)
+        torch.manual_seed(3)
+        y = block(*leaves)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), *(None if t is None else t.grad for t in leaves)))
     assert sum(launches.values()) == before
-    for a, b in zip(kernel_out, fallback_out):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for ours, eager in zip(*results):
+        assert (ours is None and eager is None) or torch.equal(ours, eager)
 
 
 # ---- bad inputs ---------------------------------------------------------------------------------

@@ -125,6 +125,9 @@ def test_input_layouts(layout, dtype, device, monkeypatch, paths):
     with tf32(False):
         y, dx, dw, db = _check(x, weight, bias, "tanh", what=layout)
     assert y.shape == (*x.shape[:-1], N) and dx.shape == x.shape
+    if paths == "torch":  # eager PyTorch's own ops serve it: no launcher is called
+        assert not seen
+        return
     # Collapsible leading dimensions reach the kernel as a strided view of x, not a copy.
     copied = seen[0].data_ptr() != x.data_ptr()
     if x.numel():

@@ -39,6 +39,9 @@ POLICIES = ("full", "fast", "off")
 DEFAULT_POLICY = "fast"
 
 _forced: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("forced", default={})
+# The same forced paths as a sorted tuple: hashable, so a problem's plan (``_plans.py``) is keyed
+# on it and a ``force_path`` block takes effect on problems already planned.
+_forced_items: contextvars.ContextVar[tuple] = contextvars.ContextVar("forced_items", default=())
 _policy_block: contextvars.ContextVar[str | None] = contextvars.ContextVar("policy", default=None)
 _policy_process: str | None = None
 
@@ -79,11 +82,18 @@ def forced_path(op: str) -> str | None:
 @contextlib.contextmanager
 def force_path(**paths: str) -> Iterator[None]:
     """Force ``op=path`` choices inside the ``with`` block (names are checked when the op runs)."""
-    token = _forced.set({**_forced.get(), **paths})
+    forced = {**_forced.get(), **paths}
+    token, items_token = _forced.set(forced), _forced_items.set(tuple(sorted(forced.items())))
     try:
         yield
     finally:
+        _forced_items.reset(items_token)
         _forced.reset(token)
+
+
+def forced_in_python() -> tuple[tuple[str, str], ...]:
+    """The paths ``force_path`` blocks force here, as sorted (op, path) pairs (a plan key)."""
+    return _forced_items.get()
 
 
 # ---- the tuning policy ---------------------------------------------------------------------

@@ -6,6 +6,12 @@ In Python (importing this module never imports Triton)::
     with triton_gelu.autotune.policy("full"): ...
     with triton_gelu.autotune.force_path(linear_gelu_fwd="composed"): ...
     triton_gelu.autotune.warmup(model, (x,))          # tune now, not in the first step
+    triton_gelu.autotune.clear_plans()                # re-read the environment (below)
+
+Each problem (entry point, operand shapes, dtypes, devices) is validated and routed on its first
+call and the decision kept (``_plans.py``): the environment variables (``TRITON_GELU_PATH``,
+``TRITON_GELU_TUNE``) are read then, the Python settings above take effect at once;
+``clear_plans()`` makes every problem decide again, after a change of the environment.
 
 On the command line: tune every kernel and path for given shapes and fill the cache. Shapes are
 ``MxKxN`` (tokens x in_features x out_features), the problem of ``linear_gelu`` on an (M, K)
@@ -39,6 +45,7 @@ from pathlib import Path
 import torch
 
 from . import _settings
+from ._plans import clear_plans  # noqa: F401 (public)
 from ._settings import force_path, policy, set_policy  # noqa: F401 (public)
 from ._warmup import warmup  # noqa: F401 (public)
 
