@@ -26,7 +26,7 @@ from torch import nn
 
 import triton_gelu
 from bench.memory import saved_activation_bytes
-from triton_gelu import fallback, kernels, reference
+from triton_gelu import kernels, reference
 from triton_gelu._runtime import launches
 from triton_gelu.autotune import clear_plans, force_path
 from triton_gelu.functional import dropout_seed
@@ -414,14 +414,19 @@ def test_rejects_bad_inputs_before_any_launch(case, device):
     before = sum(launches.values())
     with pytest.raises(error, match=match):
         triton_gelu.geglu(*args)
-    # The block checks the same operands, and the launchers (the custom ops' entry points) too.
+    # The block checks the same operands, and the custom ops too (compiled graphs call them);
+    # an operand that is not a tensor the dispatcher refuses by the op's schema, in its words.
+    # (A meta operand sends an op's call to its fake implementation, which runs nothing.)
     w_down = torch.randn(D, N, device=device)
     with pytest.raises(error, match=match):
         triton_gelu.gated_feed_forward(args[0], args[1], args[2], w_down, *args[3:])
-    with pytest.raises(error, match=match):
-        gk.geglu_forward(*args, "gelu", True)
-    with pytest.raises(error, match=match):
-        gk.geglu_gate_up(*args, "gelu")
+    tensors = all(a is None or isinstance(a, torch.Tensor) for a in args)
+    if not any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
+        for op, extra in ((torch.ops.triton_gelu.geglu_fwd, ("gelu", True)),
+                          (torch.ops.triton_gelu.geglu_gate_up, (0.0, "gelu"))):
+            with pytest.raises(error if tensors else (TypeError, RuntimeError),
+                               match=match if tensors else None):
+                op(*args, *extra)
     assert sum(launches.values()) == before
 
 
@@ -452,28 +457,31 @@ def test_rejects_bad_block_and_backward_inputs(device):
     for mode in (True, False):  # refused at the call, in either mode, as FeedForward does
         with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
             block.train(mode)(x)
-    good = torch.randn(4, N, device=device)
+    # The custom ops (what compiled graphs and tensor parallel call) check theirs.
+    ops, good, seed = torch.ops.triton_gelu, torch.randn(4, N, device=device), dropout_seed(device)
+    w_down = torch.randn(D, N, device=device)
     with pytest.raises(ValueError, match=rf"dh must have shape \(M, N\) = \(4, {N}\)"):
-        gk.geglu_backward(good[:, 1:], x, w_gate, w_up, good, good, "gelu", [True] * 5)
+        ops.geglu_bwd(good[:, 1:], x, w_gate, w_up, good, good, None, 0.0, "gelu", [True] * 5,
+                      False)
     with pytest.raises(ValueError, match="up must have shape"):
-        gk.geglu_backward(good, x, w_gate, w_up, good, good[1:], "gelu", [True] * 5)
+        ops.geglu_bwd(good, x, w_gate, w_up, good, good[1:], None, 0.0, "gelu", [True] * 5,
+                      False)
     with pytest.raises(ValueError, match="needs must hold 5 flags"):
-        gk.geglu_backward(good, x, w_gate, w_up, good, good, "gelu", [True] * 3)
-    seed = dropout_seed(device)
-    for launcher in (gk, fallback):  # the dropout arguments, as the FFN launchers check them
-        with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor when p > 0"):
-            launcher.geglu_forward(x, w_gate, w_up, b_gate, b_up, "gelu", True, None, 0.2)
-        with pytest.raises(ValueError, match="seed is on meta"):
-            launcher.geglu_forward(x, w_gate, w_up, b_gate, b_up, "gelu", True,
-                                   seed.to("meta"), 0.2)
-        with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
-            launcher.geglu_backward(good, x, w_gate, w_up, good, good, "gelu", [True] * 5,
-                                    False, seed, 1.0)
-        with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor"):
-            launcher.geglu_backward(good, x, w_gate, w_up, good, good, "gelu", [True] * 5,
-                                    False, seed.int(), 0.2)
-        with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got -0.5"):
-            launcher.geglu_gate_up(x, w_gate, w_up, b_gate, b_up, "gelu", -0.5)
+        ops.geglu_bwd(good, x, w_gate, w_up, good, good, None, 0.0, "gelu", [True] * 3, False)
+    with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor when p > 0"):
+        ops.gated_ffn_fwd(x, w_gate, w_up, w_down, b_gate, b_up, None, None, 0.2, "gelu", True)
+    with pytest.raises(ValueError, match=r"w_down must be 2-D \(out_features, hidden_features"):
+        ops.gated_ffn_fwd(x, w_gate, w_up, w_down[:, 1:], b_gate, b_up, None, None, 0.0, "gelu",
+                          True)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
+        ops.geglu_bwd(good, x, w_gate, w_up, good, good, seed, 1.0, "gelu", [True] * 5, False)
+    with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor"):
+        ops.geglu_bwd(good, x, w_gate, w_up, good, good, seed.int(), 0.2, "gelu", [True] * 5,
+                      False)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got -0.5"):
+        ops.geglu_gate_up(x, w_gate, w_up, b_gate, b_up, -0.5, "gelu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.geglu_gate_up(x, w_gate, w_up, b_gate, b_up, 0.0, "erf")
     for bad in ("exact", None):
         with pytest.raises(ValueError, match="approximate must be one of"):
             triton_gelu.geglu(x, w_gate, w_up, approximate=bad)
@@ -700,8 +708,10 @@ def test_a_shard_draws_its_columns_of_the_whole_mask(col_offset, device):
         h_again = gk.geglu_backward(ones, operands[0], *operands[1:3], gate, up, "gelu",
                                     [True] * 5, True, seed, 0.5, col_offset, N)[-1]
         torch.testing.assert_close(h_again, h, rtol=0, atol=0, msg=fwd)
-    with pytest.raises(ValueError, match="col_offset"):
-        gk.geglu_forward(*operands, "gelu", False, seed, 0.5, N - cols + 1, N)
+    with pytest.raises(ValueError, match="col_offset"):  # refused by the op (tensor parallel's)
+        x, w_gate, w_up, b_gate, b_up = operands
+        torch.ops.triton_gelu.gated_ffn_fwd(x, w_gate, w_up, torch.randn(D, cols), b_gate, b_up,
+                                            None, seed, 0.5, "gelu", False, N - cols + 1, N)
 
 
 def test_gated_block_finite_differences_with_the_seed_reset(device):

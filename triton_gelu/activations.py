@@ -124,6 +124,13 @@ def resolve(approximate: object = "none", activation: object = None,
     return activation
 
 
+def check_activation(activation: object) -> str:
+    """``activation`` when it names a form of the table, else a ValueError naming the forms."""
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {NAMES}, got {activation!r}")
+    return activation
+
+
 def torch_approximate(activation: str) -> str | None:
     """torch's ``approximate=`` for the form, None when ``F.gelu`` has no such form."""
     return ACTIVATIONS[activation].approximate

@@ -1,8 +1,10 @@
 """The launchers in PyTorch, for tensors no Triton kernel serves: CPU tensors outside the
 interpreter, and every tensor when Triton is not installed (or does not import).
 
-Same arguments, outputs and validation as ``triton_gelu.kernels``; the math is the kernels'
-(``reference.py``'s float32 formulas, one rounding to the input dtype).
+Same arguments and outputs as ``triton_gelu.kernels``, and, like them, no validation: their
+callers validated the operands (the public functions once per problem, the custom ops at each
+call). The math is the kernels' (``reference.py``'s float32 formulas, one rounding to the input
+dtype).
 """
 
 from __future__ import annotations
@@ -12,11 +14,6 @@ from collections.abc import Sequence
 import torch
 
 from . import reference
-from ._checks import (
-    check_dropout, check_dropout_columns, check_dropout_p, check_ffn_2d, check_ffn_backward,
-    check_ffn_needs, check_geglu_2d, check_geglu_backward, check_linear_2d,
-    check_linear_backward,
-)
 
 __all__ = [
     "gelu_forward", "gelu_backward",
@@ -50,7 +47,6 @@ def linear_gelu_forward(
     x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     activation: str, save_preact: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    check_linear_2d(x2d, weight, bias)
     preact = reference.linear_preact_fp32(x2d, weight, bias)
     y = reference.gelu_fp32(preact, activation).to(x2d.dtype)
     return y, (preact.to(x2d.dtype) if save_preact else None)
@@ -59,7 +55,6 @@ def linear_gelu_forward(
 def linear_preact(
     x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    check_linear_2d(x2d, weight, bias)
     return reference.linear_preact_fp32(x2d, weight, bias).to(x2d.dtype)
 
 
@@ -67,7 +62,6 @@ def linear_gelu_backward(
     dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
     activation: str, need_dx: bool, need_dw: bool, need_db: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    check_linear_backward(dy2d, x2d, weight, preact)
     grads = reference.linear_gelu_backward_fp32(dy2d, x2d, weight, preact, activation)
     dx, dw, db = (g.to(x2d.dtype) if need else None
                   for g, need in zip(grads, (need_dx, need_dw, need_db)))
@@ -89,9 +83,7 @@ def geglu_forward(
     seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
     n_cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
-    p = check_dropout(seed, p, x2d)
-    columns = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
+    columns = col_offset, w_gate.shape[0] if n_cols is None else n_cols
     h, gate, up = reference.geglu_forward_fp32(
         x2d, w_gate, w_up, b_gate, b_up, activation,
         _keep(seed, p, x2d.shape[0], w_gate.shape[0], *columns),
@@ -104,8 +96,6 @@ def geglu_gate_up(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, activation: str, p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
-    check_dropout_p(p)
     _, gate, up = reference.geglu_forward_fp32(x2d, w_gate, w_up, b_gate, b_up, activation)
     return gate, up
 
@@ -116,9 +106,7 @@ def geglu_backward(
     write_h: bool = False, seed: torch.Tensor | None = None, p: float = 0.0,
     col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    needs = check_geglu_backward(dh2d, x2d, w_gate, w_up, gate, up, needs)
-    p = check_dropout(seed, p, x2d)
-    columns = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
+    columns = col_offset, w_gate.shape[0] if n_cols is None else n_cols
     (rows, cols), scale = gate.shape, reference.dropout_constants(p)[1]
     keep = _keep(seed, p, rows, cols, *columns)
     grads = reference.geglu_backward_fp32(dh2d, x2d, w_gate, w_up, gate, up, activation,
@@ -134,8 +122,7 @@ def ffn_forward(
     b2: torch.Tensor | None, seed: torch.Tensor | None, p: float, activation: str,
     save_preact: bool, col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    p = check_ffn_2d(x2d, w1, b1, w2, b2, seed, p)
-    columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
+    columns = col_offset, w1.shape[0] if n_cols is None else n_cols
     keep = _keep(seed, p, x2d.shape[0], w1.shape[0], *columns)
     y, preact = reference.ffn_forward_fp32(
         x2d, w1, b1, w2, b2, keep, reference.dropout_constants(p)[1], activation
@@ -148,9 +135,7 @@ def ffn_backward(
     preact: torch.Tensor, seed: torch.Tensor | None, p: float, activation: str,
     needs: Sequence[bool], col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    p = check_ffn_backward(dy2d, x2d, w1, w2, preact, seed, p)
-    needs = check_ffn_needs(needs)
-    columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
+    columns = col_offset, w1.shape[0] if n_cols is None else n_cols
     keep = _keep(seed, p, preact.shape[0], preact.shape[1], *columns)
     grads = reference.ffn_backward_fp32(
         dy2d, x2d, w1, w2, preact, keep, reference.dropout_constants(p)[1], activation

@@ -84,16 +84,14 @@ def _unless_autocast(launch, x: torch.Tensor, unplanned):
 
 def _counted(forward_op: str, backward_op: str, fn):
     """``fn`` (eager PyTorch's ops) counting each call as a run of the forward op's "torch"
-    path, and each backward through its output as one of the backward op's, as ``Paths``
-    counts the paths it runs."""
-    def count_backward(grad: torch.Tensor) -> None:
-        path_runs[(backward_op, "torch")] += 1
-
+    path, as ``Paths`` counts the paths it runs, and, when it records a graph, one of the
+    backward op's (the backward PyTorch's autograd will run; a hook to count it as it runs
+    would cost more host time than the count is worth)."""
     def run(*args):
-        path_runs[(forward_op, "torch")] += 1
         y = fn(*args)
+        path_runs[(forward_op, "torch")] += 1
         if y.requires_grad:
-            y.register_hook(count_backward)
+            path_runs[(backward_op, "torch")] += 1
         return y
     return run
 

@@ -9,6 +9,10 @@ and layout (always new, contiguous tensors) without running a kernel, so Dynamo/
 Inductor can trace symbolic shapes; autograd is registered on the forward ops and calls the
 backward ops, so the backward graph is traced too.
 
+Each op validates its operands (``_checks.py``) before its launcher runs: the ops are reachable
+as ``torch.ops.triton_gelu.*``, and a compiled graph calls them with whatever its inputs are at
+run time. The launchers below them validate nothing.
+
 ``torch.library.custom_op`` (not ``triton_op`` + ``wrap_triton``) because it also traces on the
 CPU while the kernels run under the Triton interpreter: Inductor treats each op as an opaque
 extern call in both cases.
@@ -64,6 +68,12 @@ import torch
 
 from . import _gated_block
 from ._backend import launchers
+from ._checks import (
+    check_down, check_dropout, check_dropout_columns, check_dropout_p, check_ffn_2d,
+    check_ffn_backward, check_ffn_needs, check_geglu, check_geglu_2d, check_geglu_backward,
+    check_linear, check_linear_backward, check_tensor,
+)
+from .activations import check_activation
 
 Tensor = torch.Tensor
 
@@ -96,7 +106,8 @@ def _or_absent(t: Tensor | None, like: Tensor) -> Tensor:
 @torch.library.custom_op("triton_gelu::gelu_fwd", mutates_args=())
 def gelu_fwd(x: Tensor, activation: str) -> Tensor:
     """y = gelu(x), a new contiguous tensor of x's shape and dtype."""
-    return launchers(x).gelu_forward(x, activation)
+    check_tensor("x", x)
+    return launchers(x).gelu_forward(x, check_activation(activation))
 
 
 @gelu_fwd.register_fake
@@ -107,7 +118,11 @@ def _gelu_fwd_fake(x: Tensor, activation: str) -> Tensor:
 @torch.library.custom_op("triton_gelu::gelu_bwd", mutates_args=())
 def gelu_bwd(dy: Tensor, x: Tensor, activation: str) -> Tensor:
     """dx = dy * gelu'(x), a new contiguous tensor of x's shape and dtype."""
-    return launchers(x).gelu_backward(dy, x, activation)
+    check_tensor("x", x)
+    check_tensor("dy", dy)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    return launchers(x).gelu_backward(dy, x, check_activation(activation))
 
 
 @gelu_bwd.register_fake
@@ -138,8 +153,10 @@ def linear_gelu_fwd(
 ) -> tuple[Tensor, Tensor]:
     """(gelu(x @ weight.T + bias), the pre-activation if save_preact else an empty tensor), both
     (..., N) for x (..., K)."""
+    check_linear(x, weight, bias)
     x2d, shape = rows(x), _linear_out_shape(x, weight)
-    y, preact = launchers(x2d).linear_gelu_forward(x2d, weight, bias, activation, save_preact)
+    y, preact = launchers(x2d).linear_gelu_forward(x2d, weight, bias,
+                                                   check_activation(activation), save_preact)
     return y.view(shape), (preact.view(shape) if preact is not None else _absent(y))
 
 
@@ -152,6 +169,7 @@ def _linear_gelu_fwd_fake(x, weight, bias, activation, save_preact):
 @torch.library.custom_op("triton_gelu::linear_preact", mutates_args=())
 def linear_preact_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """preact = x @ weight.T + bias (the backward recomputes it when it was not saved)."""
+    check_linear(x, weight, bias)
     x2d = rows(x)
     return launchers(x2d).linear_preact(x2d, weight, bias).view(_linear_out_shape(x, weight))
 
@@ -168,9 +186,12 @@ def linear_gelu_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw, db) of y = gelu(x @ weight.T + bias); an empty tensor for each one not needed.
     dy and preact are (..., N) for x (..., K); dx has x's shape."""
+    check_linear(x, weight, None)
     x2d = rows(x)
+    dy2d, preact2d = rows(check_tensor("dy", dy)), rows(check_tensor("preact", preact))
+    check_linear_backward(dy2d, x2d, weight, preact2d)
     dx, dw, db = launchers(x2d).linear_gelu_backward(
-        rows(dy), x2d, weight, rows(preact), activation, need_dx, need_dw, need_db
+        dy2d, x2d, weight, preact2d, check_activation(activation), need_dx, need_dw, need_db
     )
     dx = None if dx is None else dx.view(x.shape)
     dx, dw, db = (_or_absent(g, dy) for g in (dx, dw, db))
@@ -230,8 +251,11 @@ def ffn_fwd(
     col_offset: int = 0, n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(linear2(dropout(gelu(linear1(x)))), the pre-activation if save_preact else empty)."""
-    y, preact = launchers(x).ffn_forward(x, w1, b1, w2, b2, seed, p, activation,
-                                         save_preact, col_offset, n_cols)
+    p = check_ffn_2d(x, w1, b1, w2, b2, seed, p)
+    col_offset, n_cols = check_dropout_columns(col_offset, n_cols, w1.shape[0])
+    y, preact = launchers(x).ffn_forward(x, w1, b1, w2, b2, seed, p,
+                                         check_activation(activation), save_preact,
+                                         col_offset, n_cols)
     return y, _or_absent(preact, y)
 
 
@@ -249,8 +273,11 @@ def ffn_bwd(
     n_cols: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw1, db1, dw2, db2) of the FFN block; an empty tensor for each one not needed."""
-    grads = launchers(x).ffn_backward(dy, x, w1, w2, preact, seed, p, activation, needs,
-                                      col_offset, n_cols)
+    p = check_ffn_backward(dy, x, w1, w2, preact, seed, p)
+    needs = check_ffn_needs(needs)
+    col_offset, n_cols = check_dropout_columns(col_offset, n_cols, w1.shape[0])
+    grads = launchers(x).ffn_backward(dy, x, w1, w2, preact, seed, p,
+                                      check_activation(activation), needs, col_offset, n_cols)
     dx, dw1, db1, dw2, db2 = (_or_absent(g, dy) for g in grads)
     return dx, dw1, db1, dw2, db2
 
@@ -299,9 +326,10 @@ def geglu_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(gelu(g) * u, g if save_gate_up else empty, u likewise), g and u the two projections,
     each (..., N) for x (..., K)."""
+    check_geglu(x, w_gate, w_up, b_gate, b_up)
     x2d, shape = rows(x), _linear_out_shape(x, w_gate)
     h, gate, up = launchers(x2d).geglu_forward(
-        x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up
+        x2d, w_gate, w_up, b_gate, b_up, check_activation(activation), save_gate_up
     )
     return h.view(shape), *(_or_absent(None if t is None else t.view(shape), h)
                             for t in (gate, up))
@@ -320,9 +348,11 @@ def geglu_gate_up_op(
 ) -> tuple[Tensor, Tensor]:
     """(g, u), bitwise what geglu_fwd / gated_ffn_fwd with dropout probability p saves (the
     backward recomputes them when not saved)."""
+    check_geglu(x, w_gate, w_up, b_gate, b_up)
+    p = check_dropout_p(p)
     x2d, shape = rows(x), _linear_out_shape(x, w_gate)
-    gate, up = launchers(x2d).geglu_gate_up(x2d, w_gate, w_up, b_gate, b_up, activation,
-                                            p)
+    gate, up = launchers(x2d).geglu_gate_up(x2d, w_gate, w_up, b_gate, b_up,
+                                            check_activation(activation), p)
     return gate.view(shape), up.view(shape)
 
 
@@ -342,9 +372,15 @@ def geglu_bwd(
     is set; h = gelu(g) * u with write_h, else empty. dh, g and u are (..., N) for x (..., K);
     dx has x's shape, h dh's. With p > 0, dh is the gradient of dropout(h) (the mask of
     ``seed`` at columns ``col_offset`` .. of ``n_cols``) and h is written as dropout(h)."""
+    check_geglu(x, w_gate, w_up, None, None)
     x2d = rows(x)
+    dh2d, gate2d, up2d = (rows(check_tensor(name, t))
+                          for name, t in (("dh", dh), ("gate", gate), ("up", up)))
+    needs = check_geglu_backward(dh2d, x2d, w_gate, w_up, gate2d, up2d, needs)
+    p = check_dropout(seed, p, x2d)
+    col_offset, n_cols = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
     dx, dwg, dwu, dbg, dbu, h = launchers(x2d).geglu_backward(
-        rows(dh), x2d, w_gate, w_up, rows(gate), rows(up), activation, needs, write_h,
+        dh2d, x2d, w_gate, w_up, gate2d, up2d, check_activation(activation), needs, write_h,
         seed, p, col_offset, n_cols,
     )
     dx, h = (None if t is None else t.view(like.shape) for t, like in ((dx, x), (h, dh)))
@@ -413,6 +449,11 @@ def gated_ffn_fwd(
     """(down(dropout(gelu(g) * u)), g if save_gate_up else empty, u likewise); dropout with
     probability p and the mask of ``seed`` (None when p == 0) at hidden columns ``col_offset``
     .. of ``n_cols``."""
+    check_geglu_2d(x, w_gate, w_up, b_gate, b_up)
+    check_down(w_gate, w_down, b_down)
+    p = check_dropout(seed, p, x)
+    col_offset, n_cols = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
+    activation = check_activation(activation)
     y, gate, up = _gated_block.block_forward(
         x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, activation, save_gate_up,
         launchers(x).geglu_forward, col_offset, n_cols,

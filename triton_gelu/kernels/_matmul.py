@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import interpreting
-from ._math import INTERPRETING
+from ._math import INTERPRETING, ceil_div
 
 
 @triton.jit
@@ -159,8 +159,8 @@ def tile_grid(rows: int, cols: int, row_block: str, col_block: str | None = None
     """One program per (row_block x col_block) tile; a single column of tiles without col_block."""
 
     def grid(meta: dict) -> tuple[int]:
-        col_tiles = 1 if col_block is None else triton.cdiv(cols, meta[col_block])
-        return (triton.cdiv(rows, meta[row_block]) * col_tiles,)
+        col_tiles = 1 if col_block is None else ceil_div(cols, meta[col_block])
+        return (ceil_div(rows, meta[row_block]) * col_tiles,)
 
     return grid
 
@@ -230,7 +230,7 @@ def persistent_grid(rows: int, cols: int, device: torch.device, row_block: str =
                          ) if device.type == "cuda" else _INTERPRETER_PROGRAMS
 
     def grid(meta: dict) -> tuple[int]:
-        tiles = triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block])
+        tiles = ceil_div(rows, meta[row_block]) * ceil_div(cols, meta[col_block])
         return (max(1, min(programs, tiles)),)
 
     return grid

@@ -60,7 +60,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_dropout_columns, check_ffn_2d, check_ffn_backward, check_ffn_needs
 from .._runtime import device_context
 from ..tuning.paths import Paths
 from ..tuning.spaces import (
@@ -70,7 +69,8 @@ from ..tuning.tuner import Tuner
 from . import _matmul
 from . import gelu as _gelu
 from ._math import (
-    cast_to, dropout_arguments, dropout_factor_tile, activate, activate_grad, without_dropout,
+    activate, activate_grad, cast_to, ceil_div, dropout_arguments, dropout_factor_tile,
+    without_dropout,
 )
 from ._matmul import (
     column_halves, cublas_context, descriptor_dot_tile, dot_tile, input_precision, output_tile,
@@ -416,7 +416,7 @@ def _launch_dz(
             meta = _dz_tuner.run(
                 tile_grid(M, hidden, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
                 stride_dye=dy2d.stride(1), stride_w2f=w2.stride(1), **arguments)
-    return triton.cdiv(M, meta["BLOCK_SIZE_M"])
+    return ceil_div(M, meta["BLOCK_SIZE_M"])
 
 
 def _backward_fused(
@@ -433,7 +433,7 @@ def _backward_fused(
         db1_part = None
         if need_db1:  # sized for the smallest M-tile the tuner may pick
             tuner = _dz_tma_tuner if tma else _dz_tuner
-            rows = triton.cdiv(M, tuner.smallest("BLOCK_SIZE_M"))
+            rows = ceil_div(M, tuner.smallest("BLOCK_SIZE_M"))
             db1_part = _matmul.new_output((rows, hidden), x2d, torch.float32)
         rows_written = 0
         if M and hidden:
@@ -577,13 +577,12 @@ def ffn_forward(
     ``col_offset + F`` of an (M, ``n_cols``) activation: by default the whole (M, F) one; under
     tensor parallel, the rank's columns of the whole hidden layer.
     """
-    p = check_ffn_2d(x2d, w1, b1, w2, b2, seed, p)
-    columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
     key = _path_key(x2d, w1, w2, p, activation, b1 is not None, b2 is not None,
                     save_preact)
     return _forward_paths.run(key, x2d, w1, b1, w2, b2, seed, p=p,
                               activation=activation, save_preact=save_preact,
-                              col_offset=columns[0], n_cols=columns[1])
+                              col_offset=col_offset,
+                              n_cols=w1.shape[0] if n_cols is None else n_cols)
 
 
 def ffn_backward(
@@ -598,11 +597,8 @@ def ffn_backward(
     ``needs`` says which of the five to compute (the others are None); each is a new contiguous
     tensor ((M, D), (F, D), (F,), (E, F), (E,)) in the input dtype.
     """
-    p = check_ffn_backward(dy2d, x2d, w1, w2, preact, seed, p)
-    needs = check_ffn_needs(needs)
-    columns = check_dropout_columns(col_offset, n_cols, w1.shape[0])
     return _backward_paths.run(_path_key(x2d, w1, w2, p, activation, *needs),
                                dy2d, x2d, w1, w2, preact, seed, p=p,
-                               activation=activation, needs=needs,
-                               col_offset=columns[0], n_cols=columns[1])
+                               activation=activation, needs=needs, col_offset=col_offset,
+                               n_cols=w1.shape[0] if n_cols is None else n_cols)
 

@@ -70,9 +70,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import (
-    check_dropout, check_dropout_columns, check_dropout_p, check_geglu_2d, check_geglu_backward,
-)
 from .._runtime import device_context
 from ..tuning.paths import Paths
 from ..tuning.spaces import (
@@ -651,11 +648,9 @@ def geglu_forward(
     (a 1-element int64 tensor on x2d's device), the FFN block's generator (``_math.py``), for
     columns ``col_offset`` .. ``col_offset + N`` of an (M, ``n_cols``) hidden layer: by default
     the whole (M, N) one; under tensor parallel, the rank's columns of the whole layer."""
-    check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
-    p = check_dropout(seed, p, x2d)
-    columns = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
+    n_cols = w_gate.shape[0] if n_cols is None else n_cols
     return _run_forward(x2d, w_gate, w_up, b_gate, b_up, activation, True, save_gate_up,
-                        seed, p, *columns)
+                        seed, p, col_offset, n_cols)
 
 
 def geglu_gate_up(
@@ -665,8 +660,6 @@ def geglu_gate_up(
     """(g, u), bitwise what ``geglu_forward(..., save_gate_up=True)`` saves (the same path and
     kernel config, writing no h): the backward's recompute. ``p`` is the forward's dropout
     probability: g and u do not depend on it, but the forward's path choice does."""
-    check_geglu_2d(x2d, w_gate, w_up, b_gate, b_up)
-    p = check_dropout_p(p)
     _, g, u = _run_forward(x2d, w_gate, w_up, b_gate, b_up, activation, False, True,
                            None, p, 0, w_gate.shape[0])
     return g, u
@@ -768,9 +761,7 @@ def geglu_backward(
     written is dropout(h), the down projection's input (``col_offset`` and ``n_cols`` as the
     forward's).
     """
-    needs = check_geglu_backward(dh2d, x2d, w_gate, w_up, gate, up, needs)
-    p = check_dropout(seed, p, x2d)
-    col_offset, n_cols = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
+    n_cols = w_gate.shape[0] if n_cols is None else n_cols
     return _backward_paths.run(_key(x2d, w_gate, activation, p > 0.0), dh2d, x2d, w_gate,
                                w_up, gate, up, activation, needs, write_h, seed=seed, p=p,
                                col_offset=col_offset, n_cols=n_cols)

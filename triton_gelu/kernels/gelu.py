@@ -29,7 +29,7 @@ from .._runtime import device_context
 from ..tuning.paths import Paths
 from ..tuning.spaces import bucket, elementwise_configs, prune_elementwise
 from ..tuning.tuner import Tuner
-from ._math import cast_to, dropout_arguments, dropout_factor_flat, activate, activate_grad
+from ._math import cast_to, dropout_arguments, dropout_factor_flat, activate, activate_grad, ceil_div
 
 
 @triton.jit
@@ -139,7 +139,7 @@ def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def elementwise_grid(n_elements: int):
-    return lambda meta: (triton.cdiv(n_elements, meta["BLOCK_SIZE"]),)
+    return lambda meta: (ceil_div(n_elements, meta["BLOCK_SIZE"]),)
 
 
 def _launch_forward(

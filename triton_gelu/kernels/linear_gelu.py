@@ -81,7 +81,6 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .._checks import check_linear_2d, check_linear_backward
 from .._runtime import device_context
 from ..tuning.paths import Paths
 from ..tuning.spaces import (
@@ -91,7 +90,7 @@ from ..tuning.spaces import (
 from ..tuning.tuner import Tuner
 from . import _matmul
 from . import gelu as _gelu
-from ._math import cast_to, dropout_arguments, dropout_factor_tile, activate, activate_grad
+from ._math import cast_to, dropout_arguments, dropout_factor_tile, activate, activate_grad, ceil_div
 from ._matmul import (
     cublas_context, descriptor_dot_tile, dot_tile, input_precision, output_tile, output_tile_of,
     persistent_grid, range_flattens, tile_grid, tma_applies, tma_compatible,
@@ -344,11 +343,11 @@ def _launch_dz(dy2d, x2d, weight, preact, activation: str, write_dz: bool,
     ``need_db``), by the elementwise dz kernel and a sum of its per-64-row partial sums."""
     M, N = dy2d.shape
     dz = _matmul.new_output((M, N), x2d) if write_dz else None
-    partial = (torch.empty((triton.cdiv(M, TILE_ROWS), N), dtype=torch.float32,
+    partial = (torch.empty((ceil_div(M, TILE_ROWS), N), dtype=torch.float32,
                            device=x2d.device) if need_db else None)
     with device_context(x2d):
         _dz_tuner.run(
-            lambda meta: (triton.cdiv(M, TILE_ROWS), triton.cdiv(N, meta["BLOCK_SIZE_N"])),
+            lambda meta: (ceil_div(M, TILE_ROWS), ceil_div(N, meta["BLOCK_SIZE_N"])),
             (bucket(M), N, x2d.dtype, activation, write_dz, need_db),
             dy_ptr=dy2d, preact_ptr=preact, dz_ptr=dz, db_partial_ptr=partial, M=M, N=N,
             stride_dym=dy2d.stride(0), stride_dyn=dy2d.stride(1),
@@ -514,7 +513,6 @@ def linear_gelu_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, preact): y = gelu(x2d @ weight.T + bias) and, if ``save_preact``, z = x2d @ weight.T
     + bias, both new contiguous (M, N) tensors in x2d's dtype; preact is None otherwise."""
-    check_linear_2d(x2d, weight, bias)
     (M, _), N = x2d.shape, weight.shape[0]
     if M == 0 or N == 0:
         return _matmul.new_output((M, N), x2d), \
@@ -529,7 +527,6 @@ def linear_preact(
     """z = x2d @ weight.T + bias, a new contiguous (M, N) tensor in x2d's dtype: bitwise what
     ``linear_gelu_forward(..., save_preact=True)`` saves when both take the same path (the
     fused kernel writing only z, or cuBLAS)."""
-    check_linear_2d(x2d, weight, bias)
     (M, _), N = x2d.shape, weight.shape[0]
     if M == 0 or N == 0:
         return _matmul.new_output((M, N), x2d)
@@ -546,7 +543,6 @@ def linear_gelu_backward(
     Each is a new contiguous tensor ((M, K), (N, K), (N,)) in the input dtype, or None when not
     needed. ``preact`` is z as saved by the forward (or recomputed by ``linear_preact``).
     """
-    check_linear_backward(dy2d, x2d, weight, preact)
     (M, K), N = x2d.shape, weight.shape[0]
     if not (need_dx or need_dw or need_db):
         return None, None, None
