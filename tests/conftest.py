@@ -58,16 +58,14 @@ def ieee_float32():
 
 
 @pytest.fixture
-def poison_outputs(monkeypatch):
-    """Every buffer the matmul launchers allocate starts as NaN, so an element a kernel does not
-    store shows up in the outputs (and in the transient buffers they are computed from)."""
-    from helpers import poisoned
+def poison_outputs():
+    """Every buffer allocated during the test starts as NaN (helpers.poisoned_allocations), so
+    an element a kernel does not store shows up in the outputs (and in the transient buffers
+    they are computed from)."""
+    from helpers import poisoned_allocations
 
-    from triton_gelu.kernels import _matmul
-
-    monkeypatch.setattr(
-        _matmul, "new_output",
-        lambda shape, like, dtype=None: poisoned(shape, dtype or like.dtype, like.device))
+    with poisoned_allocations():
+        yield
 
 
 @pytest.fixture

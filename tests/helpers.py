@@ -114,12 +114,36 @@ def assert_finite_differences(loss, operands: list[torch.Tensor], names, samples
 
 def launched(fn) -> dict[str, int]:
     """The Triton kernels ``fn()`` launched, by name, with how many times each."""
-    from triton_gelu._runtime import launches
+    from triton_gelu.testing import count_launches
 
-    before = dict(launches)
-    fn()
-    return {name: n - before.get(name, 0) for name, n in launches.items()
-            if n > before.get(name, 0)}
+    with count_launches() as counts:
+        fn()
+    return dict(counts)
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Inside the block every tensor PyTorch allocates uninitialised (``torch.empty`` and kin:
+    the launchers' outputs and the transient buffers they are computed from) starts as NaN
+    (integers: their largest value), so an element a kernel does not store shows up. This is
+    PyTorch's own ``torch.utils.deterministic.fill_uninitialized_memory``, which works while
+    deterministic algorithms are on (warn-only here: no operation is refused)."""
+    import warnings
+
+    import torch.utils.deterministic as deterministic
+
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic.fill_uninitialized_memory = True
+    try:
+        with warnings.catch_warnings():  # cuBLAS and others "have no deterministic version"
+            warnings.filterwarnings("ignore", message=".*warn_only=True.*", category=UserWarning)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        deterministic.fill_uninitialized_memory = saved[2]
 
 
 def assert_reproducible_by_seed(fn) -> torch.Tensor:

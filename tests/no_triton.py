@@ -97,7 +97,7 @@ from torch import nn  # noqa: E402
 import triton_gelu  # noqa: E402
 
 # Modules whose names users call (besides the package itself); one not yet written is skipped.
-PUBLIC_MODULES = ("triton_gelu", "triton_gelu.autotune", "triton_gelu.parallel")
+PUBLIC_MODULES = ("triton_gelu", "triton_gelu.autotune", "triton_gelu.parallel", "triton_gelu.testing")
 # The only modules that import Triton: every other module of the package imports without it.
 TRITON_MODULES = ("triton_gelu.kernels", "triton_gelu.tuning.spaces", "triton_gelu.tuning.keys",
                   "triton_gelu.tuning.chooser", "triton_gelu.tuning.tuner",
@@ -431,6 +431,32 @@ def _autotune_clear_plans() -> None:
     autotune.clear_plans()
     assert_like_torch(triton_gelu.gelu, F.gelu, [x], "gelu planned anew")
     assert _plans.counts["planned"] == planned + 1
+
+
+@check("testing.count_launches", "testing.count_paths")
+def _testing_counts() -> None:
+    from triton_gelu import testing
+
+    with testing.count_launches() as launched, testing.count_paths() as ran:
+        triton_gelu.linear_gelu(_x(5, 12), torch.randn(7, 12))
+    assert launched == {}, f"the fallback launched kernels: {launched}"  # no Triton, no kernel
+    assert sum(ran.values()) == 1 and all(op == "linear_gelu_fwd" for op, _ in ran), ran
+
+
+@check("testing.dropout_seed")
+def _testing_dropout_seed() -> None:
+    # Without Triton the fallback's dropout is PyTorch's own mask (see feed_forward's check);
+    # the seed is still drawn from the default generator, reproducibly, as the kernels draw it.
+    from triton_gelu import reference, testing
+
+    torch.manual_seed(3)
+    seed = testing.dropout_seed("cpu")
+    torch.manual_seed(3)
+    assert torch.equal(seed, testing.dropout_seed("cpu")), "same torch seed, another dropout seed"
+    assert seed.dtype == torch.int64 and seed.shape == (1,) and 0 <= seed.item() < 2**62, seed
+    assert not torch.equal(seed, testing.dropout_seed("cpu")), "the generator did not move on"
+    kept = reference.dropout_keep(seed, 64, 64, 0.25).float().mean().item()
+    assert abs(kept - 0.75) < 0.03, f"the mask of the seed keeps {kept:.3f}, not 0.75"
 
 
 @check("autotune.parse_shape", "autotune.preset_shapes", "autotune.decode_shapes")

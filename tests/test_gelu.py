@@ -4,14 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
-    DTYPES, assert_all_written, assert_nan_where_ref_nan, assert_no_worse_than_torch, poisoned,
+    DTYPES, assert_all_written, assert_nan_where_ref_nan, assert_no_worse_than_torch,
 )
 
 import triton_gelu
 from triton_gelu import reference
-from triton_gelu._runtime import launches, path_runs
 from triton_gelu.autotune import force_path
-from triton_gelu.kernels.gelu import gelu_backward, gelu_forward
+from triton_gelu.testing import count_launches, count_paths
 
 FORMS = ["none", "tanh"]
 PATHS = ["triton", "torch"]  # every path of gelu_fwd and gelu_bwd (tuning.paths.Paths)
@@ -21,11 +20,9 @@ PATHS = ["triton", "torch"]  # every path of gelu_fwd and gelu_bwd (tuning.paths
 def gelu_path(request):
     """Run the test with one path forced for the forward and the backward; check it ran."""
     name = request.param
-    before = path_runs[("gelu_fwd", name)], path_runs[("gelu_bwd", name)]
-    with force_path(gelu_fwd=name, gelu_bwd=name):
+    with count_paths() as ran, force_path(gelu_fwd=name, gelu_bwd=name):
         yield name
-    after = path_runs[("gelu_fwd", name)], path_runs[("gelu_bwd", name)]
-    assert after[0] > before[0] and after[1] > before[1], f"path {name} did not run: {after}"
+    assert ran[("gelu_fwd", name)] and ran[("gelu_bwd", name)], f"path {name} did not run: {ran}"
 # Multiples of no block size, ranks 0 to 5.
 SHAPES = [(), (1,), (7,), (37, 53), (3, 5, 7, 11), (2, 1, 3, 4, 5)]
 
@@ -58,12 +55,14 @@ def test_matches_float64(shape, approximate, dtype, device, gelu_path):
 
 @pytest.mark.parametrize("approximate", FORMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_poisoned_outputs_fully_written(approximate, dtype, device):
+def test_poisoned_outputs_fully_written(approximate, dtype, device, poison_outputs):
     x = (4 * torch.randn(5, 301, device=device)).to(dtype)  # 1505 = one full block + a tail
     dy = torch.randn_like(x)
-    tanh = reference.form_name(approximate)
-    y = gelu_forward(x, tanh, out=poisoned(x.shape, dtype, device))
-    dx = gelu_backward(dy, x, tanh, out=poisoned(x.shape, dtype, device))
+    leaf = x.clone().requires_grad_(True)
+    with count_launches() as launched, force_path(gelu_fwd="triton", gelu_bwd="triton"):
+        y = triton_gelu.gelu(leaf, approximate)
+        (dx,) = torch.autograd.grad(y, leaf, dy)  # the launcher's own buffer, not a copy
+    assert launched == {"gelu_fwd": 1, "gelu_bwd": 1}, launched
     assert_all_written(y, reference.gelu64(x, approximate), "forward")
     assert_all_written(dx, reference.gelu_grad64(x, dy, approximate), "backward")
 
@@ -151,18 +150,19 @@ def test_nan_in_nan_out(approximate, dtype, device, gelu_path):
 def test_kernel_path_taken(device):
     """The result comes from the Triton kernels, not a PyTorch fallback (the interpreter's
     default path is the Triton one)."""
-    before_fwd, before_bwd = launches["gelu_fwd"], launches["gelu_bwd"]
     x = torch.randn(33, device=device, requires_grad=True)
-    triton_gelu.gelu(x).sum().backward()
-    assert launches["gelu_fwd"] == before_fwd + 1
-    assert launches["gelu_bwd"] == before_bwd + 1
+    with count_launches() as launched:
+        triton_gelu.gelu(x).sum().backward()
+    assert launched == {"gelu_fwd": 1, "gelu_bwd": 1}, launched
 
 
 def test_outputs_are_new_contiguous_tensors_on_every_path(device, gelu_path):
     x = (3 * torch.randn(11, 13, device=device)).t()  # dense, not contiguous
     dy = torch.randn(13, 11, device=device)
     before = x.clone()
-    y, dx = gelu_forward(x, "gelu"), gelu_backward(dy, x, "gelu")
+    # The custom ops (what compiled graphs call) on every path must return what their fakes
+    # promise: new contiguous tensors.
+    y, dx = torch.ops.triton_gelu.gelu_fwd(x, "gelu"), torch.ops.triton_gelu.gelu_bwd(dy, x, "gelu")
     assert y.is_contiguous() and dx.is_contiguous(), "the custom ops' fakes promise it"
     assert y.data_ptr() != x.data_ptr() and dx.data_ptr() not in (x.data_ptr(), dy.data_ptr())
     torch.testing.assert_close(x, before, rtol=0, atol=0)
@@ -171,11 +171,11 @@ def test_outputs_are_new_contiguous_tensors_on_every_path(device, gelu_path):
 def test_cpu_fallback_without_interpreter(monkeypatch):
     """CPU tensors without TRITON_INTERPRET take the PyTorch fallback, with the same numerics."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    before = launches["gelu_fwd"] + launches["gelu_bwd"]
-    for approximate in FORMS:
-        x = (3 * torch.randn(40, 9)).requires_grad_(True)
-        _check_fwd_bwd(x, approximate)
-    assert launches["gelu_fwd"] + launches["gelu_bwd"] == before
+    with count_launches() as launched:
+        for approximate in FORMS:
+            x = (3 * torch.randn(40, 9)).requires_grad_(True)
+            _check_fwd_bwd(x, approximate)
+    assert launched == {}, launched
 
 
 def test_second_backward_is_unchanged(device, gelu_path):
@@ -193,10 +193,10 @@ def test_second_backward_is_unchanged(device, gelu_path):
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.float64])
 def test_rejects_unsupported_dtype(dtype, device):
     x = torch.ones(4, device=device).to(dtype)
-    before = sum(launches.values())
-    with pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16, got torch\."):
+    with count_launches() as launched, \
+            pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16, got torch\."):
         triton_gelu.gelu(x)
-    assert sum(launches.values()) == before
+    assert launched == {}, launched
 
 
 @pytest.mark.parametrize("approximate", ["exact", "Tanh", "", None, 1])
