@@ -16,7 +16,7 @@ from helpers import assert_no_worse_than_torch
 import triton_gelu
 from triton_gelu import activations, reference
 from triton_gelu.autotune import force_path
-from triton_gelu.functional import dropout_seed
+from triton_gelu.testing import dropout_seed
 
 pytestmark = pytest.mark.usefixtures("ieee_float32")
 

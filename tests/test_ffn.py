@@ -5,7 +5,7 @@ backward, both paths (fused, composed), torch.compile, autocast, and bad input.
 Shapes stay small (sides < 64) so the Triton interpreter runs the file quickly, and are
 multiples of no block size so every masked edge of every kernel runs. The dropout mask of a
 call is reproduced in the tests by resetting the generator and drawing the seed again
-(``functional.dropout_seed``), then ``reference.dropout_keep``: the explicit reference.
+(``triton_gelu.testing.dropout_seed``), then ``reference.dropout_keep``: the explicit reference.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from torch import nn
 import triton_gelu
 from bench.memory import saved_activation_bytes
 from triton_gelu import fallback, kernels, ops, reference
-from triton_gelu._runtime import launches
 from triton_gelu.autotune import clear_plans, force_path
-from triton_gelu.functional import dropout_seed
 from triton_gelu.kernels import _matmul, ffn, gelu as gelu_kernels
+from triton_gelu.testing import count_launches, dropout_seed
 
 FORMS = ["none", "tanh"]
 PATHS = ["fused", "composed"]  # the paths that draw the dropout mask
@@ -282,9 +281,9 @@ def test_keep_fraction_within_four_sigma(device):
     # for bit (checked here over all of them), the other p are counted on the reference's words.
     rows, cols = 400, 257
     seed = dropout_seed(device)
-    before = launches["gelu_dropout_fwd"]
-    keep = _elementwise_mask(seed, 0.5, rows, cols)
-    assert launches["gelu_dropout_fwd"] == before + 1  # the Triton kernel drew it
+    with count_launches() as launched:
+        keep = _elementwise_mask(seed, 0.5, rows, cols)
+    assert launched == {"gelu_dropout_fwd": 1}, launched  # the Triton kernel drew it
     top31 = reference.dropout_words(seed, rows, cols) >> 1
     assert torch.equal(keep.cpu(), (top31 >= 2**30).cpu())
     for p, kept in ((0.5, keep), (0.1, None), (0.999, None)):
@@ -423,15 +422,17 @@ def test_ops_reject_bad_hidden_columns(device):
     # below them trust their callers. A column argument of the wrong type is refused by the
     # op's schema (int), in the dispatcher's words.
     x, w1, b1, w2, b2 = _operands((4, D), HIDDEN, torch.float32, device)
-    seed, before = dropout_seed(device), sum(launches.values())
-    for columns, error, match in (
-            ((-1, None), ValueError, "at col_offset -1 do not fit in .* n_cols 51"),
-            ((1, HIDDEN), ValueError, f"the {HIDDEN} hidden columns at col_offset 1 do not"),
-            ((0, 50), ValueError, "of n_cols 50 columns"),
-            ((0.0, None), (TypeError, RuntimeError), None)):
-        with pytest.raises(error, match=match):
-            torch.ops.triton_gelu.ffn_fwd(x, w1, b1, w2, b2, seed, 0.2, "gelu", True, *columns)
-    assert sum(launches.values()) == before
+    seed = dropout_seed(device)
+    with count_launches() as launched:
+        for columns, error, match in (
+                ((-1, None), ValueError, "at col_offset -1 do not fit in .* n_cols 51"),
+                ((1, HIDDEN), ValueError, f"the {HIDDEN} hidden columns at col_offset 1 do not"),
+                ((0, 50), ValueError, "of n_cols 50 columns"),
+                ((0.0, None), (TypeError, RuntimeError), None)):
+            with pytest.raises(error, match=match):
+                torch.ops.triton_gelu.ffn_fwd(x, w1, b1, w2, b2, seed, 0.2, "gelu", True,
+                                              *columns)
+    assert not launched, launched
 
 
 @triton.jit
@@ -529,9 +530,9 @@ def test_transient_buffers_are_not_kept(device):
 
 
 def _launch_deltas(fn, names):
-    before = [launches[n] for n in names]
-    fn()
-    return [launches[n] - b for n, b in zip(names, before)]
+    with count_launches() as launched:
+        fn()
+    return [launched[n] for n in names]
 
 
 def test_kernel_paths_taken(device):
@@ -617,17 +618,17 @@ def test_cpu_fallback_dropout_is_pytorchs(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     clear_plans()  # the environment is read when a problem is planned
     operands = _operands((M, D), HIDDEN, torch.float32, "cpu")
-    before = sum(launches.values())
-    results = []
-    for block in (lambda *t: triton_gelu.feed_forward(*t, p=0.4, approximate="tanh"),
-                  lambda x, w1, b1, w2, b2: F.linear(F.dropout(
-                      F.gelu(F.linear(x, w1, b1), approximate="tanh"), 0.4), w2, b2)):
-        leaves = [t.detach().clone().requires_grad_(True) for t in operands]
-        torch.manual_seed(3)
-        y = block(*leaves)
-        y.backward(torch.ones_like(y))
-        results.append((y.detach(), *(t.grad for t in leaves)))
-    assert sum(launches.values()) == before
+    with count_launches() as launched:
+        results = []
+        for block in (lambda *t: triton_gelu.feed_forward(*t, p=0.4, approximate="tanh"),
+                      lambda x, w1, b1, w2, b2: F.linear(F.dropout(
+                          F.gelu(F.linear(x, w1, b1), approximate="tanh"), 0.4), w2, b2)):
+            leaves = [t.detach().clone().requires_grad_(True) for t in operands]
+            torch.manual_seed(3)
+            y = block(*leaves)
+            y.backward(torch.ones_like(y))
+            results.append((y.detach(), *(t.grad for t in leaves)))
+    assert not launched, launched
     for ours, eager in zip(*results):
         assert torch.equal(ours, eager)
     # A tensor-parallel shard's launcher still draws the kernels' mask (so the shards of one
@@ -788,38 +789,38 @@ def _bad_inputs(device):
 @pytest.mark.parametrize("case", _bad_inputs("cpu").keys())
 def test_rejects_bad_inputs_before_any_launch(case, device):
     args, kwargs, error, match = _bad_inputs(device)[case]
-    before = sum(launches.values())
-    with pytest.raises(error, match=match):
-        triton_gelu.feed_forward(*args, **{"p": 0.2, **kwargs})
-    assert sum(launches.values()) == before
+    with count_launches() as launched:
+        with pytest.raises(error, match=match):
+            triton_gelu.feed_forward(*args, **{"p": 0.2, **kwargs})
+    assert not launched, launched
 
 
 def test_ops_reject_bad_dropout_arguments(device):
     x, w1, b1, w2, b2 = _operands((4, D), HIDDEN, torch.float32, device)
     z, dy = torch.randn(4, HIDDEN, device=device), torch.randn(4, D, device=device)
     seed = dropout_seed(device)
-    before = sum(launches.values())
-    with pytest.raises(ValueError, match=r"seed must be a 1-element int64 tensor when p > 0"):
-        torch.ops.triton_gelu.ffn_fwd(x, w1, b1, w2, b2, None, 0.2, "gelu", True)
-    with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor"):
-        torch.ops.triton_gelu.ffn_fwd(x, w1, b1, w2, b2, seed.int(), 0.2, "gelu", True)
-    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
-        torch.ops.triton_gelu.ffn_bwd(dy, x, w1, w2, z, seed, 1.5, "gelu", [True] * 5)
-    with pytest.raises(ValueError, match=r"preact must have shape \(4, 51\)"):
-        torch.ops.triton_gelu.ffn_bwd(dy, x, w1, w2, z[:, 1:], seed, 0.2, "gelu", [True] * 5)
-    with pytest.raises(ValueError, match=r"dy must have shape \(4, 45\)"):
-        torch.ops.triton_gelu.ffn_bwd(dy[:, 1:], x, w1, w2, z, seed, 0.2, "gelu", [True] * 5)
-    with pytest.raises(ValueError, match="five booleans, got 3"):
-        torch.ops.triton_gelu.ffn_bwd(dy, x, w1, w2, z, seed, 0.2, "gelu", [True] * 3)
-    assert sum(launches.values()) == before
+    with count_launches() as launched:
+        with pytest.raises(ValueError, match=r"seed must be a 1-element int64 tensor when p > 0"):
+            torch.ops.triton_gelu.ffn_fwd(x, w1, b1, w2, b2, None, 0.2, "gelu", True)
+        with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor"):
+            torch.ops.triton_gelu.ffn_fwd(x, w1, b1, w2, b2, seed.int(), 0.2, "gelu", True)
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+            torch.ops.triton_gelu.ffn_bwd(dy, x, w1, w2, z, seed, 1.5, "gelu", [True] * 5)
+        with pytest.raises(ValueError, match=r"preact must have shape \(4, 51\)"):
+            torch.ops.triton_gelu.ffn_bwd(dy, x, w1, w2, z[:, 1:], seed, 0.2, "gelu", [True] * 5)
+        with pytest.raises(ValueError, match=r"dy must have shape \(4, 45\)"):
+            torch.ops.triton_gelu.ffn_bwd(dy[:, 1:], x, w1, w2, z, seed, 0.2, "gelu", [True] * 5)
+        with pytest.raises(ValueError, match="five booleans, got 3"):
+            torch.ops.triton_gelu.ffn_bwd(dy, x, w1, w2, z, seed, 0.2, "gelu", [True] * 3)
+    assert not launched, launched
 
 
 def test_module_with_dropout_one_refuses_at_call(device):
     ff = triton_gelu.FeedForward(8, 16, dropout=1.0, device=device)  # nn.Dropout accepts 1.0
-    before = sum(launches.values())
-    with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
-        ff(torch.randn(3, 8, device=device))
-    assert sum(launches.values()) == before
+    with count_launches() as launched:
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
+            ff(torch.randn(3, 8, device=device))
+    assert not launched, launched
 
 
 def test_feed_forward_module_with_hooks_applies_its_submodules(device):

@@ -27,9 +27,8 @@ from torch import nn
 import triton_gelu
 from bench.memory import saved_activation_bytes
 from triton_gelu import kernels, reference
-from triton_gelu._runtime import launches
 from triton_gelu.autotune import clear_plans, force_path
-from triton_gelu.functional import dropout_seed
+from triton_gelu.testing import count_launches, dropout_seed
 
 # The kernels' module; ``triton_gelu.geglu`` itself is the public function.
 gk = importlib.import_module("triton_gelu.kernels.geglu")
@@ -233,8 +232,7 @@ def test_backward_computes_only_what_is_needed(needs, bwd, device, poison_output
     x, w_gate, w_up, _, _ = operands
     dh = torch.randn(M, N, device=device)
     _, gate, up = gk.geglu_forward(*operands, "gelu", True)
-    before = dict(launches)
-    with force_path(geglu_bwd=bwd):
+    with count_launches() as ran, force_path(geglu_bwd=bwd):
         grads = gk.geglu_backward(dh, x, w_gate, w_up, gate, up, "gelu", needs)
     refs = reference.grads64(lambda *t: reference.geglu64(*t, approximate="none"),
                              list(operands), dh)
@@ -243,7 +241,6 @@ def test_backward_computes_only_what_is_needed(needs, bwd, device, poison_output
         assert (grad is not None) == wanted, f"{name}: returned {grad is not None}, need {wanted}"
         if wanted:
             torch.testing.assert_close(grad.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
-    ran = {name: launches[name] - before.get(name, 0) for name in launches}
     # dg and du once, by one elementwise launch, whatever is needed; none on eager's path
     assert ran.get("geglu_bwd_act", 0) == (bwd == "once"), ran
 
@@ -351,24 +348,24 @@ def test_cpu_fallback_without_interpreter(monkeypatch):
     torch.manual_seed, gradients too)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     clear_plans()  # the environment is read when a problem is planned
-    before = sum(launches.values())
-    for dtype in DTYPES:
-        for recompute in (False, True):
-            _check(_operands((M, K), N, dtype, "cpu"), "tanh", recompute)
-        _check_block(_block("cpu", dtype, bias=True), torch.randn(M, K).to(dtype), "cpu")
-    operands = _block_operands((M, K), N, torch.float32, "cpu")
-    results = []
-    for block in (lambda x, wg, wu, wd, bg, bu, bd: triton_gelu.gated_feed_forward(
-                      x, wg, wu, wd, bg, bu, bd, dropout=0.4, training=True),
-                  lambda x, wg, wu, wd, bg, bu, bd: F.linear(F.dropout(
-                      F.gelu(F.linear(x, wg, bg), approximate="tanh") * F.linear(x, wu, bu),
-                      0.4), wd, bd)):
-        leaves = _leaves(operands)
-        torch.manual_seed(3)
-        y = block(*leaves)
-        y.backward(torch.ones_like(y))
-        results.append((y.detach(), *(None if t is None else t.grad for t in leaves)))
-    assert sum(launches.values()) == before
+    with count_launches() as launched:
+        for dtype in DTYPES:
+            for recompute in (False, True):
+                _check(_operands((M, K), N, dtype, "cpu"), "tanh", recompute)
+            _check_block(_block("cpu", dtype, bias=True), torch.randn(M, K).to(dtype), "cpu")
+        operands = _block_operands((M, K), N, torch.float32, "cpu")
+        results = []
+        for block in (lambda x, wg, wu, wd, bg, bu, bd: triton_gelu.gated_feed_forward(
+                          x, wg, wu, wd, bg, bu, bd, dropout=0.4, training=True),
+                      lambda x, wg, wu, wd, bg, bu, bd: F.linear(F.dropout(
+                          F.gelu(F.linear(x, wg, bg), approximate="tanh") * F.linear(x, wu, bu),
+                          0.4), wd, bd)):
+            leaves = _leaves(operands)
+            torch.manual_seed(3)
+            y = block(*leaves)
+            y.backward(torch.ones_like(y))
+            results.append((y.detach(), *(None if t is None else t.grad for t in leaves)))
+    assert not launched, launched
     for ours, eager in zip(*results):
         assert (ours is None and eager is None) or torch.equal(ours, eager)
 
@@ -411,83 +408,83 @@ def _bad_inputs(device):
 @pytest.mark.parametrize("case", _bad_inputs("cpu").keys())
 def test_rejects_bad_inputs_before_any_launch(case, device):
     args, error, match = _bad_inputs(device)[case]
-    before = sum(launches.values())
-    with pytest.raises(error, match=match):
-        triton_gelu.geglu(*args)
-    # The block checks the same operands, and the custom ops too (compiled graphs call them);
-    # an operand that is not a tensor the dispatcher refuses by the op's schema, in its words.
-    # (A meta operand sends an op's call to its fake implementation, which runs nothing.)
-    w_down = torch.randn(D, N, device=device)
-    with pytest.raises(error, match=match):
-        triton_gelu.gated_feed_forward(args[0], args[1], args[2], w_down, *args[3:])
-    tensors = all(a is None or isinstance(a, torch.Tensor) for a in args)
-    if not any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
-        for op, extra in ((torch.ops.triton_gelu.geglu_fwd, ("gelu", True)),
-                          (torch.ops.triton_gelu.geglu_gate_up, (0.0, "gelu"))):
-            with pytest.raises(error if tensors else (TypeError, RuntimeError),
-                               match=match if tensors else None):
-                op(*args, *extra)
-    assert sum(launches.values()) == before
+    with count_launches() as launched:
+        with pytest.raises(error, match=match):
+            triton_gelu.geglu(*args)
+        # The block checks the same operands, and the custom ops too (compiled graphs call them);
+        # an operand that is not a tensor the dispatcher refuses by the op's schema, in its words.
+        # (A meta operand sends an op's call to its fake implementation, which runs nothing.)
+        w_down = torch.randn(D, N, device=device)
+        with pytest.raises(error, match=match):
+            triton_gelu.gated_feed_forward(args[0], args[1], args[2], w_down, *args[3:])
+        tensors = all(a is None or isinstance(a, torch.Tensor) for a in args)
+        if not any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
+            for op, extra in ((torch.ops.triton_gelu.geglu_fwd, ("gelu", True)),
+                              (torch.ops.triton_gelu.geglu_gate_up, (0.0, "gelu"))):
+                with pytest.raises(error if tensors else (TypeError, RuntimeError),
+                                   match=match if tensors else None):
+                    op(*args, *extra)
+    assert not launched, launched
 
 
 def test_rejects_bad_block_and_backward_inputs(device):
     x, w_gate, w_up, b_gate, b_up = _operands((4, K), N, torch.float32, device)
-    before = sum(launches.values())
-    cases = [
-        (dict(w_down=torch.randn(D, N + 1, device=device)), ValueError,
-         rf"w_down must be 2-D \(out_features, hidden_features = {N}\).*got shape"),
-        (dict(w_down=torch.randn(D, N, device=device).half()), TypeError,
-         "w_down has dtype torch.float16 but w_gate has dtype torch.float32"),
-        (dict(b_down=torch.randn(D + 1, device=device)), ValueError,
-         rf"b_down has shape \({D + 1},\) but w_down has shape \({D}, {N}\)"),
-        # The dropout probability is checked as the FFN block's p is: in [0, 1).
-        (dict(dropout=1.5), ValueError, r"dropout probability p must be in \[0, 1\), got 1.5"),
-        (dict(dropout=1.0), ValueError, r"dropout probability p must be in \[0, 1\), got 1.0"),
-        (dict(dropout=-0.1), ValueError, r"p must be in \[0, 1\), got -0.1"),
-        (dict(dropout="0.1"), TypeError, r"p must be a float in \[0, 1\)"),
-        (dict(approximate="erf"), ValueError, "approximate must be one of"),
-    ]
-    for change, error, match in cases:
-        kwargs = dict(w_down=torch.randn(D, N, device=device), b_down=None, dropout=0.0,
-                      approximate="tanh")
-        kwargs.update(change)
-        with pytest.raises(error, match=match):
-            triton_gelu.gated_feed_forward(x, w_gate, w_up, b_gate=b_gate, b_up=b_up, **kwargs)
-    block = triton_gelu.GatedFeedForward(K, N, dropout=1.0, device=device)  # nn.Dropout takes 1
-    for mode in (True, False):  # refused at the call, in either mode, as FeedForward does
+    with count_launches() as launched:
+        cases = [
+            (dict(w_down=torch.randn(D, N + 1, device=device)), ValueError,
+             rf"w_down must be 2-D \(out_features, hidden_features = {N}\).*got shape"),
+            (dict(w_down=torch.randn(D, N, device=device).half()), TypeError,
+             "w_down has dtype torch.float16 but w_gate has dtype torch.float32"),
+            (dict(b_down=torch.randn(D + 1, device=device)), ValueError,
+             rf"b_down has shape \({D + 1},\) but w_down has shape \({D}, {N}\)"),
+            # The dropout probability is checked as the FFN block's p is: in [0, 1).
+            (dict(dropout=1.5), ValueError, r"dropout probability p must be in \[0, 1\), got 1.5"),
+            (dict(dropout=1.0), ValueError, r"dropout probability p must be in \[0, 1\), got 1.0"),
+            (dict(dropout=-0.1), ValueError, r"p must be in \[0, 1\), got -0.1"),
+            (dict(dropout="0.1"), TypeError, r"p must be a float in \[0, 1\)"),
+            (dict(approximate="erf"), ValueError, "approximate must be one of"),
+        ]
+        for change, error, match in cases:
+            kwargs = dict(w_down=torch.randn(D, N, device=device), b_down=None, dropout=0.0,
+                          approximate="tanh")
+            kwargs.update(change)
+            with pytest.raises(error, match=match):
+                triton_gelu.gated_feed_forward(x, w_gate, w_up, b_gate=b_gate, b_up=b_up, **kwargs)
+        block = triton_gelu.GatedFeedForward(K, N, dropout=1.0, device=device)  # nn.Dropout takes 1
+        for mode in (True, False):  # refused at the call, in either mode, as FeedForward does
+            with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
+                block.train(mode)(x)
+        # The custom ops (what compiled graphs and tensor parallel call) check theirs.
+        ops, good, seed = torch.ops.triton_gelu, torch.randn(4, N, device=device), dropout_seed(device)
+        w_down = torch.randn(D, N, device=device)
+        with pytest.raises(ValueError, match=rf"dh must have shape \(M, N\) = \(4, {N}\)"):
+            ops.geglu_bwd(good[:, 1:], x, w_gate, w_up, good, good, None, 0.0, "gelu", [True] * 5,
+                          False)
+        with pytest.raises(ValueError, match="up must have shape"):
+            ops.geglu_bwd(good, x, w_gate, w_up, good, good[1:], None, 0.0, "gelu", [True] * 5,
+                          False)
+        with pytest.raises(ValueError, match="needs must hold 5 flags"):
+            ops.geglu_bwd(good, x, w_gate, w_up, good, good, None, 0.0, "gelu", [True] * 3, False)
+        with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor when p > 0"):
+            ops.gated_ffn_fwd(x, w_gate, w_up, w_down, b_gate, b_up, None, None, 0.2, "gelu", True)
+        with pytest.raises(ValueError, match=r"w_down must be 2-D \(out_features, hidden_features"):
+            ops.gated_ffn_fwd(x, w_gate, w_up, w_down[:, 1:], b_gate, b_up, None, None, 0.0, "gelu",
+                              True)
         with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
-            block.train(mode)(x)
-    # The custom ops (what compiled graphs and tensor parallel call) check theirs.
-    ops, good, seed = torch.ops.triton_gelu, torch.randn(4, N, device=device), dropout_seed(device)
-    w_down = torch.randn(D, N, device=device)
-    with pytest.raises(ValueError, match=rf"dh must have shape \(M, N\) = \(4, {N}\)"):
-        ops.geglu_bwd(good[:, 1:], x, w_gate, w_up, good, good, None, 0.0, "gelu", [True] * 5,
-                      False)
-    with pytest.raises(ValueError, match="up must have shape"):
-        ops.geglu_bwd(good, x, w_gate, w_up, good, good[1:], None, 0.0, "gelu", [True] * 5,
-                      False)
-    with pytest.raises(ValueError, match="needs must hold 5 flags"):
-        ops.geglu_bwd(good, x, w_gate, w_up, good, good, None, 0.0, "gelu", [True] * 3, False)
-    with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor when p > 0"):
-        ops.gated_ffn_fwd(x, w_gate, w_up, w_down, b_gate, b_up, None, None, 0.2, "gelu", True)
-    with pytest.raises(ValueError, match=r"w_down must be 2-D \(out_features, hidden_features"):
-        ops.gated_ffn_fwd(x, w_gate, w_up, w_down[:, 1:], b_gate, b_up, None, None, 0.0, "gelu",
-                          True)
-    with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
-        ops.geglu_bwd(good, x, w_gate, w_up, good, good, seed, 1.0, "gelu", [True] * 5, False)
-    with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor"):
-        ops.geglu_bwd(good, x, w_gate, w_up, good, good, seed.int(), 0.2, "gelu", [True] * 5,
-                      False)
-    with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got -0.5"):
-        ops.geglu_gate_up(x, w_gate, w_up, b_gate, b_up, -0.5, "gelu")
-    with pytest.raises(ValueError, match="activation must be one of"):
-        ops.geglu_gate_up(x, w_gate, w_up, b_gate, b_up, 0.0, "erf")
-    for bad in ("exact", None):
-        with pytest.raises(ValueError, match="approximate must be one of"):
-            triton_gelu.geglu(x, w_gate, w_up, approximate=bad)
-        with pytest.raises(ValueError, match="approximate must be one of"):
-            triton_gelu.GeGLU(K, N, approximate=bad)
-    assert sum(launches.values()) == before
+            ops.geglu_bwd(good, x, w_gate, w_up, good, good, seed, 1.0, "gelu", [True] * 5, False)
+        with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor"):
+            ops.geglu_bwd(good, x, w_gate, w_up, good, good, seed.int(), 0.2, "gelu", [True] * 5,
+                          False)
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got -0.5"):
+            ops.geglu_gate_up(x, w_gate, w_up, b_gate, b_up, -0.5, "gelu")
+        with pytest.raises(ValueError, match="activation must be one of"):
+            ops.geglu_gate_up(x, w_gate, w_up, b_gate, b_up, 0.0, "erf")
+        for bad in ("exact", None):
+            with pytest.raises(ValueError, match="approximate must be one of"):
+                triton_gelu.geglu(x, w_gate, w_up, approximate=bad)
+            with pytest.raises(ValueError, match="approximate must be one of"):
+                triton_gelu.GeGLU(K, N, approximate=bad)
+    assert not launched, launched
 
 
 # ---- the gated block -------------------------------------------------------------------------
@@ -577,7 +574,7 @@ def test_gated_block_launches_and_regenerates_h(device):
 
 # ---- the gated block's dropout ------------------------------------------------------------------
 # The call's mask is reproduced by resetting the generator, drawing the seed again
-# (``functional.dropout_seed``) and running the PyTorch copy of the kernels' Philox
+# (``testing.dropout_seed``) and running the PyTorch copy of the kernels' Philox
 # (``reference.dropout_keep``): the explicit reference, as for the FFN block.
 
 BLOCK_NAMES = ("dx", "dw_gate", "dw_up", "dw_down", "db_gate", "db_up", "db_down")

@@ -22,10 +22,9 @@ import triton_gelu
 from triton_gelu import reference
 from triton_gelu.tuning import spaces
 from triton_gelu.tuning.paths import path_choosers
-from triton_gelu._runtime import path_runs
 from triton_gelu.autotune import force_path
-from triton_gelu.functional import dropout_seed
 from triton_gelu.kernels import _matmul
+from triton_gelu.testing import count_paths, dropout_seed
 
 M, K, N = 70, 40, 51  # 3 x 2 tiles of 32 for 3 programs; K: 16-byte rows, no multiple of 32
 HIDDEN = 56  # the FFN block's: the backward's W2 (K, HIDDEN) rows 16-byte aligned too
@@ -38,10 +37,8 @@ pytestmark = pytest.mark.usefixtures("ieee_float32")
 @contextlib.contextmanager
 def tma_paths():
     """Every forward by its Hopper path; afterwards, check that each op that ran took it."""
-    before = dict(path_runs)
-    with force_path(**{op: "tma" for op in TMA_OPS}):
+    with count_paths() as ran, force_path(**{op: "tma" for op in TMA_OPS}):
         yield
-    ran = {key for key, count in path_runs.items() if count != before.get(key, 0)}
     untaken = {(op, name) for op, name in ran if op in TMA_OPS and name != "tma"}
     assert not untaken, f"forced to tma, these ran another path: {untaken}"
 

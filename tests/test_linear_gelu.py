@@ -16,8 +16,8 @@ from helpers import (
 
 import triton_gelu
 from triton_gelu import kernels, reference
-from triton_gelu._runtime import launches, path_runs
 from triton_gelu.autotune import force_path
+from triton_gelu.testing import count_launches, count_paths
 from triton_gelu.kernels import _matmul
 
 # The kernels' module; ``triton_gelu.linear_gelu`` itself is the public function.
@@ -44,10 +44,9 @@ def paths(request):
     """Run the test with one set of paths forced; check that only forced paths ran, and that
     the forward's did (unless nothing ran: empty problems launch nothing)."""
     forced = PATH_SETS[request.param]
-    before = dict(path_runs)
-    with force_path(**forced):
+    with count_paths() as counted, force_path(**forced):
         yield request.param
-    ran = {key for key, count in path_runs.items() if count != before.get(key, 0)}
+    ran = set(counted)
     assert all(forced.get(op, name) == name for op, name in ran), f"unforced paths ran: {ran}"
     assert not ran or ("linear_gelu_fwd", forced["linear_gelu_fwd"]) in ran, ran
 
@@ -199,8 +198,7 @@ def test_backward_computes_only_what_is_needed(path, need, device, poison_output
     dy = torch.randn(M, N, device=device)
     _, preact = lg.linear_gelu_forward(x, weight, b, "gelu_tanh", True)
     names = ["linear_gelu_bwd_dz"]
-    before = [launches[n] for n in names]
-    with force_path(linear_gelu_bwd=path):
+    with count_launches() as counts, force_path(linear_gelu_bwd=path):
         grads = lg.linear_gelu_backward(dy, x, weight, preact, "gelu_tanh", *need)
     refs = reference.linear_gelu_grads64(x, weight, b, dy, "tanh")
     for name, wanted, grad, ref in zip(("dx", "dw", "db"), need, grads, refs):
@@ -208,7 +206,7 @@ def test_backward_computes_only_what_is_needed(path, need, device, poison_output
         if wanted:
             assert_all_written(grad, ref, name)
             torch.testing.assert_close(grad.double(), ref, rtol=1e-5, atol=1e-5)
-    launched = tuple(launches[n] - b for n, b in zip(names, before))
+    launched = tuple(counts[n] for n in names)
     assert launched == BACKWARD_LAUNCHES[path](need), f"{path}: launches {launched}"
 
 
@@ -219,14 +217,13 @@ def test_addmm_gelu_path_where_it_applies(dtype, device):
     form = "tanh" if device == "cuda" else "none"
     other = "none" if form == "tanh" else "tanh"
     x, weight, bias = _operands((M, K), N, dtype, device)
-    before = path_runs[("linear_gelu_fwd", "addmm_gelu")]
-    with tf32(False), force_path(linear_gelu_fwd="addmm_gelu"):
+    with count_paths() as ran, tf32(False), force_path(linear_gelu_fwd="addmm_gelu"):
         _check(x, weight, bias, form, recompute=True)
         with torch.no_grad():
             y = triton_gelu.linear_gelu(x, weight, bias, form)
         torch.testing.assert_close(y, triton_gelu.linear_gelu(x, weight, bias, form,
                                                               recompute=True).detach())
-    assert path_runs[("linear_gelu_fwd", "addmm_gelu")] == before + 3
+    assert ran[("linear_gelu_fwd", "addmm_gelu")] == 3, ran
     applies = lg._fwd_paths.applicable
     assert "addmm_gelu" in applies((x, weight, bias, reference.form_name(form), False), {})
     for args in ((x, weight, bias, reference.form_name(form), True),  # z kept for the backward
@@ -283,19 +280,19 @@ def test_kernel_path_taken(device):
     names = ["linear_gelu_fwd", "linear_preact", "linear_gelu_bwd_dz"]
     x, weight, bias = (t.requires_grad_(True) for t in _operands((M, K), N, torch.float32, device))
 
-    before = [launches[n] for n in names]
-    triton_gelu.linear_gelu(x, weight, bias).sum().backward()
-    assert [launches[n] - b for n, b in zip(names, before)] == [1, 0, 1]
+    with count_launches() as launched:
+        triton_gelu.linear_gelu(x, weight, bias).sum().backward()
+    assert [launched[n] for n in names] == [1, 0, 1], launched
 
-    before = [launches[n] for n in names]
-    triton_gelu.linear_gelu(x, weight, bias, recompute=True).sum().backward()
-    assert [launches[n] - b for n, b in zip(names, before)] == [1, 1, 1]
+    with count_launches() as launched:
+        triton_gelu.linear_gelu(x, weight, bias, recompute=True).sum().backward()
+    assert [launched[n] for n in names] == [1, 1, 1], launched
 
     # Frozen weight and bias: dz for dx alone, still one launch.
     x.grad = None
-    before = [launches[n] for n in names]
-    triton_gelu.linear_gelu(x, weight.detach(), bias.detach()).sum().backward()
-    assert [launches[n] - b for n, b in zip(names, before)] == [1, 0, 1]
+    with count_launches() as launched:
+        triton_gelu.linear_gelu(x, weight.detach(), bias.detach()).sum().backward()
+    assert [launched[n] for n in names] == [1, 0, 1], launched
     assert x.grad is not None
 
 
@@ -370,14 +367,14 @@ def test_autocast_bf16(approximate, device, paths):
 def test_cpu_fallback_without_interpreter(monkeypatch):
     """CPU tensors without TRITON_INTERPRET take the PyTorch fallback, same numerics."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    before = sum(launches.values())
-    for dtype in DTYPES:
-        for recompute in (False, True):
-            _check(*_operands((M, K), N, dtype, "cpu"), "tanh", recompute)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the fallback is not re-cast inside
-        y = triton_gelu.linear_gelu(*_operands((M, K), N, torch.float32, "cpu"))
-    assert y.dtype == torch.bfloat16
-    assert sum(launches.values()) == before
+    with count_launches() as launched:
+        for dtype in DTYPES:
+            for recompute in (False, True):
+                _check(*_operands((M, K), N, dtype, "cpu"), "tanh", recompute)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the fallback is not re-cast inside
+            y = triton_gelu.linear_gelu(*_operands((M, K), N, torch.float32, "cpu"))
+        assert y.dtype == torch.bfloat16
+    assert not launched, launched
 
 
 def _bad_inputs(device):
@@ -409,41 +406,41 @@ def _bad_inputs(device):
 @pytest.mark.parametrize("case", _bad_inputs("cpu").keys())
 def test_rejects_bad_inputs_before_any_launch(case, device):
     args, error, match = _bad_inputs(device)[case]
-    before = sum(launches.values())
-    with pytest.raises(error, match=match):
-        triton_gelu.linear_gelu(*args)
-    # The custom ops refuse too (compiled graphs call them, and they are torch.ops.triton_gelu.*);
-    # an operand that is not a tensor the dispatcher refuses by the op's schema, in its words.
-    # (A meta operand sends the call to the op's fake implementation, which runs nothing.)
-    tensors = all(a is None or isinstance(a, torch.Tensor) for a in args)
-    if any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
-        return
-    for op, extra in ((torch.ops.triton_gelu.linear_gelu_fwd, ("gelu", True)),
-                      (torch.ops.triton_gelu.linear_preact, ())):
-        with pytest.raises(error if tensors else (TypeError, RuntimeError),
-                           match=match if tensors else None):
-            op(*args, *extra)
-    assert sum(launches.values()) == before
+    with count_launches() as launched:
+        with pytest.raises(error, match=match):
+            triton_gelu.linear_gelu(*args)
+        # The custom ops refuse too (compiled graphs call them, and they are torch.ops.triton_gelu.*);
+        # an operand that is not a tensor the dispatcher refuses by the op's schema, in its words.
+        # (A meta operand sends the call to the op's fake implementation, which runs nothing.)
+        tensors = all(a is None or isinstance(a, torch.Tensor) for a in args)
+        if any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
+            return
+        for op, extra in ((torch.ops.triton_gelu.linear_gelu_fwd, ("gelu", True)),
+                          (torch.ops.triton_gelu.linear_preact, ())):
+            with pytest.raises(error if tensors else (TypeError, RuntimeError),
+                               match=match if tensors else None):
+                op(*args, *extra)
+    assert not launched, launched
 
 
 @pytest.mark.parametrize("approximate", ["exact", "Tanh", "", None])
 def test_rejects_unknown_approximate(approximate, device):
     x, w, b = _operands((4, K), N, torch.float32, device)
-    before = sum(launches.values())
-    with pytest.raises(ValueError, match="approximate must be one of"):
-        triton_gelu.linear_gelu(x, w, b, approximate=approximate)
-    with pytest.raises(ValueError, match="approximate must be one of"):
-        triton_gelu.LinearGELU(K, N, approximate=approximate)
-    assert sum(launches.values()) == before
+    with count_launches() as launched:
+        with pytest.raises(ValueError, match="approximate must be one of"):
+            triton_gelu.linear_gelu(x, w, b, approximate=approximate)
+        with pytest.raises(ValueError, match="approximate must be one of"):
+            triton_gelu.LinearGELU(K, N, approximate=approximate)
+    assert not launched, launched
 
 
 def test_backward_launcher_rejects_bad_shapes(device):
     x, w, _ = _operands((M, K), N, torch.float32, device)
     good = torch.randn(M, N, device=device)
-    before = sum(launches.values())
-    bad_dy = torch.randn(M, N + 1, device=device)
-    with pytest.raises(ValueError, match=rf"dy must have shape \(M, N\) = \({M}, {N}\)"):
-        torch.ops.triton_gelu.linear_gelu_bwd(bad_dy, x, w, good, "gelu", True, True, True)
-    with pytest.raises(ValueError, match=r"preact must have shape"):
-        torch.ops.triton_gelu.linear_gelu_bwd(good, x, w, good[:-1], "gelu", True, True, True)
-    assert sum(launches.values()) == before
+    with count_launches() as launched:
+        bad_dy = torch.randn(M, N + 1, device=device)
+        with pytest.raises(ValueError, match=rf"dy must have shape \(M, N\) = \({M}, {N}\)"):
+            torch.ops.triton_gelu.linear_gelu_bwd(bad_dy, x, w, good, "gelu", True, True, True)
+        with pytest.raises(ValueError, match=r"preact must have shape"):
+            torch.ops.triton_gelu.linear_gelu_bwd(good, x, w, good[:-1], "gelu", True, True, True)
+    assert not launched, launched

@@ -15,9 +15,9 @@ from torch import nn
 import triton_gelu
 from bench.memory import saved_activation_bytes
 from triton_gelu import reference
-from triton_gelu.functional import dropout_seed
 from triton_gelu.modules import LinearGELU
 from triton_gelu.patch import FeedForwardOutput, FusedFeedForward
+from triton_gelu.testing import dropout_seed
 
 
 def _blocks(model: nn.Module) -> list[FusedFeedForward]:

@@ -15,8 +15,8 @@ from torch import nn
 
 import triton_gelu
 from bench.memory import saved_activation_bytes
-from triton_gelu._runtime import launches
 from triton_gelu.patch import GatedGELUBlock, gated
+from triton_gelu.testing import count_launches, dropout_seed
 
 transformers = pytest.importorskip("transformers")
 
@@ -83,9 +83,9 @@ def _patch_and_compare(model, inputs, expected, form):
         assert p is params[name], f"parameter {name} is not the original tensor"
     assert list(model.state_dict()) == keys, "state dict keys changed"
 
-    before = launches["geglu_fwd"]
-    out, grads = _run(model, inputs, _hidden)
-    assert launches["geglu_fwd"] - before == expected, "the fused kernel did not run"
+    with count_launches() as launched:
+        out, grads = _run(model, inputs, _hidden)
+    assert launched["geglu_fwd"] == expected, f"the fused kernel did not run: {launched}"
     out_torch, grads_torch = _run(unpatched, inputs, _hidden)
     out64, grads64 = _run(ref64, _as64(inputs), _hidden)
     assert_no_worse_than_torch(out, out_torch, out64, "output")
@@ -131,9 +131,9 @@ def test_state_dict_round_trip_and_patch_twice(name):
     torch.testing.assert_close(_hidden(fresh(**inputs)), want, rtol=0, atol=0)
     # A deep copy (EMA, checkpoint averaging) stays fused and equal.
     copied = copy.deepcopy(model)
-    before = launches["geglu_fwd"]
-    torch.testing.assert_close(_hidden(copied(**inputs)), _hidden(model(**inputs)))
-    assert launches["geglu_fwd"] - before == 2 * expected
+    with count_launches() as launched:
+        torch.testing.assert_close(_hidden(copied(**inputs)), _hidden(model(**inputs)))
+    assert launched["geglu_fwd"] == 2 * expected, launched
 
 
 def test_patch_recompute_keeps_x_alone_with_the_same_gradients():
@@ -173,7 +173,6 @@ def test_t5_training_dropout_is_fused(kind):
     which keeps x, g, u and the seed only. Outputs and gradients match T5's own block computed
     with that mask, in float64; eval mode draws nothing."""
     from triton_gelu import reference
-    from triton_gelu.functional import dropout_seed
 
     p = 0.2
     holder = _t5_block() if kind == "t5" else _t5gemma_block()
@@ -183,10 +182,10 @@ def test_t5_training_dropout_is_fused(kind):
     assert triton_gelu.patch(holder) == 1
     x = torch.randn(2, 5, HIDDEN)
     torch.manual_seed(3)
-    before = dict(launches)
-    out, grads = _run(holder, {"x": x})
-    assert {k: launches[k] - before.get(k, 0) for k in ("geglu_fwd", "geglu_bwd_act")} == \
-        {"geglu_fwd": 1, "geglu_bwd_act": 1}
+    with count_launches() as launched:
+        out, grads = _run(holder, {"x": x})
+    assert {k: launched[k] for k in ("geglu_fwd", "geglu_bwd_act")} == \
+        {"geglu_fwd": 1, "geglu_bwd_act": 1}, launched
     torch.manual_seed(3)
     keep = reference.dropout_keep(dropout_seed("cpu"), 10, FFN, p).view(2, 5, FFN)
     unpatched.block.dropout = _FixedMask(keep, p)
@@ -263,10 +262,10 @@ def test_t5_keeps_its_cast_to_wo_dtype(monkeypatch):
     assert triton_gelu.patch(holder) == 1
     fused = _count_fused(monkeypatch)
     x = torch.randn(2, 5, HIDDEN, dtype=torch.bfloat16)
-    before = launches["geglu_fwd"]
-    out, want = holder(x), unpatched(x)
+    with count_launches() as launched:
+        out, want = holder(x), unpatched(x)
     assert out.dtype == want.dtype == torch.float32 and not fused
-    assert launches["geglu_fwd"] - before == 1
+    assert launched["geglu_fwd"] == 1, launched
     x64 = x.double()
     ref = copy.deepcopy(unpatched.block).double()
     assert_no_worse_than_torch(out, want, ref(x64), "t5 cast output")
@@ -312,11 +311,11 @@ def test_hooks_after_patching_run_the_blocks_own_code():
     triton_gelu.patch(model)
     seen = []
     model.layers[0].mlp.up_proj.register_forward_hook(lambda mod, inp, out: seen.append(1))
-    before = launches["geglu_fwd"]
-    torch.testing.assert_close(_hidden(model(**inputs)), _hidden(unpatched(**inputs)),
-                               rtol=1e-4, atol=1e-5)
+    with count_launches() as launched:
+        torch.testing.assert_close(_hidden(model(**inputs)), _hidden(unpatched(**inputs)),
+                                   rtol=1e-4, atol=1e-5)
     assert seen == [1], "the hook must fire: the hooked block runs GemmaMLP.forward"
-    assert launches["geglu_fwd"] - before == expected - 1  # the other layer stays fused
+    assert launched["geglu_fwd"] == expected - 1, launched  # the other layer stays fused
 
 
 class GemmaLike(nn.Module):

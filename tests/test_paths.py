@@ -25,8 +25,8 @@ from triton_gelu.tuning.chooser import UntunedWarning
 from triton_gelu.tuning.keys import Device, device_of
 from triton_gelu.tuning.paths import Paths, path_choosers
 from triton_gelu.tuning.tuner import MODEL_TOP, Tuner
-from triton_gelu._runtime import path_runs
 from triton_gelu.autotune import force_path, policy, set_policy
+from triton_gelu.testing import count_paths
 
 REPO = Path(__file__).resolve().parents[1]
 X = torch.arange(5.0)
@@ -56,14 +56,14 @@ def _only(choices: dict):
 def test_paths_time_every_candidate_keep_the_fastest_and_cache_it(cache):
     timer = FakeTimer([2.0, 1.0])
     paths = _doubling(timer)
-    before = path_runs[("test_double", "mul")]
-    torch.testing.assert_close(paths.run(("k",), X), 2 * X)
-    assert timer.calls == 2
-    choice = _only(paths.choices)
-    assert (choice.path, choice.ms, choice.source) == ("mul", 1.0, "tuned")
-    assert choice.candidates == {"add": 2.0, "mul": 1.0}
-    paths.run(("k",), X)  # warm: no timing
-    assert timer.calls == 2 and path_runs[("test_double", "mul")] == before + 2
+    with count_paths() as ran:
+        torch.testing.assert_close(paths.run(("k",), X), 2 * X)
+        assert timer.calls == 2
+        choice = _only(paths.choices)
+        assert (choice.path, choice.ms, choice.source) == ("mul", 1.0, "tuned")
+        assert choice.candidates == {"add": 2.0, "mul": 1.0}
+        paths.run(("k",), X)  # warm: no timing
+    assert timer.calls == 2 and ran == {("test_double", "mul"): 2}, ran
 
     (path,) = cache.glob("paths.test_double.*.json")
     assert path == paths.cache_path(device_of(-1))
@@ -101,13 +101,13 @@ def test_each_path_is_warmed_up_before_it_is_timed(cache):
 def test_forced_path_wins_without_timing_and_unknown_names_are_refused(cache, monkeypatch):
     timer = FakeTimer([2.0, 1.0])  # would pick "mul"
     paths = _doubling(timer, name="test_forced")
-    with force_path(test_forced="add"):
-        before = path_runs[("test_forced", "add")]
+    with count_paths() as ran, force_path(test_forced="add"):
         paths.run(("k",), X)
-        assert path_runs[("test_forced", "add")] == before + 1
+    assert ran == {("test_forced", "add"): 1}, ran
     monkeypatch.setenv("TRITON_GELU_PATH", "other_op=x, test_forced=add")
-    paths.run(("k",), X)
-    assert timer.calls == 0 and path_runs[("test_forced", "add")] == before + 2
+    with count_paths() as ran:
+        paths.run(("k",), X)
+    assert timer.calls == 0 and ran == {("test_forced", "add"): 1}, ran
     with force_path(test_forced="div"), pytest.raises(ValueError, match="its paths are add, mul"):
         paths.run(("k",), X)
     monkeypatch.setenv("TRITON_GELU_PATH", "test_forced")
@@ -212,10 +212,10 @@ def test_eager_paths_are_candidates_without_dropout_only(cache, monkeypatch):
         ffn = triton_gelu.FeedForward(12, 20, dropout=0.2)
         gated = triton_gelu.GatedFeedForward(12, 20, dropout=0.2)
         for dropout_on in (False, True):
-            before, known = dict(path_runs), {n: set(c.choices) for n, c in choosers.items()}
-            for block in (ffn, gated):
-                block.train(dropout_on)(x).sum().backward()
-            ran = {key for key in path_runs if path_runs[key] != before.get(key, 0)}
+            known = {n: set(c.choices) for n, c in choosers.items()}
+            with count_paths() as ran:
+                for block in (ffn, gated):
+                    block.train(dropout_on)(x).sum().backward()
             for name, paths in choosers.items():
                 (choice,) = [c for slot, c in paths.choices.items() if slot not in known[name]]
                 # geglu_bwd with dropout: "once" alone applies (no timing)
@@ -464,10 +464,9 @@ def test_capture_takes_the_untuned_path_and_a_forced_one_still_wins(cache, captu
     with pytest.warns(UntunedWarning, match="test_capture_paths"):
         paths.run(("k",), X)
     assert paths.bench.calls == 0 and _only(paths.choices)[::3] == ("mul", "default")
-    with force_path(test_capture_paths="add"):
-        before = path_runs[("test_capture_paths", "add")]
+    with count_paths() as ran, force_path(test_capture_paths="add"):
         paths.run(("k",), X)
-    assert path_runs[("test_capture_paths", "add")] == before + 1
+    assert ran == {("test_capture_paths", "add"): 1}, ran
 
 
 def test_the_real_ops_respect_capture(timed_choosers, capturing):
@@ -475,21 +474,17 @@ def test_the_real_ops_respect_capture(timed_choosers, capturing):
     timed, and the untuned paths run: cuBLAS + our elementwise kernels."""
     x = torch.randn(9, 12, requires_grad=True)
     weight = torch.randn(10, 12, requires_grad=True)
-    before = dict(path_runs)
-    with pytest.warns(UntunedWarning):
+    with count_paths() as ran, pytest.warns(UntunedWarning):
         triton_gelu.linear_gelu(x, weight).sum().backward()
     assert timed_choosers.calls == 0
-    ran = {key for key in path_runs if path_runs[key] != before.get(key, 0)}
-    assert ran == {("linear_gelu_fwd", "composed"), ("linear_gelu_bwd", "dz_once")}, ran
+    assert set(ran) == {("linear_gelu_fwd", "composed"), ("linear_gelu_bwd", "dz_once")}, ran
     # The blocks: cuBLAS with our elementwise kernels (the FFN block's composed paths, GeGLU's
     # composed forward and once backward).
-    before = dict(path_runs)
-    with pytest.warns(UntunedWarning):
+    with count_paths() as ran, pytest.warns(UntunedWarning):
         triton_gelu.FeedForward(12, 10, dropout=0.0)(x).sum().backward()
         triton_gelu.GatedFeedForward(12, 10)(x).sum().backward()
     assert timed_choosers.calls == 0
-    ran = {key for key in path_runs if path_runs[key] != before.get(key, 0)}
-    assert ran == {("ffn_fwd", "composed"), ("ffn_bwd", "composed"), ("geglu_fwd", "composed"),
+    assert set(ran) == {("ffn_fwd", "composed"), ("ffn_bwd", "composed"), ("geglu_fwd", "composed"),
                    ("geglu_bwd", "once")}, ran
 
 
