@@ -97,7 +97,8 @@ from torch import nn  # noqa: E402
 import triton_gelu  # noqa: E402
 
 # Modules whose names users call (besides the package itself); one not yet written is skipped.
-PUBLIC_MODULES = ("triton_gelu", "triton_gelu.autotune", "triton_gelu.parallel", "triton_gelu.testing")
+PUBLIC_MODULES = ("triton_gelu", "triton_gelu.autotune", "triton_gelu.parallel",
+                  "triton_gelu.testing")
 # The only modules that import Triton: every other module of the package imports without it.
 TRITON_MODULES = ("triton_gelu.kernels", "triton_gelu.tuning.spaces", "triton_gelu.tuning.keys",
                   "triton_gelu.tuning.chooser", "triton_gelu.tuning.tuner",
@@ -437,10 +438,14 @@ def _autotune_clear_plans() -> None:
 def _testing_counts() -> None:
     from triton_gelu import testing
 
+    # The fallback is PyTorch's own ops: no kernel launches, no path of ours is chosen.
     with testing.count_launches() as launched, testing.count_paths() as ran:
-        triton_gelu.linear_gelu(_x(5, 12), torch.randn(7, 12))
-    assert launched == {}, f"the fallback launched kernels: {launched}"  # no Triton, no kernel
-    assert sum(ran.values()) == 1 and all(op == "linear_gelu_fwd" for op, _ in ran), ran
+        assert_like_torch(lambda x, w: triton_gelu.linear_gelu(x, w),
+                          lambda x, w: F.gelu(F.linear(x, w)), [_x(5, 12), torch.randn(7, 12)],
+                          "linear_gelu, counted")
+        triton_gelu.feed_forward(_x(5, 12).requires_grad_(True), torch.randn(16, 12), None,
+                                 torch.randn(12, 16), None, p=0.5).sum().backward()
+    assert launched == {} and ran == {}, (launched, ran)
 
 
 @check("testing.dropout_seed")

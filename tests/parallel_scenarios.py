@@ -12,6 +12,7 @@ The kernel launches are checked by the test, from each rank's report.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import warnings
@@ -27,11 +28,10 @@ from torch.distributed.tensor.parallel import (
 )
 
 import triton_gelu
-from triton_gelu import _runtime, reference
+from triton_gelu import LinearGELU, reference
 from triton_gelu import parallel as tgp
-from triton_gelu.functional import dropout_seed
-from triton_gelu.modules import LinearGELU
 from triton_gelu.patch import FusedFeedForward, GatedGELUBlock
+from triton_gelu.testing import count_launches, dropout_seed
 
 from helpers import ATOL, assert_no_worse_than_torch
 
@@ -218,16 +218,17 @@ def _data(batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
 DROPOUT_SEED = 1234  # torch.manual_seed before each run of a block with dropout
 
 
+# Kernel launches of the single-process references (which run our kernels), taken out of the
+# rank's report by spawn_ranks: the report's launches are the distributed model's own.
+UNCOUNTED: collections.Counter = collections.Counter()
+
+
 @contextlib.contextmanager
 def _not_counted():
-    """Kernel launches inside (a single-process reference that runs our kernels) are not counted:
-    the report's launches are the distributed model's own."""
-    before = _runtime.launches.copy()
-    try:
+    """Kernel launches inside are not reported (they go to UNCOUNTED)."""
+    with count_launches() as inside:
         yield
-    finally:
-        _runtime.launches.clear()
-        _runtime.launches.update(before)
+    UNCOUNTED.update(inside)
 
 
 def _dropout_references(single: nn.Module, x: torch.Tensor, dy: torch.Tensor, p: float,
@@ -504,10 +505,11 @@ def tp_block_unservable_falls_back(rank: int, world_size: int) -> None:
     x, dy = _data()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = _run(ours, x, dy)
+        with count_launches() as launched:
+            results = _run(ours, x, dy)
     fallbacks = [w for w in caught if issubclass(w.category, tgp.UnfusedFallbackWarning)]
     assert len(fallbacks) == 1 and "FFN block" in str(fallbacks[0].message), caught
-    assert not any(name.startswith("ffn") for name in _runtime.launches), dict(_runtime.launches)
+    assert not any(name.startswith("ffn") for name in launched), launched
     results = {key.replace("block.", "", 1): value for key, value in results.items()}
     _check(results, *_references(ref, x, dy))
 

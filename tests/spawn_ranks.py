@@ -5,7 +5,7 @@ One spawned job runs a list of scenarios (plain functions ``scenario(rank, world
 module the ranks import), so the process start, the imports and the process group are paid once
 per job, not once per scenario. Every rank runs every scenario in the same order; a scenario that
 raises is recorded (with its traceback) and the next one runs. Each rank also reports the
-kernel launches (``triton_gelu._runtime.launches``) of each scenario.
+kernel launches (``triton_gelu.testing.count_launches``) of each scenario.
 
 Only loopback addresses are used (the store on 127.0.0.1, gloo on the ``lo`` interface), the
 kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` is set in each rank before
@@ -51,7 +51,7 @@ def _rank_main(
     import torch
     import torch.distributed as dist
 
-    from triton_gelu import _runtime
+    from triton_gelu.testing import count_launches
 
     torch.set_num_threads(1)  # ranks share the machine's cores
     dist.init_process_group(
@@ -60,17 +60,22 @@ def _rank_main(
     )
     module = importlib.import_module(module_name)
     results = {}
+    uncounted = getattr(module, "UNCOUNTED", None)  # launches a scenario does not report
     for name in names:
-        _runtime.launches.clear()
+        if uncounted is not None:
+            uncounted.clear()
         torch.manual_seed(0)  # the same model and data on every rank
         start = time.perf_counter()
-        try:
-            getattr(module, name)(rank, world_size)
-            error = None
-        except Exception:
-            error = traceback.format_exc()
+        with count_launches() as launched:
+            try:
+                getattr(module, name)(rank, world_size)
+                error = None
+            except Exception:
+                error = traceback.format_exc()
+        if uncounted is not None:
+            launched.subtract(uncounted)
         results[name] = {
-            "error": error, "launches": dict(_runtime.launches),
+            "error": error, "launches": {k: n for k, n in launched.items() if n > 0},
             "seconds": round(time.perf_counter() - start, 2),
         }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))

@@ -3,26 +3,24 @@ PyTorch's own ops under PyTorch's autograd: bit for bit eager's results and grad
 saved tensors, and no launcher of ours in between (its host time and throughput are eager's:
 ``python -m bench --host``). With dropout it keeps the kernels' mask (test_ffn, test_geglu)."""
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import triton_gelu
 from bench.memory import saved_activation_bytes
-from triton_gelu import _runtime, activations
+from triton_gelu import activations
+from triton_gelu.testing import count_launches
 
 QUICK = "quick_gelu"
 
 
 @pytest.fixture
 def no_triton(monkeypatch):
-    """As on a machine where Triton does not import (the warning it gives once is silenced)."""
-    monkeypatch.setattr(_runtime, "triton_unavailable", lambda: "hidden by the test")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", _runtime.TritonUnavailableWarning)
-        yield
+    """No Triton kernel can run for the CPU tensors here: without TRITON_INTERPRET they take
+    the fallback, as on a machine where Triton does not import (tests/no_triton.py runs the
+    fallback in a process where it does not)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 def _cases():
@@ -53,9 +51,9 @@ def _cases():
     ]
 
 
-@pytest.mark.parametrize("form", ["gelu", "gelu_tanh", QUICK])
-def test_fallback_is_eager_pytorch_bit_for_bit(no_triton, form):
-    launched = sum(_runtime.launches.values())
+def _run_cases(form: str) -> list:
+    """For each case: (name, [(output, gradients, saved bytes) of ours, of eager's])."""
+    out = []
     for name, ours, eager, tensors in _cases():
         results = []
         for fn in (ours, eager):
@@ -64,12 +62,20 @@ def test_fallback_is_eager_pytorch_bit_for_bit(no_triton, form):
             y.backward(torch.ones_like(y))
             saved = saved_activation_bytes(lambda: fn(*leaves, form), exclude=leaves[1:])
             results.append((y.detach(), [t.grad for t in leaves], saved))
-        (y, grads, saved), (y_eager, grads_eager, saved_eager) = results
+        out.append((name, results))
+    return out
+
+
+@pytest.mark.parametrize("form", ["gelu", "gelu_tanh", QUICK])
+def test_fallback_is_eager_pytorch_bit_for_bit(no_triton, form):
+    with count_launches() as launched:
+        results_by_case = _run_cases(form)
+    assert not launched, f"a kernel launched on the fallback: {launched}"
+    for name, ((y, grads, saved), (y_eager, grads_eager, saved_eager)) in results_by_case:
         assert torch.equal(y, y_eager), f"{name} {form}: output differs from eager's"
         for i, (g, g_eager) in enumerate(zip(grads, grads_eager)):
             assert torch.equal(g, g_eager), f"{name} {form}: gradient {i} differs from eager's"
         assert saved == saved_eager, f"{name} {form}: saves {saved} B, eager {saved_eager} B"
-    assert sum(_runtime.launches.values()) == launched, "a kernel launched on the fallback"
 
 
 def test_bad_policy_still_refused_on_the_fallback(no_triton, monkeypatch):

@@ -112,3 +112,113 @@ def test_no_file_imports_another_files_private_names():
                   and node.value.id in siblings and node.attr.startswith("_")
                   and not node.attr.startswith("__")]
     assert not found, "private names used across files:\n" + "\n".join(found)
+
+
+# ---- tests go through the public API ------------------------------------------------------------
+# The modules a test may import: the public API (README "Use"), the helpers for tests, the CLI,
+# the references, and the tuning package (its units, the chooser, cost model and tables, are
+# tested as units). Any other module of the package is its own business: a test that imports it
+# breaks when the package is rearranged.
+PUBLIC_MODULES = ("triton_gelu", "triton_gelu.autotune", "triton_gelu.parallel",
+                  "triton_gelu.testing", "triton_gelu.activations", "triton_gelu.reference",
+                  "triton_gelu.patch", "triton_gelu.__main__", "triton_gelu.tuning")
+# The test files (and their helper modules) that still import another module of the package,
+# each with why. Shrink this list; do not grow it.
+PRIVATE_IMPORTS_ALLOWED = {
+    "no_triton.py": "resets once-per-process state (the fallback warning, DTensor's layout "
+                    "warnings) and checks which launchers a tensor gets, in a Triton-less process",
+    "test_no_triton.py": "the Triton launchers and the fallback's must have one signature",
+    "test_autotune.py": "hashes a real kernel's source (kernels.gelu's @triton.jit functions)",
+    "test_bench.py": "imports the kernels to fill the tuning registry of every op's paths",
+    "test_activations.py": "imports the kernels to fill the tuning registry of every op's paths",
+    "test_compile.py": "opcheck of the custom ops (ops.py) and functional's autocast probe",
+    "test_compile_backend.py": "reads compile_route's history of what the backend rewrote",
+    "test_first_contact.py": "imports the kernels to fill the tuning registry of every op's paths",
+    "test_table.py": "imports the kernels to fill the tuning registries the table is checked on",
+    "test_tuning.py": "imports the kernels to fill the tuning registries the model is checked on",
+    "conftest.py": "imports the kernels to fill the tuning registries its fake-timer fixture "
+                   "patches",
+    "test_linear_gelu.py": "launcher units: the strides a launcher sees, save_preact, each "
+                           "Paths candidate directly, input_precision",
+    "test_ffn.py": "kernel units: each tile config's dropout epilogue, shards' column offsets, "
+                   "the launchers' needs masks, the custom ops' opcheck, the fallback's twin",
+    "test_geglu.py": "kernel units: each tile config's mask, shards' column offsets, the "
+                     "launchers' needs masks and gate/up outputs, the custom ops' opcheck",
+    "test_hopper.py": "TMA units: tma_compatible / tma_applies / tma_device on fake devices",
+    "test_paths.py": "the settings' precedence (tune_policy) and the capture guard on a "
+                     "CPU-only torch, and geglu's Paths' kernel lists",
+    "test_parallel.py": "the custom ops' DTensor sharding rules, called directly",
+    "test_patch_families.py": "owned by helper hf2 this session: count_launches at its next edit",
+    "compile_families.py": "reads compile_route's history of what the backend rewrote",
+}
+
+
+def _private_imports(path: Path, modules: dict[str, Path]) -> list[str]:
+    """'line: module' for each module of the package outside PUBLIC_MODULES that the file
+    imports, reaches as an attribute of ``triton_gelu`` or names to setattr/import_module."""
+    def private(name: str) -> bool:
+        while name and name not in modules:  # a name inside a module: that module
+            name = name.rpartition(".")[0]
+        return bool(name) and not any(name == p or name.startswith(p + ".")
+                                      for p in PUBLIC_MODULES if p != "triton_gelu") \
+            and name != "triton_gelu"
+
+    found = [f"{line}: {target}" for line, target, _ in _imports("tests." + path.stem, path, modules)
+             if target.startswith("triton_gelu.") and private(target)]
+    for node in ast.walk(ast.parse(path.read_text())):
+        dotted = []
+        if isinstance(node, ast.Attribute):
+            inner = node
+            while isinstance(inner, ast.Attribute):
+                dotted.insert(0, inner.attr)
+                inner = inner.value
+            if isinstance(inner, ast.Name) and inner.id == "triton_gelu":
+                dotted.insert(0, "triton_gelu")
+            else:
+                dotted = []
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") in (
+                "setattr", "delattr") and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            dotted = node.args[0].value.split(".")
+        name = ".".join(dotted)
+        if name.startswith("triton_gelu.") and ".".join(dotted[:2]) in modules \
+                and private(".".join(dotted[:2])):
+            found.append(f"{node.lineno}: {'.'.join(dotted[:2])}")
+    return sorted(set(found), key=lambda s: int(s.split(":")[0]))
+
+
+def private_importers(root: Path = ROOT) -> dict[str, list[str]]:
+    """{file name under tests/: its private imports} for every file that has any."""
+    modules = {m: p for m, p in _modules("triton_gelu").items()}
+    out = {}
+    for path in sorted((root / "tests").glob("*.py")):
+        if found := _private_imports(path, modules):
+            out[path.name] = found
+    return out
+
+
+def test_tests_use_the_public_api():
+    found = private_importers()
+    new = {name: hits for name, hits in found.items() if name not in PRIVATE_IMPORTS_ALLOWED}
+    assert not new, (
+        "test files importing modules of the package that are not public (use the public API "
+        "and triton_gelu.testing; or, for a unit that has no public face, add the file to "
+        "PRIVATE_IMPORTS_ALLOWED with its reason):\n"
+        + "\n".join(f"tests/{name}:{hit}" for name, hits in new.items() for hit in hits))
+    stale = sorted(set(PRIVATE_IMPORTS_ALLOWED) - set(found))
+    assert not stale, f"allowed to import private modules but no longer does (remove): {stale}"
+
+
+def test_a_private_import_is_found(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text(
+        "import triton_gelu\nfrom triton_gelu import _runtime, testing\n"
+        "from triton_gelu.kernels import gelu\nimport importlib\n"
+        "importlib.import_module('triton_gelu.functional')\n"
+        "triton_gelu.ops.gelu_fwd\nfrom triton_gelu.tuning import spaces\n"
+        "from triton_gelu.autotune import force_path\n"
+        "def f(mp):\n    mp.setattr('triton_gelu._settings.X', 1)\n")
+    (tmp_path / "tests" / "test_y.py").write_text("import triton_gelu\ntriton_gelu.gelu\n")
+    assert private_importers(tmp_path) == {"test_x.py": [
+        "2: triton_gelu._runtime", "3: triton_gelu.kernels.gelu", "5: triton_gelu.functional",
+        "6: triton_gelu.ops", "10: triton_gelu._settings"]}

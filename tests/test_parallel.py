@@ -34,10 +34,11 @@ from torch.distributed.tensor.parallel import (  # noqa: E402
 
 import triton_gelu  # noqa: E402
 from triton_gelu import _dtensor as tg_dtensor  # noqa: E402
-from triton_gelu import _runtime, ops  # noqa: E402
+from triton_gelu import ops  # noqa: E402
 from triton_gelu import parallel as tgp  # noqa: E402
 from triton_gelu.modules import LinearGELU, has_hooks  # noqa: E402
 from triton_gelu.patch import FusedFeedForward, GatedGELUBlock  # noqa: E402
+from triton_gelu.testing import count_launches  # noqa: E402
 
 from helpers import assert_no_worse_than_torch  # noqa: E402
 from parallel_scenarios import GemmaLikeMLP, Holder  # noqa: E402
@@ -98,14 +99,14 @@ def test_column_split_runs_fused_with_no_communication(mesh):
     dx = _dtensor(x, mesh, Replicate())
     dw = _dtensor(w[:5], mesh, Shard(0), shape=(9, 8))
     db = _dtensor(b[:5], mesh, Shard(0), shape=(9,))
-    _runtime.launches.clear()
-    y = triton_gelu.linear_gelu(dx, dw, db, approximate="tanh")
-    assert y.placements == (Shard(2),) and y.shape == (3, 5, 9)
-    assert y.to_local().shape == (3, 5, 5)
-    y.backward(torch.ones_like(y))
-    assert (dx.grad.placements, dw.grad.placements, db.grad.placements) == \
-        ((Partial(),), (Shard(0),), (Shard(0),))
-    assert all(_runtime.launches[k] == 1 for k in FUSED), dict(_runtime.launches)
+    with count_launches() as launched:
+        y = triton_gelu.linear_gelu(dx, dw, db, approximate="tanh")
+        assert y.placements == (Shard(2),) and y.shape == (3, 5, 9)
+        assert y.to_local().shape == (3, 5, 5)
+        y.backward(torch.ones_like(y))
+        assert (dx.grad.placements, dw.grad.placements, db.grad.placements) == \
+            ((Partial(),), (Shard(0),), (Shard(0),))
+    assert all(launched[k] == 1 for k in FUSED), launched
     ours = (y.to_local(), dx.grad.to_local(), dw.grad.to_local(), db.grad.to_local())
     _check_against_torch(ours, x, w[:5], b[:5], "tanh")
 
@@ -119,13 +120,13 @@ def test_row_split_runs_fused_with_no_communication(mesh, dim):
     rows = x.narrow(dim, 0, x.shape[dim] // 2)
     dx, dw, db = _dtensor(rows, mesh, Shard(dim)), _dtensor(w, mesh, Replicate()), \
         _dtensor(b, mesh, Replicate())
-    _runtime.launches.clear()
-    y = triton_gelu.linear_gelu(dx, dw, db, recompute=True)
-    assert y.placements == (Shard(dim),) and y.shape == (4, 6, 10)
-    y.backward(torch.ones_like(y))
-    assert (dx.grad.placements, dw.grad.placements, db.grad.placements) == \
-        ((Shard(dim),), (Partial(),), (Partial(),))
-    assert _runtime.launches["linear_preact"] == 1, dict(_runtime.launches)
+    with count_launches() as launched:
+        y = triton_gelu.linear_gelu(dx, dw, db, recompute=True)
+        assert y.placements == (Shard(dim),) and y.shape == (4, 6, 10)
+        y.backward(torch.ones_like(y))
+        assert (dx.grad.placements, dw.grad.placements, db.grad.placements) == \
+            ((Shard(dim),), (Partial(),), (Partial(),))
+    assert launched["linear_preact"] == 1, launched
     ours = (y.to_local(), dx.grad.to_local(), dw.grad.to_local(), db.grad.to_local())
     _check_against_torch(ours, rows, w, b)
 
@@ -169,12 +170,12 @@ def test_gelu_keeps_the_split_of_x(mesh, placement):
     local = x.narrow(placement.dim, 0, x.shape[placement.dim] // 2) \
         if isinstance(placement, Shard) else x
     dx = _dtensor(local, mesh, placement)
-    _runtime.launches.clear()
-    y = triton_gelu.gelu(dx)
-    assert y.placements == (placement,)
-    y.backward(torch.ones_like(y))
-    assert dx.grad.placements == (placement,)
-    assert _runtime.launches["gelu_fwd"] == 1 and _runtime.launches["gelu_bwd"] == 1
+    with count_launches() as launched:
+        y = triton_gelu.gelu(dx)
+        assert y.placements == (placement,)
+        y.backward(torch.ones_like(y))
+        assert dx.grad.placements == (placement,)
+    assert launched["gelu_fwd"] == 1 and launched["gelu_bwd"] == 1
     leaf = local.clone().requires_grad_()
     F.gelu(leaf).sum().backward()
     torch.testing.assert_close(y.to_local(), F.gelu(local), rtol=1e-6, atol=1e-6)
@@ -194,15 +195,15 @@ def test_row_parallel_linear_falls_back_unfused_with_one_warning(mesh):
     args = (_dtensor(x[:, :4], mesh, Shard(1)), _dtensor(w[:, :4], mesh, Shard(1)),
             _dtensor(b, mesh, Replicate()))
     assert not tgp.fusable_layout(*args)
-    _runtime.launches.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        y = triton_gelu.linear_gelu(*args)
-        triton_gelu.linear_gelu(*args)
-    fallbacks = [w for w in caught if issubclass(w.category, tgp.UnfusedFallbackWarning)]
-    assert len(fallbacks) == 1 and "Shard(dim=1)" in str(fallbacks[0].message), caught
-    assert y.placements == (Replicate(),)
-    assert not any(k.startswith("linear") for k in _runtime.launches), dict(_runtime.launches)
+    with count_launches() as launched:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = triton_gelu.linear_gelu(*args)
+            triton_gelu.linear_gelu(*args)
+        fallbacks = [w for w in caught if issubclass(w.category, tgp.UnfusedFallbackWarning)]
+        assert len(fallbacks) == 1 and "Shard(dim=1)" in str(fallbacks[0].message), caught
+        assert y.placements == (Replicate(),)
+    assert not any(k.startswith("linear") for k in launched), launched
 
 
 def test_plain_tensor_with_dtensor_weight_is_refused_by_name(mesh):
@@ -287,12 +288,12 @@ def test_geglu_column_split_gates_each_ranks_columns(mesh):
                          torch.randn(9), torch.randn(9))
     args = [_dtensor(x, mesh, Replicate())] + [
         _dtensor(t[:5], mesh, Shard(0), shape=tuple(t.shape)) for t in (wg, wu, bg, bu)]
-    _runtime.launches.clear()
-    h = triton_gelu.geglu(*args)
-    assert h.placements == (Shard(2),) and h.shape == (2, 5, 9) and h.to_local().shape[-1] == 5
-    h.backward(torch.ones_like(h))
-    assert [t.grad.placements for t in args] == [(Partial(),)] + [(Shard(0),)] * 4
-    assert _runtime.launches["geglu_fwd"] == 1 and _runtime.launches["geglu_bwd_act"] == 1
+    with count_launches() as launched:
+        h = triton_gelu.geglu(*args)
+        assert h.placements == (Shard(2),) and h.shape == (2, 5, 9) and h.to_local().shape[-1] == 5
+        h.backward(torch.ones_like(h))
+        assert [t.grad.placements for t in args] == [(Partial(),)] + [(Shard(0),)] * 4
+    assert launched["geglu_fwd"] == 1 and launched["geglu_bwd_act"] == 1
     ours = (h.to_local(), *(t.grad.to_local() for t in args))
     local = (x, wg[:5], wu[:5], bg[:5], bu[:5])
     names = ("h", "dx", "dw_gate", "dw_up", "db_gate", "db_up")
@@ -310,13 +311,13 @@ def test_geglu_row_split_keeps_x_unflattened(mesh, dim):
     rows = x.narrow(dim, 0, x.shape[dim] // 2)
     args = [_dtensor(rows, mesh, Shard(dim)), _dtensor(wg, mesh, Replicate()),
             _dtensor(wu, mesh, Replicate())]
-    _runtime.launches.clear()
-    h = triton_gelu.geglu(*args, recompute=True)
-    assert h.placements == (Shard(dim),) and h.shape == (4, 6, 10)
-    h.backward(torch.ones_like(h))
-    assert [t.grad.placements for t in args] == [(Shard(dim),), (Partial(),), (Partial(),)]
-    # the forward, and geglu_gate_up rebuilding g and u (the same kernel)
-    assert _runtime.launches["geglu_fwd"] == 2, dict(_runtime.launches)
+    with count_launches() as launched:
+        h = triton_gelu.geglu(*args, recompute=True)
+        assert h.placements == (Shard(dim),) and h.shape == (4, 6, 10)
+        h.backward(torch.ones_like(h))
+        assert [t.grad.placements for t in args] == [(Shard(dim),), (Partial(),), (Partial(),)]
+        # the forward, and geglu_gate_up rebuilding g and u (the same kernel)
+    assert launched["geglu_fwd"] == 2, launched
     same = _torch_geglu_local(rows, wg, wu, torch.zeros(10), torch.zeros(10))
     torch.testing.assert_close(h.to_local(), same[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(args[1].grad.to_local(), same[2], rtol=1e-5, atol=1e-5)
@@ -329,13 +330,13 @@ def test_geglu_projections_split_differently_fall_back_unfused(mesh):
     wg = _dtensor(torch.randn(5, 8), mesh, Shard(0), shape=(10, 8))
     wu = _dtensor(torch.randn(10, 8), mesh, Replicate())
     assert not tgp.fusable_layout(x, wg, None, (wu, None))
-    _runtime.launches.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        h = triton_gelu.geglu(x, wg, wu)
-    fallbacks = [w for w in caught if issubclass(w.category, tgp.UnfusedFallbackWarning)]
-    assert len(fallbacks) == 1 and "GeGLU" in str(fallbacks[0].message), caught
-    assert h.shape == (3, 10) and not any(k.startswith("geglu") for k in _runtime.launches)
+    with count_launches() as launched:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            h = triton_gelu.geglu(x, wg, wu)
+        fallbacks = [w for w in caught if issubclass(w.category, tgp.UnfusedFallbackWarning)]
+        assert len(fallbacks) == 1 and "GeGLU" in str(fallbacks[0].message), caught
+    assert h.shape == (3, 10) and not any(k.startswith("geglu") for k in launched)
 
 
 # ---- the blocks: whole on the local tensors (run_block), or the blocks' ops' own rules --------
@@ -366,13 +367,13 @@ def test_block_tensor_parallel_runs_whole_on_the_shards(mesh):
     Partial sum (rank 0 adds b2, at coordinate 0), dx Partial; dW1, db1 Shard(0), dW2 Shard(1),
     db2 Replicate (every rank's is the whole sum of dy)."""
     dts, local = _block_operands(mesh)
-    _runtime.launches.clear()
-    y = triton_gelu.feed_forward(*dts, p=0.0)
-    assert y.placements == (Partial(),) and y.shape == (2, 3, 8)
-    y.to_local().backward(torch.ones(2, 3, 8))
-    assert [t.grad.placements for t in dts] == [
-        (Partial(),), (Shard(0),), (Shard(0),), (Shard(1),), (Replicate(),)]
-    assert _runtime.launches["ffn_fwd_gelu_dropout"] == 1 and _runtime.launches["ffn_bwd_dz"] == 1
+    with count_launches() as launched:
+        y = triton_gelu.feed_forward(*dts, p=0.0)
+        assert y.placements == (Partial(),) and y.shape == (2, 3, 8)
+        y.to_local().backward(torch.ones(2, 3, 8))
+        assert [t.grad.placements for t in dts] == [
+            (Partial(),), (Shard(0),), (Shard(0),), (Shard(1),), (Replicate(),)]
+    assert launched["ffn_fwd_gelu_dropout"] == 1 and launched["ffn_bwd_dz"] == 1
     ours = (y.to_local(), *(t.grad.to_local() for t in dts))
     names = ("y", "dx", "dw1", "db1", "dw2", "db2")
     for what, o, same, ref in zip(names, ours, _torch_block_local(*local),
@@ -387,13 +388,13 @@ def test_block_row_split_and_what_falls_back(mesh):
     x, w1, w2 = torch.randn(2, 4, 8), torch.randn(12, 8), torch.randn(8, 12)
     dts = [_dtensor(x[:, :2], mesh, Shard(1)), _dtensor(w1, mesh, Replicate()), None,
            _dtensor(w2, mesh, Replicate()), None]
-    _runtime.launches.clear()
-    y = triton_gelu.feed_forward(*dts, p=0.0)
-    assert y.placements == (Shard(1),) and y.shape == (2, 4, 8)
-    y.backward(torch.ones_like(y))
-    assert [dts[i].grad.placements for i in (0, 1, 3)] == [(Shard(1),), (Partial(),),
-                                                           (Partial(),)]
-    assert _runtime.launches["ffn_fwd_gelu_dropout"] == 1
+    with count_launches() as launched:
+        y = triton_gelu.feed_forward(*dts, p=0.0)
+        assert y.placements == (Shard(1),) and y.shape == (2, 4, 8)
+        y.backward(torch.ones_like(y))
+        assert [dts[i].grad.placements for i in (0, 1, 3)] == [(Shard(1),), (Partial(),),
+                                                               (Partial(),)]
+    assert launched["ffn_fwd_gelu_dropout"] == 1
     torch.testing.assert_close(y.to_local(), F.linear(F.gelu(F.linear(x[:, :2], w1)), w2),
                                rtol=1e-5, atol=1e-5)
     column, _ = _block_operands(mesh)
@@ -402,11 +403,11 @@ def test_block_row_split_and_what_falls_back(mesh):
     for args, p in ((dts, 0.1), (column, 0.0)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _runtime.launches.clear()
-            triton_gelu.feed_forward(*args, p=p)
-        fallbacks = [w for w in caught if issubclass(w.category, tgp.UnfusedFallbackWarning)]
-        assert len(fallbacks) == 1 and "FFN block" in str(fallbacks[0].message), caught
-        assert not any(k.startswith("ffn") for k in _runtime.launches), dict(_runtime.launches)
+            with count_launches() as launched:
+                triton_gelu.feed_forward(*args, p=p)
+            fallbacks = [w for w in caught if issubclass(w.category, tgp.UnfusedFallbackWarning)]
+            assert len(fallbacks) == 1 and "FFN block" in str(fallbacks[0].message), caught
+        assert not any(k.startswith("ffn") for k in launched), launched
 
 
 @pytest.mark.parametrize("flattens", [True, False])
@@ -457,9 +458,9 @@ def test_the_blocks_ops_rules_serve_rows_and_replicate(mesh):
     w1, w2 = _dtensor(torch.randn(12, 8), mesh, Replicate()), \
         _dtensor(torch.randn(8, 12), mesh, Replicate())
     seed = _dtensor(torch.tensor([7]), mesh, Replicate(), requires_grad=False)
-    _runtime.launches.clear()
-    y, z = ops.ffn_fwd(x, w1, None, w2, None, None, 0.0, "gelu", True)
-    assert y.placements == z.placements == (Shard(0),) and _runtime.launches["ffn_fwd_gelu_dropout"]
+    with count_launches() as launched:
+        y, z = ops.ffn_fwd(x, w1, None, w2, None, None, 0.0, "gelu", True)
+    assert y.placements == z.placements == (Shard(0),) and launched["ffn_fwd_gelu_dropout"]
     grads = ops.ffn_bwd(y, x, w1, w2, z, None, 0.0, "gelu", [True, True, False, True, False])
     assert [g.placements for g in grads] == [(Shard(0),), (Partial(),), (Replicate(),),
                                             (Partial(),), (Replicate(),)]

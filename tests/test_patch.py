@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import triton_gelu
-from triton_gelu import reference
-from triton_gelu.modules import FeedForward, LinearGELU
+from triton_gelu import FeedForward, LinearGELU, reference
 from triton_gelu.patch import (
     Conv1DGELU, FeedForwardOutput, FusedFeedForward, call_chain, gelu_form,
 )

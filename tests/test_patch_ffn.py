@@ -14,8 +14,7 @@ from torch import nn
 
 import triton_gelu
 from bench.memory import saved_activation_bytes
-from triton_gelu import reference
-from triton_gelu.modules import LinearGELU
+from triton_gelu import LinearGELU, reference
 from triton_gelu.patch import FeedForwardOutput, FusedFeedForward
 from triton_gelu.testing import dropout_seed
 

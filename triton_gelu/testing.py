@@ -47,14 +47,15 @@ def _count_inside(totals: collections.Counter) -> Iterator[collections.Counter]:
 def count_launches() -> contextlib.AbstractContextManager[collections.Counter]:
     """A context manager: the Triton kernel launches inside the block, ``{kernel name: count}``
     (``"gelu_fwd"``, ``"linear_gelu_fwd"``, ``"ffn_bwd_dz"``...). Empty when only PyTorch ran
-    (the fallback, or a path forced to ``torch``)."""
+    (the fallback, or paths forced to ``torch``)."""
     return _count_inside(_runtime.launches)
 
 
 def count_paths() -> contextlib.AbstractContextManager[collections.Counter]:
     """A context manager: the paths run inside the block, ``{(op, path): count}``, with the op
     and path names ``triton_gelu.autotune.force_path`` takes (``("linear_gelu_fwd", "fused")``,
-    ``("ffn_bwd", "torch")``...)."""
+    ``("ffn_bwd", "torch")``...). Empty on the PyTorch fallback (no Triton, or a CPU tensor
+    without ``TRITON_INTERPRET``), which runs PyTorch's own ops and chooses no path."""
     return _count_inside(_runtime.path_runs)
 
 
