@@ -1,4 +1,4 @@
-"""torch.compile: the kernels as custom ops (triton_gelu/ops.py) trace with no graph break,
+"""torch.compile: the kernels as custom ops (triton_gelu/ops/) trace with no graph break,
 forward and backward, match eager, and a new token count does not recompile.
 
 Compiles are slow (Inductor on 2 CPU cores: ~10 s each), so the models are tiny and each
@@ -21,7 +21,8 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.registry import lookup_backend
 
 import triton_gelu
-from triton_gelu import functional, ops
+from triton_gelu import ops
+from triton_gelu.ops import _core as core
 
 BACKENDS = ["inductor"] if DEVICE == "cuda" else ["aot_eager", "inductor"]
 OPS = {"gelu_fwd", "gelu_bwd", "linear_gelu_fwd", "linear_gelu_bwd", "linear_preact"}
@@ -158,18 +159,17 @@ def test_compile_no_grad_and_inference_mode():
 def test_compile_autocast(monkeypatch, availability):
     """Under autocast the compiled model casts like the eager one (outside the ops). Whether
     autocast serves a device type is torch's answer, or on torch 2.11 (whose Dynamo cannot trace
-    torch.amp.is_autocast_available) the set of device types functional.py asked at import
+    torch.amp.is_autocast_available) the set of device types the ops asked at import
     ("by_name"): both agree, and both trace with fullgraph=True."""
     if availability == "torch":
         if torch.__version__ < "2.12":
             pytest.skip("torch 2.11's Dynamo cannot trace torch.amp.is_autocast_available")
-        monkeypatch.setattr(functional, "_autocast_available", torch.amp.is_autocast_available)
+        monkeypatch.setattr(core, "autocast_available", torch.amp.is_autocast_available)
     else:
         for name in ("cpu", "cuda", "meta", "lazy", "xpu", "mps", "privateuseone"):
-            assert functional._autocast_available_by_name(name) == \
+            assert core.autocast_available_by_name(name) == \
                 torch.amp.is_autocast_available(name), name
-        monkeypatch.setattr(functional, "_autocast_available",
-                            functional._autocast_available_by_name)
+        monkeypatch.setattr(core, "autocast_available", core.autocast_available_by_name)
     dtype = torch.bfloat16 if DEVICE == "cpu" else torch.float16
     model = _model()
     compiled = torch.compile(copy.deepcopy(model), backend=Recorder("aot_eager"), fullgraph=True)
@@ -209,8 +209,8 @@ def test_eager_stays_on_autograd_function():
     # Eager calls do not pay the custom-op dispatch: the graph node is the autograd.Function's.
     x = torch.randn(4, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(6, 8, device=DEVICE, requires_grad=True)
-    assert type(triton_gelu.gelu(x).grad_fn).__name__ == "_GELUFunctionBackward"
-    assert type(triton_gelu.linear_gelu(x, w).grad_fn).__name__ == "_LinearGELUFunctionBackward"
+    assert type(triton_gelu.gelu(x).grad_fn).__name__ == "GELUFunctionBackward"
+    assert type(triton_gelu.linear_gelu(x, w).grad_fn).__name__ == "LinearGELUFunctionBackward"
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "quick_gelu"])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import triton_gelu
 from bench.memory import saved_activation_bytes
 from triton_gelu import activations
+from triton_gelu.autotune import clear_plans
 from triton_gelu.testing import count_launches
 
 QUICK = "quick_gelu"
@@ -21,6 +22,7 @@ def no_triton(monkeypatch):
     the fallback, as on a machine where Triton does not import (tests/no_triton.py runs the
     fallback in a process where it does not)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    clear_plans()  # the environment is read when first needed
 
 
 def _cases():

@@ -148,6 +148,7 @@ PRIVATE_IMPORTS_ALLOWED = {
     "test_paths.py": "the settings' precedence (tune_policy) and the capture guard on a "
                      "CPU-only torch, and geglu's Paths' kernel lists",
     "test_parallel.py": "the custom ops' DTensor sharding rules, called directly",
+    "test_plans.py": "counts the plans built (_plans.counts) and the op's validations",
     "test_patch_families.py": "owned by helper hf2 this session: count_launches at its next edit",
     "compile_families.py": "reads compile_route's history of what the backend rewrote",
 }

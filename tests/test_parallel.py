@@ -131,7 +131,7 @@ def test_row_split_runs_fused_with_no_communication(mesh, dim):
     _check_against_torch(ours, rows, w, b)
 
 
-# Ops that have no sharding rule yet: none. A new custom op (ops.py) needs a rule in
+# Ops that have no sharding rule yet: none. A new custom op (ops/) needs a rule in
 # _dtensor_rules.py, else DTensor refuses it under tensor parallel; list it here only until it
 # has one.
 WITHOUT_SHARDING_RULE: tuple[str, ...] = ()

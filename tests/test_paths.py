@@ -25,7 +25,7 @@ from triton_gelu.tuning.chooser import UntunedWarning
 from triton_gelu.tuning.keys import Device, device_of
 from triton_gelu.tuning.paths import Paths, path_choosers
 from triton_gelu.tuning.tuner import MODEL_TOP, Tuner
-from triton_gelu.autotune import force_path, policy, set_policy
+from triton_gelu.autotune import clear_plans, force_path, policy, set_policy
 from triton_gelu.testing import count_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +37,7 @@ def cache(tmp_path, monkeypatch) -> Path:
     directory = tmp_path / "cache"
     monkeypatch.setenv("TRITON_GELU_CACHE_DIR", str(directory))
     monkeypatch.delenv("TRITON_GELU_TUNE", raising=False)
+    clear_plans()  # the environment is read when first needed
     return directory
 
 
@@ -105,12 +106,14 @@ def test_forced_path_wins_without_timing_and_unknown_names_are_refused(cache, mo
         paths.run(("k",), X)
     assert ran == {("test_forced", "add"): 1}, ran
     monkeypatch.setenv("TRITON_GELU_PATH", "other_op=x, test_forced=add")
+    clear_plans()  # the environment is read when first needed
     with count_paths() as ran:
         paths.run(("k",), X)
     assert timer.calls == 0 and ran == {("test_forced", "add"): 1}, ran
     with force_path(test_forced="div"), pytest.raises(ValueError, match="its paths are add, mul"):
         paths.run(("k",), X)
     monkeypatch.setenv("TRITON_GELU_PATH", "test_forced")
+    clear_plans()  # the environment is read when first needed
     with pytest.raises(ValueError, match="TRITON_GELU_PATH must be a comma-separated list"):
         paths.run(("k",), X)
 
@@ -337,6 +340,7 @@ def test_full_retunes_what_fast_tuned_and_fast_keeps_what_full_tuned(tmp_path, c
 
 def test_off_never_times_table_then_default(tmp_path, cache, sm90_table, monkeypatch):
     monkeypatch.setenv("TRITON_GELU_TUNE", "off")
+    clear_plans()  # the environment is read when first needed
     tuner, timed = _recording_tuner(tmp_path, "test_off", monkeypatch)
     sm90_table("tuners", tuner, {"128|torch.float32": _block(512)})
     torch.testing.assert_close(launch(tuner, n=100), 2.0 * torch.arange(100.0))
@@ -379,6 +383,7 @@ def test_python_policy_wins_over_the_environment(monkeypatch):
     from triton_gelu._settings import tune_policy
 
     monkeypatch.setenv("TRITON_GELU_TUNE", "off")
+    clear_plans()  # the environment is read when first needed
     assert tune_policy() == "off"
     with policy("full"):
         assert tune_policy() == "full"
@@ -390,6 +395,7 @@ def test_python_policy_wins_over_the_environment(monkeypatch):
     finally:
         set_policy(None)
     monkeypatch.setenv("TRITON_GELU_TUNE", "")
+    clear_plans()  # the environment is read when first needed
     assert tune_policy() == "fast"
 
 
@@ -398,6 +404,7 @@ def test_a_bad_policy_is_refused_by_name_on_every_machine(where, monkeypatch):
     if where == "fallback":
         monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors take the PyTorch fallback
     monkeypatch.setenv("TRITON_GELU_TUNE", "fastest")
+    clear_plans()  # the environment is read when first needed
     x = torch.randn(4, 3)
     for call in (lambda: triton_gelu.gelu(x),
                  lambda: triton_gelu.linear_gelu(x, torch.randn(5, 3)),
@@ -405,6 +412,7 @@ def test_a_bad_policy_is_refused_by_name_on_every_machine(where, monkeypatch):
         with pytest.raises(ValueError, match=r"TRITON_GELU_TUNE .* full, fast, off; got 'fastest'"):
             call()
     monkeypatch.delenv("TRITON_GELU_TUNE")
+    clear_plans()  # the environment is read when first needed
     with pytest.raises(ValueError, match="TRITON_GELU_TUNE"):
         set_policy("Full")
     with pytest.raises(ValueError, match="TRITON_GELU_TUNE"), policy("none"):

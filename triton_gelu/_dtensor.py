@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from . import _dtensor_rules as rules
-from . import ops
 from ._runtime import UnfusedFallbackWarning
 from .activations import torch_activation
 
@@ -120,19 +119,21 @@ def linear(x: DTensor, weight: DTensor, bias: DTensor | None) -> Tensor:
     return F.linear(x.transpose(0, middle[0]), weight, bias).transpose(0, middle[0])
 
 
-def gelu(x: DTensor, activation: str) -> Tensor:
-    """``functional.gelu`` of a DTensor: the custom op on the local shard."""
-    return ops.gelu_fwd(x, activation)
+def gelu(x: DTensor, activation: str, fused: Callable) -> Tensor:
+    """``gelu`` of a DTensor: ``fused`` (the custom op, whose rule runs it on the local shard)."""
+    return fused(x, activation)
 
 
 def linear_gelu(
-    x: DTensor, weight: DTensor, bias: DTensor | None, activation: str, recompute: bool
+    x: DTensor, weight: DTensor, bias: DTensor | None, activation: str, recompute: bool,
+    fused: Callable,
 ) -> Tensor:
-    """``functional.linear_gelu`` of DTensors (already validated and cast for autocast): the custom
-    ops on the local shards where their layout allows, else the unfused ops, with a warning."""
+    """``linear_gelu`` of DTensors (already validated and cast for autocast): ``fused`` (the
+    custom ops) on the local shards where their layout allows, else the unfused ops, with a
+    warning."""
     _require_dtensors(x=x, weight=weight, bias=bias)
     if fusable_layout(x, weight, bias):
-        return ops.linear_gelu(x, weight, bias, activation, recompute)
+        return fused(x, weight, bias, activation, recompute)
     _warn_unfused(
         "Linear+GELU kernels", _placements(x=x, weight=weight, bias=bias),
         "GELU needs the whole pre-activation, not a partial sum or a mismatched split",
@@ -143,13 +144,14 @@ def linear_gelu(
 
 def geglu(
     x: DTensor, w_gate: DTensor, w_up: DTensor, b_gate: DTensor | None, b_up: DTensor | None,
-    activation: str, recompute: bool,
+    activation: str, recompute: bool, fused: Callable,
 ) -> Tensor:
-    """``functional.geglu`` of DTensors (validated, autocast): the GeGLU ops on the local shards
-    where both projections are split alike in a layout they serve, else the unfused ops."""
+    """``geglu`` of DTensors (validated, autocast): ``fused`` (the GeGLU ops) on the local
+    shards where both projections are split alike in a layout they serve, else the unfused
+    ops."""
     _require_dtensors(x=x, w_gate=w_gate, w_up=w_up, b_gate=b_gate, b_up=b_up)
     if fusable_layout(x, w_gate, b_gate, (w_up, b_up)):
-        return ops.geglu(x, w_gate, w_up, b_gate, b_up, activation, recompute)
+        return fused(x, w_gate, w_up, b_gate, b_up, activation, recompute)
     _warn_unfused(
         "GeGLU kernel", _placements(x=x, w_gate=w_gate, w_up=w_up, b_gate=b_gate, b_up=b_up),
         "gelu(g) * u needs whole g and u, and the gate and up columns of one rank must match",

@@ -1,4 +1,4 @@
-"""DTensor sharding rules of every custom op of ``ops.py``, and the layouts they serve.
+"""DTensor sharding rules of every custom op of ``ops/``, and the layouts they serve.
 
 Imported by ``_dtensor.py`` (so never by ``import triton_gelu``). Each custom op has a rule
 (``torch.distributed.tensor.experimental.register_sharding``): DTensor calls the op on the local
@@ -41,7 +41,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.placement_types import Placement
 
-from . import ops  # noqa: F401  (registers the custom ops this module writes rules for)
+# The custom ops this module writes rules for are registered by then: importing any module of
+# the package first imports triton_gelu, whose functions import their ops (``ops/``).
 
 R = Replicate()
 _custom_ops = torch.ops.triton_gelu

@@ -23,6 +23,8 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Hashable
 
+from ._settings import reread_environment
+
 plans: dict[Hashable, Callable] = {}
 # "planned": plans built (each one validated its operands once); tests count them.
 counts: collections.Counter = collections.Counter()
@@ -36,6 +38,7 @@ def remember(key: Hashable, plan: Callable) -> Callable:
 
 
 def clear_plans() -> None:
-    """Forget every plan: the next call of each problem validates and routes again (public as
-    ``triton_gelu.autotune.clear_plans``)."""
+    """Forget every plan, and the environment as read: the next call of each problem reads the
+    environment, validates and routes again (public as ``triton_gelu.autotune.clear_plans``)."""
     plans.clear()
+    reread_environment()

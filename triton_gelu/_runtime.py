@@ -16,18 +16,20 @@ import collections
 import contextlib
 import functools
 import importlib
-import os
 import warnings
 
 import torch
+
+from ._settings import INTERPRET_ENV, env_value
 
 launches: collections.Counter = collections.Counter()
 path_runs: collections.Counter = collections.Counter()
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` before import;
+    read with the other settings, ``_settings.py``)."""
+    return env_value(INTERPRET_ENV) not in (None, "", "0")
 
 
 @functools.cache

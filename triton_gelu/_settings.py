@@ -4,8 +4,7 @@ Forced paths: each op that can be computed more than one way (the fused Triton k
 plus an elementwise kernel, PyTorch's own op) has named *paths*; ``tuning.paths.Paths`` picks one
 per problem. A path can be forced, for tests and for users who want to rule one out:
 
-- ``TRITON_GELU_PATH="linear_gelu_fwd=composed,gelu_fwd=torch"`` in the environment (read at
-  each call, so a test may set it with ``monkeypatch.setenv``);
+- ``TRITON_GELU_PATH="linear_gelu_fwd=composed,gelu_fwd=torch"`` in the environment;
 - ``with triton_gelu.autotune.force_path(linear_gelu_fwd="composed"): ...`` in Python, which
   wins over the environment.
 
@@ -17,12 +16,16 @@ Tuning policy, how much a first call may time (``tuning/`` applies it):
 - ``off``: nothing is timed: the cached or shipped choice, else the default config and the
   op's untuned path.
 
-Set it with ``TRITON_GELU_TUNE`` (read at each call), ``triton_gelu.autotune.set_policy(name)``
+Set it with ``TRITON_GELU_TUNE``, ``triton_gelu.autotune.set_policy(name)``
 for the process, or ``with triton_gelu.autotune.policy(name):`` for a block; the Python
 settings win over the environment. Any other value is refused with a ``ValueError`` naming
-``TRITON_GELU_TUNE``: by the setters at once, and for the environment at the next call of any
-triton_gelu function (``_backend.launchers`` asks on every call, whether the Triton kernels, the
-interpreter or the PyTorch fallback serve it), so a typo never goes unnoticed.
+``TRITON_GELU_TUNE``: by the setters at once, and for the environment at the first call of any
+triton_gelu function that plans a problem (whether the Triton kernels, the interpreter or the
+PyTorch fallback serve it), so a typo never goes unnoticed.
+
+The environment (these two variables and ``TRITON_INTERPRET``) is read once, when first needed,
+and kept: reading it costs about 0.5 us a variable, more than a planned call may spend.
+``triton_gelu.autotune.clear_plans()`` reads it again (and makes every problem plan anew).
 """
 
 from __future__ import annotations
@@ -45,11 +48,21 @@ _forced_items: contextvars.ContextVar[tuple] = contextvars.ContextVar("forced_it
 _policy_block: contextvars.ContextVar[str | None] = contextvars.ContextVar("policy", default=None)
 _policy_process: str | None = None
 
-# Both variables are read on every call (``os.environ.get``, public, about 0.3 us); the parsers
-# below are cached on the raw text, so a value is parsed once.
-def _raw_env(name: str) -> str | None:
-    """The value of environment variable ``name`` (None if unset)."""
-    return os.environ.get(name)
+INTERPRET_ENV = "TRITON_INTERPRET"
+_environment: dict[str, str | None] = {}  # the variables as first read (empty: not yet)
+
+
+def env_value(name: str) -> str | None:
+    """The value of environment variable ``name`` (None if unset) as read when first needed
+    since the last ``reread_environment()``; the parsers below are cached on the raw text."""
+    if not _environment:
+        _environment.update((n, os.environ.get(n)) for n in (PATH_ENV, TUNE_ENV, INTERPRET_ENV))
+    return _environment[name]
+
+
+def reread_environment() -> None:
+    """Read the environment again at its next use (``clear_plans`` calls this)."""
+    _environment.clear()
 
 
 @functools.lru_cache(maxsize=16)
@@ -75,7 +88,7 @@ def forced_path(op: str) -> str | None:
     forced = _forced.get()
     if op in forced:
         return forced[op]
-    raw = _raw_env(PATH_ENV)
+    raw = env_value(PATH_ENV)
     return _parse_paths_raw(raw).get(op) if raw else None
 
 
@@ -122,7 +135,7 @@ def tune_policy() -> str:
         return name
     if _policy_process is not None:
         return _policy_process
-    raw = _raw_env(TUNE_ENV)
+    raw = env_value(TUNE_ENV)
     return _env_policy(raw) if raw else DEFAULT_POLICY
 
 

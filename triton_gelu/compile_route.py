@@ -14,7 +14,7 @@ and rewrites
 
 - Linear -> activation -> [``F.dropout(p, training)``] -> Linear (each link the previous one's
   only user, the dropout's p and mode constants of the trace) into one ``feed_forward`` of the
-  custom ops (``ops.py``: the same op, numerics and saved tensors as ``patch()``'s fused block;
+  custom ops (``ops/``: the same op, numerics and saved tensors as ``patch()``'s fused block;
   a dropout in training draws the kernels' mask from a seed drawn in the graph, not PyTorch's
   dropout's; in eval it is nothing, as ``nn.Dropout``'s; a p that Dynamo made a graph input
   (it does for a float attribute that changed between compiles) leaves the dropout and the
@@ -40,7 +40,7 @@ from torch import fx
 from . import ops
 from ._checks import FLOAT_DTYPES
 from .activations import BY_APPROXIMATE
-from .functional import dropout_seed
+from .ops import dropout_seed
 
 _LINEAR = (torch._C._nn.linear, F.linear)
 _GELU = (torch._C._nn.gelu, F.gelu)
@@ -61,12 +61,12 @@ def compile_backend(gm: fx.GraphModule, example_inputs: list) -> object:
 
 
 def _linear_act(x, weight, bias, activation: str):
-    return ops.linear_gelu(x, weight, bias, activation, False)
+    return ops.linear_gelu.traced(x, weight, bias, activation, False)
 
 
 def _feed_forward(x, w1, b1, w2, b2, p: float, activation: str):
     seed = dropout_seed(x.device) if p > 0.0 else None
-    return ops.feed_forward(x, w1, b1, w2, b2, seed, p, activation, False)
+    return ops.ffn.traced(x, w1, b1, w2, b2, seed, p, activation, False)
 
 
 def _linear_args(node: fx.Node) -> tuple | None:

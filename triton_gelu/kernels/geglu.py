@@ -14,7 +14,7 @@ g and u by cuBLAS (``torch.addmm``), then one elementwise kernel writes h.
 Why round g and u before the gate: they are the values the backward is given (saved, or
 recomputed bitwise by the same kernel), the values the composed path's cuBLAS matmuls produce,
 and what PyTorch's own GeGLU multiplies. Gating the rounded values makes h the same function of
-(g, u) on all our paths, so the gated block's backward (``_gated_block.py``) regenerates bitwise
+(g, u) on all our paths, so the gated block's backward (``ops/gated_ffn.py``) regenerates bitwise
 the h its forward fed the down projection, and training, inference and recompute agree bit for
 bit. (The "torch" paths form h as eager PyTorch does, also rounding gelu(g): where the forward
 and the backward choose differently, the regenerated h is within one rounding of the forward's.)

@@ -1,0 +1,56 @@
+"""The ops, one module each: ``gelu``, ``linear_gelu``, ``ffn`` (the FFN block), ``geglu``,
+``gated_ffn`` (the gated FFN block).
+
+Each module is its op's declaration, in one place:
+
+- its PyTorch custom ops (namespace ``triton_gelu``, what ``torch.compile`` traces and tensor
+  parallel runs on the shards) with their fake (meta) functions; each op validates its operands
+  (``_checks.py``), the launchers below it trust them;
+- its one autograd definition (``setup_context`` + ``backward``), registered on the custom op
+  and made into the eager ``autograd.Function`` (``_core.register_autograd``): eager calls take
+  the Function (a custom op's dispatch costs ~10 us more per call), compiled code the op;
+- its eager PyTorch twin (the fallback where no Triton kernel can run, and every path forced to
+  "torch"): eager PyTorch's own ops under PyTorch's autograd;
+- its public function, which validates a problem once and keeps a plan for it (``_plans.py``).
+
+Beside it: the kernels, their paths and config spaces (``kernels/<op>.py``), the float64 truth
+(``reference.py``), the DTensor sharding rules (``_dtensor_rules.py``). Custom ops cannot return
+None: an output not asked for is an empty tensor of shape ``(0,)``. Ops::
+
+    gelu_fwd(x, activation) -> y
+    gelu_bwd(dy, x, activation) -> dx
+    linear_gelu_fwd(x, weight, bias?, activation, save_preact) -> (y, preact | empty)
+    linear_preact(x, weight, bias?) -> preact
+    linear_gelu_bwd(dy, x, weight, preact, activation, need_dx, need_dw, need_db)
+        -> (dx | empty, dw | empty, db | empty)
+    geglu_fwd(x, w_gate, w_up, b_gate?, b_up?, activation, save_gate_up)
+        -> (h, g | empty, u | empty)
+    geglu_gate_up(x, w_gate, w_up, b_gate?, b_up?, p, activation) -> (g, u)
+    geglu_bwd(dh, x, w_gate, w_up, g, u, seed?, p, activation, needs[5], write_h,
+              col_offset=0, n_cols?=None)
+        -> (dx, dw_gate, dw_up, db_gate, db_up, h), each empty when not asked for
+    gated_ffn_fwd(x, w_gate, w_up, w_down, b_gate?, b_up?, b_down?, seed?, p, activation,
+                  save_gate_up, col_offset=0, n_cols?=None) -> (y, g | empty, u | empty)
+    ffn_fwd(x, w1, b1?, w2, b2?, seed?, p, activation, save_preact, col_offset=0,
+            n_cols?=None) -> (y, preact | empty)
+    ffn_bwd(dy, x, w1, w2, preact, seed?, p, activation, needs[5], col_offset=0,
+            n_cols?=None) -> (dx, dw1, db1, dw2, db2), each empty when not needed
+
+``torch.library.custom_op`` (not ``triton_op`` + ``wrap_triton``) because it also traces on the
+CPU while the kernels run under the Triton interpreter: Inductor treats each op as an opaque
+extern call in both cases.
+"""
+
+from . import ffn, gated_ffn, geglu, gelu, linear_gelu
+from ._core import dropout_seed, needs_grad, rows
+from .ffn import ffn_bwd, ffn_fwd
+from .gated_ffn import gated_ffn_fwd
+from .geglu import geglu_bwd, geglu_fwd, geglu_gate_up_op
+from .gelu import gelu_bwd, gelu_fwd
+from .linear_gelu import linear_gelu_bwd, linear_gelu_fwd, linear_preact_op
+
+__all__ = [
+    "gelu", "linear_gelu", "ffn", "geglu", "gated_ffn", "dropout_seed", "needs_grad", "rows",
+    "gelu_fwd", "gelu_bwd", "linear_gelu_fwd", "linear_preact_op", "linear_gelu_bwd",
+    "ffn_fwd", "ffn_bwd", "geglu_fwd", "geglu_gate_up_op", "geglu_bwd", "gated_ffn_fwd",
+]

@@ -1,0 +1,233 @@
+"""What every op's declaration uses: the custom-op conventions, the one autograd definition made
+into an eager ``autograd.Function``, the per-problem plans, autocast, DTensor detection, dropout.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .._plans import plans
+from .._runtime import path_runs, runs_triton
+from .._settings import forced_in_python, tune_policy
+from ..activations import torch_activation
+
+Tensor = torch.Tensor
+
+
+# ---- custom-op conventions ------------------------------------------------------------------
+
+
+def new_like(t: Tensor, shape=None) -> Tensor:
+    return torch.empty(t.shape if shape is None else shape, dtype=t.dtype, device=t.device)
+
+
+def rows(t: Tensor) -> Tensor:
+    """(..., n) -> (rows, n): a view when the leading dimensions collapse, else a copy."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def linear_out_shape(x: Tensor, weight: Tensor) -> tuple[int, ...]:
+    return (*x.shape[:-1], weight.shape[0])
+
+
+def absent(t: Tensor) -> Tensor:
+    """The stand-in for an output that was not asked for (custom ops cannot return None)."""
+    return torch.empty((0,), dtype=t.dtype, device=t.device)
+
+
+def or_absent(t: Tensor | None, like: Tensor) -> Tensor:
+    return t if t is not None else absent(like)
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will ask for a gradient of any of ``tensors`` (else: inference)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def mark_outputs_non_differentiable(ctx, *outputs: Tensor | None) -> None:
+    """Saved-for-backward outputs (z, g, u) carry no gradient; None (eager: not produced) or
+    an empty stand-in (the custom op) alike."""
+    produced = [t for t in outputs if t is not None]
+    if produced:
+        ctx.mark_non_differentiable(*produced)
+
+
+# ---- one autograd definition, two users -----------------------------------------------------
+
+
+def register_autograd(op, name: str, launch: Callable, setup_context: Callable,
+                      backward: Callable, traced: Any, eager: Any) -> type[torch.autograd.Function]:
+    """Register an op's one autograd definition (``setup_context``, ``backward``) on the custom
+    op ``op``, and return its eager twin: an ``autograd.Function`` that runs ``launch`` (the
+    op's body without its checks: the public functions validated the problem once) and the
+    same two functions, named ``name``.
+
+    ``backward`` reads what to call from ``ctx.calls``: ``traced`` (the custom ops: what a
+    compiled graph records) under the op, ``eager`` (the launchers, called directly: a custom
+    op's dispatch costs ~10 us a call) under the twin."""
+    def traced_setup(ctx, inputs, output) -> None:
+        setup_context(ctx, inputs, output)
+        ctx.calls = traced
+
+    op.register_autograd(backward, setup_context=traced_setup)
+
+    def forward(ctx, *inputs):
+        output = launch(*inputs)
+        setup_context(ctx, inputs, output)
+        ctx.calls = eager
+        return output
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        # Fresh gradients every call, nothing saved written: a second backward is unchanged.
+        "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
+    })
+
+
+# ---- routes and plans ---------------------------------------------------------------------
+
+
+def distributed(*tensors: Tensor | None) -> bool:
+    """Whether any operand is a DTensor (tensor parallel). Costs a dict look-up while
+    torch.distributed.tensor was never imported (no DTensor can exist then), and imports nothing."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in tensors)
+
+
+def dtensor_ops():
+    """``triton_gelu._dtensor`` (the functional API on DTensors), imported on the first DTensor.
+    Looked up in sys.modules first: torch.compile traces that without a graph break."""
+    module = sys.modules.get("triton_gelu._dtensor")
+    if module is None:
+        from .. import _dtensor as module
+    return module
+
+
+def on_fallback(x: Tensor) -> bool:
+    """Whether the call runs on the PyTorch fallback (no Triton kernel can run for x). There the
+    ops are eager PyTorch's own under PyTorch's autograd (dropout included: PyTorch's mask),
+    with eager's speed and saved tensors; only a tensor-parallel shard's dropout runs the
+    kernels' float32 formulas, to draw the kernels' mask. The fallback reads the tuning policy,
+    so a bad one is refused there as on every path (on the others ``launchers`` reads it)."""
+    if runs_triton(x):
+        return False
+    tune_policy()
+    return True
+
+
+def _operand(t: Tensor | None) -> tuple | None:
+    """What an operand contributes to its problem's key: all the checks and routes read."""
+    return None if t is None else (type(t), t.shape, t.dtype, t.device)
+
+
+def planned(entry: str, arguments: tuple, *operands: Any) -> tuple[Any, Any]:
+    """(the plan of this problem or None, its key or None when it has none). No plan while
+    torch.compile traces (the trace routes by itself), and no key for an operand that is not a
+    tensor or an argument that is not hashable: the checks name what is wrong."""
+    if torch.compiler.is_compiling():
+        return None, None
+    try:
+        key = (entry, arguments, forced_in_python(), *map(_operand, operands))
+        return plans.get(key), key
+    except (AttributeError, TypeError):
+        return None, None
+
+
+def unless_autocast(launch: Callable, x: Tensor, unplanned: Callable) -> Callable:
+    """The plan of a problem with Linear operands: ``launch`` them, unless autocast is on for
+    their device, which casts them (then ``unplanned``: validated, cast and routed anew)."""
+    device_type = x.device.type
+    if not autocast_available(device_type):
+        return launch
+
+    def run(*operands):
+        if torch.is_autocast_enabled(device_type):
+            return unplanned(*operands)
+        return launch(*operands)
+    return run
+
+
+def counted(forward_op: str, backward_op: str, fn: Callable) -> Callable:
+    """``fn`` (eager PyTorch's ops) counting each call as a run of the forward op's "torch"
+    path, as ``Paths`` counts the paths it runs, and, when it records a graph, one of the
+    backward op's (the backward PyTorch's autograd will run; a hook to count it as it runs
+    would cost more host time than the count is worth)."""
+    def run(*args):
+        y = fn(*args)
+        path_runs[(forward_op, "torch")] += 1
+        if y.requires_grad:
+            path_runs[(backward_op, "torch")] += 1
+        return y
+    return run
+
+
+def linear_act(x, weight, bias, activation: str) -> Tensor:
+    """Eager PyTorch's ``act(F.linear(x, weight, bias))``."""
+    return torch_activation(F.linear(x, weight, bias), activation)
+
+
+# ---- autocast -------------------------------------------------------------------------------
+
+# The device types c10 names that autocast does not serve (meta, lazy...), asked of torch once.
+# Any other type (a renamed PrivateUse1 backend's included) is served, as PrivateUse1 is.
+NO_AUTOCAST = frozenset(
+    name for name in ("cpu", "cuda", "ipu", "xpu", "opengl", "opencl", "ideep", "hip", "ve",
+                      "fpga", "maia", "xla", "lazy", "vulkan", "mps", "meta", "hpu", "mtia",
+                      "privateuseone")
+    if not torch.amp.is_autocast_available(name)
+)
+
+
+def autocast_available_by_name(device_type: str) -> bool:
+    return device_type not in NO_AUTOCAST
+
+
+# torch.amp.is_autocast_available calls torch._C._is_autocast_available, which Dynamo folds to a
+# constant from torch 2.12 on; torch 2.11's Dynamo cannot trace it (torch.compile(fullgraph=True)
+# fails), so there the answer comes from the set above, which it can read.
+autocast_available = (torch.amp.is_autocast_available if torch.__version__ >= "2.12"
+                      else autocast_available_by_name)
+
+
+def autocast_linear(*tensors: Any) -> tuple[Any, ...]:
+    """Cast the operands as ``F.linear`` is cast under autocast: to the autocast dtype of their
+    device (fp16/bf16/fp32 only; float64 is left alone, as autocast does, and then refused).
+    The first is a checked tensor; the others are checked after the cast (hence ``Any``)."""
+    device_type = tensors[0].device.type
+    if not (autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+        and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
+# ---- dropout ----------------------------------------------------------------------------------
+
+
+class BlockConfig(NamedTuple):
+    """What an FFN block (plain or gated) carries besides tensors."""
+
+    p: float  # dropout probability; 0: no dropout (eval, or none asked for)
+    activation: str
+    recompute: bool
+    # The hidden columns are columns col_offset .. of n_cols (None: all of them); the dropout
+    # mask is drawn for those positions (tensor parallel: a rank's shard of the hidden layer).
+    col_offset: int = 0
+    n_cols: int | None = None
+
+
+def dropout_seed(device: torch.device | str) -> Tensor:
+    """The seed of one dropout call: a 1-element int64 tensor drawn on ``device`` from PyTorch's
+    default generator there (``torch.manual_seed`` makes it reproducible). Drawn by a device
+    op, so there is no host sync and CUDA-graph capture and torch.compile trace it."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)

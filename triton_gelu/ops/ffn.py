@@ -1,0 +1,246 @@
+"""``feed_forward``: y = linear2(dropout(act(linear1(x)))), the FFN block as one autograd node
+(``kernels/ffn.py``): act and dropout in the first matmul's epilogue, the backward keeping x and
+the pre-activation z (or x alone, ``recompute``) and the dropout seed, never act(z) or the mask.
+
+The op's declaration: its custom ops (``triton_gelu::ffn_fwd`` / ``ffn_bwd``, on 2-D x: the
+public function flattens it; under tensor parallel ``_dtensor.py`` calls them on each rank's
+local tensors) with their fake functions, its one autograd definition (the custom op's and the
+eager ``autograd.Function``'s), its eager PyTorch twin, and the public function with its
+per-problem plan. The ops take the dropout seed as a tensor (``dropout_seed``, drawn in the
+traced graph by ``torch.randint``; None when p == 0) and p as a float, with the position of the
+call's hidden columns in the whole hidden layer (``col_offset``, ``n_cols``: a tensor-parallel
+rank's shard, whose mask is the single-process one's columns; by default the whole layer).
+Checks: ``_checks.py``; kernels, paths and config spaces: ``kernels/ffn.py``; float64 truth:
+``reference.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import launchers
+from .._checks import (
+    check_dropout_columns, check_dropout_p, check_ffn, check_ffn_2d, check_ffn_backward,
+    check_ffn_needs, check_tensor,
+)
+from .._plans import remember
+from .._settings import forced_path
+from ..activations import check_activation, resolve
+from . import linear_gelu as _linear_gelu
+from ._core import (
+    BlockConfig, Tensor, absent, autocast_linear, counted, distributed, dropout_seed,
+    dtensor_ops, linear_act, mark_outputs_non_differentiable, needs_grad, new_like,
+    on_fallback, or_absent, planned, register_autograd, rows, unless_autocast,
+)
+
+# ---- the custom ops -------------------------------------------------------------------------
+
+
+def _launch_forward(x, w1, b1, w2, b2, seed, p: float, activation: str, save_preact: bool,
+                    col_offset: int = 0, n_cols: int | None = None):
+    return launchers(x).ffn_forward(x, w1, b1, w2, b2, seed, p, activation,
+                                     save_preact=save_preact, col_offset=col_offset,
+                                     n_cols=n_cols)
+
+
+def _launch_backward(dy, x, w1, w2, preact, seed, p: float, activation: str, needs,
+                     col_offset: int = 0, n_cols: int | None = None):
+    return launchers(x).ffn_backward(dy, x, w1, w2, preact, seed, p, activation, needs,
+                                     col_offset, n_cols)
+
+
+@torch.library.custom_op("triton_gelu::ffn_fwd", mutates_args=())
+def ffn_fwd(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    seed: Tensor | None, p: float, activation: str, save_preact: bool,
+    col_offset: int = 0, n_cols: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(linear2(dropout(gelu(linear1(x)))), the pre-activation if save_preact else empty)."""
+    p = check_ffn_2d(x, w1, b1, w2, b2, seed, p)
+    col_offset, n_cols = check_dropout_columns(col_offset, n_cols, w1.shape[0])
+    y, preact = _launch_forward(x, w1, b1, w2, b2, seed, p, check_activation(activation),
+                                save_preact, col_offset, n_cols)
+    return y, or_absent(preact, y)
+
+
+@ffn_fwd.register_fake
+def _ffn_fwd_fake(x, w1, b1, w2, b2, seed, p, activation, save_preact, col_offset=0,
+                  n_cols=None):
+    y = new_like(x, (x.shape[0], w2.shape[0]))
+    return y, (new_like(x, (x.shape[0], w1.shape[0])) if save_preact else absent(y))
+
+
+@torch.library.custom_op("triton_gelu::ffn_bwd", mutates_args=())
+def ffn_bwd(
+    dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None,
+    p: float, activation: str, needs: list[bool], col_offset: int = 0,
+    n_cols: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw1, db1, dw2, db2) of the FFN block; an empty tensor for each one not needed."""
+    p = check_ffn_backward(dy, x, w1, w2, preact, seed, p)
+    needs = check_ffn_needs(needs)
+    col_offset, n_cols = check_dropout_columns(col_offset, n_cols, w1.shape[0])
+    grads = _launch_backward(dy, x, w1, w2, preact, seed, p, check_activation(activation),
+                             needs, col_offset, n_cols)
+    dx, dw1, db1, dw2, db2 = (or_absent(g, dy) for g in grads)
+    return dx, dw1, db1, dw2, db2
+
+
+@ffn_bwd.register_fake
+def _ffn_bwd_fake(dy, x, w1, w2, preact, seed, p, activation, needs, col_offset=0,
+                  n_cols=None):
+    shapes = (x.shape, w1.shape, (w1.shape[0],), w2.shape, (w2.shape[0],))
+    return tuple(new_like(x, shape) if need else absent(dy)
+                 for shape, need in zip(shapes, needs))
+
+
+# ---- the autograd definition ----------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w1, b1, w2, b2, seed, p, activation, save_preact, *columns = inputs
+    preact = output[1]
+    mark_outputs_non_differentiable(ctx, preact)
+    ctx.p, ctx.activation, ctx.save_preact = p, activation, save_preact
+    ctx.columns = columns  # (col_offset, n_cols) where the call passed them
+    ctx.has_bias = (b1 is not None, b2 is not None)
+    # x and z (or, without a saved z, b1 to rebuild it) and the seed (8 bytes): never act(z),
+    # the mask or the dropout output, which the backward regenerates from z and the seed.
+    ctx.save_for_backward(x, w1, w2, preact if save_preact else b1, seed)
+
+
+def _backward(ctx, dy: Tensor, dpreact: Tensor | None):
+    x, w1, w2, saved, seed = ctx.saved_tensors
+    calls = ctx.calls
+    preact = saved if ctx.save_preact else calls.preact(x, w1, saved)
+    need_dx, need_dw1, need_db1, need_dw2, need_db2 = ctx.needs_input_grad[:5]
+    needs = [need_dx, need_dw1, need_db1 and ctx.has_bias[0], need_dw2,
+             need_db2 and ctx.has_bias[1]]
+    grads = calls.backward(dy, x, w1, w2, preact, seed, ctx.p, ctx.activation, needs,
+                           *ctx.columns)
+    return (*(g if need else None for g, need in zip(grads, needs)),
+            *(None,) * (4 + len(ctx.columns)))
+
+
+FeedForwardFunction = register_autograd(
+    ffn_fwd, "FeedForwardFunction", _launch_forward, _setup_context, _backward,
+    traced=SimpleNamespace(preact=_linear_gelu.linear_preact_op, backward=ffn_bwd),
+    eager=SimpleNamespace(preact=_linear_gelu.eager_preact, backward=_launch_backward))
+
+
+def traced(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+           seed: Tensor | None, p: float, activation: str, recompute: bool,
+           col_offset: int = 0, n_cols: int | None = None) -> Tensor:
+    """``feed_forward`` through the custom ops (torch.compile's trace, the compile route), for
+    operands already validated and cast for autocast, the call's seed already drawn."""
+    save_preact = needs_grad(x, w1, b1, w2, b2) and not recompute
+    y, _ = ffn_fwd(rows(x), w1, b1, w2, b2, seed, p, activation, save_preact, col_offset,
+                   n_cols)
+    return y.view(*x.shape[:-1], w2.shape[0])
+
+
+# ---- the public function --------------------------------------------------------------------
+
+
+def feed_forward(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, p: float = 0.0,
+    approximate: str = "none", training: bool = True, recompute: bool = False, *,
+    activation: str | None = None,
+) -> Tensor:
+    """``F.linear(F.dropout(F.gelu(F.linear(x, w1, b1), approximate), p, training), w2, b2)``
+    as one fused autograd node.
+
+    x (..., D), w1 (F, D), b1 (F,) or None, w2 (E, F), b2 (E,) or None; float32, float16 or
+    bfloat16, all of one dtype (under autocast they are cast to the autocast dtype first, as for
+    ``F.linear``). Returns (..., E). Differentiable in x and the four parameters.
+
+    Dropout (``training`` and ``p`` > 0; p in [0, 1)) keeps each element of the (tokens, F)
+    activation with probability 1 - p and scales it by 1 / (1 - p), as ``nn.Dropout``; its seed
+    is drawn from PyTorch's generator of x's device. The backward keeps only x and the
+    pre-activation z (``recompute=True``: x only, z is recomputed by one matmul) and the seed.
+    ``activation``: as in ``gelu``.
+    """
+    plan, key = planned("feed_forward", (p, approximate, training, recompute, activation),
+                        x, w1, b1, w2, b2)
+    if plan is not None:
+        return plan(x, w1, b1, w2, b2)
+    return _unplanned(x, w1, b1, w2, b2, p, resolve(approximate, activation), training,
+                      recompute, key)
+
+
+def _unplanned(x, w1, b1, w2, b2, p, activation: str, training: bool, recompute: bool,
+               key=None) -> Tensor:
+    """``feed_forward`` without a plan: validate, cast for autocast, route; plan the problem
+    under ``key`` (None: do not)."""
+    p = check_dropout_p(p)
+    check_tensor("x", x)
+    x, w1, b1, w2, b2 = autocast_linear(x, w1, b1, w2, b2)
+    check_ffn(x, w1, b1, w2, b2)
+    if not training:
+        p = 0.0
+    if distributed(x, w1, b1, w2, b2):
+        # Tensor parallel: the whole block on each rank's shards where the layout allows, else
+        # linear_gelu and PyTorch's dropout and linear on the DTensors (_dtensor.py).
+        def fused(x, first, w2, b2, col_offset: int, n_cols: int) -> Tensor:
+            ((w1, b1),) = first
+            config = BlockConfig(p, activation, recompute, col_offset, n_cols)
+            return routed(x, w1, b1, w2, b2, config)
+
+        def unfused() -> Tensor:
+            h = _linear_gelu.linear_gelu(x, w1, b1, recompute=recompute, activation=activation)
+            return dtensor_ops().linear(F.dropout(h, p, training), w2, b2)
+
+        return dtensor_ops().run_block(x, [(w1, b1)], (w2, b2), p > 0.0, fused, unfused,
+                                       "FFN block")
+    config = BlockConfig(p, activation, recompute)
+    if key is None or torch.compiler.is_compiling():
+        return routed(x, w1, b1, w2, b2, config)
+    launch = _plan(x, config)
+    remember(key, unless_autocast(launch, x, functools.partial(
+        _unplanned, p=p, activation=activation, training=True, recompute=recompute)))
+    return launch(x, w1, b1, w2, b2)
+
+
+def routed(x, w1, b1, w2, b2, config: BlockConfig) -> Tensor:
+    """The FFN block on plain tensors, validated and cast for autocast, routed now (no plan)."""
+    if torch.compiler.is_compiling():  # torch.compile traces the custom ops
+        seed = dropout_seed(x.device) if config.p > 0.0 else None
+        return traced(x, w1, b1, w2, b2, seed, *config)
+    return _plan(x, config)(x, w1, b1, w2, b2)
+
+
+def _plan(x: Tensor, config: BlockConfig):
+    p, activation = config.p, config.activation
+    if on_fallback(x) and config.n_cols is None:
+        # PyTorch's own block, its dropout included (PyTorch's mask, from its generator): a
+        # tensor-parallel shard alone draws the kernels' mask, to match the whole layer's.
+        def eager(x, w1, b1, w2, b2):
+            h = linear_act(x, w1, b1, activation)
+            return F.linear(F.dropout(h, p) if p > 0.0 else h, w2, b2)
+        return eager
+    if p == 0.0 and config.n_cols is None \
+            and forced_path("ffn_fwd") == "torch" and forced_path("ffn_bwd") == "torch":
+        return counted("ffn_fwd", "ffn_bwd", lambda x, w1, b1, w2, b2: F.linear(
+            linear_act(x, w1, b1, activation), w2, b2))
+    backend = launchers(x)
+    save_preact, columns = not config.recompute, (config.col_offset, config.n_cols)
+
+    def launch(x, w1, b1, w2, b2):
+        seed = dropout_seed(x.device) if p > 0.0 else None
+        x2d = x if x.dim() == 2 else rows(x)
+        if not needs_grad(x, w1, b1, w2, b2):
+            # Inference: no graph and no saved pre-activation.
+            y, _ = backend.ffn_forward(x2d, w1, b1, w2, b2, seed, p, activation,
+                                       save_preact=False, col_offset=columns[0],
+                                       n_cols=columns[1])
+        else:
+            y, _ = FeedForwardFunction.apply(x2d, w1, b1, w2, b2, seed, p, activation,
+                                             save_preact, *columns)
+        # Viewed N-D outside the Function: a view made inside it could not be modified in
+        # place (Falcon's ``mlp_output += attention_output``).
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], w2.shape[0])
+    return launch

@@ -1,0 +1,266 @@
+"""``gated_feed_forward``: y = down(dropout(act(x W_gate^T + b_gate) * (x W_up^T + b_up))), the
+gated FFN block (Gemma's MLP, T5's DenseGatedActDense) as one autograd node: the GeGLU kernels
+for the gated hidden h (dropout applied in their epilogue), cuBLAS for the down projection, and
+a backward that regenerates h and the dropout mask instead of keeping them.
+
+Shapes: x (M, K), W_gate and W_up (N, K), W_down (D, N), b_down (D,), h (M, N), y (M, D).
+
+Between forward and backward the block keeps x, g, u and, with dropout, the seed (one int64; x
+alone and the seed with recompute), where eager PyTorch keeps x, g, gelu(g), u and h at p = 0,
+and x, g, gelu(g), u, the mask and the dropout output at p > 0: per token (K + 2N) / (K + 4N)
+of its bytes at p = 0, (K + 2N) / (K + 5N) at p > 0 (on a GPU eager's mask is one byte per
+element: (2K + 4N) / (2K + 9N) in bf16). The backward, for the upstream gradient dy::
+
+    dh = dy @ W_down                                  (M, D) x (D, N), the gradient of dropout(h)
+    dx, dW_gate, dW_up, db_gate, db_up = GeGLU backward(dh, x, g, u, seed, p): its kernel
+    regenerates the mask (dh * keep / (1 - p) is h's gradient) and dropout(h), bitwise the
+    down projection's input of the forward (see ``kernels/geglu.py``)
+    dW_down = dy^T @ dropout(h)                       (D, M) x (M, N)
+    db_down = sum_m dy
+
+The op's declaration: its custom op (``triton_gelu::gated_ffn_fwd``, on 2-D x; its backward
+calls the GeGLU ops of ``geglu.py``, so the compiled backward keeps x, g, u and the seed, never
+h or the mask), its one autograd definition, its eager PyTorch twin, and the public function
+with its per-problem plan.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import launchers
+from .._checks import (
+    check_down, check_dropout, check_dropout_columns, check_dropout_p, check_geglu_2d,
+)
+from .._plans import remember
+from .._settings import forced_path
+from ..activations import check_activation
+from . import geglu as _geglu
+from ._core import (
+    BlockConfig, Tensor, absent, autocast_linear, counted, distributed, dropout_seed,
+    dtensor_ops, mark_outputs_non_differentiable, needs_grad, new_like, on_fallback,
+    or_absent, planned, register_autograd, rows, unless_autocast,
+)
+
+# ---- the block, on the GeGLU launchers / ops -------------------------------------------------
+
+
+def block_forward(
+    x2d: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
+    b_up: Tensor | None, b_down: Tensor | None, seed: Tensor | None, p: float,
+    activation: str, save_gate_up: bool, col_offset: int = 0, n_cols: int | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(y, g, u): y (M, D) and, with ``save_gate_up``, g and u for the backward; dropout(h) is
+    dropped once the down projection has read it. The hidden columns are columns
+    ``col_offset`` .. of ``n_cols`` (by default all of them), for the dropout mask."""
+    h, gate, up = launchers(x2d).geglu_forward(x2d, w_gate, w_up, b_gate, b_up, activation,
+                                               save_gate_up, seed, p, col_offset, n_cols)
+    with torch.autocast(x2d.device.type, enabled=False):  # operands are already cast
+        return F.linear(h, w_down, b_down), gate, up
+
+
+def block_backward(
+    dy2d: Tensor, x2d: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, gate: Tensor,
+    up: Tensor, seed: Tensor | None, p: float, activation: str, needs: Sequence[bool],
+    geglu_backward: Callable, col_offset: int = 0, n_cols: int | None = None,
+) -> tuple[Tensor | None, ...]:
+    """(dx, dW_gate, dW_up, dW_down, db_gate, db_up, db_down), None for each not needed;
+    ``needs`` has one flag each; ``geglu_backward`` is ``geglu_bwd`` or its eager twin."""
+    need_dx, need_dwg, need_dwu, need_dwd, need_dbg, need_dbu, need_dbd = needs
+    with torch.autocast(x2d.device.type, enabled=False):
+        dh = torch.mm(dy2d, w_down)
+    wanted = [need_dx, need_dwg, need_dwu, need_dbg, need_dbu]
+    dx, dwg, dwu, dbg, dbu, h = (t if want else None for t, want in zip(
+        geglu_backward(dh, x2d, w_gate, w_up, gate, up, seed, p, activation, wanted,
+                       need_dwd, col_offset, n_cols), (*wanted, need_dwd)))
+    del dh
+    with torch.autocast(x2d.device.type, enabled=False):
+        dwd = torch.mm(dy2d.t(), h) if need_dwd else None
+        dbd = dy2d.sum(0) if need_dbd else None
+    return dx, dwg, dwu, dwd, dbg, dbu, dbd
+
+
+# ---- the custom op ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("triton_gelu::gated_ffn_fwd", mutates_args=())
+def gated_ffn_fwd(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
+    b_up: Tensor | None, b_down: Tensor | None, seed: Tensor | None, p: float,
+    activation: str, save_gate_up: bool, col_offset: int = 0, n_cols: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(down(dropout(gelu(g) * u)), g if save_gate_up else empty, u likewise); dropout with
+    probability p and the mask of ``seed`` (None when p == 0) at hidden columns ``col_offset``
+    .. of ``n_cols``."""
+    check_geglu_2d(x, w_gate, w_up, b_gate, b_up)
+    check_down(w_gate, w_down, b_down)
+    p = check_dropout(seed, p, x)
+    col_offset, n_cols = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
+    y, gate, up = block_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
+                                check_activation(activation), save_gate_up, col_offset, n_cols)
+    return y, or_absent(gate, y), or_absent(up, y)
+
+
+@gated_ffn_fwd.register_fake
+def _gated_ffn_fwd_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
+                        activation, save_gate_up, col_offset=0, n_cols=None):
+    y = new_like(x, (x.shape[0], w_down.shape[0]))
+    hidden = (x.shape[0], w_gate.shape[0])
+    return y, *((new_like(x, hidden), new_like(x, hidden)) if save_gate_up
+                else (absent(y), absent(y)))
+
+
+# ---- the autograd definition ----------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, activation,
+     save_gate_up, *columns) = inputs
+    _, gate, up = output
+    mark_outputs_non_differentiable(ctx, gate, up)
+    ctx.p, ctx.activation, ctx.columns = p, activation, columns
+    ctx.has_down_bias = b_down is not None
+    # x, g, u (or the biases that rebuild them) and the seed (8 bytes): never h, the dropout
+    # mask or dropout(h), which the backward regenerates from g, u and the seed.
+    _geglu.save_gate_up_or_biases(ctx, (x, w_gate, w_up, w_down, seed), (b_gate, b_up), gate,
+                                  up, save_gate_up)
+
+
+def _backward(ctx, dy: Tensor, dgate, dup):
+    x, w_gate, w_up, w_down, seed, *kept = ctx.saved_tensors
+    gate, up = _geglu.saved_gate_up(ctx, x, w_gate, w_up, kept, ctx.p)
+    has = (True, True, True, True, *ctx.has_bias, ctx.has_down_bias)
+    needs = [need and present for need, present in zip(ctx.needs_input_grad[:7], has)]
+    grads = block_backward(dy, x, w_gate, w_up, w_down, gate, up, seed, ctx.p, ctx.activation,
+                           needs, ctx.calls.backward, *ctx.columns)
+    return (*grads, None, None, None, None, *(None,) * len(ctx.columns))
+
+
+def _launch_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, activation,
+                    save_gate_up, col_offset=0, n_cols=None):
+    return block_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, activation,
+                         save_gate_up, col_offset, n_cols)
+
+
+GatedFeedForwardFunction = register_autograd(
+    gated_ffn_fwd, "GatedFeedForwardFunction", _launch_forward, _setup_context, _backward,
+    traced=_geglu.TRACED, eager=_geglu.EAGER)
+
+
+def traced(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
+           b_up: Tensor | None, b_down: Tensor | None, seed: Tensor | None, p: float,
+           activation: str, recompute: bool, col_offset: int = 0,
+           n_cols: int | None = None) -> Tensor:
+    """``gated_feed_forward`` through the custom ops (torch.compile's trace), the call's seed
+    already drawn (None when p == 0)."""
+    save = needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down) and not recompute
+    y, _, _ = gated_ffn_fwd(rows(x), w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
+                            activation, save, col_offset, n_cols)
+    return y.view(*x.shape[:-1], w_down.shape[0])
+
+
+# ---- the public function --------------------------------------------------------------------
+
+
+def gated_feed_forward(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None = None,
+    b_up: Tensor | None = None, b_down: Tensor | None = None, approximate: str = "tanh",
+    dropout: float = 0.0, training: bool = False, recompute: bool = False, *,
+    activation: str | None = None,
+) -> Tensor:
+    """The gated FFN block ``F.linear(F.dropout(geglu(x, ...), dropout, training), w_down,
+    b_down)`` (Gemma's MLP, T5's DenseGatedActDense) as one fused autograd node.
+
+    w_down is (out_features, hidden_features), b_down (out_features,) or None; the rest is as
+    in ``geglu``. ``dropout`` is the dropout probability p, in [0, 1): in training with p > 0
+    the GeGLU kernel applies it to h in its epilogue (the FFN block's generator, its seed drawn
+    from PyTorch's generator of x's device) and the backward regenerates the mask. The backward
+    keeps x, g, u and the seed only, and regenerates the down projection's input
+    dropout(gelu(g) * u) from them (``recompute=True``: x and the seed only). ``activation``:
+    as in ``geglu``.
+    """
+    plan, key = planned("gated_feed_forward", (approximate, dropout, training, recompute,
+                                               activation),
+                        x, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    if plan is not None:
+        return plan(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    return _unplanned(x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate, dropout,
+                      training, recompute, activation, key)
+
+
+def _unplanned(x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate, dropout, training,
+               recompute, activation, key=None) -> Tensor:
+    """``gated_feed_forward`` without a plan: validate, cast for autocast, route; plan the
+    problem under ``key`` (None: do not)."""
+    p = check_dropout_p(dropout)
+    x, w_gate, w_up, b_gate, b_up, activation = _geglu.prepare(
+        x, w_gate, w_up, b_gate, b_up, approximate, activation)
+    w_down, b_down = autocast_linear(x, w_down, b_down)[1:]
+    check_down(w_gate, w_down, b_down)
+    if not training:
+        p = 0.0
+    if distributed(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+        # Tensor parallel: the whole block on each rank's shards where the layout allows, else
+        # geglu and PyTorch's dropout and linear on the DTensors (_dtensor.py).
+        def fused(x, first, w_down, b_down, col_offset: int, n_cols: int) -> Tensor:
+            (w_gate, b_gate), (w_up, b_up) = first
+            config = BlockConfig(p, activation, recompute, col_offset, n_cols)
+            return routed(x, w_gate, w_up, w_down, b_gate, b_up, b_down, config)
+
+        def unfused() -> Tensor:
+            h = _geglu.geglu(x, w_gate, w_up, b_gate, b_up, recompute=recompute,
+                             activation=activation)
+            return dtensor_ops().linear(F.dropout(h, p, training), w_down, b_down)
+
+        return dtensor_ops().run_block(x, [(w_gate, b_gate), (w_up, b_up)], (w_down, b_down),
+                                       p > 0.0, fused, unfused, "gated FFN block")
+    config = BlockConfig(p, activation, recompute)
+    if key is None or torch.compiler.is_compiling():
+        return routed(x, w_gate, w_up, w_down, b_gate, b_up, b_down, config)
+    launch = _plan(x, config)
+    remember(key, unless_autocast(launch, x, functools.partial(
+        _unplanned, approximate="tanh", dropout=p, training=True, recompute=recompute,
+        activation=activation)))
+    return launch(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
+
+
+def routed(x, w_gate, w_up, w_down, b_gate, b_up, b_down, config: BlockConfig) -> Tensor:
+    """The gated block on plain tensors, validated and cast for autocast, routed now."""
+    if torch.compiler.is_compiling():  # torch.compile traces the custom ops
+        seed = dropout_seed(x.device) if config.p > 0.0 else None
+        return traced(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, *config)
+    return _plan(x, config)(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
+
+
+def _plan(x: Tensor, config: BlockConfig):
+    p, activation = config.p, config.activation
+    if on_fallback(x) and config.n_cols is None:
+        # PyTorch's own block, its dropout included (as in ``ffn.py``).
+        def eager(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+            h = _geglu.eager_geglu(x, w_gate, w_up, b_gate, b_up, activation)
+            return F.linear(F.dropout(h, p) if p > 0.0 else h, w_down, b_down)
+        return eager
+    if p == 0.0 and config.n_cols is None \
+            and forced_path("geglu_fwd") == "torch" and forced_path("geglu_bwd") == "torch":
+        return counted("geglu_fwd", "geglu_bwd",
+                       lambda x, w_gate, w_up, w_down, b_gate, b_up, b_down: F.linear(
+                           _geglu.eager_geglu(x, w_gate, w_up, b_gate, b_up, activation),
+                           w_down, b_down))
+    save_gate_up, columns = not config.recompute, (config.col_offset, config.n_cols)
+
+    def launch(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+        seed = dropout_seed(x.device) if p > 0.0 else None
+        x2d = x if x.dim() == 2 else rows(x)
+        if not needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+            y, _, _ = block_forward(x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
+                                    activation, False, *columns)
+        else:
+            y, _, _ = GatedFeedForwardFunction.apply(x2d, w_gate, w_up, w_down, b_gate, b_up,
+                                                     b_down, seed, p, activation,
+                                                     save_gate_up, *columns)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], w_down.shape[0])
+    return launch

@@ -1,0 +1,257 @@
+"""``geglu``: h = act(x @ W_gate^T + b_gate) * (x @ W_up^T + b_up), both projections and the gate
+in one kernel (``kernels/geglu.py``).
+
+The op's declaration: its custom ops (``triton_gelu::geglu_fwd``, ``geglu_gate_up``,
+``geglu_bwd``) with their fake functions, its one autograd definition (the custom op's and the
+eager ``autograd.Function``'s), its eager PyTorch twin, and the public function with its
+per-problem plan. The ops take ``x`` (..., K) and flatten it themselves, as the linear ops do
+(g, u, h and dh are (..., N)). ``geglu_bwd`` also serves the gated block (``gated_ffn.py``):
+with p > 0 its dh is the gradient of dropout(h) and it regenerates the mask. Checks:
+``_checks.py``; kernels, paths and config spaces: ``kernels/geglu.py``; float64 truth:
+``reference.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import launchers
+from .._checks import (
+    check_dropout, check_dropout_columns, check_dropout_p, check_geglu, check_geglu_backward,
+    check_tensor,
+)
+from .._plans import remember
+from .._settings import forced_path
+from ..activations import check_activation, resolve
+from ._core import (
+    Tensor, absent, autocast_linear, counted, distributed, dtensor_ops, linear_act,
+    linear_out_shape, mark_outputs_non_differentiable, needs_grad, new_like, on_fallback,
+    or_absent, planned, register_autograd, rows, unless_autocast,
+)
+
+# ---- the custom ops -------------------------------------------------------------------------
+
+
+def _launch_forward(x, w_gate, w_up, b_gate, b_up, activation: str, save_gate_up: bool):
+    x2d, shape = rows(x), linear_out_shape(x, w_gate)
+    h, gate, up = launchers(x2d).geglu_forward(x2d, w_gate, w_up, b_gate, b_up, activation,
+                                               save_gate_up)
+    return h.view(shape), *(None if t is None else t.view(shape) for t in (gate, up))
+
+
+def eager_gate_up(x, w_gate, w_up, b_gate, b_up, p: float, activation: str):
+    """(g, u) by the launchers: the backward's recompute, without the op's checks."""
+    x2d, shape = rows(x), linear_out_shape(x, w_gate)
+    gate, up = launchers(x2d).geglu_gate_up(x2d, w_gate, w_up, b_gate, b_up, activation, p)
+    return gate.view(shape), up.view(shape)
+
+
+def eager_backward(dh, x, w_gate, w_up, gate, up, seed, p: float, activation: str, needs,
+                   write_h: bool, col_offset: int = 0, n_cols: int | None = None):
+    """``geglu_bwd``'s outputs by the launchers (None for each not asked for), unchecked."""
+    x2d = rows(x)
+    dx, dwg, dwu, dbg, dbu, h = launchers(x2d).geglu_backward(
+        rows(dh), x2d, w_gate, w_up, rows(gate), rows(up), activation, needs, write_h,
+        seed, p, col_offset, n_cols)
+    return (None if dx is None else dx.view(x.shape)), dwg, dwu, dbg, dbu, \
+        (None if h is None else h.view(dh.shape))
+
+
+@torch.library.custom_op("triton_gelu::geglu_fwd", mutates_args=())
+def geglu_fwd(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
+    activation: str, save_gate_up: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(gelu(g) * u, g if save_gate_up else empty, u likewise), g and u the two projections,
+    each (..., N) for x (..., K)."""
+    check_geglu(x, w_gate, w_up, b_gate, b_up)
+    h, gate, up = _launch_forward(x, w_gate, w_up, b_gate, b_up, check_activation(activation),
+                                  save_gate_up)
+    return h, or_absent(gate, h), or_absent(up, h)
+
+
+@geglu_fwd.register_fake
+def _geglu_fwd_fake(x, w_gate, w_up, b_gate, b_up, activation, save_gate_up):
+    h = new_like(x, linear_out_shape(x, w_gate))
+    return h, *((new_like(h), new_like(h)) if save_gate_up else (absent(h), absent(h)))
+
+
+@torch.library.custom_op("triton_gelu::geglu_gate_up", mutates_args=())
+def geglu_gate_up_op(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
+    p: float, activation: str,
+) -> tuple[Tensor, Tensor]:
+    """(g, u), bitwise what geglu_fwd / gated_ffn_fwd with dropout probability p saves (the
+    backward recomputes them when not saved)."""
+    check_geglu(x, w_gate, w_up, b_gate, b_up)
+    return eager_gate_up(x, w_gate, w_up, b_gate, b_up, check_dropout_p(p),
+                         check_activation(activation))
+
+
+@geglu_gate_up_op.register_fake
+def _geglu_gate_up_fake(x, w_gate, w_up, b_gate, b_up, p, activation):
+    gate = new_like(x, linear_out_shape(x, w_gate))
+    return gate, new_like(gate)
+
+
+@torch.library.custom_op("triton_gelu::geglu_bwd", mutates_args=())
+def geglu_bwd(
+    dh: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, gate: Tensor, up: Tensor,
+    seed: Tensor | None, p: float, activation: str, needs: list[bool], write_h: bool,
+    col_offset: int = 0, n_cols: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw_gate, dw_up, db_gate, db_up, h): each gradient empty unless its flag in ``needs``
+    is set; h = gelu(g) * u with write_h, else empty. dh, g and u are (..., N) for x (..., K);
+    dx has x's shape, h dh's. With p > 0, dh is the gradient of dropout(h) (the mask of
+    ``seed`` at columns ``col_offset`` .. of ``n_cols``) and h is written as dropout(h)."""
+    check_geglu(x, w_gate, w_up, None, None)
+    dh2d, gate2d, up2d = (rows(check_tensor(name, t))
+                          for name, t in (("dh", dh), ("gate", gate), ("up", up)))
+    needs = check_geglu_backward(dh2d, rows(x), w_gate, w_up, gate2d, up2d, needs)
+    p = check_dropout(seed, p, x)
+    col_offset, n_cols = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
+    outputs = eager_backward(dh, x, w_gate, w_up, gate, up, seed, p,
+                             check_activation(activation), needs, write_h, col_offset, n_cols)
+    dx, dwg, dwu, dbg, dbu, h = (or_absent(t, dh) for t in outputs)
+    return dx, dwg, dwu, dbg, dbu, h
+
+
+@geglu_bwd.register_fake
+def _geglu_bwd_fake(dh, x, w_gate, w_up, gate, up, seed, p, activation, needs, write_h,
+                    col_offset=0, n_cols=None):
+    shapes = (x.shape, w_gate.shape, w_up.shape, w_gate.shape[:1], w_up.shape[:1], gate.shape)
+    return tuple(new_like(dh, shape) if wanted else absent(dh)
+                 for shape, wanted in zip(shapes, (*needs, write_h)))
+
+
+# ---- the autograd definition ----------------------------------------------------------------
+
+
+def save_gate_up_or_biases(ctx, tensors, biases, gate, up, save_gate_up) -> None:
+    """Keep g and u for the backward, or (recompute) the biases that rebuild them."""
+    ctx.save_gate_up = save_gate_up
+    ctx.has_bias = tuple(b is not None for b in biases)
+    ctx.save_for_backward(*tensors, *((gate, up) if save_gate_up else biases))
+
+
+def saved_gate_up(ctx, x, w_gate, w_up, kept, p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """g and u as the forward saved them, or recomputed (bitwise the same)."""
+    if ctx.save_gate_up:
+        return tuple(kept)
+    biases = (b if has else None for b, has in zip(kept, ctx.has_bias))
+    return ctx.calls.gate_up(x, w_gate, w_up, *biases, p, ctx.activation)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w_gate, w_up, b_gate, b_up, activation, save_gate_up = inputs
+    _, gate, up = output
+    mark_outputs_non_differentiable(ctx, gate, up)
+    ctx.activation = activation
+    # x, g and u (recompute: x and the biases); eager PyTorch also keeps gelu(g).
+    save_gate_up_or_biases(ctx, (x, w_gate, w_up), (b_gate, b_up), gate, up, save_gate_up)
+
+
+def _backward(ctx, dh: Tensor, dgate, dup):
+    x, w_gate, w_up, *kept = ctx.saved_tensors
+    gate, up = saved_gate_up(ctx, x, w_gate, w_up, kept)
+    needs = [*ctx.needs_input_grad[:3], *(need and has for need, has in
+                                          zip(ctx.needs_input_grad[3:5], ctx.has_bias))]
+    grads = ctx.calls.backward(dh, x, w_gate, w_up, gate, up, None, 0.0, ctx.activation,
+                               needs, False)
+    return (*(g if need else None for g, need in zip(grads[:5], needs)), None, None)
+
+
+TRACED = SimpleNamespace(gate_up=geglu_gate_up_op, backward=geglu_bwd)
+EAGER = SimpleNamespace(gate_up=eager_gate_up, backward=eager_backward)
+GeGLUFunction = register_autograd(geglu_fwd, "GeGLUFunction", _launch_forward, _setup_context,
+                                  _backward, traced=TRACED, eager=EAGER)
+
+
+def traced(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None,
+           b_up: Tensor | None, activation: str, recompute: bool) -> Tensor:
+    """``geglu`` through the custom ops (torch.compile's trace, a DTensor's shards), for
+    operands already validated and cast for autocast."""
+    save = needs_grad(x, w_gate, w_up, b_gate, b_up) and not recompute
+    return geglu_fwd(x, w_gate, w_up, b_gate, b_up, activation, save)[0]
+
+
+# ---- the public function --------------------------------------------------------------------
+
+
+def prepare(x, w_gate, w_up, b_gate, b_up, approximate, activation):
+    """Validate and autocast GeGLU's operands (as F.linear's); return them and the activation's
+    name (approximate's default is "tanh" here)."""
+    activation = resolve(approximate, activation, default="tanh")
+    check_tensor("x", x)
+    x, w_gate, w_up, b_gate, b_up = autocast_linear(x, w_gate, w_up, b_gate, b_up)
+    check_geglu(x, w_gate, w_up, b_gate, b_up)
+    return x, w_gate, w_up, b_gate, b_up, activation
+
+
+def eager_geglu(x, w_gate, w_up, b_gate, b_up, activation: str) -> Tensor:
+    """Eager PyTorch's GeGLU: ``act(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up)``."""
+    return linear_act(x, w_gate, b_gate, activation) * F.linear(x, w_up, b_up)
+
+
+def geglu(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None = None,
+    b_up: Tensor | None = None, approximate: str = "tanh", recompute: bool = False, *,
+    activation: str | None = None,
+) -> Tensor:
+    """``F.gelu(F.linear(x, w_gate, b_gate), approximate) * F.linear(x, w_up, b_up)``: both
+    projections and the gate in one Triton kernel.
+
+    x (..., in_features); w_gate and w_up (hidden_features, in_features) of the same shape;
+    b_gate and b_up (hidden_features,) or None; float32, float16 or bfloat16, all of one dtype
+    (under autocast they are cast first, as for ``F.linear``). Returns (..., hidden_features).
+    Differentiable in x, both weights and both biases. The backward keeps x, g and u (eager
+    PyTorch also keeps gelu(g)); ``recompute=True`` keeps x only and recomputes g and u.
+    ``activation``: as in ``gelu`` (approximate's default "tanh" yields to it).
+    """
+    plan, key = planned("geglu", (approximate, recompute, activation), x, w_gate, w_up,
+                        b_gate, b_up)
+    if plan is not None:
+        return plan(x, w_gate, w_up, b_gate, b_up)
+    return _unplanned(x, w_gate, w_up, b_gate, b_up, approximate, activation, recompute, key)
+
+
+def _unplanned(x, w_gate, w_up, b_gate, b_up, approximate, activation, recompute: bool,
+               key=None) -> Tensor:
+    """``geglu`` without a plan: validate, cast for autocast, route; plan the problem under
+    ``key`` (None: do not)."""
+    x, w_gate, w_up, b_gate, b_up, activation = prepare(
+        x, w_gate, w_up, b_gate, b_up, approximate, activation)
+    if distributed(x, w_gate, w_up, b_gate, b_up):  # DTensor: the custom ops on the shards
+        return dtensor_ops().geglu(x, w_gate, w_up, b_gate, b_up, activation, recompute,
+                                   traced)
+    if torch.compiler.is_compiling():  # torch.compile traces the custom ops
+        return traced(x, w_gate, w_up, b_gate, b_up, activation, recompute)
+    launch = _plan(x, activation, recompute)
+    if key is not None:
+        remember(key, unless_autocast(launch, x, functools.partial(
+            _unplanned, approximate="tanh", activation=activation, recompute=recompute)))
+    return launch(x, w_gate, w_up, b_gate, b_up)
+
+
+def _plan(x: Tensor, activation: str, recompute: bool):
+    eager = functools.partial(eager_geglu, activation=activation)
+    if on_fallback(x):
+        return eager
+    if forced_path("geglu_fwd") == "torch" and forced_path("geglu_bwd") == "torch":
+        return counted("geglu_fwd", "geglu_bwd", eager)
+    backend = launchers(x)
+
+    def launch(x, w_gate, w_up, b_gate, b_up):
+        if needs_grad(x, w_gate, w_up, b_gate, b_up):
+            return GeGLUFunction.apply(x, w_gate, w_up, b_gate, b_up, activation,
+                                       not recompute)[0]
+        # Inference: no graph, nothing saved; the kernel writes only h.
+        x2d = rows(x)
+        h, _, _ = backend.geglu_forward(x2d, w_gate, w_up, b_gate, b_up, activation,
+                                        save_gate_up=False)
+        return h.view(*x.shape[:-1], w_gate.shape[0])
+    return launch

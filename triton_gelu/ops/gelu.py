@@ -1,0 +1,117 @@
+"""``gelu``: y = act(x), elementwise, with the Triton kernels of ``kernels/gelu.py``.
+
+The op's declaration: its custom ops (``triton_gelu::gelu_fwd`` / ``gelu_bwd``) with their fake
+functions, its one autograd definition (the custom op's and the eager ``autograd.Function``'s),
+its eager PyTorch twin (the fallback and the forced "torch" paths), and the public function with
+its per-problem plan. Checks: ``_checks.py``; kernels, paths and config spaces:
+``kernels/gelu.py``; DTensor rule: ``_dtensor_rules.py``; float64 truth: ``reference.py``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from .._backend import launchers
+from .._checks import check_tensor
+from .._plans import remember
+from .._settings import forced_path
+from ..activations import ACTIVATIONS, check_activation, resolve
+from ._core import Tensor, counted, distributed, dtensor_ops, new_like, on_fallback, planned
+from ._core import register_autograd
+
+# ---- the custom ops -------------------------------------------------------------------------
+
+
+def _launch_forward(x: Tensor, activation: str) -> Tensor:
+    return launchers(x).gelu_forward(x, activation)
+
+
+def _launch_backward(dy: Tensor, x: Tensor, activation: str) -> Tensor:
+    return launchers(x).gelu_backward(dy, x, activation)
+
+
+@torch.library.custom_op("triton_gelu::gelu_fwd", mutates_args=())
+def gelu_fwd(x: Tensor, activation: str) -> Tensor:
+    """y = gelu(x), a new contiguous tensor of x's shape and dtype."""
+    check_tensor("x", x)
+    return _launch_forward(x, check_activation(activation))
+
+
+@gelu_fwd.register_fake
+def _gelu_fwd_fake(x: Tensor, activation: str) -> Tensor:
+    return new_like(x)
+
+
+@torch.library.custom_op("triton_gelu::gelu_bwd", mutates_args=())
+def gelu_bwd(dy: Tensor, x: Tensor, activation: str) -> Tensor:
+    """dx = dy * gelu'(x), a new contiguous tensor of x's shape and dtype."""
+    check_tensor("x", x)
+    check_tensor("dy", dy)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    return _launch_backward(dy, x, check_activation(activation))
+
+
+@gelu_bwd.register_fake
+def _gelu_bwd_fake(dy: Tensor, x: Tensor, activation: str) -> Tensor:
+    return new_like(x)
+
+
+# ---- the autograd definition ----------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(x)
+
+
+def _backward(ctx, dy: Tensor):
+    (x,) = ctx.saved_tensors
+    return ctx.calls.backward(dy, x, ctx.activation), None
+
+
+GELUFunction = register_autograd(
+    gelu_fwd, "GELUFunction", _launch_forward, _setup_context, _backward,
+    traced=SimpleNamespace(backward=gelu_bwd),
+    eager=SimpleNamespace(backward=_launch_backward))
+
+
+# ---- the public function --------------------------------------------------------------------
+
+
+def gelu(x: Tensor, approximate: str = "none", *, activation: str | None = None) -> Tensor:
+    """``torch.nn.functional.gelu(x, approximate)`` with Triton kernels for forward and backward.
+
+    ``approximate="none"`` is the exact form x * Phi(x); ``"tanh"`` the tanh approximation.
+    ``activation`` names the form instead (``triton_gelu.activations``: "gelu", "gelu_tanh",
+    "quick_gelu" = x * sigmoid(1.702 x), CLIP's); every function and module takes it.
+    float32, float16 and bfloat16 inputs of any shape; math in float32, output in x's dtype.
+    """
+    plan, key = planned("gelu", (approximate, activation), x)
+    if plan is not None:
+        return plan(x)
+    activation = resolve(approximate, activation)
+    check_tensor("x", x)
+    if distributed(x):  # DTensor: the custom op, whose sharding rule runs it on the local shard
+        return dtensor_ops().gelu(x, activation, gelu_fwd)
+    if torch.compiler.is_compiling():  # torch.compile traces the custom op, not the Function
+        return gelu_fwd(x, activation)
+    return remember(key, _plan(x, activation))(x)
+
+
+def _plan(x: Tensor, activation: str):
+    eager = ACTIVATIONS[activation].torch_value
+    if on_fallback(x):
+        return eager
+    if forced_path("gelu_fwd") == "torch" and forced_path("gelu_bwd") == "torch":
+        return counted("gelu_fwd", "gelu_bwd", eager)
+    backend = launchers(x)
+
+    def run(x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return GELUFunction.apply(x, activation)
+        return backend.gelu_forward(x, activation)  # inference: no graph, nothing saved
+    return run

@@ -1,0 +1,198 @@
+"""``linear_gelu``: y = act(x @ W^T + b), the activation in the matmul's epilogue
+(``kernels/linear_gelu.py``).
+
+The op's declaration: its custom ops (``triton_gelu::linear_gelu_fwd``, ``linear_preact``,
+``linear_gelu_bwd``) with their fake functions, its one autograd definition (the custom op's and
+the eager ``autograd.Function``'s), its eager PyTorch twin, and the public function with its
+per-problem plan. The ops take ``x`` (..., K) with any number of leading dimensions and flatten
+it themselves, on the tensors they are given: a DTensor sharded on a leading dimension reaches
+them unflattened (``_dtensor_rules.py``). Checks: ``_checks.py``; kernels, paths and config
+spaces: ``kernels/linear_gelu.py``; float64 truth: ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+
+from .._backend import launchers
+from .._checks import check_linear, check_linear_backward, check_tensor
+from .._plans import remember
+from .._settings import forced_path
+from ..activations import check_activation, resolve
+from ._core import (
+    Tensor, absent, autocast_linear, counted, distributed, dtensor_ops, linear_act,
+    linear_out_shape, mark_outputs_non_differentiable, needs_grad, new_like, on_fallback,
+    or_absent, planned, register_autograd, rows, unless_autocast,
+)
+
+# ---- the custom ops -------------------------------------------------------------------------
+
+
+def _launch_forward(x, weight, bias, activation: str, save_preact: bool):
+    x2d, shape = rows(x), linear_out_shape(x, weight)
+    y, preact = launchers(x2d).linear_gelu_forward(x2d, weight, bias, activation, save_preact)
+    return y.view(shape), (None if preact is None else preact.view(shape))
+
+
+def eager_preact(x, weight, bias) -> Tensor:
+    """z = x @ W^T + b by the launchers (the recompute of the backward, without the op's checks)."""
+    x2d = rows(x)
+    return launchers(x2d).linear_preact(x2d, weight, bias).view(linear_out_shape(x, weight))
+
+
+def _launch_backward(dy, x, weight, preact, activation: str, need_dx: bool, need_dw: bool,
+                     need_db: bool):
+    x2d = rows(x)
+    dx, dw, db = launchers(x2d).linear_gelu_backward(
+        rows(dy), x2d, weight, rows(preact), activation, need_dx, need_dw, need_db)
+    return (None if dx is None else dx.view(x.shape)), dw, db
+
+
+@torch.library.custom_op("triton_gelu::linear_gelu_fwd", mutates_args=())
+def linear_gelu_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, save_preact: bool
+) -> tuple[Tensor, Tensor]:
+    """(gelu(x @ weight.T + bias), the pre-activation if save_preact else an empty tensor), both
+    (..., N) for x (..., K)."""
+    check_linear(x, weight, bias)
+    y, preact = _launch_forward(x, weight, bias, check_activation(activation), save_preact)
+    return y, or_absent(preact, y)
+
+
+@linear_gelu_fwd.register_fake
+def _linear_gelu_fwd_fake(x, weight, bias, activation, save_preact):
+    y = new_like(x, linear_out_shape(x, weight))
+    return y, (new_like(y) if save_preact else absent(y))
+
+
+@torch.library.custom_op("triton_gelu::linear_preact", mutates_args=())
+def linear_preact_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """preact = x @ weight.T + bias (the backward recomputes it when it was not saved)."""
+    check_linear(x, weight, bias)
+    return eager_preact(x, weight, bias)
+
+
+@linear_preact_op.register_fake
+def _linear_preact_fake(x, weight, bias):
+    return new_like(x, linear_out_shape(x, weight))
+
+
+@torch.library.custom_op("triton_gelu::linear_gelu_bwd", mutates_args=())
+def linear_gelu_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, preact: Tensor, activation: str,
+    need_dx: bool, need_dw: bool, need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db) of y = gelu(x @ weight.T + bias); an empty tensor for each one not needed.
+    dy and preact are (..., N) for x (..., K); dx has x's shape."""
+    check_linear(x, weight, None)
+    check_linear_backward(rows(check_tensor("dy", dy)), rows(x), weight,
+                          rows(check_tensor("preact", preact)))
+    grads = _launch_backward(dy, x, weight, preact, check_activation(activation), need_dx,
+                             need_dw, need_db)
+    dx, dw, db = (or_absent(g, dy) for g in grads)
+    return dx, dw, db
+
+
+@linear_gelu_bwd.register_fake
+def _linear_gelu_bwd_fake(dy, x, weight, preact, activation, need_dx, need_dw, need_db):
+    dx = new_like(x) if need_dx else absent(dy)
+    dw = new_like(weight) if need_dw else absent(dy)
+    db = new_like(weight, (weight.shape[0],)) if need_db else absent(dy)
+    return dx, dw, db
+
+
+# ---- the autograd definition ----------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, activation, save_preact = inputs
+    mark_outputs_non_differentiable(ctx, output[1])
+    ctx.activation, ctx.save_preact, ctx.has_bias = activation, save_preact, bias is not None
+    # Without a saved pre-activation (recompute) the backward rebuilds it from x, W and b:
+    # one (M, N) tensor less between forward and backward.
+    ctx.save_for_backward(x, weight, output[1] if save_preact else bias)
+
+
+def _backward(ctx, dy: Tensor, dpreact: Tensor | None):
+    x, weight, saved = ctx.saved_tensors
+    calls = ctx.calls
+    preact = saved if ctx.save_preact else calls.preact(x, weight, saved)
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    need_db = need_db and ctx.has_bias
+    dx, dw, db = calls.backward(dy, x, weight, preact, ctx.activation, need_dx, need_dw, need_db)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+            None, None)
+
+
+LinearGELUFunction = register_autograd(
+    linear_gelu_fwd, "LinearGELUFunction", _launch_forward, _setup_context, _backward,
+    traced=SimpleNamespace(preact=linear_preact_op, backward=linear_gelu_bwd),
+    eager=SimpleNamespace(preact=eager_preact, backward=_launch_backward))
+
+
+def traced(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str,
+           recompute: bool) -> Tensor:
+    """``linear_gelu`` through the custom op (torch.compile's trace, a DTensor's shards), for
+    operands already validated and cast for autocast."""
+    save_preact = needs_grad(x, weight, bias) and not recompute
+    return linear_gelu_fwd(x, weight, bias, activation, save_preact)[0]
+
+
+# ---- the public function --------------------------------------------------------------------
+
+
+def linear_gelu(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, approximate: str = "none",
+    recompute: bool = False, *, activation: str | None = None,
+) -> Tensor:
+    """``F.gelu(F.linear(x, weight, bias), approximate)`` in one fused Triton kernel.
+
+    x (..., in_features), weight (out_features, in_features), bias (out_features,) or None;
+    float32, float16 or bfloat16, all of one dtype (under autocast they are cast to the autocast
+    dtype first, as for ``F.linear``). Returns (..., out_features) in that dtype. Differentiable
+    in x, weight and bias. ``recompute=True`` saves memory: the backward recomputes the
+    pre-activation x @ W^T + b instead of keeping it from the forward. ``activation``: as in
+    ``gelu``.
+    """
+    plan, key = planned("linear_gelu", (approximate, activation, recompute), x, weight, bias)
+    if plan is not None:
+        return plan(x, weight, bias)
+    return _unplanned(x, weight, bias, resolve(approximate, activation), recompute, key)
+
+
+def _unplanned(x, weight, bias, activation: str, recompute: bool, key=None) -> Tensor:
+    """``linear_gelu`` without a plan: validate, cast for autocast, route; plan the problem
+    under ``key`` (None: do not)."""
+    check_tensor("x", x)
+    x, weight, bias = autocast_linear(x, weight, bias)
+    check_linear(x, weight, bias)
+    if distributed(x, weight, bias):  # DTensor: the custom ops, run on the local shards
+        return dtensor_ops().linear_gelu(x, weight, bias, activation, recompute, traced)
+    if torch.compiler.is_compiling():  # torch.compile traces the custom ops
+        return traced(x, weight, bias, activation, recompute)
+    launch = _plan(x, activation, recompute)
+    if key is not None:
+        remember(key, unless_autocast(launch, x, functools.partial(
+            _unplanned, activation=activation, recompute=recompute)))
+    return launch(x, weight, bias)
+
+
+def _plan(x: Tensor, activation: str, recompute: bool):
+    eager = functools.partial(linear_act, activation=activation)
+    if on_fallback(x):
+        return eager
+    if forced_path("linear_gelu_fwd") == "torch" and forced_path("linear_gelu_bwd") == "torch":
+        return counted("linear_gelu_fwd", "linear_gelu_bwd", eager)
+    backend = launchers(x)
+
+    def launch(x, weight, bias):
+        if needs_grad(x, weight, bias):
+            return LinearGELUFunction.apply(x, weight, bias, activation, not recompute)[0]
+        # Inference: no graph and no saved pre-activation; the kernel writes only y.
+        x2d = rows(x)
+        y, _ = backend.linear_gelu_forward(x2d, weight, bias, activation, save_preact=False)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return launch
