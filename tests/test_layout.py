@@ -131,7 +131,7 @@ PRIVATE_IMPORTS_ALLOWED = {
     "test_autotune.py": "hashes a real kernel's source (kernels.gelu's @triton.jit functions)",
     "test_bench.py": "imports the kernels to fill the tuning registry of every op's paths",
     "test_activations.py": "imports the kernels to fill the tuning registry of every op's paths",
-    "test_compile.py": "opcheck of the custom ops (ops.py) and functional's autocast probe",
+    "test_compile.py": "opcheck of the custom ops (ops/) and their autocast probe (ops._core)",
     "test_compile_backend.py": "reads compile_route's history of what the backend rewrote",
     "test_first_contact.py": "imports the kernels to fill the tuning registry of every op's paths",
     "test_table.py": "imports the kernels to fill the tuning registries the table is checked on",
@@ -164,7 +164,8 @@ def _private_imports(path: Path, modules: dict[str, Path]) -> list[str]:
                                       for p in PUBLIC_MODULES if p != "triton_gelu") \
             and name != "triton_gelu"
 
-    found = [f"{line}: {target}" for line, target, _ in _imports("tests." + path.stem, path, modules)
+    found = [f"{line}: {target}"
+             for line, target, _ in _imports("tests." + path.stem, path, modules)
              if target.startswith("triton_gelu.") and private(target)]
     for node in ast.walk(ast.parse(path.read_text())):
         dotted = []

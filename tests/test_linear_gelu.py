@@ -163,22 +163,25 @@ def test_tf32_allowed_float32(device):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_poisoned_outputs_fully_written(dtype, bias, device, poison_outputs, paths):
+    # Through the public function: y, and the gradients, which a pre-activation (saved, or
+    # recomputed by linear_preact) not fully written would fill with NaN (dz = dy * GELU'(z)).
     x, weight, b = _operands((M, K), N, dtype, device, bias)
     dy = torch.randn(M, N, device=device).to(dtype)
-    y, preact = lg.linear_gelu_forward(x, weight, b, "gelu", True)
-    z_only = lg.linear_preact(x, weight, b)
-    dx, dw, db = lg.linear_gelu_backward(dy, x, weight, preact, "gelu", True, True, bias)
-    assert_all_written(y, reference.linear_gelu64(x, weight, b), "y")
-    z64 = F.linear(x.double(), weight.double(), None if b is None else b.double())
-    assert_all_written(preact, z64, "preact")
-    torch.testing.assert_close(z_only, preact, rtol=0, atol=0, msg="linear_preact != saved z")
-    dx64, dw64, db64 = reference.linear_gelu_grads64(x, weight, b, dy)
-    assert_all_written(dx, dx64, "dx")
-    assert_all_written(dw, dw64, "dw")
-    if bias:
-        assert_all_written(db, db64, "db")
-    else:
-        assert db is None
+    y64 = reference.linear_gelu64(x, weight, b)
+    refs = [r for r in reference.linear_gelu_grads64(x, weight, b, dy) if r is not None]
+    results = []
+    for recompute in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, b) if t is not None]
+        y = triton_gelu.linear_gelu(*leaves, *([] if bias else [None]), recompute=recompute)
+        grads = torch.autograd.grad(y, leaves, dy)  # the launchers' own buffers, not copies
+        what = f"recompute={recompute}"
+        assert_all_written(y, y64, f"y {what}")
+        for name, grad, ref in zip(("dx", "dw", "db"), grads, refs):
+            assert_all_written(grad, ref, f"{name} {what}")
+        results.append((y, *grads))
+    for name, saved, recomputed in zip(("y", "dx", "dw", "db"), *results):
+        torch.testing.assert_close(recomputed, saved, rtol=0, atol=0,
+                                   msg=f"{name}: the recomputed z is not the saved one")
 
 
 # dz kernel launches per backward path, for needs (dx, dW, db): dz_once computes dz once
