@@ -6,7 +6,7 @@ from .compile_route import compile_backend
 from .functional import feed_forward, gated_feed_forward, geglu, gelu, linear_gelu
 from .modules import GELU, FeedForward, GatedFeedForward, GeGLU, LinearGELU
 from .patch import patch
-from . import testing  # noqa: F401,E402 (public: triton_gelu.testing, for users' tests)
+from . import testing  # noqa: F401 (public: triton_gelu.testing, helpers for tests)
 
 __all__ = [
     "gelu", "linear_gelu", "feed_forward", "geglu", "gated_feed_forward",
