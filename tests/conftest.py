@@ -16,6 +16,11 @@ if not torch.cuda.is_available():
         raise RuntimeError("triton was imported before TRITON_INTERPRET=1 could be set")
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Every op's Tuners and Paths registered (tuning.tuner.tuners, tuning.paths.path_choosers), as
+# after each op's first call: the tests of the tuning units read those registries. The one
+# place the tests import the kernels' modules (after TRITON_INTERPRET is set, above).
+import triton_gelu.kernels  # noqa: E402,F401
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -75,7 +80,6 @@ def timed_choosers(tmp_path, monkeypatch):
     The timer returns 1.0 ms for everything: the first candidate of each wins."""
     from fakes import FakeTimer
 
-    import triton_gelu.kernels  # noqa: F401 (registers every Tuner and Paths)
     from triton_gelu.tuning.paths import path_choosers
     from triton_gelu.tuning.tuner import tuners
 

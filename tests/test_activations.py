@@ -163,7 +163,6 @@ def test_quick_gelu_blocks_with_dropout(device):
 
 
 def _every_path():
-    from triton_gelu import kernels  # noqa: F401  (registers the path choosers)
     from triton_gelu.tuning.paths import path_choosers
 
     return [(op, path) for op, chooser in path_choosers.items()

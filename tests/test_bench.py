@@ -166,7 +166,6 @@ def timed_paths(tmp_path, monkeypatch):
     """Every Paths of the package times (1.0 ms for every candidate, without running it again
     after its warm-up call), into a temporary cache; the Tuners keep their single interpreter
     config. What the choosers chose is forgotten before and after."""
-    import triton_gelu.kernels  # noqa: F401 (registers every Paths)
     from triton_gelu.tuning.paths import path_choosers
 
     monkeypatch.setenv("TRITON_GELU_CACHE_DIR", str(tmp_path / "paths-cache"))

@@ -128,16 +128,10 @@ PRIVATE_IMPORTS_ALLOWED = {
     "no_triton.py": "resets once-per-process state (the fallback warning, DTensor's layout "
                     "warnings) and checks which launchers a tensor gets, in a Triton-less process",
     "test_no_triton.py": "the Triton launchers and the fallback's must have one signature",
-    "test_autotune.py": "hashes a real kernel's source (kernels.gelu's @triton.jit functions)",
-    "test_bench.py": "imports the kernels to fill the tuning registry of every op's paths",
-    "test_activations.py": "imports the kernels to fill the tuning registry of every op's paths",
     "test_compile.py": "opcheck of the custom ops (ops/) and their autocast probe (ops._core)",
     "test_compile_backend.py": "reads compile_route's history of what the backend rewrote",
-    "test_first_contact.py": "imports the kernels to fill the tuning registry of every op's paths",
-    "test_table.py": "imports the kernels to fill the tuning registries the table is checked on",
-    "test_tuning.py": "imports the kernels to fill the tuning registries the model is checked on",
-    "conftest.py": "imports the kernels to fill the tuning registries its fake-timer fixture "
-                   "patches",
+    "conftest.py": "imports the kernels once, filling the tuning registries (every Tuner and "
+                   "Paths) that the tests of the tuning units read",
     "test_linear_gelu.py": "launcher units: the strides a launcher sees, save_preact, each "
                            "Paths candidate directly, input_precision",
     "test_ffn.py": "kernel units: each tile config's dropout epilogue, shards' column offsets, "
@@ -145,8 +139,8 @@ PRIVATE_IMPORTS_ALLOWED = {
     "test_geglu.py": "kernel units: each tile config's mask, shards' column offsets, the "
                      "launchers' needs masks and gate/up outputs, the custom ops' opcheck",
     "test_hopper.py": "TMA units: tma_compatible / tma_applies / tma_device on fake devices",
-    "test_paths.py": "the settings' precedence (tune_policy) and the capture guard on a "
-                     "CPU-only torch, and geglu's Paths' kernel lists",
+    "test_paths.py": "the settings' precedence (_settings.tune_policy) and the capture guard "
+                     "on a CPU-only torch (_runtime.capturing)",
     "test_parallel.py": "the custom ops' DTensor sharding rules, called directly",
     "test_plans.py": "counts the plans built (_plans.counts) and the op's validations",
     "test_patch_families.py": "owned by helper hf2 this session: count_launches at its next edit",

@@ -18,13 +18,12 @@ import triton
 from fakes import FakeTimer, double_by_add, double_by_mul, launch, load_kernel
 
 import triton_gelu
-import triton_gelu.kernels  # noqa: F401 (registers the package's Tuners and Paths)
 from triton_gelu.tuning import keys as _keys
 from triton_gelu.tuning import table as _table
 from triton_gelu.tuning.chooser import UntunedWarning
 from triton_gelu.tuning.keys import Device, device_of
 from triton_gelu.tuning.paths import Paths, path_choosers
-from triton_gelu.tuning.tuner import MODEL_TOP, Tuner
+from triton_gelu.tuning.tuner import MODEL_TOP, Tuner, tuners
 from triton_gelu.autotune import clear_plans, force_path, policy, set_policy
 from triton_gelu.testing import count_paths
 
@@ -181,11 +180,9 @@ def test_the_real_ops_register_their_paths():
     for op in _KNOWN:
         assert ops[op].kernels, f"{op} registers no kernels= for its cache key"
     # Each Tuner of the package is in the kernels= of the ops whose paths launch it.
-    from triton_gelu.kernels import geglu
-
-    assert set(ops["geglu_fwd"].kernels) == {geglu._fwd_tuner, geglu._act_tuner,
-                                             geglu._fwd_tma_tuner}
-    assert set(ops["geglu_bwd"].kernels) == {geglu._bwd_act_tuner}
+    assert set(ops["geglu_fwd"].kernels) == {tuners["geglu_fwd"], tuners["geglu_act"],
+                                             tuners["geglu_fwd_tma"]}
+    assert set(ops["geglu_bwd"].kernels) == {tuners["geglu_bwd_act"]}
 
 
 _KNOWN = {"gelu_fwd", "gelu_bwd", "linear_gelu_fwd", "linear_preact", "linear_gelu_bwd",

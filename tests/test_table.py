@@ -10,7 +10,6 @@ import pytest
 import torch
 from fakes import FakeTimer, double_by_add, double_by_mul, launch, load_kernel, three_configs
 
-import triton_gelu.kernels  # noqa: F401 (registers the package's Tuners and Paths)
 from triton_gelu.tuning import keys as _keys
 from triton_gelu.tuning import table as _table
 from triton_gelu.tuning.keys import Device, parse_key

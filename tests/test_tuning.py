@@ -14,7 +14,6 @@ import pytest
 import torch
 import triton
 
-import triton_gelu.kernels  # noqa: F401 (registers every Tuner and Paths)
 from bench import cold_start
 from triton_gelu.tuning import facts, model
 from triton_gelu.tuning.spaces import SMEM_BYTES, matmul_configs
