@@ -29,8 +29,11 @@ def checks(monkeypatch) -> list[int]:
     return seen
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _operands(m=5, k=12, n=7, dtype=torch.float32):
-    return torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype), torch.randn(n).to(dtype)
+    return tuple(torch.randn(*shape, device=DEVICE).to(dtype) for shape in ((m, k), (n, k), (n,)))
 
 
 def test_a_problem_is_validated_once_and_planned_once(checks):
@@ -55,9 +58,9 @@ def test_a_bad_problem_after_a_good_one_is_refused():
     x, w, b = _operands()
     triton_gelu.linear_gelu(x, w, b)
     with pytest.raises(ValueError, match="in_features mismatch"):
-        triton_gelu.linear_gelu(torch.randn(5, 13), w, b)
+        triton_gelu.linear_gelu(torch.randn(5, 13, device=DEVICE), w, b)
     with pytest.raises(ValueError, match="bias has shape"):
-        triton_gelu.linear_gelu(x, w, torch.randn(8))
+        triton_gelu.linear_gelu(x, w, torch.randn(8, device=DEVICE))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         triton_gelu.linear_gelu(x.tolist(), w, b)
     with pytest.raises(ValueError, match="approximate must be one of"):
@@ -94,12 +97,32 @@ def test_a_forced_path_applies_to_a_planned_problem():
 
 def test_autocast_casts_a_planned_problem():
     x, w, b = _operands()
+    dtype = torch.bfloat16 if DEVICE == "cpu" else torch.float16
     assert triton_gelu.linear_gelu(x, w, b).dtype == torch.float32
     assert triton_gelu.feed_forward(x, w, b, w.t(), None).dtype == torch.float32
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=dtype):
         y = triton_gelu.linear_gelu(x, w, b)
-        assert y.dtype == torch.bfloat16
+        assert y.dtype == dtype
         assert_like_torch(lambda x, w, b: triton_gelu.feed_forward(x, w, b, w.t(), None),
                           lambda x, w, b: F.linear(F.gelu(F.linear(x, w, b)), w.t()),
                           [x, w, b], "feed_forward under autocast")
     assert triton_gelu.linear_gelu(x, w, b).dtype == torch.float32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors under the interpreter")
+def test_the_environment_is_read_once_and_again_after_clear_plans(monkeypatch):
+    x = torch.randn(3, 5)
+    triton_gelu.gelu(x)  # reads the environment (the conftest cleared it before the test)
+    monkeypatch.setenv("TRITON_GELU_TUNE", "fastest")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with count_launches() as launched:
+        triton_gelu.gelu(torch.randn(7, 2))  # a new problem, the environment as first read
+    assert launched == {"gelu_fwd": 1}, f"the interpreter's kernel did not run: {launched}"
+    clear_plans()
+    with count_launches() as launched:
+        with pytest.raises(ValueError, match=r"TRITON_GELU_TUNE .* got 'fastest'"):
+            triton_gelu.gelu(x)
+        monkeypatch.delenv("TRITON_GELU_TUNE")
+        clear_plans()
+        assert_like_torch(triton_gelu.gelu, F.gelu, [x], "gelu on the fallback")
+    assert not launched, f"a kernel ran on the fallback: {launched}"

@@ -18,6 +18,7 @@ This module imports only torch (the fallback and ``patch()`` use it without Trit
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -93,7 +94,7 @@ ACTIVATIONS: dict[str, Activation] = {
     a.name: a for a in (
         Activation("gelu", _gelu, _gelu_grad, F.gelu, "none"),
         Activation("gelu_tanh", _gelu_tanh, _gelu_tanh_grad,
-                   lambda x: F.gelu(x, approximate="tanh"), "tanh"),
+                   functools.partial(F.gelu, approximate="tanh"), "tanh"),
         Activation("quick_gelu", _quick_gelu, _quick_gelu_grad, _quick_gelu_torch, None),
     )
 }

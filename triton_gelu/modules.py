@@ -123,15 +123,15 @@ class FeedForward(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not applied_by_parent(self.linear1, self.linear2):
+        linear1, dropout, linear2 = self.linear1, self.dropout, self.linear2
+        read = read_by_parent(linear1, linear2)
+        if read is None:
             # Hooks on linear1 or linear2 (a tensor-parallel plan naming them, a user's): apply
             # the submodules, so that their hooks run.
-            return self.linear2(self.dropout(self.linear1(x)))
-        return feed_forward(
-            x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-            self.dropout.p, self.linear1.approximate, self.dropout.training,
-            self.linear1.recompute, activation=self.linear1.activation,
-        )
+            return linear2(dropout(linear1(x)))
+        (w1, b1), (w2, b2) = read
+        return feed_forward(x, w1, b1, w2, b2, dropout.p, linear1.approximate, dropout.training,
+                            linear1.recompute, activation=linear1.activation)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -151,13 +151,22 @@ def is_plain(module: nn.Module) -> bool:
         type(p) is nn.Parameter for p in module.parameters(recurse=False))
 
 
-def applied_by_parent(*modules: nn.Module) -> bool:
-    """Whether a block may read these children's parameters into its fused op instead of calling
-    them: no hooks, and each parameter a plain ``nn.Parameter`` or a DTensor (the block is
-    tensor-parallel: the fused op runs on the shards, the block's own hooks lay out x)."""
-    return all(not has_hooks(m) and all(type(p) is nn.Parameter or distributed(p)
-                                        for p in m.parameters(recurse=False))
-               for m in modules)
+def read_by_parent(*linears: nn.Module) -> tuple | None:
+    """The (weight, bias) of each of a block's Linear children, when the block may read them
+    into its fused op instead of calling the children: no hooks, and each a plain
+    ``nn.Parameter`` or a DTensor (the block is tensor-parallel: the fused op runs on the shards,
+    the block's own hooks lay out x). None otherwise: the block applies its children. Read once
+    per call, what the fused op is given is what was checked."""
+    pairs = []
+    for linear in linears:
+        if has_hooks(linear):
+            return None
+        weight, bias = linear.weight, linear.bias
+        for p in (weight, bias):
+            if p is not None and type(p) is not nn.Parameter and not distributed(p):
+                return None
+        pairs.append((weight, bias))
+    return tuple(pairs)
 
 
 def _projection(in_features: int, out_features: int, bias: bool, factory_kwargs: dict
@@ -221,12 +230,13 @@ class GeGLU(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not applied_by_parent(self.gate_proj, self.up_proj):
+        gate_proj, up_proj = self.gate_proj, self.up_proj
+        read = read_by_parent(gate_proj, up_proj)
+        if read is None:
             # Hooks on a projection (a plan naming it, a user's): apply them, unfused.
-            gate = gelu(self.gate_proj(x), activation=_gated_form(self))
-            return gate * self.up_proj(x)
-        return geglu(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias,
-                     self.up_proj.bias, self.approximate, self.recompute,
+            return gelu(gate_proj(x), activation=_gated_form(self)) * up_proj(x)
+        (w_gate, b_gate), (w_up, b_up) = read
+        return geglu(x, w_gate, w_up, b_gate, b_up, self.approximate, self.recompute,
                      activation=self.activation)
 
     def extra_repr(self) -> str:
@@ -292,16 +302,17 @@ class GatedFeedForward(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not applied_by_parent(self.gate_proj, self.up_proj, self.down_proj):
+        gate_proj, up_proj, down_proj = self.gate_proj, self.up_proj, self.down_proj
+        read = read_by_parent(gate_proj, up_proj, down_proj)
+        if read is None:
             # Hooks on a projection (a tensor-parallel plan naming them, a user's): apply the
             # children, so that their hooks run (unfused).
-            gate = gelu(self.gate_proj(x), activation=_gated_form(self))
-            return self.down_proj(self.dropout(gate * self.up_proj(x)))
-        return gated_feed_forward(
-            x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
-            self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias, self.approximate,
-            self.dropout.p, self.training, self.recompute, activation=self.activation,
-        )
+            gate = gelu(gate_proj(x), activation=_gated_form(self))
+            return down_proj(self.dropout(gate * up_proj(x)))
+        (w_gate, b_gate), (w_up, b_up), (w_down, b_down) = read
+        return gated_feed_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
+                                  self.approximate, self.dropout.p, self.training,
+                                  self.recompute, activation=self.activation)
 
     def extra_repr(self) -> str:
         return (f"approximate={self.approximate!r}, recompute={self.recompute}"

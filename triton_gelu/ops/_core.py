@@ -121,19 +121,16 @@ def on_fallback(x: Tensor) -> bool:
     return True
 
 
-def _operand(t: Tensor | None) -> tuple | None:
-    """What an operand contributes to its problem's key: all the checks and routes read."""
-    return None if t is None else (type(t), t.shape, t.dtype, t.device)
-
-
 def planned(entry: str, arguments: tuple, *operands: Any) -> tuple[Any, Any]:
     """(the plan of this problem or None, its key or None when it has none). No plan while
     torch.compile traces (the trace routes by itself), and no key for an operand that is not a
-    tensor or an argument that is not hashable: the checks name what is wrong."""
+    tensor or an argument that is not hashable: the checks name what is wrong. An operand
+    contributes what every check and route reads: its type, shape, dtype and device."""
     if torch.compiler.is_compiling():
         return None, None
     try:
-        key = (entry, arguments, forced_in_python(), *map(_operand, operands))
+        key = (entry, arguments, forced_in_python(),
+               *[None if t is None else (type(t), t.shape, t.dtype, t.device) for t in operands])
         return plans.get(key), key
     except (AttributeError, TypeError):
         return None, None

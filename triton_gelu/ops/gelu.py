@@ -18,8 +18,9 @@ from .._checks import check_tensor
 from .._plans import remember
 from .._settings import forced_path
 from ..activations import ACTIVATIONS, check_activation, resolve
-from ._core import Tensor, counted, distributed, dtensor_ops, new_like, on_fallback, planned
-from ._core import register_autograd
+from ._core import (
+    Tensor, counted, distributed, dtensor_ops, new_like, on_fallback, planned, register_autograd,
+)
 
 # ---- the custom ops -------------------------------------------------------------------------
 

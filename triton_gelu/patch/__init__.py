@@ -46,14 +46,16 @@ from torch import nn
 from ..activations import resolve
 from .chain import application_chain, call_chain
 from .ffn import FeedForwardOutput, FusedFeedForward, fuse_feed_forwards
-from .families import EsmFusedIntermediate, PackedGatedGELUBlock, patch_families
+from .families import (
+    DropoutAddFeedForward, EsmFusedIntermediate, PackedGatedGELUBlock, patch_families,
+)
 from .fuse import Conv1DGELU, fuse_pair
 from .gated import GatedGELUBlock, patch_gated
 from .match import gelu_form
 
 __all__ = ["patch", "gelu_form", "call_chain", "Conv1DGELU", "FusedFeedForward",
            "FeedForwardOutput", "GatedGELUBlock", "EsmFusedIntermediate",
-           "PackedGatedGELUBlock"]
+           "PackedGatedGELUBlock", "DropoutAddFeedForward"]
 
 
 def patch(model: nn.Module, approximate: str | None = None, recompute: bool = False) -> int:

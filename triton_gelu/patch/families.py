@@ -24,6 +24,14 @@ instance. What is fused:
 - ModernBERT's ``ModernBertMLP``: ``Wo(drop(act(input) * gate))`` with ``input, gate =
   Wi(x).chunk(2, dim=-1)``: swapped for a ``PackedGatedGELUBlock`` (the gated block on ``Wi``'s
   two row halves; its dropout fused, drawing our mask).
+- BLOOM's ``BloomMLP``: ``dropout_add(dense_4h_to_h(gelu_impl(dense_h_to_4h(x))), residual,
+  hidden_dropout, training)``, with ``dropout_add`` (dropout, then the residual added) and
+  ``gelu_impl`` (``BloomGelu``: an autograd Function whose forward is the tanh form) proven by
+  their code: swapped for a ``DropoutAddFeedForward`` (``feed_forward`` on the two Linears, the
+  model's own ``dropout_add`` after it). Its ``pretraining_tp > 1`` with ``slow_but_exact``
+  branch (the down projection summed slice by slice, pretraining's order) runs BLOOM's own
+  forward, as does a child hooked or swapped after the patch. The backward is the exact
+  derivative of that forward (BLOOM's own backward is the same derivative, rounded otherwise).
 
 The state dict keeps its keys and values (the same ``nn.Parameter`` objects).
 """
@@ -34,12 +42,13 @@ import math
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..modules import LinearGELU
 from .chain import call_chain
 from .ffn import fuse_feed_forwards
-from ..functional import gated_feed_forward
+from ..functional import feed_forward, gated_feed_forward
 from .match import dropout_p, forced_form, form_arguments, gelu_form, has_hooks, linear_kind
 from .template import match_template
 
@@ -88,6 +97,63 @@ def _is_apply_chunking(fn: object) -> bool:
 def _packed_gated(self, hidden_states):
     input, gate = self.packed(hidden_states).chunk(2, dim=-1)
     return self.linear2(self.dropout(self.act(input) * gate))
+
+
+def _residual_mlp(self, hidden_states, residual):
+    hidden_states = self.act(self.linear1(hidden_states))
+    if self.pretraining_tp > 1 and self.slow_but_exact:
+        intermediate_output = torch.zeros_like(residual)
+        slices = self.linear2.weight.shape[-1] / self.pretraining_tp
+        for i in range(self.pretraining_tp):
+            intermediate_output = intermediate_output + F.linear(
+                hidden_states[:, :, int(i * slices) : int((i + 1) * slices)],
+                self.linear2.weight[:, int(i * slices) : int((i + 1) * slices)],
+            )
+    else:
+        intermediate_output = self.linear2(hidden_states)
+    output = dropout_add(intermediate_output, residual, self.hidden_dropout,  # noqa: F821
+                         self.training)
+    return output
+
+
+def _dropout_then_add(x, residual, prob, training):
+    out = F.dropout(x, p=prob, training=training)
+    out = residual + out
+    return out
+
+
+def _is_dropout_add(fn: object) -> bool:
+    return match_template(fn, _dropout_then_add) == {}
+
+
+def _tanh_gelu_literal(x):
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+def _apply_function(self, x):
+    return GeLUFunction.apply(x)  # noqa: F821  (the model file's global, by its rule)
+
+
+def _saves_input_returns_tanh_gelu(ctx, input):
+    ctx.save_for_backward(input)
+    return bloom_gelu_forward(input)  # noqa: F821  (the model file's global, by its rule)
+
+
+def _is_tanh_gelu_function(cls: object) -> bool:
+    """An autograd Function whose forward keeps its input and returns the tanh form of GELU
+    (written out with sqrt(2 / pi) as 0.79788456: 1e-9 off, far below float32's rounding)."""
+    forward = vars(cls).get("forward") if isinstance(cls, type) and \
+        issubclass(cls, torch.autograd.Function) else None
+    forward = getattr(forward, "__func__", forward)
+    return match_template(forward, _saves_input_returns_tanh_gelu, (), {
+        "bloom_gelu_forward": lambda fn: match_template(fn, _tanh_gelu_literal) == {}}) == {}
+
+
+def _is_tanh_gelu_module(act: object) -> bool:
+    """A module (no state, no hooks) whose forward applies such an autograd Function."""
+    return isinstance(act, nn.Module) and not act._modules and _plain_container(act) and \
+        match_template(type(act).forward, _apply_function, (),
+                       {"GeLUFunction": _is_tanh_gelu_function}) == {}
 
 
 def _plain_container(module: nn.Module) -> bool:
@@ -239,6 +305,74 @@ def packed_gated(block: nn.Module, approximate: str | None,
     return PackedGatedGELUBlock(block, roles, forced_form(form, approximate), recompute)
 
 
+# ---- BLOOM -------------------------------------------------------------------------------------
+
+
+class DropoutAddFeedForward(nn.Module):
+    """BLOOM's ``BloomMLP`` fused: ``dropout_add(feed_forward(x, ...), residual, p, training)``,
+    ``feed_forward`` on the block's two Linears and ``dropout_add`` the model's own (proven).
+    The same children and attributes under the same names; ``pretraining_tp > 1`` with
+    ``slow_but_exact``, or a child hooked or swapped after the patch, runs the block's own
+    ``forward``."""
+
+    def __init__(self, block: nn.Module, roles: dict[str, str], form: str, recompute: bool,
+                 dropout_add) -> None:
+        super().__init__()
+        for name, child in block._modules.items():
+            self.add_module(name, child)
+        for name, value in vars(block).items():
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        self.training = block.training
+        self.original_class = type(block)
+        self.roles, self.form, self.recompute = roles, form, recompute
+        self.dropout_add = dropout_add
+        self._types = self._child_types()
+
+    def _child_types(self) -> tuple[type, ...]:
+        return tuple(type(self._modules[name]) for name in self.roles.values())
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        up, down = self._modules[self.roles["linear1"]], self._modules[self.roles["linear2"]]
+        if (self.pretraining_tp > 1 and self.slow_but_exact) \
+                or self._child_types() != self._types \
+                or any(has_hooks(self._modules[name]) for name in self.roles.values()):
+            return self.original_class.forward(self, hidden_states, residual)
+        out = feed_forward(hidden_states, up.weight, up.bias, down.weight, down.bias,
+                           recompute=self.recompute, **form_arguments(self.form))
+        return self.dropout_add(out, residual, self.hidden_dropout, self.training)
+
+    def extra_repr(self) -> str:
+        cls = self.original_class
+        return f"replaces={cls.__module__}.{cls.__qualname__}, form={self.form!r}"
+
+
+def dropout_add_block(block: nn.Module, approximate: str | None,
+                      recompute: bool) -> DropoutAddFeedForward | None:
+    """The fused replacement of ``block`` when it is proven BLOOM's MLP, else None."""
+    if isinstance(block, DropoutAddFeedForward) or not _plain_container(block):
+        return None
+    roles = match_template(type(block).forward, _residual_mlp, _LINEAR_ROLES,
+                           {"dropout_add": _is_dropout_add})
+    if roles is None or len(set(roles.values())) != 3 or set(block._modules) != set(roles.values()):
+        return None
+    up, down = block._modules[roles["linear1"]], block._modules[roles["linear2"]]
+    if not all(isinstance(m, nn.Linear) and linear_kind(m) == "linear" and not has_hooks(m)
+               for m in (up, down)):
+        return None
+    if up.out_features != down.in_features or up.weight.dtype != down.weight.dtype \
+            or up.weight.device != down.weight.device:
+        return None
+    if not _is_tanh_gelu_module(block._modules[roles["act"]]):
+        return None
+    p = getattr(block, "hidden_dropout", None)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        return None
+    dropout_add = type(block).forward.__globals__["dropout_add"]
+    return DropoutAddFeedForward(block, roles, forced_form("tanh", approximate), recompute,
+                                 dropout_add)
+
+
 def patch_families(model: nn.Module, approximate: str | None, recompute: bool) -> int:
     """Fuse every proven module of the families above below ``model``; return how many."""
     count = 0
@@ -252,7 +386,8 @@ def patch_families(model: nn.Module, approximate: str | None, recompute: bool) -
             fused = swapped.get(id(block))
             if fused is None:
                 fused = esm_intermediate(block, approximate, recompute) \
-                    or packed_gated(block, approximate, recompute)
+                    or packed_gated(block, approximate, recompute) \
+                    or dropout_add_block(block, approximate, recompute)
                 if fused is None:
                     continue
                 swapped[id(block)] = fused
