@@ -8,7 +8,8 @@ Four shapes of ``forward`` are recognised, whatever the class (Hugging Face's or
 - T5 v1.1 / Flan-T5's ``T5DenseGatedActDense``: ``wo(dropout(act(wi_0(x)) * wi_1(x)))``, with
   its cast of the hidden to ``wo``'s dtype when they differ (Flan-T5-XXL keeps ``wo`` in float32);
 - LongT5's ``LongT5DenseGatedActDense``: T5's block without the cast;
-- T5Gemma's ``T5GemmaMLP``: ``down_proj(dropout(act_fn(gate_proj(x)) * up_proj(x)))``.
+- T5Gemma's ``T5GemmaMLP``: ``down_proj(dropout(act_fn(gate_proj(x)) * up_proj(x)))``;
+- RecurrentGemma's ``RecurrentGemmaMlp``: Gemma's block, the activated gate first kept in a local.
 
 Proof that a block is one of them: its ``forward`` compiles to the same bytecode as a template
 below (instruction for instruction, up to the names of its locals and of the children the
@@ -105,11 +106,17 @@ def _t5gemma_mlp(self, x):
     return down_proj
 
 
+def _gate_then_down(self, x):
+    # RecurrentGemma's MLP: Gemma's, the activated gate kept in a local first.
+    gate = self.act(self.gate(x))
+    return self.down(gate * self.up(x))
+
+
 # (template, whether it casts to down's dtype); Any: mypy sees a def as a Callable, not the
 # FunctionType it is.
 _TEMPLATES: tuple[tuple[Any, bool], ...] = (
     (_gemma_mlp, False), (_gemma_mlp_returned, False), (_t5_dense_gated_act_dense, True),
-    (_longt5_dense_gated_act_dense, False), (_t5gemma_mlp, False),
+    (_longt5_dense_gated_act_dense, False), (_t5gemma_mlp, False), (_gate_then_down, False),
 )
 
 # ---- what a block must hold ---------------------------------------------------------------------

@@ -1,8 +1,14 @@
-"""triton_gelu.patch on BLOOM's MLP (patch/families.py: ``DropoutAddFeedForward``): the residual
-and ``dropout_add`` inside the block, a custom autograd GELU, proven by their code; outputs,
-every gradient and the state dict as unpatched, in eval and in training with dropout; what is
-not proven (another GELU, another ``dropout_add``) is left alone, and pretraining's exact
-slicing (``pretraining_tp > 1`` with ``slow_but_exact``) runs BLOOM's own forward."""
+"""triton_gelu.patch on three more Hugging Face families, each proven by its code:
+
+- BLOOM's MLP (patch/families.py: ``DropoutAddFeedForward``): the residual and ``dropout_add``
+  inside the block, a custom autograd GELU; in eval and in training with dropout; what is not
+  proven (another GELU, another ``dropout_add``) is left alone, and pretraining's exact slicing
+  (``pretraining_tp > 1`` with ``slow_but_exact``) runs BLOOM's own forward;
+- Funnel's ``FunnelPositionwiseFFN``: the chain fused, its trailing dropout and
+  ``layer_norm(hidden + h)`` kept;
+- RecurrentGemma's ``RecurrentGemmaMlp``: Gemma's gated block written in two statements.
+
+Outputs, every gradient and the state dict as unpatched, by the float64 rule."""
 
 from __future__ import annotations
 
@@ -22,6 +28,28 @@ from transformers.models.bloom import modeling_bloom  # noqa: E402
 
 VOCAB = 64
 IDS = {"input_ids": torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))}
+
+
+def _run_compared(model, expected_fused, kernel, output=None):
+    """Patch ``model`` (eval) and compare it with its unpatched self and a float64 copy."""
+    model.eval()
+    unpatched, ref64 = copy.deepcopy(model), copy.deepcopy(model).double()
+    params, keys = dict(model.named_parameters()), list(model.state_dict())
+    assert triton_gelu.patch(model) == expected_fused
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert list(model.state_dict()) == keys
+    before = launches[kernel]
+    out, grads = _run(model, IDS, _hidden)
+    assert launches[kernel] - before == expected_fused, f"{kernel} did not serve every block"
+    out_t, grads_t = _run(unpatched, IDS, _hidden)
+    out64, grads64 = _run(ref64, _as64(IDS), _hidden)
+    assert_no_worse_than_torch(out, out_t, out64, "output")
+    assert grads.keys() == grads_t.keys() and grads
+    for name in grads:
+        atol = 1e-6 * max(1.0, grads64[name].abs().max().item())
+        assert_no_worse_than_torch(grads[name], grads_t[name], grads64[name], name, atol=atol)
+    assert triton_gelu.patch(model) == 0, "patching twice must be a no-op"
+    return model
 
 
 def _bloom(**overrides):
@@ -95,5 +123,36 @@ def _erf_gelu_literal(x):
 def test_unproven_bloom_not_patched(monkeypatch, name, replacement):
     monkeypatch.setattr(modeling_bloom, name, replacement)
     model = _bloom()
+    before = repr(model)
+    assert triton_gelu.patch(model) == 0 and repr(model) == before
+
+
+def test_funnel_positionwise_ffn():
+    torch.manual_seed(0)
+    model = transformers.FunnelModel(transformers.FunnelConfig(
+        vocab_size=VOCAB, block_sizes=[1, 1], d_model=32, n_head=4, d_head=8, d_inner=48,
+        num_decoder_layers=1))
+    model = _run_compared(model, 3, "ffn_fwd_gelu_dropout")
+    ffn = model.encoder.blocks[0][0].ffn
+    assert type(ffn).__name__ == "FunnelPositionwiseFFN"  # the block's own code still runs
+    assert isinstance(ffn.dropout, torch.nn.Dropout) and isinstance(ffn.activation_dropout,
+                                                                     torch.nn.Identity)
+
+
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu"])
+def test_recurrent_gemma_mlp(act):
+    torch.manual_seed(0)
+    model = transformers.RecurrentGemmaModel(transformers.RecurrentGemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, lru_width=32, attention_window_size=8, conv1d_width=2,
+        block_types=["recurrent", "attention"], hidden_activation=act))
+    _run_compared(model, 2, "geglu_fwd")
+
+
+def test_recurrent_gemma_with_silu_not_patched():
+    model = transformers.RecurrentGemmaModel(transformers.RecurrentGemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, lru_width=32, attention_window_size=8, conv1d_width=2,
+        block_types=["recurrent", "attention"], hidden_activation="silu"))
     before = repr(model)
     assert triton_gelu.patch(model) == 0 and repr(model) == before
