@@ -6,7 +6,8 @@
   (``pretraining_tp > 1`` with ``slow_but_exact``) runs BLOOM's own forward;
 - Funnel's ``FunnelPositionwiseFFN``: the chain fused, its trailing dropout and
   ``layer_norm(hidden + h)`` kept;
-- RecurrentGemma's ``RecurrentGemmaMlp``: Gemma's gated block written in two statements.
+- RecurrentGemma's ``RecurrentGemmaMlp``: Gemma's gated block written in two statements;
+- Gemma3n's ``Gemma3nTextMLP``: fused on its layers without activation sparsity only.
 
 Outputs, every gradient and the state dict as unpatched, by the float64 rule."""
 
@@ -156,3 +157,27 @@ def test_recurrent_gemma_with_silu_not_patched():
         block_types=["recurrent", "attention"], hidden_activation="silu"))
     before = repr(model)
     assert triton_gelu.patch(model) == 0 and repr(model) == before
+
+
+def _gemma3n():
+    torch.manual_seed(0)
+    return transformers.Gemma3nTextModel(transformers.Gemma3nTextConfig(
+        vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=32,
+        hidden_size_per_layer_input=8, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        activation_sparsity_pattern=[0.95, 0.0], layer_types=["sliding_attention",
+                                                              "full_attention"],
+        sliding_window=8, laurel_rank=4, altup_num_inputs=2, num_kv_shared_layers=0))
+
+
+def test_gemma3n_fuses_only_its_layers_without_activation_sparsity():
+    from triton_gelu.patch import GatedGELUBlock
+
+    model = _run_compared(_gemma3n(), 1, "geglu_fwd")
+    sparse, dense = (layer.mlp for layer in model.layers)
+    assert type(sparse).__name__ == "Gemma3nTextMLP" and isinstance(dense, GatedGELUBlock)
+    dense.activation_sparsity = 0.5  # set after the patch: the block's own code, its top-k cut
+    before = launches["geglu_fwd"]
+    x = torch.randn(2, 7, 32)
+    torch.testing.assert_close(dense(x), dense.original_class.forward(dense, x), rtol=0, atol=0)
+    assert launches["geglu_fwd"] == before
