@@ -14,8 +14,9 @@ problem with a plan is a valid one), resolves the activation, and decides the *r
 
 Nothing below a plan validates again. Not planned: DTensor operands (tensor parallel), calls
 under autocast, and calls while torch.compile traces (each is validated and routed every call).
-The environment (``TRITON_GELU_PATH``, ``TRITON_GELU_TUNE``, ``TRITON_INTERPRET``) is read when a
-problem is planned; ``clear_plans()`` makes every problem plan again, after a change.
+The environment (``TRITON_GELU_PATH``, ``TRITON_GELU_TUNE``, ``TRITON_INTERPRET``) is read once,
+when first needed (``_settings.py``); ``clear_plans()`` reads it again and makes every problem
+plan anew, after a change.
 """
 
 from __future__ import annotations

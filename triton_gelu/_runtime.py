@@ -101,6 +101,9 @@ def record_launch(name: str) -> None:
     launches[name] += 1
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: one for every CPU launch
+
+
 def device_context(t: torch.Tensor):
     """Launch on the tensor's own GPU (not the current one); nothing to do on the CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(t.device) if t.is_cuda else _NO_CONTEXT

@@ -42,6 +42,8 @@ Under tensor parallel a rank holds columns ``col_offset`` .. ``col_offset + N`` 
 the whole activation, so the ranks together drop exactly what one process would.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -218,10 +220,18 @@ def dropout_arguments(seed: torch.Tensor | None, p: float, n_cols: int,
     ``HAS_DROPOUT``), for probability ``p`` and the call's columns being columns ``col_offset``
     .. of an activation of ``n_cols`` (tensor parallel: a rank's shard; else the call's own
     columns and 0): with p == 0 dropout is compiled out and no seed is read."""
+    if p == 0.0:  # every launch without dropout: one shared dict (the callers only read it)
+        return _no_dropout_arguments(n_cols, col_offset)
     threshold, scale = reference.dropout_constants(p)
-    return dict(seed_ptr=seed if p > 0.0 else None, dropout_threshold=threshold,
-                dropout_scale=scale, dropout_col_offset=col_offset, dropout_n_cols=n_cols,
-                HAS_DROPOUT=p > 0.0)
+    return dict(seed_ptr=seed, dropout_threshold=threshold, dropout_scale=scale,
+                dropout_col_offset=col_offset, dropout_n_cols=n_cols, HAS_DROPOUT=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _no_dropout_arguments(n_cols: int, col_offset: int) -> dict:
+    threshold, scale = reference.dropout_constants(0.0)
+    return dict(seed_ptr=None, dropout_threshold=threshold, dropout_scale=scale,
+                dropout_col_offset=col_offset, dropout_n_cols=n_cols, HAS_DROPOUT=False)
 
 
 def without_dropout(*args: object, p: float, **kwargs: object) -> bool:

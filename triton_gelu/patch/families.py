@@ -24,6 +24,8 @@ instance. What is fused:
 - ModernBERT's ``ModernBertMLP``: ``Wo(drop(act(input) * gate))`` with ``input, gate =
   Wi(x).chunk(2, dim=-1)``: swapped for a ``PackedGatedGELUBlock`` (the gated block on ``Wi``'s
   two row halves; its dropout fused, drawing our mask).
+- Funnel's ``FunnelPositionwiseFFN``: ``linear_1 -> act -> activation_dropout -> linear_2`` fused
+  as StarCoder2's chain; its trailing ``dropout`` and ``layer_norm(hidden + h)`` stay its own code.
 - BLOOM's ``BloomMLP``: ``dropout_add(dense_4h_to_h(gelu_impl(dense_h_to_4h(x))), residual,
   hidden_dropout, training)``, with ``dropout_add`` (dropout, then the residual added) and
   ``gelu_impl`` (``BloomGelu``: an autograd Function whose forward is the tanh form) proven by
@@ -79,6 +81,16 @@ def _linear_then_gelu_function(self, hidden_states):
     hidden_states = self.dense(hidden_states)
     hidden_states = gelu(hidden_states)  # noqa: F821  (the model file's global, by its rule)
     return hidden_states
+
+
+def _residual_norm_ffn(self, hidden):
+    # Funnel's FunnelPositionwiseFFN: the chain, its own dropout, then layer_norm(x + h).
+    h = self.linear1(hidden)
+    h = self.act(h)
+    h = self.act_dropout(h)
+    h = self.linear2(h)
+    h = self.dropout(h)
+    return self.layer_norm(hidden + h)
 
 
 def _chunked_forward(self, input):
@@ -174,6 +186,25 @@ def fuse_starcoder2(module: nn.Module, approximate: str | None, recompute: bool)
     if len(set(chain)) != 3 or not all(name in module._modules for name in chain):
         return 0
     # fuse_feed_forwards proves the children (plain Linears, a GELU, matching widths).
+    return fuse_feed_forwards(module, chain, approximate, recompute)
+
+
+# ---- Funnel ---------------------------------------------------------------------------------------
+
+
+def fuse_residual_norm(module: nn.Module, approximate: str | None, recompute: bool) -> int:
+    """Funnel's ``FunnelPositionwiseFFN``: ``linear_1 -> act -> activation_dropout -> linear_2``
+    fused as StarCoder2's chain is; the trailing ``dropout`` and ``layer_norm(hidden + h)`` are
+    the block's own code, untouched."""
+    if not _plain_container(module):
+        return 0
+    roles = match_template(type(module).forward, _residual_norm_ffn,
+                           ("linear1", "act", "act_dropout", "linear2"))
+    if roles is None:
+        return 0
+    chain = [roles["linear1"], roles["act"], roles["act_dropout"], roles["linear2"]]
+    if len(set(chain)) != 4 or not all(name in module._modules for name in chain):
+        return 0
     return fuse_feed_forwards(module, chain, approximate, recompute)
 
 
@@ -380,6 +411,7 @@ def patch_families(model: nn.Module, approximate: str | None, recompute: bool) -
     for parent in list(model.modules()):
         count += fuse_starcoder2(parent, approximate, recompute)
         count += fuse_chunked(parent, approximate, recompute)
+        count += fuse_residual_norm(parent, approximate, recompute)
         for name, block in list(parent._modules.items()):
             if block is None:
                 continue

@@ -8,7 +8,10 @@ Four shapes of ``forward`` are recognised, whatever the class (Hugging Face's or
 - T5 v1.1 / Flan-T5's ``T5DenseGatedActDense``: ``wo(dropout(act(wi_0(x)) * wi_1(x)))``, with
   its cast of the hidden to ``wo``'s dtype when they differ (Flan-T5-XXL keeps ``wo`` in float32);
 - LongT5's ``LongT5DenseGatedActDense``: T5's block without the cast;
-- T5Gemma's ``T5GemmaMLP``: ``down_proj(dropout(act_fn(gate_proj(x)) * up_proj(x)))``.
+- T5Gemma's ``T5GemmaMLP``: ``down_proj(dropout(act_fn(gate_proj(x)) * up_proj(x)))``;
+- RecurrentGemma's ``RecurrentGemmaMlp``: Gemma's block, the activated gate first kept in a local;
+- Gemma3n's ``Gemma3nTextMLP`` on its layers without activation sparsity (the top-k cut of the
+  gate on the others is not a GeGLU: those keep their own code).
 
 Proof that a block is one of them: its ``forward`` compiles to the same bytecode as a template
 below (instruction for instruction, up to the names of its locals and of the children the
@@ -105,11 +108,31 @@ def _t5gemma_mlp(self, x):
     return down_proj
 
 
+def _gate_then_down(self, x):
+    # RecurrentGemma's MLP: Gemma's, the activated gate kept in a local first.
+    gate = self.act(self.gate(x))
+    return self.down(gate * self.up(x))
+
+
+def _sparse_gate(self, x):
+    # Gemma3n's text MLP: Gemma's block, with a top-k cut of the gate on the layers whose
+    # activation_sparsity is above 0 (those are not fused, and a fused one whose sparsity is set
+    # later runs this code).
+    gate_proj = self.gate(x)
+    if self.activation_sparsity > 0.0:
+        gate_proj = self._gaussian_topk(gate_proj)
+    activations = self.act(gate_proj)
+    up_proj = self.up(x)
+    down_proj = self.down(activations * up_proj)
+    return down_proj
+
+
 # (template, whether it casts to down's dtype); Any: mypy sees a def as a Callable, not the
 # FunctionType it is.
 _TEMPLATES: tuple[tuple[Any, bool], ...] = (
     (_gemma_mlp, False), (_gemma_mlp_returned, False), (_t5_dense_gated_act_dense, True),
-    (_longt5_dense_gated_act_dense, False), (_t5gemma_mlp, False),
+    (_longt5_dense_gated_act_dense, False), (_t5gemma_mlp, False), (_gate_then_down, False),
+    (_sparse_gate, False),
 )
 
 # ---- what a block must hold ---------------------------------------------------------------------
@@ -122,6 +145,7 @@ class GatedSpec:
     roles: dict[str, str]
     form: str
     casts_to_down_dtype: bool
+    sparse_gate: bool = False  # Gemma3n: the block's own code wherever activation_sparsity > 0
 
 
 def gated_spec(block: nn.Module) -> GatedSpec | None:
@@ -155,7 +179,16 @@ def gated_spec(block: nn.Module) -> GatedSpec | None:
         return None
     if "dropout" in children and dropout_p(children["dropout"]) is None:
         return None
-    return GatedSpec(roles, form, casts)
+    sparse_gate = template is _sparse_gate
+    if sparse_gate and _sparsity(block) != 0.0:
+        return None  # the top-k cut is not a GeGLU: this layer keeps its own code
+    return GatedSpec(roles, form, casts, sparse_gate)
+
+
+def _sparsity(block: nn.Module) -> float | None:
+    """Gemma3n's ``activation_sparsity`` of ``block`` (None: not a number)."""
+    value = getattr(block, "activation_sparsity", None)
+    return None if isinstance(value, bool) or not isinstance(value, (int, float)) else value
 
 
 # ---- the fused block ------------------------------------------------------------------------------
@@ -180,6 +213,8 @@ class GatedGELUBlock(nn.Module):
         self.recompute = recompute
         self._spec = spec
         self._proven_types = self._child_types()
+        if spec.sparse_gate:  # the block's own code calls its top-k cut as a method of self
+            self._gaussian_topk = types.MethodType(self.original_class._gaussian_topk, self)
 
     def _child_types(self) -> tuple[type, ...]:
         return tuple(type(self.get_submodule(name)) for name in self._spec.roles.values())
@@ -199,7 +234,7 @@ class GatedGELUBlock(nn.Module):
         return self._role("gate"), self._role("up"), self._role("down")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._still_proven():
+        if not self._still_proven() or (self._spec.sparse_gate and _sparsity(self) != 0.0):
             return self.original_class.forward(self, x)
         gate, up, down = self._role("gate"), self._role("up"), self._role("down")
         dropout = self._role("dropout") if "dropout" in self._spec.roles else None
