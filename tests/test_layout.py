@@ -143,7 +143,6 @@ PRIVATE_IMPORTS_ALLOWED = {
                      "on a CPU-only torch (_runtime.capturing)",
     "test_parallel.py": "the custom ops' DTensor sharding rules, called directly",
     "test_plans.py": "counts the plans built (_plans.counts) and the op's validations",
-    "test_patch_families.py": "owned by helper hf2 this session: count_launches at its next edit",
     "test_patch_gated.py": "counts the calls of patch.gated's fused-block route (T5's casts)",
     "compile_families.py": "reads compile_route's history of what the backend rewrote",
 }
