@@ -41,7 +41,6 @@ The state dict keeps its keys and values (the same ``nn.Parameter`` objects).
 from __future__ import annotations
 
 import math
-import types
 
 import torch
 import torch.nn.functional as F
@@ -268,12 +267,11 @@ def esm_intermediate(block: nn.Module, approximate: str | None,
 # ---- ModernBERT ------------------------------------------------------------------------------------
 
 
-class PackedGatedGELUBlock(nn.Module):
-    """ModernBERT's ``ModernBertMLP`` fused: ``Wo(drop(act(a) * b))`` with ``a, b`` the two halves
-    of ``Wi``'s output, as one ``gated_feed_forward`` call on the two row halves of ``Wi``'s
-    weight (views: gradients reach ``Wi.weight`` itself). The same children under the same names;
-    the dropout module's p and mode are read at each call and draw our mask. A child hooked or
-    swapped for another class after the patch makes it run the block's own ``forward``."""
+class _TwinBlock(nn.Module):
+    """A model's block swapped for its fused twin: the same children and plain attributes under
+    the same names (the same state dict), the children's roles as the proof found them, the
+    GELU form and ``recompute``. ``proven()`` is False once a child has been hooked or swapped
+    for another class after the patch: the twin then runs the block's own ``forward``."""
 
     def __init__(self, block: nn.Module, roles: dict[str, str], form: str,
                  recompute: bool) -> None:
@@ -285,18 +283,34 @@ class PackedGatedGELUBlock(nn.Module):
                 setattr(self, name, value)
         self.training = block.training
         self.original_class = type(block)
-        self.roles = roles
-        self.form = form
-        self.recompute = recompute
+        self.roles, self.form, self.recompute = roles, form, recompute
         self._types = self._child_types()
 
     def _child_types(self) -> tuple[type, ...]:
         return tuple(type(self._modules[name]) for name in self.roles.values())
 
+    def children_by_role(self) -> dict[str, nn.Module]:
+        return {role: self._modules[name] for role, name in self.roles.items()}
+
+    def proven(self) -> bool:
+        return self._child_types() == self._types and not any(
+            has_hooks(m) for m in self.children_by_role().values())
+
+    def extra_repr(self) -> str:
+        cls = self.original_class
+        return f"replaces={cls.__module__}.{cls.__qualname__}, form={self.form!r}"
+
+
+class PackedGatedGELUBlock(_TwinBlock):
+    """ModernBERT's ``ModernBertMLP`` fused: ``Wo(drop(act(a) * b))`` with ``a, b`` the two halves
+    of ``Wi``'s output, as one ``gated_feed_forward`` call on the two row halves of ``Wi``'s
+    weight (views: gradients reach ``Wi.weight`` itself). The dropout module's p and mode are
+    read at each call and draw our mask."""
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        children = {role: self._modules[name] for role, name in self.roles.items()}
-        if self._child_types() != self._types or any(has_hooks(m) for m in children.values()):
+        if not self.proven():
             return self.original_class.forward(self, hidden_states)
+        children = self.children_by_role()
         packed, down, dropout = children["packed"], children["linear2"], children["dropout"]
         half = packed.weight.shape[0] // 2
         bias = packed.bias
@@ -305,10 +319,6 @@ class PackedGatedGELUBlock(nn.Module):
             None if bias is None else bias[:half], None if bias is None else bias[half:],
             down.bias, dropout=dropout.p, training=dropout.training, recompute=self.recompute,
             **form_arguments(self.form))
-
-    def extra_repr(self) -> str:
-        cls = self.original_class
-        return f"replaces={cls.__module__}.{cls.__qualname__}, form={self.form!r}"
 
 
 def packed_gated(block: nn.Module, approximate: str | None,
@@ -339,43 +349,24 @@ def packed_gated(block: nn.Module, approximate: str | None,
 # ---- BLOOM -------------------------------------------------------------------------------------
 
 
-class DropoutAddFeedForward(nn.Module):
+class DropoutAddFeedForward(_TwinBlock):
     """BLOOM's ``BloomMLP`` fused: ``dropout_add(feed_forward(x, ...), residual, p, training)``,
     ``feed_forward`` on the block's two Linears and ``dropout_add`` the model's own (proven).
-    The same children and attributes under the same names; ``pretraining_tp > 1`` with
-    ``slow_but_exact``, or a child hooked or swapped after the patch, runs the block's own
-    ``forward``."""
+    ``pretraining_tp > 1`` with ``slow_but_exact`` runs the block's own ``forward``."""
 
     def __init__(self, block: nn.Module, roles: dict[str, str], form: str, recompute: bool,
                  dropout_add) -> None:
-        super().__init__()
-        for name, child in block._modules.items():
-            self.add_module(name, child)
-        for name, value in vars(block).items():
-            if not name.startswith("_") and name != "training":
-                setattr(self, name, value)
-        self.training = block.training
-        self.original_class = type(block)
-        self.roles, self.form, self.recompute = roles, form, recompute
+        super().__init__(block, roles, form, recompute)
         self.dropout_add = dropout_add
-        self._types = self._child_types()
-
-    def _child_types(self) -> tuple[type, ...]:
-        return tuple(type(self._modules[name]) for name in self.roles.values())
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        up, down = self._modules[self.roles["linear1"]], self._modules[self.roles["linear2"]]
-        if (self.pretraining_tp > 1 and self.slow_but_exact) \
-                or self._child_types() != self._types \
-                or any(has_hooks(self._modules[name]) for name in self.roles.values()):
+        if (self.pretraining_tp > 1 and self.slow_but_exact) or not self.proven():
             return self.original_class.forward(self, hidden_states, residual)
+        children = self.children_by_role()
+        up, down = children["linear1"], children["linear2"]
         out = feed_forward(hidden_states, up.weight, up.bias, down.weight, down.bias,
                            recompute=self.recompute, **form_arguments(self.form))
         return self.dropout_add(out, residual, self.hidden_dropout, self.training)
-
-    def extra_repr(self) -> str:
-        cls = self.original_class
-        return f"replaces={cls.__module__}.{cls.__qualname__}, form={self.form!r}"
 
 
 def dropout_add_block(block: nn.Module, approximate: str | None,
