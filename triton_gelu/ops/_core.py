@@ -28,7 +28,10 @@ def new_like(t: Tensor, shape=None) -> Tensor:
 
 
 def rows(t: Tensor) -> Tensor:
-    """(..., n) -> (rows, n): a view when the leading dimensions collapse, else a copy."""
+    """(..., n) -> (rows, n): ``t`` itself when 2-D (a reshape would cost a view, and under
+    autograd a node, for nothing), a view when the leading dimensions collapse, else a copy."""
+    if t.dim() == 2:
+        return t
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 

@@ -231,7 +231,7 @@ def _plan(x: Tensor, config: BlockConfig):
 
     def launch(x, w1, b1, w2, b2):
         seed = dropout_seed(x.device) if p > 0.0 else None
-        x2d = x if x.dim() == 2 else rows(x)
+        x2d = rows(x)
         if not needs_grad(x, w1, b1, w2, b2):
             # Inference: no graph and no saved pre-activation.
             y, _ = backend.ffn_forward(x2d, w1, b1, w2, b2, seed, p, activation,

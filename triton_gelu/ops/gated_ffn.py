@@ -254,7 +254,7 @@ def _plan(x: Tensor, config: BlockConfig):
 
     def launch(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
         seed = dropout_seed(x.device) if p > 0.0 else None
-        x2d = x if x.dim() == 2 else rows(x)
+        x2d = rows(x)
         if not needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
             y, _, _ = block_forward(x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
                                     activation, False, *columns)

@@ -19,7 +19,8 @@ from .._plans import remember
 from .._settings import forced_path
 from ..activations import ACTIVATIONS, check_activation, resolve
 from ._core import (
-    Tensor, counted, distributed, dtensor_ops, new_like, on_fallback, planned, register_autograd,
+    Tensor, counted, distributed, dtensor_ops, needs_grad, new_like, on_fallback, planned,
+    register_autograd,
 )
 
 # ---- the custom ops -------------------------------------------------------------------------
@@ -112,7 +113,7 @@ def _plan(x: Tensor, activation: str):
     backend = launchers(x)
 
     def run(x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if needs_grad(x):
             return GELUFunction.apply(x, activation)
         return backend.gelu_forward(x, activation)  # inference: no graph, nothing saved
     return run
