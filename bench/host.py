@@ -114,7 +114,18 @@ def _entries(device: str) -> dict[str, tuple[Callable, Callable, list[torch.Tens
 
 @contextlib.contextmanager
 def _variant(name: str) -> Iterator[None]:
-    clear_plans()  # each variant plans its problems afresh (the fallback's route differs)
+    # Each variant plans its problems afresh (the fallback's route differs), and leaves no plan
+    # behind: a plan keeps the launches it bound (the stubs' included).
+    clear_plans()
+    try:
+        with _variant_settings(name):
+            yield
+    finally:
+        clear_plans()
+
+
+@contextlib.contextmanager
+def _variant_settings(name: str) -> Iterator[None]:
     if name == "eager-path":
         with force_path(**EAGER_PATHS):
             yield

@@ -577,11 +577,23 @@ def test_backward_computes_only_what_is_needed(needs, path_name, device, poison_
 def test_inference_keeps_nothing(device, monkeypatch):
     calls = []
 
+    def save_preact(*args, **kwargs) -> bool:
+        return kwargs["save_preact"] if "save_preact" in kwargs else args[8]
+
     def spy(*args, **kwargs):
-        calls.append(kwargs["save_preact"])
+        calls.append(save_preact(*args, **kwargs))
         return ffn.ffn_forward(*args, **kwargs)
 
+    def spy_bound(*args, **kwargs):  # a plan's later calls
+        bound = ffn.forward_launch(*args, **kwargs)
+
+        def run(*operands):
+            calls.append(save_preact(*args, **kwargs))
+            return bound(*operands)
+        return run
+
     monkeypatch.setattr(kernels, "ffn_forward", spy)
+    monkeypatch.setattr(kernels, "ffn_forward_launch", spy_bound)
     module = triton_gelu.FeedForward(D, HIDDEN, dropout=0.2, device=device)
     x = torch.randn(M, D, device=device)
     with torch.no_grad():

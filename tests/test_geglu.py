@@ -281,11 +281,21 @@ def test_inference_writes_only_h(device, monkeypatch):
     """g and u are neither saved nor written unless a gradient can be asked for."""
     calls = []
 
-    def spy(x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up):
+    def spy(x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up, *dropout):
         calls.append(save_gate_up)
-        return gk.geglu_forward(x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up)
+        return gk.geglu_forward(x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up,
+                                *dropout)
+
+    def spy_bound(*args):  # a plan's later calls
+        bound = gk.forward_launch(*args)
+
+        def run(*operands):
+            calls.append(args[6])
+            return bound(*operands)
+        return run
 
     monkeypatch.setattr(kernels, "geglu_forward", spy)
+    monkeypatch.setattr(kernels, "geglu_forward_launch", spy_bound)
     x, w_gate, w_up, b_gate, b_up = _operands((M, K), N, torch.float32, device)
     w_gate.requires_grad_(True)
     with torch.no_grad():

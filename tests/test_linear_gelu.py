@@ -307,7 +307,16 @@ def test_inference_writes_only_y(device, monkeypatch):
         calls.append(save_preact)
         return lg.linear_gelu_forward(x2d, weight, bias, activation, save_preact)
 
+    def spy_bound(x2d, weight, bias, activation, save_preact):  # a plan's later calls
+        bound = lg.forward_launch(x2d, weight, bias, activation, save_preact)
+
+        def run(*operands):
+            calls.append(save_preact)
+            return bound(*operands)
+        return run
+
     monkeypatch.setattr(kernels, "linear_gelu_forward", spy)
+    monkeypatch.setattr(kernels, "linear_gelu_forward_launch", spy_bound)
     x, weight, bias = _operands((M, K), N, torch.float32, device)
     weight.requires_grad_(True)
     with torch.no_grad():

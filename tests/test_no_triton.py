@@ -67,3 +67,8 @@ def test_kernels_and_fallback_have_the_same_launchers():
         triton_side = inspect.signature(getattr(kernels, name))
         torch_side = inspect.signature(getattr(fallback, name))
         assert triton_side == torch_side, f"{name}: kernels{triton_side}, fallback{torch_side}"
+    # and the per-problem launches the plans bind (a tensor-parallel shard's plan on the
+    # fallback binds the fallback's)
+    launches = {name for name in dir(kernels) if name.endswith("_launch")}
+    assert launches == {f"{name}_launch" for name in kernels.__all__}, launches
+    assert launches <= set(dir(fallback)), launches - set(dir(fallback))

@@ -126,3 +126,104 @@ def test_the_environment_is_read_once_and_again_after_clear_plans(monkeypatch):
         clear_plans()
         assert_like_torch(triton_gelu.gelu, F.gelu, [x], "gelu on the fallback")
     assert not launched, f"a kernel ran on the fallback: {launched}"
+
+
+def _layouts(m: int, k: int) -> list[torch.Tensor]:
+    """Fresh (m, k) operands of one problem in three layouts: contiguous, transposed, a slice."""
+    return [torch.randn(m, k, device=DEVICE), torch.randn(k, m, device=DEVICE).t(),
+            torch.randn(m, k + 9, device=DEVICE)[:, 4:4 + k]]
+
+
+def _tanh(t):
+    return F.gelu(t, approximate="tanh")
+
+
+# entry -> (ours, eager PyTorch's, the parameters' shapes) for x (5, 12)
+ENTRIES = {
+    "gelu": (triton_gelu.gelu, F.gelu, []),
+    "linear_gelu": (triton_gelu.linear_gelu, lambda x, w, b: F.gelu(F.linear(x, w, b)),
+                    [(7, 12), (7,)]),
+    "feed_forward": (triton_gelu.feed_forward,
+                     lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
+                     [(7, 12), (7,), (12, 7), (12,)]),
+    "geglu": (triton_gelu.geglu, lambda x, wg, wu: _tanh(F.linear(x, wg)) * F.linear(x, wu),
+              [(7, 12), (7, 12)]),
+    "gated_feed_forward": (triton_gelu.gated_feed_forward,
+                           lambda x, wg, wu, wd: F.linear(
+                               _tanh(F.linear(x, wg)) * F.linear(x, wu), wd),
+                           [(7, 12), (7, 12), (12, 7)]),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("grad", [False, True], ids=["infer", "fwd+bwd"])
+def test_later_calls_launch_the_kept_launch_as_the_first_call_did(entry, grad):
+    """After a problem's first call its plan keeps the launch (path, config, grid, constant
+    arguments): later calls, with fresh operands of the same problem in other layouts, compute
+    what the first did, by the suite's rule, and run and count the same paths and launches."""
+    ours, theirs, shapes = ENTRIES[entry]
+    params = [torch.randn(*shape, device=DEVICE) / 3 for shape in shapes]
+    counted = []
+    for x in _layouts(5, 12):
+        inputs = [x, *params] if params else [x.requires_grad_(grad)]
+        with count_launches() as launched, count_paths() as ran:
+            assert_like_torch(ours, theirs, inputs, f"{entry}, x strides {x.stride()}",
+                              grad=grad)
+        counted.append((dict(launched), dict(ran)))
+    assert counted[0][0], f"no kernel ran: {counted}"
+    assert counted[1:] == counted[:1] * 2, counted
+
+
+@pytest.mark.parametrize("entry", ["feed_forward", "gated_feed_forward"])
+def test_later_calls_draw_and_regenerate_the_dropout_mask_as_the_first_did(entry):
+    """A block with dropout: a later call under the same torch seed gives the first call's
+    output and gradients bit for bit (the kept launches draw the mask from the call's seed,
+    and the backward regenerates it)."""
+    ours, _, shapes = ENTRIES[entry]
+    params = [(torch.randn(*shape, device=DEVICE) / 3).requires_grad_(True) for shape in shapes]
+    x = torch.randn(5, 12, device=DEVICE, requires_grad=True)
+    dropout = {"p": 0.3} if entry == "feed_forward" else {"dropout": 0.3, "training": True}
+    results = []
+    for _ in range(3):
+        torch.manual_seed(7)
+        y = ours(x, *params, **dropout)
+        y.backward(torch.ones_like(y))
+        results.append([y.detach(), *(t.grad for t in (x, *params))])
+        for t in (x, *params):
+            t.grad = None
+    with torch.no_grad():
+        assert not torch.allclose(results[0][0], ours(x, *params)), "dropout did not run"
+    for later in results[1:]:
+        for first, again in zip(results[0], later):
+            assert torch.equal(first, again)
+
+
+def test_a_kept_launch_follows_the_tf32_setting(monkeypatch):
+    """float32 matmuls use TF32 exactly when torch allows it, also on a problem planned before
+    the setting changed (``allow_tf32`` is read at each call, not kept)."""
+    from triton_gelu.tuning.tuner import tuners
+
+    tuner, seen = tuners["linear_gelu_fwd"], []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(**arguments):
+                seen.append(arguments["INPUT_PRECISION"])
+                return self.kernel[grid](**arguments)
+            return launch
+
+    monkeypatch.setattr(tuner, "kernel", Spy(tuner.kernel))
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    x, w, b = _operands()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        for _ in range(2):
+            triton_gelu.linear_gelu(x, w, b)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        triton_gelu.linear_gelu(x, w, b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    assert seen == ["ieee", "ieee", "tf32"]

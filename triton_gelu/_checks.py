@@ -86,18 +86,11 @@ def _check_weight_and_bias(
             )
 
 
-def check_linear_2d(x2d: object, weight: object, bias: object | None) -> None:
-    """``check_linear`` for the launchers, which take x already flattened to (M, K)."""
-    check_linear(x2d, weight, bias)
-    if x2d.dim() != 2:
-        raise ValueError(f"x must be 2-D (M, in_features) here, got shape {tuple(x2d.shape)}")
-
-
 def check_linear_backward(
     dy2d: object, x2d: torch.Tensor, weight: torch.Tensor, preact: object
 ) -> None:
-    """The backward launchers' operands: dy and the saved pre-activation are (M, N)."""
-    check_linear_2d(x2d, weight, None)
+    """The backward's other operands, once x (flattened to ``x2d``) and weight passed
+    ``check_linear``: dy and the saved pre-activation are (M, N)."""
     check_same_device([("x", x2d), ("dy", check_tensor("dy", dy2d)),
                        ("preact", check_tensor("preact", preact))])
     expected = (x2d.shape[0], weight.shape[0])
@@ -138,9 +131,9 @@ def check_geglu_backward(
     dh2d: object, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, gate: object,
     up: object, needs: Sequence[bool],
 ) -> tuple[bool, ...]:
-    """The backward launchers' operands: dh and the saved gate and up are (M, N); ``needs``
-    holds five flags (dx, dw_gate, dw_up, db_gate, db_up), returned as a tuple of bools."""
-    check_geglu_2d(x2d, w_gate, w_up, None, None)
+    """The backward's other operands, once x (flattened to ``x2d``) and the weights passed
+    ``check_geglu``: dh and the saved gate and up are (M, N); ``needs`` holds five flags (dx,
+    dw_gate, dw_up, db_gate, db_up), returned as a tuple of bools."""
     named = [("dh", dh2d), ("gate", gate), ("up", up)]
     check_same_device([("x", x2d)] + [(name, check_tensor(name, t)) for name, t in named])
     expected = (x2d.shape[0], w_gate.shape[0])

@@ -43,3 +43,10 @@ def clear_plans() -> None:
     environment, validates and routes again (public as ``triton_gelu.autotune.clear_plans``)."""
     plans.clear()
     reread_environment()
+
+
+def forget_plans() -> None:
+    """Forget every plan (and the launches they keep), not the environment: what a chooser
+    that forgets its choices (``tuning.chooser.Chooser.forget``) calls, so that no plan keeps
+    a launch it no longer would choose."""
+    plans.clear()

@@ -105,5 +105,8 @@ _NO_CONTEXT = contextlib.nullcontext()  # reusable: one for every CPU launch
 
 
 def device_context(t: torch.Tensor):
-    """Launch on the tensor's own GPU (not the current one); nothing to do on the CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else _NO_CONTEXT
+    """Launch on the tensor's own GPU (not the current one); nothing to do on the CPU or when it
+    is the current one (switching devices costs a few microseconds a launch)."""
+    if not t.is_cuda or t.get_device() == torch.cuda.current_device():
+        return _NO_CONTEXT
+    return torch.cuda.device(t.device)

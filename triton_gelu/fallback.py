@@ -141,3 +141,43 @@ def ffn_backward(
         dy2d, x2d, w1, w2, preact, keep, reference.dropout_constants(p)[1], activation
     )
     return tuple(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs))
+
+
+# ---- per-problem launches ---------------------------------------------------------------------
+# The kernels' ``*_launch`` functions keep a problem's launch for its plan (``kernels/__init__``);
+# the fallback keeps nothing per problem: each of these is its launcher with the call's flags,
+# taking what the kernels' bound launch takes. (Reached by a tensor-parallel shard's plan on the
+# fallback: other plans there run eager PyTorch's ops.)
+
+
+def _with_flags(launcher, n_tensors: int):
+    def launch(*args):
+        flags = args[n_tensors:]
+        return lambda *tensors: launcher(*tensors, *flags)
+    return launch
+
+
+gelu_forward_launch = _with_flags(gelu_forward, 1)
+gelu_backward_launch = _with_flags(gelu_backward, 2)
+linear_gelu_forward_launch = _with_flags(linear_gelu_forward, 3)
+linear_preact_launch = _with_flags(linear_preact, 3)
+linear_gelu_backward_launch = _with_flags(linear_gelu_backward, 4)
+ffn_forward_launch = _with_flags(ffn_forward, 6)
+ffn_backward_launch = _with_flags(ffn_backward, 6)
+geglu_gate_up_launch = _with_flags(geglu_gate_up, 5)
+
+
+def geglu_forward_launch(x2d, w_gate, w_up, b_gate, b_up, activation: str, save_gate_up: bool,
+                         seed=None, p: float = 0.0, col_offset: int = 0, n_cols=None):
+    """(x2d, w_gate, w_up, b_gate, b_up, seed) -> (h, g, u), as the kernels' bound launch."""
+    return lambda x2d, w_gate, w_up, b_gate, b_up, seed: geglu_forward(
+        x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up, seed, p, col_offset, n_cols)
+
+
+def geglu_backward_launch(dh2d, x2d, w_gate, w_up, gate, up, activation: str, needs,
+                          write_h: bool = False, seed=None, p: float = 0.0,
+                          col_offset: int = 0, n_cols=None):
+    """(dh2d, x2d, w_gate, w_up, gate, up, seed) -> geglu_backward's outputs."""
+    return lambda dh2d, x2d, w_gate, w_up, gate, up, seed: geglu_backward(
+        dh2d, x2d, w_gate, w_up, gate, up, activation, needs, write_h, seed, p, col_offset,
+        n_cols)

@@ -34,7 +34,8 @@ start at multiples of 4 columns) and the elementwise kernels draw the same one, 
 ``reference.dropout_keep`` (an exact PyTorch copy of the generator) too. Four words per Philox
 call: a quarter of the integer work of one call per element, which in a matmul epilogue is the
 difference between hiding under the matmul and doubling a small one's time. The host side of
-dropout is here too: ``dropout_arguments`` (what every launcher passes a dropout epilogue) and
+dropout is here too: ``dropout_arguments`` (what every launcher passes a dropout epilogue; ``dropout_constants``,
+the part a problem's launches share) and
 ``without_dropout`` (the ``Paths`` predicate of the paths that cannot draw this mask).
 
 Under tensor parallel a rank holds columns ``col_offset`` .. ``col_offset + N`` of the whole
@@ -216,22 +217,22 @@ def ceil_div(a: int, b: int) -> int:
 def dropout_arguments(seed: torch.Tensor | None, p: float, n_cols: int,
                       col_offset: int = 0) -> dict:
     """The dropout arguments every kernel with a dropout epilogue takes (``seed_ptr``,
-    ``dropout_threshold``, ``dropout_scale``, ``dropout_col_offset``, ``dropout_n_cols``,
-    ``HAS_DROPOUT``), for probability ``p`` and the call's columns being columns ``col_offset``
-    .. of an activation of ``n_cols`` (tensor parallel: a rank's shard; else the call's own
-    columns and 0): with p == 0 dropout is compiled out and no seed is read."""
-    if p == 0.0:  # every launch without dropout: one shared dict (the callers only read it)
-        return _no_dropout_arguments(n_cols, col_offset)
-    threshold, scale = reference.dropout_constants(p)
-    return dict(seed_ptr=seed, dropout_threshold=threshold, dropout_scale=scale,
-                dropout_col_offset=col_offset, dropout_n_cols=n_cols, HAS_DROPOUT=True)
+    ``dropout_n_cols`` and ``dropout_constants``), for probability ``p`` and the call's columns
+    being columns ``col_offset`` .. of an activation of ``n_cols`` (tensor parallel: a rank's
+    shard; else the call's own columns and 0): with p == 0 dropout is compiled out and no seed
+    is read."""
+    return dict(seed_ptr=seed if p != 0.0 else None, dropout_n_cols=n_cols,
+                **dropout_constants(p, col_offset))
 
 
 @functools.lru_cache(maxsize=256)
-def _no_dropout_arguments(n_cols: int, col_offset: int) -> dict:
-    threshold, scale = reference.dropout_constants(0.0)
-    return dict(seed_ptr=None, dropout_threshold=threshold, dropout_scale=scale,
-                dropout_col_offset=col_offset, dropout_n_cols=n_cols, HAS_DROPOUT=False)
+def dropout_constants(p: float, col_offset: int = 0) -> dict:
+    """The dropout arguments that are the same for every call of a problem (``dropout_threshold``,
+    ``dropout_scale``, ``dropout_col_offset``, ``HAS_DROPOUT``): one shared dict per (p,
+    col_offset), which the callers only read."""
+    threshold, scale = reference.dropout_constants(p)
+    return dict(dropout_threshold=threshold, dropout_scale=scale, dropout_col_offset=col_offset,
+                HAS_DROPOUT=p != 0.0)
 
 
 def without_dropout(*args: object, p: float, **kwargs: object) -> bool:

@@ -54,7 +54,7 @@ unrounded float32 dz on the fused path.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -69,7 +69,7 @@ from ..tuning.tuner import Tuner
 from . import _matmul
 from . import gelu as _gelu
 from ._math import (
-    activate, activate_grad, cast_to, ceil_div, dropout_arguments, dropout_factor_tile,
+    activate, activate_grad, cast_to, ceil_div, dropout_constants, dropout_factor_tile,
     without_dropout,
 )
 from ._matmul import (
@@ -80,7 +80,7 @@ from ._matmul import (
 from .gelu import gelu_dropout_backward, gelu_dropout_forward
 from .linear_gelu import forward_torch as _linear_gelu_torch
 from .linear_gelu import (
-    linear_gelu_fwd_kernel, linear_gelu_fwd_tma_kernel, matmul_bias, launch_forward,
+    bound_forward, linear_gelu_fwd_kernel, linear_gelu_fwd_tma_kernel, matmul_bias, launch_forward,
 )
 
 Tensor = torch.Tensor
@@ -386,6 +386,33 @@ def _forward_composed(
 # ---- backward --------------------------------------------------------------------------------
 
 
+def _dz_problem(dy2d: Tensor, preact: Tensor, p: float, activation: str, write_h: bool,
+                sum_db1: bool, db1_rows: int, col_offset: int, n_cols: int,
+                tma: bool) -> tuple[tuple, Callable, dict]:
+    """(key, grid, constant arguments) of a dz launch: what every launch of one problem shares
+    (dz, h and db1's partial sums are contiguous)."""
+    (M, E), hidden = dy2d.shape, preact.shape[1]
+    precision = input_precision(preact.dtype)
+    key = (bucket(M), hidden, E, preact.dtype, activation, p > 0.0, write_h, sum_db1,
+           precision)
+    constants = dict(M=M, F=hidden, E=E, db1_part_rows=db1_rows, ACTIVATION=activation,
+                     WRITE_H=write_h, SUM_DB1=sum_db1, INPUT_PRECISION=precision,
+                     dropout_n_cols=n_cols, **dropout_constants(p, col_offset))
+    grid = persistent_grid(M, hidden, preact.device) if tma else \
+        tile_grid(M, hidden, "BLOCK_SIZE_M", "BLOCK_SIZE_N")
+    return key, grid, constants
+
+
+def _dz_operands(tma: bool, dy2d, w2, preact, dz, h, db1_part, seed) -> dict:
+    operands = dict(dy_ptr=dy2d, w2_ptr=w2, preact_ptr=preact, dz_ptr=dz, h_ptr=h,
+                    db1_part_ptr=db1_part, seed_ptr=seed, stride_dym=dy2d.stride(0),
+                    stride_w2e=w2.stride(0), stride_zm=preact.stride(0),
+                    stride_zf=preact.stride(1))
+    if not tma:
+        operands.update(stride_dye=dy2d.stride(1), stride_w2f=w2.stride(1))
+    return operands
+
+
 def _launch_dz(
     dy2d: Tensor, w2: Tensor, preact: Tensor, seed: Tensor | None, p: float,
     activation: str, dz: Tensor, h: Tensor | None, db1_part: Tensor | None,
@@ -393,30 +420,34 @@ def _launch_dz(
 ) -> int:
     """The dz kernel (``tma``: its Hopper variant, on operands descriptors can serve); returns
     how many rows of ``db1_part`` it wrote (one per M-tile)."""
-    (M, E), hidden = dy2d.shape, preact.shape[1]
-    precision = input_precision(preact.dtype)
-    key = (bucket(M), hidden, E, preact.dtype, activation, p > 0.0, h is not None,
-           db1_part is not None, precision)
-    arguments = dict(
-        dy_ptr=dy2d, w2_ptr=w2, preact_ptr=preact, dz_ptr=dz, h_ptr=h,
-        db1_part_ptr=db1_part, M=M, F=hidden, E=E,
-        db1_part_rows=0 if db1_part is None else db1_part.shape[0],
-        stride_dym=dy2d.stride(0), stride_w2e=w2.stride(0),
-        stride_zm=preact.stride(0), stride_zf=preact.stride(1),
-        ACTIVATION=activation, WRITE_H=h is not None,
-        SUM_DB1=db1_part is not None, INPUT_PRECISION=precision,
-        **dropout_arguments(seed, p, n_cols, col_offset),
-    )
+    key, grid, constants = _dz_problem(
+        dy2d, preact, p, activation, h is not None, db1_part is not None,
+        0 if db1_part is None else db1_part.shape[0], col_offset, n_cols, tma)
     with device_context(preact):
         if tma:
             use_tma_allocator()
-            meta = _dz_tma_tuner.run(persistent_grid(M, hidden, preact.device), key,
-                                     **arguments)
-        else:
-            meta = _dz_tuner.run(
-                tile_grid(M, hidden, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
-                stride_dye=dy2d.stride(1), stride_w2f=w2.stride(1), **arguments)
-    return ceil_div(M, meta["BLOCK_SIZE_M"])
+        meta = (_dz_tma_tuner if tma else _dz_tuner).run(grid, key, **constants, **_dz_operands(
+            tma, dy2d, w2, preact, dz, h, db1_part, seed if p > 0.0 else None))
+    return ceil_div(dy2d.shape[0], meta["BLOCK_SIZE_M"])
+
+
+def _dz_outputs(x2d: Tensor, preact: Tensor, need_dw2: bool, db1_rows: int | None):
+    """(dz, h or None, db1's partial sums or None), new; ``db1_rows``: None without db1."""
+    shape = tuple(preact.shape)
+    return (_matmul.new_output(shape, x2d),
+            _matmul.new_output(shape, x2d) if need_dw2 else None,
+            None if db1_rows is None else
+            _matmul.new_output((db1_rows, shape[1]), x2d, torch.float32))
+
+
+def _db1(dz: Tensor, db1_part: Tensor | None, rows_written: int, x2d: Tensor) -> Tensor | None:
+    """db1 from the dz kernel's partial sums (None without them)."""
+    if db1_part is None:
+        return None
+    if rows_written <= db1_part.shape[0]:
+        return db1_part[:rows_written].sum(0).to(x2d.dtype)
+    # a cached tile smaller than today's config space: the kernel kept in bounds
+    return dz.sum(0, dtype=torch.float32).to(x2d.dtype)
 
 
 def _backward_fused(
@@ -428,22 +459,15 @@ def _backward_fused(
     need_dx, need_dw1, need_db1, need_dw2, _ = needs
     (M, hidden), dz, h, db1 = preact.shape, None, None, None
     if need_dx or need_dw1 or need_db1:
-        dz = _matmul.new_output((M, hidden), x2d)
-        h = _matmul.new_output((M, hidden), x2d) if need_dw2 else None
-        db1_part = None
-        if need_db1:  # sized for the smallest M-tile the tuner may pick
-            tuner = _dz_tma_tuner if tma else _dz_tuner
-            rows = ceil_div(M, tuner.smallest("BLOCK_SIZE_M"))
-            db1_part = _matmul.new_output((rows, hidden), x2d, torch.float32)
+        # db1's partial sums: sized for the smallest M-tile the tuner may pick
+        db1_rows = ceil_div(M, (_dz_tma_tuner if tma else _dz_tuner).smallest(
+            "BLOCK_SIZE_M")) if need_db1 else None
+        dz, h, db1_part = _dz_outputs(x2d, preact, need_dw2, db1_rows)
         rows_written = 0
         if M and hidden:
             rows_written = _launch_dz(dy2d, w2, preact, seed, p, activation, dz, h,
                                       db1_part, col_offset, n_cols, tma)
-        if need_db1:
-            if rows_written <= db1_part.shape[0]:
-                db1 = db1_part[:rows_written].sum(0).to(x2d.dtype)
-            else:  # a cached tile smaller than today's config space: the kernel kept in bounds
-                db1 = dz.sum(0, dtype=torch.float32).to(x2d.dtype)
+        db1 = _db1(dz, db1_part, rows_written, x2d)
     elif need_dw2:
         h = _gelu_dropout(preact, seed, p, activation, x2d, col_offset, n_cols)
     dw2 = _mm(dy2d.t(), h) if need_dw2 else None
@@ -602,3 +626,86 @@ def ffn_backward(
                                activation=activation, needs=needs, col_offset=col_offset,
                                n_cols=w1.shape[0] if n_cols is None else n_cols)
 
+
+
+# ---- per-problem launches (the plans of ``ops/ffn.py``; see ``linear_gelu.py``'s) -----------
+
+
+def forward_launch(x2d, w1, b1, w2, b2, seed, p: float, activation: str, save_preact: bool,
+                   col_offset: int = 0, n_cols: int | None = None) -> Callable:
+    """``ffn_forward`` bound to this problem: (x2d, w1, b1, w2, b2, seed) -> (y, preact)."""
+    n_cols = w1.shape[0] if n_cols is None else n_cols
+    kwargs = dict(p=p, activation=activation, save_preact=save_preact, col_offset=col_offset,
+                  n_cols=n_cols)
+
+    def launcher(x2d, w1, b1, w2, b2, seed):
+        return ffn_forward(x2d, w1, b1, w2, b2, seed, **kwargs)
+    tensors = (x2d, w1, b1, w2, b2, seed)
+    key = _path_key(x2d, w1, w2, p, activation, b1 is not None, b2 is not None, save_preact)
+    path = _forward_paths.settled(key, tensors, kwargs)
+    tuner = {"fused": _fwd_tuner, "tma": _fwd_tma_tuner}.get(path)
+    (M, _), hidden = x2d.shape, w1.shape[0]
+    bound = None if tuner is None or not (M and hidden) else bound_forward(
+        tuner, x2d, w1, b1, True, save_preact, activation, p, col_offset, n_cols)
+    if bound is None:
+        return _forward_paths.bound(key, tensors, (), kwargs) or launcher
+    serves, launch = bound
+    count = _forward_paths.counted(path)
+
+    def run(x2d, w1, b1, w2, b2, seed):
+        if not serves(x2d, w1):
+            return launcher(x2d, w1, b1, w2, b2, seed)
+        h = _matmul.new_output((M, hidden), x2d)
+        preact = _matmul.new_output((M, hidden), x2d) if save_preact else None
+        count()
+        launch(x2d, w1, b1, h, preact, seed)
+        return matmul_bias(h, w2, b2), preact
+    return run
+
+
+def backward_launch(dy2d, x2d, w1, w2, preact, seed, p: float, activation: str,
+                    needs: Sequence[bool], col_offset: int = 0,
+                    n_cols: int | None = None) -> Callable:
+    """``ffn_backward`` bound to this problem: (dy2d, x2d, w1, w2, preact, seed) -> grads (its
+    path settled; its kernels launch by their Tuners)."""
+    n_cols = w1.shape[0] if n_cols is None else n_cols
+    kwargs = dict(p=p, activation=activation, needs=needs, col_offset=col_offset,
+                  n_cols=n_cols)
+    key, tensors = _path_key(x2d, w1, w2, p, activation, *needs), (dy2d, x2d, w1, w2, preact,
+                                                                   seed)
+    path_run = _backward_paths.bound(key, tensors, (), kwargs) or (
+        lambda *tensors: ffn_backward(*tensors, **kwargs))
+    path = _backward_paths.settled(key, tensors, kwargs)
+    need_dx, need_dw1, need_db1, need_dw2, _ = needs
+    (M, hidden), tma = preact.shape, path == "tma"
+    if path not in ("fused", "tma") or not (M and hidden) or not (
+            need_dx or need_dw1 or need_db1) or (tma and not tma_compatible(dy2d, w2)):
+        return path_run
+    # dz's launch kept (as ``linear_gelu.bound_forward``), for operands it may take.
+    tuner = _dz_tma_tuner if tma else _dz_tuner
+    db1_rows = ceil_div(M, tuner.smallest("BLOCK_SIZE_M")) if need_db1 else None
+    dz_key, grid, constants = _dz_problem(dy2d, preact, p, activation, need_dw2, need_db1,
+                                          db1_rows or 0, col_offset, n_cols, tma)
+    with device_context(preact):
+        launch, meta = tuner.bound(grid, dz_key, **constants), tuner.best_meta(dz_key)
+    if launch is None:
+        return path_run
+    precision, rows_written, count = constants["INPUT_PRECISION"], ceil_div(
+        M, meta["BLOCK_SIZE_M"]), _backward_paths.counted(path)
+
+    def run(dy2d, x2d, w1, w2, preact, seed):
+        if (precision is not None and input_precision(preact.dtype) != precision) or (
+                tma and not tma_compatible(dy2d, w2)):
+            return path_run(dy2d, x2d, w1, w2, preact, seed)
+        dz, h, db1_part = _dz_outputs(x2d, preact, need_dw2, db1_rows)
+        count()
+        with device_context(preact):
+            if tma:
+                use_tma_allocator()
+            launch(**_dz_operands(tma, dy2d, w2, preact, dz, h, db1_part,
+                                  seed if p > 0.0 else None))
+        dw2 = _mm(dy2d.t(), h) if need_dw2 else None
+        del h  # transient: freed before dx and dW1 are computed
+        return _linear1_grads(dy2d, x2d, w1, dz, _db1(dz, db1_part, rows_written, x2d), dw2,
+                              needs)
+    return run

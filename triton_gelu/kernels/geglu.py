@@ -80,8 +80,8 @@ from ..tuning.tuner import Tuner
 from . import _matmul
 from . import gelu as _gelu
 from ._math import (
-    cast_to, dropout_arguments, dropout_factor_flat, dropout_factor_tile, activate, activate_grad,
-    without_dropout,
+    activate, activate_grad, cast_to, dropout_arguments, dropout_constants, dropout_factor_flat,
+    dropout_factor_tile, without_dropout,
 )
 from ._matmul import (
     cublas_context, dot_operand, input_precision, output_tile, output_tile_of, persistent_grid,
@@ -489,43 +489,65 @@ def _forward_key(x2d: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor |
     return _key(x2d, w_gate, activation, p > 0.0, b_gate is not None, b_up is not None)
 
 
+def _forward_problem(x2d, w_gate, b_gate, b_up, activation: str, write_h: bool,
+                     save_gate_up: bool, p: float, col_offset: int, n_cols: int,
+                     tma: bool) -> tuple[tuple, Callable, dict]:
+    """(key, grid, constant arguments) of a forward launch: what every launch of one problem
+    shares (the outputs are (M, N) contiguous)."""
+    (M, K), N = x2d.shape, w_gate.shape[0]
+    key = _forward_key(x2d, w_gate, b_gate, b_up, activation, p)
+    constants = dict(
+        M=M, N=N, K=K, stride_om=N, ACTIVATION=activation, HAS_GATE_BIAS=b_gate is not None,
+        HAS_UP_BIAS=b_up is not None, WRITE_H=write_h, SAVE_GATE_UP=save_gate_up,
+        INPUT_PRECISION=key[-1], dropout_n_cols=n_cols,
+        **dropout_constants(p if write_h else 0.0, col_offset))  # the mask is h's alone
+    grid = persistent_grid(M, N, x2d.device) if tma else \
+        tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N")
+    return key, grid, constants
+
+
+def _forward_operands(tma: bool, x2d, w_gate, w_up, b_gate, b_up, h, g, u, seed) -> dict:
+    """The arguments of one forward launch that its problem does not fix: tensors, strides."""
+    operands = dict(
+        x_ptr=x2d, wg_ptr=w_gate, wu_ptr=w_up,
+        # N elements each: cheaper to copy than to pass another stride
+        bg_ptr=None if b_gate is None else b_gate.contiguous(),
+        bu_ptr=None if b_up is None else b_up.contiguous(),
+        h_ptr=h, g_ptr=g, u_ptr=u, seed_ptr=seed, stride_xm=x2d.stride(0),
+        stride_wgn=w_gate.stride(0), stride_wun=w_up.stride(0))
+    if not tma:
+        operands.update(stride_xk=x2d.stride(1), stride_wgk=w_gate.stride(1),
+                        stride_wuk=w_up.stride(1))
+    return operands
+
+
+def _forward_outputs(M: int, N: int, x2d, write_h: bool, save_gate_up: bool) -> Outputs:
+    h = _matmul.new_output((M, N), x2d) if write_h else None
+    g, u = (_matmul.new_output((M, N), x2d) for _ in "gu") if save_gate_up else (None, None)
+    return h, g, u
+
+
 def _forward_fused(
     x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
     b_up: torch.Tensor | None, activation: str, write_h: bool, save_gate_up: bool,
     seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int, tma: bool = False,
 ) -> Outputs:
     # tma: by the Hopper kernel (the "tma" path, on operands descriptors can serve)
-    (M, K), N = x2d.shape, w_gate.shape[0]
-    h = _matmul.new_output((M, N), x2d) if write_h else None
-    g, u = (_matmul.new_output((M, N), x2d) for _ in "gu") if save_gate_up else (None, None)
+    M, N = x2d.shape[0], w_gate.shape[0]
+    h, g, u = _forward_outputs(M, N, x2d, write_h, save_gate_up)
     if M == 0 or N == 0:
         return h, g, u
-    key = _forward_key(x2d, w_gate, b_gate, b_up, activation, p)
-    b_gate = None if b_gate is None else b_gate.contiguous()  # N elements: cheaper than a stride
-    b_up = None if b_up is None else b_up.contiguous()
-    out = h if h is not None else g
-    arguments = dict(
-        x_ptr=x2d, wg_ptr=w_gate, wu_ptr=w_up, bg_ptr=b_gate, bu_ptr=b_up,
-        h_ptr=h, g_ptr=g, u_ptr=u, M=M, N=N, K=K, stride_xm=x2d.stride(0),
-        stride_wgn=w_gate.stride(0), stride_wun=w_up.stride(0), stride_om=out.stride(0),
-        ACTIVATION=activation, HAS_GATE_BIAS=b_gate is not None,
-        HAS_UP_BIAS=b_up is not None, WRITE_H=write_h, SAVE_GATE_UP=save_gate_up,
-        INPUT_PRECISION=input_precision(x2d.dtype),
-        # the mask is h's alone
-        **dropout_arguments(seed, p if write_h else 0.0, n_cols, col_offset),
-    )
+    key, grid, constants = _forward_problem(x2d, w_gate, b_gate, b_up, activation, write_h,
+                                            save_gate_up, p, col_offset, n_cols, tma)
+    operands = _forward_operands(tma, x2d, w_gate, w_up, b_gate, b_up, h, g, u,
+                                 seed if write_h and p > 0.0 else None)
     with device_context(x2d):
         if tma:
             # The tile loop is not flattened: with two float32 accumulators, an epilogue
             # inside the pipelined loop spills there (tests/aot_compile.py); after the K loop
             # it spills a few registers outside it.
             use_tma_allocator()
-            _fwd_tma_tuner.run(persistent_grid(M, N, x2d.device), key, **arguments)
-        else:
-            _fwd_tuner.run(
-                tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key,
-                stride_xk=x2d.stride(1), stride_wgk=w_gate.stride(1), stride_wuk=w_up.stride(1),
-                **arguments)
+        (_fwd_tma_tuner if tma else _fwd_tuner).run(grid, key, **constants, **operands)
     return h, g, u
 
 
@@ -678,7 +700,7 @@ def _input_and_weight_grads(
     need_dx, need_dwg, need_dwu, need_dbg, need_dbu = needs
     (M, K), N = x2d.shape, w_gate.shape[0]
     dx = dwg = dwu = dbg = dbu = None
-    with torch.autocast(x2d.device.type, enabled=False):
+    with cublas_context(x2d):
         if need_dx:
             dx = torch.mm(dgate, w_gate, out=_matmul.new_output((M, K), x2d))
             dx.addmm_(dup, w_up)
@@ -693,26 +715,41 @@ def _input_and_weight_grads(
     return dx, dwg, dwu, dbg, dbu
 
 
+def _backward_problem(x2d, w_gate, activation: str, write_h: bool, p: float, col_offset: int,
+                      n_cols: int) -> tuple[tuple, Callable, dict]:
+    """(key, grid, constant arguments) of the backward's elementwise launch."""
+    n = x2d.shape[0] * w_gate.shape[0]
+    return ((bucket(n), x2d.dtype, activation, write_h, p > 0.0), elementwise_grid(n),
+            dict(n_elements=n, ACTIVATION=activation, WRITE_H=write_h, dropout_n_cols=n_cols,
+                 **dropout_constants(p, col_offset)))
+
+
+def _backward_outputs(x2d, w_gate, write_h: bool):
+    """(dg, du, h or None), new (M, N)."""
+    shape = (x2d.shape[0], w_gate.shape[0])
+    return (_matmul.new_output(shape, x2d), _matmul.new_output(shape, x2d),
+            _matmul.new_output(shape, x2d) if write_h else None)
+
+
+def _backward_operands(dh2d, gate, up, dgate, dup, h, seed) -> dict:
+    dh_rows, row_len, stride_row = as_rows(dh2d)
+    return dict(dh_ptr=dh_rows, g_ptr=gate.contiguous(), u_ptr=up.contiguous(),  # no-ops: ours
+                dg_ptr=dgate, du_ptr=dup, h_ptr=h, n_cols=row_len, stride_dh_row=stride_row,
+                CONTIGUOUS=stride_row == row_len, seed_ptr=seed)
+
+
 def _backward_once(
     dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     gate: torch.Tensor, up: torch.Tensor, activation: str, needs: Sequence[bool],
     write_h: bool, seed: torch.Tensor | None, p: float, col_offset: int, n_cols: int,
 ) -> Grads:
-    M, N = x2d.shape[0], w_gate.shape[0]
-    dgate, dup = _matmul.new_output((M, N), x2d), _matmul.new_output((M, N), x2d)
-    h = _matmul.new_output((M, N), x2d) if write_h else None
-    n = M * N
-    if n:
-        dh_rows, row_len, stride_row = as_rows(dh2d)
-        gate, up = gate.contiguous(), up.contiguous()
+    dgate, dup, h = _backward_outputs(x2d, w_gate, write_h)
+    if dgate.numel():
+        key, grid, constants = _backward_problem(x2d, w_gate, activation, write_h, p,
+                                                 col_offset, n_cols)
         with device_context(x2d):
-            _bwd_act_tuner.run(
-                elementwise_grid(n), (bucket(n), x2d.dtype, activation, write_h, p > 0.0),
-                dh_ptr=dh_rows, g_ptr=gate, u_ptr=up, dg_ptr=dgate, du_ptr=dup, h_ptr=h,
-                n_elements=n, n_cols=row_len, stride_dh_row=stride_row,
-                ACTIVATION=activation, WRITE_H=write_h,
-                CONTIGUOUS=stride_row == row_len, **dropout_arguments(seed, p, n_cols, col_offset),
-            )
+            _bwd_act_tuner.run(grid, key, **constants, **_backward_operands(
+                dh2d, gate, up, dgate, dup, h, seed if p > 0.0 else None))
     return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
 
 
@@ -765,3 +802,117 @@ def geglu_backward(
     return _backward_paths.run(_key(x2d, w_gate, activation, p > 0.0), dh2d, x2d, w_gate,
                                w_up, gate, up, activation, needs, write_h, seed=seed, p=p,
                                col_offset=col_offset, n_cols=n_cols)
+
+
+# ---- per-problem launches (the plans of ``ops/geglu.py``, ``ops/gated_ffn.py``) -------------
+#
+# Each binds the problem's settled path (see ``linear_gelu.py``'s): the key is built and the
+# path chosen once; its kernels launch by their Tuners.
+
+
+def _bound_forward(x2d, w_gate, w_up, b_gate, b_up, activation: str, write_h: bool,
+                   save_gate_up: bool, p: float, col_offset: int, n_cols: int | None):
+    """``_run_forward``'s settled path for this problem, as a callable (x2d, w_gate, w_up,
+    b_gate, b_up, seed) -> (h, g, u); None when the path is not settled."""
+    n_cols = w_gate.shape[0] if n_cols is None else n_cols
+    key = _forward_key(x2d, w_gate, b_gate, b_up, activation, p)
+    fixed = (activation, write_h, save_gate_up)
+    kwargs = dict(seed=None, p=p, col_offset=col_offset, n_cols=n_cols)
+    path = _forward_paths.settled(key, (x2d, w_gate, w_up, b_gate, b_up, *fixed), kwargs)
+    if path is None:
+        return None
+    fn, count = _forward_paths.paths[path], _forward_paths.counted(path)
+
+    def run_path(x2d, w_gate, w_up, b_gate, b_up, seed):
+        count()
+        return fn(x2d, w_gate, w_up, b_gate, b_up, *fixed, seed, p, col_offset, n_cols)
+    (M, _), N = x2d.shape, w_gate.shape[0]
+    if path not in ("fused", "tma") or not (M and N):
+        return run_path
+    # The kernel's launch kept (as ``linear_gelu.bound_forward``), for operands it may take.
+    tma = path == "tma"
+    if tma and not tma_compatible(x2d, w_gate, w_up):
+        return run_path
+    tuner_key, grid, constants = _forward_problem(
+        x2d, w_gate, b_gate, b_up, activation, write_h, save_gate_up, p, col_offset, n_cols,
+        tma)
+    with device_context(x2d):
+        launch = (_fwd_tma_tuner if tma else _fwd_tuner).bound(grid, tuner_key, **constants)
+    if launch is None:
+        return run_path
+    precision, with_seed = constants["INPUT_PRECISION"], write_h and p > 0.0
+
+    def run(x2d, w_gate, w_up, b_gate, b_up, seed):
+        if (precision is not None and input_precision(x2d.dtype) != precision) or (
+                tma and not tma_compatible(x2d, w_gate, w_up)):
+            return run_path(x2d, w_gate, w_up, b_gate, b_up, seed)
+        outputs = _forward_outputs(M, N, x2d, write_h, save_gate_up)
+        count()
+        with device_context(x2d):
+            if tma:
+                use_tma_allocator()
+            launch(**_forward_operands(tma, x2d, w_gate, w_up, b_gate, b_up, *outputs,
+                                       seed if with_seed else None))
+        return outputs
+    return run
+
+
+def forward_launch(x2d, w_gate, w_up, b_gate, b_up, activation: str, save_gate_up: bool,
+                   seed=None, p: float = 0.0, col_offset: int = 0,
+                   n_cols: int | None = None) -> Callable:
+    """``geglu_forward`` bound to this problem: (x2d, w_gate, w_up, b_gate, b_up, seed) ->
+    (h, g, u)."""
+    return _bound_forward(x2d, w_gate, w_up, b_gate, b_up, activation, True, save_gate_up, p,
+                          col_offset, n_cols) or (
+        lambda x2d, w_gate, w_up, b_gate, b_up, seed: geglu_forward(
+            x2d, w_gate, w_up, b_gate, b_up, activation, save_gate_up, seed, p, col_offset,
+            n_cols))
+
+
+def gate_up_launch(x2d, w_gate, w_up, b_gate, b_up, activation: str,
+                   p: float = 0.0) -> Callable:
+    """``geglu_gate_up`` bound to this problem: (x2d, w_gate, w_up, b_gate, b_up) -> (g, u)."""
+    bound = _bound_forward(x2d, w_gate, w_up, b_gate, b_up, activation, False, True, p, 0,
+                           None)
+    if bound is None:
+        return lambda *tensors: geglu_gate_up(*tensors, activation, p)
+    return lambda *tensors: bound(*tensors, None)[1:]
+
+
+def backward_launch(dh2d, x2d, w_gate, w_up, gate, up, activation: str, needs: Sequence[bool],
+                    write_h: bool = False, seed=None, p: float = 0.0, col_offset: int = 0,
+                    n_cols: int | None = None) -> Callable:
+    """``geglu_backward`` bound to this problem: (dh2d, x2d, w_gate, w_up, gate, up, seed) ->
+    its outputs."""
+    n_cols = w_gate.shape[0] if n_cols is None else n_cols
+    key = _key(x2d, w_gate, activation, p > 0.0)
+    fixed = (activation, needs, write_h)
+    path = _backward_paths.settled(key, (dh2d, x2d, w_gate, w_up, gate, up, *fixed),
+                                   dict(seed=seed, p=p, col_offset=col_offset, n_cols=n_cols))
+    if path is None:
+        def launcher(dh2d, x2d, w_gate, w_up, gate, up, seed):
+            return geglu_backward(dh2d, x2d, w_gate, w_up, gate, up, *fixed, seed, p,
+                                  col_offset, n_cols)
+        return launcher
+    fn, count = _backward_paths.paths[path], _backward_paths.counted(path)
+
+    def run_path(dh2d, x2d, w_gate, w_up, gate, up, seed):
+        count()
+        return fn(dh2d, x2d, w_gate, w_up, gate, up, *fixed, seed, p, col_offset, n_cols)
+    if path != "once" or not (x2d.shape[0] and w_gate.shape[0]):
+        return run_path
+    tuner_key, grid, constants = _backward_problem(x2d, w_gate, activation, write_h, p,
+                                                   col_offset, n_cols)
+    with device_context(x2d):
+        launch = _bwd_act_tuner.bound(grid, tuner_key, **constants)
+    if launch is None:
+        return run_path
+
+    def run(dh2d, x2d, w_gate, w_up, gate, up, seed):
+        dgate, dup, h = _backward_outputs(x2d, w_gate, write_h)
+        count()
+        with device_context(x2d):
+            launch(**_backward_operands(dh2d, gate, up, dgate, dup, h,
+                                        seed if p > 0.0 else None))
+        return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
+    return run

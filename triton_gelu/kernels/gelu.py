@@ -20,6 +20,8 @@ the (M, N) pre-activation drawing the mask the fused matmul epilogue draws (``_m
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +31,9 @@ from .._runtime import device_context
 from ..tuning.paths import Paths
 from ..tuning.spaces import bucket, elementwise_configs, prune_elementwise
 from ..tuning.tuner import Tuner
-from ._math import cast_to, dropout_arguments, dropout_factor_flat, activate, activate_grad, ceil_div
+from ._math import (
+    activate, activate_grad, cast_to, ceil_div, dropout_constants, dropout_factor_flat,
+)
 
 
 @triton.jit
@@ -142,6 +146,38 @@ def elementwise_grid(n_elements: int):
     return lambda meta: (ceil_div(n_elements, meta["BLOCK_SIZE"]),)
 
 
+def _problem(tuner: Tuner, x: torch.Tensor, activation: str, p: float, col_offset: int,
+             *flags: bool) -> tuple[tuple, Callable, dict]:
+    """(key, grid, constant arguments) of an elementwise launch over x: what every launch of
+    one problem (x's size and dtype, the form, dropout, ``flags``) shares."""
+    n = x.numel()
+    return ((bucket(n), x.dtype, activation, p > 0.0, *flags), elementwise_grid(n),
+            dict(n_elements=n, ACTIVATION=activation, **dropout_constants(p, col_offset)))
+
+
+def _forward_operands(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor | None,
+                      whole_cols: int | None) -> dict:
+    """The arguments of one forward launch that its problem does not fix: tensors, layout."""
+    rows, n_cols, stride_row = as_rows(x)
+    return dict(x_ptr=rows, y_ptr=out, n_cols=n_cols, stride_x_row=stride_row,
+                CONTIGUOUS=stride_row == n_cols, seed_ptr=seed,
+                dropout_n_cols=whole_cols or n_cols)
+
+
+def _backward_operands(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+                       seed: torch.Tensor | None, h: torch.Tensor | None,
+                       whole_cols: int | None) -> dict:
+    x_rows, n_cols, stride_x = as_rows(x)
+    dy_rows, dy_cols, stride_dy = as_rows(dy)
+    if dy_cols != n_cols:  # both views must share the column count; fall back to contiguous
+        x_rows, dy_rows = x.contiguous(), dy.contiguous()
+        n_cols = stride_x = stride_dy = x.shape[-1] if x.dim() else 1
+    return dict(dy_ptr=dy_rows, x_ptr=x_rows, dx_ptr=out, h_ptr=h, n_cols=n_cols,
+                stride_dy_row=stride_dy, stride_x_row=stride_x,
+                CONTIGUOUS=stride_x == n_cols and stride_dy == n_cols, seed_ptr=seed,
+                dropout_n_cols=whole_cols or n_cols)
+
+
 def _launch_forward(
     tuner: Tuner, x: torch.Tensor, out: torch.Tensor, activation: str,
     seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
@@ -152,16 +188,11 @@ def _launch_forward(
     ``x`` itself (each element is read before it is written)."""
     if x.numel() == 0:
         return out
-    rows, n_cols, stride_row = as_rows(x)
-    n = x.numel()
+    key, grid, constants = _problem(tuner, x, activation, p, col_offset)
+    operands = _forward_operands(x, out, seed if p > 0.0 else None, whole_cols)
     with device_context(x):
-        tuner.run(
-            elementwise_grid(n), (bucket(n), x.dtype, activation, p > 0.0),
-            aliased=("y_ptr",) if out.data_ptr() == rows.data_ptr() else (),
-            x_ptr=rows, y_ptr=out, n_elements=n, n_cols=n_cols, stride_x_row=stride_row,
-            ACTIVATION=activation, CONTIGUOUS=stride_row == n_cols,
-            **dropout_arguments(seed, p, whole_cols or n_cols, col_offset),
-        )
+        tuner.run(grid, key, **constants, **operands,
+                  aliased=("y_ptr",) if out.data_ptr() == operands["x_ptr"].data_ptr() else ())
     return out
 
 
@@ -174,20 +205,10 @@ def _launch_backward(
     ``_launch_forward``); also h = dropout(gelu(x)) when an ``h`` buffer is given."""
     if x.numel() == 0:
         return out
-    x_rows, n_cols, stride_x = as_rows(x)
-    dy_rows, dy_cols, stride_dy = as_rows(dy)
-    if dy_cols != n_cols:  # both views must share the column count; fall back to contiguous
-        x_rows, dy_rows = x.contiguous(), dy.contiguous()
-        n_cols = stride_x = stride_dy = x.shape[-1] if x.dim() else 1
-    n = x.numel()
+    key, grid, constants = _problem(tuner, x, activation, p, col_offset, h is not None)
     with device_context(x):
-        tuner.run(
-            elementwise_grid(n), (bucket(n), x.dtype, activation, p > 0.0, h is not None),
-            dy_ptr=dy_rows, x_ptr=x_rows, dx_ptr=out, h_ptr=h, n_elements=n, n_cols=n_cols,
-            stride_dy_row=stride_dy, stride_x_row=stride_x, ACTIVATION=activation,
-            CONTIGUOUS=stride_x == n_cols and stride_dy == n_cols, WRITE_H=h is not None,
-            **dropout_arguments(seed, p, whole_cols or n_cols, col_offset),
-        )
+        tuner.run(grid, key, WRITE_H=h is not None, **constants, **_backward_operands(
+            dy, x, out, seed if p > 0.0 else None, h, whole_cols))
     return out
 
 
@@ -277,3 +298,58 @@ def gelu_backward(
         return gelu_backward_triton(dy, x, activation, out)
     key = (bucket(x.numel()), x.dtype, activation)
     return _bwd_paths.run(key, dy, x, activation)
+
+
+# ---- per-problem launches (the plans of ``ops/gelu.py``; see ``linear_gelu.py``'s) ----------
+
+
+def forward_launch(x: torch.Tensor, activation: str) -> Callable:
+    """``gelu_forward`` bound to the problem of x (its size, dtype and device): x -> y."""
+    def launcher(x):
+        return gelu_forward(x, activation)
+    key = (bucket(x.numel()), x.dtype, activation)
+    if not x.numel():
+        return launcher
+    path = _fwd_paths.bound(key, (x,), (activation,)) or launcher
+    if _fwd_paths.settled(key, (x, activation)) != "triton":
+        return path
+    tuner_key, grid, constants = _problem(fwd_tuner, x, activation, 0.0, 0)
+    with device_context(x):
+        launch = fwd_tuner.bound(grid, tuner_key, **constants)
+    if launch is None:
+        return path
+    count = _fwd_paths.counted("triton")
+
+    def run(x):
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        count()
+        with device_context(x):
+            launch(**_forward_operands(x, out, None, None))
+        return out
+    return run
+
+
+def backward_launch(dy: torch.Tensor, x: torch.Tensor, activation: str) -> Callable:
+    """``gelu_backward`` bound to the problem of x: (dy, x) -> dx."""
+    def launcher(dy, x):
+        return gelu_backward(dy, x, activation)
+    key = (bucket(x.numel()), x.dtype, activation)
+    if not x.numel():
+        return launcher
+    path = _bwd_paths.bound(key, (dy, x), (activation,)) or launcher
+    if _bwd_paths.settled(key, (dy, x, activation)) != "triton":
+        return path
+    tuner_key, grid, constants = _problem(_bwd_tuner, x, activation, 0.0, 0, False)
+    with device_context(x):
+        launch = _bwd_tuner.bound(grid, tuner_key, WRITE_H=False, **constants)
+    if launch is None:
+        return path
+    count = _bwd_paths.counted("triton")
+
+    def run(dy, x):
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        count()
+        with device_context(x):
+            launch(**_backward_operands(dy, x, out, None, None, None))
+        return out
+    return run

@@ -75,6 +75,8 @@ the recomputed z is bitwise the saved one.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
@@ -90,7 +92,7 @@ from ..tuning.spaces import (
 from ..tuning.tuner import Tuner
 from . import _matmul
 from . import gelu as _gelu
-from ._math import cast_to, dropout_arguments, dropout_factor_tile, activate, activate_grad, ceil_div
+from ._math import activate, activate_grad, cast_to, ceil_div, dropout_constants, dropout_factor_tile
 from ._matmul import (
     cublas_context, descriptor_dot_tile, dot_tile, input_precision, output_tile, output_tile_of,
     persistent_grid, range_flattens, tile_grid, tma_applies, tma_compatible,
@@ -299,6 +301,40 @@ def _forward_key(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             save_preact, input_precision(x2d.dtype))
 
 
+def _forward_problem(
+    tuner: Tuner, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    write_y: bool, save_preact: bool, activation: str, p: float, col_offset: int,
+    n_cols: int | None,
+) -> tuple[tuple, Callable, dict]:
+    """(key, grid, constant arguments) of a forward launch: what every launch of one problem
+    shares (shapes, flags, dropout constants; the outputs are (M, N) contiguous)."""
+    (M, K), N = x2d.shape, weight.shape[0]
+    key = _forward_key(x2d, weight, bias, activation, write_y, save_preact) + (p > 0.0,)
+    constants = dict(
+        M=M, N=N, K=K, stride_ym=N, ACTIVATION=activation, HAS_BIAS=bias is not None,
+        WRITE_Y=write_y, SAVE_PREACT=save_preact, INPUT_PRECISION=key[-2],
+        dropout_n_cols=N if n_cols is None else n_cols, **dropout_constants(p, col_offset))
+    if tuner.jit_kernel is linear_gelu_fwd_tma_kernel:
+        # Not flattened with dropout: the Philox epilogue inside the pipelined loop spills
+        # more (see README, "Hopper paths")
+        constants["FLATTEN"] = range_flattens() and p == 0.0
+        return key, persistent_grid(M, N, x2d.device), constants
+    return key, tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), constants
+
+
+def _forward_operands(tma: bool, x2d: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None, y: torch.Tensor | None,
+                      preact: torch.Tensor | None, seed: torch.Tensor | None) -> dict:
+    """The arguments of one forward launch that its problem does not fix: tensors, strides."""
+    if bias is not None:
+        bias = bias.contiguous()  # N elements: cheaper to copy than to pass another stride
+    operands = dict(x_ptr=x2d, w_ptr=weight, b_ptr=bias, y_ptr=y, preact_ptr=preact,
+                    seed_ptr=seed, stride_xm=x2d.stride(0), stride_wn=weight.stride(0))
+    if not tma:
+        operands.update(stride_xk=x2d.stride(1), stride_wk=weight.stride(1))
+    return operands
+
+
 def launch_forward(
     tuner: Tuner, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     y: torch.Tensor | None, preact: torch.Tensor | None, activation: str,
@@ -313,28 +349,83 @@ def launch_forward(
     ``tuner`` is a Tuner of either forward kernel: the pointer one (one program per tile) or
     the Hopper one (TMA, persistent grid), which the caller has checked can serve x2d and
     weight (``_matmul.tma_compatible``)."""
-    (M, K), N = x2d.shape, weight.shape[0]
-    key = _forward_key(x2d, weight, bias, activation, y is not None, preact is not None)
-    if bias is not None:
-        bias = bias.contiguous()  # N elements: cheaper to copy than to pass another stride
-    out = y if y is not None else preact
-    arguments = dict(
-        x_ptr=x2d, w_ptr=weight, b_ptr=bias, y_ptr=y, preact_ptr=preact, M=M, N=N, K=K,
-        stride_xm=x2d.stride(0), stride_wn=weight.stride(0), stride_ym=out.stride(0),
-        ACTIVATION=activation, HAS_BIAS=bias is not None,
-        WRITE_Y=y is not None, SAVE_PREACT=preact is not None, INPUT_PRECISION=key[-1],
-        **dropout_arguments(seed, p, N if n_cols is None else n_cols, col_offset),
-    )
+    key, grid, constants = _forward_problem(tuner, x2d, weight, bias, y is not None,
+                                            preact is not None, activation, p, col_offset,
+                                            n_cols)
+    tma = tuner.jit_kernel is linear_gelu_fwd_tma_kernel
     with device_context(x2d):
-        if tuner.kernel is linear_gelu_fwd_tma_kernel:
+        if tma:
             _matmul.use_tma_allocator()
-            # Not flattened with dropout: the Philox epilogue inside the pipelined loop spills
-            # more (see README, "Hopper paths")
-            tuner.run(persistent_grid(M, N, x2d.device), key + (p > 0.0,),
-                      FLATTEN=range_flattens() and p == 0.0, **arguments)
-        else:
-            tuner.run(tile_grid(M, N, "BLOCK_SIZE_M", "BLOCK_SIZE_N"), key + (p > 0.0,),
-                      stride_xk=x2d.stride(1), stride_wk=weight.stride(1), **arguments)
+        tuner.run(grid, key, **constants, **_forward_operands(
+            tma, x2d, weight, bias, y, preact, seed if p > 0.0 else None))
+
+
+class BoundForward(NamedTuple):
+    """``launch_forward`` of one problem with its config, grid and constants kept."""
+
+    serves: Callable[[torch.Tensor, torch.Tensor], bool]  # (x2d, weight): may launch them
+    launch: Callable[..., None]  # (x2d, weight, bias, y, preact, seed=None)
+
+
+def bound_forward(
+    tuner: Tuner, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    write_y: bool, save_preact: bool, activation: str, p: float = 0.0, col_offset: int = 0,
+    n_cols: int | None = None,
+) -> BoundForward | None:
+    """``launch_forward`` bound to the problem of these operands (their shapes and dtype, a bias
+    or none, the flags), for a problem that launched once already; None while its config is
+    not settled. ``serves`` says whether the kept launch may take new operands of the problem:
+    not when the TF32 setting changed since (float32), nor, on the Hopper kernel, for operands
+    a descriptor cannot serve; ``launch_forward`` takes those."""
+    key, grid, constants = _forward_problem(tuner, x2d, weight, bias, write_y, save_preact,
+                                            activation, p, col_offset, n_cols)
+    with device_context(x2d):  # the config is the current device's
+        launch = tuner.bound(grid, key, **constants)
+    if launch is None:
+        return None
+    tma = tuner.jit_kernel is linear_gelu_fwd_tma_kernel
+    precision = constants["INPUT_PRECISION"]
+
+    def serves(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+        return ((precision is None or input_precision(x2d.dtype) == precision)
+                and (not tma or tma_compatible(x2d, weight)))
+
+    def launch_operands(x2d, weight, bias, y, preact, seed=None) -> None:
+        with device_context(x2d):
+            if tma:
+                _matmul.use_tma_allocator()
+            launch(**_forward_operands(tma, x2d, weight, bias, y, preact,
+                                       seed if p > 0.0 else None))
+    return BoundForward(serves, launch_operands)
+
+
+def _dz_problem(M: int, N: int, x2d: torch.Tensor, activation: str, write_dz: bool,
+                need_db: bool) -> tuple[tuple, Callable, dict]:
+    """(key, grid, constant arguments) of a dz launch (see ``_forward_problem``)."""
+    return ((bucket(M), N, x2d.dtype, activation, write_dz, need_db),
+            lambda meta: (ceil_div(M, TILE_ROWS), ceil_div(N, meta["BLOCK_SIZE_N"])),
+            dict(M=M, N=N, ACTIVATION=activation, WRITE_DZ=write_dz, COMPUTE_DB=need_db,
+                 ROWS=TILE_ROWS))
+
+
+def _dz_outputs(M: int, N: int, x2d: torch.Tensor, write_dz: bool, need_db: bool):
+    """(dz or None, db's per-64-row partial sums or None), new."""
+    return (_matmul.new_output((M, N), x2d) if write_dz else None,
+            torch.empty((ceil_div(M, TILE_ROWS), N), dtype=torch.float32, device=x2d.device)
+            if need_db else None)
+
+
+def _dz_operands(dy2d, preact, dz, partial) -> dict:
+    return dict(dy_ptr=dy2d, preact_ptr=preact, dz_ptr=dz, db_partial_ptr=partial,
+                stride_dym=dy2d.stride(0), stride_dyn=dy2d.stride(1),
+                stride_pm=preact.stride(0), stride_pn=preact.stride(1))
+
+
+def _db(partial: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
+    """db from the dz kernel's partial sums, in weight's dtype."""
+    if partial is None:
+        return None
+    return _matmul.new_output((weight.shape[0],), weight).copy_(partial.sum(0))
 
 
 def _launch_dz(dy2d, x2d, weight, preact, activation: str, write_dz: bool,
@@ -342,24 +433,11 @@ def _launch_dz(dy2d, x2d, weight, preact, activation: str, write_dz: bool,
     """(dz, db): dz = dy * gelu'(z) in x's dtype (if ``write_dz``) and db = sum_m dz (if
     ``need_db``), by the elementwise dz kernel and a sum of its per-64-row partial sums."""
     M, N = dy2d.shape
-    dz = _matmul.new_output((M, N), x2d) if write_dz else None
-    partial = (torch.empty((ceil_div(M, TILE_ROWS), N), dtype=torch.float32,
-                           device=x2d.device) if need_db else None)
+    key, grid, constants = _dz_problem(M, N, x2d, activation, write_dz, need_db)
+    dz, partial = _dz_outputs(M, N, x2d, write_dz, need_db)
     with device_context(x2d):
-        _dz_tuner.run(
-            lambda meta: (ceil_div(M, TILE_ROWS), ceil_div(N, meta["BLOCK_SIZE_N"])),
-            (bucket(M), N, x2d.dtype, activation, write_dz, need_db),
-            dy_ptr=dy2d, preact_ptr=preact, dz_ptr=dz, db_partial_ptr=partial, M=M, N=N,
-            stride_dym=dy2d.stride(0), stride_dyn=dy2d.stride(1),
-            stride_pm=preact.stride(0), stride_pn=preact.stride(1),
-            ACTIVATION=activation, WRITE_DZ=write_dz, COMPUTE_DB=need_db,
-            ROWS=TILE_ROWS,
-        )
-    db = None
-    if need_db:
-        db = _matmul.new_output((N,), weight)
-        db.copy_(partial.sum(0))
-    return dz, db
+        _dz_tuner.run(grid, key, **constants, **_dz_operands(dy2d, preact, dz, partial))
+    return dz, _db(partial, weight)
 
 
 def matmul_bias(x2d: torch.Tensor, weight: torch.Tensor,
@@ -470,15 +548,19 @@ def _backward_key(x2d: torch.Tensor, weight: torch.Tensor, activation: str) -> t
 
 
 def _backward_dz_once(dy2d, x2d, weight, preact, activation, need_dx, need_dw, need_db):
-    (M, K), N = x2d.shape, weight.shape[0]
     dz, db = _launch_dz(dy2d, x2d, weight, preact, activation, need_dx or need_dw, need_db)
+    return (*_input_and_weight_grads(dz, x2d, weight, need_dx, need_dw), db)
+
+
+def _input_and_weight_grads(dz, x2d, weight, need_dx: bool, need_dw: bool):
+    """(dx = dz @ W, dW = dz^T @ x) by cuBLAS, each None when not needed."""
     dx = dw = None
     with cublas_context(x2d):
-        if need_dx:  # dx = dz @ W
-            dx = torch.mm(dz, weight, out=_matmul.new_output((M, K), x2d))
-        if need_dw:  # dW = dz^T @ x
-            dw = torch.mm(dz.t(), x2d, out=_matmul.new_output((N, K), weight))
-    return dx, dw, db
+        if need_dx:
+            dx = torch.mm(dz, weight, out=_matmul.new_output(x2d.shape, x2d))
+        if need_dw:
+            dw = torch.mm(dz.t(), x2d, out=_matmul.new_output(weight.shape, weight))
+    return dx, dw
 
 
 def _backward_torch(dy2d, x2d, weight, preact, activation, need_dx, need_dw, need_db):
@@ -556,3 +638,94 @@ def linear_gelu_backward(
     key = _backward_key(x2d, weight, activation) + (need_dx, need_dw, need_db)
     return _bwd_paths.run(key, dy2d, x2d, weight, preact, activation,
                           need_dx, need_dw, need_db)
+
+
+# ---- per-problem launches (the plans of ``ops/linear_gelu.py``) ------------------------------
+#
+# Each takes one call's operands, after that call ran through the launcher above (so its path
+# and config are chosen), and returns the launcher bound to the problem (the operands' shapes,
+# dtype and device, a bias or none, the flags): the same arguments less the flags. Where the
+# problem's path is settled on a kernel of ours with a settled config, it allocates the outputs
+# and launches with the grid, config and constant arguments kept, counting the path and launch
+# as the launcher would; otherwise (another path, a choice made under capture, a recording
+# bench) it is the launcher itself.
+
+
+def forward_launch(x2d, weight, bias, activation: str, save_preact: bool) -> Callable:
+    """``linear_gelu_forward`` bound to this problem: (x2d, weight, bias) -> (y, preact)."""
+    def launcher(x2d, weight, bias):
+        return linear_gelu_forward(x2d, weight, bias, activation, save_preact)
+    return _bound_forward_path(
+        launcher, _fwd_paths, {"fused": _fwd_tuner, "tma": _fwd_tma_tuner},
+        _forward_key(x2d, weight, bias, activation, True, save_preact), (x2d, weight, bias),
+        (activation, save_preact), True, save_preact, activation)
+
+
+def preact_launch(x2d, weight, bias) -> Callable:
+    """``linear_preact`` bound to this problem: (x2d, weight, bias) -> z."""
+    return _bound_forward_path(
+        linear_preact, _preact_paths, {"fused": _preact_tuner, "tma": _preact_tma_tuner},
+        _forward_key(x2d, weight, bias, "gelu", False, True), (x2d, weight, bias), (), False,
+        True, "gelu")
+
+
+def _bound_forward_path(launcher: Callable, paths: Paths, tuners: dict, key: tuple,
+                        tensors: tuple, fixed: tuple, write_y: bool, save_preact: bool,
+                        activation: str) -> Callable:
+    """``launcher`` (x2d, weight, bias) -> (y, preact), or -> preact without ``write_y``, bound
+    to the problem of ``tensors`` (the launcher's first call's; ``fixed``: the path functions'
+    other arguments): the kept launch when its path settled on one of ``tuners`` (path name ->
+    the Tuner of the kernel it launches), else the settled path itself."""
+    x2d, weight, bias = tensors
+    (M, _), N = x2d.shape, weight.shape[0]
+    if not (M and N):
+        return launcher
+    path = paths.settled(key, (*tensors, *fixed))
+    bound = None if path not in tuners else bound_forward(
+        tuners[path], x2d, weight, bias, write_y, save_preact, activation)
+    if bound is None:
+        return paths.bound(key, tensors, fixed) or launcher
+    count = paths.counted(path)
+    serves, launch = bound
+
+    def run(x2d, weight, bias):
+        if not serves(x2d, weight):
+            return launcher(x2d, weight, bias)
+        y = _matmul.new_output((M, N), x2d) if write_y else None
+        preact = _matmul.new_output((M, N), x2d) if save_preact else None
+        count()
+        launch(x2d, weight, bias, y, preact)
+        return (y, preact) if write_y else preact
+    return run
+
+
+def backward_launch(dy2d, x2d, weight, preact, activation: str, need_dx: bool, need_dw: bool,
+                    need_db: bool) -> Callable:
+    """``linear_gelu_backward`` bound to this problem: (dy2d, x2d, weight, preact) -> (dx, dW,
+    db)."""
+    def launcher(dy2d, x2d, weight, preact):
+        return linear_gelu_backward(dy2d, x2d, weight, preact, activation, need_dx, need_dw,
+                                    need_db)
+    (M, K), N = x2d.shape, weight.shape[0]
+    if not (need_dx or need_dw or need_db) or min(M, N, K) == 0:
+        return launcher
+    key = _backward_key(x2d, weight, activation) + (need_dx, need_dw, need_db)
+    tensors, fixed = (dy2d, x2d, weight, preact), (activation, need_dx, need_dw, need_db)
+    if _bwd_paths.settled(key, (*tensors, *fixed)) != "dz_once":
+        return _bwd_paths.bound(key, tensors, fixed) or launcher
+    write_dz = need_dx or need_dw
+    dz_key, grid, constants = _dz_problem(M, N, x2d, activation, write_dz, need_db)
+    with device_context(x2d):
+        launch = _dz_tuner.bound(grid, dz_key, **constants)
+    if launch is None:
+        return _bwd_paths.bound(key, tensors, fixed) or launcher
+    count = _bwd_paths.counted("dz_once")
+
+    def run(dy2d, x2d, weight, preact):
+        dz, partial = _dz_outputs(M, N, x2d, write_dz, need_db)
+        count()
+        with device_context(x2d):
+            launch(**_dz_operands(dy2d, preact, dz, partial))
+        return (*_input_and_weight_grads(dz, x2d, weight, need_dx, need_dw),
+                _db(partial, weight))
+    return run

@@ -4,6 +4,7 @@ into an eager ``autograd.Function``, the per-problem plans, autocast, DTensor de
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from .._plans import plans
 from .._runtime import path_runs, runs_triton
 from .._settings import forced_in_python, tune_policy
-from ..activations import torch_activation
+from ..activations import ACTIVATIONS
 
 Tensor = torch.Tensor
 
@@ -64,33 +65,67 @@ def mark_outputs_non_differentiable(ctx, *outputs: Tensor | None) -> None:
 # ---- one autograd definition, two users -----------------------------------------------------
 
 
-def register_autograd(op, name: str, launch: Callable, setup_context: Callable,
-                      backward: Callable, traced: Any, eager: Any) -> type[torch.autograd.Function]:
+def register_autograd(op, name: str, setup_context: Callable, backward: Callable,
+                      traced: Any) -> type[torch.autograd.Function]:
     """Register an op's one autograd definition (``setup_context``, ``backward``) on the custom
-    op ``op``, and return its eager twin: an ``autograd.Function`` that runs ``launch`` (the
-    op's body without its checks: the public functions validated the problem once) and the
-    same two functions, named ``name``.
+    op ``op``, and return its eager twin: an ``autograd.Function`` named ``name`` whose
+    ``apply(*inputs, calls)`` runs ``calls.forward(*inputs)`` (the op's body without its checks,
+    bound to the problem by its plan: the public functions validated it once) and the same two
+    functions.
 
     ``backward`` reads what to call from ``ctx.calls``: ``traced`` (the custom ops: what a
-    compiled graph records) under the op, ``eager`` (the launchers, called directly: a custom
-    op's dispatch costs ~10 us a call) under the twin."""
+    compiled graph records) under the op, the plan's ``calls`` (the launchers, called directly:
+    a custom op's dispatch costs ~10 us a call) under the twin."""
     def traced_setup(ctx, inputs, output) -> None:
         setup_context(ctx, inputs, output)
         ctx.calls = traced
 
     op.register_autograd(backward, setup_context=traced_setup)
 
-    def forward(ctx, *inputs):
-        output = launch(*inputs)
+    def forward(ctx, *inputs_and_calls):
+        *inputs, calls = inputs_and_calls
+        output = calls.forward(*inputs)
         setup_context(ctx, inputs, output)
-        ctx.calls = eager
+        ctx.calls = calls
         return output
+
+    def twin_backward(ctx, *grads):
+        return (*backward(ctx, *grads), None)  # none for ``calls``
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
         # Fresh gradients every call, nothing saved written: a second backward is unchanged.
-        "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
+        "backward": staticmethod(torch.autograd.function.once_differentiable(twin_backward)),
     })
+
+
+def bound_after_first(launcher: Callable, bind: Callable) -> Callable:
+    """A launcher of one problem (``kernels``' launchers, each with its flags given): the first
+    call runs ``launcher``, which chooses the problem's path and config, then ``bind(*args)``
+    (the kernels' per-problem launches) binds them; every later call runs the bound launch."""
+    bound = None
+
+    def run(*args):
+        nonlocal bound
+        if bound is not None:
+            return bound(*args)
+        output = launcher(*args)
+        bound = bind(*args)
+        return output
+    return run
+
+
+def bound_per_flags(make: Callable) -> Callable:
+    """``make(flags)`` -> a launcher taking the tensors, once per value of ``flags`` (e.g.
+    which gradients a backward computes: it may differ from call to call of one problem)."""
+    made: dict = {}
+
+    def get(flags):
+        launch = made.get(flags)
+        if launch is None:
+            launch = made[flags] = make(flags)
+        return launch
+    return get
 
 
 # ---- routes and plans ---------------------------------------------------------------------
@@ -167,9 +202,11 @@ def counted(forward_op: str, backward_op: str, fn: Callable) -> Callable:
     return run
 
 
-def linear_act(x, weight, bias, activation: str) -> Tensor:
-    """Eager PyTorch's ``act(F.linear(x, weight, bias))``."""
-    return torch_activation(F.linear(x, weight, bias), activation)
+def linear_act(activation: str) -> Callable:
+    """Eager PyTorch's ``act(F.linear(x, weight, bias))`` as a function of (x, weight, bias),
+    its ops looked up once (a plan calls it per call)."""
+    act, linear = ACTIVATIONS[activation].torch_value, F.linear
+    return lambda x, weight, bias: act(linear(x, weight, bias))
 
 
 # ---- autocast -------------------------------------------------------------------------------
@@ -193,6 +230,18 @@ def autocast_available_by_name(device_type: str) -> bool:
 # fails), so there the answer comes from the set above, which it can read.
 autocast_available = (torch.amp.is_autocast_available if torch.__version__ >= "2.12"
                       else autocast_available_by_name)
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable
+
+
+def autocast_off(t: Tensor):
+    """Around PyTorch ops on operands already cast for autocast: autocast off for ``t``'s
+    device (a shared no-op context while it is off: cheaper than a ``torch.autocast``)."""
+    device_type = t.device.type
+    if autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return _NO_CONTEXT
 
 
 def autocast_linear(*tensors: Any) -> tuple[Any, ...]:

@@ -32,9 +32,10 @@ from .._settings import forced_path
 from ..activations import check_activation, resolve
 from . import linear_gelu as _linear_gelu
 from ._core import (
-    BlockConfig, Tensor, absent, autocast_linear, counted, distributed, dropout_seed,
-    dtensor_ops, linear_act, mark_outputs_non_differentiable, needs_grad, new_like,
-    on_fallback, or_absent, planned, register_autograd, rows, unless_autocast,
+    BlockConfig, Tensor, absent, autocast_linear, bound_after_first, bound_per_flags, counted,
+    distributed, dropout_seed, dtensor_ops, linear_act, mark_outputs_non_differentiable,
+    needs_grad, new_like, on_fallback, or_absent, planned, register_autograd, rows,
+    unless_autocast,
 )
 
 # ---- the custom ops -------------------------------------------------------------------------
@@ -127,9 +128,30 @@ def _backward(ctx, dy: Tensor, dpreact: Tensor | None):
 
 
 FeedForwardFunction = register_autograd(
-    ffn_fwd, "FeedForwardFunction", _launch_forward, _setup_context, _backward,
-    traced=SimpleNamespace(preact=_linear_gelu.linear_preact_op, backward=ffn_bwd),
-    eager=SimpleNamespace(preact=_linear_gelu.eager_preact, backward=_launch_backward))
+    ffn_fwd, "FeedForwardFunction", _setup_context, _backward,
+    traced=SimpleNamespace(preact=_linear_gelu.linear_preact_op, backward=ffn_bwd))
+
+
+def _bound_calls(backend, config: BlockConfig, save_preact: bool) -> SimpleNamespace:
+    """The Function's calls (``forward``, ``preact``, ``backward``: the signatures of
+    ``_launch_forward``, ``linear_gelu.eager_preact`` and ``_launch_backward``, on 2-D x) for
+    one problem, each bound to it after its first call (``_core.bound_after_first``)."""
+    p, activation, _, col_offset, n_cols = config
+    fixed = (p, activation, save_preact, col_offset, n_cols)
+    forward = bound_after_first(
+        lambda x2d, w1, b1, w2, b2, seed: backend.ffn_forward(x2d, w1, b1, w2, b2, seed, *fixed),
+        lambda x2d, w1, b1, w2, b2, seed: backend.ffn_forward_launch(x2d, w1, b1, w2, b2, seed,
+                                                                     *fixed))
+    backward = bound_per_flags(lambda needs: bound_after_first(
+        lambda *tensors: backend.ffn_backward(*tensors, p, activation, needs, col_offset,
+                                              n_cols),
+        lambda *tensors: backend.ffn_backward_launch(*tensors, p, activation, needs,
+                                                     col_offset, n_cols)))
+    return SimpleNamespace(
+        forward=lambda x2d, w1, b1, w2, b2, seed, *_: forward(x2d, w1, b1, w2, b2, seed),
+        preact=bound_after_first(backend.linear_preact, backend.linear_preact_launch),
+        backward=lambda dy, x2d, w1, w2, preact, seed, p, activation, needs, *_: backward(
+            tuple(needs))(dy, x2d, w1, w2, preact, seed))
 
 
 def traced(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
@@ -215,31 +237,31 @@ def routed(x, w1, b1, w2, b2, config: BlockConfig) -> Tensor:
 
 def _plan(x: Tensor, config: BlockConfig):
     p, activation = config.p, config.activation
+    act = linear_act(activation)
     if on_fallback(x) and config.n_cols is None:
         # PyTorch's own block, its dropout included (PyTorch's mask, from its generator): a
         # tensor-parallel shard alone draws the kernels' mask, to match the whole layer's.
         def eager(x, w1, b1, w2, b2):
-            h = linear_act(x, w1, b1, activation)
+            h = act(x, w1, b1)
             return F.linear(F.dropout(h, p) if p > 0.0 else h, w2, b2)
         return eager
     if p == 0.0 and config.n_cols is None \
             and forced_path("ffn_fwd") == "torch" and forced_path("ffn_bwd") == "torch":
         return counted("ffn_fwd", "ffn_bwd", lambda x, w1, b1, w2, b2: F.linear(
-            linear_act(x, w1, b1, activation), w2, b2))
+            act(x, w1, b1), w2, b2))
     backend = launchers(x)
     save_preact, columns = not config.recompute, (config.col_offset, config.n_cols)
+    calls = _bound_calls(backend, config, save_preact)
+    infer = _bound_calls(backend, config, False).forward  # no graph, no saved pre-activation
 
     def launch(x, w1, b1, w2, b2):
         seed = dropout_seed(x.device) if p > 0.0 else None
         x2d = rows(x)
         if not needs_grad(x, w1, b1, w2, b2):
-            # Inference: no graph and no saved pre-activation.
-            y, _ = backend.ffn_forward(x2d, w1, b1, w2, b2, seed, p, activation,
-                                       save_preact=False, col_offset=columns[0],
-                                       n_cols=columns[1])
+            y, _ = infer(x2d, w1, b1, w2, b2, seed)
         else:
             y, _ = FeedForwardFunction.apply(x2d, w1, b1, w2, b2, seed, p, activation,
-                                             save_preact, *columns)
+                                             save_preact, *columns, calls)
         # Viewed N-D outside the Function: a view made inside it could not be modified in
         # place (Falcon's ``mlp_output += attention_output``).
         return y if x.dim() == 2 else y.view(*x.shape[:-1], w2.shape[0])

@@ -27,7 +27,9 @@ with its per-problem plan.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +43,9 @@ from .._settings import forced_path
 from ..activations import check_activation
 from . import geglu as _geglu
 from ._core import (
-    BlockConfig, Tensor, absent, autocast_linear, counted, distributed, dropout_seed,
-    dtensor_ops, mark_outputs_non_differentiable, needs_grad, new_like, on_fallback,
-    or_absent, planned, register_autograd, rows, unless_autocast,
+    BlockConfig, Tensor, absent, autocast_linear, autocast_off, counted, distributed,
+    dropout_seed, dtensor_ops, mark_outputs_non_differentiable, needs_grad, new_like,
+    on_fallback, or_absent, planned, register_autograd, rows, unless_autocast,
 )
 
 # ---- the block, on the GeGLU launchers / ops -------------------------------------------------
@@ -59,8 +61,13 @@ def block_forward(
     ``col_offset`` .. of ``n_cols`` (by default all of them), for the dropout mask."""
     h, gate, up = launchers(x2d).geglu_forward(x2d, w_gate, w_up, b_gate, b_up, activation,
                                                save_gate_up, seed, p, col_offset, n_cols)
-    with torch.autocast(x2d.device.type, enabled=False):  # operands are already cast
-        return F.linear(h, w_down, b_down), gate, up
+    return down(h, w_down, b_down), gate, up
+
+
+def down(h: Tensor, w_down: Tensor, b_down: Tensor | None) -> Tensor:
+    """The down projection, on operands already cast for autocast."""
+    with autocast_off(h):
+        return F.linear(h, w_down, b_down)
 
 
 def block_backward(
@@ -71,14 +78,14 @@ def block_backward(
     """(dx, dW_gate, dW_up, dW_down, db_gate, db_up, db_down), None for each not needed;
     ``needs`` has one flag each; ``geglu_backward`` is ``geglu_bwd`` or its eager twin."""
     need_dx, need_dwg, need_dwu, need_dwd, need_dbg, need_dbu, need_dbd = needs
-    with torch.autocast(x2d.device.type, enabled=False):
+    with autocast_off(x2d):
         dh = torch.mm(dy2d, w_down)
     wanted = [need_dx, need_dwg, need_dwu, need_dbg, need_dbu]
     dx, dwg, dwu, dbg, dbu, h = (t if want else None for t, want in zip(
         geglu_backward(dh, x2d, w_gate, w_up, gate, up, seed, p, activation, wanted,
                        need_dwd, col_offset, n_cols), (*wanted, need_dwd)))
     del dh
-    with torch.autocast(x2d.device.type, enabled=False):
+    with autocast_off(x2d):
         dwd = torch.mm(dy2d.t(), h) if need_dwd else None
         dbd = dy2d.sum(0) if need_dbd else None
     return dx, dwg, dwu, dwd, dbg, dbu, dbd
@@ -147,8 +154,24 @@ def _launch_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, acti
 
 
 GatedFeedForwardFunction = register_autograd(
-    gated_ffn_fwd, "GatedFeedForwardFunction", _launch_forward, _setup_context, _backward,
-    traced=_geglu.TRACED, eager=_geglu.EAGER)
+    gated_ffn_fwd, "GatedFeedForwardFunction", _setup_context, _backward,
+    traced=_geglu.TRACED)
+
+
+def _bound_calls(backend, x: Tensor, w_gate: Tensor, config: BlockConfig,
+                 save_gate_up: bool) -> SimpleNamespace:
+    """The Function's calls for one problem (``forward``: ``_launch_forward``'s signature;
+    ``gate_up`` and ``backward``: GeGLU's, ``geglu.bound_calls``), each bound to it after its
+    first call."""
+    p, activation, _, col_offset, n_cols = config
+    geglu = _geglu.bound_calls(backend, (math.prod(x.shape[:-1]), w_gate.shape[0]),
+                               activation, save_gate_up, p, col_offset, n_cols)
+    forward2d = geglu.forward2d
+
+    def forward(x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, *_):
+        h, gate, up = forward2d(x2d, w_gate, w_up, b_gate, b_up, seed)
+        return down(h, w_down, b_down), gate, up
+    return SimpleNamespace(forward=forward, gate_up=geglu.gate_up, backward=geglu.backward)
 
 
 def traced(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
@@ -221,7 +244,7 @@ def _unplanned(x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate, dropo
     config = BlockConfig(p, activation, recompute)
     if key is None or torch.compiler.is_compiling():
         return routed(x, w_gate, w_up, w_down, b_gate, b_up, b_down, config)
-    launch = _plan(x, config)
+    launch = _plan(x, w_gate, config)
     remember(key, unless_autocast(launch, x, functools.partial(
         _unplanned, approximate="tanh", dropout=p, training=True, recompute=recompute,
         activation=activation)))
@@ -233,34 +256,36 @@ def routed(x, w_gate, w_up, w_down, b_gate, b_up, b_down, config: BlockConfig) -
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops
         seed = dropout_seed(x.device) if config.p > 0.0 else None
         return traced(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, *config)
-    return _plan(x, config)(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    return _plan(x, w_gate, config)(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
 
 
-def _plan(x: Tensor, config: BlockConfig):
+def _plan(x: Tensor, w_gate: Tensor, config: BlockConfig):
     p, activation = config.p, config.activation
+    geglu = _geglu.eager_geglu(activation)
     if on_fallback(x) and config.n_cols is None:
         # PyTorch's own block, its dropout included (as in ``ffn.py``).
         def eager(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
-            h = _geglu.eager_geglu(x, w_gate, w_up, b_gate, b_up, activation)
+            h = geglu(x, w_gate, w_up, b_gate, b_up)
             return F.linear(F.dropout(h, p) if p > 0.0 else h, w_down, b_down)
         return eager
     if p == 0.0 and config.n_cols is None \
             and forced_path("geglu_fwd") == "torch" and forced_path("geglu_bwd") == "torch":
         return counted("geglu_fwd", "geglu_bwd",
                        lambda x, w_gate, w_up, w_down, b_gate, b_up, b_down: F.linear(
-                           _geglu.eager_geglu(x, w_gate, w_up, b_gate, b_up, activation),
-                           w_down, b_down))
+                           geglu(x, w_gate, w_up, b_gate, b_up), w_down, b_down))
     save_gate_up, columns = not config.recompute, (config.col_offset, config.n_cols)
+    backend = launchers(x)
+    calls = _bound_calls(backend, x, w_gate, config, save_gate_up)
+    infer = _bound_calls(backend, x, w_gate, config, False).forward  # no graph, nothing saved
 
     def launch(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
         seed = dropout_seed(x.device) if p > 0.0 else None
         x2d = rows(x)
         if not needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
-            y, _, _ = block_forward(x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
-                                    activation, False, *columns)
+            y, _, _ = infer(x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed)
         else:
-            y, _, _ = GatedFeedForwardFunction.apply(x2d, w_gate, w_up, w_down, b_gate, b_up,
-                                                     b_down, seed, p, activation,
-                                                     save_gate_up, *columns)
+            y, _, _ = GatedFeedForwardFunction.apply(
+                x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, activation,
+                save_gate_up, *columns, calls)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], w_down.shape[0])
     return launch

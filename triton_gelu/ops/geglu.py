@@ -14,6 +14,7 @@ with p > 0 its dh is the gradient of dropout(h) and it regenerates the mask. Che
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -28,9 +29,9 @@ from .._plans import remember
 from .._settings import forced_path
 from ..activations import check_activation, resolve
 from ._core import (
-    Tensor, absent, autocast_linear, counted, distributed, dtensor_ops, linear_act,
-    linear_out_shape, mark_outputs_non_differentiable, needs_grad, new_like, on_fallback,
-    or_absent, planned, register_autograd, rows, unless_autocast,
+    Tensor, absent, autocast_linear, bound_after_first, bound_per_flags, counted, distributed,
+    dtensor_ops, linear_act, linear_out_shape, mark_outputs_non_differentiable, needs_grad,
+    new_like, on_fallback, or_absent, planned, register_autograd, rows, unless_autocast,
 )
 
 # ---- the custom ops -------------------------------------------------------------------------
@@ -166,9 +167,50 @@ def _backward(ctx, dh: Tensor, dgate, dup):
 
 
 TRACED = SimpleNamespace(gate_up=geglu_gate_up_op, backward=geglu_bwd)
-EAGER = SimpleNamespace(gate_up=eager_gate_up, backward=eager_backward)
-GeGLUFunction = register_autograd(geglu_fwd, "GeGLUFunction", _launch_forward, _setup_context,
-                                  _backward, traced=TRACED, eager=EAGER)
+GeGLUFunction = register_autograd(geglu_fwd, "GeGLUFunction", _setup_context, _backward,
+                                  traced=TRACED)
+
+
+def bound_calls(backend, shape: tuple[int, ...], activation: str, save_gate_up: bool,
+                p: float = 0.0, col_offset: int = 0,
+                n_cols: int | None = None) -> SimpleNamespace:
+    """The Function's calls for one problem, each bound to it after its first call
+    (``_core.bound_after_first``): ``forward``, ``gate_up`` and ``backward`` (the signatures of
+    ``_launch_forward``, ``eager_gate_up`` and ``eager_backward``), and ``forward2d`` ((x2d,
+    w_gate, w_up, b_gate, b_up, seed) -> (h, g, u), 2-D: the gated block's). ``p``,
+    ``shape``: the problem's (..., N) (x's and g's); ``p``, ``col_offset`` and ``n_cols``: the
+    gated block's dropout (GeGLU has none)."""
+    columns = (col_offset, n_cols)
+    forward2d = bound_after_first(
+        lambda *tensors: backend.geglu_forward(*tensors[:5], activation, save_gate_up,
+                                               tensors[5], p, *columns),
+        lambda *tensors: backend.geglu_forward_launch(*tensors[:5], activation, save_gate_up,
+                                                      tensors[5], p, *columns))
+    gate_up2d = bound_after_first(
+        lambda *tensors: backend.geglu_gate_up(*tensors, activation, p),
+        lambda *tensors: backend.geglu_gate_up_launch(*tensors, activation, p))
+    backward2d = bound_per_flags(lambda flags: bound_after_first(
+        lambda *tensors: backend.geglu_backward(*tensors[:6], activation, list(flags[0]),
+                                                flags[1], tensors[6], p, *columns),
+        lambda *tensors: backend.geglu_backward_launch(*tensors[:6], activation,
+                                                       list(flags[0]), flags[1], tensors[6],
+                                                       p, *columns)))
+
+    def forward(x, w_gate, w_up, b_gate, b_up, activation, save_gate_up):
+        h, gate, up = forward2d(rows(x), w_gate, w_up, b_gate, b_up, None)
+        return h.view(shape), *(None if t is None else t.view(shape) for t in (gate, up))
+
+    def gate_up(x, w_gate, w_up, b_gate, b_up, p, activation):
+        gate, up = gate_up2d(rows(x), w_gate, w_up, b_gate, b_up)
+        return gate.view(shape), up.view(shape)
+
+    def backward(dh, x, w_gate, w_up, gate, up, seed, p, activation, needs, write_h, *_):
+        dx, dwg, dwu, dbg, dbu, h = backward2d((tuple(needs), write_h))(
+            rows(dh), rows(x), w_gate, w_up, rows(gate), rows(up), seed)
+        return (None if dx is None else dx.view(x.shape)), dwg, dwu, dbg, dbu, \
+            (None if h is None else h.view(dh.shape))
+    return SimpleNamespace(forward=forward, forward2d=forward2d, gate_up=gate_up,
+                           backward=backward)
 
 
 def traced(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None,
@@ -192,9 +234,11 @@ def prepare(x, w_gate, w_up, b_gate, b_up, approximate, activation):
     return x, w_gate, w_up, b_gate, b_up, activation
 
 
-def eager_geglu(x, w_gate, w_up, b_gate, b_up, activation: str) -> Tensor:
-    """Eager PyTorch's GeGLU: ``act(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up)``."""
-    return linear_act(x, w_gate, b_gate, activation) * F.linear(x, w_up, b_up)
+def eager_geglu(activation: str) -> Callable:
+    """Eager PyTorch's GeGLU, ``act(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up)``,
+    as a function of (x, w_gate, w_up, b_gate, b_up)."""
+    act, linear = linear_act(activation), F.linear
+    return lambda x, w_gate, w_up, b_gate, b_up: act(x, w_gate, b_gate) * linear(x, w_up, b_up)
 
 
 def geglu(
@@ -230,28 +274,28 @@ def _unplanned(x, w_gate, w_up, b_gate, b_up, approximate, activation, recompute
                                    traced)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops
         return traced(x, w_gate, w_up, b_gate, b_up, activation, recompute)
-    launch = _plan(x, activation, recompute)
+    launch = _plan(x, w_gate, activation, recompute)
     if key is not None:
         remember(key, unless_autocast(launch, x, functools.partial(
             _unplanned, approximate="tanh", activation=activation, recompute=recompute)))
     return launch(x, w_gate, w_up, b_gate, b_up)
 
 
-def _plan(x: Tensor, activation: str, recompute: bool):
-    eager = functools.partial(eager_geglu, activation=activation)
+def _plan(x: Tensor, w_gate: Tensor, activation: str, recompute: bool):
+    eager = eager_geglu(activation)
     if on_fallback(x):
         return eager
     if forced_path("geglu_fwd") == "torch" and forced_path("geglu_bwd") == "torch":
         return counted("geglu_fwd", "geglu_bwd", eager)
     backend = launchers(x)
+    shape = linear_out_shape(x, w_gate)
+    calls = bound_calls(backend, shape, activation, not recompute)
+    # Inference: no graph, nothing saved; the kernel writes only h.
+    infer = bound_calls(backend, shape, activation, False).forward
 
     def launch(x, w_gate, w_up, b_gate, b_up):
         if needs_grad(x, w_gate, w_up, b_gate, b_up):
             return GeGLUFunction.apply(x, w_gate, w_up, b_gate, b_up, activation,
-                                       not recompute)[0]
-        # Inference: no graph, nothing saved; the kernel writes only h.
-        x2d = rows(x)
-        h, _, _ = backend.geglu_forward(x2d, w_gate, w_up, b_gate, b_up, activation,
-                                        save_gate_up=False)
-        return h.view(*x.shape[:-1], w_gate.shape[0])
+                                       not recompute, calls)[0]
+        return infer(x, w_gate, w_up, b_gate, b_up, activation, False)[0]
     return launch

@@ -19,8 +19,8 @@ from .._plans import remember
 from .._settings import forced_path
 from ..activations import ACTIVATIONS, check_activation, resolve
 from ._core import (
-    Tensor, counted, distributed, dtensor_ops, needs_grad, new_like, on_fallback, planned,
-    register_autograd,
+    Tensor, bound_after_first, counted, distributed, dtensor_ops, needs_grad, new_like,
+    on_fallback, planned, register_autograd,
 )
 
 # ---- the custom ops -------------------------------------------------------------------------
@@ -75,10 +75,19 @@ def _backward(ctx, dy: Tensor):
     return ctx.calls.backward(dy, x, ctx.activation), None
 
 
-GELUFunction = register_autograd(
-    gelu_fwd, "GELUFunction", _launch_forward, _setup_context, _backward,
-    traced=SimpleNamespace(backward=gelu_bwd),
-    eager=SimpleNamespace(backward=_launch_backward))
+GELUFunction = register_autograd(gelu_fwd, "GELUFunction", _setup_context, _backward,
+                                 traced=SimpleNamespace(backward=gelu_bwd))
+
+
+def _bound_calls(backend, activation: str) -> SimpleNamespace:
+    """The Function's calls (``forward``, ``backward``: the signatures of ``_launch_forward``
+    and ``_launch_backward``) for one problem, each bound to it after its first call."""
+    forward = bound_after_first(lambda x: backend.gelu_forward(x, activation),
+                                lambda x: backend.gelu_forward_launch(x, activation))
+    backward = bound_after_first(lambda dy, x: backend.gelu_backward(dy, x, activation),
+                                 lambda dy, x: backend.gelu_backward_launch(dy, x, activation))
+    return SimpleNamespace(forward=lambda x, activation: forward(x),
+                           backward=lambda dy, x, activation: backward(dy, x), infer=forward)
 
 
 # ---- the public function --------------------------------------------------------------------
@@ -110,10 +119,11 @@ def _plan(x: Tensor, activation: str):
         return eager
     if forced_path("gelu_fwd") == "torch" and forced_path("gelu_bwd") == "torch":
         return counted("gelu_fwd", "gelu_bwd", eager)
-    backend = launchers(x)
+    calls = _bound_calls(launchers(x), activation)
+    infer = calls.infer
 
     def run(x: Tensor) -> Tensor:
         if needs_grad(x):
-            return GELUFunction.apply(x, activation)
-        return backend.gelu_forward(x, activation)  # inference: no graph, nothing saved
+            return GELUFunction.apply(x, activation, calls)
+        return infer(x)  # inference: no graph, nothing saved
     return run

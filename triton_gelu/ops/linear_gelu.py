@@ -23,9 +23,9 @@ from .._plans import remember
 from .._settings import forced_path
 from ..activations import check_activation, resolve
 from ._core import (
-    Tensor, absent, autocast_linear, counted, distributed, dtensor_ops, linear_act,
-    linear_out_shape, mark_outputs_non_differentiable, needs_grad, new_like, on_fallback,
-    or_absent, planned, register_autograd, rows, unless_autocast,
+    Tensor, absent, autocast_linear, bound_after_first, bound_per_flags, counted, distributed,
+    dtensor_ops, linear_act, linear_out_shape, mark_outputs_non_differentiable, needs_grad,
+    new_like, on_fallback, or_absent, planned, register_autograd, rows, unless_autocast,
 )
 
 # ---- the custom ops -------------------------------------------------------------------------
@@ -128,9 +128,37 @@ def _backward(ctx, dy: Tensor, dpreact: Tensor | None):
 
 
 LinearGELUFunction = register_autograd(
-    linear_gelu_fwd, "LinearGELUFunction", _launch_forward, _setup_context, _backward,
-    traced=SimpleNamespace(preact=linear_preact_op, backward=linear_gelu_bwd),
-    eager=SimpleNamespace(preact=eager_preact, backward=_launch_backward))
+    linear_gelu_fwd, "LinearGELUFunction", _setup_context, _backward,
+    traced=SimpleNamespace(preact=linear_preact_op, backward=linear_gelu_bwd))
+
+
+def _bound_calls(backend, x: Tensor, weight: Tensor, activation: str,
+                 save_preact: bool) -> SimpleNamespace:
+    """The Function's calls (``forward``, ``preact``, ``backward``: the signatures of
+    ``_launch_forward``, ``eager_preact`` and ``_launch_backward``) for one problem, each bound
+    to it after its first call (``_core.bound_after_first``)."""
+    shape = linear_out_shape(x, weight)
+    forward2d = bound_after_first(
+        lambda x2d, w, b: backend.linear_gelu_forward(x2d, w, b, activation, save_preact),
+        lambda x2d, w, b: backend.linear_gelu_forward_launch(x2d, w, b, activation, save_preact))
+    preact2d = bound_after_first(backend.linear_preact, backend.linear_preact_launch)
+    backward2d = bound_per_flags(lambda needs: bound_after_first(
+        lambda dy2d, x2d, w, z: backend.linear_gelu_backward(dy2d, x2d, w, z, activation, *needs),
+        lambda dy2d, x2d, w, z: backend.linear_gelu_backward_launch(dy2d, x2d, w, z, activation,
+                                                                    *needs)))
+
+    def forward(x, weight, bias, activation, save_preact):
+        y, preact = forward2d(rows(x), weight, bias)
+        return y.view(shape), (None if preact is None else preact.view(shape))
+
+    def preact(x, weight, bias):
+        return preact2d(rows(x), weight, bias).view(shape)
+
+    def backward(dy, x, weight, preact, activation, need_dx, need_dw, need_db):
+        dx, dw, db = backward2d((need_dx, need_dw, need_db))(rows(dy), rows(x), weight,
+                                                             rows(preact))
+        return (None if dx is None else dx.view(x.shape)), dw, db
+    return SimpleNamespace(forward=forward, preact=preact, backward=backward)
 
 
 def traced(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str,
@@ -173,26 +201,27 @@ def _unplanned(x, weight, bias, activation: str, recompute: bool, key=None) -> T
         return dtensor_ops().linear_gelu(x, weight, bias, activation, recompute, traced)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops
         return traced(x, weight, bias, activation, recompute)
-    launch = _plan(x, activation, recompute)
+    launch = _plan(x, weight, activation, recompute)
     if key is not None:
         remember(key, unless_autocast(launch, x, functools.partial(
             _unplanned, activation=activation, recompute=recompute)))
     return launch(x, weight, bias)
 
 
-def _plan(x: Tensor, activation: str, recompute: bool):
-    eager = functools.partial(linear_act, activation=activation)
+def _plan(x: Tensor, weight: Tensor, activation: str, recompute: bool):
+    eager = linear_act(activation)
     if on_fallback(x):
         return eager
     if forced_path("linear_gelu_fwd") == "torch" and forced_path("linear_gelu_bwd") == "torch":
         return counted("linear_gelu_fwd", "linear_gelu_bwd", eager)
     backend = launchers(x)
+    calls = _bound_calls(backend, x, weight, activation, save_preact=not recompute)
+    # Inference: no graph and no saved pre-activation; the kernel writes only y.
+    infer = _bound_calls(backend, x, weight, activation, save_preact=False).forward
 
     def launch(x, weight, bias):
         if needs_grad(x, weight, bias):
-            return LinearGELUFunction.apply(x, weight, bias, activation, not recompute)[0]
-        # Inference: no graph and no saved pre-activation; the kernel writes only y.
-        x2d = rows(x)
-        y, _ = backend.linear_gelu_forward(x2d, weight, bias, activation, save_preact=False)
-        return y.view(*x.shape[:-1], weight.shape[0])
+            return LinearGELUFunction.apply(x, weight, bias, activation,
+                                            not recompute, calls)[0]
+        return infer(x, weight, bias, activation, False)[0]
     return launch

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import triton
 
+from .._plans import forget_plans
 from .._runtime import capturing, interpreting
 from .._settings import tune_policy
 from . import table as _table
@@ -75,7 +76,9 @@ class Chooser:
         raise NotImplementedError
 
     def forget(self) -> None:
-        """Forget what this process chose and read (the files on disk stay)."""
+        """Forget what this process chose and read (the files on disk stay), and every plan,
+        which may keep a launch of the choices forgotten (``_plans.py``)."""
+        forget_plans()
         self._disk_entries.clear()
         self._warned.clear()
         self.best.clear()

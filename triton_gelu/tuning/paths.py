@@ -223,6 +223,42 @@ class Paths(Chooser):
             self.best[slot] = choice.path
         return choice.path, choice
 
+    def settled(self, key: tuple, args: tuple, kwargs: dict | None = None) -> str | None:
+        """The path every later call of ``key`` will run, when that is settled (forced, or a
+        final choice: the problem ran once) and no ``recording_paths`` block is open; else
+        None. A plan that binds it counts its runs with ``counted``."""
+        if _recorders:
+            return None
+        forced = forced_path(self.op)
+        if forced is not None:
+            return self._forced(forced, args, kwargs or {})
+        return self.best.get((self._device_index(args), key))
+
+    def bound(self, key: tuple, tensors: tuple, fixed: tuple = (),
+              kwargs: dict | None = None) -> Callable | None:
+        """The path every later call of ``key`` runs (``settled``), bound: a callable taking
+        the call's leading positional arguments (``tensors``' counterparts) that runs the path
+        with ``fixed`` after them and ``kwargs``, counted as ``run`` counts it; None when the
+        path is not settled."""
+        kwargs = kwargs or {}
+        name = self.settled(key, (*tensors, *fixed), kwargs)
+        if name is None:
+            return None
+        fn, count = self.paths[name], self.counted(name)
+
+        def run(*tensors):
+            count()
+            return fn(*tensors, *fixed, **kwargs)
+        return run
+
+    def counted(self, name: str) -> Callable[[], None]:
+        """What ``run`` counts of a run of path ``name``, for a plan that runs it directly."""
+        slot = (self.op, name)
+
+        def count() -> None:
+            path_runs[slot] += 1
+        return count
+
     def run(self, key: tuple, *args, **kwargs):
         """Compute the op by the path chosen for ``key``."""
         name, choice = self._resolve(key, args, kwargs)

@@ -82,7 +82,8 @@ class Tuner(Chooser):
         bench: Bench | None = None,
     ) -> None:
         super().__init__(name, bench)
-        self.kernel = kernel
+        self.kernel = kernel  # what launches (the benches swap in stand-ins)
+        self.jit_kernel = kernel  # which kernel this tuner tunes, for the launchers to tell
         self.configs = configs
         self.prune = prune
         # Older call sites pass configs() and prune(configs, key) without the arch argument.
@@ -204,3 +205,25 @@ class Tuner(Chooser):
         record_launch(self.name)
         self.kernel[grid(launch[0])](**kwargs, **launch[1])
         return launch[0]
+
+    def best_meta(self, key: tuple) -> dict | None:
+        """The meta-parameters ``key`` launches with on the current device (None while it has
+        no final choice): what ``run`` returns."""
+        launch = self.best.get((self._current_device(), key))
+        return None if launch is None else launch[0]
+
+    def bound(self, grid: Grid, key: tuple, **constants) -> Callable[..., None] | None:
+        """The launch of ``key``'s config for one problem, bound: its grid computed and the
+        arguments every call of the problem shares (``constants``) merged with the config's, so
+        that ``bound(**operands)`` (the rest: pointers, strides) launches as ``run`` would. None
+        while ``key`` has no final choice on the current device (``run`` it first). The kernel
+        is looked up at each launch (the bench stubs it)."""
+        launch = self.best.get((self._current_device(), key))
+        if launch is None:
+            return None
+        grid_size, fixed, name = grid(launch[0]), {**constants, **launch[1]}, self.name
+
+        def run(**operands) -> None:
+            record_launch(name)
+            self.kernel[grid_size](**operands, **fixed)
+        return run
