@@ -13,8 +13,10 @@ Two kinds of test:
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import itertools
+import pkgutil
 import warnings
 
 import pytest
@@ -131,20 +133,22 @@ def test_row_split_runs_fused_with_no_communication(mesh, dim):
     _check_against_torch(ours, rows, w, b)
 
 
-# Ops that have no sharding rule yet: none. A new custom op (ops/) needs a rule in
-# _dtensor_rules.py, else DTensor refuses it under tensor parallel; list it here only until it
+# Ops that have no sharding rule yet: none. A new custom op (ops/) needs a rule in its module's
+# sharding_rules, else DTensor refuses it under tensor parallel; list it here only until it
 # has one.
 WITHOUT_SHARDING_RULE: tuple[str, ...] = ()
 
 
 def test_every_custom_op_has_a_sharding_rule():
     propagator = DTensor._op_dispatcher.sharding_propagator
-    custom = [v._opoverload for v in vars(ops).values()
-              if getattr(getattr(v, "_opoverload", None), "namespace", None) == "triton_gelu"]
-    assert len(custom) >= 5, custom
+    modules = [importlib.import_module(f"triton_gelu.ops.{info.name}")
+               for info in pkgutil.iter_modules(ops.__path__) if not info.name.startswith("_")]
+    custom = {v._opoverload for module in modules for v in vars(module).values()
+              if getattr(getattr(v, "_opoverload", None), "namespace", None) == "triton_gelu"}
+    assert len(custom) >= 10, custom
     missing = [str(op) for op in custom
                if op not in propagator.op_strategy_funcs and op.name() not in WITHOUT_SHARDING_RULE]
-    assert not missing, f"custom ops with no DTensor sharding rule in parallel.py: {missing}"
+    assert not missing, f"custom ops with no DTensor sharding rule (their module's sharding_rules): {missing}"
 
 
 def test_bool_flags_are_part_of_dtensors_sharding_cache(mesh):

@@ -1,4 +1,6 @@
-"""Argument validation: every bad input is refused here, in Python, before any kernel runs."""
+"""The checks the ops share: a tensor, one device and dtype, a Linear's operands, dropout. Each
+op's own checks are in its module (``ops/<op>.py``, built from these): every bad input is
+refused in Python, before any kernel runs."""
 
 from collections.abc import Sequence
 
@@ -46,7 +48,7 @@ def check_linear(
 
     ``weight_name`` / ``bias_name`` are the argument names the messages use (``w_gate``...)."""
     check_tensor("x", x)
-    _check_weight_and_bias(("x", x), weight, bias, weight_name, bias_name)
+    check_weight_and_bias(("x", x), weight, bias, weight_name, bias_name)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features), got shape ()")
     if x.shape[-1] != weight.shape[1]:
@@ -56,7 +58,7 @@ def check_linear(
         )
 
 
-def _check_weight_and_bias(
+def check_weight_and_bias(
     like: tuple[str, torch.Tensor], weight: object, bias: object | None, weight_name: str,
     bias_name: str,
 ) -> None:
@@ -86,81 +88,6 @@ def _check_weight_and_bias(
             )
 
 
-def check_linear_backward(
-    dy2d: object, x2d: torch.Tensor, weight: torch.Tensor, preact: object
-) -> None:
-    """The backward's other operands, once x (flattened to ``x2d``) and weight passed
-    ``check_linear``: dy and the saved pre-activation are (M, N)."""
-    check_same_device([("x", x2d), ("dy", check_tensor("dy", dy2d)),
-                       ("preact", check_tensor("preact", preact))])
-    expected = (x2d.shape[0], weight.shape[0])
-    for name, t in (("dy", dy2d), ("preact", preact)):
-        if tuple(t.shape) != expected:
-            raise ValueError(
-                f"{name} must have shape (M, N) = {expected} for x of shape {tuple(x2d.shape)} "
-                f"and weight of shape {tuple(weight.shape)}, got {tuple(t.shape)}"
-            )
-
-
-def check_geglu(
-    x: object, w_gate: object, w_up: object, b_gate: object | None, b_up: object | None
-) -> None:
-    """Validate ``gelu(x @ w_gate.T + b_gate) * (x @ w_up.T + b_up)``'s operands: each
-    projection as a Linear, and the two of the same shape, dtype and device."""
-    check_linear(x, w_gate, b_gate, "w_gate", "b_gate")
-    check_linear(x, w_up, b_up, "w_up", "b_up")
-    check_same_device([("w_gate", w_gate), ("w_up", w_up)])
-    check_same_dtype([("w_gate", w_gate), ("w_up", w_up)])
-    if w_up.shape != w_gate.shape:
-        raise ValueError(
-            f"w_up has shape {tuple(w_up.shape)} but w_gate has shape {tuple(w_gate.shape)}: "
-            "the gate and up projections must have the same (hidden_features, in_features)"
-        )
-
-
-def check_geglu_2d(
-    x2d: object, w_gate: object, w_up: object, b_gate: object | None, b_up: object | None
-) -> None:
-    """``check_geglu`` for the launchers, which take x already flattened to (M, K)."""
-    check_geglu(x2d, w_gate, w_up, b_gate, b_up)
-    if x2d.dim() != 2:
-        raise ValueError(f"x must be 2-D (M, in_features) here, got shape {tuple(x2d.shape)}")
-
-
-def check_geglu_backward(
-    dh2d: object, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, gate: object,
-    up: object, needs: Sequence[bool],
-) -> tuple[bool, ...]:
-    """The backward's other operands, once x (flattened to ``x2d``) and the weights passed
-    ``check_geglu``: dh and the saved gate and up are (M, N); ``needs`` holds five flags (dx,
-    dw_gate, dw_up, db_gate, db_up), returned as a tuple of bools."""
-    named = [("dh", dh2d), ("gate", gate), ("up", up)]
-    check_same_device([("x", x2d)] + [(name, check_tensor(name, t)) for name, t in named])
-    expected = (x2d.shape[0], w_gate.shape[0])
-    for name, t in named:
-        if tuple(t.shape) != expected:
-            raise ValueError(
-                f"{name} must have shape (M, N) = {expected} for x of shape {tuple(x2d.shape)} "
-                f"and w_gate of shape {tuple(w_gate.shape)}, got {tuple(t.shape)}"
-            )
-    if len(needs) != 5:
-        raise ValueError(
-            f"needs must hold 5 flags (dx, dw_gate, dw_up, db_gate, db_up), got {list(needs)}"
-        )
-    return tuple(bool(n) for n in needs)
-
-
-def check_down(w_gate: torch.Tensor, w_down: object, b_down: object | None) -> None:
-    """The down projection of a gated block: w_down (out_features, hidden_features) reads the
-    gated hidden of width w_gate.shape[0]; b_down (out_features,)."""
-    _check_weight_and_bias(("w_gate", w_gate), w_down, b_down, "w_down", "b_down")
-    if w_down.shape[1] != w_gate.shape[0]:
-        raise ValueError(
-            f"w_down must be 2-D (out_features, hidden_features = {w_gate.shape[0]}) to read "
-            f"the gated hidden of w_gate {tuple(w_gate.shape)}, got shape {tuple(w_down.shape)}"
-        )
-
-
 def check_dropout_p(p: object) -> float:
     """Validate the dropout probability: a real number in [0, 1) (1 would drop everything and
     scale by 1 / 0). Returns it as a float."""
@@ -169,20 +96,6 @@ def check_dropout_p(p: object) -> float:
     if not 0.0 <= p < 1.0:  # NaN fails too
         raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
     return float(p)
-
-
-def check_ffn(
-    x: object, w1: object, b1: object | None, w2: object, b2: object | None
-) -> None:
-    """The FFN block's operands: x (..., D), w1 (F, D), b1 (F,), w2 (D_out, F), b2 (D_out,),
-    all of one dtype and on one device."""
-    check_linear(x, w1, b1, "w1", "b1")
-    _check_weight_and_bias(("x", x), w2, b2, "w2", "b2")
-    if w2.shape[1] != w1.shape[0]:
-        raise ValueError(
-            f"linear2 in_features mismatch: w1 has shape {tuple(w1.shape)} (hidden features "
-            f"{w1.shape[0]}) but w2 has shape {tuple(w2.shape)} (in_features {w2.shape[1]})"
-        )
 
 
 def check_dropout_seed(seed: object, p: float, x: torch.Tensor) -> None:
@@ -221,43 +134,3 @@ def check_dropout_columns(col_offset: object, n_cols: object, hidden: int) -> tu
             f"of n_cols {n_cols} columns"
         )
     return col_offset, n_cols
-
-
-def check_ffn_2d(
-    x2d: object, w1: object, b1: object | None, w2: object, b2: object | None, seed: object,
-    p: object,
-) -> float:
-    """``check_ffn`` for the launchers, which take x flattened to (M, D), and the dropout
-    arguments; returns p as a float."""
-    check_ffn(x2d, w1, b1, w2, b2)
-    if x2d.dim() != 2:
-        raise ValueError(f"x must be 2-D (M, in_features) here, got shape {tuple(x2d.shape)}")
-    return check_dropout(seed, p, x2d)
-
-
-def check_ffn_backward(
-    dy2d: object, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, preact: object,
-    seed: object, p: object,
-) -> float:
-    """The backward launchers' operands: dy (M, D_out) and the pre-activation z (M, F)."""
-    p = check_ffn_2d(x2d, w1, None, w2, None, seed, p)
-    check_same_device([("x", x2d), ("dy", check_tensor("dy", dy2d)),
-                       ("preact", check_tensor("preact", preact))])
-    for name, t, expected in (("dy", dy2d, (x2d.shape[0], w2.shape[0])),
-                              ("preact", preact, (x2d.shape[0], w1.shape[0]))):
-        if tuple(t.shape) != expected:
-            raise ValueError(
-                f"{name} must have shape {expected} for x of shape {tuple(x2d.shape)}, "
-                f"w1 of shape {tuple(w1.shape)} and w2 of shape {tuple(w2.shape)}, "
-                f"got {tuple(t.shape)}"
-            )
-    return p
-
-
-def check_ffn_needs(needs: object) -> tuple[bool, ...]:
-    """Which of the backward's (dx, dW1, db1, dW2, db2) to compute: five booleans."""
-    needs = tuple(bool(n) for n in needs)
-    if len(needs) != 5:
-        raise ValueError(f"needs must say which of (dx, dW1, db1, dW2, db2) to compute: five "
-                         f"booleans, got {len(needs)}")
-    return needs

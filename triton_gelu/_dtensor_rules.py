@@ -1,9 +1,12 @@
-"""DTensor sharding rules of every custom op of ``ops/``, and the layouts they serve.
+"""The layouts the custom ops of ``ops/`` serve on DTensors, and the registration of their
+sharding rules.
 
 Imported by ``_dtensor.py`` (so never by ``import triton_gelu``). Each custom op has a rule
-(``torch.distributed.tensor.experimental.register_sharding``): DTensor calls the op on the local
-shards (so our kernels run on every rank), states the output placements, and redistributes inputs
-itself where they match no rule. DTensor refuses an op it has no rule for.
+(``torch.distributed.tensor.experimental.register_sharding``), declared in its op's module
+(``sharding_rules(layouts)``, given this module; ``_declared.py`` collects them) and
+registered here: DTensor calls the op on
+the local shards (so our kernels run on every rank), states the output placements, and
+redistributes inputs itself where they match no rule. DTensor refuses an op it has no rule for.
 
 **One projection** y = act(x @ W^T + b) (``linear_gelu``; GeGLU's gate and up projections, whose
 two weights, and biases, must be split alike: a rule never pairs a split W_gate with a whole
@@ -34,6 +37,7 @@ calling the ops on the local tensors itself.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import NamedTuple
 
 import torch
@@ -41,11 +45,9 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.placement_types import Placement
 
-# The custom ops this module writes rules for are registered by then: importing any module of
-# the package first imports triton_gelu, whose functions import their ops (``ops/``).
+from . import _declared as declared
 
 R = Replicate()
-_custom_ops = torch.ops.triton_gelu
 
 
 class LinearLayout(NamedTuple):
@@ -104,12 +106,12 @@ def block_layouts(ndim: int) -> list[BlockLayout]:
             *(BlockLayout(row_layout(d), row_layout(d), False) for d in range(last))]
 
 
-def _elementwise_layouts(ndim: int) -> list[Placement]:
+def elementwise_layouts(ndim: int) -> list[Placement]:
     """GELU is elementwise: y and dx are split as x is (any Shard, or Replicate)."""
     return [R, *(Shard(d) for d in range(ndim))]
 
 
-def _if_present(tensor: object, placement: Placement) -> Placement | None:
+def if_present(tensor: object, placement: Placement) -> Placement | None:
     return None if tensor is None else placement
 
 
@@ -146,94 +148,12 @@ def _sharding_rule(op: torch._ops.OpOverload):
     return register
 
 
-def _wanted(placement: Placement, wanted: bool) -> Placement:
+def wanted(placement: Placement, wanted: bool) -> Placement:
     """An output that was not asked for is an empty tensor: Replicate."""
     return placement if wanted else R
 
 
-# ---- GELU and Linear + GELU ---------------------------------------------------------------------
-
-
-@_sharding_rule(_custom_ops.gelu_fwd.default)
-def _gelu_fwd_rule(x, activation):
-    return [([p], [p, None]) for p in _elementwise_layouts(x.ndim)]
-
-
-@_sharding_rule(_custom_ops.gelu_bwd.default)
-def _gelu_bwd_rule(dy, x, activation):
-    return [([p], [p, p, None]) for p in _elementwise_layouts(x.ndim)]
-
-
-@_sharding_rule(_custom_ops.linear_gelu_fwd.default)
-def _linear_gelu_fwd_rule(x, weight, bias, activation, save_preact):
-    # outputs (y, z | empty)
-    return [
-        ([lay.y, _wanted(lay.y, save_preact)],
-         [lay.x, lay.weight, _if_present(bias, lay.bias), None, None])
-        for lay in linear_layouts(x.ndim)
-    ]
-
-
-@_sharding_rule(_custom_ops.linear_preact.default)
-def _linear_preact_rule(x, weight, bias):
-    return [
-        ([lay.y], [lay.x, lay.weight, _if_present(bias, lay.bias)])
-        for lay in linear_layouts(x.ndim)
-    ]
-
-
-@_sharding_rule(_custom_ops.linear_gelu_bwd.default)
-def _linear_gelu_bwd_rule(dy, x, weight, preact, activation, need_dx, need_dw, need_db):
-    return [
-        ([_wanted(lay.dx, need_dx), _wanted(lay.dweight, need_dw), _wanted(lay.dbias, need_db)],
-         [lay.y, lay.x, lay.weight, lay.y, None, None, None, None])
-        for lay in linear_layouts(x.ndim)
-    ]
-
-
-# ---- GeGLU: both projections split alike ------------------------------------------------------
-
-
-@_sharding_rule(_custom_ops.geglu_fwd.default)
-def _geglu_fwd_rule(x, w_gate, w_up, b_gate, b_up, activation, save_gate_up):
-    # outputs (h, g | empty, u | empty)
-    return [
-        ([lay.y, _wanted(lay.y, save_gate_up), _wanted(lay.y, save_gate_up)],
-         [lay.x, lay.weight, lay.weight, _if_present(b_gate, lay.bias),
-          _if_present(b_up, lay.bias), None, None])
-        for lay in linear_layouts(x.ndim)
-    ]
-
-
-@_sharding_rule(_custom_ops.geglu_gate_up.default)
-def _geglu_gate_up_rule(x, w_gate, w_up, b_gate, b_up, p, activation):
-    return [
-        ([lay.y, lay.y],
-         [lay.x, lay.weight, lay.weight, _if_present(b_gate, lay.bias),
-          _if_present(b_up, lay.bias), None, None])
-        for lay in linear_layouts(x.ndim)
-    ]
-
-
-@_sharding_rule(_custom_ops.geglu_bwd.default)
-def _geglu_bwd_rule(dh, x, w_gate, w_up, gate, up, seed, p, activation, needs, write_h,
-                    col_offset=0, n_cols=None):
-    # outputs (dx, dW_gate, dW_up, db_gate, db_up, h), each empty unless asked for. With dropout
-    # (the gated block's backward) replicated only: a split would key each rank's mask on its
-    # local rows or columns (tensor parallel passes the columns' position: _dtensor.py).
-    return [
-        ([_wanted(placement, wanted) for placement, wanted in zip(
-            (lay.dx, lay.dweight, lay.dweight, lay.dbias, lay.dbias, lay.y), (*needs, write_h))],
-         [lay.y, lay.x, lay.weight, lay.weight, lay.y, lay.y, _if_present(seed, R), None, None,
-          None, None, None, None])
-        for lay in linear_layouts(x.ndim) if p == 0.0 or lay == REPLICATED
-    ]
-
-
-# ---- the blocks: replicated, or split on the rows without dropout -----------------------------
-
-
-def _rule_block_layouts(ndim: int, dropout: bool) -> list[BlockLayout]:
+def rule_block_layouts(ndim: int, dropout: bool) -> list[BlockLayout]:
     """The block layouts a rule may serve: not tensor parallel (see the module docstring), and
     with dropout not split on the rows either (each rank would draw the mask of rows 0.. of its
     own shard, not of its rows' positions in the whole batch)."""
@@ -241,41 +161,15 @@ def _rule_block_layouts(ndim: int, dropout: bool) -> list[BlockLayout]:
             if not lay.tensor_parallel and not (dropout and lay.first.x != R)]
 
 
-@_sharding_rule(_custom_ops.ffn_fwd.default)
-def _ffn_fwd_rule(x, w1, b1, w2, b2, seed, p, activation, save_preact, col_offset=0,
-                  n_cols=None):
-    # outputs (y, z | empty)
-    return [
-        ([lay.last.y, _wanted(lay.first.y, save_preact)],
-         [lay.first.x, lay.first.weight, _if_present(b1, lay.first.bias), lay.last.weight,
-          _if_present(b2, lay.last.bias), _if_present(seed, R), None, None, None, None, None])
-        for lay in _rule_block_layouts(x.ndim, p > 0.0)
-    ]
+# ---- every op's rules, from its declaration --------------------------------------------------
+# The custom ops are registered by then: importing any module of the package first imports
+# triton_gelu, whose functions import their ops (``ops/``).
+
+def _register_every_op() -> None:
+    this = sys.modules[__name__]
+    for rules in declared.sharding_rules:
+        for op, rule in rules(this).items():
+            _sharding_rule(op)(rule)
 
 
-@_sharding_rule(_custom_ops.ffn_bwd.default)
-def _ffn_bwd_rule(dy, x, w1, w2, preact, seed, p, activation, needs, col_offset=0,
-                  n_cols=None):
-    # outputs (dx, dW1, db1, dW2, db2), each empty unless asked for
-    return [
-        ([_wanted(placement, wanted) for placement, wanted in zip(
-            (lay.first.dx, lay.first.dweight, lay.first.dbias, lay.last.dweight,
-             lay.last.dbias), needs)],
-         [lay.last.y, lay.first.x, lay.first.weight, lay.last.weight, lay.first.y,
-          _if_present(seed, R), None, None, None, None, None])
-        for lay in _rule_block_layouts(x.ndim, p > 0.0)
-    ]
-
-
-@_sharding_rule(_custom_ops.gated_ffn_fwd.default)
-def _gated_ffn_fwd_rule(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
-                        activation, save_gate_up, col_offset=0, n_cols=None):
-    # outputs (y, g | empty, u | empty)
-    return [
-        ([lay.last.y, _wanted(lay.first.y, save_gate_up), _wanted(lay.first.y, save_gate_up)],
-         [lay.first.x, lay.first.weight, lay.first.weight, lay.last.weight,
-          _if_present(b_gate, lay.first.bias), _if_present(b_up, lay.first.bias),
-          _if_present(b_down, lay.last.bias), _if_present(seed, R), None, None, None, None,
-          None])
-        for lay in _rule_block_layouts(x.ndim, p > 0.0)
-    ]
+_register_every_op()

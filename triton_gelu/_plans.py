@@ -10,13 +10,17 @@ problem with a plan is a valid one), resolves the activation, and decides the *r
 - eager PyTorch's own ops under PyTorch's autograd: the fallback (no Triton kernel can run for
   the device), or every path of the op forced to "torch";
 - the Triton launchers: an ``autograd.Function`` when a gradient is needed, the inference
-  launcher alone when none is.
+  launcher alone when none is. Each launcher of the plan runs as chosen on its first call and
+  is then bound to the problem (``ops/_core.bound_after_first`` and the kernels' ``*_launch``):
+  its settled path, its kernel's config and grid and the arguments the problem fixes are kept,
+  so a later call allocates, reads its operands' strides and launches.
 
 Nothing below a plan validates again. Not planned: DTensor operands (tensor parallel), calls
 under autocast, and calls while torch.compile traces (each is validated and routed every call).
 The environment (``TRITON_GELU_PATH``, ``TRITON_GELU_TUNE``, ``TRITON_INTERPRET``) is read once,
 when first needed (``_settings.py``); ``clear_plans()`` reads it again and makes every problem
-plan anew, after a change.
+plan anew, after a change; a chooser that forgets its choices drops the plans too
+(``forget_plans``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Each module is its op's declaration, in one place:
 
 - its PyTorch custom ops (namespace ``triton_gelu``, what ``torch.compile`` traces and tensor
   parallel runs on the shards) with their fake (meta) functions; each op validates its operands
-  (``_checks.py``), the launchers below it trust them;
+  (its own checks, built from the shared ones of ``_checks.py``), the launchers below it trust
+  them;
 - its one autograd definition (``setup_context`` + ``backward``), registered on the custom op
   and made into the eager ``autograd.Function`` (``_core.register_autograd``): eager calls take
   the Function (a custom op's dispatch costs ~10 us more per call), compiled code the op;
@@ -13,8 +14,11 @@ Each module is its op's declaration, in one place:
   "torch"): eager PyTorch's own ops under PyTorch's autograd;
 - its public function, which validates a problem once and keeps a plan for it (``_plans.py``).
 
+- its DTensor sharding rules (``sharding_rules``, declared in ``_declared.py`` and registered
+  by ``_dtensor_rules.py``, which holds the layouts they choose from, on the first DTensor).
+
 Beside it: the kernels, their paths and config spaces (``kernels/<op>.py``), the float64 truth
-(``reference.py``), the DTensor sharding rules (``_dtensor_rules.py``). Custom ops cannot return
+(``reference.py``). Custom ops cannot return
 None: an output not asked for is an empty tensor of shape ``(0,)``. Ops::
 
     gelu_fwd(x, activation) -> y

@@ -2,16 +2,16 @@
 (``kernels/ffn.py``): act and dropout in the first matmul's epilogue, the backward keeping x and
 the pre-activation z (or x alone, ``recompute``) and the dropout seed, never act(z) or the mask.
 
-The op's declaration: its custom ops (``triton_gelu::ffn_fwd`` / ``ffn_bwd``, on 2-D x: the
-public function flattens it; under tensor parallel ``_dtensor.py`` calls them on each rank's
-local tensors) with their fake functions, its one autograd definition (the custom op's and the
-eager ``autograd.Function``'s), its eager PyTorch twin, and the public function with its
-per-problem plan. The ops take the dropout seed as a tensor (``dropout_seed``, drawn in the
+The op's declaration: its checks, its custom ops (``triton_gelu::ffn_fwd`` / ``ffn_bwd``, on
+2-D x: the public function flattens it; under tensor parallel ``_dtensor.py`` calls them on
+each rank's local tensors) with their fake functions, its one autograd definition (the custom
+op's and the eager ``autograd.Function``'s), its DTensor sharding rules, its eager PyTorch twin,
+and the public function with its per-problem plan. The ops take the dropout seed as a tensor (``dropout_seed``, drawn in the
 traced graph by ``torch.randint``; None when p == 0) and p as a float, with the position of the
 call's hidden columns in the whole hidden layer (``col_offset``, ``n_cols``: a tensor-parallel
 rank's shard, whose mask is the single-process one's columns; by default the whole layer).
-Checks: ``_checks.py``; kernels, paths and config spaces: ``kernels/ffn.py``; float64 truth:
-``reference.py``.
+Shared checks: ``_checks.py``; kernels, paths and config spaces: ``kernels/ffn.py``; float64
+truth: ``reference.py``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from .._backend import launchers
 from .._checks import (
-    check_dropout_columns, check_dropout_p, check_ffn, check_ffn_2d, check_ffn_backward,
-    check_ffn_needs, check_tensor,
+    check_dropout, check_dropout_columns, check_dropout_p, check_linear, check_same_device,
+    check_tensor, check_weight_and_bias,
 )
+from .._declared import declare_sharding_rules
 from .._plans import remember
 from .._settings import forced_path
 from ..activations import check_activation, resolve
@@ -37,6 +38,63 @@ from ._core import (
     needs_grad, new_like, on_fallback, or_absent, planned, register_autograd, rows,
     unless_autocast,
 )
+
+# ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------
+
+
+def check_ffn(
+    x: object, w1: object, b1: object | None, w2: object, b2: object | None
+) -> None:
+    """The FFN block's operands: x (..., D), w1 (F, D), b1 (F,), w2 (D_out, F), b2 (D_out,),
+    all of one dtype and on one device."""
+    check_linear(x, w1, b1, "w1", "b1")
+    check_weight_and_bias(("x", x), w2, b2, "w2", "b2")
+    if w2.shape[1] != w1.shape[0]:
+        raise ValueError(
+            f"linear2 in_features mismatch: w1 has shape {tuple(w1.shape)} (hidden features "
+            f"{w1.shape[0]}) but w2 has shape {tuple(w2.shape)} (in_features {w2.shape[1]})"
+        )
+
+
+def check_ffn_2d(
+    x2d: object, w1: object, b1: object | None, w2: object, b2: object | None, seed: object,
+    p: object,
+) -> float:
+    """``check_ffn`` for the launchers, which take x flattened to (M, D), and the dropout
+    arguments; returns p as a float."""
+    check_ffn(x2d, w1, b1, w2, b2)
+    if x2d.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, in_features) here, got shape {tuple(x2d.shape)}")
+    return check_dropout(seed, p, x2d)
+
+
+def check_ffn_backward(
+    dy2d: object, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, preact: object,
+    seed: object, p: object,
+) -> float:
+    """The backward launchers' operands: dy (M, D_out) and the pre-activation z (M, F)."""
+    p = check_ffn_2d(x2d, w1, None, w2, None, seed, p)
+    check_same_device([("x", x2d), ("dy", check_tensor("dy", dy2d)),
+                       ("preact", check_tensor("preact", preact))])
+    for name, t, expected in (("dy", dy2d, (x2d.shape[0], w2.shape[0])),
+                              ("preact", preact, (x2d.shape[0], w1.shape[0]))):
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name} must have shape {expected} for x of shape {tuple(x2d.shape)}, "
+                f"w1 of shape {tuple(w1.shape)} and w2 of shape {tuple(w2.shape)}, "
+                f"got {tuple(t.shape)}"
+            )
+    return p
+
+
+def check_ffn_needs(needs: object) -> tuple[bool, ...]:
+    """Which of the backward's (dx, dW1, db1, dW2, db2) to compute: five booleans."""
+    needs = tuple(bool(n) for n in needs)
+    if len(needs) != 5:
+        raise ValueError(f"needs must say which of (dx, dW1, db1, dW2, db2) to compute: five "
+                         f"booleans, got {len(needs)}")
+    return needs
+
 
 # ---- the custom ops -------------------------------------------------------------------------
 
@@ -163,6 +221,34 @@ def traced(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | No
     y, _ = ffn_fwd(rows(x), w1, b1, w2, b2, seed, p, activation, save_preact, col_offset,
                    n_cols)
     return y.view(*x.shape[:-1], w2.shape[0])
+
+
+# ---- its DTensor sharding rules --------------------------------------------------------------
+
+
+@declare_sharding_rules
+def sharding_rules(lay) -> dict:
+    """{custom op: its DTensor sharding rule}, registered by ``_dtensor_rules`` (``lay``: that
+    module, the layouts) on the first DTensor: replicated, or split on the rows without
+    dropout (``lay.rule_block_layouts``; tensor parallel runs the ops on the local tensors)."""
+    def forward(x, w1, b1, w2, b2, seed, p, activation, save_preact, col_offset=0,
+                n_cols=None):  # outputs (y, z | empty)
+        return [([lo.last.y, lay.wanted(lo.first.y, save_preact)],
+                 [lo.first.x, lo.first.weight, lay.if_present(b1, lo.first.bias), lo.last.weight,
+                  lay.if_present(b2, lo.last.bias), lay.if_present(seed, lay.R), None, None,
+                  None, None, None])
+                for lo in lay.rule_block_layouts(x.ndim, p > 0.0)]
+
+    def backward(dy, x, w1, w2, preact, seed, p, activation, needs, col_offset=0,
+                 n_cols=None):  # outputs (dx, dW1, db1, dW2, db2), each empty unless asked for
+        return [([lay.wanted(placement, wanted) for placement, wanted in zip(
+                    (lo.first.dx, lo.first.dweight, lo.first.dbias, lo.last.dweight,
+                     lo.last.dbias), needs)],
+                 [lo.last.y, lo.first.x, lo.first.weight, lo.last.weight, lo.first.y,
+                  lay.if_present(seed, lay.R), None, None, None, None, None])
+                for lo in lay.rule_block_layouts(x.ndim, p > 0.0)]
+    ops = torch.ops.triton_gelu
+    return {ops.ffn_fwd.default: forward, ops.ffn_bwd.default: backward}
 
 
 # ---- the public function --------------------------------------------------------------------

@@ -18,10 +18,10 @@ element: (2K + 4N) / (2K + 9N) in bf16). The backward, for the upstream gradient
     dW_down = dy^T @ dropout(h)                       (D, M) x (M, N)
     db_down = sum_m dy
 
-The op's declaration: its custom op (``triton_gelu::gated_ffn_fwd``, on 2-D x; its backward
-calls the GeGLU ops of ``geglu.py``, so the compiled backward keeps x, g, u and the seed, never
-h or the mask), its one autograd definition, its eager PyTorch twin, and the public function
-with its per-problem plan.
+The op's declaration: its checks, its custom op (``triton_gelu::gated_ffn_fwd``, on 2-D x; its
+backward calls the GeGLU ops of ``geglu.py``, so the compiled backward keeps x, g, u and the
+seed, never h or the mask), its one autograd definition, its DTensor sharding rule, its eager
+PyTorch twin, and the public function with its per-problem plan.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ import torch.nn.functional as F
 
 from .._backend import launchers
 from .._checks import (
-    check_down, check_dropout, check_dropout_columns, check_dropout_p, check_geglu_2d,
+    check_dropout, check_dropout_columns, check_dropout_p, check_weight_and_bias,
 )
+from .._declared import declare_sharding_rules
 from .._plans import remember
 from .._settings import forced_path
 from ..activations import check_activation
@@ -47,6 +48,20 @@ from ._core import (
     dropout_seed, dtensor_ops, mark_outputs_non_differentiable, needs_grad, new_like,
     on_fallback, or_absent, planned, register_autograd, rows, unless_autocast,
 )
+
+# ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------
+
+
+def check_down(w_gate: torch.Tensor, w_down: object, b_down: object | None) -> None:
+    """The down projection of a gated block: w_down (out_features, hidden_features) reads the
+    gated hidden of width w_gate.shape[0]; b_down (out_features,)."""
+    check_weight_and_bias(("w_gate", w_gate), w_down, b_down, "w_down", "b_down")
+    if w_down.shape[1] != w_gate.shape[0]:
+        raise ValueError(
+            f"w_down must be 2-D (out_features, hidden_features = {w_gate.shape[0]}) to read "
+            f"the gated hidden of w_gate {tuple(w_gate.shape)}, got shape {tuple(w_down.shape)}"
+        )
+
 
 # ---- the block, on the GeGLU launchers / ops -------------------------------------------------
 
@@ -103,7 +118,7 @@ def gated_ffn_fwd(
     """(down(dropout(gelu(g) * u)), g if save_gate_up else empty, u likewise); dropout with
     probability p and the mask of ``seed`` (None when p == 0) at hidden columns ``col_offset``
     .. of ``n_cols``."""
-    check_geglu_2d(x, w_gate, w_up, b_gate, b_up)
+    _geglu.check_geglu_2d(x, w_gate, w_up, b_gate, b_up)
     check_down(w_gate, w_down, b_down)
     p = check_dropout(seed, p, x)
     col_offset, n_cols = check_dropout_columns(col_offset, n_cols, w_gate.shape[0])
@@ -184,6 +199,26 @@ def traced(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tens
     y, _, _ = gated_ffn_fwd(rows(x), w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p,
                             activation, save, col_offset, n_cols)
     return y.view(*x.shape[:-1], w_down.shape[0])
+
+
+# ---- its DTensor sharding rules --------------------------------------------------------------
+
+
+@declare_sharding_rules
+def sharding_rules(lay) -> dict:
+    """{custom op: its DTensor sharding rule}, registered by ``_dtensor_rules`` (``lay``: that
+    module, the layouts) on the first DTensor: as the FFN block's (``ffn.sharding_rules``); its
+    backward is GeGLU's op and the down projection's PyTorch ops."""
+    def forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, activation,
+                save_gate_up, col_offset=0, n_cols=None):  # outputs (y, g | empty, u | empty)
+        return [([lo.last.y, lay.wanted(lo.first.y, save_gate_up),
+                  lay.wanted(lo.first.y, save_gate_up)],
+                 [lo.first.x, lo.first.weight, lo.first.weight, lo.last.weight,
+                  lay.if_present(b_gate, lo.first.bias), lay.if_present(b_up, lo.first.bias),
+                  lay.if_present(b_down, lo.last.bias), lay.if_present(seed, lay.R), None, None,
+                  None, None, None])
+                for lo in lay.rule_block_layouts(x.ndim, p > 0.0)]
+    return {torch.ops.triton_gelu.gated_ffn_fwd.default: forward}
 
 
 # ---- the public function --------------------------------------------------------------------

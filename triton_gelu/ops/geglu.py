@@ -1,12 +1,12 @@
 """``geglu``: h = act(x @ W_gate^T + b_gate) * (x @ W_up^T + b_up), both projections and the gate
 in one kernel (``kernels/geglu.py``).
 
-The op's declaration: its custom ops (``triton_gelu::geglu_fwd``, ``geglu_gate_up``,
-``geglu_bwd``) with their fake functions, its one autograd definition (the custom op's and the
-eager ``autograd.Function``'s), its eager PyTorch twin, and the public function with its
-per-problem plan. The ops take ``x`` (..., K) and flatten it themselves, as the linear ops do
+The op's declaration: its checks, its custom ops (``triton_gelu::geglu_fwd``,
+``geglu_gate_up``, ``geglu_bwd``) with their fake functions, its one autograd definition (the
+custom op's and the eager ``autograd.Function``'s), its DTensor sharding rules, its eager
+PyTorch twin, and the public function with its per-problem plan. The ops take ``x`` (..., K) and flatten it themselves, as the linear ops do
 (g, u, h and dh are (..., N)). ``geglu_bwd`` also serves the gated block (``gated_ffn.py``):
-with p > 0 its dh is the gradient of dropout(h) and it regenerates the mask. Checks:
+with p > 0 its dh is the gradient of dropout(h) and it regenerates the mask. Shared checks:
 ``_checks.py``; kernels, paths and config spaces: ``kernels/geglu.py``; float64 truth:
 ``reference.py``.
 """
@@ -14,7 +14,7 @@ with p > 0 its dh is the gradient of dropout(h) and it regenerates the mask. Che
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 import torch
@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from .._backend import launchers
 from .._checks import (
-    check_dropout, check_dropout_columns, check_dropout_p, check_geglu, check_geglu_backward,
-    check_tensor,
+    check_dropout, check_dropout_columns, check_dropout_p, check_linear, check_same_device,
+    check_same_dtype, check_tensor,
 )
+from .._declared import declare_sharding_rules
 from .._plans import remember
 from .._settings import forced_path
 from ..activations import check_activation, resolve
@@ -33,6 +34,57 @@ from ._core import (
     dtensor_ops, linear_act, linear_out_shape, mark_outputs_non_differentiable, needs_grad,
     new_like, on_fallback, or_absent, planned, register_autograd, rows, unless_autocast,
 )
+
+# ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------
+
+
+def check_geglu(
+    x: object, w_gate: object, w_up: object, b_gate: object | None, b_up: object | None
+) -> None:
+    """Validate ``gelu(x @ w_gate.T + b_gate) * (x @ w_up.T + b_up)``'s operands: each
+    projection as a Linear, and the two of the same shape, dtype and device."""
+    check_linear(x, w_gate, b_gate, "w_gate", "b_gate")
+    check_linear(x, w_up, b_up, "w_up", "b_up")
+    check_same_device([("w_gate", w_gate), ("w_up", w_up)])
+    check_same_dtype([("w_gate", w_gate), ("w_up", w_up)])
+    if w_up.shape != w_gate.shape:
+        raise ValueError(
+            f"w_up has shape {tuple(w_up.shape)} but w_gate has shape {tuple(w_gate.shape)}: "
+            "the gate and up projections must have the same (hidden_features, in_features)"
+        )
+
+
+def check_geglu_2d(
+    x2d: object, w_gate: object, w_up: object, b_gate: object | None, b_up: object | None
+) -> None:
+    """``check_geglu`` for the launchers, which take x already flattened to (M, K)."""
+    check_geglu(x2d, w_gate, w_up, b_gate, b_up)
+    if x2d.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, in_features) here, got shape {tuple(x2d.shape)}")
+
+
+def check_geglu_backward(
+    dh2d: object, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, gate: object,
+    up: object, needs: Sequence[bool],
+) -> tuple[bool, ...]:
+    """The backward's other operands, once x (flattened to ``x2d``) and the weights passed
+    ``check_geglu``: dh and the saved gate and up are (M, N); ``needs`` holds five flags (dx,
+    dw_gate, dw_up, db_gate, db_up), returned as a tuple of bools."""
+    named = [("dh", dh2d), ("gate", gate), ("up", up)]
+    check_same_device([("x", x2d)] + [(name, check_tensor(name, t)) for name, t in named])
+    expected = (x2d.shape[0], w_gate.shape[0])
+    for name, t in named:
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name} must have shape (M, N) = {expected} for x of shape {tuple(x2d.shape)} "
+                f"and w_gate of shape {tuple(w_gate.shape)}, got {tuple(t.shape)}"
+            )
+    if len(needs) != 5:
+        raise ValueError(
+            f"needs must hold 5 flags (dx, dw_gate, dw_up, db_gate, db_up), got {list(needs)}"
+        )
+    return tuple(bool(n) for n in needs)
+
 
 # ---- the custom ops -------------------------------------------------------------------------
 
@@ -219,6 +271,43 @@ def traced(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None,
     operands already validated and cast for autocast."""
     save = needs_grad(x, w_gate, w_up, b_gate, b_up) and not recompute
     return geglu_fwd(x, w_gate, w_up, b_gate, b_up, activation, save)[0]
+
+
+# ---- its DTensor sharding rules --------------------------------------------------------------
+
+
+@declare_sharding_rules
+def sharding_rules(lay) -> dict:
+    """{custom op: its DTensor sharding rule}, registered by ``_dtensor_rules`` (``lay``: that
+    module, the layouts) on the first DTensor: both projections split alike, by each of
+    ``lay.linear_layouts`` (a rule never pairs a split W_gate with a whole W_up)."""
+    def forward(x, w_gate, w_up, b_gate, b_up, activation, save_gate_up):
+        # outputs (h, g | empty, u | empty)
+        return [([lo.y, lay.wanted(lo.y, save_gate_up), lay.wanted(lo.y, save_gate_up)],
+                 [lo.x, lo.weight, lo.weight, lay.if_present(b_gate, lo.bias),
+                  lay.if_present(b_up, lo.bias), None, None])
+                for lo in lay.linear_layouts(x.ndim)]
+
+    def gate_up(x, w_gate, w_up, b_gate, b_up, p, activation):
+        return [([lo.y, lo.y],
+                 [lo.x, lo.weight, lo.weight, lay.if_present(b_gate, lo.bias),
+                  lay.if_present(b_up, lo.bias), None, None])
+                for lo in lay.linear_layouts(x.ndim)]
+
+    def backward(dh, x, w_gate, w_up, gate, up, seed, p, activation, needs, write_h,
+                 col_offset=0, n_cols=None):
+        # outputs (dx, dW_gate, dW_up, db_gate, db_up, h), each empty unless asked for. With
+        # dropout (the gated block's backward) replicated only: a split would key each rank's
+        # mask on its local rows or columns (tensor parallel passes the columns' position:
+        # _dtensor.py).
+        return [([lay.wanted(placement, wanted) for placement, wanted in zip(
+                    (lo.dx, lo.dweight, lo.dweight, lo.dbias, lo.dbias, lo.y), (*needs, write_h))],
+                 [lo.y, lo.x, lo.weight, lo.weight, lo.y, lo.y, lay.if_present(seed, lay.R), None,
+                  None, None, None, None, None])
+                for lo in lay.linear_layouts(x.ndim) if p == 0.0 or lo == lay.REPLICATED]
+    ops = torch.ops.triton_gelu
+    return {ops.geglu_fwd.default: forward, ops.geglu_gate_up.default: gate_up,
+            ops.geglu_bwd.default: backward}
 
 
 # ---- the public function --------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 The op's declaration: its custom ops (``triton_gelu::gelu_fwd`` / ``gelu_bwd``) with their fake
 functions, its one autograd definition (the custom op's and the eager ``autograd.Function``'s),
-its eager PyTorch twin (the fallback and the forced "torch" paths), and the public function with
-its per-problem plan. Checks: ``_checks.py``; kernels, paths and config spaces:
-``kernels/gelu.py``; DTensor rule: ``_dtensor_rules.py``; float64 truth: ``reference.py``.
+its DTensor sharding rules, its eager PyTorch twin (the fallback and the forced "torch" paths),
+and the public function with its per-problem plan. Shared checks: ``_checks.py``; kernels,
+paths and config spaces: ``kernels/gelu.py``; float64 truth: ``reference.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from .._backend import launchers
 from .._checks import check_tensor
+from .._declared import declare_sharding_rules
 from .._plans import remember
 from .._settings import forced_path
 from ..activations import ACTIVATIONS, check_activation, resolve
@@ -88,6 +89,22 @@ def _bound_calls(backend, activation: str) -> SimpleNamespace:
                                  lambda dy, x: backend.gelu_backward_launch(dy, x, activation))
     return SimpleNamespace(forward=lambda x, activation: forward(x),
                            backward=lambda dy, x, activation: backward(dy, x), infer=forward)
+
+
+# ---- its DTensor sharding rules --------------------------------------------------------------
+
+
+@declare_sharding_rules
+def sharding_rules(lay) -> dict:
+    """{custom op: its DTensor sharding rule}, registered by ``_dtensor_rules`` (``lay``: that
+    module, the layouts) on the first DTensor: GELU is elementwise, y and dx split as x."""
+    ops = torch.ops.triton_gelu
+    return {
+        ops.gelu_fwd.default: lambda x, activation: [
+            ([p], [p, None]) for p in lay.elementwise_layouts(x.ndim)],
+        ops.gelu_bwd.default: lambda dy, x, activation: [
+            ([p], [p, p, None]) for p in lay.elementwise_layouts(x.ndim)],
+    }
 
 
 # ---- the public function --------------------------------------------------------------------

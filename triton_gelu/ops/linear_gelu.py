@@ -1,13 +1,14 @@
 """``linear_gelu``: y = act(x @ W^T + b), the activation in the matmul's epilogue
 (``kernels/linear_gelu.py``).
 
-The op's declaration: its custom ops (``triton_gelu::linear_gelu_fwd``, ``linear_preact``,
-``linear_gelu_bwd``) with their fake functions, its one autograd definition (the custom op's and
-the eager ``autograd.Function``'s), its eager PyTorch twin, and the public function with its
-per-problem plan. The ops take ``x`` (..., K) with any number of leading dimensions and flatten
-it themselves, on the tensors they are given: a DTensor sharded on a leading dimension reaches
-them unflattened (``_dtensor_rules.py``). Checks: ``_checks.py``; kernels, paths and config
-spaces: ``kernels/linear_gelu.py``; float64 truth: ``reference.py``.
+The op's declaration: its checks, its custom ops (``triton_gelu::linear_gelu_fwd``,
+``linear_preact``, ``linear_gelu_bwd``) with their fake functions, its one autograd definition
+(the custom op's and the eager ``autograd.Function``'s), its DTensor sharding rules, its eager
+PyTorch twin, and the public function with its per-problem plan. The ops take ``x`` (..., K)
+with any number of leading dimensions and flatten it themselves, on the tensors they are given:
+a DTensor sharded on a leading dimension reaches them unflattened. Shared checks:
+``_checks.py``; kernels, paths and config spaces: ``kernels/linear_gelu.py``; float64 truth:
+``reference.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from types import SimpleNamespace
 import torch
 
 from .._backend import launchers
-from .._checks import check_linear, check_linear_backward, check_tensor
+from .._checks import check_linear, check_same_device, check_tensor
+from .._declared import declare_sharding_rules
 from .._plans import remember
 from .._settings import forced_path
 from ..activations import check_activation, resolve
@@ -27,6 +29,25 @@ from ._core import (
     dtensor_ops, linear_act, linear_out_shape, mark_outputs_non_differentiable, needs_grad,
     new_like, on_fallback, or_absent, planned, register_autograd, rows, unless_autocast,
 )
+
+# ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------
+
+
+def check_linear_backward(
+    dy2d: object, x2d: torch.Tensor, weight: torch.Tensor, preact: object
+) -> None:
+    """The backward's other operands, once x (flattened to ``x2d``) and weight passed
+    ``check_linear``: dy and the saved pre-activation are (M, N)."""
+    check_same_device([("x", x2d), ("dy", check_tensor("dy", dy2d)),
+                       ("preact", check_tensor("preact", preact))])
+    expected = (x2d.shape[0], weight.shape[0])
+    for name, t in (("dy", dy2d), ("preact", preact)):
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name} must have shape (M, N) = {expected} for x of shape {tuple(x2d.shape)} "
+                f"and weight of shape {tuple(weight.shape)}, got {tuple(t.shape)}"
+            )
+
 
 # ---- the custom ops -------------------------------------------------------------------------
 
@@ -167,6 +188,32 @@ def traced(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str,
     operands already validated and cast for autocast."""
     save_preact = needs_grad(x, weight, bias) and not recompute
     return linear_gelu_fwd(x, weight, bias, activation, save_preact)[0]
+
+
+# ---- its DTensor sharding rules --------------------------------------------------------------
+
+
+@declare_sharding_rules
+def sharding_rules(lay) -> dict:
+    """{custom op: its DTensor sharding rule}, registered by ``_dtensor_rules`` (``lay``: that
+    module, the layouts) on the first DTensor: each of ``lay.linear_layouts``."""
+    def forward(x, weight, bias, activation, save_preact):  # outputs (y, z | empty)
+        return [([lo.y, lay.wanted(lo.y, save_preact)],
+                 [lo.x, lo.weight, lay.if_present(bias, lo.bias), None, None])
+                for lo in lay.linear_layouts(x.ndim)]
+
+    def preact(x, weight, bias):
+        return [([lo.y], [lo.x, lo.weight, lay.if_present(bias, lo.bias)])
+                for lo in lay.linear_layouts(x.ndim)]
+
+    def backward(dy, x, weight, preact, activation, need_dx, need_dw, need_db):
+        return [([lay.wanted(lo.dx, need_dx), lay.wanted(lo.dweight, need_dw),
+                  lay.wanted(lo.dbias, need_db)],
+                 [lo.y, lo.x, lo.weight, lo.y, None, None, None, None])
+                for lo in lay.linear_layouts(x.ndim)]
+    ops = torch.ops.triton_gelu
+    return {ops.linear_gelu_fwd.default: forward, ops.linear_preact.default: preact,
+            ops.linear_gelu_bwd.default: backward}
 
 
 # ---- the public function --------------------------------------------------------------------

@@ -24,7 +24,7 @@ neither Linear touched by FSDP2 or hooked, but in one case of tensor parallel: a
 styles parallelized the way the fused block runs (linear1 ``ColwiseParallel`` and linear2
 ``RowwiseParallel`` on one mesh, or both ``SequenceParallel``: ``match.parallel_block_style``) is
 fused, with linear1's input hook and linear2's output hook moved onto the ``FusedFeedForward``,
-which then runs on each rank's shards (``parallel.run_block``). Other tensor-parallel Linears are
+which then runs on each rank's shards (``_dtensor.run_block``). Other tensor-parallel Linears are
 left to the pair fusion. A window whose linear2 is directly followed by another GELU is left
 alone: that Linear fuses with its own GELU instead (pair or block), so every GELU of
 ``Linear, GELU, Linear, GELU, Linear`` gets fused.
