@@ -698,16 +698,15 @@ def _input_and_weight_grads(
     ``mm`` then ``addmm_`` into one buffer, the bias gradients column sums of the rounded dg
     and du (as PyTorch's backward sums them)."""
     need_dx, need_dwg, need_dwu, need_dbg, need_dbu = needs
-    (M, K), N = x2d.shape, w_gate.shape[0]
     dx = dwg = dwu = dbg = dbu = None
     with cublas_context(x2d):
         if need_dx:
-            dx = torch.mm(dgate, w_gate, out=_matmul.new_output((M, K), x2d))
+            dx = torch.mm(dgate, w_gate)
             dx.addmm_(dup, w_up)
         if need_dwg:
-            dwg = torch.mm(dgate.t(), x2d, out=_matmul.new_output((N, K), w_gate))
+            dwg = torch.mm(dgate.t(), x2d)
         if need_dwu:
-            dwu = torch.mm(dup.t(), x2d, out=_matmul.new_output((N, K), w_up))
+            dwu = torch.mm(dup.t(), x2d)
         if need_dbg:
             dbg = torch.sum(dgate, 0, dtype=torch.float32).to(w_gate.dtype)
         if need_dbu:

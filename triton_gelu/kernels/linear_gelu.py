@@ -557,9 +557,9 @@ def _input_and_weight_grads(dz, x2d, weight, need_dx: bool, need_dw: bool):
     dx = dw = None
     with cublas_context(x2d):
         if need_dx:
-            dx = torch.mm(dz, weight, out=_matmul.new_output(x2d.shape, x2d))
+            dx = torch.mm(dz, weight)
         if need_dw:
-            dw = torch.mm(dz.t(), x2d, out=_matmul.new_output(weight.shape, weight))
+            dw = torch.mm(dz.t(), x2d)
     return dx, dw
 
 

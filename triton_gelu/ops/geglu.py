@@ -249,8 +249,10 @@ def bound_calls(backend, shape: tuple[int, ...], activation: str, save_gate_up: 
                                                        p, *columns)))
 
     def forward(x, w_gate, w_up, b_gate, b_up, activation, save_gate_up):
-        h, gate, up = forward2d(rows(x), w_gate, w_up, b_gate, b_up, None)
-        return h.view(shape), *(None if t is None else t.view(shape) for t in (gate, up))
+        outputs = forward2d(rows(x), w_gate, w_up, b_gate, b_up, None)
+        if len(shape) == 2:  # the kernels' (M, N) already
+            return outputs
+        return tuple(None if t is None else t.view(shape) for t in outputs)
 
     def gate_up(x, w_gate, w_up, b_gate, b_up, p, activation):
         gate, up = gate_up2d(rows(x), w_gate, w_up, b_gate, b_up)

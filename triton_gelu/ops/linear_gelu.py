@@ -169,8 +169,10 @@ def _bound_calls(backend, x: Tensor, weight: Tensor, activation: str,
                                                                     *needs)))
 
     def forward(x, weight, bias, activation, save_preact):
-        y, preact = forward2d(rows(x), weight, bias)
-        return y.view(shape), (None if preact is None else preact.view(shape))
+        outputs = forward2d(rows(x), weight, bias)
+        if len(shape) == 2:  # the kernel's (M, N) already
+            return outputs
+        return tuple(None if t is None else t.view(shape) for t in outputs)
 
     def preact(x, weight, bias):
         return preact2d(rows(x), weight, bias).view(shape)
