@@ -148,7 +148,8 @@ def test_every_custom_op_has_a_sharding_rule():
     assert len(custom) >= 10, custom
     missing = [str(op) for op in custom
                if op not in propagator.op_strategy_funcs and op.name() not in WITHOUT_SHARDING_RULE]
-    assert not missing, f"custom ops with no DTensor sharding rule (their module's sharding_rules): {missing}"
+    assert not missing, ("custom ops with no DTensor sharding rule (their module's "
+                         f"sharding_rules): {missing}")
 
 
 def test_bool_flags_are_part_of_dtensors_sharding_cache(mesh):

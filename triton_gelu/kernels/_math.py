@@ -34,9 +34,9 @@ start at multiples of 4 columns) and the elementwise kernels draw the same one, 
 ``reference.dropout_keep`` (an exact PyTorch copy of the generator) too. Four words per Philox
 call: a quarter of the integer work of one call per element, which in a matmul epilogue is the
 difference between hiding under the matmul and doubling a small one's time. The host side of
-dropout is here too: ``dropout_arguments`` (what every launcher passes a dropout epilogue; ``dropout_constants``,
-the part a problem's launches share) and
-``without_dropout`` (the ``Paths`` predicate of the paths that cannot draw this mask).
+dropout is here too: ``dropout_arguments`` (what every launcher passes a dropout epilogue;
+``dropout_constants``, the part a problem's launches share) and ``without_dropout`` (the
+``Paths`` predicate of the paths that cannot draw this mask).
 
 Under tensor parallel a rank holds columns ``col_offset`` .. ``col_offset + N`` of the whole
 (M, ``n_cols``) activation: the helpers take both and draw each element's word at its position in

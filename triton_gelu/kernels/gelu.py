@@ -146,7 +146,7 @@ def elementwise_grid(n_elements: int):
     return lambda meta: (ceil_div(n_elements, meta["BLOCK_SIZE"]),)
 
 
-def _problem(tuner: Tuner, x: torch.Tensor, activation: str, p: float, col_offset: int,
+def _problem(x: torch.Tensor, activation: str, p: float, col_offset: int,
              *flags: bool) -> tuple[tuple, Callable, dict]:
     """(key, grid, constant arguments) of an elementwise launch over x: what every launch of
     one problem (x's size and dtype, the form, dropout, ``flags``) shares."""
@@ -188,7 +188,7 @@ def _launch_forward(
     ``x`` itself (each element is read before it is written)."""
     if x.numel() == 0:
         return out
-    key, grid, constants = _problem(tuner, x, activation, p, col_offset)
+    key, grid, constants = _problem(x, activation, p, col_offset)
     operands = _forward_operands(x, out, seed if p > 0.0 else None, whole_cols)
     with device_context(x):
         tuner.run(grid, key, **constants, **operands,
@@ -205,7 +205,7 @@ def _launch_backward(
     ``_launch_forward``); also h = dropout(gelu(x)) when an ``h`` buffer is given."""
     if x.numel() == 0:
         return out
-    key, grid, constants = _problem(tuner, x, activation, p, col_offset, h is not None)
+    key, grid, constants = _problem(x, activation, p, col_offset, h is not None)
     with device_context(x):
         tuner.run(grid, key, WRITE_H=h is not None, **constants, **_backward_operands(
             dy, x, out, seed if p > 0.0 else None, h, whole_cols))
@@ -305,51 +305,43 @@ def gelu_backward(
 
 def forward_launch(x: torch.Tensor, activation: str) -> Callable:
     """``gelu_forward`` bound to the problem of x (its size, dtype and device): x -> y."""
-    def launcher(x):
-        return gelu_forward(x, activation)
-    key = (bucket(x.numel()), x.dtype, activation)
-    if not x.numel():
-        return launcher
-    path = _fwd_paths.bound(key, (x,), (activation,)) or launcher
-    if _fwd_paths.settled(key, (x, activation)) != "triton":
-        return path
-    tuner_key, grid, constants = _problem(fwd_tuner, x, activation, 0.0, 0)
-    with device_context(x):
-        launch = fwd_tuner.bound(grid, tuner_key, **constants)
-    if launch is None:
-        return path
-    count = _fwd_paths.counted("triton")
-
-    def run(x):
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        count()
-        with device_context(x):
-            launch(**_forward_operands(x, out, None, None))
-        return out
-    return run
+    return _bound_launch(_fwd_paths, fwd_tuner, lambda x: gelu_forward(x, activation), (x,),
+                         activation, lambda x, out: _forward_operands(x, out, None, None))
 
 
 def backward_launch(dy: torch.Tensor, x: torch.Tensor, activation: str) -> Callable:
     """``gelu_backward`` bound to the problem of x: (dy, x) -> dx."""
-    def launcher(dy, x):
-        return gelu_backward(dy, x, activation)
-    key = (bucket(x.numel()), x.dtype, activation)
+    return _bound_launch(
+        _bwd_paths, _bwd_tuner, lambda dy, x: gelu_backward(dy, x, activation), (dy, x),
+        activation, lambda dy, x, out: _backward_operands(dy, x, out, None, None, None),
+        WRITE_H=False)
+
+
+def _bound_launch(paths: Paths, tuner: Tuner, launcher: Callable, tensors: tuple,
+                  activation: str, operands: Callable, **flags: bool) -> Callable:
+    """``launcher`` (tensors -> a new tensor of x's shape, x the last of them) bound to its
+    problem: the kept launch of ``tuner``'s kernel where the path settled on "triton"
+    (``operands(*tensors, out)``: a call's arguments; ``flags``: the kernel's constant flags,
+    part of its key), else the settled path, else ``launcher``."""
+    x = tensors[-1]
     if not x.numel():
         return launcher
-    path = _bwd_paths.bound(key, (dy, x), (activation,)) or launcher
-    if _bwd_paths.settled(key, (dy, x, activation)) != "triton":
+    key = (bucket(x.numel()), x.dtype, activation)
+    path = paths.bound(key, tensors, (activation,)) or launcher
+    if paths.settled(key, (*tensors, activation)) != "triton":
         return path
-    tuner_key, grid, constants = _problem(_bwd_tuner, x, activation, 0.0, 0, False)
+    tuner_key, grid, constants = _problem(x, activation, 0.0, 0, *flags.values())
     with device_context(x):
-        launch = _bwd_tuner.bound(grid, tuner_key, WRITE_H=False, **constants)
+        launch = tuner.bound(grid, tuner_key, **flags, **constants)
     if launch is None:
         return path
-    count = _bwd_paths.counted("triton")
+    count = paths.counted("triton")
 
-    def run(dy, x):
+    def run(*tensors):
+        x = tensors[-1]
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         count()
         with device_context(x):
-            launch(**_backward_operands(dy, x, out, None, None, None))
+            launch(**operands(*tensors, out))
         return out
     return run

@@ -92,7 +92,9 @@ from ..tuning.spaces import (
 from ..tuning.tuner import Tuner
 from . import _matmul
 from . import gelu as _gelu
-from ._math import activate, activate_grad, cast_to, ceil_div, dropout_constants, dropout_factor_tile
+from ._math import (
+    activate, activate_grad, cast_to, ceil_div, dropout_constants, dropout_factor_tile,
+)
 from ._matmul import (
     cublas_context, descriptor_dot_tile, dot_tile, input_precision, output_tile, output_tile_of,
     persistent_grid, range_flattens, tile_grid, tma_applies, tma_compatible,
@@ -647,8 +649,8 @@ def linear_gelu_backward(
 # dtype and device, a bias or none, the flags): the same arguments less the flags. Where the
 # problem's path is settled on a kernel of ours with a settled config, it allocates the outputs
 # and launches with the grid, config and constant arguments kept, counting the path and launch
-# as the launcher would; otherwise (another path, a choice made under capture, a recording
-# bench) it is the launcher itself.
+# as the launcher would; on another settled path it runs that path (no key, no choice); where
+# nothing is settled (a choice made under capture, a recording bench) it is the launcher.
 
 
 def forward_launch(x2d, weight, bias, activation: str, save_preact: bool) -> Callable:
