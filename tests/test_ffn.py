@@ -585,7 +585,7 @@ def test_inference_keeps_nothing(device, monkeypatch):
         return ffn.ffn_forward(*args, **kwargs)
 
     def spy_bound(*args, **kwargs):  # a plan's later calls
-        bound = ffn.forward_launch(*args, **kwargs)
+        bound = ffn.ffn_forward_launch(*args, **kwargs)
 
         def run(*operands):
             calls.append(save_preact(*args, **kwargs))

@@ -287,7 +287,7 @@ def test_inference_writes_only_h(device, monkeypatch):
                                 *dropout)
 
     def spy_bound(*args):  # a plan's later calls
-        bound = gk.forward_launch(*args)
+        bound = gk.geglu_forward_launch(*args)
 
         def run(*operands):
             calls.append(args[6])

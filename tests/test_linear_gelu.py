@@ -308,7 +308,7 @@ def test_inference_writes_only_y(device, monkeypatch):
         return lg.linear_gelu_forward(x2d, weight, bias, activation, save_preact)
 
     def spy_bound(x2d, weight, bias, activation, save_preact):  # a plan's later calls
-        bound = lg.forward_launch(x2d, weight, bias, activation, save_preact)
+        bound = lg.linear_gelu_forward_launch(x2d, weight, bias, activation, save_preact)
 
         def run(*operands):
             calls.append(save_preact)

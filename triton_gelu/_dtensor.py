@@ -4,9 +4,11 @@ on the first DTensor it meets (so ``import triton_gelu`` never imports ``torch.d
 the public styles that lay parameters out for it are in ``parallel.py``.
 
 **One projection** (``gelu``, ``linear_gelu``, ``geglu``): each custom op has a DTensor sharding
-rule (``_dtensor_rules.py``): column split (W, b Shard(0), x Replicate), row split (x Shard on a
-leading dimension: batch, or sequence as SequenceParallel lays it out), or Replicate; DTensor
-runs the op on the local shards and places the outputs.
+rule (declared in its op's module, registered by ``_dtensor_rules.py``): column split (W, b
+Shard(0), x Replicate), row split (x Shard on a leading dimension: batch, or sequence as
+SequenceParallel lays it out), or Replicate; DTensor runs the op on the local shards and places
+the outputs. Each op's module calls its ops on DTensors where ``fusable_layout`` says a rule
+serves them, else the unfused ops (``linear``) with ``warn_unfused``.
 
 **A block** (``feed_forward``'s FFN block, ``gated_feed_forward``'s gated block: first
 projection(s), then a last projection) runs whole on each rank's shards (``run_block``): with the
@@ -44,7 +46,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from . import _dtensor_rules as rules
 from ._runtime import UnfusedFallbackWarning
-from .activations import torch_activation
 
 Tensor = torch.Tensor
 Projection = tuple[DTensor, DTensor | None]  # (weight, bias)
@@ -56,7 +57,7 @@ Projection = tuple[DTensor, DTensor | None]  # (weight, bias)
 _warned_layouts: set[str] = set()
 
 
-def _warn_unfused(what: str, layout: str, why: str, fix: str) -> None:
+def warn_unfused(what: str, layout: str, why: str, fix: str) -> None:
     if layout in _warned_layouts:
         return
     _warned_layouts.add(layout)
@@ -67,12 +68,12 @@ def _warn_unfused(what: str, layout: str, why: str, fix: str) -> None:
     )
 
 
-def _placements(**named: DTensor | None) -> str:
+def placements(**named: DTensor | None) -> str:
     return ", ".join(f"{name} {None if t is None else tuple(t.placements)}"
                      for name, t in named.items())
 
 
-def _require_dtensors(**named: Tensor | None) -> None:
+def require_dtensors(**named: Tensor | None) -> None:
     plain = [name for name, t in named.items() if t is not None and not isinstance(t, DTensor)]
     if plain:
         dist = [name for name, t in named.items() if isinstance(t, DTensor)]
@@ -117,48 +118,6 @@ def linear(x: DTensor, weight: DTensor, bias: DTensor | None) -> Tensor:
     if len(middle) != 1 or 0 in sharded:
         return F.linear(x, weight, bias)
     return F.linear(x.transpose(0, middle[0]), weight, bias).transpose(0, middle[0])
-
-
-def gelu(x: DTensor, activation: str, fused: Callable) -> Tensor:
-    """``gelu`` of a DTensor: ``fused`` (the custom op, whose rule runs it on the local shard)."""
-    return fused(x, activation)
-
-
-def linear_gelu(
-    x: DTensor, weight: DTensor, bias: DTensor | None, activation: str, recompute: bool,
-    fused: Callable,
-) -> Tensor:
-    """``linear_gelu`` of DTensors (already validated and cast for autocast): ``fused`` (the
-    custom ops) on the local shards where their layout allows, else the unfused ops, with a
-    warning."""
-    _require_dtensors(x=x, weight=weight, bias=bias)
-    if fusable_layout(x, weight, bias):
-        return fused(x, weight, bias, activation, recompute)
-    _warn_unfused(
-        "Linear+GELU kernels", _placements(x=x, weight=weight, bias=bias),
-        "GELU needs the whole pre-activation, not a partial sum or a mismatched split",
-        "Make linear1 column-parallel (triton_gelu.parallel.ColwiseParallel) to fuse.",
-    )
-    return torch_activation(linear(x, weight, bias), activation)
-
-
-def geglu(
-    x: DTensor, w_gate: DTensor, w_up: DTensor, b_gate: DTensor | None, b_up: DTensor | None,
-    activation: str, recompute: bool, fused: Callable,
-) -> Tensor:
-    """``geglu`` of DTensors (validated, autocast): ``fused`` (the GeGLU ops) on the local
-    shards where both projections are split alike in a layout they serve, else the unfused
-    ops."""
-    _require_dtensors(x=x, w_gate=w_gate, w_up=w_up, b_gate=b_gate, b_up=b_up)
-    if fusable_layout(x, w_gate, b_gate, (w_up, b_up)):
-        return fused(x, w_gate, w_up, b_gate, b_up, activation, recompute)
-    _warn_unfused(
-        "GeGLU kernel", _placements(x=x, w_gate=w_gate, w_up=w_up, b_gate=b_gate, b_up=b_up),
-        "gelu(g) * u needs whole g and u, and the gate and up columns of one rank must match",
-        "Make gate_proj and up_proj both column-parallel (Shard(0)) to fuse.",
-    )
-    gate = torch_activation(linear(x, w_gate, b_gate), activation)
-    return gate * linear(x, w_up, b_up)
 
 
 # ---- a block: run whole on each rank's local tensors ------------------------------------------
@@ -246,13 +205,13 @@ def run_block(
     b_last, col_offset, n_cols)`` computes the block on plain local tensors, the rank's hidden
     columns being columns ``col_offset`` .. of ``n_cols``; ``dropout``: whether it drops any.
     """
-    _require_dtensors(x=x, **{f"{kind}{i}": t for i, (w, b) in enumerate((*first, last))
+    require_dtensors(x=x, **{f"{kind}{i}": t for i, (w, b) in enumerate((*first, last))
                               for kind, t in (("weight", w), ("bias", b))})
     layouts = _block_layouts(x, first, last, dropout)
     if layouts is None:
         named = {"x": x, **{f"first{i}": w for i, (w, _) in enumerate(first)}, "last": last[0]}
-        _warn_unfused(
-            what, _placements(**named) + f", dropout {dropout}",
+        warn_unfused(
+            what, placements(**named) + f", dropout {dropout}",
             "it runs with its first projections column-parallel and its last row-parallel, on "
             "the rows (without dropout), or replicated",
             "Parallelize the block with triton_gelu.parallel.FeedForwardParallel to fuse it.",

@@ -87,6 +87,15 @@ Tensor = torch.Tensor
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
 
 
+# The launchers (``triton_gelu.kernels`` re-exports them) and their per-problem launches.
+__all__ = [
+    "ffn_forward",
+    "ffn_backward",
+    "ffn_forward_launch",
+    "ffn_backward_launch",
+]
+
+
 @triton.jit
 def _ffn_bwd_dz_kernel(
     dy_ptr,  # (M, E)
@@ -631,7 +640,7 @@ def ffn_backward(
 # ---- per-problem launches (the plans of ``ops/ffn.py``; see ``linear_gelu.py``'s) -----------
 
 
-def forward_launch(x2d, w1, b1, w2, b2, seed, p: float, activation: str, save_preact: bool,
+def ffn_forward_launch(x2d, w1, b1, w2, b2, seed, p: float, activation: str, save_preact: bool,
                    col_offset: int = 0, n_cols: int | None = None) -> Callable:
     """``ffn_forward`` bound to this problem: (x2d, w1, b1, w2, b2, seed) -> (y, preact)."""
     n_cols = w1.shape[0] if n_cols is None else n_cols
@@ -663,7 +672,7 @@ def forward_launch(x2d, w1, b1, w2, b2, seed, p: float, activation: str, save_pr
     return run
 
 
-def backward_launch(dy2d, x2d, w1, w2, preact, seed, p: float, activation: str,
+def ffn_backward_launch(dy2d, x2d, w1, w2, preact, seed, p: float, activation: str,
                     needs: Sequence[bool], col_offset: int = 0,
                     n_cols: int | None = None) -> Callable:
     """``ffn_backward`` bound to this problem: (dy2d, x2d, w1, w2, preact, seed) -> grads (its

@@ -92,6 +92,17 @@ from .gelu import as_rows, elementwise_grid, row_offsets
 # ---- the math, once -------------------------------------------------------------------------
 
 
+# The launchers (``triton_gelu.kernels`` re-exports them) and their per-problem launches.
+__all__ = [
+    "geglu_forward",
+    "geglu_gate_up",
+    "geglu_backward",
+    "geglu_forward_launch",
+    "geglu_gate_up_launch",
+    "geglu_backward_launch",
+]
+
+
 @triton.jit
 def _gated(gate, up, ACTIVATION: tl.constexpr):
     # h = gelu(g) * u, float32 in and out.
@@ -856,7 +867,7 @@ def _bound_forward(x2d, w_gate, w_up, b_gate, b_up, activation: str, write_h: bo
     return run
 
 
-def forward_launch(x2d, w_gate, w_up, b_gate, b_up, activation: str, save_gate_up: bool,
+def geglu_forward_launch(x2d, w_gate, w_up, b_gate, b_up, activation: str, save_gate_up: bool,
                    seed=None, p: float = 0.0, col_offset: int = 0,
                    n_cols: int | None = None) -> Callable:
     """``geglu_forward`` bound to this problem: (x2d, w_gate, w_up, b_gate, b_up, seed) ->
@@ -868,7 +879,7 @@ def forward_launch(x2d, w_gate, w_up, b_gate, b_up, activation: str, save_gate_u
             n_cols))
 
 
-def gate_up_launch(x2d, w_gate, w_up, b_gate, b_up, activation: str,
+def geglu_gate_up_launch(x2d, w_gate, w_up, b_gate, b_up, activation: str,
                    p: float = 0.0) -> Callable:
     """``geglu_gate_up`` bound to this problem: (x2d, w_gate, w_up, b_gate, b_up) -> (g, u)."""
     bound = _bound_forward(x2d, w_gate, w_up, b_gate, b_up, activation, False, True, p, 0,
@@ -878,7 +889,7 @@ def gate_up_launch(x2d, w_gate, w_up, b_gate, b_up, activation: str,
     return lambda *tensors: bound(*tensors, None)[1:]
 
 
-def backward_launch(dh2d, x2d, w_gate, w_up, gate, up, activation: str, needs: Sequence[bool],
+def geglu_backward_launch(dh2d, x2d, w_gate, w_up, gate, up, activation: str, needs: Sequence[bool],
                     write_h: bool = False, seed=None, p: float = 0.0, col_offset: int = 0,
                     n_cols: int | None = None) -> Callable:
     """``geglu_backward`` bound to this problem: (dh2d, x2d, w_gate, w_up, gate, up, seed) ->

@@ -36,6 +36,15 @@ from ._math import (
 )
 
 
+# The launchers (``triton_gelu.kernels`` re-exports them) and their per-problem launches.
+__all__ = [
+    "gelu_forward",
+    "gelu_backward",
+    "gelu_forward_launch",
+    "gelu_backward_launch",
+]
+
+
 @triton.jit
 def row_offsets(offs, n_cols, stride_row, CONTIGUOUS: tl.constexpr):
     # Element offsets of flat indices ``offs`` in a (rows, n_cols) view with row stride
@@ -303,13 +312,13 @@ def gelu_backward(
 # ---- per-problem launches (the plans of ``ops/gelu.py``; see ``linear_gelu.py``'s) ----------
 
 
-def forward_launch(x: torch.Tensor, activation: str) -> Callable:
+def gelu_forward_launch(x: torch.Tensor, activation: str) -> Callable:
     """``gelu_forward`` bound to the problem of x (its size, dtype and device): x -> y."""
     return _bound_launch(_fwd_paths, fwd_tuner, lambda x: gelu_forward(x, activation), (x,),
                          activation, lambda x, out: _forward_operands(x, out, None, None))
 
 
-def backward_launch(dy: torch.Tensor, x: torch.Tensor, activation: str) -> Callable:
+def gelu_backward_launch(dy: torch.Tensor, x: torch.Tensor, activation: str) -> Callable:
     """``gelu_backward`` bound to the problem of x: (dy, x) -> dx."""
     return _bound_launch(
         _bwd_paths, _bwd_tuner, lambda dy, x: gelu_backward(dy, x, activation), (dy, x),

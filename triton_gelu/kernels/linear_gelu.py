@@ -101,6 +101,17 @@ from ._matmul import (
 )
 
 
+# The launchers (``triton_gelu.kernels`` re-exports them) and their per-problem launches.
+__all__ = [
+    "linear_gelu_forward",
+    "linear_preact",
+    "linear_gelu_backward",
+    "linear_gelu_forward_launch",
+    "linear_preact_launch",
+    "linear_gelu_backward_launch",
+]
+
+
 @triton.jit
 def linear_gelu_fwd_kernel(
     x_ptr,  # (M, K)
@@ -653,7 +664,7 @@ def linear_gelu_backward(
 # nothing is settled (a choice made under capture, a recording bench) it is the launcher.
 
 
-def forward_launch(x2d, weight, bias, activation: str, save_preact: bool) -> Callable:
+def linear_gelu_forward_launch(x2d, weight, bias, activation: str, save_preact: bool) -> Callable:
     """``linear_gelu_forward`` bound to this problem: (x2d, weight, bias) -> (y, preact)."""
     def launcher(x2d, weight, bias):
         return linear_gelu_forward(x2d, weight, bias, activation, save_preact)
@@ -663,7 +674,7 @@ def forward_launch(x2d, weight, bias, activation: str, save_preact: bool) -> Cal
         (activation, save_preact), True, save_preact, activation)
 
 
-def preact_launch(x2d, weight, bias) -> Callable:
+def linear_preact_launch(x2d, weight, bias) -> Callable:
     """``linear_preact`` bound to this problem: (x2d, weight, bias) -> z."""
     return _bound_forward_path(
         linear_preact, _preact_paths, {"fused": _preact_tuner, "tma": _preact_tma_tuner},
@@ -701,7 +712,7 @@ def _bound_forward_path(launcher: Callable, paths: Paths, tuners: dict, key: tup
     return run
 
 
-def backward_launch(dy2d, x2d, weight, preact, activation: str, need_dx: bool, need_dw: bool,
+def linear_gelu_backward_launch(dy2d, x2d, weight, preact, activation: str, need_dx: bool, need_dw: bool,
                     need_db: bool) -> Callable:
     """``linear_gelu_backward`` bound to this problem: (dy2d, x2d, weight, preact) -> (dx, dW,
     db)."""

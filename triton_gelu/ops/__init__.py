@@ -12,14 +12,17 @@ Each module is its op's declaration, in one place:
   the Function (a custom op's dispatch costs ~10 us more per call), compiled code the op;
 - its eager PyTorch twin (the fallback where no Triton kernel can run, and every path forced to
   "torch"): eager PyTorch's own ops under PyTorch's autograd;
-- its public function, which validates a problem once and keeps a plan for it (``_plans.py``).
-
+- its public function, which validates a problem once and keeps a plan for it (``_plans.py``);
 - its DTensor sharding rules (``sharding_rules``, declared in ``_declared.py`` and registered
-  by ``_dtensor_rules.py``, which holds the layouts they choose from, on the first DTensor).
+  by ``_dtensor_rules.py``, which holds the layouts they choose from, on the first DTensor), and
+  what its public function runs on DTensors;
+- its PyTorch launchers, the fallback's (``@fallback.launcher``: the kernels' launchers' twins,
+  for a tensor-parallel shard without Triton).
 
 Beside it: the kernels, their paths and config spaces (``kernels/<op>.py``), the float64 truth
-(``reference.py``). Custom ops cannot return
-None: an output not asked for is an empty tensor of shape ``(0,)``. Ops::
+(``reference.py``). A new op is a module here and one in ``kernels/``, and its public name in
+``functional.py`` and ``__init__.py``. Custom ops cannot return None: an output not asked for
+is an empty tensor of shape ``(0,)``. Ops::
 
     gelu_fwd(x, activation) -> y
     gelu_bwd(dy, x, activation) -> dx

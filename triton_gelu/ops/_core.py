@@ -202,10 +202,10 @@ def counted(forward_op: str, backward_op: str, fn: Callable) -> Callable:
     return run
 
 
-def linear_act(activation: str) -> Callable:
+def linear_act(activation: str, linear: Callable = F.linear) -> Callable:
     """Eager PyTorch's ``act(F.linear(x, weight, bias))`` as a function of (x, weight, bias),
-    its ops looked up once (a plan calls it per call)."""
-    act, linear = ACTIVATIONS[activation].torch_value, F.linear
+    its ops looked up once (a plan calls it per call); ``linear``: DTensors' own, for them."""
+    act = ACTIVATIONS[activation].torch_value
     return lambda x, weight, bias: act(linear(x, weight, bias))
 
 

@@ -17,11 +17,13 @@ default the whole layer). Shared checks: ``_checks.py``; kernels, paths and conf
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+from .. import fallback, reference
 from .._backend import launchers
 from .._checks import (
     check_dropout, check_dropout_columns, check_dropout_p, check_linear, check_same_device,
@@ -94,6 +96,39 @@ def check_ffn_needs(needs: object) -> tuple[bool, ...]:
         raise ValueError(f"needs must say which of (dx, dW1, db1, dW2, db2) to compute: five "
                          f"booleans, got {len(needs)}")
     return needs
+
+
+# ---- its PyTorch launchers: the fallback's (``fallback.py``), where no Triton kernel runs -------
+# The kernels' math (``reference.py``'s float32 formulas, one rounding to the input dtype); only
+# a tensor-parallel shard's plan reaches them (other plans there run the eager twin below).
+
+
+@fallback.launcher(tensors=6)
+def ffn_forward(
+    x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+    b2: torch.Tensor | None, seed: torch.Tensor | None, p: float, activation: str,
+    save_preact: bool, col_offset: int = 0, n_cols: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    columns = col_offset, w1.shape[0] if n_cols is None else n_cols
+    keep = fallback.kernels_mask(seed, p, x2d.shape[0], w1.shape[0], *columns)
+    y, preact = reference.ffn_forward_fp32(
+        x2d, w1, b1, w2, b2, keep, reference.dropout_constants(p)[1], activation
+    )
+    return y.to(x2d.dtype), (preact.to(x2d.dtype) if save_preact else None)
+
+
+@fallback.launcher(tensors=6)
+def ffn_backward(
+    dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    preact: torch.Tensor, seed: torch.Tensor | None, p: float, activation: str,
+    needs: Sequence[bool], col_offset: int = 0, n_cols: int | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    columns = col_offset, w1.shape[0] if n_cols is None else n_cols
+    keep = fallback.kernels_mask(seed, p, preact.shape[0], preact.shape[1], *columns)
+    grads = reference.ffn_backward_fp32(
+        dy2d, x2d, w1, w2, preact, keep, reference.dropout_constants(p)[1], activation
+    )
+    return tuple(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs))
 
 
 # ---- the custom ops -------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from .. import fallback, reference
 from .._backend import launchers
 from .._checks import (
     check_dropout, check_dropout_columns, check_dropout_p, check_linear, check_same_device,
@@ -84,6 +85,55 @@ def check_geglu_backward(
             f"needs must hold 5 flags (dx, dw_gate, dw_up, db_gate, db_up), got {list(needs)}"
         )
     return tuple(bool(n) for n in needs)
+
+
+# ---- its PyTorch launchers: the fallback's (``fallback.py``), where no Triton kernel runs -------
+# The kernels' math (``reference.py``'s float32 formulas, one rounding to the input dtype); only
+# a tensor-parallel shard's plan reaches them (other plans there run the eager twin below).
+
+
+@fallback.launcher(tensors=(0, 1, 2, 3, 4, 7))
+def geglu_forward(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, activation: str, save_gate_up: bool,
+    seed: torch.Tensor | None = None, p: float = 0.0, col_offset: int = 0,
+    n_cols: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    columns = col_offset, w_gate.shape[0] if n_cols is None else n_cols
+    h, gate, up = reference.geglu_forward_fp32(
+        x2d, w_gate, w_up, b_gate, b_up, activation,
+        fallback.kernels_mask(seed, p, x2d.shape[0], w_gate.shape[0], *columns),
+        reference.dropout_constants(p)[1],
+    )
+    return (h.to(x2d.dtype), *((gate, up) if save_gate_up else (None, None)))
+
+
+@fallback.launcher(tensors=5)
+def geglu_gate_up(
+    x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None, activation: str, p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _, gate, up = reference.geglu_forward_fp32(x2d, w_gate, w_up, b_gate, b_up, activation)
+    return gate, up
+
+
+@fallback.launcher(tensors=(0, 1, 2, 3, 4, 5, 9))
+def geglu_backward(
+    dh2d: torch.Tensor, x2d: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+    gate: torch.Tensor, up: torch.Tensor, activation: str, needs: Sequence[bool],
+    write_h: bool = False, seed: torch.Tensor | None = None, p: float = 0.0,
+    col_offset: int = 0, n_cols: int | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    columns = col_offset, w_gate.shape[0] if n_cols is None else n_cols
+    (rows, cols), scale = gate.shape, reference.dropout_constants(p)[1]
+    keep = fallback.kernels_mask(seed, p, rows, cols, *columns)
+    grads = reference.geglu_backward_fp32(dh2d, x2d, w_gate, w_up, gate, up, activation,
+                                          keep, scale)
+    h = None
+    if write_h:
+        h = reference.dropout_fp32(reference.geglu_fp32(gate, up, activation), keep,
+                                    scale).to(x2d.dtype)
+    return (*(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs)), h)
 
 
 # ---- the custom ops -------------------------------------------------------------------------
@@ -325,10 +375,10 @@ def prepare(x, w_gate, w_up, b_gate, b_up, approximate, activation):
     return x, w_gate, w_up, b_gate, b_up, activation
 
 
-def eager_geglu(activation: str) -> Callable:
+def eager_geglu(activation: str, linear: Callable = F.linear) -> Callable:
     """Eager PyTorch's GeGLU, ``act(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up)``,
-    as a function of (x, w_gate, w_up, b_gate, b_up)."""
-    act, linear = linear_act(activation), F.linear
+    as a function of (x, w_gate, w_up, b_gate, b_up); ``linear``: DTensors' own, for them."""
+    act = linear_act(activation, linear)
     return lambda x, w_gate, w_up, b_gate, b_up: act(x, w_gate, b_gate) * linear(x, w_up, b_up)
 
 
@@ -361,8 +411,7 @@ def _unplanned(x, w_gate, w_up, b_gate, b_up, approximate, activation, recompute
     x, w_gate, w_up, b_gate, b_up, activation = prepare(
         x, w_gate, w_up, b_gate, b_up, approximate, activation)
     if distributed(x, w_gate, w_up, b_gate, b_up):  # DTensor: the custom ops on the shards
-        return dtensor_ops().geglu(x, w_gate, w_up, b_gate, b_up, activation, recompute,
-                                   traced)
+        return _on_dtensors(x, w_gate, w_up, b_gate, b_up, activation, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops
         return traced(x, w_gate, w_up, b_gate, b_up, activation, recompute)
     launch = _plan(x, w_gate, activation, recompute)
@@ -370,6 +419,23 @@ def _unplanned(x, w_gate, w_up, b_gate, b_up, approximate, activation, recompute
         remember(key, unless_autocast(launch, x, functools.partial(
             _unplanned, approximate="tanh", activation=activation, recompute=recompute)))
     return launch(x, w_gate, w_up, b_gate, b_up)
+
+
+def _on_dtensors(x, w_gate, w_up, b_gate, b_up, activation: str, recompute: bool) -> Tensor:
+    """``geglu`` of DTensors (validated, cast for autocast): the GeGLU ops on the local shards
+    where both projections are split alike in a layout their rules serve
+    (``_dtensor.fusable_layout``), else the unfused ops, with a warning."""
+    dtensors = dtensor_ops()
+    dtensors.require_dtensors(x=x, w_gate=w_gate, w_up=w_up, b_gate=b_gate, b_up=b_up)
+    if dtensors.fusable_layout(x, w_gate, b_gate, (w_up, b_up)):
+        return traced(x, w_gate, w_up, b_gate, b_up, activation, recompute)
+    dtensors.warn_unfused(
+        "GeGLU kernel",
+        dtensors.placements(x=x, w_gate=w_gate, w_up=w_up, b_gate=b_gate, b_up=b_up),
+        "gelu(g) * u needs whole g and u, and the gate and up columns of one rank must match",
+        "Make gate_proj and up_proj both column-parallel (Shard(0)) to fuse.",
+    )
+    return eager_geglu(activation, dtensors.linear)(x, w_gate, w_up, b_gate, b_up)
 
 
 def _plan(x: Tensor, w_gate: Tensor, activation: str, recompute: bool):

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .. import fallback, reference
 from .._backend import launchers
 from .._checks import check_tensor
 from .._declared import declare_sharding_rules
@@ -20,9 +21,32 @@ from .._plans import remember
 from .._settings import forced_path
 from ..activations import ACTIVATIONS, check_activation, resolve
 from ._core import (
-    Tensor, bound_after_first, counted, distributed, dtensor_ops, needs_grad, new_like,
-    on_fallback, planned, register_autograd,
+    Tensor, bound_after_first, counted, distributed, needs_grad, new_like, on_fallback, planned,
+    register_autograd,
 )
+
+# ---- its PyTorch launchers: the fallback's (``fallback.py``), where no Triton kernel runs -------
+# The kernels' math (``reference.py``'s float32 formulas, one rounding to the input dtype); only
+# a tensor-parallel shard's plan reaches them (other plans there run the eager twin below).
+
+
+@fallback.launcher(tensors=1)
+def gelu_forward(
+    x: torch.Tensor, activation: str, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    if out is None:
+        out = new_like(x)
+    return out.copy_(reference.gelu_fp32(x, activation))
+
+
+@fallback.launcher(tensors=2)
+def gelu_backward(
+    dy: torch.Tensor, x: torch.Tensor, activation: str, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    if out is None:
+        out = new_like(x)
+    return out.copy_(dy.float() * reference.gelu_grad_fp32(x, activation))
+
 
 # ---- the custom ops -------------------------------------------------------------------------
 
@@ -124,7 +148,7 @@ def gelu(x: Tensor, approximate: str = "none", *, activation: str | None = None)
     activation = resolve(approximate, activation)
     check_tensor("x", x)
     if distributed(x):  # DTensor: the custom op, whose sharding rule runs it on the local shard
-        return dtensor_ops().gelu(x, activation, gelu_fwd)
+        return gelu_fwd(x, activation)
     if torch.compiler.is_compiling():  # torch.compile traces the custom op, not the Function
         return gelu_fwd(x, activation)
     return remember(key, _plan(x, activation))(x)

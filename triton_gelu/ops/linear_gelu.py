@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .. import fallback, reference
 from .._backend import launchers
 from .._checks import check_linear, check_same_device, check_tensor
 from .._declared import declare_sharding_rules
@@ -47,6 +48,39 @@ def check_linear_backward(
                 f"{name} must have shape (M, N) = {expected} for x of shape {tuple(x2d.shape)} "
                 f"and weight of shape {tuple(weight.shape)}, got {tuple(t.shape)}"
             )
+
+
+# ---- its PyTorch launchers: the fallback's (``fallback.py``), where no Triton kernel runs -------
+# The kernels' math (``reference.py``'s float32 formulas, one rounding to the input dtype); only
+# a tensor-parallel shard's plan reaches them (other plans there run the eager twin below).
+
+
+@fallback.launcher(tensors=3)
+def linear_gelu_forward(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    activation: str, save_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    preact = reference.linear_preact_fp32(x2d, weight, bias)
+    y = reference.gelu_fp32(preact, activation).to(x2d.dtype)
+    return y, (preact.to(x2d.dtype) if save_preact else None)
+
+
+@fallback.launcher(tensors=3)
+def linear_preact(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return reference.linear_preact_fp32(x2d, weight, bias).to(x2d.dtype)
+
+
+@fallback.launcher(tensors=4)
+def linear_gelu_backward(
+    dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
+    activation: str, need_dx: bool, need_dw: bool, need_db: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    grads = reference.linear_gelu_backward_fp32(dy2d, x2d, weight, preact, activation)
+    dx, dw, db = (g.to(x2d.dtype) if need else None
+                  for g, need in zip(grads, (need_dx, need_dw, need_db)))
+    return dx, dw, db
 
 
 # ---- the custom ops -------------------------------------------------------------------------
@@ -247,7 +281,7 @@ def _unplanned(x, weight, bias, activation: str, recompute: bool, key=None) -> T
     x, weight, bias = autocast_linear(x, weight, bias)
     check_linear(x, weight, bias)
     if distributed(x, weight, bias):  # DTensor: the custom ops, run on the local shards
-        return dtensor_ops().linear_gelu(x, weight, bias, activation, recompute, traced)
+        return _on_dtensors(x, weight, bias, activation, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops
         return traced(x, weight, bias, activation, recompute)
     launch = _plan(x, weight, activation, recompute)
@@ -255,6 +289,22 @@ def _unplanned(x, weight, bias, activation: str, recompute: bool, key=None) -> T
         remember(key, unless_autocast(launch, x, functools.partial(
             _unplanned, activation=activation, recompute=recompute)))
     return launch(x, weight, bias)
+
+
+def _on_dtensors(x, weight, bias, activation: str, recompute: bool) -> Tensor:
+    """``linear_gelu`` of DTensors (validated, cast for autocast): the custom ops on the local
+    shards where a layout their rules serve fits (``_dtensor.fusable_layout``), else the unfused
+    ops, with a warning."""
+    dtensors = dtensor_ops()
+    dtensors.require_dtensors(x=x, weight=weight, bias=bias)
+    if dtensors.fusable_layout(x, weight, bias):
+        return traced(x, weight, bias, activation, recompute)
+    dtensors.warn_unfused(
+        "Linear+GELU kernels", dtensors.placements(x=x, weight=weight, bias=bias),
+        "GELU needs the whole pre-activation, not a partial sum or a mismatched split",
+        "Make linear1 column-parallel (triton_gelu.parallel.ColwiseParallel) to fuse.",
+    )
+    return linear_act(activation, dtensors.linear)(x, weight, bias)
 
 
 def _plan(x: Tensor, weight: Tensor, activation: str, recompute: bool):
