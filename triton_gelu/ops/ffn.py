@@ -5,13 +5,14 @@ the pre-activation z (or x alone, ``recompute``) and the dropout seed, never act
 The op's declaration: its checks, its custom ops (``triton_gelu::ffn_fwd`` / ``ffn_bwd``, on 2-D
 x: the public function flattens it; under tensor parallel ``_dtensor.py`` calls them on each
 rank's local tensors) with their fake functions, its one autograd definition (the custom op's
-and the eager ``autograd.Function``'s), its DTensor sharding rules, its eager PyTorch twin, and
-the public function with its per-problem plan. The ops take the dropout seed as a tensor
-(``dropout_seed``, drawn in the traced graph by ``torch.randint``; None when p == 0) and p as a
-float, with the position of the call's hidden columns in the whole hidden layer (``col_offset``,
-``n_cols``: a tensor-parallel rank's shard, whose mask is the single-process one's columns; by
-default the whole layer). Shared checks: ``_checks.py``; kernels, paths and config spaces:
-``kernels/ffn.py``; float64 truth: ``reference.py``.
+and the eager ``autograd.Function``'s), its DTensor sharding rules, its PyTorch launchers (the
+fallback's), its eager PyTorch twin, and the public function with its per-problem plan. The ops
+take the dropout seed as a tensor (``dropout_seed``, drawn in the traced graph by
+``torch.randint``; None when p == 0) and p as a float, with the position of the call's hidden
+columns in the whole hidden layer (``col_offset``, ``n_cols``: a tensor-parallel rank's shard,
+whose mask is the single-process one's columns; by default the whole layer). Shared checks:
+``_checks.py``; kernels, paths and config spaces: ``kernels/ffn.py``; float64 truth:
+``reference.py``.
 """
 
 from __future__ import annotations

@@ -3,12 +3,12 @@ in one kernel (``kernels/geglu.py``).
 
 The op's declaration: its checks, its custom ops (``triton_gelu::geglu_fwd``, ``geglu_gate_up``,
 ``geglu_bwd``) with their fake functions, its one autograd definition (the custom op's and the
-eager ``autograd.Function``'s), its DTensor sharding rules, its eager PyTorch twin, and the
-public function with its per-problem plan. The ops take ``x`` (..., K) and flatten it
-themselves, as the linear ops do (g, u, h and dh are (..., N)). ``geglu_bwd`` also serves the
-gated block (``gated_ffn.py``): with p > 0 its dh is the gradient of dropout(h) and it
-regenerates the mask. Shared checks: ``_checks.py``; kernels, paths and config spaces:
-``kernels/geglu.py``; float64 truth: ``reference.py``.
+eager ``autograd.Function``'s), its DTensor sharding rules, its PyTorch launchers (the
+fallback's), its eager PyTorch twin, and the public function with its per-problem plan. The ops
+take ``x`` (..., K) and flatten it themselves, as the linear ops do (g, u, h and dh are (...,
+N)). ``geglu_bwd`` also serves the gated block (``gated_ffn.py``): with p > 0 its dh is the
+gradient of dropout(h) and it regenerates the mask. Shared checks: ``_checks.py``; kernels,
+paths and config spaces: ``kernels/geglu.py``; float64 truth: ``reference.py``.
 """
 
 from __future__ import annotations

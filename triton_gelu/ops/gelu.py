@@ -2,9 +2,10 @@
 
 The op's declaration: its custom ops (``triton_gelu::gelu_fwd`` / ``gelu_bwd``) with their fake
 functions, its one autograd definition (the custom op's and the eager ``autograd.Function``'s),
-its DTensor sharding rules, its eager PyTorch twin (the fallback and the forced "torch" paths),
-and the public function with its per-problem plan. Shared checks: ``_checks.py``; kernels,
-paths and config spaces: ``kernels/gelu.py``; float64 truth: ``reference.py``.
+its DTensor sharding rules, its PyTorch launchers (the fallback's), its eager PyTorch twin (the
+fallback and the forced "torch" paths), and the public function with its per-problem plan.
+Shared checks: ``_checks.py``; kernels, paths and config spaces: ``kernels/gelu.py``; float64
+truth: ``reference.py``.
 """
 
 from __future__ import annotations

@@ -3,12 +3,12 @@
 
 The op's declaration: its checks, its custom ops (``triton_gelu::linear_gelu_fwd``,
 ``linear_preact``, ``linear_gelu_bwd``) with their fake functions, its one autograd definition
-(the custom op's and the eager ``autograd.Function``'s), its DTensor sharding rules, its eager
-PyTorch twin, and the public function with its per-problem plan. The ops take ``x`` (..., K)
-with any number of leading dimensions and flatten it themselves, on the tensors they are given:
-a DTensor sharded on a leading dimension reaches them unflattened. Shared checks:
-``_checks.py``; kernels, paths and config spaces: ``kernels/linear_gelu.py``; float64 truth:
-``reference.py``.
+(the custom op's and the eager ``autograd.Function``'s), its DTensor sharding rules, its PyTorch
+launchers (the fallback's), its eager PyTorch twin, and the public function with its per-problem
+plan. The ops take ``x`` (..., K) with any number of leading dimensions and flatten it
+themselves, on the tensors they are given: a DTensor sharded on a leading dimension reaches them
+unflattened. Shared checks: ``_checks.py``; kernels, paths and config spaces:
+``kernels/linear_gelu.py``; float64 truth: ``reference.py``.
 """
 
 from __future__ import annotations
