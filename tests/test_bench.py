@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import triton_gelu
 from bench import harness, ops_ffn, ops_geglu, ops_gelu, ops_linear_gelu
 from bench.harness import Case, Check, Selection, Subject
 
@@ -450,3 +451,16 @@ def test_host_times_each_variant_on_the_paths_it_names():
     assert ran[("linear_gelu_fwd", "torch")] > 0, ran  # the eager-path variant's
     assert [t.kernel for t in tuners] == kernels and host._NO_LAUNCH not in kernels
     assert "| linear_gelu | fwd+bwd |" in host.markdown(records)
+
+
+def test_host_and_cold_start_cover_every_public_op():
+    """A new op's public function and module must be in ``bench --host`` and ``--cold-start``:
+    both list their entries by hand, so this fails where one is missing."""
+    from bench import cold_start, host
+
+    functions = set(triton_gelu.functional.__all__) - {"dropout_seed", "distributed"}
+    modules = {name for name in triton_gelu.__all__
+               if isinstance(getattr(triton_gelu, name), type)
+               and issubclass(getattr(triton_gelu, name), torch.nn.Module)}
+    assert set(host._entries("cpu")) == functions | modules
+    assert set(cold_start.OPS) == functions
