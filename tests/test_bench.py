@@ -458,9 +458,11 @@ def test_host_and_cold_start_cover_every_public_op():
     both list their entries by hand, so this fails where one is missing."""
     from bench import cold_start, host
 
-    functions = set(triton_gelu.functional.__all__) - {"dropout_seed", "distributed"}
-    modules = {name for name in triton_gelu.__all__
-               if isinstance(getattr(triton_gelu, name), type)
-               and issubclass(getattr(triton_gelu, name), torch.nn.Module)}
+    public = {name: getattr(triton_gelu, name) for name in triton_gelu.__all__}
+    functions = {name for name, obj in public.items()
+                 if getattr(obj, "__module__", "").startswith("triton_gelu.ops.")}
+    modules = {name for name, obj in public.items()
+               if isinstance(obj, type) and issubclass(obj, torch.nn.Module)}
+    assert {"gelu", "geglu", "GELU", "GeGLU"} <= functions | modules, (functions, modules)
     assert set(host._entries("cpu")) == functions | modules
     assert set(cold_start.OPS) == functions
