@@ -16,8 +16,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import os
 import pkgutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -663,3 +667,29 @@ def test_two_ranks(two_ranks, name):
 @pytest.mark.parametrize("name", FOUR_RANKS)
 def test_four_ranks(four_ranks, name):
     _assert_ran(four_ranks, name, FOUR_RANKS[name])
+
+
+_FIRST_DTENSOR_OP = """
+import torch, torch.distributed as dist, torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.testing._internal.distributed.fake_pg import FakeStore
+import triton_gelu
+dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+x = torch.randn(4, 6)
+y = triton_gelu.gelu(DTensor.from_local(x, init_device_mesh("cpu", (2,)), [Shard(0)]))
+torch.testing.assert_close(y.to_local(), F.gelu(x))
+print("placements", y.placements)
+"""
+
+
+def test_the_first_dtensor_op_of_a_process_finds_its_sharding_rule():
+    """The rules are registered when the package first meets a DTensor (``_dtensor`` imports
+    ``_dtensor_rules``): a process whose first DTensor op is ``gelu`` runs it, split as x."""
+    pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+    run = subprocess.run([sys.executable, "-c", _FIRST_DTENSOR_OP],
+                         cwd=Path(__file__).resolve().parents[1],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "placements (Shard(dim=0),)" in run.stdout, run.stdout

@@ -22,8 +22,8 @@ from .._plans import remember
 from .._settings import forced_path
 from ..activations import ACTIVATIONS, check_activation, resolve
 from ._core import (
-    Tensor, bound_after_first, counted, distributed, needs_grad, new_like, on_fallback, planned,
-    register_autograd,
+    Tensor, bound_after_first, counted, distributed, dtensor_ops, needs_grad, new_like,
+    on_fallback, planned, register_autograd,
 )
 
 # ---- its PyTorch launchers: the fallback's (``fallback.py``), where no Triton kernel runs -------
@@ -149,6 +149,7 @@ def gelu(x: Tensor, approximate: str = "none", *, activation: str | None = None)
     activation = resolve(approximate, activation)
     check_tensor("x", x)
     if distributed(x):  # DTensor: the custom op, whose sharding rule runs it on the local shard
+        dtensor_ops()  # imported on the first DTensor: it registers the ops' sharding rules
         return gelu_fwd(x, activation)
     if torch.compiler.is_compiling():  # torch.compile traces the custom op, not the Function
         return gelu_fwd(x, activation)
