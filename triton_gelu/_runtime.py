@@ -110,3 +110,14 @@ def device_context(t: torch.Tensor):
     if not t.is_cuda or t.get_device() == torch.cuda.current_device():
         return _NO_CONTEXT
     return torch.cuda.device(t.device)
+
+
+def autocast_off(t: torch.Tensor):
+    """Around PyTorch ops (cuBLAS matmuls, the gated block's down projection) on operands
+    already cast as ``F.linear`` is under autocast: autocast off for ``t``'s device, so that an
+    enclosing block (a backward run under autocast included) does not cast them again; a shared
+    no-op context while it is off (cheaper than a ``torch.autocast``)."""
+    device_type = t.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return _NO_CONTEXT

@@ -18,7 +18,6 @@ descriptor can serve an operand at all.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 
@@ -257,16 +256,6 @@ def new_output(
     ``dtype`` is given): tests swap in NaN-filled buffers to catch tiles a kernel leaves
     unwritten."""
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-
-
-def cublas_context(t: torch.Tensor):
-    """Where a path calls a PyTorch matmul: autocast off, since the launchers' operands already
-    are in the dtype to compute in (functional.py casts them as F.linear would), and a backward
-    run inside an autocast block must not recast them."""
-    device_type = t.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def small_accumulators(configs: list[triton.Config]) -> list[triton.Config]:

@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import device_context
+from .._runtime import autocast_off, device_context
 from ..tuning.paths import Paths
 from ..tuning.spaces import (
     bucket, matmul_configs, prune_matmul, tma_dropout_configs, tma_matmul_configs,
@@ -73,8 +73,8 @@ from ._math import (
     without_dropout,
 )
 from ._matmul import (
-    column_halves, cublas_context, descriptor_dot_tile, dot_tile, input_precision, output_tile,
-    output_tile_of, persistent_grid, small_accumulators, tile_grid, tma_applies, tma_compatible,
+    column_halves, descriptor_dot_tile, dot_tile, input_precision, output_tile, output_tile_of,
+    persistent_grid, small_accumulators, tile_grid, tma_applies, tma_compatible,
     use_tma_allocator,
 )
 from .gelu import gelu_dropout_backward, gelu_dropout_forward
@@ -328,7 +328,7 @@ _dz_tma_tuner = Tuner(_ffn_bwd_dz_tma_kernel, "ffn_bwd_dz_tma", tma_matmul_confi
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
-    with cublas_context(a):
+    with autocast_off(a):
         return torch.mm(a, b)
 
 
@@ -555,7 +555,7 @@ def _backward_torch(
     # db1 = sum_m dz, and dW2 = dy^T @ gelu(z) (the GELU output eager keeps, rebuilt here).
     need_dx, need_dw1, need_db1, need_dw2, _ = needs
     dz = db1 = dw2 = None
-    with cublas_context(x2d):
+    with autocast_off(x2d):
         if need_dx or need_dw1 or need_db1:
             dz = _gelu.gelu_backward_torch(torch.mm(dy2d, w2), preact, activation)
             db1 = dz.sum(0) if need_db1 else None
@@ -652,12 +652,14 @@ def ffn_forward_launch(x2d, w1, b1, w2, b2, seed, p: float, activation: str, sav
     tensors = (x2d, w1, b1, w2, b2, seed)
     key = _path_key(x2d, w1, w2, p, activation, b1 is not None, b2 is not None, save_preact)
     path = _forward_paths.settled(key, tensors, kwargs)
+    if path is None:
+        return launcher
     tuner = {"fused": _fwd_tuner, "tma": _fwd_tma_tuner}.get(path)
     (M, _), hidden = x2d.shape, w1.shape[0]
     bound = None if tuner is None or not (M and hidden) else bound_forward(
         tuner, x2d, w1, b1, True, save_preact, activation, p, col_offset, n_cols)
     if bound is None:
-        return _forward_paths.bound(key, tensors, (), kwargs) or launcher
+        return _forward_paths.runner(path, (), kwargs)
     serves, launch = bound
     count = _forward_paths.counted(path)
 
@@ -680,11 +682,12 @@ def ffn_backward_launch(dy2d, x2d, w1, w2, preact, seed, p: float, activation: s
     n_cols = w1.shape[0] if n_cols is None else n_cols
     kwargs = dict(p=p, activation=activation, needs=needs, col_offset=col_offset,
                   n_cols=n_cols)
-    key, tensors = _path_key(x2d, w1, w2, p, activation, *needs), (dy2d, x2d, w1, w2, preact,
-                                                                   seed)
-    path_run = _backward_paths.bound(key, tensors, (), kwargs) or (
-        lambda *tensors: ffn_backward(*tensors, **kwargs))
+    key = _path_key(x2d, w1, w2, p, activation, *needs)
+    tensors = (dy2d, x2d, w1, w2, preact, seed)
     path = _backward_paths.settled(key, tensors, kwargs)
+    if path is None:
+        return lambda *tensors: ffn_backward(*tensors, **kwargs)
+    path_run = _backward_paths.runner(path, (), kwargs)
     need_dx, need_dw1, need_db1, need_dw2, _ = needs
     (M, hidden), tma = preact.shape, path == "tma"
     if path not in ("fused", "tma") or not (M and hidden) or not (

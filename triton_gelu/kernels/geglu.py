@@ -70,7 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import device_context
+from .._runtime import autocast_off, device_context
 from ..tuning.paths import Paths
 from ..tuning.spaces import (
     bucket, elementwise_configs, matmul_configs, prune_elementwise, prune_matmul,
@@ -84,8 +84,8 @@ from ._math import (
     dropout_factor_tile, without_dropout,
 )
 from ._matmul import (
-    cublas_context, dot_operand, input_precision, output_tile, output_tile_of, persistent_grid,
-    column_halves, small_accumulators, tile_grid, tma_applies, tma_compatible, use_tma_allocator,
+    dot_operand, input_precision, output_tile, output_tile_of, persistent_grid, column_halves,
+    small_accumulators, tile_grid, tma_applies, tma_compatible, use_tma_allocator,
 )
 from .gelu import as_rows, elementwise_grid, row_offsets
 
@@ -710,7 +710,7 @@ def _input_and_weight_grads(
     and du (as PyTorch's backward sums them)."""
     need_dx, need_dwg, need_dwu, need_dbg, need_dbu = needs
     dx = dwg = dwu = dbg = dbu = None
-    with cublas_context(x2d):
+    with autocast_off(x2d):
         if need_dx:
             dx = torch.mm(dgate, w_gate)
             dx.addmm_(dup, w_up)
@@ -772,7 +772,7 @@ def _backward_torch(
     # position does not matter): du = dh * gelu(g)
     # and dg = aten.gelu_backward(dh * u, g), each op rounding to the input dtype as eager's
     # do; then F.linear's backward (the cuBLAS matmuls and column sums of the once path).
-    with cublas_context(x2d):
+    with autocast_off(x2d):
         gelu_gate = _gelu.gelu_forward_torch(gate, activation)
         dgate = _gelu.gelu_backward_torch(dh2d * up, gate, activation)
         dup = dh2d * gelu_gate

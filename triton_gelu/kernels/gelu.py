@@ -336,14 +336,17 @@ def _bound_launch(paths: Paths, tuner: Tuner, launcher: Callable, tensors: tuple
     if not x.numel():
         return launcher
     key = (bucket(x.numel()), x.dtype, activation)
-    path = paths.bound(key, tensors, (activation,)) or launcher
-    if paths.settled(key, (*tensors, activation)) != "triton":
-        return path
+    path = paths.settled(key, (*tensors, activation))
+    if path is None:
+        return launcher
+    path_run = paths.runner(path, (activation,))
+    if path != "triton":
+        return path_run
     tuner_key, grid, constants = _problem(x, activation, 0.0, 0, *flags.values())
     with device_context(x):
         launch = tuner.bound(grid, tuner_key, **flags, **constants)
     if launch is None:
-        return path
+        return path_run
     count = paths.counted("triton")
 
     def run(*tensors):

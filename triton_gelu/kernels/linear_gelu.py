@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .._runtime import device_context
+from .._runtime import autocast_off, device_context
 from ..tuning.paths import Paths
 from ..tuning.spaces import (
     TILE_ROWS, bucket, matmul_configs, prune_matmul, prune_tiles, tile_configs,
@@ -96,7 +96,7 @@ from ._math import (
     activate, activate_grad, cast_to, ceil_div, dropout_constants, dropout_factor_tile,
 )
 from ._matmul import (
-    cublas_context, descriptor_dot_tile, dot_tile, input_precision, output_tile, output_tile_of,
+    descriptor_dot_tile, dot_tile, input_precision, output_tile, output_tile_of,
     persistent_grid, range_flattens, tile_grid, tma_applies, tma_compatible,
 )
 
@@ -456,7 +456,7 @@ def _launch_dz(dy2d, x2d, weight, preact, activation: str, write_dz: bool,
 def matmul_bias(x2d: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """z = x2d @ weight.T + bias by cuBLAS: a new contiguous (M, N) tensor in x2d's dtype."""
-    with cublas_context(x2d):
+    with autocast_off(x2d):
         if bias is None:
             return torch.mm(x2d, weight.t())
         return torch.addmm(bias, x2d, weight.t())
@@ -497,7 +497,7 @@ def _forward_composed(x2d, weight, bias, activation: str, save_preact: bool):
 
 
 def _forward_addmm_gelu(x2d, weight, bias, activation: str, save_preact: bool):
-    with cublas_context(x2d):
+    with autocast_off(x2d):
         return torch._addmm_activation(bias, x2d, weight.t(), use_gelu=True), None
 
 
@@ -568,7 +568,7 @@ def _backward_dz_once(dy2d, x2d, weight, preact, activation, need_dx, need_dw, n
 def _input_and_weight_grads(dz, x2d, weight, need_dx: bool, need_dw: bool):
     """(dx = dz @ W, dW = dz^T @ x) by cuBLAS, each None when not needed."""
     dx = dw = None
-    with cublas_context(x2d):
+    with autocast_off(x2d):
         if need_dx:
             dx = torch.mm(dz, weight)
         if need_dw:
@@ -581,7 +581,7 @@ def _backward_torch(dy2d, x2d, weight, preact, activation, need_dx, need_dw, nee
     # dz = dy * gelu'(z) in the input dtype, as eager's GELU backward gives it to F.linear's
     dz = _gelu.gelu_backward_torch(dy2d, preact, activation)
     dx = dw = db = None
-    with cublas_context(x2d):
+    with autocast_off(x2d):
         if need_dx:  # dx = dz @ W
             dx = torch.mm(dz, weight, out=_matmul.new_output((M, K), x2d))
         if need_dw:  # dW = dz^T @ x
@@ -694,10 +694,12 @@ def _bound_forward_path(launcher: Callable, paths: Paths, tuners: dict, key: tup
     if not (M and N):
         return launcher
     path = paths.settled(key, (*tensors, *fixed))
+    if path is None:
+        return launcher
     bound = None if path not in tuners else bound_forward(
         tuners[path], x2d, weight, bias, write_y, save_preact, activation)
     if bound is None:
-        return paths.bound(key, tensors, fixed) or launcher
+        return paths.runner(path, fixed)
     count = paths.counted(path)
     serves, launch = bound
 
@@ -724,14 +726,18 @@ def linear_gelu_backward_launch(dy2d, x2d, weight, preact, activation: str, need
         return launcher
     key = _backward_key(x2d, weight, activation) + (need_dx, need_dw, need_db)
     tensors, fixed = (dy2d, x2d, weight, preact), (activation, need_dx, need_dw, need_db)
-    if _bwd_paths.settled(key, (*tensors, *fixed)) != "dz_once":
-        return _bwd_paths.bound(key, tensors, fixed) or launcher
+    path = _bwd_paths.settled(key, (*tensors, *fixed))
+    if path is None:
+        return launcher
+    path_run = _bwd_paths.runner(path, fixed)
+    if path != "dz_once":
+        return path_run
     write_dz = need_dx or need_dw
     dz_key, grid, constants = _dz_problem(M, N, x2d, activation, write_dz, need_db)
     with device_context(x2d):
         launch = _dz_tuner.bound(grid, dz_key, **constants)
     if launch is None:
-        return _bwd_paths.bound(key, tensors, fixed) or launcher
+        return path_run
     count = _bwd_paths.counted("dz_once")
 
     def run(dy2d, x2d, weight, preact):

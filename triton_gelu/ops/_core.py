@@ -4,7 +4,6 @@ into an eager ``autograd.Function``, the per-problem plans, autocast, DTensor de
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 from collections.abc import Callable
@@ -113,6 +112,15 @@ def bound_after_first(launcher: Callable, bind: Callable) -> Callable:
         bound = bind(*args)
         return output
     return run
+
+
+def bound_launcher(backend, name: str, *flags) -> Callable:
+    """``backend.<name>`` (a launcher whose flags follow its tensors) of one problem, with
+    ``flags``, as a function of the tensors: ``bound_after_first`` of it and of its
+    per-problem launch ``backend.<name>_launch`` (both looked up when called)."""
+    return bound_after_first(
+        lambda *tensors: getattr(backend, name)(*tensors, *flags),
+        lambda *tensors: getattr(backend, f"{name}_launch")(*tensors, *flags))
 
 
 def bound_per_flags(make: Callable) -> Callable:
@@ -230,18 +238,6 @@ def autocast_available_by_name(device_type: str) -> bool:
 # fails), so there the answer comes from the set above, which it can read.
 autocast_available = (torch.amp.is_autocast_available if torch.__version__ >= "2.12"
                       else autocast_available_by_name)
-
-
-_NO_CONTEXT = contextlib.nullcontext()  # reusable
-
-
-def autocast_off(t: Tensor):
-    """Around PyTorch ops on operands already cast for autocast: autocast off for ``t``'s
-    device (a shared no-op context while it is off: cheaper than a ``torch.autocast``)."""
-    device_type = t.device.type
-    if autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return _NO_CONTEXT
 
 
 def autocast_linear(*tensors: Any) -> tuple[Any, ...]:

@@ -36,7 +36,7 @@ from .._settings import forced_path
 from ..activations import check_activation, resolve
 from . import linear_gelu as _linear_gelu
 from ._core import (
-    BlockConfig, Tensor, absent, autocast_linear, bound_after_first, bound_per_flags, counted,
+    BlockConfig, Tensor, absent, autocast_linear, bound_launcher, bound_per_flags, counted,
     distributed, dropout_seed, dtensor_ops, linear_act, mark_outputs_non_differentiable,
     needs_grad, new_like, on_fallback, or_absent, planned, register_autograd, rows,
     unless_autocast,
@@ -232,18 +232,12 @@ def _bound_calls(backend, config: BlockConfig, save_preact: bool) -> SimpleNames
     one problem, each bound to it after its first call (``_core.bound_after_first``)."""
     p, activation, _, col_offset, n_cols = config
     fixed = (p, activation, save_preact, col_offset, n_cols)
-    forward = bound_after_first(
-        lambda x2d, w1, b1, w2, b2, seed: backend.ffn_forward(x2d, w1, b1, w2, b2, seed, *fixed),
-        lambda x2d, w1, b1, w2, b2, seed: backend.ffn_forward_launch(x2d, w1, b1, w2, b2, seed,
-                                                                     *fixed))
-    backward = bound_per_flags(lambda needs: bound_after_first(
-        lambda *tensors: backend.ffn_backward(*tensors, p, activation, needs, col_offset,
-                                              n_cols),
-        lambda *tensors: backend.ffn_backward_launch(*tensors, p, activation, needs,
-                                                     col_offset, n_cols)))
+    forward = bound_launcher(backend, "ffn_forward", *fixed)
+    backward = bound_per_flags(lambda needs: bound_launcher(
+        backend, "ffn_backward", p, activation, needs, col_offset, n_cols))
     return SimpleNamespace(
         forward=lambda x2d, w1, b1, w2, b2, seed, *_: forward(x2d, w1, b1, w2, b2, seed),
-        preact=bound_after_first(backend.linear_preact, backend.linear_preact_launch),
+        preact=bound_launcher(backend, "linear_preact"),
         backward=lambda dy, x2d, w1, w2, preact, seed, p, activation, needs, *_: backward(
             tuple(needs))(dy, x2d, w1, w2, preact, seed))
 

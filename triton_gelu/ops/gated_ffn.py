@@ -40,13 +40,14 @@ from .._checks import (
 )
 from .._declared import declare_sharding_rules
 from .._plans import remember
+from .._runtime import autocast_off
 from .._settings import forced_path
 from ..activations import check_activation
 from . import geglu as _geglu
 from ._core import (
-    BlockConfig, Tensor, absent, autocast_linear, autocast_off, counted, distributed,
-    dropout_seed, dtensor_ops, mark_outputs_non_differentiable, needs_grad, new_like,
-    on_fallback, or_absent, planned, register_autograd, rows, unless_autocast,
+    BlockConfig, Tensor, absent, autocast_linear, counted, distributed, dropout_seed,
+    dtensor_ops, mark_outputs_non_differentiable, needs_grad, new_like, on_fallback, or_absent,
+    planned, register_autograd, rows, unless_autocast,
 )
 
 # ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------

@@ -31,9 +31,10 @@ from .._plans import remember
 from .._settings import forced_path
 from ..activations import check_activation, resolve
 from ._core import (
-    Tensor, absent, autocast_linear, bound_after_first, bound_per_flags, counted, distributed,
-    dtensor_ops, linear_act, linear_out_shape, mark_outputs_non_differentiable, needs_grad,
-    new_like, on_fallback, or_absent, planned, register_autograd, rows, unless_autocast,
+    Tensor, absent, autocast_linear, bound_after_first, bound_launcher, bound_per_flags, counted,
+    distributed, dtensor_ops, linear_act, linear_out_shape, mark_outputs_non_differentiable,
+    needs_grad, new_like, on_fallback, or_absent, planned, register_autograd, rows,
+    unless_autocast,
 )
 
 # ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------
@@ -288,9 +289,8 @@ def bound_calls(backend, shape: tuple[int, ...], activation: str, save_gate_up: 
                                                tensors[5], p, *columns),
         lambda *tensors: backend.geglu_forward_launch(*tensors[:5], activation, save_gate_up,
                                                       tensors[5], p, *columns))
-    gate_up2d = bound_after_first(
-        lambda *tensors: backend.geglu_gate_up(*tensors, activation, p),
-        lambda *tensors: backend.geglu_gate_up_launch(*tensors, activation, p))
+    gate_up2d = bound_launcher(backend, "geglu_gate_up", activation, p)
+    # The seed, a tensor of each call, sits among the flags of these two (not after them).
     backward2d = bound_per_flags(lambda flags: bound_after_first(
         lambda *tensors: backend.geglu_backward(*tensors[:6], activation, list(flags[0]),
                                                 flags[1], tensors[6], p, *columns),

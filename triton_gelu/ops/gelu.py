@@ -22,7 +22,7 @@ from .._plans import remember
 from .._settings import forced_path
 from ..activations import ACTIVATIONS, check_activation, resolve
 from ._core import (
-    Tensor, bound_after_first, counted, distributed, dtensor_ops, needs_grad, new_like,
+    Tensor, bound_launcher, counted, distributed, dtensor_ops, needs_grad, new_like,
     on_fallback, planned, register_autograd,
 )
 
@@ -108,10 +108,8 @@ GELUFunction = register_autograd(gelu_fwd, "GELUFunction", _setup_context, _back
 def _bound_calls(backend, activation: str) -> SimpleNamespace:
     """The Function's calls (``forward``, ``backward``: the signatures of ``_launch_forward``
     and ``_launch_backward``) for one problem, each bound to it after its first call."""
-    forward = bound_after_first(lambda x: backend.gelu_forward(x, activation),
-                                lambda x: backend.gelu_forward_launch(x, activation))
-    backward = bound_after_first(lambda dy, x: backend.gelu_backward(dy, x, activation),
-                                 lambda dy, x: backend.gelu_backward_launch(dy, x, activation))
+    forward = bound_launcher(backend, "gelu_forward", activation)
+    backward = bound_launcher(backend, "gelu_backward", activation)
     return SimpleNamespace(forward=lambda x, activation: forward(x),
                            backward=lambda dy, x, activation: backward(dy, x), infer=forward)
 

@@ -26,7 +26,7 @@ from .._plans import remember
 from .._settings import forced_path
 from ..activations import check_activation, resolve
 from ._core import (
-    Tensor, absent, autocast_linear, bound_after_first, bound_per_flags, counted, distributed,
+    Tensor, absent, autocast_linear, bound_launcher, bound_per_flags, counted, distributed,
     dtensor_ops, linear_act, linear_out_shape, mark_outputs_non_differentiable, needs_grad,
     new_like, on_fallback, or_absent, planned, register_autograd, rows, unless_autocast,
 )
@@ -193,14 +193,10 @@ def _bound_calls(backend, x: Tensor, weight: Tensor, activation: str,
     ``_launch_forward``, ``eager_preact`` and ``_launch_backward``) for one problem, each bound
     to it after its first call (``_core.bound_after_first``)."""
     shape = linear_out_shape(x, weight)
-    forward2d = bound_after_first(
-        lambda x2d, w, b: backend.linear_gelu_forward(x2d, w, b, activation, save_preact),
-        lambda x2d, w, b: backend.linear_gelu_forward_launch(x2d, w, b, activation, save_preact))
-    preact2d = bound_after_first(backend.linear_preact, backend.linear_preact_launch)
-    backward2d = bound_per_flags(lambda needs: bound_after_first(
-        lambda dy2d, x2d, w, z: backend.linear_gelu_backward(dy2d, x2d, w, z, activation, *needs),
-        lambda dy2d, x2d, w, z: backend.linear_gelu_backward_launch(dy2d, x2d, w, z, activation,
-                                                                    *needs)))
+    forward2d = bound_launcher(backend, "linear_gelu_forward", activation, save_preact)
+    preact2d = bound_launcher(backend, "linear_preact")
+    backward2d = bound_per_flags(
+        lambda needs: bound_launcher(backend, "linear_gelu_backward", activation, *needs))
 
     def forward(x, weight, bias, activation, save_preact):
         outputs = forward2d(rows(x), weight, bias)

@@ -226,7 +226,7 @@ class Paths(Chooser):
     def settled(self, key: tuple, args: tuple, kwargs: dict | None = None) -> str | None:
         """The path every later call of ``key`` will run, when that is settled (forced, or a
         final choice: the problem ran once) and no ``recording_paths`` block is open; else
-        None. A plan that binds it counts its runs with ``counted``."""
+        None. A plan that binds it runs it by ``runner``, or counts its runs with ``counted``."""
         if _recorders:
             return None
         forced = forced_path(self.op)
@@ -234,16 +234,11 @@ class Paths(Chooser):
             return self._forced(forced, args, kwargs or {})
         return self.best.get((self._device_index(args), key))
 
-    def bound(self, key: tuple, tensors: tuple, fixed: tuple = (),
-              kwargs: dict | None = None) -> Callable | None:
-        """The path every later call of ``key`` runs (``settled``), bound: a callable taking
-        the call's leading positional arguments (``tensors``' counterparts) that runs the path
-        with ``fixed`` after them and ``kwargs``, counted as ``run`` counts it; None when the
-        path is not settled."""
+    def runner(self, name: str, fixed: tuple = (), kwargs: dict | None = None) -> Callable:
+        """Path ``name`` (a ``settled`` one) as a callable of the call's leading positional
+        arguments, run with ``fixed`` after them and ``kwargs``, counted as ``run`` counts it:
+        no key, no choice."""
         kwargs = kwargs or {}
-        name = self.settled(key, (*tensors, *fixed), kwargs)
-        if name is None:
-            return None
         fn, count = self.paths[name], self.counted(name)
 
         def run(*tensors):
