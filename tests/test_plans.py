@@ -109,6 +109,58 @@ def test_autocast_casts_a_planned_problem():
     assert triton_gelu.linear_gelu(x, w, b).dtype == torch.float32
 
 
+def _linear_ops(x, w, b):
+    """name -> (ours, eager PyTorch's) for each op with Linear operands, on x, w, b."""
+    wu, w2 = w.flip(0), w.t()
+    return {
+        "linear_gelu": (lambda: triton_gelu.linear_gelu(x, w, b),
+                        lambda: F.gelu(F.linear(x, w, b))),
+        "feed_forward": (lambda: triton_gelu.feed_forward(x, w, b, w2, None),
+                         lambda: F.linear(F.gelu(F.linear(x, w, b)), w2)),
+        "geglu": (lambda: triton_gelu.geglu(x, w, wu, b),
+                  lambda: F.gelu(F.linear(x, w, b), approximate="tanh") * F.linear(x, wu)),
+        "gated_feed_forward": (
+            lambda: triton_gelu.gated_feed_forward(x, w, wu, w2, b),
+            lambda: F.linear(F.gelu(F.linear(x, w, b), approximate="tanh") * F.linear(x, wu),
+                             w2)),
+    }
+
+
+EAGER_ROUTES = dict(linear_gelu_fwd="torch", linear_gelu_bwd="torch", ffn_fwd="torch",
+                    ffn_bwd="torch", geglu_fwd="torch", geglu_bwd="torch")
+
+
+@pytest.mark.parametrize("op", ["linear_gelu", "feed_forward", "geglu", "gated_feed_forward"])
+def test_an_eager_route_planned_without_autocast_casts_under_it(op):
+    """The eager routes keep no autocast guard (``F.linear`` casts by itself): a problem planned
+    outside autocast gives, inside it, eager PyTorch's result and gradients bit for bit."""
+    x, w, b = _operands()
+    w.requires_grad_(True)
+    dtype = torch.bfloat16 if DEVICE == "cpu" else torch.float16
+    ours, eager = _linear_ops(x, w, b)[op]
+    with force_path(**EAGER_ROUTES):
+        assert ours().dtype == torch.float32  # planned here, outside autocast
+        with torch.autocast(DEVICE, dtype=dtype):
+            y, y_eager = ours(), eager()
+        assert y.dtype == dtype
+        assert torch.equal(y, y_eager)
+        grads = [torch.autograd.grad(t.float().square().sum(), w)[0] for t in (y, y_eager)]
+    assert torch.equal(*grads)
+
+
+def test_eager_routes_count_their_runs_inside_count_paths_only():
+    """A plan of a path forced to "torch" counts its runs where ``count_paths`` is open: one made
+    outside a block is not the one a block runs."""
+    x, w, b = _operands()
+    with force_path(linear_gelu_fwd="torch", linear_gelu_bwd="torch"):
+        for _ in range(2):
+            triton_gelu.linear_gelu(x, w, b)  # planned, not counted
+        with count_paths() as ran:
+            for _ in range(3):
+                triton_gelu.linear_gelu(x, w, b)
+    assert ran[("linear_gelu_fwd", "torch")] == 3, ran
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors under the interpreter")
 def test_the_environment_is_read_once_and_again_after_clear_plans(monkeypatch):
     x = torch.randn(3, 5)

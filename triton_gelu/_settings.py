@@ -42,9 +42,14 @@ POLICIES = ("full", "fast", "off")
 DEFAULT_POLICY = "fast"
 
 _forced: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("forced", default={})
-# The same forced paths as a sorted tuple: hashable, so a problem's plan (``_plans.py``) is keyed
-# on it and a ``force_path`` block takes effect on problems already planned.
-_forced_items: contextvars.ContextVar[tuple] = contextvars.ContextVar("forced_items", default=())
+# What a plan (``_plans.py``) depends on in this context, as a frozenset (it keeps its hash, so a
+# plan key holds it whole): the forced paths' (op, path) pairs, so that a ``force_path`` block
+# takes effect on problems already planned, and ``COUNTING_PATHS`` while a
+# ``triton_gelu.testing.count_paths`` block is open (a plan that runs PyTorch's own ops counts
+# its runs only then: counting costs a third of such a plan's own host time).
+_plan_context: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
+    "plan_context", default=frozenset())
+COUNTING_PATHS = "counting paths"
 _policy_block: contextvars.ContextVar[str | None] = contextvars.ContextVar("policy", default=None)
 _policy_process: str | None = None
 
@@ -96,17 +101,34 @@ def forced_path(op: str) -> str | None:
 def force_path(**paths: str) -> Iterator[None]:
     """Force ``op=path`` choices inside the ``with`` block (names are checked when the op runs)."""
     forced = {**_forced.get(), **paths}
-    token, items_token = _forced.set(forced), _forced_items.set(tuple(sorted(forced.items())))
+    # the plan context holds the paths in force (an inner block's win), and keeps its markers
+    markers = frozenset(item for item in _plan_context.get() if not isinstance(item, tuple))
+    tokens = _forced.set(forced), _plan_context.set(frozenset(forced.items()) | markers)
     try:
         yield
     finally:
-        _forced_items.reset(items_token)
-        _forced.reset(token)
+        _plan_context.reset(tokens[1])
+        _forced.reset(tokens[0])
 
 
-def forced_in_python() -> tuple[tuple[str, str], ...]:
-    """The paths ``force_path`` blocks force here, as sorted (op, path) pairs (a plan key)."""
-    return _forced_items.get()
+@contextlib.contextmanager
+def counting_paths() -> Iterator[None]:
+    """Inside the block, plans count the runs of the paths they take (``count_paths``)."""
+    token = _plan_context.set(_plan_context.get() | {COUNTING_PATHS})
+    try:
+        yield
+    finally:
+        _plan_context.reset(token)
+
+
+def paths_counted() -> bool:
+    """Whether plans made here count their runs (a ``counting_paths`` block is open)."""
+    return COUNTING_PATHS in _plan_context.get()
+
+
+def plan_context() -> frozenset:
+    """What plans depend on in this context (forced paths, counting): part of each plan key."""
+    return _plan_context.get()
 
 
 # ---- the tuning policy ---------------------------------------------------------------------

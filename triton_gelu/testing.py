@@ -17,7 +17,9 @@ reproduce the dropout mask a call drew.
     keep = triton_gelu.reference.dropout_keep(dropout_seed(x.device), rows, d_ff, 0.1)
 
 Both counters are filled when the block exits (an exception included) with what ran inside it;
-they read the package's own counts, which run in every process, so they cost nothing extra.
+they read the package's own counts, which run in every process, except the runs of paths forced
+to PyTorch's own ops: those are counted only while a ``count_paths`` block is open (a count costs
+a third of such a call's host time), and problems planned inside such a block plan anew.
 Nothing here imports Triton: on a machine without it, the fallback launches no kernel and every
 count is zero.
 """
@@ -28,7 +30,7 @@ import collections
 import contextlib
 from collections.abc import Iterator
 
-from . import _runtime
+from . import _runtime, _settings
 from .functional import dropout_seed
 
 __all__ = ["count_launches", "count_paths", "dropout_seed"]
@@ -56,7 +58,15 @@ def count_paths() -> contextlib.AbstractContextManager[collections.Counter]:
     and path names ``triton_gelu.autotune.force_path`` takes (``("linear_gelu_fwd", "fused")``,
     ``("ffn_bwd", "torch")``...). Empty on the PyTorch fallback (no Triton, or a CPU tensor
     without ``TRITON_INTERPRET``), which runs PyTorch's own ops and chooses no path."""
-    return _count_inside(_runtime.path_runs)
+    return _counting_paths_inside()
+
+
+@contextlib.contextmanager
+def _counting_paths_inside() -> Iterator[collections.Counter]:
+    # Plans that run PyTorch's own ops (paths forced to "torch") count their runs only inside
+    # such a block (``_settings.counting_paths``); the others always do.
+    with _settings.counting_paths(), _count_inside(_runtime.path_runs) as inside:
+        yield inside
 
 
 # dropout_seed(device): the seed one dropout call of feed_forward / gated_feed_forward (or their

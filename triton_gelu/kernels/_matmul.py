@@ -255,7 +255,9 @@ def new_output(
     """Every matmul launcher allocates what its kernels write here (in ``like``'s dtype unless
     ``dtype`` is given): tests swap in NaN-filled buffers to catch tiles a kernel leaves
     unwritten."""
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    # Tensor.new_empty: the cheapest allocation on the host (torch.empty's dtype and device
+    # arguments cost ~0.2 us, a torch.Size for shape ~0.5 us more).
+    return like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
 
 
 def small_accumulators(configs: list[triton.Config]) -> list[triton.Config]:

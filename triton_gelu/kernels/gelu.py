@@ -138,13 +138,17 @@ dropout_bwd_tuner = Tuner(_gelu_bwd_kernel, "gelu_dropout_bwd", elementwise_conf
 
 def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """Return (tensor, n_cols, row stride) for a row view of ``t``; copies only when needed."""
-    if t.dim() >= 2 and not t.is_contiguous() and t.stride(-1) == 1:
+    dim = t.dim()
+    if dim >= 2 and t.is_contiguous():  # the common case first: a plan's every call asks
+        n_cols = t.shape[-1]
+        return t, n_cols, n_cols
+    if dim >= 2 and t.stride(-1) == 1:
         try:
             rows = t.view(-1, t.shape[-1])
             return rows, rows.shape[1], rows.stride(0)
         except RuntimeError:  # leading dimensions do not collapse into one stride
             pass
-    if t.dim() == 1:  # a strided vector: rows of one element
+    if dim == 1:  # a strided vector: rows of one element
         return t, 1, t.stride(0)
     t = t.contiguous()
     n_cols = t.shape[-1] if t.dim() else 1
@@ -227,7 +231,7 @@ def gelu_forward_triton(
     """y = gelu(x) by the Triton kernel, into a new (or the given contiguous) tensor of x's
     shape and dtype; ``out`` may be ``x`` itself (each element is read before it is written)."""
     if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
     return _launch_forward(fwd_tuner, x, out, activation)
 
 
@@ -237,7 +241,7 @@ def gelu_backward_triton(
     """dx = dy * gelu'(x) by the Triton kernel, into a new (or the given contiguous) tensor of
     x's shape and dtype."""
     if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
     return _launch_backward(_bwd_tuner, dy, x, out, activation)
 
 
@@ -351,7 +355,7 @@ def _bound_launch(paths: Paths, tuner: Tuner, launcher: Callable, tensors: tuple
 
     def run(*tensors):
         x = tensors[-1]
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
         count()
         with device_context(x):
             launch(**operands(*tensors, out))

@@ -11,10 +11,11 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.compiler import is_compiling
 
 from .._plans import plans
 from .._runtime import path_runs, runs_triton
-from .._settings import forced_in_python, tune_policy
+from .._settings import paths_counted, plan_context, tune_policy
 from ..activations import ACTIVATIONS
 
 Tensor = torch.Tensor
@@ -23,8 +24,12 @@ Tensor = torch.Tensor
 # ---- custom-op conventions ------------------------------------------------------------------
 
 
-def new_like(t: Tensor, shape=None) -> Tensor:
-    return torch.empty(t.shape if shape is None else shape, dtype=t.dtype, device=t.device)
+def new_like(t: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
+    """A new contiguous tensor of t's dtype and device, of t's shape or ``shape``. (Cheapest
+    ways to allocate on the host: ``torch.empty`` parses a ``torch.Size`` ~0.5 us slower.)"""
+    if shape is None:
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    return t.new_empty(shape)
 
 
 def rows(t: Tensor) -> Tensor:
@@ -68,9 +73,11 @@ def register_autograd(op, name: str, setup_context: Callable, backward: Callable
                       traced: Any) -> type[torch.autograd.Function]:
     """Register an op's one autograd definition (``setup_context``, ``backward``) on the custom
     op ``op``, and return its eager twin: an ``autograd.Function`` named ``name`` whose
-    ``apply(*inputs, calls)`` runs ``calls.forward(*inputs)`` (the op's body without its checks,
+    ``apply(*tensors, calls)`` runs ``calls.forward(*inputs)`` (the op's body without its checks,
     bound to the problem by its plan: the public functions validated it once) and the same two
-    functions.
+    functions, ``inputs`` being the op's: ``tensors`` then ``calls.constants``, what the plan
+    fixes (activation, flags). Those travel in ``calls``, not as arguments of ``apply``: it
+    costs ~0.13 us an argument.
 
     ``backward`` reads what to call from ``ctx.calls``: ``traced`` (the custom ops: what a
     compiled graph records) under the op, the plan's ``calls`` (the launchers, called directly:
@@ -81,15 +88,17 @@ def register_autograd(op, name: str, setup_context: Callable, backward: Callable
 
     op.register_autograd(backward, setup_context=traced_setup)
 
-    def forward(ctx, *inputs_and_calls):
-        *inputs, calls = inputs_and_calls
+    def forward(ctx, *tensors_and_calls):
+        calls = tensors_and_calls[-1]
+        inputs = tensors_and_calls[:-1] + calls.constants
         output = calls.forward(*inputs)
         setup_context(ctx, inputs, output)
-        ctx.calls = calls
+        ctx.calls, ctx.n_tensors = calls, len(tensors_and_calls) - 1
         return output
 
     def twin_backward(ctx, *grads):
-        return (*backward(ctx, *grads), None)  # none for ``calls``
+        # the tensors' gradients (the constants have none), and none for ``calls``
+        return (*backward(ctx, *grads)[:ctx.n_tensors], None)
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
@@ -167,26 +176,32 @@ def on_fallback(x: Tensor) -> bool:
     return True
 
 
-def planned(entry: str, arguments: tuple, *operands: Any) -> tuple[Any, Any]:
+def planned(entry: str, arguments: tuple, x: Any, *others: Any) -> tuple[Any, Any]:
     """(the plan of this problem or None, its key or None when it has none). No plan while
     torch.compile traces (the trace routes by itself), and no key for an operand that is not a
-    tensor or an argument that is not hashable: the checks name what is wrong. An operand
-    contributes what every check and route reads: its type, shape, dtype and device."""
-    if torch.compiler.is_compiling():
+    tensor (``others`` may be None: an absent bias) or an argument that is not hashable: the
+    checks name what is wrong. An operand contributes what every check and route reads: its
+    type, shape, dtype and device. The key is one flat tuple, grown operand by operand: a
+    repeated call builds and hashes it before anything else, and nested tuples or a
+    comprehension would cost a third more."""
+    if is_compiling():
         return None, None
     try:
-        key = (entry, arguments, forced_in_python(),
-               *[None if t is None else (type(t), t.shape, t.dtype, t.device) for t in operands])
+        key = (entry, arguments, plan_context(), type(x), x.shape, x.dtype, x.device)
+        for t in others:
+            key += (None,) if t is None else (type(t), t.shape, t.dtype, t.device)
         return plans.get(key), key
     except (AttributeError, TypeError):
         return None, None
 
 
-def unless_autocast(launch: Callable, x: Tensor, unplanned: Callable) -> Callable:
-    """The plan of a problem with Linear operands: ``launch`` them, unless autocast is on for
-    their device, which casts them (then ``unplanned``: validated, cast and routed anew)."""
+def unless_autocast(launch: Callable, x: Tensor, unplanned: Callable | None) -> Callable:
+    """The Triton route of a problem with Linear operands: ``launch`` them, unless autocast is
+    on for their device, which casts them (then ``unplanned``: validated, cast and routed anew;
+    None: the call is not planned, ``launch`` alone). Eager PyTorch's routes need no such
+    guard: there ``F.linear`` casts under autocast by itself, as the unplanned call would."""
     device_type = x.device.type
-    if not autocast_available(device_type):
+    if unplanned is None or not autocast_available(device_type):
         return launch
 
     def run(*operands):
@@ -197,15 +212,21 @@ def unless_autocast(launch: Callable, x: Tensor, unplanned: Callable) -> Callabl
 
 
 def counted(forward_op: str, backward_op: str, fn: Callable) -> Callable:
-    """``fn`` (eager PyTorch's ops) counting each call as a run of the forward op's "torch"
-    path, as ``Paths`` counts the paths it runs, and, when it records a graph, one of the
-    backward op's (the backward PyTorch's autograd will run; a hook to count it as it runs
-    would cost more host time than the count is worth)."""
+    """``fn`` (eager PyTorch's ops), made where ``count_paths`` blocks count (plans made there are
+    kept apart: the plan key holds the context): counting each call as a run of the forward
+    op's "torch" path, as ``Paths`` counts the paths it runs, and, when it records a graph, one
+    of the backward op's (the backward PyTorch's autograd will run; a hook to count it as it
+    runs would cost more host time than the count is worth). Elsewhere ``fn`` itself: the count
+    would cost a third of its host time."""
+    if not paths_counted():
+        return fn
+    forward_run, backward_run = (forward_op, "torch"), (backward_op, "torch")
+
     def run(*args):
         y = fn(*args)
-        path_runs[(forward_op, "torch")] += 1
+        path_runs[forward_run] += 1
         if y.requires_grad:
-            path_runs[(backward_op, "torch")] += 1
+            path_runs[backward_run] += 1
         return y
     return run
 

@@ -18,7 +18,7 @@ whose mask is the single-process one's columns; by default the whole layer). Sha
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 import torch
@@ -239,7 +239,8 @@ def _bound_calls(backend, config: BlockConfig, save_preact: bool) -> SimpleNames
         forward=lambda x2d, w1, b1, w2, b2, seed, *_: forward(x2d, w1, b1, w2, b2, seed),
         preact=bound_launcher(backend, "linear_preact"),
         backward=lambda dy, x2d, w1, w2, preact, seed, p, activation, needs, *_: backward(
-            tuple(needs))(dy, x2d, w1, w2, preact, seed))
+            tuple(needs))(dy, x2d, w1, w2, preact, seed),
+        constants=fixed)
 
 
 def traced(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
@@ -337,10 +338,9 @@ def _unplanned(x, w1, b1, w2, b2, p, activation: str, training: bool, recompute:
     config = BlockConfig(p, activation, recompute)
     if key is None or torch.compiler.is_compiling():
         return routed(x, w1, b1, w2, b2, config)
-    launch = _plan(x, config)
-    remember(key, unless_autocast(launch, x, functools.partial(
-        _unplanned, p=p, activation=activation, training=True, recompute=recompute)))
-    return launch(x, w1, b1, w2, b2)
+    launch = _plan(x, config, functools.partial(
+        _unplanned, p=p, activation=activation, training=True, recompute=recompute))
+    return remember(key, launch)(x, w1, b1, w2, b2)
 
 
 def routed(x, w1, b1, w2, b2, config: BlockConfig) -> Tensor:
@@ -351,7 +351,8 @@ def routed(x, w1, b1, w2, b2, config: BlockConfig) -> Tensor:
     return _plan(x, config)(x, w1, b1, w2, b2)
 
 
-def _plan(x: Tensor, config: BlockConfig):
+def _plan(x: Tensor, config: BlockConfig, replan: Callable | None = None):
+    """The problem's route (as ``linear_gelu``'s)."""
     p, activation = config.p, config.activation
     act = linear_act(activation)
     if on_fallback(x) and config.n_cols is None:
@@ -366,8 +367,7 @@ def _plan(x: Tensor, config: BlockConfig):
         return counted("ffn_fwd", "ffn_bwd", lambda x, w1, b1, w2, b2: F.linear(
             act(x, w1, b1), w2, b2))
     backend = launchers(x)
-    save_preact, columns = not config.recompute, (config.col_offset, config.n_cols)
-    calls = _bound_calls(backend, config, save_preact)
+    calls = _bound_calls(backend, config, save_preact=not config.recompute)
     infer = _bound_calls(backend, config, False).forward  # no graph, no saved pre-activation
 
     def launch(x, w1, b1, w2, b2):
@@ -376,9 +376,8 @@ def _plan(x: Tensor, config: BlockConfig):
         if not needs_grad(x, w1, b1, w2, b2):
             y, _ = infer(x2d, w1, b1, w2, b2, seed)
         else:
-            y, _ = FeedForwardFunction.apply(x2d, w1, b1, w2, b2, seed, p, activation,
-                                             save_preact, *columns, calls)
+            y, _ = FeedForwardFunction.apply(x2d, w1, b1, w2, b2, seed, calls)
         # Viewed N-D outside the Function: a view made inside it could not be modified in
         # place (Falcon's ``mlp_output += attention_output``).
         return y if x.dim() == 2 else y.view(*x.shape[:-1], w2.shape[0])
-    return launch
+    return unless_autocast(launch, x, replan)

@@ -187,7 +187,8 @@ def _bound_calls(backend, x: Tensor, w_gate: Tensor, config: BlockConfig,
     def forward(x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, *_):
         h, gate, up = forward2d(x2d, w_gate, w_up, b_gate, b_up, seed)
         return down(h, w_down, b_down), gate, up
-    return SimpleNamespace(forward=forward, gate_up=geglu.gate_up, backward=geglu.backward)
+    return SimpleNamespace(forward=forward, gate_up=geglu.gate_up, backward=geglu.backward,
+                           constants=(p, activation, save_gate_up, col_offset, n_cols))
 
 
 def traced(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Tensor | None,
@@ -280,11 +281,10 @@ def _unplanned(x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate, dropo
     config = BlockConfig(p, activation, recompute)
     if key is None or torch.compiler.is_compiling():
         return routed(x, w_gate, w_up, w_down, b_gate, b_up, b_down, config)
-    launch = _plan(x, w_gate, config)
-    remember(key, unless_autocast(launch, x, functools.partial(
+    launch = _plan(x, w_gate, config, functools.partial(
         _unplanned, approximate="tanh", dropout=p, training=True, recompute=recompute,
-        activation=activation)))
-    return launch(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
+        activation=activation))
+    return remember(key, launch)(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
 
 
 def routed(x, w_gate, w_up, w_down, b_gate, b_up, b_down, config: BlockConfig) -> Tensor:
@@ -295,7 +295,8 @@ def routed(x, w_gate, w_up, w_down, b_gate, b_up, b_down, config: BlockConfig) -
     return _plan(x, w_gate, config)(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
 
 
-def _plan(x: Tensor, w_gate: Tensor, config: BlockConfig):
+def _plan(x: Tensor, w_gate: Tensor, config: BlockConfig, replan: Callable | None = None):
+    """The problem's route (as ``linear_gelu``'s)."""
     p, activation = config.p, config.activation
     geglu = _geglu.eager_geglu(activation)
     if on_fallback(x) and config.n_cols is None:
@@ -309,9 +310,8 @@ def _plan(x: Tensor, w_gate: Tensor, config: BlockConfig):
         return counted("geglu_fwd", "geglu_bwd",
                        lambda x, w_gate, w_up, w_down, b_gate, b_up, b_down: F.linear(
                            geglu(x, w_gate, w_up, b_gate, b_up), w_down, b_down))
-    save_gate_up, columns = not config.recompute, (config.col_offset, config.n_cols)
     backend = launchers(x)
-    calls = _bound_calls(backend, x, w_gate, config, save_gate_up)
+    calls = _bound_calls(backend, x, w_gate, config, save_gate_up=not config.recompute)
     infer = _bound_calls(backend, x, w_gate, config, False).forward  # no graph, nothing saved
 
     def launch(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
@@ -321,7 +321,6 @@ def _plan(x: Tensor, w_gate: Tensor, config: BlockConfig):
             y, _, _ = infer(x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed)
         else:
             y, _, _ = GatedFeedForwardFunction.apply(
-                x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, activation,
-                save_gate_up, *columns, calls)
+                x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, calls)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], w_down.shape[0])
-    return launch
+    return unless_autocast(launch, x, replan)

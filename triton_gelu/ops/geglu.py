@@ -314,7 +314,7 @@ def bound_calls(backend, shape: tuple[int, ...], activation: str, save_gate_up: 
         return (None if dx is None else dx.view(x.shape)), dwg, dwu, dbg, dbu, \
             (None if h is None else h.view(dh.shape))
     return SimpleNamespace(forward=forward, forward2d=forward2d, gate_up=gate_up,
-                           backward=backward)
+                           backward=backward, constants=(activation, save_gate_up))
 
 
 def traced(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None,
@@ -414,10 +414,11 @@ def _unplanned(x, w_gate, w_up, b_gate, b_up, approximate, activation, recompute
         return _on_dtensors(x, w_gate, w_up, b_gate, b_up, activation, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops
         return traced(x, w_gate, w_up, b_gate, b_up, activation, recompute)
-    launch = _plan(x, w_gate, activation, recompute)
+    replan = None if key is None else functools.partial(
+        _unplanned, approximate="tanh", activation=activation, recompute=recompute)
+    launch = _plan(x, w_gate, activation, recompute, replan)
     if key is not None:
-        remember(key, unless_autocast(launch, x, functools.partial(
-            _unplanned, approximate="tanh", activation=activation, recompute=recompute)))
+        remember(key, launch)
     return launch(x, w_gate, w_up, b_gate, b_up)
 
 
@@ -438,7 +439,9 @@ def _on_dtensors(x, w_gate, w_up, b_gate, b_up, activation: str, recompute: bool
     return eager_geglu(activation, dtensors.linear)(x, w_gate, w_up, b_gate, b_up)
 
 
-def _plan(x: Tensor, w_gate: Tensor, activation: str, recompute: bool):
+def _plan(x: Tensor, w_gate: Tensor, activation: str, recompute: bool,
+          replan: Callable | None = None):
+    """The problem's route (as ``linear_gelu``'s)."""
     eager = eager_geglu(activation)
     if on_fallback(x):
         return eager
@@ -452,7 +455,6 @@ def _plan(x: Tensor, w_gate: Tensor, activation: str, recompute: bool):
 
     def launch(x, w_gate, w_up, b_gate, b_up):
         if needs_grad(x, w_gate, w_up, b_gate, b_up):
-            return GeGLUFunction.apply(x, w_gate, w_up, b_gate, b_up, activation,
-                                       not recompute, calls)[0]
+            return GeGLUFunction.apply(x, w_gate, w_up, b_gate, b_up, calls)[0]
         return infer(x, w_gate, w_up, b_gate, b_up, activation, False)[0]
-    return launch
+    return unless_autocast(launch, x, replan)

@@ -111,7 +111,8 @@ def _bound_calls(backend, activation: str) -> SimpleNamespace:
     forward = bound_launcher(backend, "gelu_forward", activation)
     backward = bound_launcher(backend, "gelu_backward", activation)
     return SimpleNamespace(forward=lambda x, activation: forward(x),
-                           backward=lambda dy, x, activation: backward(dy, x), infer=forward)
+                           backward=lambda dy, x, activation: backward(dy, x), infer=forward,
+                           constants=(activation,))
 
 
 # ---- its DTensor sharding rules --------------------------------------------------------------
@@ -165,6 +166,6 @@ def _plan(x: Tensor, activation: str):
 
     def run(x: Tensor) -> Tensor:
         if needs_grad(x):
-            return GELUFunction.apply(x, activation, calls)
+            return GELUFunction.apply(x, calls)
         return infer(x)  # inference: no graph, nothing saved
     return run

@@ -14,6 +14,7 @@ unflattened. Shared checks: ``_checks.py``; kernels, paths and config spaces:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -211,7 +212,8 @@ def _bound_calls(backend, x: Tensor, weight: Tensor, activation: str,
         dx, dw, db = backward2d((need_dx, need_dw, need_db))(rows(dy), rows(x), weight,
                                                              rows(preact))
         return (None if dx is None else dx.view(x.shape)), dw, db
-    return SimpleNamespace(forward=forward, preact=preact, backward=backward)
+    return SimpleNamespace(forward=forward, preact=preact, backward=backward,
+                           constants=(activation, save_preact))
 
 
 def traced(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str,
@@ -280,10 +282,11 @@ def _unplanned(x, weight, bias, activation: str, recompute: bool, key=None) -> T
         return _on_dtensors(x, weight, bias, activation, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops
         return traced(x, weight, bias, activation, recompute)
-    launch = _plan(x, weight, activation, recompute)
+    replan = None if key is None else functools.partial(
+        _unplanned, activation=activation, recompute=recompute)
+    launch = _plan(x, weight, activation, recompute, replan)
     if key is not None:
-        remember(key, unless_autocast(launch, x, functools.partial(
-            _unplanned, activation=activation, recompute=recompute)))
+        remember(key, launch)
     return launch(x, weight, bias)
 
 
@@ -303,7 +306,10 @@ def _on_dtensors(x, weight, bias, activation: str, recompute: bool) -> Tensor:
     return linear_act(activation, dtensors.linear)(x, weight, bias)
 
 
-def _plan(x: Tensor, weight: Tensor, activation: str, recompute: bool):
+def _plan(x: Tensor, weight: Tensor, activation: str, recompute: bool,
+          replan: Callable | None = None):
+    """The problem's route: eager PyTorch's ops (the fallback, or its paths forced to "torch"),
+    or the Triton launchers, guarded by ``unless_autocast`` with ``replan``."""
     eager = linear_act(activation)
     if on_fallback(x):
         return eager
@@ -316,7 +322,6 @@ def _plan(x: Tensor, weight: Tensor, activation: str, recompute: bool):
 
     def launch(x, weight, bias):
         if needs_grad(x, weight, bias):
-            return LinearGELUFunction.apply(x, weight, bias, activation,
-                                            not recompute, calls)[0]
+            return LinearGELUFunction.apply(x, weight, bias, calls)[0]
         return infer(x, weight, bias, activation, False)[0]
-    return launch
+    return unless_autocast(launch, x, replan)
