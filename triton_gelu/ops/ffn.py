@@ -227,16 +227,17 @@ FeedForwardFunction = register_autograd(
 
 
 def _bound_calls(backend, config: BlockConfig, save_preact: bool) -> SimpleNamespace:
-    """The Function's calls (``forward``, ``preact``, ``backward``: the signatures of
-    ``_launch_forward``, ``linear_gelu.eager_preact`` and ``_launch_backward``, on 2-D x) for
-    one problem, each bound to it after its first call (``_core.bound_after_first``)."""
+    """The Function's calls for one problem, on 2-D x, each bound to it after its first call
+    (``_core.bound_after_first``): ``forward`` (``_launch_forward``'s tensors, x2d .. seed),
+    ``preact`` and ``backward`` (the signatures of ``linear_gelu.eager_preact`` and
+    ``_launch_backward``)."""
     p, activation, _, col_offset, n_cols = config
     fixed = (p, activation, save_preact, col_offset, n_cols)
     forward = bound_launcher(backend, "ffn_forward", *fixed)
     backward = bound_per_flags(lambda needs: bound_launcher(
         backend, "ffn_backward", p, activation, needs, col_offset, n_cols))
     return SimpleNamespace(
-        forward=lambda x2d, w1, b1, w2, b2, seed, *_: forward(x2d, w1, b1, w2, b2, seed),
+        forward=forward,
         preact=bound_launcher(backend, "linear_preact"),
         backward=lambda dy, x2d, w1, w2, preact, seed, p, activation, needs, *_: backward(
             tuple(needs))(dy, x2d, w1, w2, preact, seed),

@@ -176,7 +176,7 @@ GatedFeedForwardFunction = register_autograd(
 
 def _bound_calls(backend, x: Tensor, w_gate: Tensor, config: BlockConfig,
                  save_gate_up: bool) -> SimpleNamespace:
-    """The Function's calls for one problem (``forward``: ``_launch_forward``'s signature;
+    """The Function's calls for one problem (``forward``: ``_launch_forward``'s tensors;
     ``gate_up`` and ``backward``: GeGLU's, ``geglu.bound_calls``), each bound to it after its
     first call."""
     p, activation, _, col_offset, n_cols = config
@@ -184,7 +184,7 @@ def _bound_calls(backend, x: Tensor, w_gate: Tensor, config: BlockConfig,
                                activation, save_gate_up, p, col_offset, n_cols)
     forward2d = geglu.forward2d
 
-    def forward(x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, *_):
+    def forward(x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed):
         h, gate, up = forward2d(x2d, w_gate, w_up, b_gate, b_up, seed)
         return down(h, w_down, b_down), gate, up
     return SimpleNamespace(forward=forward, gate_up=geglu.gate_up, backward=geglu.backward,

@@ -278,8 +278,8 @@ def bound_calls(backend, shape: tuple[int, ...], activation: str, save_gate_up: 
                 p: float = 0.0, col_offset: int = 0,
                 n_cols: int | None = None) -> SimpleNamespace:
     """The Function's calls for one problem, each bound to it after its first call
-    (``_core.bound_after_first``): ``forward``, ``gate_up`` and ``backward`` (the signatures of
-    ``_launch_forward``, ``eager_gate_up`` and ``eager_backward``), and ``forward2d`` ((x2d,
+    (``_core.bound_after_first``): ``forward`` (``_launch_forward``'s tensors), ``gate_up`` and
+    ``backward`` (the signatures of ``eager_gate_up`` and ``eager_backward``), ``forward2d`` ((x2d,
     w_gate, w_up, b_gate, b_up, seed) -> (h, g, u), 2-D: the gated block's). ``p``,
     ``shape``: the problem's (..., N) (x's and g's); ``p``, ``col_offset`` and ``n_cols``: the
     gated block's dropout (GeGLU has none)."""
@@ -298,7 +298,7 @@ def bound_calls(backend, shape: tuple[int, ...], activation: str, save_gate_up: 
                                                        list(flags[0]), flags[1], tensors[6],
                                                        p, *columns)))
 
-    def forward(x, w_gate, w_up, b_gate, b_up, activation, save_gate_up):
+    def forward(x, w_gate, w_up, b_gate, b_up):
         outputs = forward2d(rows(x), w_gate, w_up, b_gate, b_up, None)
         if len(shape) == 2:  # the kernels' (M, N) already
             return outputs
@@ -456,5 +456,5 @@ def _plan(x: Tensor, w_gate: Tensor, activation: str, recompute: bool,
     def launch(x, w_gate, w_up, b_gate, b_up):
         if needs_grad(x, w_gate, w_up, b_gate, b_up):
             return GeGLUFunction.apply(x, w_gate, w_up, b_gate, b_up, calls)[0]
-        return infer(x, w_gate, w_up, b_gate, b_up, activation, False)[0]
+        return infer(x, w_gate, w_up, b_gate, b_up)[0]
     return unless_autocast(launch, x, replan)

@@ -106,12 +106,11 @@ GELUFunction = register_autograd(gelu_fwd, "GELUFunction", _setup_context, _back
 
 
 def _bound_calls(backend, activation: str) -> SimpleNamespace:
-    """The Function's calls (``forward``, ``backward``: the signatures of ``_launch_forward``
-    and ``_launch_backward``) for one problem, each bound to it after its first call."""
+    """The Function's calls for one problem (``forward``: x -> y; ``backward``: the signature
+    of ``_launch_backward``), each bound to it after its first call."""
     forward = bound_launcher(backend, "gelu_forward", activation)
     backward = bound_launcher(backend, "gelu_backward", activation)
-    return SimpleNamespace(forward=lambda x, activation: forward(x),
-                           backward=lambda dy, x, activation: backward(dy, x), infer=forward,
+    return SimpleNamespace(forward=forward, backward=lambda dy, x, activation: backward(dy, x),
                            constants=(activation,))
 
 
@@ -162,7 +161,7 @@ def _plan(x: Tensor, activation: str):
     if forced_path("gelu_fwd") == "torch" and forced_path("gelu_bwd") == "torch":
         return counted("gelu_fwd", "gelu_bwd", eager)
     calls = _bound_calls(launchers(x), activation)
-    infer = calls.infer
+    infer = calls.forward
 
     def run(x: Tensor) -> Tensor:
         if needs_grad(x):

@@ -190,16 +190,16 @@ LinearGELUFunction = register_autograd(
 
 def _bound_calls(backend, x: Tensor, weight: Tensor, activation: str,
                  save_preact: bool) -> SimpleNamespace:
-    """The Function's calls (``forward``, ``preact``, ``backward``: the signatures of
-    ``_launch_forward``, ``eager_preact`` and ``_launch_backward``) for one problem, each bound
-    to it after its first call (``_core.bound_after_first``)."""
+    """The Function's calls for one problem, each bound to it after its first call
+    (``_core.bound_after_first``): ``forward`` (x, weight, bias: ``_launch_forward``'s tensors),
+    ``preact`` and ``backward`` (the signatures of ``eager_preact`` and ``_launch_backward``)."""
     shape = linear_out_shape(x, weight)
     forward2d = bound_launcher(backend, "linear_gelu_forward", activation, save_preact)
     preact2d = bound_launcher(backend, "linear_preact")
     backward2d = bound_per_flags(
         lambda needs: bound_launcher(backend, "linear_gelu_backward", activation, *needs))
 
-    def forward(x, weight, bias, activation, save_preact):
+    def forward(x, weight, bias):
         outputs = forward2d(rows(x), weight, bias)
         if len(shape) == 2:  # the kernel's (M, N) already
             return outputs
@@ -323,5 +323,5 @@ def _plan(x: Tensor, weight: Tensor, activation: str, recompute: bool,
     def launch(x, weight, bias):
         if needs_grad(x, weight, bias):
             return LinearGELUFunction.apply(x, weight, bias, calls)[0]
-        return infer(x, weight, bias, activation, False)[0]
+        return infer(x, weight, bias)[0]
     return unless_autocast(launch, x, replan)
