@@ -39,9 +39,9 @@ from triton_gelu.autotune import (  # noqa: E402
     DECODE_PRESETS, DECODE_TOKENS, PRESETS, TOKENS, decode_shapes, parse_shape,
 )
 
-from . import harness, ops_ffn, ops_geglu, ops_gelu, ops_linear_gelu  # noqa: E402
+from . import harness, op_modules, ops_geglu  # noqa: E402
 
-OPS = {op.NAME: op for op in (ops_gelu, ops_linear_gelu, ops_ffn, ops_geglu)}
+OPS = {op.NAME: op for op in op_modules()}  # bench/ops_<op>.py
 TINY = (37, 45, 51)  # multiples of no block size: every masked edge runs
 # The largest M*K*N the interpreter check takes: 2M multiply-adds, about 20 s for every op and
 # dtype on one core (256x256x512, 16x as much, took 330 s).
@@ -291,7 +291,7 @@ def run_cold_start(json_path: Path | None, quick: bool = False) -> int:
 
     if quick:
         rows = cold_start.records(arches=("sm90",), policies=("fast",), presets=("bert-base",),
-                                  ops=[op for op in cold_start.OPS])
+                                  ops=cold_start.op_names())
     else:
         rows = cold_start.records()
     print("cold start: configs a first call compiles (and paths it times), tuner replayed "

@@ -28,7 +28,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors take the kernels' 
 import torch  # noqa: E402
 
 ARCHES = ("sm90", "sm80")
-OPS = ("gelu", "linear_gelu", "feed_forward", "geglu", "gated_feed_forward")
 POLICIES = ("fast", "off", "full")
 # Each bench preset's first layer (tokens x d_model -> d_ff), as the bench times it.
 TOKENS = 8192
@@ -112,22 +111,17 @@ def _meta(*shape: int, grad: bool = True) -> torch.Tensor:
 
 
 def _ops(m: int, k: int, n: int) -> dict[str, Callable[[], torch.Tensor]]:
-    """op label -> a first call (forward; the caller runs its backward) at (m, k) -> n."""
-    import triton_gelu
+    """op label -> a first call (forward; the caller runs its backward) at (m, k) -> n, as each
+    op's bench module declares them (``first_calls``)."""
+    from bench import op_modules
 
-    x, w, b = _meta(m, k), _meta(n, k), _meta(n)
-    w2, b2, w_up = _meta(k, n), _meta(k), _meta(n, k)
-    return {
-        "gelu": lambda: triton_gelu.gelu(_meta(m, n)),
-        "linear_gelu": lambda: triton_gelu.linear_gelu(x, w, b),
-        "feed_forward": lambda: triton_gelu.feed_forward(x, w, b, w2, b2, p=0.0),
-        "feed_forward p=0.1": lambda: triton_gelu.feed_forward(x, w, b, w2, b2, p=0.1),
-        "geglu": lambda: triton_gelu.geglu(x, w, w_up),
-        "gated_feed_forward": lambda: triton_gelu.gated_feed_forward(x, w, w_up, w2,
-                                                                     training=True),
-        "gated_feed_forward p=0.1": lambda: triton_gelu.gated_feed_forward(
-            x, w, w_up, w2, dropout=0.1, training=True),
-    }
+    return {label: call for op in op_modules()
+            for label, call in op.first_calls(_meta, m, k, n).items()}
+
+
+def op_names() -> list[str]:
+    """The public ops whose first calls are measured, in order."""
+    return list(dict.fromkeys(label.split()[0] for label in _ops(0, 0, 0)))
 
 
 def _first_call(fn: Callable[[], torch.Tensor]) -> None:

@@ -43,6 +43,8 @@ import triton_gelu
 from triton_gelu import _runtime
 from triton_gelu.autotune import clear_plans, force_path
 
+from . import op_modules
+
 MODES = ("infer", "fwd", "fwd+bwd")
 VARIANTS = ("eager-path", "fused-stubbed", "fallback")
 # Every op's path forced to PyTorch's own ops (or, for fused-stubbed, to our fused kernels).
@@ -53,63 +55,16 @@ EAGER_PATHS["linear_preact"] = "composed"
 M, K, N = 4, 64, 256  # tokens, model width, hidden width
 
 
-def _tanh_gelu(t: torch.Tensor) -> torch.Tensor:
-    return F.gelu(t, approximate="tanh")
-
-
 def _entries(device: str) -> dict[str, tuple[Callable, Callable, list[torch.Tensor]]]:
-    """name -> (ours(x), eager(x), the parameters): functions and modules."""
+    """name -> (ours(x), eager(x), the parameters): every public function and module, as each
+    op's bench module declares them (``host_entries``)."""
     g = torch.Generator().manual_seed(0)
 
     def param(*shape):
         return nn.Parameter(torch.randn(*shape, generator=g).div(shape[-1] ** 0.5).to(device))
 
-    w1, b1, w2, b2, wu = param(N, K), param(N), param(K, N), param(K), param(N, K)
-    lin_gelu = triton_gelu.LinearGELU(K, N).to(device)
-    torch_lin_gelu = nn.Sequential(nn.Linear(K, N), nn.GELU()).to(device)
-    ffn = triton_gelu.FeedForward(K, N, dropout=0.0).to(device)
-    torch_ffn = nn.Sequential(nn.Linear(K, N), nn.GELU(), nn.Dropout(0.0), nn.Linear(N, K))
-    geglu_mod = triton_gelu.GeGLU(K, N).to(device)
-    gated = triton_gelu.GatedFeedForward(K, N).to(device)
-
-    class TorchGeGLU(nn.Module):  # Gemma's MLP without its down projection
-        def __init__(self):
-            super().__init__()
-            self.gate_proj, self.up_proj = nn.Linear(K, N, bias=False), nn.Linear(K, N, bias=False)
-
-        def forward(self, x):
-            return _tanh_gelu(self.gate_proj(x)) * self.up_proj(x)
-
-    class TorchGated(TorchGeGLU):
-        def __init__(self):
-            super().__init__()
-            self.down_proj = nn.Linear(N, K, bias=False)
-
-        def forward(self, x):
-            return self.down_proj(super().forward(x))
-
-    torch_geglu, torch_gated = TorchGeGLU().to(device), TorchGated().to(device)
-    gelu_mod, torch_gelu = triton_gelu.GELU(), nn.GELU()
-    return {
-        "gelu": (triton_gelu.gelu, F.gelu, []),
-        "linear_gelu": (lambda x: triton_gelu.linear_gelu(x, w1, b1),
-                        lambda x: F.gelu(F.linear(x, w1, b1)), [w1, b1]),
-        "feed_forward": (lambda x: triton_gelu.feed_forward(x, w1, b1, w2, b2),
-                         lambda x: F.linear(F.dropout(F.gelu(F.linear(x, w1, b1)), 0.0), w2, b2),
-                         [w1, b1, w2, b2]),
-        "geglu": (lambda x: triton_gelu.geglu(x, w1, wu),
-                  lambda x: _tanh_gelu(F.linear(x, w1)) * F.linear(x, wu), [w1, wu]),
-        "gated_feed_forward": (lambda x: triton_gelu.gated_feed_forward(x, w1, wu, w2),
-                               lambda x: F.linear(_tanh_gelu(F.linear(x, w1)) * F.linear(x, wu),
-                                                  w2), [w1, wu, w2]),
-        "GELU": (gelu_mod, torch_gelu, []),
-        "LinearGELU": (lin_gelu, torch_lin_gelu, [*lin_gelu.parameters(),
-                                                  *torch_lin_gelu.parameters()]),
-        "FeedForward": (ffn, torch_ffn.to(device), [*ffn.parameters(), *torch_ffn.parameters()]),
-        "GeGLU": (geglu_mod, torch_geglu, [*geglu_mod.parameters(), *torch_geglu.parameters()]),
-        "GatedFeedForward": (gated, torch_gated, [*gated.parameters(),
-                                                  *torch_gated.parameters()]),
-    }
+    return {name: entry for op in op_modules()
+            for name, entry in op.host_entries(param, M, K, N, device).items()}
 
 
 @contextlib.contextmanager
@@ -249,10 +204,11 @@ def fallback_throughput(rounds: int = 5) -> list[dict]:
                                lambda: F.linear(F.dropout(F.gelu(F.linear(x, w1, b1)), 0.1),
                                                 w2, b2)),
         "geglu": (lambda: triton_gelu.geglu(x, w1, wu),
-                  lambda: _tanh_gelu(F.linear(x, w1)) * F.linear(x, wu)),
+                  lambda: F.gelu(F.linear(x, w1), approximate="tanh") * F.linear(x, wu)),
         "gated_feed_forward p=0.1": (
             lambda: triton_gelu.gated_feed_forward(x, w1, wu, w2, dropout=0.1, training=True),
-            lambda: F.linear(F.dropout(_tanh_gelu(F.linear(x, w1)) * F.linear(x, wu), 0.1), w2)),
+            lambda: F.linear(F.dropout(F.gelu(F.linear(x, w1), approximate="tanh")
+                                       * F.linear(x, wu), 0.1), w2)),
     }
     records = []
     with _variant("fallback"):

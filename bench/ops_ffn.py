@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import triton_gelu
@@ -30,6 +31,7 @@ from .memory import saved_activation_bytes
 from .ops_linear_gelu import matmul_flops, traffic
 
 NAME = "ffn"
+ORDER = 2
 DROPOUT = 0.1  # the timed cases' dropout probability
 SAVED_P = (0.0, 0.1)  # the saved-bytes figures' dropout probabilities
 
@@ -74,6 +76,27 @@ def saved_ratios(shape, dtype: torch.dtype, approximate: str, device: str) -> di
         ratios[f"ours p={p:g}"] = saved(ours, x) / eager_bytes
         ratios[f"ours-recompute p={p:g}"] = saved(_with_recompute(ours), x) / eager_bytes
     return ratios
+
+
+def host_entries(param, m: int, k: int, n: int, device: str) -> dict:
+    """``bench --host``'s entries (as ``ops_gelu``'s): the function at p = 0 and the module,
+    (m, k) -> n -> k."""
+    w1, b1, w2, b2 = param(n, k), param(n), param(k, n), param(k)
+    ours = triton_gelu.FeedForward(k, n, dropout=0.0).to(device)
+    eager = nn.Sequential(nn.Linear(k, n), nn.GELU(), nn.Dropout(0.0), nn.Linear(n, k))
+    return {
+        "feed_forward": (lambda x: triton_gelu.feed_forward(x, w1, b1, w2, b2),
+                         lambda x: F.linear(F.dropout(F.gelu(F.linear(x, w1, b1)), 0.0), w2, b2),
+                         [w1, b1, w2, b2]),
+        "FeedForward": (ours, eager.to(device), [*ours.parameters(), *eager.parameters()]),
+    }
+
+
+def first_calls(tensor, m: int, k: int, n: int) -> dict:
+    """``bench --cold-start``'s first calls (as ``ops_gelu``'s), without and with dropout."""
+    x, w, b, w2, b2 = tensor(m, k), tensor(n, k), tensor(n), tensor(k, n), tensor(k)
+    return {"feed_forward": lambda: triton_gelu.feed_forward(x, w, b, w2, b2, p=0.0),
+            "feed_forward p=0.1": lambda: triton_gelu.feed_forward(x, w, b, w2, b2, p=0.1)}
 
 
 def _build(shape, dtype: torch.dtype, approximate: str, mode: str, baselines: list[str],

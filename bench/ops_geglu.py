@@ -23,6 +23,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import triton_gelu
 
@@ -32,6 +33,7 @@ from .harness import (
 from .memory import saved_activation_bytes
 
 NAME = "geglu"
+ORDER = 3
 SAVED_P = 0.1  # the gated block's dropout probability in its saved-bytes figures
 # (in_features, hidden_features) of the gated FFNs the issue names.
 PRESETS = {"gemma-2b": (2048, 16384), "t5-base": (768, 2048)}
@@ -62,6 +64,63 @@ def eager_geglu(approximate: str):
     def eager(x, w_gate, w_up):
         return F.gelu(F.linear(x, w_gate), approximate=approximate) * F.linear(x, w_up)
     return eager
+
+
+class EagerGeGLU(nn.Module):
+    """Gemma's MLP without its down projection, in eager PyTorch."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)
+
+
+class EagerGated(EagerGeGLU):
+    """Gemma's MLP, in eager PyTorch."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__(d_model, d_ff)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(super().forward(x))
+
+
+def host_entries(param, m: int, k: int, n: int, device: str) -> dict:
+    """``bench --host``'s entries (as ``ops_gelu``'s): GeGLU and the gated block, functions and
+    modules, (m, k) -> n (-> k)."""
+    w_gate, w_up, w_down = param(n, k), param(n, k), param(k, n)
+    eager = eager_geglu("tanh")
+    geglu = triton_gelu.GeGLU(k, n).to(device)
+    gated = triton_gelu.GatedFeedForward(k, n).to(device)
+    eager_geglu_module, eager_gated = EagerGeGLU(k, n).to(device), EagerGated(k, n).to(device)
+    return {
+        "geglu": (lambda x: triton_gelu.geglu(x, w_gate, w_up),
+                  lambda x: eager(x, w_gate, w_up), [w_gate, w_up]),
+        "gated_feed_forward": (
+            lambda x: triton_gelu.gated_feed_forward(x, w_gate, w_up, w_down),
+            lambda x: F.linear(eager(x, w_gate, w_up), w_down), [w_gate, w_up, w_down]),
+        "GeGLU": (geglu, eager_geglu_module,
+                  [*geglu.parameters(), *eager_geglu_module.parameters()]),
+        "GatedFeedForward": (gated, eager_gated,
+                             [*gated.parameters(), *eager_gated.parameters()]),
+    }
+
+
+def first_calls(tensor, m: int, k: int, n: int) -> dict:
+    """``bench --cold-start``'s first calls (as ``ops_gelu``'s): GeGLU, and the gated block in
+    training without and with dropout."""
+    x, w_gate, w_up, w_down = tensor(m, k), tensor(n, k), tensor(n, k), tensor(k, n)
+    return {
+        "geglu": lambda: triton_gelu.geglu(x, w_gate, w_up),
+        "gated_feed_forward": lambda: triton_gelu.gated_feed_forward(
+            x, w_gate, w_up, w_down, training=True),
+        "gated_feed_forward p=0.1": lambda: triton_gelu.gated_feed_forward(
+            x, w_gate, w_up, w_down, dropout=0.1, training=True),
+    }
 
 
 def _build(shape, dtype: torch.dtype, approximate: str, mode: str, baselines: list[str],

@@ -17,7 +17,21 @@ import triton_gelu
 from .harness import DTYPES, Case, Check, Selection, Subject, add_compile_baselines, timed
 
 NAME = "gelu"
+ORDER = 0
 MODES = ("fwd", "bwd")
+
+
+def host_entries(param, m: int, k: int, n: int, device: str) -> dict:
+    """``bench --host``'s entries (name -> (ours(x), eager(x), parameters)): the function and
+    the module, on x (m, k)."""
+    return {"gelu": (triton_gelu.gelu, F.gelu, []),
+            "GELU": (triton_gelu.GELU(), torch.nn.GELU(), [])}
+
+
+def first_calls(tensor, m: int, k: int, n: int) -> dict:
+    """``bench --cold-start``'s first calls (label -> a forward), GELU on the (m, n) hidden
+    activation; ``tensor(*shape)`` makes an operand."""
+    return {"gelu": lambda: triton_gelu.gelu(tensor(m, n))}
 
 
 def _build(numel: int, dtype: torch.dtype, approximate: str, mode: str,

@@ -22,6 +22,24 @@ from .harness import (
 )
 
 NAME = "linear_gelu"
+ORDER = 1
+
+
+def host_entries(param, m: int, k: int, n: int, device: str) -> dict:
+    """``bench --host``'s entries (as ``ops_gelu``'s): the function and the module, (m, k) -> n;
+    ``param(*shape)`` makes a parameter."""
+    w, b = param(n, k), param(n)
+    ours = triton_gelu.LinearGELU(k, n).to(device)
+    eager = torch.nn.Sequential(torch.nn.Linear(k, n), torch.nn.GELU()).to(device)
+    return {"linear_gelu": (lambda x: triton_gelu.linear_gelu(x, w, b),
+                            lambda x: F.gelu(F.linear(x, w, b)), [w, b]),
+            "LinearGELU": (ours, eager, [*ours.parameters(), *eager.parameters()])}
+
+
+def first_calls(tensor, m: int, k: int, n: int) -> dict:
+    """``bench --cold-start``'s first calls (as ``ops_gelu``'s)."""
+    x, w, b = tensor(m, k), tensor(n, k), tensor(n)
+    return {"linear_gelu": lambda: triton_gelu.linear_gelu(x, w, b)}
 
 
 def traffic(m: int, k: int, n: int, mode: str) -> int:
