@@ -148,6 +148,27 @@ def test_an_eager_route_planned_without_autocast_casts_under_it(op):
     assert torch.equal(*grads)
 
 
+@pytest.mark.parametrize("op", ["gelu", "linear_gelu", "feed_forward", "geglu",
+                                "gated_feed_forward"])
+def test_a_second_derivative_is_refused(op):
+    """The kernels' backward is differentiable once: with ``create_graph=True`` the gradients
+    carry a node that refuses a second backward (never a silently wrong second derivative)."""
+    x, w, b = _operands()
+    x.requires_grad_(True)
+    ours = (lambda: triton_gelu.gelu(x)) if op == "gelu" else _linear_ops(x, w, b)[op][0]
+    with count_launches() as launched:
+        y = ours()
+        (dx,) = torch.autograd.grad(y.float().square().sum(), x, create_graph=True)
+    assert launched, "no kernel ran"
+    # the first derivative is right: eager PyTorch's in float64
+    x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    eager = (lambda: F.gelu(x64)) if op == "gelu" else _linear_ops(x64, w64, b64)[op][1]
+    (expected,) = torch.autograd.grad(eager().square().sum(), x64)
+    torch.testing.assert_close(dx.double(), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()
+
+
 def test_eager_routes_count_their_runs_inside_count_paths_only():
     """A plan of a path forced to "torch" counts its runs where ``count_paths`` is open: one made
     outside a block is not the one a block runs."""

@@ -95,15 +95,23 @@ def register_autograd(op, name: str, setup_context: Callable, backward: Callable
         ctx.calls, ctx.n_tensors = calls, len(tensors)
         return output
 
-    def twin_backward(ctx, *grads):
+    def grads_of_tensors(ctx, *grads):
         # the tensors' gradients (the constants have none), and none for ``calls``
         return (*backward(ctx, *grads)[:ctx.n_tensors], None)
 
-    return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
+    once = torch.autograd.function.once_differentiable(grads_of_tensors)
+
+    def twin_backward(ctx, *grads):
         # Fresh gradients every call, nothing saved written: a second backward is unchanged.
-        "backward": staticmethod(torch.autograd.function.once_differentiable(twin_backward)),
-    })
+        # A second derivative (create_graph=True: grad mode on here) is refused, as
+        # ``once_differentiable`` refuses it; without one, its wrapper would only add a
+        # ``no_grad`` block (~1.5 us) around a backward that grad mode already leaves alone.
+        if torch.is_grad_enabled():
+            return once(ctx, *grads)
+        return grads_of_tensors(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(twin_backward)})
 
 
 def bound_after_first(launcher: Callable, bind: Callable) -> Callable:
