@@ -68,7 +68,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import triton_gelu  # noqa: E402
 from triton_gelu import autotune  # noqa: E402
-from triton_gelu.functional import dropout_seed  # noqa: E402
+from triton_gelu.testing import dropout_seed  # noqa: E402
 from triton_gelu.reference import dropout_keep  # noqa: E402
 
 from . import harness  # noqa: E402

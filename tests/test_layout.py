@@ -209,12 +209,12 @@ def test_a_private_import_is_found(tmp_path):
     (tmp_path / "tests" / "test_x.py").write_text(
         "import triton_gelu\nfrom triton_gelu import _runtime, testing\n"
         "from triton_gelu.kernels import gelu\nimport importlib\n"
-        "importlib.import_module('triton_gelu.functional')\n"
+        "importlib.import_module('triton_gelu.modules')\n"
         "triton_gelu.ops.gelu_fwd\nfrom triton_gelu.tuning import spaces\n"
         "from triton_gelu.autotune import force_path\n"
         "def f(mp):\n    mp.setattr('triton_gelu._settings.X', 1)\n"
         "from triton_gelu.patch import FusedFeedForward\nfrom triton_gelu.patch.chain import c\n")
     (tmp_path / "tests" / "test_y.py").write_text("import triton_gelu\ntriton_gelu.gelu\n")
     assert private_importers(tmp_path) == {"test_x.py": [
-        "2: triton_gelu._runtime", "3: triton_gelu.kernels.gelu", "5: triton_gelu.functional",
+        "2: triton_gelu._runtime", "3: triton_gelu.kernels.gelu", "5: triton_gelu.modules",
         "6: triton_gelu.ops", "10: triton_gelu._settings", "12: triton_gelu.patch.chain"]}

@@ -3,7 +3,11 @@ gated GELU (GeGLU), drop-in for PyTorch."""
 
 from ._runtime import TritonUnavailableWarning
 from .compile_route import compile_backend
-from .functional import feed_forward, gated_feed_forward, geglu, gelu, linear_gelu
+from .ops.ffn import feed_forward
+from .ops.gated_ffn import gated_feed_forward
+from .ops.geglu import geglu
+from .ops.gelu import gelu
+from .ops.linear_gelu import linear_gelu
 from .modules import GELU, FeedForward, GatedFeedForward, GeGLU, LinearGELU
 from .patch import patch
 from . import testing  # noqa: F401 (public: triton_gelu.testing, helpers for tests)

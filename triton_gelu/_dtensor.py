@@ -1,6 +1,7 @@
-"""DTensor execution: the functional API on DTensor operands (tensor parallel), run by the fused
-kernels on each rank's local shards through PyTorch's own machinery. ``functional.py`` imports it
-on the first DTensor it meets (so ``import triton_gelu`` never imports ``torch.distributed``);
+"""DTensor execution: the public functions on DTensor operands (tensor parallel), run by the
+fused kernels on each rank's local shards through PyTorch's own machinery. Each op's public
+function imports it on the first DTensor it meets (so ``import triton_gelu`` never imports
+``torch.distributed``);
 the public styles that lay parameters out for it are in ``parallel.py``.
 
 **One projection** (``gelu``, ``linear_gelu``, ``geglu``): each custom op has a DTensor sharding

@@ -1,4 +1,4 @@
-"""``nn.Module`` wrappers over the functional API."""
+"""``nn.Module`` wrappers over the public functions (each declared with its op in ``ops/``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 from .activations import resolve
-from .functional import distributed, feed_forward, gated_feed_forward, geglu, gelu, linear_gelu
+from .ops._core import distributed
+from .ops.ffn import feed_forward
+from .ops.gated_ffn import gated_feed_forward
+from .ops.geglu import geglu
+from .ops.gelu import gelu
+from .ops.linear_gelu import linear_gelu
 
 
 class GELU(nn.Module):
@@ -94,7 +99,7 @@ class LinearGELU(nn.Module):
 
 class FeedForward(nn.Module):
     """Transformer feed-forward block: Linear -> GELU -> Dropout -> Linear as one fused op
-    (``functional.feed_forward``): GELU and dropout run in the first matmul's epilogue and the
+    (``triton_gelu.feed_forward``): GELU and dropout run in the first matmul's epilogue and the
     backward keeps only x and the pre-activation (x alone with ``recompute=True``).
 
     Submodules ``linear1`` (LinearGELU: its ``approximate`` and ``recompute`` are the block's),

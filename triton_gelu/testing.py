@@ -31,7 +31,7 @@ import contextlib
 from collections.abc import Iterator
 
 from . import _runtime, _settings
-from .functional import dropout_seed
+from .ops._core import dropout_seed
 
 __all__ = ["count_launches", "count_paths", "dropout_seed"]
 

@@ -1,6 +1,6 @@
 """The transformer FFN block y = linear2(dropout(gelu(linear1(x)))) as one op: forward, backward.
 
-Shapes (the launchers take a 2-D x; ``functional.py`` flattens the leading dimensions)::
+Shapes (the launchers take a 2-D x; the ops (``ops/``) flatten the leading dimensions)::
 
     x (M, D)    W1 (F, D)   b1 (F,)    z = x @ W1^T + b1 (M, F)    h = dropout(gelu(z)) (M, F)
                 W2 (E, F)   b2 (E,)    y = h @ W2^T + b2 (M, E)    (E = D in a transformer)
@@ -8,7 +8,7 @@ Shapes (the launchers take a 2-D x; ``functional.py`` flattens the leading dimen
 Dropout keeps element (m, f) when its Philox word for the call's seed passes the threshold
 (``_math.py``): the mask is a function of the seed and the position alone, the same for any tile
 shape and on both paths below, so the backward regenerates it and the forward keeps only the
-seed (one int64) for it. What else the forward keeps is ``functional.py``'s
+seed (one int64) for it. What else the forward keeps is ``ops/ffn.py``'s
 choice: x and z (the launcher returns z when asked), or x alone with ``recompute``. h lives only
 inside the forward launcher.
 

@@ -1,6 +1,6 @@
 """Gated GELU (GeGLU): h = gelu(x @ W_gate^T + b_gate) * (x @ W_up^T + b_up), forward and backward.
 
-Shapes (the launchers take a 2-D x; ``functional.py`` flattens the leading dimensions)::
+Shapes (the launchers take a 2-D x; the ops (``ops/``) flatten the leading dimensions)::
 
     x (M, K)    W_gate, W_up (N, K)    b_gate, b_up (N,)
     g = x @ W_gate^T + b_gate (M, N)    u = x @ W_up^T + b_up (M, N)    h = gelu(g) * u (M, N)

@@ -1,6 +1,6 @@
 """Fused Linear + bias + GELU: y = gelu(x @ W^T + b), forward and backward kernels.
 
-Shapes (the launchers take a 2-D x; ``functional.py`` flattens the leading dimensions)::
+Shapes (the launchers take a 2-D x; the ops (``ops/``) flatten the leading dimensions)::
 
     x (M, K)    weight W (N, K)    bias b (N,)    z = x @ W^T + b (M, N)    y = gelu(z) (M, N)
 

@@ -20,9 +20,10 @@ Each module is its op's declaration, in one place:
   for a tensor-parallel shard without Triton).
 
 Beside it: the kernels, their paths and config spaces (``kernels/<op>.py``), the float64 truth
-(``reference.py``). A new op is a module here and one in ``kernels/``, and its public name in
-``functional.py`` and ``__init__.py``. Custom ops cannot return None: an output not asked for
-is an empty tensor of shape ``(0,)``. Ops::
+(``reference.py``). A new op is a module here (this package imports every module whose name
+does not start with ``_`` and re-exports the custom ops each lists in ``CUSTOM_OPS``) and one in
+``kernels/``, and its public name in ``triton_gelu/__init__.py``. Custom ops cannot return None:
+an output not asked for is an empty tensor of shape ``(0,)``. Ops::
 
     gelu_fwd(x, activation) -> y
     gelu_bwd(dy, x, activation) -> dx
@@ -48,16 +49,18 @@ CPU while the kernels run under the Triton interpreter: Inductor treats each op 
 extern call in both cases.
 """
 
-from . import ffn, gated_ffn, geglu, gelu, linear_gelu
-from ._core import dropout_seed, needs_grad, rows
-from .ffn import ffn_bwd, ffn_fwd
-from .gated_ffn import gated_ffn_fwd
-from .geglu import geglu_bwd, geglu_fwd, geglu_gate_up_op
-from .gelu import gelu_bwd, gelu_fwd
-from .linear_gelu import linear_gelu_bwd, linear_gelu_fwd, linear_preact_op
+import importlib
+import pkgutil
 
-__all__ = [
-    "gelu", "linear_gelu", "ffn", "geglu", "gated_ffn", "dropout_seed", "needs_grad", "rows",
-    "gelu_fwd", "gelu_bwd", "linear_gelu_fwd", "linear_preact_op", "linear_gelu_bwd",
-    "ffn_fwd", "ffn_bwd", "geglu_fwd", "geglu_gate_up_op", "geglu_bwd", "gated_ffn_fwd",
-]
+from ._core import dropout_seed, needs_grad, rows
+
+_OP_MODULES = [importlib.import_module(f"{__name__}.{info.name}")
+               for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name)
+               if not info.name.startswith("_")]
+globals().update({module.__name__.rpartition(".")[2]: module for module in _OP_MODULES})
+globals().update({name: getattr(module, name) for module in _OP_MODULES
+                  for name in module.CUSTOM_OPS})
+
+__all__ = [*(module.__name__.rpartition(".")[2] for module in _OP_MODULES),
+           "dropout_seed", "needs_grad", "rows",
+           *(name for module in _OP_MODULES for name in module.CUSTOM_OPS)]

@@ -132,6 +132,10 @@ def ffn_backward(
     return tuple(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs))
 
 
+# The custom ops (``torch.ops.triton_gelu``) ``triton_gelu.ops`` re-exports from here.
+CUSTOM_OPS = ("ffn_fwd", "ffn_bwd")
+
+
 # ---- the custom ops -------------------------------------------------------------------------
 
 

@@ -50,6 +50,10 @@ from ._core import (
     planned, register_autograd, rows, unless_autocast,
 )
 
+# The custom ops (``torch.ops.triton_gelu``) ``triton_gelu.ops`` re-exports from here.
+CUSTOM_OPS = ("gated_ffn_fwd",)
+
+
 # ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------
 
 

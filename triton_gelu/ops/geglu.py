@@ -137,6 +137,10 @@ def geglu_backward(
     return (*(g.to(x2d.dtype) if need else None for g, need in zip(grads, needs)), h)
 
 
+# The custom ops (``torch.ops.triton_gelu``) ``triton_gelu.ops`` re-exports from here.
+CUSTOM_OPS = ("geglu_fwd", "geglu_gate_up_op", "geglu_bwd")
+
+
 # ---- the custom ops -------------------------------------------------------------------------
 
 

@@ -49,6 +49,10 @@ def gelu_backward(
     return out.copy_(dy.float() * reference.gelu_grad_fp32(x, activation))
 
 
+# The custom ops (``torch.ops.triton_gelu``) ``triton_gelu.ops`` re-exports from here.
+CUSTOM_OPS = ("gelu_fwd", "gelu_bwd")
+
+
 # ---- the custom ops -------------------------------------------------------------------------
 
 

@@ -84,6 +84,10 @@ def linear_gelu_backward(
     return dx, dw, db
 
 
+# The custom ops (``torch.ops.triton_gelu``) ``triton_gelu.ops`` re-exports from here.
+CUSTOM_OPS = ("linear_gelu_fwd", "linear_preact_op", "linear_gelu_bwd")
+
+
 # ---- the custom ops -------------------------------------------------------------------------
 
 

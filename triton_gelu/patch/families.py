@@ -49,7 +49,8 @@ from torch import nn
 from ..modules import LinearGELU
 from .chain import call_chain
 from .ffn import fuse_feed_forwards
-from ..functional import feed_forward, gated_feed_forward
+from ..ops.ffn import feed_forward
+from ..ops.gated_ffn import gated_feed_forward
 from .match import dropout_p, forced_form, form_arguments, gelu_form, has_hooks, linear_kind
 from .template import match_template
 

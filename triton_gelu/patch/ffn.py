@@ -39,7 +39,7 @@ from torch import nn
 
 from .._checks import check_dropout_p
 from ..activations import resolve
-from ..functional import feed_forward
+from ..ops.ffn import feed_forward
 from ..modules import is_plain
 from .fuse import child, keep_encoder_fast_path_exact, replace_with_identity
 from .match import (

@@ -10,7 +10,7 @@ from torch import nn
 
 from .._runtime import UnfusedFallbackWarning
 from ..activations import resolve
-from ..functional import linear_gelu
+from ..ops.linear_gelu import linear_gelu
 from ..modules import LinearGELU
 from .match import (
     forced_form, form_arguments, gelu_form, linear_kind, parallel_style, tp_hooks_module,

@@ -25,7 +25,7 @@ it is.
 The swap: the block is replaced, in its parent, by a ``GatedGELUBlock`` that registers the very
 same child modules under the very same names (so Parameters, optimizers and state-dict keys are
 untouched, both ways) and carries the block's plain attributes (``config``, sizes). Its forward
-is the fused gated block (``functional.gated_feed_forward``: one kernel for both projections,
+is the fused gated block (``triton_gelu.gated_feed_forward``: one kernel for both projections,
 the gate and, in training, T5's dropout, with the dropout module's p and mode read at each call;
 the backward keeps x, g, u and the seed, not h or the mask) whenever that computes what the
 block's own code would: for T5, when no cast is needed (or autocast is on, where the cast
@@ -52,7 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..functional import gated_feed_forward, geglu
+from ..ops.gated_ffn import gated_feed_forward
+from ..ops.geglu import geglu
 from .match import (
     dropout_p, forced_form, form_arguments, gelu_form, has_hooks, linear_kind,
     parallel_block_style, tp_hooks_module,

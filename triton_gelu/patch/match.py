@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import FLOAT_DTYPES
-from ..functional import gelu as _tg_gelu
+from ..ops.gelu import gelu as _tg_gelu
 from ..modules import GELU, has_hooks
 from .template import match_template
 
