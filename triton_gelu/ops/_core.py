@@ -54,8 +54,14 @@ def or_absent(t: Tensor | None, like: Tensor) -> Tensor:
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:
-    """Whether autograd will ask for a gradient of any of ``tensors`` (else: inference)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether autograd will ask for a gradient of any of ``tensors`` (else: inference). A loop,
+    not ``any`` over a generator: every planned call asks, and that costs twice as much."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def mark_outputs_non_differentiable(ctx, *outputs: Tensor | None) -> None:

@@ -266,11 +266,12 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dh: Tensor, dgate, dup):
     x, w_gate, w_up, *kept = ctx.saved_tensors
     gate, up = saved_gate_up(ctx, x, w_gate, w_up, kept)
-    needs = [*ctx.needs_input_grad[:3], *(need and has for need, has in
-                                          zip(ctx.needs_input_grad[3:5], ctx.has_bias))]
+    need, (has_b_gate, has_b_up) = ctx.needs_input_grad, ctx.has_bias
+    needs = [need[0], need[1], need[2], need[3] and has_b_gate, need[4] and has_b_up]
     grads = ctx.calls.backward(dh, x, w_gate, w_up, gate, up, None, 0.0, ctx.activation,
                                needs, False)
-    return (*(g if need else None for g, need in zip(grads[:5], needs)), None, None)
+    # (h, the sixth, is not asked for); a gradient not needed may be an empty stand-in
+    return (*[g if need else None for g, need in zip(grads, needs)], None, None)
 
 
 TRACED = SimpleNamespace(gate_up=geglu_gate_up_op, backward=geglu_bwd)
