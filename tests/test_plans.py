@@ -300,3 +300,41 @@ def test_a_kept_launch_follows_the_tf32_setting(monkeypatch):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
     assert seen == ["ieee", "ieee", "tf32"]
+
+
+def test_a_problem_first_met_under_autocast_launches_its_own_dtype_after(monkeypatch):
+    """Under autocast nothing is planned (the key holds the operands' dtypes, the launches the
+    cast ones'): a later call without autocast plans the problem for float32, and its kept
+    launch runs float32's ``tl.dot`` precision (IEEE when TF32 is not allowed), never the
+    cast dtype's default."""
+    from triton_gelu.tuning.tuner import tuners
+
+    tuner, seen = tuners["linear_gelu_fwd"], []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(**arguments):
+                seen.append((arguments["x_ptr"].dtype, arguments["INPUT_PRECISION"]))
+                return self.kernel[grid](**arguments)
+            return launch
+
+    monkeypatch.setattr(tuner, "kernel", Spy(tuner.kernel))
+    x, w, b = _operands()
+    low = torch.bfloat16 if DEVICE == "cpu" else torch.float16
+    planned, allowed = _plans.counts["planned"], torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.autocast(DEVICE, dtype=low):
+            for _ in range(2):
+                assert triton_gelu.linear_gelu(x, w, b).dtype == low
+        assert _plans.counts["planned"] == planned, "a problem was planned under autocast"
+        for _ in range(3):
+            y = triton_gelu.linear_gelu(x, w, b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    assert _plans.counts["planned"] == planned + 1
+    assert seen == [(low, None)] * 2 + [(torch.float32, "ieee")] * 3, seen
+    torch.testing.assert_close(y, F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-5)

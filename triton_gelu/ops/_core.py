@@ -208,6 +208,17 @@ def planned(entry: str, arguments: tuple, x: Any, *others: Any) -> tuple[Any, An
         return None, None
 
 
+def plan_key_unless_autocast(key: Any, x: Tensor) -> Any:
+    """``key``, or None (plan nothing) when autocast is on for x's device: the key holds the
+    operands' own dtypes, the launches a plan would bind the cast ones' (their config, their
+    ``tl.dot`` precision). A problem is planned by its first call without autocast."""
+    device_type = x.device.type
+    if key is not None and autocast_available(device_type) \
+            and torch.is_autocast_enabled(device_type):
+        return None
+    return key
+
+
 def unless_autocast(launch: Callable, x: Tensor, unplanned: Callable | None) -> Callable:
     """The Triton route of a problem with Linear operands: ``launch`` them, unless autocast is
     on for their device, which casts them (then ``unplanned``: validated, cast and routed anew;

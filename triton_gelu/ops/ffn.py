@@ -38,8 +38,8 @@ from . import linear_gelu as _linear_gelu
 from ._core import (
     BlockConfig, Tensor, absent, autocast_linear, bound_launcher, bound_per_flags, counted,
     distributed, dropout_seed, dtensor_ops, linear_act, mark_outputs_non_differentiable,
-    needs_grad, new_like, on_fallback, or_absent, planned, register_autograd, rows,
-    unless_autocast,
+    needs_grad, new_like, on_fallback, or_absent, plan_key_unless_autocast, planned,
+    register_autograd, rows, unless_autocast,
 )
 
 # ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------
@@ -340,6 +340,7 @@ def _unplanned(x, w1, b1, w2, b2, p, activation: str, training: bool, recompute:
 
         return dtensor_ops().run_block(x, [(w1, b1)], (w2, b2), p > 0.0, fused, unfused,
                                        "FFN block")
+    key = plan_key_unless_autocast(key, x)
     config = BlockConfig(p, activation, recompute)
     if key is None or torch.compiler.is_compiling():
         return routed(x, w1, b1, w2, b2, config)

@@ -47,7 +47,7 @@ from . import geglu as _geglu
 from ._core import (
     BlockConfig, Tensor, absent, autocast_linear, counted, distributed, dropout_seed,
     dtensor_ops, mark_outputs_non_differentiable, needs_grad, new_like, on_fallback, or_absent,
-    planned, register_autograd, rows, unless_autocast,
+    plan_key_unless_autocast, planned, register_autograd, rows, unless_autocast,
 )
 
 # The custom ops (``torch.ops.triton_gelu``) ``triton_gelu.ops`` re-exports from here.
@@ -282,6 +282,7 @@ def _unplanned(x, w_gate, w_up, w_down, b_gate, b_up, b_down, approximate, dropo
 
         return dtensor_ops().run_block(x, [(w_gate, b_gate), (w_up, b_up)], (w_down, b_down),
                                        p > 0.0, fused, unfused, "gated FFN block")
+    key = plan_key_unless_autocast(key, x)
     config = BlockConfig(p, activation, recompute)
     if key is None or torch.compiler.is_compiling():
         return routed(x, w_gate, w_up, w_down, b_gate, b_up, b_down, config)

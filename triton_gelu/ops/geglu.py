@@ -33,8 +33,8 @@ from ..activations import check_activation, resolve
 from ._core import (
     Tensor, absent, autocast_linear, bound_after_first, bound_launcher, bound_per_flags, counted,
     distributed, dtensor_ops, linear_act, linear_out_shape, mark_outputs_non_differentiable,
-    needs_grad, new_like, on_fallback, or_absent, planned, register_autograd, rows,
-    unless_autocast,
+    needs_grad, new_like, on_fallback, or_absent, plan_key_unless_autocast, planned,
+    register_autograd, rows, unless_autocast,
 )
 
 # ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------
@@ -419,6 +419,7 @@ def _unplanned(x, w_gate, w_up, b_gate, b_up, approximate, activation, recompute
         return _on_dtensors(x, w_gate, w_up, b_gate, b_up, activation, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops
         return traced(x, w_gate, w_up, b_gate, b_up, activation, recompute)
+    key = plan_key_unless_autocast(key, x)
     replan = None if key is None else functools.partial(
         _unplanned, approximate="tanh", activation=activation, recompute=recompute)
     launch = _plan(x, w_gate, activation, recompute, replan)

@@ -29,7 +29,8 @@ from ..activations import check_activation, resolve
 from ._core import (
     Tensor, absent, autocast_linear, bound_launcher, bound_per_flags, counted, distributed,
     dtensor_ops, linear_act, linear_out_shape, mark_outputs_non_differentiable, needs_grad,
-    new_like, on_fallback, or_absent, planned, register_autograd, rows, unless_autocast,
+    new_like, on_fallback, or_absent, plan_key_unless_autocast, planned, register_autograd,
+    rows, unless_autocast,
 )
 
 # ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------
@@ -286,6 +287,7 @@ def _unplanned(x, weight, bias, activation: str, recompute: bool, key=None) -> T
         return _on_dtensors(x, weight, bias, activation, recompute)
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops
         return traced(x, weight, bias, activation, recompute)
+    key = plan_key_unless_autocast(key, x)
     replan = None if key is None else functools.partial(
         _unplanned, activation=activation, recompute=recompute)
     launch = _plan(x, weight, activation, recompute, replan)
