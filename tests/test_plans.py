@@ -271,42 +271,9 @@ def test_later_calls_draw_and_regenerate_the_dropout_mask_as_the_first_did(entry
             assert torch.equal(first, again)
 
 
-def test_a_kept_launch_follows_the_tf32_setting(monkeypatch):
-    """float32 matmuls use TF32 exactly when torch allows it, also on a problem planned before
-    the setting changed (``allow_tf32`` is read at each call, not kept)."""
-    from triton_gelu.tuning.tuner import tuners
-
-    tuner, seen = tuners["linear_gelu_fwd"], []
-
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(**arguments):
-                seen.append(arguments["INPUT_PRECISION"])
-                return self.kernel[grid](**arguments)
-            return launch
-
-    monkeypatch.setattr(tuner, "kernel", Spy(tuner.kernel))
-    allowed = torch.backends.cuda.matmul.allow_tf32
-    x, w, b = _operands()
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        for _ in range(2):
-            triton_gelu.linear_gelu(x, w, b)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        triton_gelu.linear_gelu(x, w, b)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allowed
-    assert seen == ["ieee", "ieee", "tf32"]
-
-
-def test_a_problem_first_met_under_autocast_launches_its_own_dtype_after(monkeypatch):
-    """Under autocast nothing is planned (the key holds the operands' dtypes, the launches the
-    cast ones'): a later call without autocast plans the problem for float32, and its kept
-    launch runs float32's ``tl.dot`` precision (IEEE when TF32 is not allowed), never the
-    cast dtype's default."""
+def _linear_gelu_launches(monkeypatch) -> list[tuple]:
+    """The (x dtype, tl.dot input precision) of every launch of the linear_gelu forward kernel
+    from now on (the kernel still runs)."""
     from triton_gelu.tuning.tuner import tuners
 
     tuner, seen = tuners["linear_gelu_fwd"], []
@@ -322,6 +289,32 @@ def test_a_problem_first_met_under_autocast_launches_its_own_dtype_after(monkeyp
             return launch
 
     monkeypatch.setattr(tuner, "kernel", Spy(tuner.kernel))
+    return seen
+
+
+def test_a_kept_launch_follows_the_tf32_setting(monkeypatch):
+    """float32 matmuls use TF32 exactly when torch allows it, also on a problem planned before
+    the setting changed (``allow_tf32`` is read at each call, not kept)."""
+    seen = _linear_gelu_launches(monkeypatch)
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    x, w, b = _operands()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        for _ in range(2):
+            triton_gelu.linear_gelu(x, w, b)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        triton_gelu.linear_gelu(x, w, b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    assert [precision for _, precision in seen] == ["ieee", "ieee", "tf32"]
+
+
+def test_a_problem_first_met_under_autocast_launches_its_own_dtype_after(monkeypatch):
+    """Under autocast nothing is planned (the key holds the operands' dtypes, the launches the
+    cast ones'): a later call without autocast plans the problem for float32, and its kept
+    launch runs float32's ``tl.dot`` precision (IEEE when TF32 is not allowed), never the
+    cast dtype's default."""
+    seen = _linear_gelu_launches(monkeypatch)
     x, w, b = _operands()
     low = torch.bfloat16 if DEVICE == "cpu" else torch.float16
     planned, allowed = _plans.counts["planned"], torch.backends.cuda.matmul.allow_tf32
