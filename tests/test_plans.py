@@ -6,6 +6,7 @@ never served by a stale plan."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import assert_like_torch
 
 import triton_gelu
@@ -167,6 +168,39 @@ def test_a_second_derivative_is_refused(op):
     torch.testing.assert_close(dx.double(), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         dx.sum().backward()
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the ATen ops run while it is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.ran = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ran.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op", ["linear_gelu", "feed_forward", "geglu", "gated_feed_forward"])
+def test_the_backward_fills_no_gradient_of_a_kept_tensor(op):
+    """The ops keep tensors for their backward (z, g, u) that the caller never sees: the backward
+    gets no zero-filled gradient for them (autograd fills one, of the kept tensor's size, for
+    each output of a node that received none), and its gradients are eager PyTorch's."""
+    x, w, b = _operands()
+    w.requires_grad_(True)
+    ours, eager = _linear_ops(x, w, b)[op]
+    with count_launches() as launched:
+        y = ours()
+    assert launched, "no kernel ran"
+    dy = torch.randn_like(y)
+    with _AtenOps() as aten:
+        (dw,) = torch.autograd.grad(y, w, dy)
+    filled = [name for name in aten.ran if name in ("zeros", "zeros_like", "new_zeros", "zero_",
+                                                    "fill_", "full", "full_like")]
+    assert filled == [], aten.ran
+    (dw_eager,) = torch.autograd.grad(eager(), w, dy)
+    torch.testing.assert_close(dw, dw_eager, rtol=1e-4, atol=1e-4)
 
 
 def test_eager_routes_count_their_runs_inside_count_paths_only():

@@ -83,7 +83,9 @@ def register_autograd(op, name: str, setup_context: Callable, backward: Callable
     checks, bound to the problem by its plan: the public functions validated it once) and the
     same two functions, on the op's inputs: ``tensors`` then ``calls.constants``, what the plan
     fixes (activation, flags). Those travel in ``calls``, not as arguments of ``apply``: it
-    costs ~0.13 us an argument.
+    costs ~0.13 us an argument. Where the op returns a tuple (its output, then tensors kept
+    for the backward), the twin returns the output alone, and its backward is given None for
+    the others' gradients.
 
     ``backward`` reads what to call from ``ctx.calls``: ``traced`` (the custom ops: what a
     compiled graph records) under the op, the plan's ``calls`` (the launchers, called directly:
@@ -99,11 +101,18 @@ def register_autograd(op, name: str, setup_context: Callable, backward: Callable
         output = calls.forward(*tensors)
         setup_context(ctx, tensors + calls.constants, output)
         ctx.calls, ctx.n_tensors = calls, len(tensors)
-        return output
+        if type(output) is not tuple:
+            ctx.saved_outputs = ()
+            return output
+        # The op's other outputs (saved tensors: z, g, u) are the backward's, not the caller's:
+        # returned, each would cost an output's wrapping and, in every backward, a zero-filled
+        # gradient of its size (autograd materializes the gradients of unused outputs).
+        ctx.saved_outputs = (None,) * (len(output) - 1)
+        return output[0]
 
     def grads_of_tensors(ctx, *grads):
         # the tensors' gradients (the constants have none), and none for ``calls``
-        return (*backward(ctx, *grads)[:ctx.n_tensors], None)
+        return (*backward(ctx, *grads, *ctx.saved_outputs)[:ctx.n_tensors], None)
 
     once = torch.autograd.function.once_differentiable(grads_of_tensors)
 

@@ -382,7 +382,7 @@ def _plan(x: Tensor, config: BlockConfig, replan: Callable | None = None):
         if not needs_grad(x, w1, b1, w2, b2):
             y, _ = infer(x2d, w1, b1, w2, b2, seed)
         else:
-            y, _ = FeedForwardFunction.apply(x2d, w1, b1, w2, b2, seed, calls)
+            y = FeedForwardFunction.apply(x2d, w1, b1, w2, b2, seed, calls)
         # Viewed N-D outside the Function: a view made inside it could not be modified in
         # place (Falcon's ``mlp_output += attention_output``).
         return y if x.dim() == 2 else y.view(*x.shape[:-1], w2.shape[0])

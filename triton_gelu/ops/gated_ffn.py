@@ -325,7 +325,7 @@ def _plan(x: Tensor, w_gate: Tensor, config: BlockConfig, replan: Callable | Non
         if not needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
             y, _, _ = infer(x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed)
         else:
-            y, _, _ = GatedFeedForwardFunction.apply(
-                x2d, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, calls)
+            y = GatedFeedForwardFunction.apply(x2d, w_gate, w_up, w_down, b_gate, b_up, b_down,
+                                               seed, calls)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], w_down.shape[0])
     return unless_autocast(launch, x, replan)

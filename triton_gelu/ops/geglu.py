@@ -461,6 +461,6 @@ def _plan(x: Tensor, w_gate: Tensor, activation: str, recompute: bool,
 
     def launch(x, w_gate, w_up, b_gate, b_up):
         if needs_grad(x, w_gate, w_up, b_gate, b_up):
-            return GeGLUFunction.apply(x, w_gate, w_up, b_gate, b_up, calls)[0]
+            return GeGLUFunction.apply(x, w_gate, w_up, b_gate, b_up, calls)
         return infer(x, w_gate, w_up, b_gate, b_up)[0]
     return unless_autocast(launch, x, replan)

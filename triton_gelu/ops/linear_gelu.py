@@ -328,6 +328,6 @@ def _plan(x: Tensor, weight: Tensor, activation: str, recompute: bool,
 
     def launch(x, weight, bias):
         if needs_grad(x, weight, bias):
-            return LinearGELUFunction.apply(x, weight, bias, calls)[0]
+            return LinearGELUFunction.apply(x, weight, bias, calls)
         return infer(x, weight, bias)[0]
     return unless_autocast(launch, x, replan)
