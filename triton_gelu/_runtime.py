@@ -112,12 +112,27 @@ def device_context(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
+# The device types c10 names that autocast does not serve (meta, lazy...), asked of torch once.
+# Any other type (a renamed PrivateUse1 backend's included) is served, as PrivateUse1 is.
+NO_AUTOCAST = frozenset(
+    name for name in ("cpu", "cuda", "ipu", "xpu", "opengl", "opencl", "ideep", "hip", "ve",
+                      "fpga", "maia", "xla", "lazy", "vulkan", "mps", "meta", "hpu", "mtia",
+                      "privateuseone")
+    if not torch.amp.is_autocast_available(name)
+)
+
+
+def autocast_available_by_name(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available``, from the set above (a look-up: the plans' calls ask)."""
+    return device_type not in NO_AUTOCAST
+
+
 def autocast_off(t: torch.Tensor):
     """Around PyTorch ops (cuBLAS matmuls, the gated block's down projection) on operands
     already cast as ``F.linear`` is under autocast: autocast off for ``t``'s device, so that an
     enclosing block (a backward run under autocast included) does not cast them again; a shared
     no-op context while it is off (cheaper than a ``torch.autocast``)."""
     device_type = t.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if device_type not in NO_AUTOCAST and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return _NO_CONTEXT

@@ -534,8 +534,9 @@ def _forward_operands(tma: bool, x2d, w_gate, w_up, b_gate, b_up, h, g, u, seed)
 
 def _forward_outputs(M: int, N: int, x2d, write_h: bool, save_gate_up: bool) -> Outputs:
     h = _matmul.new_output((M, N), x2d) if write_h else None
-    g, u = (_matmul.new_output((M, N), x2d) for _ in "gu") if save_gate_up else (None, None)
-    return h, g, u
+    if not save_gate_up:
+        return h, None, None
+    return h, _matmul.new_output((M, N), x2d), _matmul.new_output((M, N), x2d)
 
 
 def _forward_fused(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.compiler import is_compiling
 
 from .._plans import plans
-from .._runtime import path_runs, runs_triton
+from .._runtime import autocast_available_by_name, path_runs, runs_triton
 from .._settings import paths_counted, plan_context, tune_policy
 from ..activations import ACTIVATIONS
 
@@ -64,14 +64,6 @@ def needs_grad(*tensors: Tensor | None) -> bool:
     return False
 
 
-def mark_outputs_non_differentiable(ctx, *outputs: Tensor | None) -> None:
-    """Saved-for-backward outputs (z, g, u) carry no gradient; None (eager: not produced) or
-    an empty stand-in (the custom op) alike."""
-    produced = [t for t in outputs if t is not None]
-    if produced:
-        ctx.mark_non_differentiable(*produced)
-
-
 # ---- one autograd definition, two users -----------------------------------------------------
 
 
@@ -84,13 +76,15 @@ def register_autograd(op, name: str, setup_context: Callable, backward: Callable
     same two functions, on the op's inputs: ``tensors`` then ``calls.constants``, what the plan
     fixes (activation, flags). Those travel in ``calls``, not as arguments of ``apply``: it
     costs ~0.13 us an argument. Where the op returns a tuple (its output, then tensors kept
-    for the backward), the twin returns the output alone, and its backward is given None for
-    the others' gradients.
+    for the backward, or empty stand-ins), the op marks the others non-differentiable and the
+    twin returns the output alone; its backward is given None for the others' gradients.
 
     ``backward`` reads what to call from ``ctx.calls``: ``traced`` (the custom ops: what a
     compiled graph records) under the op, the plan's ``calls`` (the launchers, called directly:
     a custom op's dispatch costs ~10 us a call) under the twin."""
     def traced_setup(ctx, inputs, output) -> None:
+        if type(output) is tuple:  # the outputs kept for the backward (z, g, u) have no gradient
+            ctx.mark_non_differentiable(*output[1:])
         setup_context(ctx, inputs, output)
         ctx.calls = traced
 
@@ -273,23 +267,9 @@ def linear_act(activation: str, linear: Callable = F.linear) -> Callable:
 
 # ---- autocast -------------------------------------------------------------------------------
 
-# The device types c10 names that autocast does not serve (meta, lazy...), asked of torch once.
-# Any other type (a renamed PrivateUse1 backend's included) is served, as PrivateUse1 is.
-NO_AUTOCAST = frozenset(
-    name for name in ("cpu", "cuda", "ipu", "xpu", "opengl", "opencl", "ideep", "hip", "ve",
-                      "fpga", "maia", "xla", "lazy", "vulkan", "mps", "meta", "hpu", "mtia",
-                      "privateuseone")
-    if not torch.amp.is_autocast_available(name)
-)
-
-
-def autocast_available_by_name(device_type: str) -> bool:
-    return device_type not in NO_AUTOCAST
-
-
 # torch.amp.is_autocast_available calls torch._C._is_autocast_available, which Dynamo folds to a
 # constant from torch 2.12 on; torch 2.11's Dynamo cannot trace it (torch.compile(fullgraph=True)
-# fails), so there the answer comes from the set above, which it can read.
+# fails), so there the answer comes from ``_runtime.NO_AUTOCAST``, which it can read.
 autocast_available = (torch.amp.is_autocast_available if torch.__version__ >= "2.12"
                       else autocast_available_by_name)
 

@@ -37,9 +37,8 @@ from ..activations import check_activation, resolve
 from . import linear_gelu as _linear_gelu
 from ._core import (
     BlockConfig, Tensor, absent, autocast_linear, bound_launcher, bound_per_flags, counted,
-    distributed, dropout_seed, dtensor_ops, linear_act, mark_outputs_non_differentiable,
-    needs_grad, new_like, on_fallback, or_absent, plan_key_unless_autocast, planned,
-    register_autograd, rows, unless_autocast,
+    distributed, dropout_seed, dtensor_ops, linear_act, needs_grad, new_like, on_fallback,
+    or_absent, plan_key_unless_autocast, planned, register_autograd, rows, unless_autocast,
 )
 
 # ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------
@@ -203,7 +202,6 @@ def _ffn_bwd_fake(dy, x, w1, w2, preact, seed, p, activation, needs, col_offset=
 def _setup_context(ctx, inputs, output) -> None:
     x, w1, b1, w2, b2, seed, p, activation, save_preact, *columns = inputs
     preact = output[1]
-    mark_outputs_non_differentiable(ctx, preact)
     ctx.p, ctx.activation, ctx.save_preact = p, activation, save_preact
     ctx.columns = columns  # (col_offset, n_cols) where the call passed them
     ctx.has_bias = (b1 is not None, b2 is not None)

@@ -46,8 +46,8 @@ from ..activations import check_activation
 from . import geglu as _geglu
 from ._core import (
     BlockConfig, Tensor, absent, autocast_linear, counted, distributed, dropout_seed,
-    dtensor_ops, mark_outputs_non_differentiable, needs_grad, new_like, on_fallback, or_absent,
-    plan_key_unless_autocast, planned, register_autograd, rows, unless_autocast,
+    dtensor_ops, needs_grad, new_like, on_fallback, or_absent, plan_key_unless_autocast,
+    planned, register_autograd, rows, unless_autocast,
 )
 
 # The custom ops (``torch.ops.triton_gelu``) ``triton_gelu.ops`` re-exports from here.
@@ -98,16 +98,15 @@ def block_backward(
     """(dx, dW_gate, dW_up, dW_down, db_gate, db_up, db_down), None for each not needed;
     ``needs`` has one flag each; ``geglu_backward`` is ``geglu_bwd`` or its eager twin."""
     need_dx, need_dwg, need_dwu, need_dwd, need_dbg, need_dbu, need_dbd = needs
-    with autocast_off(x2d):
-        dh = torch.mm(dy2d, w_down)
     wanted = [need_dx, need_dwg, need_dwu, need_dbg, need_dbu]
-    dx, dwg, dwu, dbg, dbu, h = (t if want else None for t, want in zip(
-        geglu_backward(dh, x2d, w_gate, w_up, gate, up, seed, p, activation, wanted,
-                       need_dwd, col_offset, n_cols), (*wanted, need_dwd)))
-    del dh
-    with autocast_off(x2d):
-        dwd = torch.mm(dy2d.t(), h) if need_dwd else None
+    with autocast_off(x2d):  # one block for the PyTorch ops here and GeGLU's (it finds it off)
+        dh = torch.mm(dy2d, w_down)
+        grads = geglu_backward(dh, x2d, w_gate, w_up, gate, up, seed, p, activation, wanted,
+                               need_dwd, col_offset, n_cols)
+        del dh
+        dwd = torch.mm(dy2d.t(), grads[5]) if need_dwd else None  # grads[5]: dropout(h)
         dbd = dy2d.sum(0) if need_dbd else None
+    dx, dwg, dwu, dbg, dbu = (t if want else None for t, want in zip(grads, wanted))
     return dx, dwg, dwu, dwd, dbg, dbu, dbd
 
 
@@ -148,7 +147,6 @@ def _setup_context(ctx, inputs, output) -> None:
     (x, w_gate, w_up, w_down, b_gate, b_up, b_down, seed, p, activation,
      save_gate_up, *columns) = inputs
     _, gate, up = output
-    mark_outputs_non_differentiable(ctx, gate, up)
     ctx.p, ctx.activation, ctx.columns = p, activation, columns
     ctx.has_down_bias = b_down is not None
     # x, g, u (or the biases that rebuild them) and the seed (8 bytes): never h, the dropout

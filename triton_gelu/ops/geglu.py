@@ -31,10 +31,10 @@ from .._plans import remember
 from .._settings import forced_path
 from ..activations import check_activation, resolve
 from ._core import (
-    Tensor, absent, autocast_linear, bound_after_first, bound_launcher, bound_per_flags, counted,
-    distributed, dtensor_ops, linear_act, linear_out_shape, mark_outputs_non_differentiable,
-    needs_grad, new_like, on_fallback, or_absent, plan_key_unless_autocast, planned,
-    register_autograd, rows, unless_autocast,
+    Tensor, absent, autocast_linear, bound_after_first, bound_launcher, bound_per_flags,
+    counted, distributed, dtensor_ops, linear_act, linear_out_shape, needs_grad, new_like,
+    on_fallback, or_absent, plan_key_unless_autocast, planned, register_autograd, rows,
+    unless_autocast,
 )
 
 # ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------
@@ -242,7 +242,8 @@ def _geglu_bwd_fake(dh, x, w_gate, w_up, gate, up, seed, p, activation, needs, w
 def save_gate_up_or_biases(ctx, tensors, biases, gate, up, save_gate_up) -> None:
     """Keep g and u for the backward, or (recompute) the biases that rebuild them."""
     ctx.save_gate_up = save_gate_up
-    ctx.has_bias = tuple(b is not None for b in biases)
+    b_gate, b_up = biases
+    ctx.has_bias = (b_gate is not None, b_up is not None)
     ctx.save_for_backward(*tensors, *((gate, up) if save_gate_up else biases))
 
 
@@ -257,7 +258,6 @@ def saved_gate_up(ctx, x, w_gate, w_up, kept, p: float = 0.0) -> tuple[Tensor, T
 def _setup_context(ctx, inputs, output) -> None:
     x, w_gate, w_up, b_gate, b_up, activation, save_gate_up = inputs
     _, gate, up = output
-    mark_outputs_non_differentiable(ctx, gate, up)
     ctx.activation = activation
     # x, g and u (recompute: x and the biases); eager PyTorch also keeps gelu(g).
     save_gate_up_or_biases(ctx, (x, w_gate, w_up), (b_gate, b_up), gate, up, save_gate_up)
@@ -314,8 +314,11 @@ def bound_calls(backend, shape: tuple[int, ...], activation: str, save_gate_up: 
         return gate.view(shape), up.view(shape)
 
     def backward(dh, x, w_gate, w_up, gate, up, seed, p, activation, needs, write_h, *_):
-        dx, dwg, dwu, dbg, dbu, h = backward2d((tuple(needs), write_h))(
-            rows(dh), rows(x), w_gate, w_up, rows(gate), rows(up), seed)
+        launch = backward2d((tuple(needs), write_h))
+        if len(shape) == 2:  # the kernels' (M, N) already
+            return launch(dh, x, w_gate, w_up, gate, up, seed)
+        dx, dwg, dwu, dbg, dbu, h = launch(rows(dh), rows(x), w_gate, w_up, rows(gate),
+                                           rows(up), seed)
         return (None if dx is None else dx.view(x.shape)), dwg, dwu, dbg, dbu, \
             (None if h is None else h.view(dh.shape))
     return SimpleNamespace(forward=forward, forward2d=forward2d, gate_up=gate_up,

@@ -28,9 +28,8 @@ from .._settings import forced_path
 from ..activations import check_activation, resolve
 from ._core import (
     Tensor, absent, autocast_linear, bound_launcher, bound_per_flags, counted, distributed,
-    dtensor_ops, linear_act, linear_out_shape, mark_outputs_non_differentiable, needs_grad,
-    new_like, on_fallback, or_absent, plan_key_unless_autocast, planned, register_autograd,
-    rows, unless_autocast,
+    dtensor_ops, linear_act, linear_out_shape, needs_grad, new_like, on_fallback, or_absent,
+    plan_key_unless_autocast, planned, register_autograd, rows, unless_autocast,
 )
 
 # ---- its checks (the shared ones: ``_checks.py``) -------------------------------------------
@@ -170,7 +169,6 @@ def _linear_gelu_bwd_fake(dy, x, weight, preact, activation, need_dx, need_dw, n
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, activation, save_preact = inputs
-    mark_outputs_non_differentiable(ctx, output[1])
     ctx.activation, ctx.save_preact, ctx.has_bias = activation, save_preact, bias is not None
     # Without a saved pre-activation (recompute) the backward rebuilds it from x, W and b:
     # one (M, N) tensor less between forward and backward.
