@@ -22,8 +22,8 @@ from .._plans import remember
 from .._settings import forced_path
 from ..activations import ACTIVATIONS, check_activation, resolve
 from ._core import (
-    Tensor, bound_launcher, counted, distributed, dtensor_ops, needs_grad, new_like,
-    on_fallback, planned, register_autograd,
+    Tensor, bound_launcher, counted, distributed, dtensor_ops, new_like, on_fallback, planned,
+    register_autograd,
 )
 
 # ---- its PyTorch launchers: the fallback's (``fallback.py``), where no Triton kernel runs -------
@@ -168,7 +168,7 @@ def _plan(x: Tensor, activation: str):
     infer = calls.forward
 
     def run(x: Tensor) -> Tensor:
-        if needs_grad(x):
+        if x.requires_grad and torch.is_grad_enabled():  # ``needs_grad(x)``, a frame less
             return GELUFunction.apply(x, calls)
         return infer(x)  # inference: no graph, nothing saved
     return run
