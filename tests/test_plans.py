@@ -235,8 +235,14 @@ def test_the_environment_is_read_once_and_again_after_clear_plans(monkeypatch):
     assert not launched, f"a kernel ran on the fallback: {launched}"
 
 
-def _layouts(m: int, k: int) -> list[torch.Tensor]:
-    """Fresh (m, k) operands of one problem in three layouts: contiguous, transposed, a slice."""
+def _layouts(*shape: int) -> list[torch.Tensor]:
+    """Fresh operands of one shape in three layouts: contiguous, transposed (a vector: every
+    other element), a slice."""
+    if len(shape) == 1:
+        (n,) = shape
+        return [torch.randn(n, device=DEVICE), torch.randn(2 * n, device=DEVICE)[::2],
+                torch.randn(n + 9, device=DEVICE)[4:4 + n]]
+    m, k = shape
     return [torch.randn(m, k, device=DEVICE), torch.randn(k, m, device=DEVICE).t(),
             torch.randn(m, k + 9, device=DEVICE)[:, 4:4 + k]]
 
@@ -266,19 +272,22 @@ ENTRIES = {
 @pytest.mark.parametrize("grad", [False, True], ids=["infer", "fwd+bwd"])
 def test_later_calls_launch_the_kept_launch_as_the_first_call_did(entry, grad):
     """After a problem's first call its plan keeps the launch (path, config, grid, constant
-    arguments): later calls, with fresh operands of the same problem in other layouts, compute
-    what the first did, by the suite's rule, and run and count the same paths and launches."""
+    arguments): later calls, with fresh operands of the same problem in other layouts (the
+    parameters' too, and a contiguous x with strided parameters), compute what the first did,
+    by the suite's rule, and run and count the same paths and launches."""
     ours, theirs, shapes = ENTRIES[entry]
-    params = [torch.randn(*shape, device=DEVICE) / 3 for shape in shapes]
     counted = []
-    for x in _layouts(5, 12):
+    for x_layout, params_layout in [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2)]:
+        x = _layouts(5, 12)[x_layout]
+        # scaled in place: the layout stays
+        params = [_layouts(*shape)[params_layout].div_(3) for shape in shapes]
         inputs = [x, *params] if params else [x.requires_grad_(grad)]
         with count_launches() as launched, count_paths() as ran:
-            assert_like_torch(ours, theirs, inputs, f"{entry}, x strides {x.stride()}",
-                              grad=grad)
+            assert_like_torch(ours, theirs, inputs, f"{entry}, x strides {x.stride()}, "
+                              f"parameters' layout {params_layout}", grad=grad)
         counted.append((dict(launched), dict(ran)))
     assert counted[0][0], f"no kernel ran: {counted}"
-    assert counted[1:] == counted[:1] * 2, counted
+    assert counted[1:] == counted[:1] * 4, counted
 
 
 @pytest.mark.parametrize("entry", ["feed_forward", "gated_feed_forward"])

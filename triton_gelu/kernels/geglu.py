@@ -519,17 +519,29 @@ def _forward_problem(x2d, w_gate, b_gate, b_up, activation: str, write_h: bool,
 
 def _forward_operands(tma: bool, x2d, w_gate, w_up, b_gate, b_up, h, g, u, seed) -> dict:
     """The arguments of one forward launch that its problem does not fix: tensors, strides."""
-    operands = dict(
-        x_ptr=x2d, wg_ptr=w_gate, wu_ptr=w_up,
-        # N elements each: cheaper to copy than to pass another stride
-        bg_ptr=None if b_gate is None else b_gate.contiguous(),
-        bu_ptr=None if b_up is None else b_up.contiguous(),
-        h_ptr=h, g_ptr=g, u_ptr=u, seed_ptr=seed, stride_xm=x2d.stride(0),
-        stride_wgn=w_gate.stride(0), stride_wun=w_up.stride(0))
+    operands = _forward_pointers(x2d, w_gate, w_up, b_gate, b_up, h, g, u, seed)
+    operands.update(stride_xm=x2d.stride(0), stride_wgn=w_gate.stride(0),
+                    stride_wun=w_up.stride(0))
     if not tma:
         operands.update(stride_xk=x2d.stride(1), stride_wgk=w_gate.stride(1),
                         stride_wuk=w_up.stride(1))
     return operands
+
+
+def _forward_pointers(x2d, w_gate, w_up, b_gate, b_up, h, g, u, seed) -> dict:
+    return dict(x_ptr=x2d, wg_ptr=w_gate, wu_ptr=w_up,
+                # N elements each: cheaper to copy than to pass another stride
+                bg_ptr=None if b_gate is None else b_gate.contiguous(),
+                bu_ptr=None if b_up is None else b_up.contiguous(),
+                h_ptr=h, g_ptr=g, u_ptr=u, seed_ptr=seed)
+
+
+def _dense_strides(tma: bool, K: int) -> dict:
+    """``_forward_operands``' strides for contiguous x2d, W_gate and W_up (K columns each)."""
+    strides = dict(stride_xm=K, stride_wgn=K, stride_wun=K)
+    if not tma:
+        strides.update(stride_xk=1, stride_wgk=1, stride_wuk=1)
+    return strides
 
 
 def _forward_outputs(M: int, N: int, x2d, write_h: bool, save_gate_up: bool) -> Outputs:
@@ -745,8 +757,12 @@ def _backward_outputs(x2d, w_gate, write_h: bool):
 def _backward_operands(dh2d, gate, up, dgate, dup, h, seed) -> dict:
     dh_rows, row_len, stride_row = as_rows(dh2d)
     return dict(dh_ptr=dh_rows, g_ptr=gate.contiguous(), u_ptr=up.contiguous(),  # no-ops: ours
-                dg_ptr=dgate, du_ptr=dup, h_ptr=h, n_cols=row_len, stride_dh_row=stride_row,
-                CONTIGUOUS=stride_row == row_len, seed_ptr=seed)
+                dg_ptr=dgate, du_ptr=dup, h_ptr=h, seed_ptr=seed,
+                **_backward_layout(row_len, stride_row))
+
+
+def _backward_layout(row_len: int, stride_row: int) -> dict:
+    return dict(n_cols=row_len, stride_dh_row=stride_row, CONTIGUOUS=stride_row == row_len)
 
 
 def _backward_once(
@@ -847,9 +863,12 @@ def _bound_forward(x2d, w_gate, w_up, b_gate, b_up, activation: str, write_h: bo
     tuner_key, grid, constants = _forward_problem(
         x2d, w_gate, b_gate, b_up, activation, write_h, save_gate_up, p, col_offset, n_cols,
         tma)
+    tuner = _fwd_tma_tuner if tma else _fwd_tuner
     with device_context(x2d):
-        launch = (_fwd_tma_tuner if tma else _fwd_tuner).bound(grid, tuner_key, **constants)
-    if launch is None:
+        launch = tuner.bound(grid, tuner_key, **constants)
+        # contiguous x2d and weights, the common case: their strides bound too
+        dense = tuner.bound(grid, tuner_key, **constants, **_dense_strides(tma, x2d.shape[1]))
+    if launch is None or dense is None:
         return run_path
     precision, with_seed = constants["INPUT_PRECISION"], write_h and p > 0.0
 
@@ -859,11 +878,15 @@ def _bound_forward(x2d, w_gate, w_up, b_gate, b_up, activation: str, write_h: bo
             return run_path(x2d, w_gate, w_up, b_gate, b_up, seed)
         outputs = _forward_outputs(M, N, x2d, write_h, save_gate_up)
         count()
+        seed = seed if with_seed else None
         with device_context(x2d):
             if tma:
                 use_tma_allocator()
-            launch(**_forward_operands(tma, x2d, w_gate, w_up, b_gate, b_up, *outputs,
-                                       seed if with_seed else None))
+            if x2d.is_contiguous() and w_gate.is_contiguous() and w_up.is_contiguous():
+                dense(**_forward_pointers(x2d, w_gate, w_up, b_gate, b_up, *outputs, seed))
+            else:
+                launch(**_forward_operands(tma, x2d, w_gate, w_up, b_gate, b_up, *outputs,
+                                           seed))
         return outputs
     return run
 
@@ -914,16 +937,24 @@ def geglu_backward_launch(dh2d, x2d, w_gate, w_up, gate, up, activation: str, ne
         return run_path
     tuner_key, grid, constants = _backward_problem(x2d, w_gate, activation, write_h, p,
                                                    col_offset, n_cols)
+    n = w_gate.shape[0]
     with device_context(x2d):
         launch = _bwd_act_tuner.bound(grid, tuner_key, **constants)
-    if launch is None:
+        # contiguous dh, g and u (g and u are the forward's), the common case: layout bound too
+        dense = _bwd_act_tuner.bound(grid, tuner_key, **constants, **_backward_layout(n, n))
+    if launch is None or dense is None:
         return run_path
+    with_seed = p > 0.0
 
     def run(dh2d, x2d, w_gate, w_up, gate, up, seed):
         dgate, dup, h = _backward_outputs(x2d, w_gate, write_h)
         count()
         with device_context(x2d):
-            launch(**_backward_operands(dh2d, gate, up, dgate, dup, h,
-                                        seed if p > 0.0 else None))
+            if dh2d.is_contiguous() and gate.is_contiguous() and up.is_contiguous():
+                dense(dh_ptr=dh2d, g_ptr=gate, u_ptr=up, dg_ptr=dgate, du_ptr=dup, h_ptr=h,
+                      seed_ptr=seed if with_seed else None)
+            else:
+                launch(**_backward_operands(dh2d, gate, up, dgate, dup, h,
+                                            seed if with_seed else None))
         return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
     return run
