@@ -339,13 +339,23 @@ def _forward_operands(tma: bool, x2d: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None, y: torch.Tensor | None,
                       preact: torch.Tensor | None, seed: torch.Tensor | None) -> dict:
     """The arguments of one forward launch that its problem does not fix: tensors, strides."""
-    if bias is not None:
-        bias = bias.contiguous()  # N elements: cheaper to copy than to pass another stride
-    operands = dict(x_ptr=x2d, w_ptr=weight, b_ptr=bias, y_ptr=y, preact_ptr=preact,
-                    seed_ptr=seed, stride_xm=x2d.stride(0), stride_wn=weight.stride(0))
+    operands = _forward_pointers(x2d, weight, bias, y, preact, seed)
+    operands.update(stride_xm=x2d.stride(0), stride_wn=weight.stride(0))
     if not tma:
         operands.update(stride_xk=x2d.stride(1), stride_wk=weight.stride(1))
     return operands
+
+
+def _forward_pointers(x2d, weight, bias, y, preact, seed) -> dict:
+    if bias is not None:
+        bias = bias.contiguous()  # N elements: cheaper to copy than to pass another stride
+    return dict(x_ptr=x2d, w_ptr=weight, b_ptr=bias, y_ptr=y, preact_ptr=preact, seed_ptr=seed)
+
+
+def _dense_strides(tma: bool, K: int) -> dict:
+    """``_forward_operands``' strides for contiguous x2d and weight (K columns each)."""
+    return dict(stride_xm=K, stride_wn=K) if tma else \
+        dict(stride_xm=K, stride_wn=K, stride_xk=1, stride_wk=1)
 
 
 def launch_forward(
@@ -392,11 +402,13 @@ def bound_forward(
     a descriptor cannot serve; ``launch_forward`` takes those."""
     key, grid, constants = _forward_problem(tuner, x2d, weight, bias, write_y, save_preact,
                                             activation, p, col_offset, n_cols)
+    tma = tuner.jit_kernel is linear_gelu_fwd_tma_kernel
     with device_context(x2d):  # the config is the current device's
         launch = tuner.bound(grid, key, **constants)
-    if launch is None:
+        # contiguous x2d and weight, the common case: their strides bound too
+        dense = tuner.bound(grid, key, **constants, **_dense_strides(tma, x2d.shape[1]))
+    if launch is None or dense is None:
         return None
-    tma = tuner.jit_kernel is linear_gelu_fwd_tma_kernel
     precision = constants["INPUT_PRECISION"]
 
     def serves(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -404,11 +416,14 @@ def bound_forward(
                 and (not tma or tma_compatible(x2d, weight)))
 
     def launch_operands(x2d, weight, bias, y, preact, seed=None) -> None:
+        seed = seed if p > 0.0 else None
         with device_context(x2d):
             if tma:
                 _matmul.use_tma_allocator()
-            launch(**_forward_operands(tma, x2d, weight, bias, y, preact,
-                                       seed if p > 0.0 else None))
+            if x2d.is_contiguous() and weight.is_contiguous():
+                dense(**_forward_pointers(x2d, weight, bias, y, preact, seed))
+            else:
+                launch(**_forward_operands(tma, x2d, weight, bias, y, preact, seed))
     return BoundForward(serves, launch_operands)
 
 
