@@ -34,7 +34,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 PATH_ENV = "TRITON_GELU_PATH"
 TUNE_ENV = "TRITON_GELU_TUNE"
@@ -126,9 +126,9 @@ def paths_counted() -> bool:
     return COUNTING_PATHS in _plan_context.get()
 
 
-def plan_context() -> frozenset:
-    """What plans depend on in this context (forced paths, counting): part of each plan key."""
-    return _plan_context.get()
+# What plans depend on in this context (forced paths, counting): part of each plan key. The
+# ContextVar's own ``get``: a planned call asks at every call, and a function would cost a frame.
+plan_context: Callable[[], frozenset] = _plan_context.get
 
 
 # ---- the tuning policy ---------------------------------------------------------------------
