@@ -361,8 +361,8 @@ def _bound_launch(paths: Paths, tuner: Tuner, launcher: Callable, tensors: tuple
     part of its key), else the settled path, else ``launcher``. Contiguous tensors, the common
     case, take a launch with their layout bound too (``dense_layout``: the arguments
     ``operands`` gives them besides pointers; ``dense_pointers(*tensors, out)``: those
-    pointers, None unless every tensor is contiguous): it saves a third of the call's host
-    time."""
+    pointers, None unless every tensor is contiguous): about 0.4 us a call less than building
+    the arguments from the layout."""
     x = tensors[-1]
     if not x.numel():
         return launcher
