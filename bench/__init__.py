@@ -1,10 +1,11 @@
 """Benchmarks of triton_gelu against PyTorch: ``python -m bench`` (see ``__main__.py``).
 
 One module per op, ``ops_<op>.py``, found by ``op_modules``: each declares its ``NAME`` and
-``ORDER``, its timed ``cases`` and correctness ``checks`` (``harness.py`` runs them), and the
+``ORDER``, its timed ``cases`` and correctness ``checks`` (``harness.py`` runs them), the
 calls the machine-independent benchmarks make: ``host_entries`` (``host.py``: every public
-function and module of the op against eager PyTorch) and ``first_calls`` (``cold_start.py``).
-A new op is one more such module.
+function and module of the op against eager PyTorch) and ``first_calls`` (``cold_start.py``),
+and a GPU's first run of its public ops, ``first_contact`` (``first_contact.py``; each a
+``contact.Contact``). A new op is one more such module.
 """
 
 from __future__ import annotations

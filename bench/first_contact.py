@@ -7,8 +7,9 @@ it is finished, so a run that is killed still leaves every finished record):
 
 1. ``environment.jsonl``: ``python -m triton_gelu``'s report, ``nvidia-smi``, the versions and
    the device's ceilings measured in the same run (copy bandwidth, bf16 matmul TFLOP/s);
-2. ``correctness.jsonl``: every public op (gelu, linear_gelu, feed_forward at p = 0 and 0.1,
-   geglu, gated_feed_forward at p = 0.1) with each path of each of its ops forced in turn
+2. ``correctness.jsonl``: every public op, as its bench module declares it (``first_contact()``:
+   gelu, linear_gelu, feed_forward at p = 0 and 0.1, geglu, gated_feed_forward at p = 0.1),
+   with each path of each of its ops forced in turn
    (fp32 with the exact form, fp16 with tanh, bf16 with the exact form), the output and every
    gradient against float64 with the suite's rule (no worse than twice PyTorch's error in the
    same dtype plus a few ulps; dropout against the call's own mask), at one odd shape (the
@@ -43,6 +44,7 @@ import argparse
 import concurrent.futures as futures
 import contextlib
 import datetime
+import itertools
 import multiprocessing
 import os
 import platform
@@ -53,7 +55,6 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,32 +67,22 @@ GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in (
 
 import torch.nn.functional as F  # noqa: E402
 
-import triton_gelu  # noqa: E402
 from triton_gelu import autotune  # noqa: E402
 from triton_gelu.testing import dropout_seed  # noqa: E402
 from triton_gelu.reference import dropout_keep  # noqa: E402
 
-from . import harness  # noqa: E402
+from . import harness, op_modules  # noqa: E402
+from .contact import ODD, Contact, Kit, Problem, Timing  # noqa: E402
 from .memory import saved_activation_bytes  # noqa: E402
 
 STAGES = ("environment", "correctness", "timings", "memory")
 BUDGET_S = 330
-ODD = (37, 45, 51)  # (M, K, N): multiples of no block size, so every masked edge runs
 # The Hopper ("tma") paths serve only rows of 16-byte multiples (an odd K or N in bf16 keeps
 # the default kernels): their cases take K and N multiples of 8, still of no block size.
 ALIGNED = (37, 48, 56)
 # The forms of the correctness stage, one per dtype: both forms run, at a third of the compiles.
 FORMS = {"fp32": "none", "fp16": "tanh", "bf16": "none"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# The path ops each public op runs through, forward then backward (each one's paths are forced
-# in turn); linear_preact is the backward's recompute of z (``recompute=True``).
-OPS = {
-    "gelu": ("gelu_fwd", "gelu_bwd"),
-    "linear_gelu": ("linear_gelu_fwd", "linear_gelu_bwd", "linear_preact"),
-    "feed_forward": ("ffn_fwd", "ffn_bwd"),
-    "geglu": ("geglu_fwd", "geglu_bwd"),
-    "gated_feed_forward": ("geglu_fwd", "geglu_bwd"),
-}
 
 
 def path_names(op: str) -> list[str]:
@@ -101,21 +92,14 @@ def path_names(op: str) -> list[str]:
     return list(_paths.path_choosers[op].paths)
 
 
-# ---- the problems: one builder per public op ----------------------------------------------------
+# ---- the problems: each op module's declaration (``contact.py``) -------------------------------
 
 
-@dataclass
-class Problem:
-    """One public op at one shape: its inputs, ours and eager PyTorch as functions of them."""
-
-    inputs: list[torch.Tensor]  # differentiable in training (x first)
-    ours: Callable[..., torch.Tensor]
-    eager: Callable[..., torch.Tensor]  # PyTorch in the inputs' dtype (float64 inputs: the ref)
-    names: list[str]  # the gradients' names, one per input
-
-
-def _weights(n: int, k: int, dtype, device) -> torch.Tensor:
-    return (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+def contacts() -> dict[str, Contact]:
+    """Public op -> its first-contact cases, as each bench op module declares them
+    (``first_contact()``), in the modules' order."""
+    return {public: contact for module in op_modules()
+            for public, contact in module.first_contact().items()}
 
 
 def _mask_of_call(seed: int, rows: int, cols: int, p: float, device) -> torch.Tensor:
@@ -127,7 +111,8 @@ def _mask_of_call(seed: int, rows: int, cols: int, p: float, device) -> torch.Te
 def problem(op: str, shape: tuple[int, int, int], dtype: torch.dtype, approximate: str,
             device: str, p: float = 0.0, recompute: bool = False,
             same_mask: bool = False) -> Problem:
-    """Inputs ~ N(0, 1) with weights ~ N(0, 1/K), so pre-activations are O(1), where GELU bends.
+    """Public op ``op``'s problem: x ~ N(0, 1) and its module's other inputs (weights ~ N(0,
+    1/K), so pre-activations are O(1), where GELU bends).
 
     Dropout: eager is ``F.dropout`` (PyTorch's own, the baseline to time); with ``same_mask``
     ours draws its seed after ``torch.manual_seed(call_seed)`` and eager applies the mask that
@@ -149,46 +134,11 @@ def problem(op: str, shape: tuple[int, int, int], dtype: torch.dtype, approximat
             return fn(*args)
         return run
 
-    if op == "gelu":
-        x = (3 * torch.randn(m, n, device=device)).to(dtype)
-        return Problem([x], lambda x: triton_gelu.gelu(x, approximate),
-                       lambda x: F.gelu(x, approximate=approximate), ["x"])
-    if op == "linear_gelu":
-        w, b = _weights(n, k, dtype, device), torch.randn(n, device=device).to(dtype)
-        return Problem([x, w, b],
-                       lambda x, w, b: triton_gelu.linear_gelu(x, w, b, approximate, recompute),
-                       lambda x, w, b: F.gelu(F.linear(x, w, b), approximate=approximate),
-                       ["x", "w", "b"])
-    if op == "feed_forward":
-        w1, b1 = _weights(n, k, dtype, device), torch.randn(n, device=device).to(dtype)
-        w2, b2 = _weights(k, n, dtype, device), torch.randn(k, device=device).to(dtype)
-        return Problem(
-            [x, w1, b1, w2, b2],
-            seeded(lambda x, w1, b1, w2, b2: triton_gelu.feed_forward(
-                x, w1, b1, w2, b2, p=p, approximate=approximate, recompute=recompute)),
-            lambda x, w1, b1, w2, b2: F.linear(
-                dropout(F.gelu(F.linear(x, w1, b1), approximate=approximate)), w2, b2),
-            ["x", "w1", "b1", "w2", "b2"])
-    if op in ("geglu", "gated_feed_forward"):
-        wg, wu = _weights(n, k, dtype, device), _weights(n, k, dtype, device)
-
-        def eager_geglu(x, wg, wu):
-            return F.gelu(F.linear(x, wg), approximate=approximate) * F.linear(x, wu)
-
-        if op == "geglu":
-            return Problem([x, wg, wu],
-                           lambda x, wg, wu: triton_gelu.geglu(x, wg, wu, approximate=approximate,
-                                                               recompute=recompute),
-                           eager_geglu, ["x", "w_gate", "w_up"])
-        wd = _weights(k, n, dtype, device)
-        return Problem(
-            [x, wg, wu, wd],
-            seeded(lambda x, wg, wu, wd: triton_gelu.gated_feed_forward(
-                x, wg, wu, wd, approximate=approximate, dropout=p, training=True,
-                recompute=recompute)),
-            lambda x, wg, wu, wd: F.linear(dropout(eager_geglu(x, wg, wu)), wd),
-            ["x", "w_gate", "w_up", "w_down"])
-    raise ValueError(f"first_contact: unknown op {op!r}")
+    found = contacts().get(op)
+    if found is None:
+        raise ValueError(f"first_contact: unknown op {op!r}")
+    return found.problem(Kit(shape, dtype, approximate, device, p, recompute, x, dropout,
+                             seeded))
 
 
 def _recorded_paths(fn: Callable[[], object]) -> tuple[object, dict[str, str]]:
@@ -214,10 +164,9 @@ def _forcing(paths: dict[str, str]) -> Iterator[None]:
 def correctness_cases() -> list[dict]:
     """Each public op x dtype x (op, path) forced, as picklable specs."""
     cases = []
-    for public, p in (("gelu", 0.0), ("linear_gelu", 0.0), ("feed_forward", 0.0),
-                      ("feed_forward", 0.1), ("geglu", 0.0), ("gated_feed_forward", 0.1)):
-        for dtype, approximate in FORMS.items():
-            for op in OPS[public]:
+    for public, contact in contacts().items():
+        for p, (dtype, approximate) in itertools.product(contact.dropout, FORMS.items()):
+            for op in contact.ops:
                 for path in path_names(op):
                     what = f"{public}{f' p={p:g}' if p else ''}"
                     cases.append({"key": f"{what} {dtype} {approximate} {op}={path}",
@@ -262,41 +211,8 @@ def run_correctness(spec: dict, device: str) -> dict:
 # ---- stage 3: timings -------------------------------------------------------------------------
 
 
-@dataclass
-class Timing:
-    """One timed case: a public op, a mode and a shape, in bf16."""
-
-    key: str
-    public: str
-    mode: str  # "infer", "fwd", "bwd" or "fwd+bwd"
-    shape: tuple[int, int, int]
-    p: float = 0.0
-    approximate: str = "none"
-    ops: tuple[str, ...] = field(default=())  # whose paths are the candidates
-
-
 def timing_cases(dry_run: bool) -> list[Timing]:
-    gelu = (2**14, 1, 2**14) if not dry_run else (37, 1, 51)  # GELU: an (M, N) activation
-    bert = (8192, 768, 3072) if not dry_run else ODD
-    llama = (4096, 4096, 11008) if not dry_run else (29, 53, 43)
-    gemma = (4096, 2048, 16384) if not dry_run else (31, 47, 39)
-    decode = [(m, 4096, 11008) if not dry_run else (m, 53, 43) for m in (1, 16)]
-    cases = [Timing("gelu fwd 2^28", "gelu", "fwd", gelu, ops=("gelu_fwd",)),
-             Timing("gelu bwd 2^28", "gelu", "bwd", gelu, ops=("gelu_bwd",))]
-    for name, shape in (("8192x768x3072", bert), ("4096x4096x11008", llama)):
-        cases += [Timing(f"linear_gelu fwd {name}", "linear_gelu", "fwd", shape,
-                         ops=("linear_gelu_fwd",)),
-                  Timing(f"linear_gelu fwd+bwd {name}", "linear_gelu", "fwd+bwd", shape,
-                         ops=("linear_gelu_fwd", "linear_gelu_bwd"))]
-    for p in (0.0, 0.1):
-        cases.append(Timing(f"feed_forward p={p:g} fwd+bwd 8192x768x3072", "feed_forward",
-                            "fwd+bwd", bert, p=p, ops=("ffn_fwd", "ffn_bwd")))
-    for public in ("geglu", "gated_feed_forward"):
-        cases.append(Timing(f"{public} fwd+bwd 4096x2048x16384", public, "fwd+bwd", gemma,
-                            approximate="tanh", ops=("geglu_fwd", "geglu_bwd")))
-    cases += [Timing(f"linear_gelu infer decode M={m} 4096x11008", "linear_gelu", "infer", s,
-                     ops=("linear_gelu_fwd",)) for m, s in zip((1, 16), decode)]
-    return cases
+    return [case for contact in contacts().values() for case in contact.timings(dry_run)]
 
 
 def providers(case: Timing, device: str) -> tuple[dict[str, Callable], dict[str, dict]]:
@@ -371,7 +287,7 @@ def run_timing(case: Timing, device: str, clock, cold: dict, ceilings: dict) -> 
 
     floor_ms = None
     if ceilings.get("copy_gbps") and ceilings.get("matmul_tflops"):
-        prob_bytes, prob_flops = _traffic(case)
+        prob_bytes, prob_flops = contacts()[case.public].floor(case.mode, *case.shape)
         floor_ms = max(prob_bytes / ceilings["copy_gbps"] / 1e6,
                        prob_flops / ceilings["matmul_tflops"] / 1e9)
     return {**_head("timings", case.key), "op": case.public, "mode": case.mode,
@@ -381,29 +297,6 @@ def run_timing(case: Timing, device: str, clock, cold: dict, ceilings: dict) -> 
             "fraction_of_floor": floor_ms / ours_ms if floor_ms and ours_ms else None,
             "candidates": candidates, "providers": results,
             "ok": all("error" not in results[n] for n in forced)}
-
-
-def _traffic(case: Timing) -> tuple[float, float]:
-    """(bytes, flops) a case must move and compute at least (a fwd+bwd problem's figures scaled
-    to its mode)."""
-    m, k, n = case.shape
-    if case.public == "gelu":
-        return (2 if case.mode == "fwd" else 3) * m * n * 2, 0.0
-    full = _step_figures(case.public, m, k, n)
-    share = {"infer": 1 / 3, "fwd": 1 / 3, "fwd+bwd": 1.0}[case.mode]
-    return full[0] * share, full[1] * share
-
-
-def _step_figures(public: str, m: int, k: int, n: int) -> tuple[float, float]:
-    """(bytes, flops) of one bf16 fwd+bwd step of a matmul op: each tensor read or written
-    once per pass, 2MNK flops per matmul."""
-    size = 2
-    return {
-        "linear_gelu": ((3 * m * n + 3 * m * k + 3 * n * k) * size, 6 * m * n * k),
-        "feed_forward": ((4 * m * n + 6 * m * k + 6 * n * k) * size, 12 * m * n * k),
-        "geglu": ((6 * m * n + 3 * m * k + 6 * n * k) * size, 12 * m * n * k),
-        "gated_feed_forward": ((8 * m * n + 4 * m * k + 9 * n * k) * size, 18 * m * n * k),
-    }[public]
 
 
 # ---- stage 4: memory --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from torch import nn
 
 import triton_gelu
 
+from .contact import ODD, Contact, Kit, Problem, Timing, step_share
 from .harness import (
     Case, Check, Selection, Subject, add_compile_baselines, matmul_cases, shape_text, timed,
 )
@@ -97,6 +98,34 @@ def first_calls(tensor, m: int, k: int, n: int) -> dict:
     x, w, b, w2, b2 = tensor(m, k), tensor(n, k), tensor(n), tensor(k, n), tensor(k)
     return {"feed_forward": lambda: triton_gelu.feed_forward(x, w, b, w2, b2, p=0.0),
             "feed_forward p=0.1": lambda: triton_gelu.feed_forward(x, w, b, w2, b2, p=0.1)}
+
+
+def first_contact() -> dict:
+    """``first_contact.py``'s cases (as ``ops_gelu``'s): the block at p = 0 and 0.1, timed at
+    BERT-base's shape in training."""
+    def problem(kit: Kit) -> Problem:
+        _, k, n = kit.shape
+        w1, b1 = kit.weight(n, k), kit.bias(n)
+        w2, b2 = kit.weight(k, n), kit.bias(k)
+        return Problem(
+            [kit.x, w1, b1, w2, b2],
+            kit.seeded(lambda x, w1, b1, w2, b2: triton_gelu.feed_forward(
+                x, w1, b1, w2, b2, p=kit.p, approximate=kit.approximate,
+                recompute=kit.recompute)),
+            lambda x, w1, b1, w2, b2: F.linear(kit.dropout(kit.gelu(F.linear(x, w1, b1))), w2,
+                                               b2),
+            ["x", "w1", "b1", "w2", "b2"])
+
+    def timings(dry_run: bool) -> list[Timing]:
+        shape = ODD if dry_run else (8192, 768, 3072)
+        return [Timing(f"feed_forward p={p:g} fwd+bwd 8192x768x3072", "feed_forward",
+                       "fwd+bwd", shape, p=p, ops=("ffn_fwd", "ffn_bwd")) for p in (0.0, 0.1)]
+
+    def floor(mode: str, m: int, k: int, n: int) -> tuple[float, float]:
+        return step_share(((4 * m * n + 6 * m * k + 6 * n * k) * 2, 12 * m * n * k), mode)
+
+    return {"feed_forward": Contact(("ffn_fwd", "ffn_bwd"), problem, timings, floor,
+                                    dropout=(0.0, 0.1))}
 
 
 def _build(shape, dtype: torch.dtype, approximate: str, mode: str, baselines: list[str],

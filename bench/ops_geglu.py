@@ -20,6 +20,8 @@ counted with ``bench/memory.py`` on any device. The ratio does not depend on the
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ from torch import nn
 
 import triton_gelu
 
+from .contact import Contact, Kit, Problem, Timing, step_share
 from .harness import (
     Case, Check, Selection, Subject, add_compile_baselines, matmul_cases, shape_text, timed,
 )
@@ -120,6 +123,52 @@ def first_calls(tensor, m: int, k: int, n: int) -> dict:
             x, w_gate, w_up, w_down, training=True),
         "gated_feed_forward p=0.1": lambda: triton_gelu.gated_feed_forward(
             x, w_gate, w_up, w_down, dropout=0.1, training=True),
+    }
+
+
+def first_contact() -> dict:
+    """``first_contact.py``'s cases (as ``ops_gelu``'s): GeGLU, and the gated block with
+    dropout p = 0.1, both timed at Gemma-2B's shape in training."""
+    def problem(kit: Kit, gated: bool) -> Problem:
+        _, k, n = kit.shape
+        wg, wu = kit.weight(n, k), kit.weight(n, k)
+
+        def eager(x, wg, wu):
+            return kit.gelu(F.linear(x, wg)) * F.linear(x, wu)
+
+        if not gated:
+            return Problem([kit.x, wg, wu], lambda x, wg, wu: triton_gelu.geglu(
+                x, wg, wu, approximate=kit.approximate, recompute=kit.recompute), eager,
+                ["x", "w_gate", "w_up"])
+        wd = kit.weight(k, n)
+        return Problem(
+            [kit.x, wg, wu, wd],
+            kit.seeded(lambda x, wg, wu, wd: triton_gelu.gated_feed_forward(
+                x, wg, wu, wd, approximate=kit.approximate, dropout=kit.p, training=True,
+                recompute=kit.recompute)),
+            lambda x, wg, wu, wd: F.linear(kit.dropout(eager(x, wg, wu)), wd),
+            ["x", "w_gate", "w_up", "w_down"])
+
+    def timings(public: str, dry_run: bool) -> list[Timing]:
+        return [Timing(f"{public} fwd+bwd 4096x2048x16384", public, "fwd+bwd",
+                       (31, 47, 39) if dry_run else (4096, 2048, 16384), approximate="tanh",
+                       ops=("geglu_fwd", "geglu_bwd"))]
+
+    def floor(gated: bool) -> Callable:
+        def bytes_and_flops(mode: str, m: int, k: int, n: int) -> tuple[float, float]:
+            if gated:
+                return step_share(((8 * m * n + 4 * m * k + 9 * n * k) * 2, 18 * m * n * k),
+                                  mode)
+            return step_share(((6 * m * n + 3 * m * k + 6 * n * k) * 2, 12 * m * n * k), mode)
+        return bytes_and_flops
+
+    ops = ("geglu_fwd", "geglu_bwd")
+    return {
+        "geglu": Contact(ops, functools.partial(problem, gated=False),
+                         functools.partial(timings, "geglu"), floor(False)),
+        "gated_feed_forward": Contact(
+            ops, functools.partial(problem, gated=True),
+            functools.partial(timings, "gated_feed_forward"), floor(True), dropout=(0.1,)),
     }
 
 

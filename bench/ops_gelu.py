@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import triton_gelu
 
+from .contact import Contact, Kit, Problem, Timing
 from .harness import DTYPES, Case, Check, Selection, Subject, add_compile_baselines, timed
 
 NAME = "gelu"
@@ -32,6 +33,25 @@ def first_calls(tensor, m: int, k: int, n: int) -> dict:
     """``bench --cold-start``'s first calls (label -> a forward), GELU on the (m, n) hidden
     activation; ``tensor(*shape)`` makes an operand."""
     return {"gelu": lambda: triton_gelu.gelu(tensor(m, n))}
+
+
+def first_contact() -> dict:
+    """``first_contact.py``'s cases (public op -> ``contact.Contact``): GELU on an (M, N)
+    activation, forward and backward timed on 2^28 elements (bf16)."""
+    def problem(kit: Kit) -> Problem:
+        m, _, n = kit.shape
+        x = (3 * torch.randn(m, n, device=kit.device)).to(kit.dtype)  # GELU's bend and tails
+        return Problem([x], lambda x: triton_gelu.gelu(x, kit.approximate), kit.gelu, ["x"])
+
+    def timings(dry_run: bool) -> list[Timing]:
+        shape = (37, 1, 51) if dry_run else (2**14, 1, 2**14)  # (M, -, N): the activation
+        return [Timing("gelu fwd 2^28", "gelu", "fwd", shape, ops=("gelu_fwd",)),
+                Timing("gelu bwd 2^28", "gelu", "bwd", shape, ops=("gelu_bwd",))]
+
+    def floor(mode: str, m: int, k: int, n: int) -> tuple[float, float]:
+        return (2 if mode == "fwd" else 3) * m * n * 2, 0.0  # bf16 x, y (and dy, dx)
+
+    return {"gelu": Contact(("gelu_fwd", "gelu_bwd"), problem, timings, floor)}
 
 
 def _build(numel: int, dtype: torch.dtype, approximate: str, mode: str,

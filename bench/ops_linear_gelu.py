@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import triton_gelu
 
+from .contact import ODD, Contact, Kit, Problem, Timing, step_share
 from .harness import (
     Case, Check, Selection, Subject, add_compile_baselines, matmul_cases, shape_text, timed,
 )
@@ -40,6 +41,39 @@ def first_calls(tensor, m: int, k: int, n: int) -> dict:
     """``bench --cold-start``'s first calls (as ``ops_gelu``'s)."""
     x, w, b = tensor(m, k), tensor(n, k), tensor(n)
     return {"linear_gelu": lambda: triton_gelu.linear_gelu(x, w, b)}
+
+
+def first_contact() -> dict:
+    """``first_contact.py``'s cases (as ``ops_gelu``'s): BERT-base's and Llama-7B's first
+    layers, and Llama's at decode (M = 1 and 16, inference)."""
+    def problem(kit: Kit) -> Problem:
+        _, k, n = kit.shape
+        w, b = kit.weight(n, k), kit.bias(n)
+        return Problem(
+            [kit.x, w, b],
+            lambda x, w, b: triton_gelu.linear_gelu(x, w, b, kit.approximate, kit.recompute),
+            lambda x, w, b: kit.gelu(F.linear(x, w, b)), ["x", "w", "b"])
+
+    def timings(dry_run: bool) -> list[Timing]:
+        shapes = {"8192x768x3072": ODD if dry_run else (8192, 768, 3072),
+                  "4096x4096x11008": (29, 53, 43) if dry_run else (4096, 4096, 11008)}
+        cases = []
+        for name, shape in shapes.items():
+            cases += [Timing(f"linear_gelu fwd {name}", "linear_gelu", "fwd", shape,
+                             ops=("linear_gelu_fwd",)),
+                      Timing(f"linear_gelu fwd+bwd {name}", "linear_gelu", "fwd+bwd", shape,
+                             ops=("linear_gelu_fwd", "linear_gelu_bwd"))]
+        return cases + [
+            Timing(f"linear_gelu infer decode M={m} 4096x11008", "linear_gelu", "infer",
+                   (m, 53, 43) if dry_run else (m, 4096, 11008), ops=("linear_gelu_fwd",))
+            for m in (1, 16)]
+
+    def floor(mode: str, m: int, k: int, n: int) -> tuple[float, float]:
+        # bf16 x, W, b, z / y once a pass; 2MNK flops a matmul
+        return step_share(((3 * m * n + 3 * m * k + 3 * n * k) * 2, 6 * m * n * k), mode)
+
+    return {"linear_gelu": Contact(("linear_gelu_fwd", "linear_gelu_bwd", "linear_preact"),
+                                   problem, timings, floor)}
 
 
 def traffic(m: int, k: int, n: int, mode: str) -> int:

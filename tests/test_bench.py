@@ -453,11 +453,12 @@ def test_host_times_each_variant_on_the_paths_it_names():
     assert "| linear_gelu | fwd+bwd |" in host.markdown(records)
 
 
-def test_host_and_cold_start_cover_every_public_op():
-    """A new op's public function and module must be in ``bench --host`` and ``--cold-start``:
-    both take them from the ops' bench modules (``bench/ops_<op>.py``, found by
-    ``bench.op_modules``), so this fails where a module does not declare one."""
-    from bench import cold_start, host
+def test_host_cold_start_and_first_contact_cover_every_public_op():
+    """A new op's public function and module must be in ``bench --host`` and ``--cold-start``,
+    and its function in a GPU's first contact: all take them from the ops' bench modules
+    (``bench/ops_<op>.py``, found by ``bench.op_modules``), so this fails where a module does
+    not declare one."""
+    from bench import cold_start, first_contact, host
 
     public = {name: getattr(triton_gelu, name) for name in triton_gelu.__all__}
     functions = {name for name, obj in public.items()
@@ -467,3 +468,7 @@ def test_host_and_cold_start_cover_every_public_op():
     assert {"gelu", "geglu", "GELU", "GeGLU"} <= functions | modules, (functions, modules)
     assert set(host._entries("cpu")) == functions | modules
     assert set(cold_start.op_names()) == functions
+    contacts = first_contact.contacts()
+    assert set(contacts) == functions
+    # every path op a public op names is one the package chooses paths for
+    assert all(first_contact.path_names(op) for c in contacts.values() for op in c.ops)
