@@ -132,10 +132,7 @@ def first_contact() -> dict:
     def problem(kit: Kit, gated: bool) -> Problem:
         _, k, n = kit.shape
         wg, wu = kit.weight(n, k), kit.weight(n, k)
-
-        def eager(x, wg, wu):
-            return kit.gelu(F.linear(x, wg)) * F.linear(x, wu)
-
+        eager = eager_geglu(kit.approximate)
         if not gated:
             return Problem([kit.x, wg, wu], lambda x, wg, wu: triton_gelu.geglu(
                 x, wg, wu, approximate=kit.approximate, recompute=kit.recompute), eager,

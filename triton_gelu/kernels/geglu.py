@@ -868,7 +868,7 @@ def _bound_forward(x2d, w_gate, w_up, b_gate, b_up, activation: str, write_h: bo
         launch = tuner.bound(grid, tuner_key, **constants)
         # contiguous x2d and weights, the common case: their strides bound too
         dense = tuner.bound(grid, tuner_key, **constants, **_dense_strides(tma, x2d.shape[1]))
-    if launch is None or dense is None:
+    if launch is None:  # (dense too: the same config)
         return run_path
     precision, with_seed = constants["INPUT_PRECISION"], write_h and p > 0.0
 
@@ -942,19 +942,19 @@ def geglu_backward_launch(dh2d, x2d, w_gate, w_up, gate, up, activation: str, ne
         launch = _bwd_act_tuner.bound(grid, tuner_key, **constants)
         # contiguous dh, g and u (g and u are the forward's), the common case: layout bound too
         dense = _bwd_act_tuner.bound(grid, tuner_key, **constants, **_backward_layout(n, n))
-    if launch is None or dense is None:
+    if launch is None:  # (dense too: the same config)
         return run_path
     with_seed = p > 0.0
 
     def run(dh2d, x2d, w_gate, w_up, gate, up, seed):
         dgate, dup, h = _backward_outputs(x2d, w_gate, write_h)
         count()
+        seed = seed if with_seed else None
         with device_context(x2d):
             if dh2d.is_contiguous() and gate.is_contiguous() and up.is_contiguous():
                 dense(dh_ptr=dh2d, g_ptr=gate, u_ptr=up, dg_ptr=dgate, du_ptr=dup, h_ptr=h,
-                      seed_ptr=seed if with_seed else None)
+                      seed_ptr=seed)
             else:
-                launch(**_backward_operands(dh2d, gate, up, dgate, dup, h,
-                                            seed if with_seed else None))
+                launch(**_backward_operands(dh2d, gate, up, dgate, dup, h, seed))
         return (*_input_and_weight_grads(dgate, dup, x2d, w_gate, w_up, needs), h)
     return run

@@ -96,17 +96,18 @@ def register_autograd(op, name: str, setup_context: Callable, backward: Callable
         setup_context(ctx, tensors + calls.constants, output)
         ctx.calls, ctx.n_tensors = calls, len(tensors)
         if type(output) is not tuple:
-            ctx.saved_outputs = ()
+            ctx.kept_grads = ()
             return output
         # The op's other outputs (saved tensors: z, g, u) are the backward's, not the caller's:
         # returned, each would cost an output's wrapping and, in every backward, a zero-filled
-        # gradient of its size (autograd materializes the gradients of unused outputs).
-        ctx.saved_outputs = (None,) * (len(output) - 1)
+        # gradient of its size (autograd materializes the gradients of unused outputs). The
+        # backward is given None for each instead.
+        ctx.kept_grads = (None,) * (len(output) - 1)
         return output[0]
 
     def grads_of_tensors(ctx, *grads):
         # the tensors' gradients (the constants have none), and none for ``calls``
-        return (*backward(ctx, *grads, *ctx.saved_outputs)[:ctx.n_tensors], None)
+        return (*backward(ctx, *grads, *ctx.kept_grads)[:ctx.n_tensors], None)
 
     once = torch.autograd.function.once_differentiable(grads_of_tensors)
 

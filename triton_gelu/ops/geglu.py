@@ -423,12 +423,11 @@ def _unplanned(x, w_gate, w_up, b_gate, b_up, approximate, activation, recompute
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops
         return traced(x, w_gate, w_up, b_gate, b_up, activation, recompute)
     key = plan_key_unless_autocast(key, x)
-    replan = None if key is None else functools.partial(
-        _unplanned, approximate="tanh", activation=activation, recompute=recompute)
-    launch = _plan(x, w_gate, activation, recompute, replan)
-    if key is not None:
-        remember(key, launch)
-    return launch(x, w_gate, w_up, b_gate, b_up)
+    if key is None:  # not planned: routed for this call alone
+        return _plan(x, w_gate, activation, recompute)(x, w_gate, w_up, b_gate, b_up)
+    return remember(key, _plan(x, w_gate, activation, recompute, functools.partial(
+        _unplanned, approximate="tanh", activation=activation, recompute=recompute)))(
+        x, w_gate, w_up, b_gate, b_up)
 
 
 def _on_dtensors(x, w_gate, w_up, b_gate, b_up, activation: str, recompute: bool) -> Tensor:

@@ -286,12 +286,10 @@ def _unplanned(x, weight, bias, activation: str, recompute: bool, key=None) -> T
     if torch.compiler.is_compiling():  # torch.compile traces the custom ops
         return traced(x, weight, bias, activation, recompute)
     key = plan_key_unless_autocast(key, x)
-    replan = None if key is None else functools.partial(
-        _unplanned, activation=activation, recompute=recompute)
-    launch = _plan(x, weight, activation, recompute, replan)
-    if key is not None:
-        remember(key, launch)
-    return launch(x, weight, bias)
+    if key is None:  # not planned: routed for this call alone
+        return _plan(x, weight, activation, recompute)(x, weight, bias)
+    return remember(key, _plan(x, weight, activation, recompute, functools.partial(
+        _unplanned, activation=activation, recompute=recompute)))(x, weight, bias)
 
 
 def _on_dtensors(x, weight, bias, activation: str, recompute: bool) -> Tensor:
